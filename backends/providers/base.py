@@ -1,0 +1,139 @@
+"""The two contracts every place jobs can run on implements.
+
+``Provider``: list, create, start, stop, destroy and describe instances (GPUs,
+vCPUs, RAM, $/hr), and hand out a ``Transport`` to one of them.
+
+``Transport``: run a command, start a detached process, read a file from a
+byte offset, put files, forward a port. ``local`` implements it with the
+machine's own processes and files; ``ssh`` (through jump hosts) and the cloud
+providers implement the same contract, so every feature above works the same
+on this machine and on a remote GPU host.
+
+Both are async: SSH is asyncio-native; blocking calls (libcloud, /proc reads)
+run in threads inside the implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..models import Instance
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What to create: provider-specific fields live in ``options``."""
+
+    name: str
+    size: str = ""
+    region: str = ""
+    image: str = ""
+    spot: bool = False
+    options: Mapping[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    data: bytes
+    offset: int  # where ``data`` starts
+    next_offset: int  # where the next read should start
+    size: int  # size of the file when read
+
+
+class PortForward(abc.ABC):
+    """A listening local port that reaches ``remote_host:remote_port`` on the instance."""
+
+    local_host: str
+    local_port: int
+    remote_host: str
+    remote_port: int
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    """How labdeck reaches into one instance."""
+
+    instance: str
+
+    @abc.abstractmethod
+    async def run(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+                  timeout: float | None = 60.0, input: bytes | None = None) -> CommandResult:
+        """Run a shell command to completion and return its exit code and output."""
+
+    @abc.abstractmethod
+    async def start_detached(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+                             log_path: str | None = None) -> int:
+        """Start ``command`` in its own session with stdin closed; it survives this
+        process, the connection and the UI. Output goes to ``log_path`` (or is
+        discarded). Returns the pid, which is also its process-group id."""
+
+    @abc.abstractmethod
+    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
+        """Read at most ``max_bytes`` from ``path`` starting at byte ``offset``."""
+
+    @abc.abstractmethod
+    async def put_files(self, files: Mapping[str, bytes], *, mode: int = 0o644) -> None:
+        """Write each ``remote path → content``, creating directories, each file atomically."""
+
+    @abc.abstractmethod
+    async def forward_port(self, remote_port: int, *, local_port: int = 0, remote_host: str = "127.0.0.1") -> PortForward:
+        """Listen on this machine's loopback and relay each connection to the instance."""
+
+    async def home_dir(self) -> str:
+        res = await self.run('printf %s "$HOME"', timeout=15)
+        return res.text()
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        """Release connections. The default holds none."""
+
+
+class Provider(abc.ABC):
+    """A source of instances: this machine, the team's SSH hosts, or a cloud."""
+
+    type: str  # "local", "ssh", "ec2", ...
+
+    def __init__(self, name: str, options: Mapping[str, object]) -> None:
+        self.name = name
+        self.options = dict(options)
+
+    @abc.abstractmethod
+    async def list_instances(self) -> list[Instance]: ...
+
+    @abc.abstractmethod
+    async def describe(self, instance: str) -> Instance: ...
+
+    @abc.abstractmethod
+    async def create(self, spec: InstanceSpec) -> Instance: ...
+
+    @abc.abstractmethod
+    async def start(self, instance: str) -> Instance: ...
+
+    @abc.abstractmethod
+    async def stop(self, instance: str) -> Instance: ...
+
+    @abc.abstractmethod
+    async def destroy(self, instance: str, *, force: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    def transport(self, instance: str) -> Transport: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        """Release clients and connections."""

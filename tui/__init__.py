@@ -1,0 +1,1 @@
+"""labdeck's terminal UI (Textual) and CLI. Everything that talks to the world is in ``backends``."""

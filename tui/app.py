@@ -1,0 +1,383 @@
+"""The labdeck workstation: five tabs over one Workstation (config + store + providers).
+
+Backend calls run in Textual workers (async for transports, threads for
+blocking store and /proc reads) and come back as typed Messages; every worker
+error goes through :meth:`LabdeckApp.show_error`, so failures are
+notifications, never a traceback on screen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from datetime import datetime, timezone
+from typing import Callable
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from backends import hostmetrics
+from backends.errors import LabdeckError, StoreCorruptError
+from backends.models import Deployment, Run
+from backends.store import move_aside
+from backends.workstation import Workstation
+
+from .commands import LabdeckCommands
+from .messages import DeploymentsLoaded, HostSample, InstancesLoaded, RunLaunched, RunsLoaded
+from .tabs import TabView
+from .tabs.instances import InstancesTab
+from .tabs.jobs import JobsTab
+from .tabs.lineage import LineageTab
+from .tabs.models import ModelsTab
+from .tabs.monitor import MonitorTab
+from .widgets import CommandBar, ConfirmScreen, FilterBar, HelpScreen, LineInput, LogScreen, error_text
+
+log = logging.getLogger("labdeck.tui")
+
+TAB_CLASSES: tuple[type[TabView], ...] = (InstancesTab, JobsTab, MonitorTab, LineageTab, ModelsTab)
+
+
+class LabdeckApp(App[None]):
+    TITLE = "labdeck"
+    CSS_PATH = "labdeck.tcss"
+    COMMANDS = App.COMMANDS | {LabdeckCommands}
+    TAB_TITLES = {cls.TAB_ID: cls.TITLE for cls in TAB_CLASSES}
+    BINDINGS = [
+        Binding("1", "switch_tab('instances')", "Instances", id="app.tab.instances", tooltip="Machines, size, GPUs, cost"),
+        Binding("2", "switch_tab('jobs')", "Jobs", id="app.tab.jobs", tooltip="Runs and their logs"),
+        Binding("3", "switch_tab('monitor')", "Monitor", id="app.tab.monitor", tooltip="Live CPU/GPU use"),
+        Binding("4", "switch_tab('lineage')", "Lineage", id="app.tab.lineage", tooltip="The team's runs as a tree"),
+        Binding("5", "switch_tab('models')", "Models", id="app.tab.models", tooltip="Served models"),
+        Binding("left_square_bracket", "cycle_tab(-1)", "Prev tab", show=False, id="app.tab.prev"),
+        Binding("right_square_bracket", "cycle_tab(1)", "Next tab", show=False, id="app.tab.next"),
+        Binding("e", "run_example", "Run example", id="app.run_example", tooltip="Run the bundled example on local"),
+        Binding("slash", "filter", "Filter", id="app.filter", tooltip="Filter the list on this tab"),
+        Binding("colon", "command", "Command", id="app.command", tooltip=":jobs :lineage :q …"),
+        Binding("ctrl+r", "refresh", "Refresh", show=False, id="app.refresh", tooltip="Reload everything now"),
+        Binding("question_mark,f1", "help", "Help", id="app.help", tooltip="Keys of this tab"),
+        Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave labdeck; jobs keep running"),
+    ]
+
+    def __init__(self, workstation: Workstation, *, now: Callable[[], datetime] | None = None,
+                 sampler: Callable[[], dict] = hostmetrics.sample, live: bool = True) -> None:
+        super().__init__()
+        self.workstation = workstation
+        self.now = now or (lambda: datetime.now(timezone.utc))
+        self.sampler = sampler
+        self.live = live
+        self.startup_error: BaseException | None = None
+        self._first_frame_done = False
+        self._asked_move_aside: set[str] = set()
+        cfg = workstation.config
+        self.theme = cfg.get("ui", "theme") if cfg.get("ui", "theme") in self.available_themes else "textual-dark"
+        self.refresh_seconds = float(cfg.get("ui", "refresh_seconds"))
+
+    # ---- layout --------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Static(self.top_line(), id="top-bar")
+        with TabbedContent(initial=self.workstation.config.get("ui", "start_tab"), id="tabs"):
+            for cls in TAB_CLASSES:
+                with TabPane(cls.TITLE, id=cls.TAB_ID):
+                    yield cls()
+        yield CommandBar()
+        yield FilterBar()
+        yield Footer()
+
+    def top_line(self) -> str:
+        ws = self.workstation
+        return f"labdeck · {ws.user} · providers: {', '.join(ws.providers)} · team: {ws.config.team_dir}"
+
+    @property
+    def instances_tab(self) -> InstancesTab:
+        return self.query_one(InstancesTab)
+
+    @property
+    def jobs_tab(self) -> JobsTab:
+        return self.query_one(JobsTab)
+
+    def active_tab(self) -> TabView:
+        active = self.query_one(TabbedContent).active
+        return next(t for t in self.query(TabView) if t.TAB_ID == active)
+
+    def on_mount(self) -> None:
+        if self.workstation.config.keys:
+            self.set_keymap(dict(self.workstation.config.keys))
+        self.query_one(CommandBar).display = False
+        self.query_one(FilterBar).display = False
+        self.load_instances()
+        self.load_runs()
+        self.load_deployments()
+        if self.live:
+            self.set_interval(self.refresh_seconds, self.load_instances)
+            self.set_interval(self.refresh_seconds, self.load_runs)
+            self.set_interval(max(self.refresh_seconds, 5.0), self.load_deployments)
+            self.set_interval(1.0, self.sample_host)
+        self.sample_host()
+        self.call_after_refresh(self._mark_ready)
+
+    def _mark_ready(self) -> None:
+        self._first_frame_done = True
+        self.active_tab().focus_main()
+
+    def key_of(self, binding_id: str) -> str:
+        """The key(s) bound to ``binding_id`` now (after remapping), for on-screen hints."""
+        keymap = self._keymap if hasattr(self, "_keymap") else {}
+        if binding_id in keymap:
+            return keymap[binding_id].split(",")[0]
+        for b in self.BINDINGS:
+            if isinstance(b, Binding) and b.id == binding_id:
+                return self.get_key_display(Binding(b.key.split(",")[0], b.action))
+        return "?"
+
+    # ---- workers (backend calls) ---------------------------------------
+    @work(exclusive=True, group="instances", exit_on_error=False)
+    async def load_instances(self) -> None:
+        self.post_message(InstancesLoaded(await self.workstation.list_instances()))
+
+    @work(exclusive=True, group="runs", exit_on_error=False)
+    async def load_runs(self) -> None:
+        ws = self.workstation
+        await ws.refresh_runs()
+        runs, errors = await asyncio.to_thread(ws.store.runs)
+        self.post_message(RunsLoaded(runs, errors))
+
+    @work(exclusive=True, group="deployments", thread=True, exit_on_error=False)
+    def load_deployments(self) -> None:
+        deployments, errors = self.workstation.store.records(Deployment.TABLE)
+        deployments.sort(key=lambda d: d.id, reverse=True)
+        self.post_message(DeploymentsLoaded(deployments, errors))
+
+    @work(exclusive=True, group="host", thread=True, exit_on_error=False)
+    def sample_host(self) -> None:
+        self.post_message(HostSample(self.sampler()))
+
+    @work(group="launch", exit_on_error=False)
+    async def run_example(self) -> None:
+        self.notify("Starting the bundled example on local…", timeout=3)
+        run = await self.workstation.launch_example()
+        self.post_message(RunLaunched(run))
+
+    @work(group="cancel", exit_on_error=False)
+    async def cancel_run(self, run: Run) -> None:
+        done = await self.workstation.cancel(run.id)
+        self.notify(f"Cancelled {done.display_name}.")
+        self.load_runs()
+
+    # ---- messages --------------------------------------------------------
+    def on_instances_loaded(self, message: InstancesLoaded) -> None:
+        self.instances_tab.show_instances(message.listing)
+
+    def on_runs_loaded(self, message: RunsLoaded) -> None:
+        self.jobs_tab.show_runs(message.runs, message.errors)
+        self.query_one(LineageTab).show_runs(message.runs)
+        self.instances_tab.show_runs(message.runs)
+
+    def on_deployments_loaded(self, message: DeploymentsLoaded) -> None:
+        self.query_one(ModelsTab).show_deployments(message.deployments)
+
+    def on_host_sample(self, message: HostSample) -> None:
+        self.query_one(MonitorTab).add_sample(message.sample)
+
+    def on_run_launched(self, message: RunLaunched) -> None:
+        self.notify(f"Started {message.run.display_name} on {message.run.instance} (pid {message.run.pid}). "
+                    f"Press {self.key_of('app.tab.jobs')} for Jobs.")
+        self.load_runs()
+
+    @on(Worker.StateChanged)
+    def worker_failed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.error is not None:
+            self.show_error(event.worker.error)
+
+    # ---- the one error path --------------------------------------------
+    def show_error(self, error: BaseException) -> None:
+        if isinstance(error, StoreCorruptError):
+            self.offer_move_aside(error)
+            return
+        if not isinstance(error, LabdeckError):
+            log.error("unexpected error\n%s", "".join(traceback.format_exception(error)))
+        self.notify(error_text(error), title="labdeck", severity="error", timeout=8)
+
+    def offer_move_aside(self, error: StoreCorruptError) -> None:
+        path = str(error.path)
+        if path in self._asked_move_aside:
+            return
+        self._asked_move_aside.add(path)
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                try:
+                    target = move_aside(path)
+                except (OSError, LabdeckError) as e:
+                    self.notify(f"Could not move {path} aside: {e}", severity="error")
+                    return
+                self.notify(f"Moved the corrupt store to {target}; a fresh store starts now.")
+                self._asked_move_aside.discard(path)
+                self.load_runs()
+
+        self.push_screen(ConfirmScreen(f"Your store file {path} is corrupt.",
+                                       f"{error.message}\n\nMove it aside? It is renamed, not deleted: "
+                                       "nothing in it is lost, and a fresh store starts.", yes_label="Move aside"), answer)
+
+    def _handle_exception(self, error: Exception) -> None:
+        # Tests (headless) keep Textual's behaviour so bugs fail loudly. A person
+        # never gets a traceback: before the first frame the CLI prints one line;
+        # after it, the error becomes a notification and goes to the log file.
+        if self.is_headless or not self._first_frame_done:
+            if not self.is_headless:
+                self.startup_error = error
+                log.error("error while starting\n%s", "".join(traceback.format_exception(error)))
+                self.exit(return_code=1)
+                return
+            super()._handle_exception(error)
+            return
+        self.show_error(error)
+
+    # ---- actions -----------------------------------------------------------
+    def action_switch_tab(self, tab_id: str) -> None:
+        self.query_one(TabbedContent).active = tab_id
+        self.active_tab().focus_main()
+
+    def action_cycle_tab(self, step: int) -> None:
+        ids = list(self.TAB_TITLES)
+        current = ids.index(self.query_one(TabbedContent).active)
+        self.action_switch_tab(ids[(current + step) % len(ids)])
+
+    @on(TabbedContent.TabActivated)
+    def tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        bar = self.query_one(FilterBar)
+        bar.display = False
+        self.active_tab().focus_main()
+
+    def action_run_example(self) -> None:
+        self.run_example()
+
+    def action_refresh(self) -> None:
+        self.load_instances()
+        self.load_runs()
+        self.load_deployments()
+        self.notify("Refreshing…", timeout=1.5)
+
+    def action_help(self) -> None:
+        tab = self.active_tab()
+        keymap = getattr(self, "_keymap", {})
+
+        def rows(bindings):
+            for b in bindings:
+                if isinstance(b, Binding):
+                    key = keymap.get(b.id, b.key) if b.id else b.key
+                    yield (", ".join(self.get_key_display(Binding(k, b.action)) for k in key.split(",")),
+                           b.tooltip or b.description, b.id or "")
+
+        sections = []
+        if tab.BINDINGS:
+            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
+        sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
+        self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
+
+    def action_filter(self) -> None:
+        bar = self.query_one(FilterBar)
+        self.query_one(CommandBar).display = False
+        bar.value = self.active_tab().filter_text
+        bar.display = True
+        bar.focus()
+
+    def action_command(self) -> None:
+        bar = self.query_one(CommandBar)
+        self.query_one(FilterBar).display = False
+        bar.value = ""
+        bar.display = True
+        bar.focus()
+
+    @on(FilterBar.Changed, "#filter-bar")
+    def filter_changed(self, event: FilterBar.Changed) -> None:
+        if not isinstance(event, LineInput.Left):
+            self.active_tab().apply_filter(event.value)
+
+    @on(FilterBar.Submitted, "#filter-bar")
+    def filter_done(self, event: FilterBar.Submitted) -> None:
+        event.input.display = False
+        self.active_tab().focus_main()
+
+    @on(LineInput.Left)
+    def bar_left(self, event: LineInput.Left) -> None:
+        event.stop()
+        event.input.display = False
+        if event.input.id == "filter-bar":
+            self.active_tab().apply_filter("")
+        self.active_tab().focus_main()
+
+    @on(CommandBar.Submitted, "#command-bar")
+    def command_submitted(self, event: CommandBar.Submitted) -> None:
+        event.input.display = False
+        self.run_command(event.value)
+
+    def run_command(self, text: str) -> None:
+        """k9s-style commands: :jobs, :lineage, :q, … (a unique prefix is enough)."""
+        cmd = text.strip().lstrip(":").strip().lower()
+        if not cmd:
+            self.active_tab().focus_main()
+            return
+        aliases = {"q": "quit", "q!": "quit", "i": "instances", "j": "jobs", "m": "monitor", "l": "lineage",
+                   "runs": "jobs", "ps": "jobs", "?": "help", "example": "run-example"}
+        names = CommandBar.COMMANDS
+        cmd = aliases.get(cmd, cmd)
+        candidates = [n for n in names if n.startswith(cmd)]
+        if cmd in names:
+            candidates = [cmd]
+        if len(candidates) != 1:
+            self.notify(f"Unknown command :{text.strip()}" + (f" (did you mean {', '.join(':' + c for c in candidates)}?)" if candidates
+                        else " (try :jobs, :lineage, :monitor, :models, :instances, :run-example, :help, :q)"),
+                        severity="error")
+            self.active_tab().focus_main()
+            return
+        cmd = candidates[0]
+        if cmd in self.TAB_TITLES:
+            self.action_switch_tab(cmd)
+        elif cmd in ("q", "quit"):
+            self.exit()
+        elif cmd == "help":
+            self.action_help()
+        elif cmd == "refresh":
+            self.action_refresh()
+        elif cmd == "run-example":
+            self.action_run_example()
+        elif cmd == "config":
+            self.notify(f"Settings file: {self.workstation.config.file} · `labdeck config` prints every value and its source.")
+        self.active_tab().focus_main() if cmd not in ("help", "q", "quit") else None
+
+    # ---- intents from tabs -------------------------------------------------
+    def open_log(self, run: Run) -> None:
+        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}"))
+
+    def confirm_cancel(self, run: Run) -> None:
+        if run.user != self.workstation.user:
+            self.notify(f"{run.display_name} belongs to {run.user}; only its owner can cancel it.", severity="warning")
+            return
+        if not (run.run_state.is_active or run.state == "lost"):
+            self.notify(f"{run.display_name} is already {run.state}.", severity="warning")
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.cancel_run(run)
+
+        self.push_screen(ConfirmScreen(f"Cancel run {run.display_name}?",
+                                       f"{run.command}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
+                                       f"{self.workstation.config.get('jobs', 'cancel_grace_seconds'):g}s",
+                                       yes_label="Cancel run"), answer)
+
+
+def all_binding_ids() -> set[str]:
+    """Every remappable binding id (for checking the config's [keys] table)."""
+    from .widgets import ConfirmScreen, HelpScreen, LineInput, LogScreen
+
+    ids = set()
+    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen):
+        for b in cls.BINDINGS:
+            if isinstance(b, Binding) and b.id:
+                ids.add(b.id)
+    return ids

@@ -1,0 +1,281 @@
+"""The `labdeck` command. With no subcommand it opens the workstation.
+
+Every error a user can cause (config, store, provider, transport) is printed as
+one message plus what to do, with no traceback; unexpected errors print one
+line and leave the traceback in the log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from backends.config import load_config
+from backends.errors import LabdeckError
+from backends.paths import Paths
+from backends.store import move_aside
+from backends.workstation import Workstation
+
+from .format import STATE_STYLE, duration, money, short_id, since
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _log_file(paths: Paths) -> Path:
+    return paths.log_dir / "labdeck.log"
+
+
+def _setup_logging(paths: Paths) -> None:
+    try:
+        paths.log_dir.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(_log_file(paths))
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("labdeck")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def friendly(fn):
+    """Run a command; turn errors into a message and exit code 1 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LabdeckError as e:
+            err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+            if e.hint:
+                err_console.print(f"[dim]{e.hint}[/]", highlight=False)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug: one line for the user, the traceback for us
+            paths = Paths.resolve()
+            logging.getLogger("labdeck").error("unexpected error\n%s", traceback.format_exc())
+            err_console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {e}", highlight=False)
+            err_console.print(f"[dim]Details are in {_log_file(paths)}. Please report it.[/]", highlight=False)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _workstation() -> Workstation:
+    paths = Paths.resolve()
+    _setup_logging(paths)
+    return Workstation(load_config(paths))
+
+
+def _check_keys(ws: Workstation) -> None:
+    from .app import all_binding_ids
+
+    known = all_binding_ids()
+    for binding_id in ws.config.keys:
+        if binding_id not in known:
+            raise ws.config.error_at(("keys",), binding_id, f"no key binding has this id (known: {', '.join(sorted(known))})")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="labdeck")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """labdeck: a keyboard-first workstation for training models on GPUs.
+
+    Run with no command to open the workstation (tabs: Instances, Jobs,
+    Monitor, Lineage, Models). LABDECK_HOME moves every file labdeck uses.
+    """
+    if ctx.invoked_subcommand is None:
+        open_tui()
+
+
+@friendly
+def open_tui() -> None:
+    from .app import LabdeckApp
+
+    ws = _workstation()
+    _check_keys(ws)
+    app = LabdeckApp(ws)
+    app.run()
+    if app.startup_error is not None:
+        e = app.startup_error
+        msg = e.render() if isinstance(e, LabdeckError) else f"{type(e).__name__}: {e}"
+        err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+        err_console.print(f"[dim]Details are in {_log_file(ws.config.paths)}.[/]", highlight=False)
+        sys.exit(1)
+
+
+@cli.command("ls")
+@friendly
+def ls_cmd() -> None:
+    """List the instances of every configured provider."""
+    ws = _workstation()
+    listing = asyncio.run(ws.list_instances())
+    now = datetime.now(timezone.utc)
+    t = Table(title="instances", title_justify="left")
+    for col in ("name", "provider", "state", "size", "GPUs", "$/hr", "uptime", "host"):
+        t.add_column(col, no_wrap=True, overflow="ellipsis")
+    for i in listing.instances:
+        t.add_row(i.name, i.provider, f"[{STATE_STYLE.get(i.state, '')}]{i.state}[/]", i.size_summary, i.gpu_summary,
+                  money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host)
+    console.print(t)
+    for e in listing.errors.values():
+        err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
+    if listing.errors:
+        sys.exit(1)
+
+
+@cli.command("config")
+@friendly
+def config_cmd() -> None:
+    """Print the effective configuration and where each value came from."""
+    paths = Paths.resolve()
+    cfg = load_config(paths)
+    t = Table(title=f"labdeck configuration ({cfg.file})", title_justify="left")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    t.add_column("from", style="dim")
+    for key, value, source in cfg.explain():
+        t.add_row(key, value, source)
+    console.print(t)
+
+
+@cli.group("store")
+def store_group() -> None:
+    """Look after the store files."""
+
+
+@store_group.command("move-aside")
+@click.argument("path", type=click.Path(dir_okay=False))
+@friendly
+def store_move_aside(path: str) -> None:
+    """Rename a corrupt store file (nothing is deleted) so a fresh store can start."""
+    target = move_aside(path)
+    console.print(f"Moved {path} to {target}. labdeck starts a fresh store; the old file is kept for recovery.")
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--on", "instance", default="local", show_default=True, help="Instance to run on")
+@click.option("--name", default="", help="A name for the run")
+@click.option("--parent", default=None, help="The run this one derives from (id, prefix or name)")
+@click.option("--workdir", default=None, help="Working directory on the instance (default: here)")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable)")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@friendly
+def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Run COMMAND detached on an instance:  labdeck run -- python train.py --lr 3e-4"""
+    import shlex
+
+    env = {}
+    for item in envs:
+        if "=" not in item:
+            raise LabdeckError(f"--env {item!r} is not KEY=VALUE.")
+        k, v = item.split("=", 1)
+        env[k] = v
+    ws = _workstation()
+    cmd = command[0] if len(command) == 1 else shlex.join(command)
+    run = asyncio.run(ws.launch(cmd, instance=instance, workdir=workdir, env=env, name=name, parent=parent))
+    console.print(f"started [bold]{run.id}[/] ({run.display_name}) on {run.instance}, pid {run.pid}")
+    console.print(f"[dim]labdeck logs {short_id(run.id)} -f   ·   labdeck cancel {short_id(run.id)}[/]")
+
+
+@cli.command("example")
+@friendly
+def example_cmd() -> None:
+    """Run the bundled example project (numpy training) on local."""
+    ws = _workstation()
+    run = asyncio.run(ws.launch_example())
+    console.print(f"started [bold]{run.id}[/] ({run.display_name}) on {run.instance}, pid {run.pid}")
+
+
+@cli.command("ps")
+@click.option("--all", "-a", "show_all", is_flag=True, help="Include finished runs")
+@click.option("--mine", is_flag=True, help="Only your runs")
+@friendly
+def ps_cmd(show_all: bool, mine: bool) -> None:
+    """List runs (active ones unless --all)."""
+    ws = _workstation()
+    asyncio.run(ws.refresh_runs())
+    runs, errors = ws.store.runs(team=not mine)
+    if not show_all:
+        runs = [r for r in runs if r.run_state.is_active or r.state == "lost"]
+    t = Table(title_justify="left", title=f"{len(runs)} runs" + ("" if show_all else " active (--all for every run)"))
+    for col in ("run", "name", "state", "instance", "user", "duration", "last line"):
+        t.add_column(col, overflow="ellipsis", no_wrap=True, ratio=3 if col == "last line" else None)
+    for r in runs:
+        t.add_row(short_id(r.id), r.display_name, f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]", r.instance, r.user,
+                  duration(r.duration_seconds()), r.last_line[:100])
+    console.print(t)
+    for user, e in errors.items():
+        err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {e}", highlight=False)
+
+
+@cli.command("cancel")
+@click.argument("run")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask")
+@friendly
+def cancel_cmd(run: str, yes: bool) -> None:
+    """Cancel a run: SIGTERM its process group, SIGKILL after the grace period."""
+    ws = _workstation()
+    r = ws.store.find_run(run)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise LabdeckError(f"Cancelling {r.display_name} needs confirmation.", "Run it in a terminal, or pass --yes.")
+        click.confirm(f"Cancel run {r.display_name} ({r.command}) on {r.instance}?", abort=True)
+    done = asyncio.run(ws.cancel(r.id))
+    console.print(f"cancelled {done.display_name}")
+
+
+@cli.command("logs")
+@click.argument("run")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the run ends")
+@friendly
+def logs_cmd(run: str, follow: bool) -> None:
+    """Print a run's combined stdout/stderr."""
+    ws = _workstation()
+
+    async def go() -> None:
+        r = ws.store.find_run(run)
+        transport = await ws.transport(r.instance)
+        path = f"{r.run_dir}/output.log"
+        offset = 0
+        out = sys.stdout.buffer
+        while True:
+            try:
+                chunk = await transport.read_file(path, offset)
+            except LabdeckError:
+                chunk = None
+            if chunk and chunk.data:
+                out.write(chunk.data)
+                out.flush()
+                offset = chunk.next_offset
+                continue
+            if not follow:
+                return
+            await ws.refresh_runs()
+            if ws.store.find_run(r.id).run_state.is_final:
+                return
+            await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    cli(prog_name="labdeck")
+
+
+if __name__ == "__main__":
+    main()

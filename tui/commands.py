@@ -1,0 +1,37 @@
+"""The Ctrl+P palette's labdeck provider: tabs, actions, and the runs on screen."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+
+class LabdeckCommands(Provider):
+    def _commands(self):
+        app = self.app
+        out = [(f"Go to {title}", f"Switch to the {title} tab", partial(app.action_switch_tab, tab_id))
+               for tab_id, title in app.TAB_TITLES.items()]
+        out += [
+            ("Run the bundled example on local", "A small numpy training job; watch it in Jobs", app.action_run_example),
+            ("Refresh everything", "Reload instances, runs and deployments now", app.action_refresh),
+            ("Show keys", "Help for the current tab", app.action_help),
+            ("Filter the current list", "Same as /", app.action_filter),
+            ("Quit labdeck", "Jobs keep running on their instances", app.action_quit),
+        ]
+        jobs = app.jobs_tab
+        for run in jobs.runs[:200]:
+            out.append((f"Logs of {run.display_name} ({run.state}, {run.user})", run.command[:80],
+                        partial(app.open_log, run)))
+        return out
+
+    async def discover(self) -> Hits:
+        for name, help_text, callback in self._commands()[:8]:
+            yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, callback in self._commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)

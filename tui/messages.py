@@ -1,0 +1,40 @@
+"""Typed messages that carry backend results from workers to the widgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+from backends.models import Deployment, Run
+from backends.workstation import InstanceListing
+
+
+@dataclass
+class InstancesLoaded(Message):
+    listing: InstanceListing
+
+
+@dataclass
+class RunsLoaded(Message):
+    runs: list[Run]
+    errors: dict[str, str]  # teammate -> why their store could not be read
+
+
+@dataclass
+class DeploymentsLoaded(Message):
+    deployments: list[Deployment]
+    errors: dict[str, str]
+
+
+@dataclass
+class HostSample(Message):
+    sample: dict
+
+    def can_replace(self, message: Message) -> bool:  # a newer sample supersedes a queued one
+        return isinstance(message, HostSample)
+
+
+@dataclass
+class RunLaunched(Message):
+    run: Run

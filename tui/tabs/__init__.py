@@ -1,0 +1,26 @@
+"""One module per tab. Each tab renders state it is given and sends intents to the app."""
+
+from __future__ import annotations
+
+from textual.containers import Vertical
+
+
+class TabView(Vertical):
+    """Base of every tab: a title, a filter it understands, and its own key bindings."""
+
+    TAB_ID = ""
+    TITLE = ""
+    filter_text = ""
+
+    def apply_filter(self, text: str) -> None:
+        self.filter_text = text
+        self.rerender()
+
+    def rerender(self) -> None:
+        """Redraw from the data the tab already holds (after a filter change)."""
+
+    def focus_main(self) -> None:
+        """Give focus to the tab's main widget."""
+        widgets = [w for w in self.query("*") if w.can_focus]
+        if widgets:
+            widgets[0].focus()

@@ -1,0 +1,85 @@
+"""Instances: every configured provider's machines with state, size, GPUs, $/hr and uptime, live."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from backends.models import Instance, Run
+from backends.workstation import InstanceListing
+
+from ..format import STATE_STYLE, money, since
+from ..widgets import matches, sync_table
+from . import TabView
+
+COLUMNS = ("Name", "Provider", "State", "Size", "GPUs", "$/hr", "Uptime", "Host")
+
+
+class InstancesTab(TabView):
+    TAB_ID = "instances"
+    TITLE = "Instances"
+
+    def __init__(self) -> None:
+        super().__init__(id="instances-view")
+        self.listing = InstanceListing([])
+        self.runs: list[Run] = []
+        self.loaded = False
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="instances-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="instances-errors", classes="errors")
+        yield Static("Looking for instances…", id="welcome", classes="welcome")
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).add_columns(*COLUMNS)
+
+    def show_instances(self, listing: InstanceListing) -> None:
+        self.listing = listing
+        self.loaded = True
+        self.rerender()
+
+    def show_runs(self, runs: list[Run]) -> None:
+        self.runs = runs
+        self.rerender()
+
+    def row(self, inst: Instance) -> tuple:
+        now = self.app.now()
+        return (
+            Text(inst.name, style="bold"), inst.provider, Text(inst.state, style=STATE_STYLE.get(inst.state, "")),
+            inst.size_summary, inst.gpu_summary, money(inst.price_per_hour),
+            since(inst.started_at, now) if inst.state == "running" else "–", inst.host,
+        )
+
+    def rerender(self) -> None:
+        if not self.is_mounted:
+            return
+        rows = [(i.name, self.row(i)) for i in self.listing.instances]
+        rows = [(k, cells) for k, cells in rows if matches(self.filter_text, cells)]
+        sync_table(self.query_one(DataTable), rows)
+        errors = self.query_one("#instances-errors", Static)
+        errors.update("\n".join(f"⚠ {e}" for e in self.listing.errors.values()))
+        errors.display = bool(self.listing.errors)
+        self.query_one("#welcome", Static).update(self.welcome_text())
+
+    def welcome_text(self) -> Text:
+        if not self.loaded:
+            return Text("Looking for instances…")
+        keys = self.app.key_of
+        if not self.runs:
+            t = Text()
+            t.append("Welcome to labdeck.\n", style="bold")
+            t.append("`local` is this machine: jobs run here with no cloud account.\n\n")
+            t.append(f" {keys('app.run_example')} ", style="reverse")
+            t.append("  run the bundled example (a small numpy training job) on local\n")
+            t.append(f" {keys('app.tab.jobs')} ", style="reverse")
+            t.append("  then watch it in Jobs;  ")
+            t.append(f" {keys('app.help')} ", style="reverse")
+            t.append("  every key;  ")
+            t.append(" : ", style="reverse")
+            t.append("  commands\n\n")
+            t.append(f"From a shell: labdeck run -- python train.py   ·   settings: {self.app.workstation.config.file}")
+            return t
+        running = sum(1 for r in self.runs if r.state == "running")
+        return Text(f"{len(self.runs):,} runs in the team's history, {running} running now · "
+                    f"{keys('app.tab.jobs')} Jobs · {keys('app.run_example')} run the example again")

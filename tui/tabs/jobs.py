@@ -1,0 +1,93 @@
+"""Jobs: everyone's runs with state, instance, user, duration and last log line, live."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Static
+
+from backends.models import Run
+
+from ..format import STATE_STYLE, duration, short_id
+from ..widgets import matches, sync_table
+from . import TabView
+
+COLUMNS = ("Run", "Name", "State", "Instance", "User", "Duration", "Last line")
+MAX_ROWS = 1000  # the table shows the newest runs; the filter searches all of them
+
+
+class JobsTab(TabView):
+    TAB_ID = "jobs"
+    TITLE = "Jobs"
+    BINDINGS = [
+        Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
+        Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__(id="jobs-view")
+        self.runs: list[Run] = []
+        self.errors: dict[str, str] = {}
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="jobs-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="jobs-status", classes="status-line")
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).add_columns(*COLUMNS)
+        self.rerender()
+
+    def show_runs(self, runs: list[Run], errors: dict[str, str]) -> None:
+        self.runs, self.errors = runs, errors
+        self.rerender()
+
+    def cells(self, r: Run) -> tuple:
+        last = r.last_line if len(r.last_line) <= 80 else r.last_line[:79] + "…"
+        return (short_id(r.id), r.display_name, Text(r.state, style=STATE_STYLE.get(r.state, "")), r.instance,
+                r.user, duration(r.duration_seconds(self.app.now())), last)
+
+    def rerender(self) -> None:
+        if not self.is_mounted:
+            return
+        rows = []
+        total = 0
+        for r in self.runs:
+            cells = self.cells(r)
+            if matches(self.filter_text, cells):
+                total += 1
+                if len(rows) < MAX_ROWS:
+                    rows.append((r.id, cells))
+        sync_table(self.query_one(DataTable), rows)
+        status = Text()
+        if not self.runs:
+            status.append(f"No runs yet. Press {self.app.key_of('app.run_example')} to run the bundled example on local, "
+                          "or from a shell: labdeck run -- python train.py")
+        else:
+            status.append(f"{total:,} run{'s' if total != 1 else ''}" + (f" match /{self.filter_text}" if self.filter_text else ""))
+            if total > len(rows):
+                status.append(f" · showing the newest {len(rows):,}: / to narrow")
+        for user, err in self.errors.items():
+            status.append(f"\n⚠ {user}'s store is unreadable: {err.splitlines()[0]}", style="bold red")
+        self.query_one("#jobs-status", Static).update(status)
+
+    def selected(self) -> Run | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return next((r for r in self.runs if r.id == key), None)
+
+    def action_logs(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.open_log(run)
+
+    def action_cancel(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.confirm_cancel(run)
