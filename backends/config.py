@@ -73,10 +73,13 @@ ENV_OVERRIDES = {"LABDECK_TEAM_DIR": ("store", "team_dir")}
 TOP_LEVEL = set(SCHEMA) | {"providers", "keys"}
 
 
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false"}
+
+
 def _type_name(t: type | tuple[type, ...]) -> str:
     if isinstance(t, tuple):
-        return " or ".join(x.__name__ for x in t)
-    return {"str": "string", "int": "integer", "float": "number", "bool": "true/false"}.get(t.__name__, t.__name__)
+        return "a number" if set(t) == {int, float} else " or ".join(_TYPE_NAMES.get(x, x.__name__) for x in t)
+    return _TYPE_NAMES.get(t, t.__name__)
 
 
 def locate(text: str, table: tuple[str, ...], key: str | None) -> int | None:
@@ -175,7 +178,7 @@ def check_value(path: Path, text: str, table: tuple[str, ...], key: str, value: 
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
     # bool is an int in Python; TOML keeps them apart, so do we.
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise config_error(path, text, table, key, f"expected {_type_name(spec.type)}, got {type(value).__name__} {value!r}")
+        raise config_error(path, text, table, key, f"expected {_type_name(spec.type)}, got {value!r}")
     if spec.check:
         problem = spec.check(value)
         if problem:

@@ -52,7 +52,7 @@ for d in "$@"; do
   ec=$(cat "$d/exit_code" 2>/dev/null); pid=$(cat "$d/pid" 2>/dev/null)
   alive=0; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && alive=1
   st=$(cat "$d/started_at" 2>/dev/null); en=$(cat "$d/ended_at" 2>/dev/null)
-  last=$(tail -c 4096 "$d/output.log" 2>/dev/null | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-300 | base64 | tr -d '\n')
+  last=$(tail -c 4096 "$d/output.log" 2>/dev/null | tr '\r' '\n' | grep -av '^[[:space:]]*$' | tail -n 1 | cut -c1-300 | base64 | tr -d '\n')
   [ -d "$d" ] && ex=1 || ex=0
   printf '%s %s %s %s %s %s %s %s\n' "$d" "$ex" "${ec:--}" "${pid:--}" "$alive" "${st:--}" "${en:--}" "${last:--}"
 done

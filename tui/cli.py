@@ -142,9 +142,9 @@ def config_cmd() -> None:
     paths = Paths.resolve()
     cfg = load_config(paths)
     t = Table(title=f"labdeck configuration ({cfg.file})", title_justify="left")
-    t.add_column("key", style="bold")
-    t.add_column("value")
-    t.add_column("from", style="dim")
+    t.add_column("key", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_column("from", style="dim", overflow="fold")
     for key, value, source in cfg.explain():
         t.add_row(key, value, source)
     console.print(t)

@@ -67,6 +67,8 @@ class LineageTab(TabView):
             roots = self.derived.get(None, [])
         for r in roots:
             self._add(tree.root, r)
+        if roots:
+            tree.cursor_line = 0  # highlight the first run so its detail shows at once
         if not self.runs:
             self.query_one("#lineage-detail", Static).update(
                 "No runs yet. Every run you launch lands here, under the run it was derived from "

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from backends.config import load_config
+from backends.paths import Paths
+from backends.workstation import Workstation
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private LABDECK_HOME: config, store, caches and run dirs all live under it."""
+    h = tmp_path / "labdeck-home"
+    h.mkdir()
+    monkeypatch.setenv("LABDECK_HOME", str(h))
+    monkeypatch.delenv("LABDECK_TEAM_DIR", raising=False)
+    return h
+
+
+@pytest.fixture
+def workstation(home: Path):
+    ws = Workstation(load_config(Paths.resolve(home)))
+    yield ws
+    # end any job a test left running (by the pid its run recorded)
+    runs, _ = ws.store.runs(team=False)
+    for r in runs:
+        if r.pid and r.run_state.is_active:
+            try:
+                os.killpg(r.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    ws.store.close()

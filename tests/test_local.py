@@ -1,0 +1,218 @@
+"""The `local` provider and transport, and jobs on them, with real processes and files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backends import jobs
+from backends.errors import LabdeckError, ProviderError, TransportError
+from backends.models import RunState
+from backends.providers.base import InstanceSpec
+from backends.providers.local import LocalProvider, LocalTransport, host_facts
+from backends.workstation import Workstation
+
+
+def test_local_instance_is_this_machine() -> None:
+    facts = host_facts()
+    assert facts["vcpus"] == os.cpu_count()
+    with open("/proc/meminfo") as f:
+        total_kib = int(f.readline().split()[1])
+    assert abs(facts["memory_mib"] - total_kib // 1024) <= 1
+    assert facts["host"] == socket.gethostname() or facts["host"] == os.uname().nodename
+    if not facts["gpus"]:
+        assert facts["gpu_note"]  # says why there are none
+
+
+async def test_provider_contract(tmp_path: Path) -> None:
+    p = LocalProvider("local", {"price_per_hour": 0.5}, runs_root=tmp_path)
+    [inst] = await p.list_instances()
+    assert (inst.name, inst.state, inst.price_per_hour) == ("local", "running", 0.5)
+    assert (await p.describe("local")).vcpus == os.cpu_count()
+    for call in (p.create(InstanceSpec(name="x")), p.start("local"), p.stop("local"), p.destroy("local")):
+        with pytest.raises(ProviderError, match="this machine"):
+            await call
+    with pytest.raises(ProviderError):
+        await p.describe("other")
+    assert await LocalProvider("local", {"enabled": False}, runs_root=tmp_path).list_instances() == []
+
+
+async def test_no_nvml_noise(capfd) -> None:
+    from backends.gpu import probe_gpus
+
+    probe_gpus.cache_clear()
+    probe_gpus()
+    probe_gpus()
+    out, err = capfd.readouterr()
+    assert "NVML" not in out + err
+
+
+async def test_transport_run_read_put(tmp_path: Path) -> None:
+    t = LocalTransport(tmp_path)
+    res = await t.run("echo out; echo err >&2; exit 3", env={"X": "1"})
+    assert (res.exit_code, res.stdout, res.stderr) == (3, b"out\n", b"err\n")
+    assert (await t.run("printf %s \"$X\"", env={"X": "a b"})).stdout == b"a b"
+    assert (await t.run("cat", input=b"hello")).stdout == b"hello"
+    with pytest.raises(TransportError, match="longer than"):
+        await t.run("sleep 5", timeout=0.2)
+    await t.put_files({str(tmp_path / "d" / "f.txt"): b"0123456789"}, mode=0o600)
+    assert oct((tmp_path / "d" / "f.txt").stat().st_mode & 0o777) == "0o600"
+    chunk = await t.read_file(str(tmp_path / "d" / "f.txt"), 4, 3)
+    assert (chunk.data, chunk.offset, chunk.next_offset, chunk.size) == (b"456", 4, 7, 10)
+    with pytest.raises(TransportError, match="No file"):
+        await t.read_file(str(tmp_path / "missing"))
+
+
+async def test_detached_process_has_its_own_session(tmp_path: Path) -> None:
+    t = LocalTransport(tmp_path)
+    pid = await t.start_detached("echo $$ > pid; sleep 30", cwd=str(tmp_path), log_path=str(tmp_path / "log"))
+    try:
+        for _ in range(50):
+            if (tmp_path / "pid").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert int((tmp_path / "pid").read_text()) == pid
+        assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+        assert os.getsid(pid) != os.getsid(0)
+        with open(f"/proc/{pid}/fd/0") if False else open(os.devnull) as _:
+            assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    finally:
+        os.killpg(pid, 9)
+
+
+async def test_port_forward_relays(tmp_path: Path) -> None:
+    async def echo(reader, writer):
+        writer.write(b"echo:" + await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fwd = await LocalTransport(tmp_path).forward_port(port)
+    try:
+        assert fwd.local_port and fwd.local_port != port
+        r, w = await asyncio.open_connection("127.0.0.1", fwd.local_port)
+        w.write(b"ping")
+        await w.drain()
+        assert await asyncio.wait_for(r.read(100), 5) == b"echo:ping"
+        w.close()
+    finally:
+        await fwd.close()
+        server.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", fwd.local_port)
+
+
+async def wait_final(ws: Workstation, run_id: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await ws.refresh_runs()
+        run = ws.store.find_run(run_id)
+        if run.run_state.is_final:
+            return run
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"run {run_id} did not finish: {ws.store.find_run(run_id)}")
+
+
+async def test_example_job_runs_to_success(workstation: Workstation) -> None:
+    run = await workstation.launch_example()
+    assert run.state == "running" and run.pid
+    done = await wait_final(workstation, run.id, 60)
+    assert done.state == "succeeded" and done.exit_code == 0
+    assert done.last_line.startswith("done: final loss=")
+    log = await workstation.log_tail(run.id)
+    assert "step=300 loss=" in log
+    rd = Path(done.run_dir)
+    assert (rd / "model.npz").exists()
+    assert (rd / "exit_code").read_text().strip() == "0"
+    assert int((rd / "pid").read_text()) == done.pid
+    assert (rd / "started_at").read_text().strip() and (rd / "ended_at").read_text().strip()
+
+
+@pytest.mark.parametrize("command, state, code, needle", [
+    ("exit 1", "failed", 1, None),
+    ("no-such-command-xyz", "failed", 127, "not found"),
+    (f"{sys.executable} -c \"import sys; sys.stdout.buffer.write(bytes(range(256)) + b'\\\\nend')\"", "succeeded", 0, "end"),
+    (f"{sys.executable} -c \"print('x' * 10_000_000)\"", "succeeded", 0, None),
+])
+async def test_bad_jobs_end_in_the_right_state(workstation: Workstation, tmp_path: Path, command, state, code, needle) -> None:
+    run = await workstation.launch(command, workdir=str(tmp_path))
+    done = await wait_final(workstation, run.id)
+    assert (done.state, done.exit_code) == (state, code)
+    if needle:
+        assert needle in done.last_line
+    assert len(done.last_line) <= 300
+    assert isinstance(await workstation.log_tail(run.id), str)
+
+
+async def test_env_and_workdir(workstation: Workstation, tmp_path: Path) -> None:
+    run = await workstation.launch('printf "%s|%s|%s" "$A" "$LABDECK_RUN_ID" "$PWD"', workdir=str(tmp_path),
+                                   env={"A": "it's $x"})
+    done = await wait_final(workstation, run.id)
+    assert done.last_line == f"it's $x|{run.id}|{tmp_path}"
+
+
+async def test_missing_workdir_fails_clearly(workstation: Workstation, tmp_path: Path) -> None:
+    run = await workstation.launch("true", workdir=str(tmp_path / "nope"))
+    done = await wait_final(workstation, run.id)
+    assert done.state == "failed" and "cannot enter the working directory" in done.last_line
+
+
+async def test_cancel_stops_the_whole_process_group(workstation: Workstation, tmp_path: Path) -> None:
+    run = await workstation.launch("sleep 60 & sleep 60; wait", workdir=str(tmp_path))
+    await asyncio.sleep(0.3)
+    assert os.getpgid(run.pid) == run.pid
+    workstation.config.values["jobs"]["cancel_grace_seconds"] = 2.0
+    done = await workstation.cancel(run.id)
+    assert done.state == "cancelled" and done.ended_at
+    await asyncio.sleep(0.3)
+    alive = [p for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == run.pid]
+    assert alive == []
+    with pytest.raises(LabdeckError, match="already cancelled"):
+        await workstation.cancel(run.id)
+    # a later refresh does not resurrect or re-finish it
+    await workstation.refresh_runs()
+    assert workstation.store.find_run(run.id).state == "cancelled"
+
+
+async def test_killed_job_is_failed_not_running(workstation: Workstation, tmp_path: Path) -> None:
+    run = await workstation.launch("sleep 60", workdir=str(tmp_path))
+    await asyncio.sleep(0.2)
+    os.killpg(run.pid, 9)  # the wrapper dies too: no exit code is ever written
+    done = await wait_final(workstation, run.id)
+    assert done.state == "failed" and "without an exit code" in done.state_reason
+
+
+async def test_vanished_run_dir_is_lost(workstation: Workstation, tmp_path: Path) -> None:
+    import shutil
+
+    run = await workstation.launch("sleep 60", workdir=str(tmp_path))
+    await asyncio.sleep(0.2)
+    os.killpg(run.pid, 9)
+    shutil.rmtree(run.run_dir)
+    await workstation.refresh_runs()
+    assert workstation.store.find_run(run.id).state == RunState.LOST.value
+
+
+async def test_parent_must_exist(workstation: Workstation, tmp_path: Path) -> None:
+    with pytest.raises(LabdeckError, match="No run"):
+        await workstation.launch("true", workdir=str(tmp_path), parent="NOPE1234")
+    with pytest.raises(LabdeckError, match="empty"):
+        await jobs.launch(workstation.store, LocalTransport(tmp_path), instance="local", command="  ",
+                          workdir=str(tmp_path), runs_root=str(tmp_path))
+    first = await workstation.launch("true", workdir=str(tmp_path), name="first")
+    child = await workstation.launch("true", workdir=str(tmp_path), parent="first")
+    assert child.parent == first.id
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

@@ -1,0 +1,176 @@
+"""A deterministic demo state, and the command that regenerates ``screenshots/``.
+
+    python -m tui.screenshots            # writes screenshots/*.svg
+
+The same demo state feeds the snapshot tests: a fixed clock, fixed machine
+facts for ``local``, a fixed CPU/memory series, and a team of two users
+(alice, the one at the keyboard, and bob) whose runs form a small lineage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from backends.config import load_config
+from backends.ids import _encode
+from backends.models import Run, RunState
+from backends.paths import Paths
+from backends.providers.local import LocalProvider
+from backends.store import Store
+from backends.workstation import Workstation
+
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
+DEMO_HOME = Path("/tmp/labdeck-demo")
+SIZE = (120, 34)
+
+FACTS = {
+    "host": "jump-1", "vcpus": 16, "cpu_model": "AMD EPYC 7R13", "memory_mib": 64 * 1024,
+    "gpus": [], "gpu_note": "no NVIDIA driver", "started_at": "2026-11-24T08:00:00Z",
+}
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _id(minutes_ago: float, n: int) -> str:
+    ms = int((NOW - timedelta(minutes=minutes_ago)).timestamp() * 1000)
+    return _encode(ms, 10) + _encode(int.from_bytes(hashlib.sha256(str(n).encode()).digest()[:10], "big"), 16)
+
+
+def demo_runs() -> list[Run]:
+    """A baseline, a learning-rate sweep derived from it, a rerun, and bob's runs."""
+    out: list[Run] = []
+
+    def run(user, n, minutes_ago, name, state, command, parent=None, minutes=12.0, last="", exit_code=None, reason=""):
+        start = NOW - timedelta(minutes=minutes_ago)
+        r = Run(id=_id(minutes_ago, n), user=user, origin_host="jump-1", name=name, command=command, instance="local",
+                state=state, workdir="/home/alice/proj", run_dir=f"/tmp/labdeck-demo/runs/{n}", parent=parent,
+                created_at=_iso(start), started_at=None if state == "queued" else _iso(start),
+                ended_at=None if state in ("running", "queued") else _iso(start + timedelta(minutes=minutes)),
+                exit_code=exit_code, last_line=last, state_reason=reason, price_per_hour=0.0)
+        out.append(r)
+        return r
+
+    base = run("alice", 1, 600, "baseline", "succeeded", "python train.py --lr 0.1", minutes=14,
+               last="done: final loss=0.3120 acc=0.8811", exit_code=0)
+    for i, lr in enumerate(("0.3", "0.03", "1.0")):
+        ok = lr != "1.0"
+        run("alice", 10 + i, 480 - 30 * i, f"lr-{lr}", "succeeded" if ok else "failed", f"python train.py --lr {lr}",
+            parent=base.id, minutes=13 + i, exit_code=0 if ok else 1, reason="" if ok else "exit code 1",
+            last=f"done: final loss={0.25 - 0.04 * i:.4f} acc={0.90 + 0.01 * i:.4f}" if ok else "FloatingPointError: loss is nan")
+    best = out[1]
+    wide = run("alice", 20, 240, "wider-model", "succeeded", "python train.py --lr 0.3 --dim 64", parent=best.id,
+               minutes=25, exit_code=0, last="done: final loss=0.1870 acc=0.9340")
+    run("alice", 21, 95, "wider-model (rerun)", "cancelled", "python train.py --lr 0.3 --dim 64", parent=wide.id,
+        minutes=3, reason="cancelled by alice", last="step=140 loss=0.2410 acc=0.9120")
+    run("bob", 30, 300, "bob-baseline", "succeeded", "python train.py --lr 0.05 --seed 1", minutes=15,
+        exit_code=0, last="done: final loss=0.2950 acc=0.8890")
+    run("bob", 31, 18, "bob-augment", "running", "python train.py --lr 0.05 --seed 1 --augment", parent=_id(300, 30),
+        last="step=1840 loss=0.2011 acc=0.9270")
+    run("bob", 32, 2, "bob-queued", RunState.QUEUED.value, "python train.py --lr 0.01")
+    return out
+
+
+def demo_workstation(home: Path = DEMO_HOME, *, with_runs: bool = True) -> Workstation:
+    """A workstation over a fresh, seeded LABDECK_HOME (deleted and rebuilt each call)."""
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    paths = Paths.resolve(home)
+    config = load_config(paths, env={})
+    config.user = "alice"
+    store = Store(config.team_dir, "alice")
+    if with_runs:
+        by_user: dict[str, list[Run]] = {}
+        for r in demo_runs():
+            by_user.setdefault(r.user, []).append(r)
+        for user, runs in by_user.items():
+            st = store.mine if user == "alice" else Store(config.team_dir, user).mine
+            st.put_many("runs", [(r.id, r.to_dict()) for r in runs])
+    providers = {"local": LocalProvider("local", config.providers["local"].options, runs_root=paths.runs_dir,
+                                        facts=lambda: dict(FACTS))}
+    return Workstation(config, store=store, providers=providers)
+
+
+def demo_samples(n: int = 90) -> list[dict]:
+    """A fixed CPU/memory series: a training job ramps up, runs, and settles."""
+    out = []
+    for i in range(n):
+        cpu = 8.0 if i < 15 else (85.0 + 10 * ((i * 7) % 5) / 5 if i < 70 else 12.0)
+        mem = 9000 + (i * 90 if i < 70 else 6300 - (i - 70) * 200)
+        out.append({"t": 1_700_000_000 + i, "cpu_percent": cpu, "mem_used_mib": int(mem), "mem_total_mib": 64 * 1024,
+                    "load1": 1.7, "gpus": []})
+    return out
+
+
+def demo_app(*, with_runs: bool = True, home: Path = DEMO_HOME):
+    from .app import LabdeckApp
+
+    samples = iter(demo_samples() * 1000)
+    return LabdeckApp(demo_workstation(home, with_runs=with_runs), now=lambda: NOW, sampler=lambda: next(samples), live=False)
+
+
+async def settle(pilot) -> None:
+    """Wait until the workers have loaded everything and the screen has caught up."""
+    from textual.worker import WorkerFailed
+
+    app = pilot.app
+    for _ in range(2):
+        try:
+            await app.workers.wait_for_complete()
+        except WorkerFailed:
+            pass  # the app shows worker errors itself (see LabdeckApp.show_error)
+        await pilot.pause()
+
+
+def feed_monitor(app) -> None:
+    from .tabs.monitor import MonitorTab
+
+    tab = app.query_one(MonitorTab)
+    for s in demo_samples():
+        tab.add_sample(s)
+
+
+SHOTS = [
+    ("welcome", False, []),
+    ("instances", True, ["1"]),
+    ("jobs", True, ["2"]),
+    ("monitor", True, ["3"]),
+    ("lineage", True, ["4", "space", "down"]),
+    ("models", True, ["5"]),
+    ("jobs-filtered", True, ["2", "slash", *"bob"]),
+    ("help", True, ["2", "question_mark"]),
+]
+
+
+async def take(outdir: Path) -> list[Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, with_runs, keys in SHOTS:
+        app = demo_app(with_runs=with_runs)
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            feed_monitor(app)
+            for key in keys:
+                await pilot.press(key)
+                await settle(pilot)
+            path = outdir / f"{name}.svg"
+            app.save_screenshot(path.name, str(outdir))
+            written.append(path)
+    return written
+
+
+def main() -> None:
+    outdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "screenshots"
+    for p in asyncio.run(take(outdir)):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
