@@ -32,6 +32,8 @@ class Field:
     default: Any
     doc: str
     check: Callable[[Any], str | None] | None = None  # returns an error text or None
+    # for a table of named tables (e.g. [providers.lab.hosts.gpu1]): the schema of each entry
+    entries: "dict[str, Field] | None" = None
 
 
 def _positive(v: Any) -> str | None:
@@ -175,6 +177,8 @@ def config_error(path: Path, text: str, table: tuple[str, ...], key: str | None,
 
 
 def check_value(path: Path, text: str, table: tuple[str, ...], key: str, value: Any, spec: Field) -> Any:
+    if spec.entries is not None:
+        return _check_entries(path, text, table + (key,), value, spec.entries)
     types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
     # bool is an int in Python; TOML keeps them apart, so do we.
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
@@ -184,6 +188,26 @@ def check_value(path: Path, text: str, table: tuple[str, ...], key: str, value: 
         if problem:
             raise config_error(path, text, table, key, f"{value!r} {problem}")
     return value
+
+
+def _check_entries(path: Path, text: str, table: tuple[str, ...], value: Any, schema: dict[str, Field]) -> dict[str, dict[str, Any]]:
+    """A table of named tables, each checked against ``schema`` (unknown keys are errors, defaults filled)."""
+    if not isinstance(value, dict):
+        raise config_error(path, text, table[:-1], table[-1], "must be a table of named tables, e.g. [" + ".".join(table) + ".NAME]")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in value.items():
+        where = table + (name,)
+        if not isinstance(entry, dict):
+            raise config_error(path, text, table, name, "must be a table, e.g. [" + ".".join(where) + "]")
+        checked: dict[str, Any] = {}
+        for key, v in entry.items():
+            if key not in schema:
+                raise config_error(path, text, where, key, f"unknown key (known: {', '.join(schema)})")
+            checked[key] = check_value(path, text, where, key, v, schema[key])
+        for key, spec in schema.items():
+            checked.setdefault(key, spec.default)
+        out[name] = checked
+    return out
 
 
 def load_config(paths: Paths | None = None, env: dict[str, str] | None = None) -> Config:

@@ -31,8 +31,8 @@ from .store import Store
 WRAPPER = """#!/bin/sh
 # labdeck run wrapper (run {run_id}); records pid, times and exit code.
 D={run_dir}
-echo $$ > "$D/pid"
-date -u +%Y-%m-%dT%H:%M:%SZ > "$D/started_at"
+echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
+date -u +%Y-%m-%dT%H:%M:%SZ > "$D/started_at.tmp" && mv "$D/started_at.tmp" "$D/started_at"
 # SIGTERM/SIGINT/SIGHUP to the process group stop the job; the wrapper stays to record how it ended.
 trap ':' TERM INT HUP
 if cd {workdir}; then
@@ -42,15 +42,22 @@ else
   echo "labdeck: cannot enter the working directory {workdir}" >> "$D/output.log"
   code=127
 fi
-date -u +%Y-%m-%dT%H:%M:%SZ > "$D/ended_at"
+date -u +%Y-%m-%dT%H:%M:%SZ > "$D/ended_at.tmp" && mv "$D/ended_at.tmp" "$D/ended_at"
 echo $code > "$D/exit_code.tmp" && mv "$D/exit_code.tmp" "$D/exit_code"
 """
 
 # One command reports every run directory: id, exit code, pid, alive, started, last line (base64).
 STATUS_SCRIPT = r"""
 for d in "$@"; do
-  ec=$(cat "$d/exit_code" 2>/dev/null); pid=$(cat "$d/pid" 2>/dev/null)
-  alive=0; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && alive=1
+  pid=$(cat "$d/pid" 2>/dev/null)
+  alive=0
+  if [ -n "$pid" ] && [ -r "/proc/$pid/stat" ]; then
+    # a zombie is not alive (on Linux, read the state; elsewhere, fall back to kill -0)
+    [ "$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] && alive=1
+  elif [ -n "$pid" ] && [ ! -d /proc/self ] && kill -0 "$pid" 2>/dev/null; then
+    alive=1
+  fi
+  ec=$(cat "$d/exit_code" 2>/dev/null)  # read after the liveness check: a job that ended in between has it
   st=$(cat "$d/started_at" 2>/dev/null); en=$(cat "$d/ended_at" 2>/dev/null)
   last=$(tail -c 4096 "$d/output.log" 2>/dev/null | tr '\r' '\n' | grep -av '^[[:space:]]*$' | tail -n 1 | cut -c1-300 | base64 | tr -d '\n')
   [ -d "$d" ] && ex=1 || ex=0
@@ -124,9 +131,12 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
     return store.transition(run.id, RunState.RUNNING, pid=pid, started_at=utcnow())
 
 
-async def refresh(store: Store, transport: Transport, instance: str) -> list[Run]:
-    """Read back this user's active runs on ``instance`` and move their states. Returns changed runs."""
-    mine, _ = store.runs(team=False)
+async def refresh(store: Store, transport: Transport, instance: str, mine: list[Run] | None = None) -> list[Run]:
+    """Read back this user's active runs on ``instance`` and move their states. Returns changed runs.
+
+    ``mine``: this user's runs if the caller already loaded them."""
+    if mine is None:
+        mine, _ = store.runs(team=False)
     active = [r for r in mine if r.instance == instance and r.run_state in (RunState.RUNNING, RunState.LOST) and r.run_dir]
     statuses = await read_statuses(transport, [r.run_dir for r in active])
     changed: list[Run] = []
@@ -160,9 +170,12 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
         raise LabdeckError(f"Run {run.display_name} is already {run.state}.")
     if run.pid:
         pg = int(run.pid)
-        # (dash's kill takes no `--`: a negative pid after the signal names the group)
+        # (dash's kill takes no `--`: a negative pid after the signal names the group.)
+        # A member "lives" unless it is a zombie: zombies wait for init, not for us.
+        alive = (f"awk '{{sub(/^.*\\) /, \"\"); if ($3 == {pg} && $1 != \"Z\") found = 1}} END {{exit !found}}' "
+                 f"/proc/[0-9]*/stat 2>/dev/null")
         script = (f"kill -TERM -{pg} 2>/dev/null || exit 0; i=0; "
-                  f"while kill -0 -{pg} 2>/dev/null && [ $i -lt {int(grace_seconds * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
+                  f"while {alive} && [ $i -lt {int(grace_seconds * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
                   f"kill -KILL -{pg} 2>/dev/null; exit 0")
         await transport.run(script, timeout=grace_seconds + 30)
     return store.transition(run.id, RunState.CANCELLED, ended_at=utcnow(), state_reason="cancelled by " + store.user)

@@ -92,8 +92,13 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = _FIELD_NAMES.get(cls)
+        if names is None:
+            names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 
 @dataclass
@@ -127,6 +132,8 @@ class Instance(Record):
     started_at: str | None = None  # UTC ISO time the machine came up
     created_by: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    latency_ms: float | None = None  # round trip of a command on the open connection
+    note: str = ""  # why it is unreachable, and similar
 
     @property
     def gpu_summary(self) -> str:

@@ -43,6 +43,7 @@ class Workstation:
         self.store = store if store is not None else Store.from_config(config)
         self.providers = providers if providers is not None else build_providers(config)
         self._instance_provider: dict[str, str] = {}
+        self._listing: asyncio.Future[InstanceListing] | None = None
 
     @classmethod
     def open(cls, home: str | None = None) -> "Workstation":
@@ -53,6 +54,13 @@ class Workstation:
         return self.config.user
 
     async def list_instances(self, timeout: float = 10.0) -> InstanceListing:
+        """Every provider's instances, asked concurrently. Callers at the same moment share one round."""
+        if self._listing is not None and not self._listing.done():
+            return await asyncio.shield(self._listing)
+        self._listing = asyncio.ensure_future(self._list_instances(timeout))
+        return await asyncio.shield(self._listing)
+
+    async def _list_instances(self, timeout: float) -> InstanceListing:
         async def one(name: str, p: Provider) -> list[Instance]:
             return await asyncio.wait_for(p.list_instances(), timeout)
 
@@ -85,19 +93,13 @@ class Workstation:
     async def transport(self, instance: str) -> Transport:
         return (await self.provider_of(instance)).transport(instance)
 
-    def runs_root(self, transport: Transport) -> str:
-        root = getattr(transport, "runs_root", None)
-        if root is None:
-            raise LabdeckError(f"The instance {transport.instance} has no runs directory.")
-        return str(root)
-
     async def launch(self, command: str, *, instance: str = "local", workdir: str | None = None,
                      env: dict[str, str] | None = None, name: str = "", parent: str | None = None) -> Run:
         provider = await self.provider_of(instance)
         inst = await provider.describe(instance)
         transport = provider.transport(instance)
         return await jobs.launch(self.store, transport, instance=instance, command=command,
-                                 workdir=workdir or str(Path.cwd()), runs_root=self.runs_root(transport),
+                                 workdir=workdir or str(Path.cwd()), runs_root=await transport.runs_root(),
                                  env=env, name=name, parent=parent, price_per_hour=inst.price_per_hour)
 
     async def launch_example(self, instance: str = "local") -> Run:
@@ -108,16 +110,22 @@ class Workstation:
                                  name="quickstart-example")
 
     async def refresh_runs(self) -> list[Run]:
-        """Move this user's active runs on every reachable instance through their states."""
-        mine, _ = self.store.runs(team=False)
+        """Move this user's active runs on every reachable instance through their states.
+
+        Instances are asked concurrently; one that cannot be reached is skipped this round."""
+        mine, _ = await asyncio.to_thread(self.store.runs, team=False)
         instances = sorted({r.instance for r in mine if r.run_state.is_active or r.state == "lost"})
-        changed: list[Run] = []
-        for inst in instances:
+
+        async def one(inst: str) -> list[Run]:
             try:
                 transport = await self.transport(inst)
-            except NotFoundError:
-                continue
-            changed.extend(await jobs.refresh(self.store, transport, inst))
+                return await jobs.refresh(self.store, transport, inst, mine)
+            except LabdeckError:
+                return []
+
+        changed: list[Run] = []
+        for part in await asyncio.gather(*(one(i) for i in instances)):
+            changed.extend(part)
         return changed
 
     async def cancel(self, ref: str) -> Run:

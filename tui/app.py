@@ -72,6 +72,8 @@ class LabdeckApp(App[None]):
         self.startup_error: BaseException | None = None
         self._first_frame_done = False
         self._asked_move_aside: set[str] = set()
+        self._runs_shown = False  # the first load posts the stored runs before asking instances
+        self._runs_stale = False  # something other than a refresh changed the store (launch, cancel, teammates)
         cfg = workstation.config
         self.theme = cfg.get("ui", "theme") if cfg.get("ui", "theme") in self.available_themes else "textual-dark"
         self.refresh_seconds = float(cfg.get("ui", "refresh_seconds"))
@@ -141,9 +143,14 @@ class LabdeckApp(App[None]):
     @work(exclusive=True, group="runs", exit_on_error=False)
     async def load_runs(self) -> None:
         ws = self.workstation
-        await ws.refresh_runs()
-        runs, errors = await asyncio.to_thread(ws.store.runs)
-        self.post_message(RunsLoaded(runs, errors))
+        if not self._runs_shown:  # show what the store holds first, then ask the instances
+            runs, errors = await asyncio.to_thread(ws.store.runs)
+            self.post_message(RunsLoaded(runs, errors))
+            self._runs_shown = True
+        if await ws.refresh_runs() or self._runs_stale:
+            self._runs_stale = False
+            runs, errors = await asyncio.to_thread(ws.store.runs)
+            self.post_message(RunsLoaded(runs, errors))
 
     @work(exclusive=True, group="deployments", thread=True, exit_on_error=False)
     def load_deployments(self) -> None:
@@ -165,7 +172,7 @@ class LabdeckApp(App[None]):
     async def cancel_run(self, run: Run) -> None:
         done = await self.workstation.cancel(run.id)
         self.notify(f"Cancelled {done.display_name}.")
-        self.load_runs()
+        self.reload_runs()
 
     # ---- messages --------------------------------------------------------
     def on_instances_loaded(self, message: InstancesLoaded) -> None:
@@ -185,7 +192,7 @@ class LabdeckApp(App[None]):
     def on_run_launched(self, message: RunLaunched) -> None:
         self.notify(f"Started {message.run.display_name} on {message.run.instance} (pid {message.run.pid}). "
                     f"Press {self.key_of('app.tab.jobs')} for Jobs.")
-        self.load_runs()
+        self.reload_runs()
 
     @on(Worker.StateChanged)
     def worker_failed(self, event: Worker.StateChanged) -> None:
@@ -216,6 +223,7 @@ class LabdeckApp(App[None]):
                     return
                 self.notify(f"Moved the corrupt store to {target}; a fresh store starts now.")
                 self._asked_move_aside.discard(path)
+                self._runs_shown = False
                 self.load_runs()
 
         self.push_screen(ConfirmScreen(f"Your store file {path} is corrupt.",
@@ -250,14 +258,21 @@ class LabdeckApp(App[None]):
     def tab_activated(self, event: TabbedContent.TabActivated) -> None:
         bar = self.query_one(FilterBar)
         bar.display = False
-        self.active_tab().focus_main()
+        tab = self.active_tab()
+        tab.shown()
+        tab.focus_main()
 
     def action_run_example(self) -> None:
         self.run_example()
 
+    def reload_runs(self) -> None:
+        """Reload runs from the store even if no instance reports a change."""
+        self._runs_stale = True
+        self.load_runs()
+
     def action_refresh(self) -> None:
         self.load_instances()
-        self.load_runs()
+        self.reload_runs()
         self.load_deployments()
         self.notify("Refreshing…", timeout=1.5)
 

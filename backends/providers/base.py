@@ -56,6 +56,17 @@ class FileChunk:
     size: int  # size of the file when read
 
 
+def detached_launcher(command: str, log_path: str | None) -> list[str]:
+    """argv that starts ``command`` detached and prints its pid.
+
+    ``setsid`` gives it its own session and process group (pgid == pid); stdin is
+    closed; the launching shell exits at once, so the job is nobody's child and
+    survives the caller, the connection and the UI. Used by every transport.
+    """
+    return ["sh", "-c", 'setsid sh -c "$1" </dev/null >>"$2" 2>&1 & echo $!', "labdeck-launch", command,
+            log_path or "/dev/null"]
+
+
 class PortForward(abc.ABC):
     """A listening local port that reaches ``remote_host:remote_port`` on the instance."""
 
@@ -100,6 +111,10 @@ class Transport(abc.ABC):
     async def home_dir(self) -> str:
         res = await self.run('printf %s "$HOME"', timeout=15)
         return res.text()
+
+    @abc.abstractmethod
+    async def runs_root(self) -> str:
+        """Absolute directory on the instance where run directories go."""
 
     async def close(self) -> None:  # noqa: B027 - optional
         """Release connections. The default holds none."""

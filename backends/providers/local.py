@@ -18,7 +18,7 @@ from ..config import Field
 from ..errors import ProviderError, TransportError
 from ..gpu import probe_gpus
 from ..models import Instance
-from .base import CommandResult, FileChunk, InstanceSpec, PortForward, Provider, Transport
+from .base import CommandResult, FileChunk, InstanceSpec, PortForward, Provider, Transport, detached_launcher
 
 LOCAL = "local"
 
@@ -119,7 +119,10 @@ class LocalTransport(Transport):
     instance = LOCAL
 
     def __init__(self, runs_root: Path) -> None:
-        self.runs_root = runs_root
+        self._runs_root = Path(runs_root)
+
+    async def runs_root(self) -> str:
+        return str(self._runs_root)
 
     async def run(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                   timeout: float | None = 60.0, input: bytes | None = None) -> CommandResult:
@@ -146,12 +149,8 @@ class LocalTransport(Transport):
 
     async def start_detached(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                              log_path: str | None = None) -> int:
-        # setsid: own session and process group (pgid == pid); stdin closed; the
-        # launching shell exits at once, so the job is nobody's child here.
-        launcher = 'setsid sh -c "$1" </dev/null >>"$2" 2>&1 & echo $!'
         proc = await asyncio.create_subprocess_exec(
-            "sh", "-c", launcher, "labdeck-launch", command, log_path or "/dev/null",
-            cwd=cwd, env=_merged_env(env), stdin=asyncio.subprocess.DEVNULL,
+            *detached_launcher(command, log_path), cwd=cwd, env=_merged_env(env), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         out, err = await proc.communicate()

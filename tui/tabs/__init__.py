@@ -19,6 +19,18 @@ class TabView(Vertical):
     def rerender(self) -> None:
         """Redraw from the data the tab already holds (after a filter change)."""
 
+    def shown(self) -> None:
+        """The tab became the active one (tabs that draw lazily catch up here)."""
+
+    @property
+    def is_active_tab(self) -> bool:
+        from textual.widgets import TabbedContent
+
+        try:
+            return self.app.query_one(TabbedContent).active == self.TAB_ID
+        except Exception:
+            return False
+
     def focus_main(self) -> None:
         """Give focus to the tab's main widget."""
         widgets = [w for w in self.query("*") if w.can_focus]

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal
+from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, Tree
 
 from backends.models import Run
@@ -14,6 +14,8 @@ from backends.models import Run
 from ..format import STATE_STYLE, duration, short_id
 from ..widgets import matches
 from . import TabView
+
+MAX_ROOTS = 500
 
 
 class LineageTab(TabView):
@@ -25,12 +27,15 @@ class LineageTab(TabView):
         self.runs: dict[str, Run] = {}
         self.derived: dict[str | None, list[Run]] = defaultdict(list)
         self._signature: tuple = ()
+        self._dirty = False  # data changed while the tab was hidden: draw when it is shown
 
     def compose(self) -> ComposeResult:
         with Horizontal():
-            tree: Tree[str] = Tree("runs", id="lineage-tree")
-            tree.show_root = False
-            yield tree
+            with Vertical(id="lineage-left"):
+                tree: Tree[str] = Tree("runs", id="lineage-tree")
+                tree.show_root = False
+                yield tree
+                yield Static("", id="lineage-status", classes="status-line")
             yield Static("Select a run to see where it came from.", id="lineage-detail")
 
     def show_runs(self, runs: list[Run]) -> None:
@@ -43,7 +48,15 @@ class LineageTab(TabView):
         for r in sorted(runs, key=lambda r: r.id):
             parent = r.parent if r.parent in self.runs else None
             self.derived[parent].append(r)
-        self.rerender()
+        if self.is_active_tab:
+            self.rerender()
+        else:
+            self._dirty = True
+
+    def shown(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            self.rerender()
 
     def label(self, r: Run) -> Text:
         t = Text()
@@ -65,8 +78,15 @@ class LineageTab(TabView):
             roots.sort(key=lambda r: r.id)
         else:
             roots = self.derived.get(None, [])
+        total = len(roots)
+        if total > MAX_ROOTS:  # the newest baselines; the filter reaches every run
+            roots = roots[-MAX_ROOTS:]
         for r in roots:
             self._add(tree.root, r)
+        status = self.query_one("#lineage-status", Static)
+        status.update(f"showing the newest {MAX_ROOTS:,} of {total:,} " + ("matches" if self.filter_text else "baselines")
+                      + ": / to narrow" if total > MAX_ROOTS else "")
+        status.display = total > MAX_ROOTS
         if roots:
             tree.cursor_line = 0  # highlight the first run so its detail shows at once
         if not self.runs:
