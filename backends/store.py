@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
-from tinydb.table import Document, Table
+from tinydb.table import Table
 
 from .errors import NotFoundError, StoreCorruptError, StoreError
 from .models import RECORD_TYPES, Record, Run, RunState, check_transition, utcnow
@@ -69,9 +69,18 @@ def migration(from_version: int):
     return deco
 
 
+class _NeedExclusive(Exception):
+    """Raised inside the store when a read under the shared lock finds an old schema to persist."""
+
+
 class _StrTable(Table):
     document_id_class = str  # our ids are ULID strings
     default_query_cache_capacity = 0  # other processes change the data under us
+
+    def __init__(self, storage: Storage, name: str, cache_size: int = 0, persist_empty: bool = False) -> None:
+        # Table.__init__'s default cache_size was bound when Table was defined (10), so
+        # the class attribute above does not reach it: pass 0 explicitly.
+        super().__init__(storage, name, cache_size=0, persist_empty=persist_empty)
 
 
 class _JournalStorage(Storage):
@@ -141,12 +150,14 @@ class UserStore:
         self._snap_key: tuple | None = ("unloaded",)
         self._journal_offset = 0
         self._journal_entries = 0
+        self._journal_ino: int | None = None  # the journal file the first _journal_offset bytes came from
         self._journal_fd: int | None = None
         self._journal_fd_gen = -1
         self._pending: list[tuple[str, str]] | None = None
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()  # threads of one process share the in-memory state
         self._depth = 0
+        self._exclusive = False
         if writable:
             self._prepare_dir()
         self.db = TinyDB(storage=_JournalStorage, owner=self)
@@ -204,10 +215,19 @@ class UserStore:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
                 self._depth = 1
-                self._catch_up()
+                self._exclusive = exclusive
+                try:
+                    self._catch_up()
+                except _NeedExclusive:
+                    # an old schema on disk: migrate and persist it under the exclusive lock only
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    self._exclusive = True
+                    self._snap_key = ("reload",)
+                    self._catch_up()
                 yield
             finally:
                 self._depth = 0
+                self._exclusive = False
                 if fd is not None:
                     os.close(fd)  # releases the flock
 
@@ -226,7 +246,10 @@ class UserStore:
 
     def _load_snapshot(self, key: tuple | None) -> None:
         if key is None:
-            self._data, self._gen, self._schema = {}, 0, SCHEMA_VERSION
+            # A journal with no snapshot was written before stores got a snapshot on their
+            # first commit (see _commit), i.e. at schema 1.
+            legacy = self.journal_path(0).exists()
+            self._data, self._gen, self._schema = {}, 0, 1 if legacy else SCHEMA_VERSION
         else:
             try:
                 raw = self.snapshot_path.read_bytes()
@@ -235,11 +258,16 @@ class UserStore:
                 raise StoreError(f"Cannot read {self.snapshot_path} (permission denied).", "Ask its owner to make it readable (0644).") from None
             except (ValueError, UnicodeDecodeError) as e:
                 raise StoreCorruptError(self.snapshot_path, str(e)) from None
-            if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            if not isinstance(data, dict) or not all(
+                isinstance(t, dict) and all(isinstance(d, dict) for d in t.values()) for t in data.values()
+            ):
                 raise StoreCorruptError(self.snapshot_path, "not a TinyDB table mapping")
             meta = data.pop(META, {}).get("1", {})
-            self._gen = int(meta.get("gen", 0))
-            self._schema = int(meta.get("schema", 0))
+            try:
+                self._gen = int(meta.get("gen", 0))
+                self._schema = int(meta.get("schema", 0))
+            except (TypeError, ValueError):
+                raise StoreCorruptError(self.snapshot_path, f"bad {META} record") from None
             if self._schema > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.snapshot_path} was written by a newer labdeck (schema {self._schema}; this one reads up to {SCHEMA_VERSION}).",
@@ -249,17 +277,29 @@ class UserStore:
         self._snap_key = key
         self._journal_offset = 0
         self._journal_entries = 0
+        self._journal_ino = None
 
     def _replay_journal(self) -> None:
         path = self.journal_path()
         try:
             with open(path, "rb") as f:
-                f.seek(self._journal_offset)
-                chunk = f.read()
+                st = os.fstat(f.fileno())
+                ino = st.st_ino
+                if self._journal_offset and (ino != self._journal_ino or st.st_size < self._journal_offset):
+                    chunk = None  # not the file we read before (moved aside or replaced)
+                else:
+                    f.seek(self._journal_offset)
+                    chunk = f.read()
         except FileNotFoundError:
-            chunk = b""
+            ino, chunk = None, (None if self._journal_offset else b"")
         except PermissionError:
             raise StoreError(f"Cannot read {path} (permission denied).", "Ask its owner to make it readable (0644).") from None
+        if chunk is None:
+            # What we applied from the journal is no longer on disk: start over from the snapshot.
+            self._load_snapshot(self._snap_key)
+            self._replay_journal()
+            return
+        self._journal_ino = ino
         if chunk:
             end = chunk.rfind(b"\n") + 1  # a tail without newline is a torn, unacknowledged write
             if end:
@@ -268,7 +308,10 @@ class UserStore:
                     try:
                         entry = json.loads(line)
                         table, doc_id, doc = entry["t"], entry["id"], entry["d"]
+                        if not (isinstance(table, str) and isinstance(doc_id, str) and (doc is None or isinstance(doc, dict))):
+                            raise TypeError("not a journal entry")
                     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                        self._snap_key = ("unloaded",)  # lines before this one were applied: reload next time
                         if start_line is None:
                             with open(path, "rb") as f:
                                 start_line = f.read(self._journal_offset).count(b"\n")
@@ -292,6 +335,8 @@ class UserStore:
                 raise StoreError(f"No migration from store schema {version} in {self.snapshot_path}.", "Upgrade labdeck.")
             data = step(data)
             version += 1
+        if self.writable and self._depth and not self._exclusive:
+            raise _NeedExclusive()
         self._data, self._schema = data, version
         if self.writable and self._depth:
             self._compact()  # persist the migrated form atomically
@@ -301,7 +346,9 @@ class UserStore:
         if not self.writable:
             raise StoreError(f"The store of {self.user} is read-only to you.", "Each user writes only their own store.")
         pending, self._pending = self._pending, None
-        if pending is None:
+        if pending is None or self._snap_key is None:
+            # No snapshot yet: write one, so that the store on disk always says its schema
+            # (a bare journal would be replayed unmigrated by a later labdeck).
             self._compact()
             return
         buf = b"".join(
@@ -325,14 +372,21 @@ class UserStore:
             self._compact()
 
     def _journal(self) -> int:
-        if self._journal_fd is None or self._journal_fd_gen != self._gen:
+        stale = (
+            self._journal_fd is not None
+            and (self._journal_fd_gen != self._gen or os.fstat(self._journal_fd).st_ino != self._journal_ino)
+        )  # another generation, or the file was moved aside since we opened it
+        if self._journal_fd is None or stale:
             if self._journal_fd is not None:
                 os.close(self._journal_fd)
+                self._journal_fd = None
             try:
                 fd = os.open(self.journal_path(), os.O_RDWR | os.O_CREAT, 0o644)
+                os.fchmod(fd, 0o644)  # not left to the umask: teammates must be able to read it
             except OSError as e:
                 raise StoreError(f"Cannot open {self.journal_path()} ({e.strerror}).", "Check the store directory's permissions.") from None
             self._journal_fd, self._journal_fd_gen = fd, self._gen
+            self._journal_ino = os.fstat(fd).st_ino
         return self._journal_fd
 
     def _compact(self) -> None:
@@ -362,9 +416,11 @@ class UserStore:
         self._snap_key = (st.st_ino, st.st_mtime_ns, st.st_size)
         self._journal_offset = 0
         self._journal_entries = 0
+        self._journal_ino = None
         for p in self.dir.iterdir():  # old journals and temp files of crashed compactions
             name = p.name
-            stale_journal = name.startswith("journal-") and name != self.journal_path().name
+            # (journal-N.jsonl only: journal-N.jsonl.corrupt-* files were moved aside and are kept)
+            stale_journal = name.startswith("journal-") and name.endswith(".jsonl") and name != self.journal_path().name
             stale_tmp = name.startswith(f".{SNAPSHOT}.tmp-") and p != tmp
             if stale_journal or (stale_tmp and _older_than(p, 60)):
                 try:
@@ -397,43 +453,48 @@ class UserStore:
         """Read-modify-write one document under the exclusive lock.
 
         ``fn`` gets the current document (or None) and returns the new one
-        (or None to delete). The change is committed before this returns.
+        (or None to delete). The change is committed before this returns; if
+        the commit fails, memory is left as it was.
         """
         with self._locked(True):
             current = self._data.get(table, {}).get(doc_id)
             new = fn(dict(current) if current is not None else None)
-            tab = self.db.table(table)
-            self._pending = [(table, doc_id)]
-            try:
-                if new is None:
-                    if current is not None:
-                        tab.remove(doc_ids=[doc_id])
-                elif current is None:
-                    tab.insert(Document(new, doc_id=doc_id))
-                else:
-                    def replace(t: dict) -> None:
-                        t[doc_id] = dict(new)
-
-                    tab._update_table(replace)
-            finally:
-                self._pending = None
+            if new is None and current is None:
+                return None
+            self._apply(table, [(doc_id, None if new is None else dict(new))])
             return new
 
     def put_many(self, table: str, docs: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Insert or replace many documents in one commit."""
-        docs = list(docs)
+        docs = [(i, dict(d)) for i, d in docs]
         with self._locked(True):
-            tab = self.db.table(table)
-            self._pending = [(table, i) for i, _ in docs]
+            self._apply(table, docs)
 
-            def upd(t: dict) -> None:
-                for i, d in docs:
-                    t[i] = dict(d)
+    def _apply(self, table: str, docs: list[tuple[str, dict[str, Any] | None]]) -> None:
+        """Change documents in memory and commit them through TinyDB's storage (a journal append).
 
-            try:
-                tab._update_table(upd)
-            finally:
-                self._pending = None
+        This touches only the changed documents: TinyDB's own ``Table._update_table``
+        rebuilds the whole table dict twice per write, which at 10,000 runs costs
+        more than the commit itself."""
+        tab = self._data.setdefault(table, {})
+        before = [(i, tab.get(i)) for i, _ in docs]
+        for i, d in docs:
+            if d is None:
+                tab.pop(i, None)
+            else:
+                tab[i] = d
+        self._pending = [(table, i) for i, _ in docs]
+        try:
+            self.db.storage.write(self._data)
+        except BaseException:
+            for i, old in before:  # the commit did not happen: neither does the change
+                if old is None:
+                    tab.pop(i, None)
+                else:
+                    tab[i] = old
+            raise
+        finally:
+            self._pending = None
 
     def compact(self) -> None:
         with self._locked(True):
@@ -458,12 +519,41 @@ def _older_than(p: Path, seconds: float) -> bool:
 
 
 def move_aside(path: str | os.PathLike) -> Path:
-    """Rename a corrupt store file to ``<name>.corrupt-<UTC time>``; returns the new path."""
+    """Rename a corrupt store file to ``<name>.corrupt-<UTC time>``; returns the new path.
+
+    Moving a snapshot aside moves its journals aside too: they only make sense on top
+    of it, and left in place a fresh store would replay (or delete) them once it
+    reached their generation number.
+    """
     p = Path(path)
     if not p.exists():
         raise StoreError(f"{p} does not exist.")
-    target = p.with_name(f"{p.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    os.rename(p, target)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        lock_fd: int | None = os.open(p.parent / LOCK, os.O_RDWR)
+    except OSError:
+        lock_fd = None
+    try:
+        if lock_fd is not None:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # no writer of this store runs meanwhile
+        target = _aside_name(p, stamp)
+        os.rename(p, target)
+        if p.name == SNAPSHOT:
+            for j in sorted(p.parent.glob("journal-*.jsonl")):
+                os.rename(j, _aside_name(j, stamp))
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    return target
+
+
+def _aside_name(p: Path, stamp: str) -> Path:
+    """``<name>.corrupt-<stamp>``, never an existing file (a second move in one second must not replace the first)."""
+    target = p.with_name(f"{p.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = p.with_name(f"{p.name}.corrupt-{stamp}-{n}")
     return target
 
 
