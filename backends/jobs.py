@@ -18,20 +18,51 @@ Everything here goes through the Transport contract, so it is the same on
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
+import posixpath
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
+from . import code
 from .errors import LabdeckError
-from .models import Run, RunState, utcnow
-from .providers.base import Transport
+from .models import Edge, Run, RunState, utcnow
+from .providers.base import Transport, detached_launcher
 from .store import Store
 
-WRAPPER = """#!/bin/sh
-# labdeck run wrapper (run {run_id}); records pid, times and exit code.
+# Is pid $1 alive? (On Linux a zombie is not; elsewhere fall back to kill -0.)
+ALIVE_FN = r"""alive() {
+  if [ -r "/proc/$1/stat" ]; then [ "$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
+  elif [ -d /proc/self ]; then return 1
+  else kill -0 "$1" 2>/dev/null; fi
+}
+"""
+
+WRAPPER = r"""#!/bin/sh
+# labdeck run wrapper (run {run_id}): waits for a slot in this user's FIFO queue on the
+# instance, then runs the job and records pid, times and exit code next to its log.
 D={run_dir}
+Q={queue_dir}
+ID={run_id}
+MAX={max_concurrent}
+""" + ALIVE_FN + r"""
 echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
+mkdir -p "$Q" && echo $$ > "$Q/$ID"
+# FIFO: run ids sort by creation; start when fewer than MAX live tickets are ahead of ours.
+while :; do
+  ahead=0
+  for t in $(ls "$Q" 2>/dev/null | sort); do
+    [ "$t" = "$ID" ] && break
+    p=$(cat "$Q/$t" 2>/dev/null)
+    if [ -n "$p" ] && alive "$p"; then ahead=$((ahead+1)); else rm -f "$Q/$t"; fi
+  done
+  [ "$ahead" -lt "$MAX" ] && break
+  [ -e "$D/queued" ] || echo "$ahead" > "$D/queued"  # tells submit not to wait for the start
+  sleep 0.5
+done
 date -u +%Y-%m-%dT%H:%M:%SZ > "$D/started_at.tmp" && mv "$D/started_at.tmp" "$D/started_at"
 # SIGTERM/SIGINT/SIGHUP to the process group stop the job; the wrapper stays to record how it ended.
 trap ':' TERM INT HUP
@@ -44,19 +75,15 @@ else
 fi
 date -u +%Y-%m-%dT%H:%M:%SZ > "$D/ended_at.tmp" && mv "$D/ended_at.tmp" "$D/ended_at"
 echo $code > "$D/exit_code.tmp" && mv "$D/exit_code.tmp" "$D/exit_code"
+rm -f "$Q/$ID"
 """
 
 # One command reports every run directory: id, exit code, pid, alive, started, last line (base64).
-STATUS_SCRIPT = r"""
+STATUS_SCRIPT = ALIVE_FN + r"""
 for d in "$@"; do
   pid=$(cat "$d/pid" 2>/dev/null)
   alive=0
-  if [ -n "$pid" ] && [ -r "/proc/$pid/stat" ]; then
-    # a zombie is not alive (on Linux, read the state; elsewhere, fall back to kill -0)
-    [ "$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] && alive=1
-  elif [ -n "$pid" ] && [ ! -d /proc/self ] && kill -0 "$pid" 2>/dev/null; then
-    alive=1
-  fi
+  [ -n "$pid" ] && alive "$pid" && alive=1
   ec=$(cat "$d/exit_code" 2>/dev/null)  # read after the liveness check: a job that ended in between has it
   st=$(cat "$d/started_at" 2>/dev/null); en=$(cat "$d/ended_at" 2>/dev/null)
   last=$(tail -c 4096 "$d/output.log" 2>/dev/null | tr '\r' '\n' | grep -av '^[[:space:]]*$' | tail -n 1 | cut -c1-300 | base64 | tr -d '\n')
@@ -104,31 +131,91 @@ async def read_statuses(transport: Transport, run_dirs: list[str]) -> dict[str, 
     return out
 
 
+SUBMIT_WAIT_SECONDS = 2.0  # how long submit waits to see the job start (it may be queued behind others)
+
+
 async def launch(store: Store, transport: Transport, *, instance: str, command: str, workdir: str,
                  runs_root: str, env: Mapping[str, str] | None = None, name: str = "", parent: str | None = None,
-                 price_per_hour: float = 0.0) -> Run:
-    """Record a run, write its run directory and start it detached. Returns the running run."""
+                 price_per_hour: float = 0.0, sync_code: bool = True, code_cache: Path | None = None,
+                 max_concurrent: int = 1, progress: code.Progress | None = None, kind: str = "parent") -> Run:
+    """Record a run, snapshot and sync its code, and start it detached on the instance.
+
+    With ``sync_code`` (the default) the code around ``workdir`` (its git repository, or the
+    directory) is snapshotted, synced incrementally to the instance and copied for this run;
+    the job runs in that copy, in the same relative directory. Without it, the job runs in
+    ``workdir`` on the instance as it is. Returns the run: ``running`` if it started within
+    a moment, else ``queued`` (waiting for a slot in the instance's FIFO queue).
+    """
     if not command.strip():
         raise LabdeckError("The command is empty.", "Give the command to run, e.g. `python train.py`.")
     if parent:
         parent = store.find_run(parent).id
     run = Run(command=command, instance=instance, name=name, workdir=workdir, env=dict(env or {}),
               parent=parent, price_per_hour=price_per_hour)
-    run.run_dir = f"{runs_root.rstrip('/')}/{run.id}"
+    root = runs_root.rstrip("/")
+    run.run_dir = f"{root}/{run.id}"
+    job_dir = workdir
+    snap = None
+    if sync_code:
+        snap = await asyncio.to_thread(code.snapshot, workdir, code_cache)
+        rel = os.path.relpath(os.path.realpath(workdir), snap.root)
+        job_dir = posixpath.normpath(f"{run.run_dir}/code/{'' if rel == '.' else rel}")
+        run.code = {"commit": snap.commit, "dirty": snap.dirty, "root": str(snap.root), "subdir": "" if rel == "." else rel,
+                    "files": len(snap.files), "bytes": snap.total_bytes, "untracked": snap.untracked[:200],
+                    "diff_truncated": snap.diff_truncated, "is_git": snap.is_git}
+        if snap.diff:
+            store.write_blob(f"{run.id}.diff", snap.diff.encode())
+            run.code["diff_blob"] = f"{run.id}.diff"
+    run.workdir = job_dir
     store.add(run)
-    full_env = {"LABDECK_RUN_ID": run.id, "LABDECK_RUN_DIR": run.run_dir, **run.env}
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in full_env.items() if k.isidentifier())
+    if parent:
+        store.add(Edge(parent=parent, child=run.id, kind=kind))
     try:
-        await transport.put_files({
-            f"{run.run_dir}/command.sh": (exports + command + "\n").encode(),
-            f"{run.run_dir}/run.sh": WRAPPER.format(run_id=run.id, run_dir=shlex.quote(run.run_dir),
-                                                    workdir=shlex.quote(workdir)).encode(),
-        }, mode=0o755)
-        pid = await transport.start_detached(f"exec sh {shlex.quote(run.run_dir + '/run.sh')}", cwd=None)
+        if snap is not None:
+            store.transition(run.id, RunState.SYNCING)
+            mirror = f"{posixpath.dirname(root)}/code/{snap.project_key(store.user, run.origin_host)}"
+            result = await code.sync(snap, transport, mirror, progress)
+            await code.materialize(transport, mirror, f"{run.run_dir}/code")
+            store.update_run(run.id, code={**run.code, "synced_files": result.uploaded_files,
+                                           "synced_bytes": result.uploaded_bytes, "mirror": mirror})
+            store.transition(run.id, RunState.QUEUED)
+        pid, started = await _submit(transport, run, job_dir, f"{root}/.queue", max_concurrent)
     except LabdeckError as e:
         store.transition(run.id, RunState.FAILED, state_reason=f"could not start: {e}", ended_at=utcnow())
         raise
-    return store.transition(run.id, RunState.RUNNING, pid=pid, started_at=utcnow())
+    if started:
+        return store.transition(run.id, RunState.RUNNING, pid=pid, started_at=started)
+    return store.update_run(run.id, pid=pid, state_reason="waiting for a free slot on the instance")
+
+
+async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, max_concurrent: int) -> tuple[int, str | None]:
+    """One round trip: write the run directory, start the wrapper detached, wait briefly to see it start."""
+    full_env = {"LABDECK_RUN_ID": run.id, "LABDECK_RUN_DIR": run.run_dir, **run.env}
+    bad = [k for k in full_env if not k.isidentifier()]
+    if bad:
+        raise LabdeckError(f"Invalid environment variable name(s): {', '.join(bad)}.")
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in full_env.items())
+    wrapper = WRAPPER
+    for key, value in {"run_id": run.id, "run_dir": shlex.quote(run.run_dir), "workdir": shlex.quote(job_dir),
+                       "queue_dir": shlex.quote(queue_dir), "max_concurrent": str(max(1, int(max_concurrent)))}.items():
+        wrapper = wrapper.replace("{" + key + "}", value)  # (not str.format: the shell code has braces)
+    d = shlex.quote(run.run_dir)
+
+    def put(name: str, text: str) -> str:
+        return f"printf %s {base64.b64encode(text.encode()).decode()} | base64 -d > {d}/{name}"
+
+    launcher = shlex.join(detached_launcher(f"exec sh {run.run_dir}/run.sh", None))
+    polls = int(SUBMIT_WAIT_SECONDS / 0.02)
+    script = (f"mkdir -p {d} && {put('command.sh', exports + run.command + chr(10))} && {put('run.sh', wrapper)} && "
+              f"chmod 755 {d}/run.sh {d}/command.sh && {launcher} && "
+              f"i=0; while [ ! -e {d}/started_at ] && [ ! -e {d}/queued ] && [ $i -lt {polls} ]; do sleep 0.02; i=$((i+1)); done; "
+              f"cat {d}/started_at 2>/dev/null; true")
+    res = await transport.run(script, timeout=60)
+    lines = res.text().split()
+    if not res.ok or not lines or not lines[0].isdigit():
+        raise LabdeckError(f"Could not start the job on {transport.instance}: "
+                           f"{res.stderr.decode(errors='replace').strip()[:300] or res.text()[:300]}")
+    return int(lines[0]), (lines[1] if len(lines) > 1 else None)
 
 
 async def refresh(store: Store, transport: Transport, instance: str, mine: list[Run] | None = None) -> list[Run]:
@@ -137,23 +224,29 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
     ``mine``: this user's runs if the caller already loaded them."""
     if mine is None:
         mine, _ = store.runs(team=False)
-    active = [r for r in mine if r.instance == instance and r.run_state in (RunState.RUNNING, RunState.LOST) and r.run_dir]
+    active = [r for r in mine if r.instance == instance and r.run_dir and r.pid
+              and r.run_state in (RunState.QUEUED, RunState.RUNNING, RunState.LOST)]
     statuses = await read_statuses(transport, [r.run_dir for r in active])
     changed: list[Run] = []
     for run in active:
         st = statuses.get(run.run_dir)
         if st is None:
             continue
-        if st.exit_code is not None:
-            state = RunState.SUCCEEDED if st.exit_code == 0 else RunState.FAILED
-            reason = "" if st.exit_code == 0 else f"exit code {st.exit_code}"
-            if run.state == RunState.CANCELLED.value:
-                continue
-            changed.append(store.transition(run.id, state, exit_code=st.exit_code, ended_at=st.ended_at or utcnow(),
-                                            last_line=st.last_line or run.last_line, state_reason=reason))
-        elif not st.exists:
-            if run.state != RunState.LOST.value:
+        state = run.run_state
+        if not st.exists:
+            if state != RunState.LOST:
                 changed.append(store.transition(run.id, RunState.LOST, state_reason="run directory is gone from the instance"))
+            continue
+        if st.started_at and state in (RunState.QUEUED, RunState.LOST) and (st.alive or st.exit_code is not None):
+            # it started (or came back): running first, so the final step below is a legal one
+            run = store.transition(run.id, RunState.RUNNING, started_at=st.started_at, state_reason="")
+            state = RunState.RUNNING
+            changed.append(run)
+        if st.exit_code is not None:
+            final = RunState.SUCCEEDED if st.exit_code == 0 else RunState.FAILED
+            reason = "" if st.exit_code == 0 else f"exit code {st.exit_code}"
+            changed.append(store.transition(run.id, final, exit_code=st.exit_code, ended_at=st.ended_at or utcnow(),
+                                            last_line=st.last_line or run.last_line, state_reason=reason))
         elif not st.alive and st.pid is not None:
             changed.append(store.transition(run.id, RunState.FAILED, ended_at=utcnow(), last_line=st.last_line,
                                             state_reason="the job's process ended without an exit code (killed?)"))

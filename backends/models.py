@@ -6,7 +6,7 @@ monotonic clock where they are measured at all.
 
 The run state machine lives here and nowhere else::
 
-    queued → syncing → running → succeeded | failed | cancelled | lost | preempted
+    queued → syncing → queued (waiting on the instance) → running → succeeded | failed | cancelled | lost | preempted
 
 ``lost`` is not final: an instance that comes back can show a run still
 running or finished.
@@ -59,7 +59,8 @@ FINAL_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLE
 
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.QUEUED: frozenset({RunState.SYNCING, RunState.RUNNING, RunState.CANCELLED, RunState.FAILED, RunState.LOST}),
-    RunState.SYNCING: frozenset({RunState.RUNNING, RunState.FAILED, RunState.CANCELLED, RunState.LOST}),
+    # syncing → queued: the code is on the instance, the job waits there for a free slot
+    RunState.SYNCING: frozenset({RunState.QUEUED, RunState.RUNNING, RunState.FAILED, RunState.CANCELLED, RunState.LOST}),
     RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.LOST, RunState.PREEMPTED}),
     RunState.LOST: frozenset({RunState.RUNNING, RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.PREEMPTED}),
     RunState.SUCCEEDED: frozenset(),
@@ -177,6 +178,8 @@ class Run(Record):
     last_line: str = ""
     tags: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    # code snapshot: commit, dirty, root, files, bytes, diff_blob, diff_truncated, untracked, synced_files, synced_bytes
+    code: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_state(self) -> RunState:

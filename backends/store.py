@@ -663,6 +663,35 @@ class Store:
         docs, errors = self.team_records(table) if team else (self.mine.all(table), {})
         return [cls.from_dict(d) for d in docs], errors
 
+    # ---- blobs: larger per-run texts (code diffs) kept beside the store, readable by the team ----
+    def write_blob(self, name: str, data: bytes) -> Path:
+        """Write ``<team_dir>/<user>/blobs/<name>`` atomically (0644)."""
+        if "/" in name or name.startswith("."):
+            raise StoreError(f"Bad blob name {name!r}.")
+        d = self.mine.dir / "blobs"
+        try:
+            d.mkdir(mode=0o755, exist_ok=True)
+            os.chmod(d, 0o755)
+            tmp = d / f".{name}.tmp-{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.fchmod(fd, 0o644)
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, d / name)
+        except OSError as e:
+            raise StoreError(f"Cannot write {d / name} ({e.strerror}).", "Check free disk space and permissions.") from None
+        return d / name
+
+    def read_blob(self, user: str, name: str) -> bytes | None:
+        try:
+            return (self.team_dir / user / "blobs" / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"Cannot read {user}'s {name} ({e.strerror}).") from None
+
     def close(self) -> None:
         self.mine.close()
         for st in self._others.values():

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+pytest_plugins = ["tests.rig_fixtures"]
+
 import os
 import signal
 from pathlib import Path
@@ -12,10 +14,11 @@ from backends.workstation import Workstation
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private LABDECK_HOME: config, store, caches and run dirs all live under it."""
-    h = tmp_path / "labdeck-home"
-    h.mkdir()
+def home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private LABDECK_HOME: config, store, caches and run dirs all live under it.
+
+    It is not inside ``tmp_path``, so tests can use ``tmp_path`` as a project to snapshot."""
+    h = tmp_path_factory.mktemp("labdeck-home")
     monkeypatch.setenv("LABDECK_HOME", str(h))
     monkeypatch.delenv("LABDECK_TEAM_DIR", raising=False)
     return h

@@ -154,14 +154,26 @@ async def test_bad_jobs_end_in_the_right_state(workstation: Workstation, tmp_pat
 
 
 async def test_env_and_workdir(workstation: Workstation, tmp_path: Path) -> None:
-    run = await workstation.launch('printf "%s|%s|%s" "$A" "$LABDECK_RUN_ID" "$PWD"', workdir=str(tmp_path),
-                                   env={"A": "it's $x"})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data.txt").write_text("snapshot me")
+    cmd = 'printf "%s|%s|%s|%s" "$A" "$LABDECK_RUN_ID" "$PWD" "$(cat data.txt)"'
+    run = await workstation.launch(cmd, workdir=str(tmp_path / "sub"), env={"A": "it's $x"})
     done = await wait_final(workstation, run.id)
-    assert done.last_line == f"it's $x|{run.id}|{tmp_path}"
+    # outside git, the directory itself is the snapshot; the job runs in the run's own copy
+    assert run.workdir == f"{run.run_dir}/code"
+    assert done.last_line == f"it's $x|{run.id}|{run.run_dir}/code|snapshot me"
+    assert done.code["files"] == 1 and done.code["synced_files"] == 1 and not done.code["is_git"]
+    # in place, without a snapshot
+    run = await workstation.launch(cmd, workdir=str(tmp_path / "sub"), env={"A": "b"}, sync_code=False)
+    done = await wait_final(workstation, run.id)
+    assert done.last_line == f"b|{run.id}|{tmp_path / 'sub'}|snapshot me"
 
 
 async def test_missing_workdir_fails_clearly(workstation: Workstation, tmp_path: Path) -> None:
-    run = await workstation.launch("true", workdir=str(tmp_path / "nope"))
+    with pytest.raises(LabdeckError, match="nope is not a directory"):  # caught before anything starts
+        await workstation.launch("true", workdir=str(tmp_path / "nope"))
+    assert workstation.store.runs()[0] == []
+    run = await workstation.launch("true", workdir=str(tmp_path / "nope"), sync_code=False)
     done = await wait_final(workstation, run.id)
     assert done.state == "failed" and "cannot enter the working directory" in done.last_line
 
@@ -211,3 +223,56 @@ async def test_parent_must_exist(workstation: Workstation, tmp_path: Path) -> No
     child = await workstation.launch("true", workdir=str(tmp_path), parent="first")
     assert child.parent == first.id
 
+
+
+async def test_git_snapshot_records_commit_diff_and_untracked(workstation: Workstation, tmp_path: Path) -> None:
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "train.py").write_text("print('v1')\n")
+    (tmp_path / ".gitignore").write_text("data/\n")
+    git("add", ".")
+    git("commit", "-qm", "v1")
+    (tmp_path / "sub" / "train.py").write_text("print('v2')\n")  # uncommitted change
+    (tmp_path / "sub" / "new.py").write_text("x = 1\n")  # untracked, not ignored
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"0" * 1000)  # ignored: does not travel
+    run = await workstation.launch("python3 train.py; ls", workdir=str(tmp_path / "sub"))
+    done = await wait_final(workstation, run.id)
+    assert done.state == "succeeded"
+    assert run.workdir == f"{run.run_dir}/code/sub"
+    log = await workstation.log_tail(run.id)
+    assert "v2" in log and "new.py" in log
+    assert not (Path(run.run_dir) / "code" / "data").exists()
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert done.code["commit"] == head and done.code["dirty"] and done.code["untracked"] == ["sub/new.py"]
+    diff = workstation.store.read_blob(workstation.user, done.code["diff_blob"]).decode()
+    assert "-print('v1')" in diff and "+print('v2')" in diff
+    # a second run with one file changed sends only that file
+    (tmp_path / "sub" / "new.py").write_text("x = 2\n")
+    run2 = await workstation.launch("true", workdir=str(tmp_path / "sub"))
+    assert (await wait_final(workstation, run2.id)).code["synced_files"] == 1
+
+
+async def test_queue_runs_jobs_in_order_with_a_slot_limit(workstation: Workstation, tmp_path: Path) -> None:
+    from backends import jobs as jobs_mod
+    from backends.providers.local import LocalTransport
+
+    transport = LocalTransport(Path(workstation.config.paths.runs_dir))
+    runs = []
+    for i in range(3):
+        runs.append(await jobs_mod.launch(
+            workstation.store, transport, instance="local", command=f"echo start {i} >> {tmp_path}/order; sleep 0.6",
+            workdir=str(tmp_path), runs_root=await transport.runs_root(), sync_code=False, max_concurrent=1))
+    assert [r.state for r in runs] == ["running", "queued", "queued"]
+    for r in runs:
+        assert (await wait_final(workstation, r.id)).state == "succeeded"
+    assert (tmp_path / "order").read_text().split("\n")[:3] == ["start 0", "start 1", "start 2"]
+    started = [workstation.store.find_run(r.id).started_at for r in runs]
+    assert started == sorted(started)

@@ -54,8 +54,8 @@ async def test_instances_tab_lists_local_with_its_size(demo) -> None:
         await settle(pilot)
         table = demo.query_one("#instances-table", DataTable)
         row = [str(c) for c in table.get_row_at(0)]
-        assert row[:5] == ["local", "local", "running", "16 vCPU · 64 GiB", "no NVIDIA driver"]
-        assert row[6] == "2d04h"  # uptime from the fixed clock
+        assert row[:6] == ["local", "local", "running", "–", "16 vCPU · 64 GiB", "no NVIDIA driver"]
+        assert row[7] == "2d04h"  # uptime from the fixed clock
 
 
 async def test_fresh_install_says_what_to_do(tmp_path: Path) -> None:
@@ -195,7 +195,9 @@ async def test_keys_are_remappable_from_config(home: Path) -> None:
         assert active(app) == "lineage"
 
 
-async def test_run_example_logs_and_cancel_with_confirmation(workstation: Workstation, tmp_path: Path) -> None:
+async def test_run_example_logs_and_cancel_with_confirmation(home: Path, tmp_path: Path) -> None:
+    (home / "config.toml").write_text("[providers.local]\nmax_concurrent = 2\n")
+    workstation = Workstation(load_config(Paths.resolve(home)))
     app = LabdeckApp(workstation, live=False)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
@@ -298,3 +300,50 @@ async def test_worker_errors_become_notifications(demo) -> None:
         demo.load_instances()
         await settle(pilot)
         assert any("the API key was rejected" in n and "credentials" in n for n in notes(demo))
+
+
+async def test_launch_form_validates_and_starts_a_run(home: Path, tmp_path: Path) -> None:
+    from textual.widgets import Input
+
+    from tui.forms import LaunchScreen
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "hello.sh").write_text("echo hello from the form\n")
+    ws = Workstation(load_config(Paths.resolve(home)))
+    app = LabdeckApp(ws, live=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("2", "n")
+        assert isinstance(app.screen, LaunchScreen)
+        form = app.screen
+        await pilot.press("enter")  # no command yet
+        assert "Give a command" in str(form.query_one("#launch-error").render())
+        form.query_one("#launch-command", Input).value = "sh hello.sh"
+        form.query_one("#launch-workdir", Input).value = str(tmp_path / "proj")
+        form.query_one("#launch-env", Input).value = "not-an-assignment"
+        await pilot.press("ctrl+s")
+        assert "is not KEY=VALUE" in str(form.query_one("#launch-error").render())
+        form.query_one("#launch-env", Input).value = "GREETING='hi there'"
+        form.query_one("#launch-name", Input).value = "from-form"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, LaunchScreen)
+        [run] = ws.store.runs()[0]
+        assert (run.name, run.command, run.env, run.instance) == ("from-form", "sh hello.sh", {"GREETING": "hi there"}, "local")
+        for _ in range(50):
+            await ws.refresh_runs()
+            if ws.store.find_run(run.id).state == "succeeded":
+                break
+            await asyncio.sleep(0.1)
+        assert ws.store.find_run(run.id).last_line == "hello from the form"
+
+        # rerun: a child of the run, in lineage
+        app.reload_runs()
+        await settle(pilot)
+        await pilot.press("r")
+        await settle(pilot)
+        runs, _ = ws.store.runs()
+        child = next(r for r in runs if r.id != run.id)
+        assert child.parent == run.id and child.name == "from-form (rerun)" and child.command == run.command
+        edges = [e for e in ws.store.mine.all("edges")]
+        assert {(e["parent"], e["child"], e["kind"]) for e in edges} == {(run.id, child.id, "rerun")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from datetime import datetime, timezone
 from typing import Callable
@@ -27,6 +28,7 @@ from backends.store import move_aside
 from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
+from .forms import LaunchRequest, LaunchScreen
 from .messages import DeploymentsLoaded, HostSample, InstancesLoaded, RunLaunched, RunsLoaded
 from .tabs import TabView
 from .tabs.instances import InstancesTab
@@ -121,6 +123,9 @@ class LabdeckApp(App[None]):
         self.sample_host()
         self.call_after_refresh(self._mark_ready)
 
+    async def on_unmount(self) -> None:
+        await self.workstation.follower.stop_all()  # jobs go on; their logs are caught up on the next start
+
     def _mark_ready(self) -> None:
         self._first_frame_done = True
         self.active_tab().focus_main()
@@ -179,6 +184,11 @@ class LabdeckApp(App[None]):
         self.instances_tab.show_instances(message.listing)
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
+        if self.live:  # re-attach: follow every active run of ours from the byte its local copy ends at
+            me = self.workstation.user
+            for run in message.runs:
+                if run.user == me and run.run_dir and (run.run_state.is_active or run.state == "lost"):
+                    self.workstation.follower.start(run)
         self.jobs_tab.show_runs(message.runs, message.errors)
         self.query_one(LineageTab).show_runs(message.runs)
         self.instances_tab.show_runs(message.runs)
@@ -190,8 +200,11 @@ class LabdeckApp(App[None]):
         self.query_one(MonitorTab).add_sample(message.sample)
 
     def on_run_launched(self, message: RunLaunched) -> None:
-        self.notify(f"Started {message.run.display_name} on {message.run.instance} (pid {message.run.pid}). "
-                    f"Press {self.key_of('app.tab.jobs')} for Jobs.")
+        run = message.run
+        what = "Started" if run.state == "running" else "Queued"
+        self.notify(f"{what} {run.display_name} on {run.instance}. Press {self.key_of('app.tab.jobs')} for Jobs.")
+        if self.live:
+            self.workstation.follower.start(run)
         self.reload_runs()
 
     @on(Worker.StateChanged)
@@ -366,7 +379,55 @@ class LabdeckApp(App[None]):
 
     # ---- intents from tabs -------------------------------------------------
     def open_log(self, run: Run) -> None:
-        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}"))
+        self.show_log(run)
+
+    @work(group="log-open", exit_on_error=False)
+    async def show_log(self, run: Run) -> None:
+        """Open the run's local log copy, fetching what is missing first; active runs keep following."""
+        follower = self.workstation.follower
+        try:
+            await follower.catch_up(run)
+        except LabdeckError as e:
+            if not follower.local_path(run).exists():
+                raise
+            self.notify(f"Showing the log as far as it was fetched: {e}", severity="warning")
+        if run.run_state.is_active and run.user == self.workstation.user:
+            follower.start(run)
+        path = follower.local_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}",
+                                   path=path))
+
+    def open_launch_form(self, **defaults) -> None:
+        instances = [i.name for i in self.instances_tab.listing.instances if i.state == "running"] or ["local"]
+
+        def answer(req: LaunchRequest | None) -> None:
+            if req is not None:
+                self.launch(req)
+
+        self.push_screen(LaunchScreen(instances, **defaults), answer)
+
+    @work(group="launch", exit_on_error=False)
+    async def launch(self, req: LaunchRequest) -> None:
+        last = [0.0]
+
+        def progress(phase: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if phase == "uploading" and total and now - last[0] > 0.5:
+                last[0] = now
+                self.notify(f"Syncing code to {req.instance}: {done / 1e6:.1f} / {total / 1e6:.1f} MB", timeout=2)
+
+        self.notify(f"Starting on {req.instance}…", timeout=2)
+        run = await self.workstation.launch(req.command, instance=req.instance, workdir=req.workdir, env=req.env,
+                                            name=req.name, sync_code=req.sync_code, progress=progress)
+        self.post_message(RunLaunched(run))
+
+    @work(group="launch", exit_on_error=False)
+    async def rerun(self, run: Run) -> None:
+        self.notify(f"Rerunning {run.display_name} on {run.instance}…", timeout=2)
+        new = await self.workstation.rerun(run.id)
+        self.post_message(RunLaunched(new))
 
     def confirm_cancel(self, run: Run) -> None:
         if run.user != self.workstation.user:
@@ -391,7 +452,7 @@ def all_binding_ids() -> set[str]:
     from .widgets import ConfirmScreen, HelpScreen, LineInput, LogScreen
 
     ids = set()
-    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen):
+    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

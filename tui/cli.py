@@ -18,6 +18,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
 from backends.config import load_config
 from backends.errors import LabdeckError
@@ -45,6 +47,16 @@ def _setup_logging(paths: Paths) -> None:
     root = logging.getLogger("labdeck")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+
+
+def fit_table(t: Table, cols: tuple[str, ...], rows: list[tuple[str, ...]], flexible: set[str]) -> Table:
+    """Columns not in ``flexible`` keep their full width; the flexible ones fold to fit the terminal."""
+    for n, col in enumerate(cols):
+        width = max([len(col)] + [len(Text.from_markup(r[n]).plain) for r in rows])
+        t.add_column(col, min_width=None if col in flexible else width, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def friendly(fn):
@@ -123,14 +135,20 @@ def ls_cmd() -> None:
     listing = asyncio.run(ws.list_instances())
     now = datetime.now(timezone.utc)
     t = Table(title="instances", title_justify="left")
-    for col in ("name", "provider", "state", "size", "GPUs", "$/hr", "uptime", "host"):
-        t.add_column(col, no_wrap=True, overflow="ellipsis")
+    rows = []
     for i in listing.instances:
-        t.add_row(i.name, i.provider, f"[{STATE_STYLE.get(i.state, '')}]{i.state}[/]", i.size_summary, i.gpu_summary,
-                  money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host)
-    console.print(t)
+        rows.append((i.name, i.provider, f"[{STATE_STYLE.get(i.state, '')}]{i.state}[/]",
+                  f"{i.latency_ms:.0f} ms" if i.latency_ms is not None else "–", i.size_summary if i.vcpus else "–",
+                  i.gpu_summary, money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host))
+    cols = ("name", "provider", "state", "ping", "size", "GPUs", "$/hr", "uptime", "host")
+    if console.width < 110:  # a narrow terminal: the address is the column to give up
+        cols, rows = cols[:-1], [r[:-1] for r in rows]
+    console.print(fit_table(t, cols, rows, flexible={"size", "GPUs", "host"}))
     for e in listing.errors.values():
         err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
+    for i in listing.instances:
+        if i.state == "unreachable":
+            err_console.print(f"[bold red]⚠[/] {i.name}: {i.note}", highlight=False)
     if listing.errors:
         sys.exit(1)
 
@@ -210,12 +228,10 @@ def ps_cmd(show_all: bool, mine: bool) -> None:
     if not show_all:
         runs = [r for r in runs if r.run_state.is_active or r.state == "lost"]
     t = Table(title_justify="left", title=f"{len(runs)} runs" + ("" if show_all else " active (--all for every run)"))
-    for col in ("run", "name", "state", "instance", "user", "duration", "last line"):
-        t.add_column(col, overflow="ellipsis", no_wrap=True, ratio=3 if col == "last line" else None)
-    for r in runs:
-        t.add_row(short_id(r.id), r.display_name, f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]", r.instance, r.user,
-                  duration(r.duration_seconds()), r.last_line[:100])
-    console.print(t)
+    rows = [(short_id(r.id), r.display_name, f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]", r.instance, r.user,
+             duration(r.duration_seconds()), escape(r.last_line[:100])) for r in runs]
+    console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
+                            flexible={"name", "last line"}))
     for user, e in errors.items():
         err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {e}", highlight=False)
 
@@ -246,26 +262,33 @@ def logs_cmd(run: str, follow: bool) -> None:
 
     async def go() -> None:
         r = ws.store.find_run(run)
-        transport = await ws.transport(r.instance)
-        path = f"{r.run_dir}/output.log"
-        offset = 0
+        follower = ws.follower
+        path = follower.local_path(r)
         out = sys.stdout.buffer
-        while True:
-            try:
-                chunk = await transport.read_file(path, offset)
-            except LabdeckError:
-                chunk = None
-            if chunk and chunk.data:
-                out.write(chunk.data)
-                out.flush()
-                offset = chunk.next_offset
-                continue
-            if not follow:
-                return
-            await ws.refresh_runs()
-            if ws.store.find_run(r.id).run_state.is_final:
-                return
-            await asyncio.sleep(0.5)
+        printed = 0
+
+        def emit() -> None:
+            nonlocal printed
+            with open(path, "rb") as f:
+                f.seek(printed)
+                while data := f.read(1 << 20):
+                    out.write(data)
+                    printed += len(data)
+            out.flush()
+
+        if not follow:
+            await follower.catch_up(r)
+            if path.exists():
+                emit()
+            return
+        task = follower.start(r)
+        while not task.done():
+            if path.exists():
+                emit()
+            await asyncio.sleep(0.2)
+        task.result()
+        if path.exists():
+            emit()
 
     try:
         asyncio.run(go())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from rich.text import Text
@@ -11,9 +14,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
-from textual.widgets import Button, DataTable, Input, Label, Log, Static
+from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
 from backends.errors import LabdeckError
+
+from .logview import LogView
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -99,51 +104,124 @@ class FilterBar(LineInput):
 
 
 class LogScreen(ModalScreen[None]):
-    """A run's combined log, following it while the run is active."""
+    """A run's log in a :class:`~tui.logview.LogView`: follows it while at the end, searches it.
+
+    ``path`` is the local file holding the run's log copy. Without one, the
+    screen asks the workstation for the log's tail every second (as before) and
+    views it through a private scratch file.
+    """
 
     BINDINGS = [
-        Binding("escape,q", "app.pop_screen", "Close", id="log.close"),
+        Binding("escape,q", "close", "Close", id="log.close", tooltip="Close the search bar, then the log"),
         Binding("G,end", "end", "End", id="log.end", tooltip="Jump to the end and follow"),
-        Binding("g,home", "home", "Top", id="log.home"),
+        Binding("g,home", "home", "Top", id="log.home", tooltip="Jump to the first line"),
+        Binding("slash", "search", "Search", id="log.search", tooltip="Find text in the whole log (ignores case)"),
+        Binding("n", "next", "Next", id="log.next", tooltip="Next match"),
+        Binding("N", "prev", "Prev", id="log.prev", tooltip="Previous match"),
     ]
 
-    def __init__(self, run_ref: str, title: str) -> None:
+    DEFAULT_CSS = """
+    LogScreen #log-status {
+        height: 1;
+        padding: 0 1;
+        background: $boost;
+        color: $text-muted;
+    }
+    LogScreen #log-search {
+        height: 3;
+    }
+    """
+
+    def __init__(self, run_ref: str, title: str, path: str | Path | None = None) -> None:
         super().__init__()
         self.run_ref = run_ref
         self.title_text = title
+        self.path = Path(path) if path is not None else None
+        self._scratch: Path | None = None  # without a path: the tails read so far
         self._shown = ""
 
+    @property
+    def view(self) -> LogView:
+        return self.query_one("#log-body", LogView)
+
     def compose(self) -> ComposeResult:
+        if self.path is None and self._scratch is None:
+            fd, name = tempfile.mkstemp(prefix="labdeck-log-", suffix=".log")
+            os.close(fd)
+            self._scratch = Path(name)
         with Vertical(id="log-dialog"):
             yield Label(self.title_text, id="log-title")
-            yield Log(id="log-body", highlight=False, auto_scroll=True)
+            yield LogView(self.path or self._scratch, id="log-body")
+            search = Input(placeholder="search the log (ignores case) · enter finds · escape closes", id="log-search")
+            search.display = False
+            yield search
+            yield Static("", id="log-status")
+        yield Footer()
 
     def on_mount(self) -> None:
-        self.load()
-        self.set_interval(1.0, self.load)
+        self.view.focus()
+        if self._scratch is not None:
+            self.load()
+            self.set_interval(1.0, self.load)
+
+    def on_unmount(self) -> None:
+        if self._scratch is not None:
+            self._scratch.unlink(missing_ok=True)
 
     @work(exclusive=True, exit_on_error=False, group="log")
     async def load(self) -> None:
+        """Without a local copy: append what is new in the workstation's tail to the scratch file."""
         text = await self.app.workstation.log_tail(self.run_ref)
-        log = self.query_one(Log)
-        if text.startswith(self._shown) and self._shown:
-            new = text[len(self._shown):]
-            if new:
-                log.write(new)
-        elif text != self._shown:
-            log.clear()
-            log.write(text)
-        self._shown = text
+        if text == self._shown or self._scratch is None:
+            return
+        old, self._shown = self._shown, text
+        if old and text.startswith(old):
+            new, mode = text[len(old):], "a"
+        else:
+            anchor = old[-2048:]
+            i = text.rfind(anchor) if anchor else -1
+            new, mode = (text[i + len(anchor):], "a") if i >= 0 else (text, "w")
+        with open(self._scratch, mode, encoding="utf-8", errors="replace") as f:
+            f.write(new)
+
+    @on(LogView.StatusChanged)
+    def status_changed(self, event: LogView.StatusChanged) -> None:
+        self.query_one("#log-status", Static).update(event.status)
+
+    @on(Input.Submitted, "#log-search")
+    def search_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self._hide_search()
+        self.view.search(event.value)
+
+    def _hide_search(self) -> None:
+        self.query_one("#log-search", Input).display = False
+        self.view.focus()
+
+    def action_close(self) -> None:
+        search = self.query_one("#log-search", Input)
+        if search.display:
+            self._hide_search()
+        else:
+            self.dismiss()
+
+    def action_search(self) -> None:
+        search = self.query_one("#log-search", Input)
+        search.value = self.view.search_query
+        search.display = True
+        search.focus()
+
+    def action_next(self) -> None:
+        self.view.search_next()
+
+    def action_prev(self) -> None:
+        self.view.search_previous()
 
     def action_end(self) -> None:
-        log = self.query_one(Log)
-        log.auto_scroll = True
-        log.scroll_end(animate=False)
+        self.view.scroll_to_end()
 
     def action_home(self) -> None:
-        log = self.query_one(Log)
-        log.auto_scroll = False
-        log.scroll_home(animate=False)
+        self.view.scroll_to_top()
 
 
 def sync_table(table: DataTable, rows: list[tuple[str, Sequence]]) -> None:

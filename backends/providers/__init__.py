@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..config import Config, Field
 
 # type name -> module holding a Provider subclass and CONFIG_FIELDS
-PROVIDER_TYPES: dict[str, str] = {"local": "backends.providers.local"}
+PROVIDER_TYPES: dict[str, str] = {"local": "backends.providers.local", "ssh": "backends.providers.ssh"}
 
 
 def provider_schema(ptype: str) -> "dict[str, Field] | None":
@@ -25,15 +25,35 @@ def provider_schema(ptype: str) -> "dict[str, Field] | None":
 
 def build_providers(config: "Config") -> dict[str, Provider]:
     """One Provider per configured provider section (``local`` by default)."""
+    from ..ssh import KnownHosts, SSHPool
     from .local import LocalProvider
+    from .ssh import SSHProvider
 
     out: dict[str, Provider] = {}
+    pools: dict[tuple, SSHPool] = {}
+    names: dict[str, str] = {}
     for name, pc in config.providers.items():
         if pc.type == "local":
             out[name] = LocalProvider(name, pc.options, runs_root=Path(config.paths.runs_dir))
+        elif pc.type == "ssh":
+            key = (pc.options["host_key_policy"], float(pc.options["connect_timeout"]))
+            if key not in pools:  # one connection per host, shared by providers with the same settings
+                pools[key] = SSHPool(KnownHosts(config.paths.data_dir / "known_hosts", key[0]), connect_timeout=key[1])
+            out[name] = SSHProvider(name, pc.options, pool=pools[key])
         else:  # the config loader already refused unknown types; this guards direct callers
             raise ProviderError(f"Unknown provider type {pc.type!r} for provider {name!r}.")
+        for inst in _instance_names(out[name], pc):
+            if inst in names:
+                raise config.error_at(("providers", name), None,
+                                      f"instance name {inst!r} is also in provider {names[inst]!r}; instance names must be unique")
+            names[inst] = name
     return out
+
+
+def _instance_names(provider: Provider, pc) -> list[str]:
+    if pc.type == "local":
+        return ["local"] if pc.options.get("enabled", True) else []
+    return [n for n, h in (pc.options.get("hosts") or {}).items() if h.get("listed", True)]
 
 
 __all__ = ["PROVIDER_TYPES", "Provider", "Transport", "CommandResult", "FileChunk", "InstanceSpec", "PortForward",

@@ -150,5 +150,9 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def transport(self, instance: str) -> Transport: ...
 
+    def max_concurrent(self, instance: str) -> int:
+        """Jobs that run at once on ``instance``; later ones wait in its FIFO queue."""
+        return 1
+
     async def close(self) -> None:  # noqa: B027 - optional
         """Release clients and connections."""

@@ -27,6 +27,8 @@ CONFIG_FIELDS: dict[str, Field] = {
     "price_per_hour": Field((int, float), 0.0, "What an hour of this machine costs, in $ (for cost tracking)",
                             lambda v: None if v >= 0 else "must be 0 or more"),
     "runs_dir": Field(str, "", "Where run directories go on this machine (default: <data dir>/runs)"),
+    "max_concurrent": Field(int, 1, "Jobs run at once on this machine (the rest queue, first in first out)",
+                            lambda v: None if v >= 1 else "must be 1 or more"),
 }
 
 
@@ -100,6 +102,9 @@ class LocalProvider(Provider):
 
     async def destroy(self, instance: str, *, force: bool = False) -> None:
         raise self._refuse("destroy")
+
+    def max_concurrent(self, instance: str) -> int:
+        return int(self.options.get("max_concurrent", 1))
 
     def transport(self, instance: str) -> Transport:
         if instance != LOCAL:

@@ -13,7 +13,7 @@ from ..format import STATE_STYLE, money, since
 from ..widgets import matches, sync_table
 from . import TabView
 
-COLUMNS = ("Name", "Provider", "State", "Size", "GPUs", "$/hr", "Uptime", "Host")
+COLUMNS = ("Name", "Provider", "State", "Ping", "Size", "GPUs", "$/hr", "Uptime", "Host")
 
 
 class InstancesTab(TabView):
@@ -47,7 +47,8 @@ class InstancesTab(TabView):
         now = self.app.now()
         return (
             Text(inst.name, style="bold"), inst.provider, Text(inst.state, style=STATE_STYLE.get(inst.state, "")),
-            inst.size_summary, inst.gpu_summary, money(inst.price_per_hour),
+            f"{inst.latency_ms:.0f} ms" if inst.latency_ms is not None else "–",
+            inst.size_summary if inst.vcpus else "–", inst.gpu_summary, money(inst.price_per_hour),
             since(inst.started_at, now) if inst.state == "running" else "–", inst.host,
         )
 
@@ -57,9 +58,11 @@ class InstancesTab(TabView):
         rows = [(i.name, self.row(i)) for i in self.listing.instances]
         rows = [(k, cells) for k, cells in rows if matches(self.filter_text, cells)]
         sync_table(self.query_one(DataTable), rows)
+        problems = list(self.listing.errors.values()) + [
+            f"{i.name}: {i.note.splitlines()[0]}" for i in self.listing.instances if i.state == "unreachable" and i.note]
         errors = self.query_one("#instances-errors", Static)
-        errors.update("\n".join(f"⚠ {e}" for e in self.listing.errors.values()))
-        errors.display = bool(self.listing.errors)
+        errors.update("\n".join(f"⚠ {e}" for e in problems))
+        errors.display = bool(problems)
         self.query_one("#welcome", Static).update(self.welcome_text())
 
     def welcome_text(self) -> Text:

@@ -21,7 +21,9 @@ class JobsTab(TabView):
     TAB_ID = "jobs"
     TITLE = "Jobs"
     BINDINGS = [
+        Binding("n", "new", "New run", id="jobs.new", tooltip="Run a command on an instance"),
         Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
+        Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
     ]
 
@@ -92,3 +94,13 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.confirm_cancel(run)
+
+    def action_new(self) -> None:
+        self.app.open_launch_form()
+
+    def action_rerun(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.rerun(run)

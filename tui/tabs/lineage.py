@@ -61,7 +61,7 @@ class LineageTab(TabView):
     def label(self, r: Run) -> Text:
         t = Text()
         t.append(r.display_name, style="bold")
-        t.append(f" {short_id(r.id)} · {r.user} · ")
+        t.append(f" {short_id(r.id)} · {r.user} · " if r.name else f" · {r.user} · ")
         t.append(r.state, style=STATE_STYLE.get(r.state, ""))
         n = len(self.derived.get(r.id, []))
         if n:

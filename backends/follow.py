@@ -1,0 +1,146 @@
+"""Following run logs: a local copy of each run's combined log, fetched from the byte it ends at.
+
+The local copy (``<cache dir>/logs/<user>/<run id>.log``) is the follower's
+memory: its size is the offset of the next read, so a follower that is killed
+and started again (labdeck restarted, SSH reconnected, jump host back) resumes
+exactly where it stopped: nothing lost, nothing shown twice. The offset is also
+written to the run record now and then (``log_offset``), for the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import LabdeckError, StoreError
+from .models import Run, RunState
+
+CHUNK = 4 << 20
+POLL_ACTIVE = 0.2  # seconds between reads while the log grows
+POLL_IDLE = 1.0
+RETRY = 0.25  # after a transport error (the connection pool reconnects on the next call)
+SAVE_OFFSET_EVERY = 5.0
+
+
+class LogFollower:
+    def __init__(self, workstation, root: Path) -> None:
+        self.ws = workstation
+        self.root = root
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def local_path(self, run: Run) -> Path:
+        return self.root / run.user / f"{run.id}.log"
+
+    def offset(self, run: Run) -> int:
+        try:
+            return self.local_path(run).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    async def catch_up(self, run: Run, transport=None) -> int:
+        """Fetch whatever the instance has beyond the local copy; returns the bytes appended."""
+        lock = self._locks.setdefault(run.id, asyncio.Lock())
+        async with lock:
+            transport = transport or await self.ws.transport(run.instance)
+            path = self.local_path(run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            offset = self.offset(run)
+            total = 0
+            with open(path, "ab") as out:
+                while True:
+                    try:
+                        chunk = await transport.read_file(f"{run.run_dir}/output.log", offset, CHUNK)
+                    except LabdeckError as e:
+                        if "No file" in str(e) and run.run_state in (RunState.QUEUED, RunState.SYNCING):
+                            return total  # not started yet
+                        if "No file" in str(e):
+                            return total
+                        raise
+                    if chunk.size < offset:
+                        raise LabdeckError(f"The log of {run.display_name} on {run.instance} shrank "
+                                           f"({chunk.size} < {offset} bytes): it was truncated or replaced.")
+                    if not chunk.data:
+                        return total
+                    out.write(chunk.data)
+                    out.flush()
+                    offset += len(chunk.data)
+                    total += len(chunk.data)
+                    if len(chunk.data) < CHUNK:
+                        return total
+
+    async def follow(self, run_id: str, on_data: Callable[[Run, int], None] | None = None) -> Run:
+        """Keep the local copy current until the run ends (and its last bytes are in). Survives disconnects."""
+        store = self.ws.store
+        last_save = time.monotonic()
+        delay = POLL_ACTIVE
+        while True:
+            run = store.find_run(run_id)
+            try:
+                n = await self.catch_up(run)
+            except LabdeckError:
+                await asyncio.sleep(RETRY)
+                continue
+            if n and on_data:
+                on_data(run, n)
+            if n and time.monotonic() - last_save > SAVE_OFFSET_EVERY and run.user == store.user:
+                self._save_offset(run)
+                last_save = time.monotonic()
+            if run.run_state.is_final:
+                try:  # the job may have written its last lines just before it ended
+                    n = await self.catch_up(run)
+                    if n and on_data:
+                        on_data(run, n)
+                except LabdeckError:
+                    await asyncio.sleep(RETRY)
+                    continue
+                if run.user == store.user:
+                    self._save_offset(run)
+                return run
+            if not n and run.user == store.user:
+                try:  # nothing new: is it still running?
+                    await self.ws.refresh_runs(only=[run.id])
+                except LabdeckError:
+                    pass
+            delay = POLL_ACTIVE if n else min(POLL_IDLE, delay * 1.5)
+            await asyncio.sleep(delay)
+
+    def _save_offset(self, run: Run) -> None:
+        try:
+            self.ws.store.update_run(run.id, log_offset=self.offset(run))
+        except (StoreError, LabdeckError):
+            pass
+
+    def start(self, run: Run, on_data: Callable[[Run, int], None] | None = None) -> asyncio.Task:
+        """Follow ``run`` in the background (once per run)."""
+        task = self.tasks.get(run.id)
+        if task is None or task.done():
+            task = self.tasks[run.id] = asyncio.ensure_future(self.follow(run.id, on_data))
+        return task
+
+    async def stop_all(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+        for t in self.tasks.values():
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.tasks.clear()
+
+
+def tail_lines(path: Path, n: int = 1) -> list[str]:
+    """The last ``n`` non-empty lines of a file, read from its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = [l for l in data.decode("utf-8", "replace").splitlines() if l.strip()]
+    return lines[-n:]

@@ -1,0 +1,208 @@
+"""The `ssh` provider: the team's own machines, reached over SSH (through jump hosts).
+
+    [providers.lab]
+    type = "ssh"
+    ssh_config = "~/.ssh/config"        # also read for HostName/User/Port/IdentityFile/ProxyJump
+    host_key_policy = "accept-new"      # or "strict"
+
+    [providers.lab.hosts.gpu1]
+    host = "10.0.0.7"                   # default: the name, resolved through ~/.ssh/config
+    user = "alice"
+    jump = ["bastion"]                  # a chain of any length: names here, ~/.ssh/config aliases, user@host:port
+    identity_file = "~/.ssh/id_ed25519"
+    price_per_hour = 2.5
+    tags = { gpu = "A100" }
+
+    [providers.lab.hosts.bastion]
+    host = "bastion.example.com"
+    listed = false                      # a jump host only, not an instance
+
+These machines exist outside labdeck: it describes them (reachability, latency,
+CPUs, memory, GPUs, uptime) but never creates, stops or destroys them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import Field
+from ..errors import LabdeckError, ProviderError
+from ..models import Instance
+from ..ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, resolve_host
+from .base import InstanceSpec, Provider, Transport
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _port(v: Any) -> str | None:
+    return None if 0 < v < 65536 else "must be a port number (1-65535)"
+
+
+def _str_list(v: Any) -> str | None:
+    return None if all(isinstance(x, str) and x for x in v) else "must be a list of host names"
+
+
+def _str_map(v: Any) -> str | None:
+    return None if all(isinstance(x, str) for x in v.values()) else "must map names to strings"
+
+
+HOST_FIELDS: dict[str, Field] = {
+    "host": Field(str, "", "HostName or address (default: the entry's name, through ~/.ssh/config)"),
+    "user": Field(str, "", "Login user (default: ~/.ssh/config, else your user)"),
+    "port": Field(int, 0, "SSH port (default: ~/.ssh/config, else 22)", lambda v: None if v == 0 else _port(v)),
+    "identity_file": Field(str, "", "Private key file (referenced, never copied)"),
+    "jump": Field(list, [], "Jump hosts, first to last", _str_list),
+    "tags": Field(dict, {}, "Free-form labels", _str_map),
+    "price_per_hour": Field((int, float), 0.0, "What an hour of this machine costs, in $", _non_negative),
+    "runs_dir": Field(str, "~/.labdeck/runs", "Where run directories go on the host"),
+    "max_concurrent": Field(int, 1, "Jobs run at once on this host (the rest queue)", lambda v: None if v >= 1 else "must be 1 or more"),
+    "listed": Field(bool, True, "Show as an instance (false: only a jump host)"),
+}
+
+CONFIG_FIELDS: dict[str, Field] = {
+    "ssh_config": Field(str, "~/.ssh/config", "OpenSSH client config to read host settings from ('' for none)"),
+    "host_key_policy": Field(str, "accept-new", "Unknown host keys: accept-new (recorded) or strict (refused)",
+                             lambda v: None if v in ("accept-new", "strict") else "must be accept-new or strict"),
+    "connect_timeout": Field((int, float), 5.0, "Seconds to wait for a host (and each jump) to answer",
+                             lambda v: None if v > 0 else "must be greater than 0"),
+    "hosts": Field(dict, {}, "The machines, one [providers.NAME.hosts.HOST] table each", entries=HOST_FIELDS),
+}
+
+FACTS_SCRIPT = r"""
+nproc 2>/dev/null || getconf _NPROCESSORS_ONLN
+awk '/^MemTotal/ {print int($2/1024)}' /proc/meminfo 2>/dev/null || echo 0
+cut -d' ' -f1 /proc/uptime 2>/dev/null || echo 0
+grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' ; echo
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader,nounits 2>/dev/null
+true
+"""
+
+
+def parse_facts(text: str, now: datetime) -> dict[str, Any]:
+    lines = text.splitlines()
+    vcpus = int(lines[0]) if lines and lines[0].strip().isdigit() else 0
+    mem = int(lines[1]) if len(lines) > 1 and lines[1].strip().isdigit() else 0
+    try:
+        up = float(lines[2]) if len(lines) > 2 else 0.0
+    except ValueError:
+        up = 0.0
+    cpu = lines[3].strip() if len(lines) > 3 else ""
+    gpus = []
+    for line in lines[5:]:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[0].isdigit():
+            try:
+                gpus.append({"index": int(parts[0]), "name": parts[1], "memory_total_mib": int(float(parts[2]))})
+            except ValueError:
+                continue
+    started = (now - timedelta(seconds=up)).isoformat(timespec="seconds").replace("+00:00", "Z") if up else None
+    return {"vcpus": vcpus, "memory_mib": mem, "cpu_model": cpu, "gpus": gpus, "started_at": started,
+            "gpu_note": "" if gpus else "no NVIDIA GPU"}
+
+
+class SSHProvider(Provider):
+    type = "ssh"
+
+    def __init__(self, name: str, options: Mapping[str, object], *, pool: SSHPool | None = None,
+                 known_hosts_path: Path | None = None, ssh_config: SSHConfigFile | None = None) -> None:
+        super().__init__(name, options)
+        hosts: dict[str, dict[str, Any]] = dict(options.get("hosts") or {})  # type: ignore[arg-type]
+        self.hosts = hosts
+        self.ssh_config = ssh_config if ssh_config is not None else SSHConfigFile.load(options.get("ssh_config") or None)
+        if pool is None:
+            known = KnownHosts(known_hosts_path or Path("~/.labdeck/known_hosts").expanduser(),
+                               str(options.get("host_key_policy", "accept-new")))
+            pool = SSHPool(known, connect_timeout=float(options.get("connect_timeout", 5.0)))  # type: ignore[arg-type]
+        self.pool = pool
+        self.specs: dict[str, HostSpec] = {}
+        for hname in hosts:
+            self.specs[hname] = self._spec(hname)
+        self._facts: dict[str, tuple[int, dict[str, Any]]] = {}  # host -> (connection generation, facts)
+
+    def _spec(self, hname: str, _seen: tuple[str, ...] = ()) -> HostSpec:
+        if hname in self.specs:
+            return self.specs[hname]
+        if hname in _seen:
+            raise ProviderError(f"The jump chain of {hname} in provider {self.name} loops: {' → '.join(_seen + (hname,))}.")
+        h = self.hosts[hname]
+        known = {j: self._spec(j, _seen + (hname,)) for j in h["jump"] if j in self.hosts}
+        return resolve_host(hname, known=known, ssh_config=self.ssh_config, user=h["user"] or None,
+                            hostname=h["host"] or None, port=h["port"] or None,
+                            identity_files=(h["identity_file"],) if h["identity_file"] else (),
+                            jump=tuple(h["jump"]) if h["jump"] else None)
+
+    def _host(self, instance: str) -> dict[str, Any]:
+        h = self.hosts.get(instance)
+        if h is None or not h["listed"]:
+            raise ProviderError(f"The {self.name} provider has no host {instance!r}.")
+        return h
+
+    async def list_instances(self) -> list[Instance]:
+        names = [n for n, h in self.hosts.items() if h["listed"]]
+        return list(await asyncio.gather(*(self.describe(n) for n in names)))
+
+    async def describe(self, instance: str) -> Instance:
+        """Never raises for an unreachable host: it comes back with state ``unreachable`` and why."""
+        h = self._host(instance)
+        spec = self.specs[instance]
+        inst = Instance(id=f"{self.name}/{instance}", name=instance, provider=self.name, provider_type=self.type,
+                        host=spec.hostname, price_per_hour=float(h["price_per_hour"]), tags=dict(h["tags"]))
+        transport = self.transport(instance)
+        try:
+            t0 = time.perf_counter()
+            await transport.run("true", timeout=self.pool.connect_timeout * 2)
+            handle = self.pool.handle(spec)
+            cached = self._facts.get(instance)
+            if cached is None or cached[0] != handle.generation:
+                t0 = time.perf_counter()  # the first call paid for connecting; time a second one
+                await transport.run("true", timeout=self.pool.connect_timeout * 2)
+                latency = time.perf_counter() - t0
+                res = await transport.run(FACTS_SCRIPT, timeout=self.pool.connect_timeout * 2)
+                self._facts[instance] = (handle.generation, parse_facts(res.text(), datetime.now(timezone.utc)))
+            else:
+                latency = time.perf_counter() - t0
+        except LabdeckError as e:
+            inst.state = "unreachable"
+            inst.note = e.render()
+            cached = self._facts.get(instance)
+            if cached:
+                for k, v in cached[1].items():
+                    setattr(inst, k, v)
+            return inst
+        for k, v in self._facts[instance][1].items():
+            setattr(inst, k, v)
+        inst.state = "running"
+        inst.latency_ms = latency * 1000
+        return inst
+
+    def _refuse(self, what: str) -> ProviderError:
+        return ProviderError(f"The {self.name} hosts are your team's own machines: labdeck does not {what} them.",
+                             "Add or remove hosts in the config ([providers." + self.name + ".hosts.NAME]).")
+
+    async def create(self, spec: InstanceSpec) -> Instance:
+        raise self._refuse("create")
+
+    async def start(self, instance: str) -> Instance:
+        raise self._refuse("start")
+
+    async def stop(self, instance: str) -> Instance:
+        raise self._refuse("stop")
+
+    async def destroy(self, instance: str, *, force: bool = False) -> None:
+        raise self._refuse("destroy")
+
+    def transport(self, instance: str) -> Transport:
+        h = self._host(instance)
+        return SSHTransport(self.pool, self.specs[instance], instance=instance, runs_dir=h["runs_dir"])
+
+    def max_concurrent(self, instance: str) -> int:
+        return int(self._host(instance)["max_concurrent"])
+
+    async def close(self) -> None:
+        await self.pool.close()

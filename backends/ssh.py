@@ -1,0 +1,506 @@
+"""SSH through jump hosts with asyncssh: one persistent connection per host.
+
+* **Hosts and chains.** A :class:`HostSpec` says how to reach a host; its
+  ``jump`` is a chain of further HostSpecs of any length. Specs come from
+  labdeck's config and from ``~/.ssh/config`` (Host, HostName, User, Port,
+  IdentityFile, ProxyJump), parsed here (first match wins, as in OpenSSH).
+  Each hop is a real connection object tunnelled through the previous one, so
+  every hop uses the same keys and known_hosts (asyncssh's ``tunnel="user@host"``
+  string form would not).
+* **One connection per host** (:class:`SSHPool`), multiplexing commands, SFTP,
+  log tails and port forwards. Keepalives notice a dead link; the next use
+  reconnects, with a capped backoff per host, so a host that is down answers
+  "unreachable" at once and never blocks the others.
+* **Host keys, OpenSSH semantics** (:class:`KnownHosts`): an unknown host is
+  accepted and recorded in labdeck's own known_hosts (``accept-new``, the
+  default) or refused (``strict``); a changed key is always refused, with an
+  error naming the host and both fingerprints. Agent forwarding is off.
+  Private keys are only ever referenced by path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import fcntl
+import logging
+import os
+import posixpath
+import shlex
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+import asyncssh
+
+from .errors import TransportError
+from .providers.base import CommandResult, FileChunk, PortForward, Transport, detached_launcher
+
+log = logging.getLogger("labdeck.ssh")
+
+CONNECT_TIMEOUT = 5.0
+KEEPALIVE_INTERVAL = 2.0
+KEEPALIVE_COUNT_MAX = 3
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 0.5
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """How to reach one host (and through which jump hosts)."""
+
+    name: str
+    hostname: str
+    user: str | None = None
+    port: int = 22
+    identity_files: tuple[str, ...] = ()
+    jump: tuple["HostSpec", ...] = ()
+
+    @property
+    def label(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port != 22 else ""
+        chain = "".join(f" via {j.name}" for j in reversed(self.jump))
+        return f"{self.name} ({who}{self.hostname}{port}{chain})"
+
+    @property
+    def key(self) -> str:
+        """Identity of the connection (a pool key): the whole chain."""
+        chain = "/".join(j.key for j in self.jump)
+        return f"{chain}>{self.user or ''}@{self.hostname}:{self.port}[{','.join(self.identity_files)}]"
+
+
+# ---- ~/.ssh/config -------------------------------------------------------
+
+@dataclass
+class SSHConfigFile:
+    """The subset of OpenSSH client config labdeck needs: Host blocks with
+    HostName, User, Port, IdentityFile, ProxyJump (first value wins)."""
+
+    blocks: list[tuple[list[str], dict[str, list[str]]]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> "SSHConfigFile":
+        cfg = cls()
+        if not path:
+            return cfg
+        p = Path(path).expanduser()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cfg
+        except OSError as e:
+            raise TransportError(f"Cannot read SSH config {p} ({e.strerror}).") from None
+        current: dict[str, list[str]] = {}
+        cfg.blocks.append((["*"], current))  # options before the first Host apply to all
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" in line.split(None, 1)[0]:
+                key, _, value = line.partition("=")
+            else:
+                parts = line.split(None, 1)
+                key, value = parts[0], parts[1] if len(parts) > 1 else ""
+            key, value = key.strip().lower(), value.strip().strip('"')
+            if key == "host":
+                current = {}
+                cfg.blocks.append((value.split(), current))
+            elif key == "match":
+                current = {}  # Match blocks are not supported: their options are ignored
+            else:
+                current.setdefault(key, []).append(value)
+        return cfg
+
+    def options(self, host: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for patterns, opts in self.blocks:
+            if _host_matches(host, patterns):
+                for k, v in opts.items():
+                    if k == "identityfile":
+                        out.setdefault(k, []).extend(v)
+                    else:
+                        out.setdefault(k, v[:1])
+        return out
+
+
+def _host_matches(host: str, patterns: list[str]) -> bool:
+    matched = False
+    for pat in patterns:
+        if pat.startswith("!"):
+            if fnmatch.fnmatch(host, pat[1:]):
+                return False
+        elif fnmatch.fnmatch(host, pat):
+            matched = True
+    return matched
+
+
+def parse_destination(dest: str) -> tuple[str | None, str, int | None]:
+    """``[user@]host[:port]`` → (user, host, port)."""
+    user = None
+    if "@" in dest:
+        user, dest = dest.rsplit("@", 1)
+    port = None
+    if dest.startswith("["):
+        host, _, rest = dest[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif dest.count(":") == 1:
+        host, p = dest.split(":")
+        port = int(p)
+    else:
+        host = dest
+    return user, host, port
+
+
+def resolve_host(name: str, *, known: Mapping[str, HostSpec] | None = None, ssh_config: SSHConfigFile | None = None,
+                 user: str | None = None, hostname: str | None = None, port: int | None = None,
+                 identity_files: tuple[str, ...] = (), jump: tuple[str, ...] | None = None,
+                 _depth: int = 0) -> HostSpec:
+    """Build a HostSpec for ``name`` from explicit values, labdeck's hosts and ~/.ssh/config (in that order)."""
+    if _depth > 10:
+        raise TransportError(f"The jump chain for {name} is longer than 10 hops (a loop?).")
+    known = known or {}
+    if name in known and hostname is None:
+        return known[name]
+    ssh_config = ssh_config or SSHConfigFile()
+    d_user, d_host, d_port = parse_destination(name)
+    opts = ssh_config.options(d_host)
+    host = hostname or (opts.get("hostname", [d_host])[0])
+    spec_user = user or d_user or (opts.get("user", [None])[0])
+    spec_port = port or d_port or int(opts.get("port", ["22"])[0])
+    keys = identity_files or tuple(opts.get("identityfile", []))
+    if jump is None:
+        pj = opts.get("proxyjump", ["none"])[0]
+        jump = () if pj.lower() == "none" else tuple(j.strip() for j in pj.split(","))
+    chain: list[HostSpec] = []
+    for j in jump:
+        hop = resolve_host(j, known=known, ssh_config=ssh_config, _depth=_depth + 1)
+        if chain:  # later hops are reached through the earlier ones (their own ProxyJump is not used)
+            hop = replace(hop, jump=tuple(chain))
+        chain = [*hop.jump, hop]
+    display = d_host if ("@" in name or ":" in name) else name
+    return HostSpec(display, host, spec_user, spec_port, tuple(os.path.expanduser(k) for k in keys), tuple(chain))
+
+
+# ---- known hosts ------------------------------------------------------------
+
+def _host_entry(hostname: str, port: int) -> str:
+    return hostname if port == 22 else f"[{hostname}]:{port}"
+
+
+class KnownHosts:
+    """labdeck's own known_hosts file (OpenSSH format), with accept-new or strict policy."""
+
+    def __init__(self, path: Path, policy: str = "accept-new") -> None:
+        if policy not in ("accept-new", "strict"):
+            raise TransportError(f"Unknown host key policy {policy!r} (use accept-new or strict).")
+        self.path = Path(path)
+        self.policy = policy
+
+    def keys_for(self, hostname: str, port: int) -> list[asyncssh.SSHKey]:
+        entry = _host_entry(hostname, port)
+        out = []
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        for line in lines:
+            parts = line.split()
+            if len(parts) >= 3 and not line.startswith("#") and entry in parts[0].split(","):
+                try:
+                    out.append(asyncssh.import_public_key(f"{parts[1]} {parts[2]}"))
+                except (asyncssh.KeyImportError, ValueError):
+                    continue
+        return out
+
+    def add(self, hostname: str, port: int, key: asyncssh.SSHKey) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = f"{_host_entry(hostname, port)} {key.export_public_key('openssh').decode().strip()}\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+class _Client(asyncssh.SSHClient):
+    """Checks the server's host key against labdeck's known_hosts."""
+
+    def __init__(self, spec: HostSpec, known: KnownHosts, on_lost) -> None:
+        self.spec = spec
+        self.known = known
+        self.on_lost = on_lost
+        self.problem: str | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        offered = key.get_fingerprint("sha256")
+        stored = self.known.keys_for(self.spec.hostname, self.spec.port)
+        if stored:
+            if any(k == key for k in stored):
+                return True
+            self.problem = (
+                f"The host key of {self.spec.label} has CHANGED: labdeck knows "
+                f"{', '.join(k.get_fingerprint('sha256') for k in stored)}, the host now offers {offered}. "
+                f"Refusing to connect: this can be a machine-in-the-middle attack."
+            ), (f"If the change is expected (the host was reinstalled), delete the line for "
+                f"{_host_entry(self.spec.hostname, self.spec.port)} in {self.known.path} and connect again.")
+            return False
+        if self.known.policy == "strict":
+            self.problem = (f"The host key of {self.spec.label} is unknown ({offered}) and the host key policy is strict.",
+                            f"Add the host's key to {self.known.path}, or set host_key_policy = \"accept-new\".")
+            return False
+        self.known.add(self.spec.hostname, self.spec.port, key)
+        log.info("accepted new host key for %s: %s", self.spec.label, offered)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost()
+
+
+class _Conn:
+    """One host's connection, reconnected on demand with a capped backoff."""
+
+    def __init__(self, pool: "SSHPool", spec: HostSpec) -> None:
+        self.pool = pool
+        self.spec = spec
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.sftp: asyncssh.SFTPClient | None = None
+        self.lock = asyncio.Lock()
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error: TransportError | None = None
+        self.generation = 0  # bumps on every new connection (forwards and tails use it)
+
+    def _lost(self) -> None:
+        self.conn = None
+        self.sftp = None
+
+    async def get(self) -> asyncssh.SSHClientConnection:
+        if self.conn is not None:
+            return self.conn
+        async with self.lock:
+            if self.conn is not None:
+                return self.conn
+            wait = self.retry_at - time.monotonic()
+            if wait > 0 and self.last_error is not None:
+                if wait > 0.05:
+                    raise self.last_error
+                await asyncio.sleep(wait)
+            try:
+                self.conn = await self._connect()
+            except TransportError as e:
+                self.failures += 1
+                self.retry_at = time.monotonic() + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+                self.last_error = e
+                raise
+            self.failures = 0
+            self.last_error = None
+            self.generation += 1
+            return self.conn
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        spec = self.spec
+        tunnel = None
+        if spec.jump:
+            hop = spec.jump[-1]
+            tunnel = await self.pool.connection(hop)
+        client = _Client(spec, self.pool.known_hosts, self._lost)
+        kwargs = dict(
+            host=spec.hostname, port=spec.port, username=spec.user or self.pool.default_user,
+            known_hosts=lambda h, a, p: ([], [], []),  # every key goes through _Client.validate_host_public_key
+            client_factory=lambda: client, agent_forwarding=False, x11_forwarding=False,
+            keepalive_interval=self.pool.keepalive_interval, keepalive_count_max=KEEPALIVE_COUNT_MAX,
+            connect_timeout=self.pool.connect_timeout, login_timeout=self.pool.connect_timeout * 2,
+            config=(),  # labdeck resolves ~/.ssh/config itself (resolve_host)
+        )
+        if spec.identity_files:
+            keys = []
+            for path in spec.identity_files:
+                try:
+                    keys.append(asyncssh.read_private_key(path))
+                except FileNotFoundError:
+                    raise TransportError(f"The key file {path} for {spec.label} does not exist.",
+                                         "Fix identity_file (or IdentityFile in ~/.ssh/config).") from None
+                except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as e:
+                    raise TransportError(f"Cannot use the key {path} for {spec.label}: {e}.",
+                                         "Passphrase-protected keys are used through ssh-agent (SSH_AUTH_SOCK).") from None
+            kwargs["client_keys"] = keys
+        if tunnel is not None:
+            kwargs["tunnel"] = tunnel
+        try:
+            return await asyncssh.connect(**kwargs)
+        except asyncssh.HostKeyNotVerifiable:
+            msg, hint = client.problem or (f"The host key of {spec.label} was not accepted.", "")
+            raise TransportError(msg, hint) from None
+        except asyncssh.PermissionDenied:
+            raise TransportError(f"{spec.label} refused the SSH key (permission denied for user {kwargs['username']}).",
+                                 "Check the user and identity_file, and that your public key is in the host's authorized_keys.") from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransportError(f"{spec.label} did not answer within {self.pool.connect_timeout:g}s.",
+                                 "Is the host up, and is the network path to it (and its jump hosts) working?") from None
+        except (OSError, asyncssh.Error) as e:
+            if client.problem:
+                raise TransportError(*client.problem) from None
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise TransportError(f"Cannot connect to {spec.label}: {reason}.") from None
+
+    async def sftp_client(self) -> asyncssh.SFTPClient:
+        conn = await self.get()
+        if self.sftp is None:
+            try:
+                self.sftp = await conn.start_sftp_client()
+            except (asyncssh.Error, OSError) as e:
+                raise TransportError(f"Cannot open SFTP to {self.spec.label}: {e}") from None
+        return self.sftp
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            try:
+                await asyncio.wait_for(self.conn.wait_closed(), 2)
+            except (asyncio.TimeoutError, Exception):
+                pass
+            self.conn = None
+            self.sftp = None
+
+
+class SSHPool:
+    """Every SSH connection of one labdeck process, keyed by the host's whole chain."""
+
+    def __init__(self, known_hosts: KnownHosts, *, default_user: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT, keepalive_interval: float = KEEPALIVE_INTERVAL) -> None:
+        self.known_hosts = known_hosts
+        self.default_user = default_user or os.environ.get("USER") or None
+        self.connect_timeout = connect_timeout
+        self.keepalive_interval = keepalive_interval
+        self._conns: dict[str, _Conn] = {}
+
+    def handle(self, spec: HostSpec) -> _Conn:
+        c = self._conns.get(spec.key)
+        if c is None:
+            c = self._conns[spec.key] = _Conn(self, spec)
+        return c
+
+    async def connection(self, spec: HostSpec) -> asyncssh.SSHClientConnection:
+        return await self.handle(spec).get()
+
+    async def close(self) -> None:
+        # close the far ends first: nodes, then the jump hosts they tunnel through
+        for c in sorted(self._conns.values(), key=lambda c: -len(c.spec.jump)):
+            await c.close()
+
+
+def _prefix(cwd: str | None, env: Mapping[str, str] | None) -> str:
+    parts = []
+    for k, v in (env or {}).items():
+        if not k.isidentifier():
+            raise TransportError(f"Invalid environment variable name {k!r}.")
+        parts.append(f"export {k}={shlex.quote(v)};")
+    if cwd:
+        parts.append(f"cd {shlex.quote(cwd)} &&")
+    return " ".join(parts) + (" " if parts else "")
+
+
+class SSHTransport(Transport):
+    """The Transport contract over one pooled SSH connection."""
+
+    def __init__(self, pool: SSHPool, spec: HostSpec, *, instance: str, runs_dir: str = "~/.labdeck/runs") -> None:
+        self.pool = pool
+        self.spec = spec
+        self.instance = instance
+        self._runs_dir = runs_dir
+        self._home: str | None = None
+
+    @property
+    def handle(self) -> _Conn:
+        return self.pool.handle(self.spec)
+
+    def _fail(self, what: str, e: BaseException) -> TransportError:
+        self.handle._lost() if isinstance(e, (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError)) else None
+        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        return TransportError(f"{what} on {self.spec.label} failed: {reason}")
+
+    async def run(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+                  timeout: float | None = 60.0, input: bytes | None = None) -> CommandResult:
+        conn = await self.handle.get()
+        try:
+            res = await conn.run(_prefix(cwd, env) + command, input=input, encoding=None, check=False, timeout=timeout)
+        except asyncssh.TimeoutError:
+            raise TransportError(f"A command on {self.spec.label} took longer than {timeout:g}s and was stopped: {command[:80]}") from None
+        except (asyncssh.Error, OSError) as e:
+            raise self._fail("A command", e) from None
+        code = res.exit_status if res.exit_status is not None else (128 + 9 if res.exit_signal else -1)
+        return CommandResult(code, res.stdout or b"", res.stderr or b"")
+
+    async def start_detached(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
+                             log_path: str | None = None) -> int:
+        argv = detached_launcher(command, log_path)
+        res = await self.run(shlex.join(argv), cwd=cwd, env=env, timeout=30)
+        try:
+            return int(res.stdout.strip())
+        except ValueError:
+            raise TransportError(f"Could not start a detached process on {self.spec.label}: "
+                                 f"{res.stderr.decode(errors='replace').strip()}") from None
+
+    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
+        sftp = await self.handle.sftp_client()
+        try:
+            async with sftp.open(path, "rb") as f:
+                size = (await f.stat()).size or 0
+                data = await f.read(max_bytes, offset) if max_bytes else b""
+        except asyncssh.SFTPNoSuchFile:
+            raise TransportError(f"No file {path} on {self.instance}.") from None
+        except (asyncssh.Error, OSError) as e:
+            raise self._fail(f"Reading {path}", e) from None
+        data = data or b""
+        return FileChunk(data, offset, offset + len(data), size)
+
+    async def put_files(self, files: Mapping[str, bytes], *, mode: int = 0o644) -> None:
+        sftp = await self.handle.sftp_client()
+        try:
+            for path, content in files.items():
+                parent = posixpath.dirname(path)
+                if parent:
+                    await sftp.makedirs(parent, exist_ok=True)
+                tmp = f"{parent}/.{posixpath.basename(path)}.tmp-{os.getpid()}"
+                async with sftp.open(tmp, "wb") as f:
+                    await f.write(content)
+                await sftp.chmod(tmp, mode)
+                await sftp.posix_rename(tmp, path)
+        except (asyncssh.Error, OSError) as e:
+            raise self._fail("Writing files", e) from None
+
+    async def forward_port(self, remote_port: int, *, local_port: int = 0, remote_host: str = "127.0.0.1") -> PortForward:
+        conn = await self.handle.get()
+        try:
+            listener = await conn.forward_local_port("127.0.0.1", local_port, remote_host, remote_port)
+        except (asyncssh.Error, OSError) as e:
+            raise self._fail(f"Forwarding port {remote_port}", e) from None
+        return SSHPortForward(listener, remote_host, remote_port)
+
+    async def home_dir(self) -> str:
+        if self._home is None:
+            self._home = await super().home_dir()
+        return self._home
+
+    async def runs_root(self) -> str:
+        d = self._runs_dir
+        if d.startswith("~"):
+            d = (await self.home_dir()) + d[1:]
+        return d
+
+
+class SSHPortForward(PortForward):
+    def __init__(self, listener: asyncssh.SSHListener, remote_host: str, remote_port: int) -> None:
+        self._listener = listener
+        self.local_host = "127.0.0.1"
+        self.local_port = listener.get_port()
+        self.remote_host = remote_host
+        self.remote_port = remote_port
+
+    async def close(self) -> None:
+        self._listener.close()
+        await self._listener.wait_closed()

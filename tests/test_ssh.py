@@ -1,0 +1,296 @@
+"""SSH through a real jump host: the transport, the ssh provider, host keys, jobs and faults.
+
+Runs on the rig (tests/rig.py): real OpenSSH sshd in network namespaces, a jump host
+and two nodes reachable only through it. Job output is followed into labdeck's local
+copy of each log; the fault tests check that copy is complete and has no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from backends.config import load_config
+from backends.errors import LabdeckError, ProviderError
+from backends.paths import Paths
+from backends.workstation import Workstation
+
+
+def rig_config(rig, *, policy: str = "accept-new", extra: str = "", connect_timeout: float = 3.0) -> str:
+    key = str(rig.client_key)
+    text = (f'[providers.lab]\ntype = "ssh"\nssh_config = ""\nhost_key_policy = "{policy}"\n'
+            f"connect_timeout = {connect_timeout}\n\n"
+            f'[providers.lab.hosts.jump]\nhost = "{rig.jump.addr}"\nuser = "{rig.jump.user}"\n'
+            f'identity_file = "{key}"\nlisted = false\n\n')
+    for n in rig.nodes:
+        text += (f'[providers.lab.hosts.{n.name}]\nhost = "{n.addr}"\nuser = "{n.user}"\nidentity_file = "{key}"\n'
+                 f'jump = ["jump"]\nprice_per_hour = 2.5\nmax_concurrent = 2\n\n')
+    return text + extra
+
+
+def make_ws(home: Path, rig, **kw) -> Workstation:
+    (home / "config.toml").write_text(rig_config(rig, **kw))
+    return Workstation(load_config(Paths.resolve(home)))
+
+
+@pytest.fixture
+async def ws(home, fresh_rig):
+    w = make_ws(home, fresh_rig)
+    yield w
+    await w.close()
+
+
+async def wait_final(ws: Workstation, run_id: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await ws.refresh_runs()
+        run = ws.store.find_run(run_id)
+        if run.run_state.is_final:
+            return run
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"run did not finish: {ws.store.find_run(run_id)}")
+
+
+async def test_instances_through_the_jump_host(ws, rig) -> None:
+    listing = await ws.list_instances()
+    by_name = {i.name: i for i in listing.instances}
+    assert set(by_name) == {"local", "node1", "node2"}  # the jump host is not an instance
+    for n in ("node1", "node2"):
+        inst = by_name[n]
+        assert inst.state == "running", inst.note
+        assert inst.latency_ms is not None and 0 < inst.latency_ms < 1000
+        assert inst.vcpus == os.cpu_count() and inst.memory_mib > 0 and inst.started_at
+        assert inst.price_per_hour == 2.5 and inst.gpu_note == "no NVIDIA GPU"
+    known = (ws.config.paths.data_dir / "known_hosts").read_text()
+    for h in rig.hosts:  # accept-new recorded every hop's key
+        assert h.addr in known
+    # one connection per host, shared: a second round opens nothing new
+    pool = ws.providers["lab"].pool
+    gens = {k: c.generation for k, c in pool._conns.items()}
+    await ws.list_instances()
+    assert {k: c.generation for k, c in pool._conns.items()} == gens and len(gens) == 3
+
+
+async def test_transport_contract_over_ssh(ws, rig, tmp_path) -> None:
+    t = await ws.transport("node1")
+    node = rig.host("node1")
+    res = await t.run("echo out; echo err >&2; printf %s \"$X\"; exit 3", env={"X": "a b"})
+    assert (res.exit_code, res.stdout, res.stderr) == (3, b"out\na b", b"err\n")
+    assert (await t.run("pwd", cwd="/tmp")).stdout == b"/tmp\n"
+    assert (await t.run("cat", input=b"stdin!")).stdout == b"stdin!"
+    assert await t.home_dir() == str(node.home)
+    target = f"{node.home}/dir/f.bin"
+    await t.put_files({target: bytes(range(256)) * 4}, mode=0o600)
+    chunk = await t.read_file(target, 250, 10)
+    assert (chunk.data, chunk.next_offset, chunk.size) == (bytes(range(250, 256)) + bytes(range(4)), 260, 1024)
+    with pytest.raises(LabdeckError, match="No file"):
+        await t.read_file(f"{node.home}/missing")
+    # detached: own session, survives the connection
+    pid = await t.start_detached(f"{rig.python} -m http.server 18765 --bind 127.0.0.1", cwd=str(node.home))
+    sid = (await t.run(f"ps -o sid= -p {pid}")).text().strip()
+    assert sid == str(pid)
+    fwd = None
+    try:
+        for _ in range(50):
+            if (await t.run("python3 -c \"import socket; socket.create_connection(('127.0.0.1', 18765), 1)\"")).ok:
+                break
+            await asyncio.sleep(0.1)
+        fwd = await t.forward_port(18765)
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{fwd.local_port}/", timeout=5).read())
+        assert b"Directory listing" in body
+    finally:
+        if fwd:
+            await fwd.close()
+        await t.run(f"kill -TERM -{pid}")
+
+
+async def test_job_through_the_jump_host_with_code_sync(ws, rig, tmp_path) -> None:
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "train.py").write_text("import sys\nprint('hello from', sys.argv[1])\n")
+    (proj / "data.txt").write_text("x" * 1000)
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)  # the repo is the snapshot, src/ the workdir
+    run = await ws.launch(f"{rig.python} train.py node", instance="node1", workdir=str(proj / "src"))
+    node = rig.host("node1")
+    assert run.run_dir.startswith(f"{node.home}/.labdeck/runs/")
+    done = await wait_final(ws, run.id)
+    assert done.state == "succeeded", done.state_reason
+    assert done.code["synced_files"] == 2 and done.price_per_hour == 2.5
+    await ws.follower.catch_up(done)
+    assert ws.follower.local_path(done).read_text() == "hello from node\n"
+    # unchanged code does not travel again; one changed file does
+    run2 = await ws.launch(f"{rig.python} train.py again", instance="node1", workdir=str(proj / "src"))
+    assert ws.store.find_run(run2.id).code["synced_files"] == 0
+    (proj / "data.txt").write_text("y" * 1000)
+    run3 = await ws.launch("true", instance="node1", workdir=str(proj / "src"))
+    assert ws.store.find_run(run3.id).code["synced_files"] == 1
+    for r in (run2, run3):
+        assert (await wait_final(ws, r.id)).state == "succeeded"
+
+
+async def test_cancel_on_a_node_stops_the_process_group(ws, rig, tmp_path) -> None:
+    run = await ws.launch("sleep 300 & sleep 300; wait", instance="node2", workdir=str(rig.host("node2").home),
+                          sync_code=False)
+    assert run.state == "running"
+    t = await ws.transport("node2")
+    assert (await t.run(f"ps -o pid= -g {run.pid} | wc -l")).text().strip() in ("4", "5")  # wrapper, sh, 2× sleep
+    ws.config.values["jobs"]["cancel_grace_seconds"] = 2.0
+    done = await ws.cancel(run.id)
+    assert done.state == "cancelled"
+    left = (await t.run(f"ps -o pid=,stat= -g {run.pid} | grep -v ' Z' || true")).text().strip()
+    assert left == ""
+
+
+@pytest.mark.parametrize("command, state, code, needle", [
+    ("exit 1", "failed", 1, None),
+    ("no-such-command-xyz", "failed", 127, "not found"),
+    ("printf 'ok\\n\\377\\376 not utf-8\\n'", "succeeded", 0, "not utf-8"),
+    ("head -c 10000000 /dev/zero | tr '\\0' x; echo", "succeeded", 0, None),
+])
+async def test_bad_jobs_on_a_node(ws, rig, tmp_path, command, state, code, needle) -> None:
+    run = await ws.launch(command, instance="node1", workdir=str(rig.host("node1").home), sync_code=False)
+    done = await wait_final(ws, run.id)
+    assert (done.state, done.exit_code) == (state, code)
+    if needle:
+        assert needle in done.last_line
+    await ws.follower.catch_up(done)
+    assert ws.follower.local_path(done).stat().st_size == (0 if command == "exit 1" else
+                                                          (await (await ws.transport("node1")).read_file(f"{done.run_dir}/output.log", 0, 0)).size)
+
+
+async def test_changed_host_key_is_refused_with_both_fingerprints(home, fresh_rig) -> None:
+    rig = fresh_rig
+    ws = make_ws(home, rig)
+    assert {i.name: i.state for i in (await ws.list_instances()).instances}["node2"] == "running"
+    await ws.close()
+    node = rig.host("node2")
+    old_fp = node.host_key_fingerprint()
+    new_fp = node.regenerate_host_key()
+    ws = make_ws(home, rig)
+    try:
+        inst = {i.name: i for i in (await ws.list_instances()).instances}["node2"]
+        assert inst.state == "unreachable"
+        assert "CHANGED" in inst.note and old_fp in inst.note and new_fp in inst.note
+        assert str(ws.config.paths.data_dir / "known_hosts") in inst.note  # says what to do
+        with pytest.raises(LabdeckError, match="CHANGED"):
+            await (await ws.transport("node2")).run("true")
+    finally:
+        await ws.close()
+
+
+async def test_strict_policy_refuses_unknown_hosts(home, fresh_rig) -> None:
+    ws = make_ws(home, fresh_rig, policy="strict")
+    try:
+        inst = {i.name: i for i in (await ws.list_instances()).instances}["node1"]
+        assert inst.state == "unreachable" and "unknown" in inst.note and "strict" in inst.note
+    finally:
+        await ws.close()
+
+
+async def test_a_down_host_does_not_block_the_others(ws, rig) -> None:
+    await ws.list_instances()
+    rig.host("node2").stop_sshd(kill_sessions=True)
+    t0 = time.monotonic()
+    listing = await ws.list_instances()
+    elapsed = time.monotonic() - t0
+    states = {i.name: i.state for i in listing.instances}
+    assert states["node1"] == "running" and states["node2"] == "unreachable"
+    assert elapsed < 4.0
+    note = next(i.note for i in listing.instances if i.name == "node2")
+    assert "node2" in note
+    # while it is down, asking again answers at once from the backoff
+    t0 = time.monotonic()
+    await ws.list_instances()
+    assert time.monotonic() - t0 < 4.0
+
+
+async def test_provider_refuses_lifecycle_calls(ws) -> None:
+    p = ws.providers["lab"]
+    for call in (p.start("node1"), p.stop("node1"), p.destroy("node1")):
+        with pytest.raises(ProviderError, match="own machines"):
+            await call
+
+
+# ---- faults: the job goes on, the followed log is complete with no duplicate --------------
+
+WRITER = "import time\nfor i in range({n}):\n    print(f'line {{i}}', flush=True)\n    time.sleep({pause})\n"
+
+
+def check_log(path: Path, n: int) -> None:
+    lines = path.read_text().splitlines()
+    assert lines == [f"line {i}" for i in range(n)], (len(lines), lines[:3], lines[-3:])
+
+
+async def start_writer(ws, rig, tmp_path, n: int, pause: float):
+    (tmp_path / "w").mkdir(exist_ok=True)
+    (tmp_path / "w" / "writer.py").write_text(WRITER.format(n=n, pause=pause))
+    return await ws.launch(f"{rig.python} writer.py", instance="node1", workdir=str(tmp_path / "w"))
+
+
+async def test_link_to_the_jump_host_down_for_10s(ws, rig, tmp_path) -> None:
+    n = 100_000
+    run = await start_writer(ws, rig, tmp_path, n, 0.00015)
+    seen: list[float] = []
+    task = ws.follower.start(run, lambda r, k: seen.append(time.monotonic()))
+    await asyncio.sleep(1.5)
+    assert seen, "the follower got nothing before the fault"
+    rig.link_down()
+    await asyncio.sleep(10)
+    rig.link_up()
+    back = time.monotonic()
+    done = await asyncio.wait_for(task, 120)
+    resumed = min(t for t in seen if t > back)
+    assert resumed - back <= 2.0, f"reconnected {resumed - back:.2f}s after the link came back"
+    assert done.state == "succeeded"
+    check_log(ws.follower.local_path(done), n)
+
+
+async def test_sshd_restarted_mid_job(ws, rig, tmp_path) -> None:
+    n = 20_000
+    run = await start_writer(ws, rig, tmp_path, n, 0.0002)
+    task = ws.follower.start(run)
+    await asyncio.sleep(1.0)
+    node = rig.host("node1")
+    node.restart_sshd()
+    assert node.drop_ssh_sessions() >= 1  # labdeck's connection drops; the job runs on
+    done = await asyncio.wait_for(task, 90)
+    assert done.state == "succeeded"
+    check_log(ws.follower.local_path(done), n)
+
+
+async def test_labdeck_killed_and_started_again_mid_job(home, fresh_rig, tmp_path) -> None:
+    rig = fresh_rig
+    ws = make_ws(home, rig)
+    n = 30_000
+    run = await start_writer(ws, rig, tmp_path, n, 0.0002)
+    await ws.close()
+    env = {**os.environ, "LABDECK_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "logs", run.id, "-f"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    local = ws.follower.local_path(run)
+    try:
+        for _ in range(150):  # until it has followed part of the log
+            if local.exists() and local.stat().st_size > 1000:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # labdeck dies mid-job, mid-follow
+        proc.wait()
+    assert ws.store.find_run(run.id).state == "running"  # the job did not notice
+    ws2 = make_ws(home, rig)  # "started again": a new process's view
+    try:
+        partial = ws2.follower.offset(ws2.store.find_run(run.id))
+        assert partial > 0
+        done = await asyncio.wait_for(ws2.follower.follow(run.id), 90)  # re-attach from the stored offset
+        assert done.state == "succeeded"
+        check_log(ws2.follower.local_path(done), n)
+    finally:
+        await ws2.close()

@@ -1,0 +1,144 @@
+"""Fast SSH-layer tests: ~/.ssh/config resolution, jump chains, host-key policy, and the
+transport against an in-process asyncssh server on loopback (no namespaces needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backends.errors import TransportError
+from backends.ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, parse_destination, resolve_host
+
+SSH_CONFIG = """
+Host bastion
+    HostName bastion.example.org
+    User ops
+    Port 2222
+    IdentityFile ~/.ssh/ops_key
+
+Host inner
+    HostName 10.1.0.5
+    ProxyJump bastion
+
+Host gpu-*
+    User trainer
+    ProxyJump bastion,inner
+
+Host gpu-7
+    HostName 10.2.0.7
+    User ignored-first-wins-elsewhere
+
+Host *
+    User default-user
+"""
+
+
+def cfg(tmp_path: Path) -> SSHConfigFile:
+    p = tmp_path / "config"
+    p.write_text(SSH_CONFIG)
+    return SSHConfigFile.load(p)
+
+
+def test_destinations() -> None:
+    assert parse_destination("a@h:2200") == ("a", "h", 2200)
+    assert parse_destination("h") == (None, "h", None)
+    assert parse_destination("u@[::1]:22") == ("u", "::1", 22)
+
+
+def test_ssh_config_first_value_wins_and_chains(tmp_path: Path) -> None:
+    c = cfg(tmp_path)
+    spec = resolve_host("gpu-7", ssh_config=c)
+    assert (spec.hostname, spec.user, spec.port) == ("10.2.0.7", "trainer", 22)  # gpu-* came first for User
+    assert [h.name for h in spec.jump] == ["bastion", "inner"]
+    bastion, inner = spec.jump
+    assert (bastion.hostname, bastion.user, bastion.port) == ("bastion.example.org", "ops", 2222)
+    assert bastion.identity_files == (str(Path("~/.ssh/ops_key").expanduser()),)
+    assert inner.jump == (bastion,)  # each hop goes through the ones before it
+    assert "via inner via bastion" in spec.label
+
+
+def test_explicit_values_win_and_unknown_hosts_use_defaults(tmp_path: Path) -> None:
+    c = cfg(tmp_path)
+    spec = resolve_host("box", ssh_config=c, hostname="192.0.2.9", port=2200, jump=("ops@bastion.example.org:2222",))
+    assert (spec.hostname, spec.port, spec.user) == ("192.0.2.9", 2200, "default-user")
+    assert spec.jump[0].user == "ops" and spec.jump[0].port == 2222
+    plain = resolve_host("other", ssh_config=SSHConfigFile())
+    assert (plain.hostname, plain.user, plain.port, plain.jump) == ("other", None, 22, ())
+
+
+def test_jump_loop_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "c"
+    p.write_text("Host a\n ProxyJump b\nHost b\n ProxyJump a\n")
+    with pytest.raises(TransportError, match="longer than 10 hops"):
+        resolve_host("a", ssh_config=SSHConfigFile.load(p))
+
+
+def spec_for(server, key: str) -> HostSpec:
+    return HostSpec("test", server.host, server.user, server.port, (key,))
+
+
+async def test_transport_on_the_in_process_server(ssh_server, ssh_client_key, tmp_path: Path) -> None:
+    pool = SSHPool(KnownHosts(tmp_path / "known_hosts"))
+    t = SSHTransport(pool, spec_for(ssh_server, str(ssh_client_key)), instance="test")
+    try:
+        res = await t.run("echo hi; exit 4")
+        assert (res.exit_code, res.stdout) == (4, b"hi\n")
+        await t.put_files({f"{ssh_server.home}/a/b.txt": b"hello"})
+        assert (await t.read_file(f"{ssh_server.home}/a/b.txt", 1, 3)).data == b"ell"
+        assert ssh_server.host_key_fingerprint() in (tmp_path / "known_hosts").read_text() or \
+            ssh_server.host_public_key().split()[1] in (tmp_path / "known_hosts").read_text()
+        assert await t.runs_root() == f"{ssh_server.home}/.labdeck/runs"
+    finally:
+        await pool.close()
+
+
+async def test_known_hosts_policies(ssh_server, ssh_client_key, tmp_path: Path) -> None:
+    spec = spec_for(ssh_server, str(ssh_client_key))
+    strict = SSHPool(KnownHosts(tmp_path / "kh", "strict"))
+    with pytest.raises(TransportError, match="unknown .* strict"):
+        await strict.connection(spec)
+    await strict.close()
+    # a different key on record for this host:port → refused, naming both fingerprints
+    import asyncssh
+
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    KnownHosts(tmp_path / "kh").add(ssh_server.host, ssh_server.port, other)
+    pool = SSHPool(KnownHosts(tmp_path / "kh", "accept-new"))
+    with pytest.raises(TransportError) as err:
+        await pool.connection(spec)
+    assert "CHANGED" in err.value.message and other.get_fingerprint() in err.value.message
+    assert str(tmp_path / "kh") in err.value.hint
+    await pool.close()
+
+
+async def test_missing_key_file_and_refused_key(ssh_server, tmp_path: Path) -> None:
+    pool = SSHPool(KnownHosts(tmp_path / "kh"))
+    with pytest.raises(TransportError, match="does not exist"):
+        await pool.connection(HostSpec("t", ssh_server.host, ssh_server.user, ssh_server.port, (str(tmp_path / "nokey"),)))
+    import asyncssh
+
+    stranger = tmp_path / "stranger"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
+    with pytest.raises(TransportError, match="refused the SSH key"):
+        await pool.connection(HostSpec("t2", ssh_server.host, ssh_server.user, ssh_server.port, (str(stranger),)))
+    await pool.close()
+
+
+async def test_unreachable_port_fails_fast_and_backs_off(tmp_path: Path, ssh_client_key) -> None:
+    import socket
+    import time
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    pool = SSHPool(KnownHosts(tmp_path / "kh"), connect_timeout=2)
+    spec = HostSpec("gone", "127.0.0.1", "u", port, (str(ssh_client_key),))
+    with pytest.raises(TransportError, match="Cannot connect to gone"):
+        await pool.connection(spec)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError):  # inside the backoff window: answered at once
+        await pool.connection(spec)
+    assert time.monotonic() - t0 < 0.5
+    await pool.close()
