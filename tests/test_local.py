@@ -276,3 +276,19 @@ async def test_queue_runs_jobs_in_order_with_a_slot_limit(workstation: Workstati
     assert (tmp_path / "order").read_text().split("\n")[:3] == ["start 0", "start 1", "start 2"]
     started = [workstation.store.find_run(r.id).started_at for r in runs]
     assert started == sorted(started)
+
+
+async def test_runs_on_an_instance_that_no_longer_exists_become_lost(home: Path, tmp_path: Path) -> None:
+    from backends.config import load_config
+    from backends.paths import Paths
+
+    ws = Workstation(load_config(Paths.resolve(home)))
+    run = await ws.launch("sleep 30", workdir=str(tmp_path), sync_code=False)
+    try:
+        (home / "config.toml").write_text("[providers.local]\nenabled = false\n")  # the instance is gone
+        ws2 = Workstation(load_config(Paths.resolve(home)))
+        await ws2.refresh_runs()
+        r = ws2.store.find_run(run.id)
+        assert r.state == "lost" and "no longer exists" in r.state_reason
+    finally:
+        os.killpg(run.pid, 9)

@@ -188,10 +188,16 @@ def store_move_aside(path: str) -> None:
 @click.option("--parent", default=None, help="The run this one derives from (id, prefix or name)")
 @click.option("--workdir", default=None, help="Working directory on the instance (default: here)")
 @click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable)")
+@click.option("--no-sync", is_flag=True, help="Run in --workdir as it is on the instance (no code snapshot)")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @friendly
-def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...], command: tuple[str, ...]) -> None:
-    """Run COMMAND detached on an instance:  labdeck run -- python train.py --lr 3e-4"""
+def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...], no_sync: bool,
+            command: tuple[str, ...]) -> None:
+    """Run COMMAND detached on an instance:  labdeck run -- python train.py --lr 3e-4
+
+    The code around the working directory (its git repository, or the directory) is
+    snapshotted, synced to the instance (only what changed travels) and copied for the
+    run; the job survives this command, the connection and the jump host."""
     import shlex
 
     env = {}
@@ -202,8 +208,19 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
         env[k] = v
     ws = _workstation()
     cmd = command[0] if len(command) == 1 else shlex.join(command)
-    run = asyncio.run(ws.launch(cmd, instance=instance, workdir=workdir, env=env, name=name, parent=parent))
-    console.print(f"started [bold]{run.id}[/] ({run.display_name}) on {run.instance}, pid {run.pid}")
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "uploading" and total and sys.stderr.isatty():
+            err_console.print(f"syncing code: {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="\r", highlight=False)
+
+    run = asyncio.run(ws.launch(cmd, instance=instance, workdir=workdir, env=env, name=name, parent=parent,
+                                sync_code=not no_sync, progress=progress))
+    if run.code:
+        c = run.code
+        console.print(f"code: {c['files']} files"
+                      + (f" at {c['commit'][:10]}{' + uncommitted changes' if c['dirty'] else ''}" if c.get("commit") else "")
+                      + f"; {c.get('synced_files', 0)} sent ({c.get('synced_bytes', 0) / 1e6:.2f} MB)", highlight=False)
+    verb = "started" if run.state == "running" else "queued"
+    console.print(f"{verb} [bold]{run.id}[/] ({run.display_name}) on {run.instance}, pid {run.pid}")
     console.print(f"[dim]labdeck logs {short_id(run.id)} -f   ·   labdeck cancel {short_id(run.id)}[/]")
 
 
