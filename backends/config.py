@@ -53,6 +53,18 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
 
 TABS = ("instances", "jobs", "monitor", "lineage", "models")
 
+
+def _valid_pattern(v: Any) -> str | None:
+    if not v:
+        return None
+    try:
+        from .metrics import LogMetricParser
+
+        LogMetricParser(v)
+    except ValueError as e:
+        return f"is not a usable pattern: {e}"
+    return None
+
 # section -> key -> Field. "providers" and "keys" are open tables checked elsewhere.
 SCHEMA: dict[str, dict[str, Field]] = {
     "store": {
@@ -67,6 +79,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "jobs": {
         "cancel_grace_seconds": Field((int, float), 10.0, "Seconds between SIGTERM and SIGKILL when a run is cancelled", _non_negative),
+    },
+    "monitor": {
+        "log_pattern": Field(str, "", "Regex with named groups key and value (and optional step) for metrics in log lines "
+                                      "('' = built-in key=value / key: value / JSON capture)", _valid_pattern),
+        "gpu_source": Field(str, "auto", "Where the agent reads GPUs: auto (nvitop, else nvidia-smi), nvitop, nvidia-smi, none "
+                                         "(fake:FILE on the instance: devices from a JSON file, for tests and demos)",
+                            lambda v: None if v in ("auto", "nvitop", "nvidia-smi", "none") or v.startswith("fake:")
+                            else "must be auto, nvitop, nvidia-smi, none or fake:FILE"),
     },
 }
 

@@ -19,10 +19,42 @@ from .errors import LabdeckError, StoreError
 from .models import Run, RunState
 
 CHUNK = 4 << 20
-POLL_ACTIVE = 0.2  # seconds between reads while the log grows
+POLL_ACTIVE = 0.1  # seconds between reads while the run writes
 POLL_IDLE = 1.0
 RETRY = 0.25  # after a transport error (the connection pool reconnects on the next call)
 SAVE_OFFSET_EVERY = 5.0
+
+
+class MissingFile(LabdeckError):
+    """The remote file does not exist (yet)."""
+
+
+async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHUNK) -> int:
+    """Append to ``local_path`` whatever ``remote_path`` holds beyond the local file's size.
+
+    The local size is the offset: a mirror interrupted at any point resumes exactly there.
+    Returns the bytes appended; raises MissingFile when the remote file does not exist."""
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(local_path, "ab") as out:
+        offset = out.tell()
+        total = 0
+        while True:
+            try:
+                part = await transport.read_file(remote_path, offset, chunk)
+            except LabdeckError as e:
+                if "No file" in str(e):
+                    raise MissingFile(str(e)) from None
+                raise
+            if part.size < offset:
+                raise LabdeckError(f"shrank ({part.size} < {offset} bytes): it was truncated or replaced.")
+            if not part.data:
+                return total
+            out.write(part.data)
+            out.flush()
+            offset += len(part.data)
+            total += len(part.data)
+            if len(part.data) < chunk:
+                return total
 
 
 class LogFollower:
@@ -46,31 +78,14 @@ class LogFollower:
         lock = self._locks.setdefault(run.id, asyncio.Lock())
         async with lock:
             transport = transport or await self.ws.transport(run.instance)
-            path = self.local_path(run)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            offset = self.offset(run)
-            total = 0
-            with open(path, "ab") as out:
-                while True:
-                    try:
-                        chunk = await transport.read_file(f"{run.run_dir}/output.log", offset, CHUNK)
-                    except LabdeckError as e:
-                        if "No file" in str(e) and run.run_state in (RunState.QUEUED, RunState.SYNCING):
-                            return total  # not started yet
-                        if "No file" in str(e):
-                            return total
-                        raise
-                    if chunk.size < offset:
-                        raise LabdeckError(f"The log of {run.display_name} on {run.instance} shrank "
-                                           f"({chunk.size} < {offset} bytes): it was truncated or replaced.")
-                    if not chunk.data:
-                        return total
-                    out.write(chunk.data)
-                    out.flush()
-                    offset += len(chunk.data)
-                    total += len(chunk.data)
-                    if len(chunk.data) < CHUNK:
-                        return total
+            try:
+                return await mirror(transport, f"{run.run_dir}/output.log", self.local_path(run))
+            except MissingFile:
+                return 0  # not started yet (or never will: its state says why)
+            except LabdeckError as e:
+                if "shrank" in str(e):
+                    raise LabdeckError(f"The log of {run.display_name} on {run.instance} {e}") from None
+                raise
 
     async def follow(self, run_id: str, on_data: Callable[[Run, int], None] | None = None) -> Run:
         """Keep the local copy current until the run ends (and its last bytes are in). Survives disconnects."""
@@ -80,7 +95,7 @@ class LogFollower:
         while True:
             run = store.find_run(run_id)
             try:
-                n = await self.catch_up(run)
+                n = await self.step(run)
             except LabdeckError:
                 await asyncio.sleep(RETRY)
                 continue
@@ -91,7 +106,7 @@ class LogFollower:
                 last_save = time.monotonic()
             if run.run_state.is_final:
                 try:  # the job may have written its last lines just before it ended
-                    n = await self.catch_up(run)
+                    n = await self.step(run)
                     if n and on_data:
                         on_data(run, n)
                 except LabdeckError:
@@ -107,6 +122,15 @@ class LogFollower:
                     pass
             delay = POLL_ACTIVE if n else min(POLL_IDLE, delay * 1.5)
             await asyncio.sleep(delay)
+
+    async def step(self, run: Run) -> int:
+        """One round: the log's new bytes, then the run's new metric points (parsed at once)."""
+        transport = await self.ws.transport(run.instance)
+        n = await self.catch_up(run, transport)
+        monitor = getattr(self.ws, "monitor", None)
+        if monitor is not None:
+            n += await monitor.poll_run(run, transport)
+        return n
 
     def _save_offset(self, run: Run) -> None:
         try:

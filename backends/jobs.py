@@ -8,6 +8,8 @@ A run directory (``<runs root>/<run id>/``) holds::
     pid          the wrapper's pid == the job's process-group id
     started_at   ended_at   exit_code     (UTC times; exit code written atomically)
     output.log   stdout and stderr, combined
+    metrics.jsonl  metric points the job logs ($LABDECK_METRICS_FILE)
+    queued       present while the job waited for a slot in the instance's FIFO queue
 
 The job runs in its own session with stdin closed, so it survives labdeck, the
 SSH connection and the jump host. ``refresh`` reads the run directories back
@@ -50,6 +52,7 @@ ID={run_id}
 MAX={max_concurrent}
 """ + ALIVE_FN + r"""
 echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
+: >> "$D/metrics.jsonl"  # where labdeck.log() appends metric points (JSON lines)
 mkdir -p "$Q" && echo $$ > "$Q/$ID"
 # FIFO: run ids sort by creation; start when fewer than MAX live tickets are ahead of ours.
 while :; do
@@ -131,6 +134,7 @@ async def read_statuses(transport: Transport, run_dirs: list[str]) -> dict[str, 
     return out
 
 
+RUNTIME_MODULE = Path(__file__).parent / "runtime" / "labdeck.py"
 SUBMIT_WAIT_SECONDS = 2.0  # how long submit waits to see the job start (it may be queued behind others)
 
 
@@ -190,11 +194,14 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
 
 async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, max_concurrent: int) -> tuple[int, str | None]:
     """One round trip: write the run directory, start the wrapper detached, wait briefly to see it start."""
-    full_env = {"LABDECK_RUN_ID": run.id, "LABDECK_RUN_DIR": run.run_dir, **run.env}
+    full_env = {"LABDECK_RUN_ID": run.id, "LABDECK_RUN_DIR": run.run_dir,
+                "LABDECK_METRICS_FILE": f"{run.run_dir}/metrics.jsonl", **run.env}
     bad = [k for k in full_env if not k.isidentifier()]
     if bad:
         raise LabdeckError(f"Invalid environment variable name(s): {', '.join(bad)}.")
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in full_env.items())
+    # `import labdeck` inside the job: the stdlib-only module, shipped in the run directory, first on the path
+    exports += f'export PYTHONPATH={shlex.quote(run.run_dir + "/lib")}"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
     wrapper = WRAPPER
     for key, value in {"run_id": run.id, "run_dir": shlex.quote(run.run_dir), "workdir": shlex.quote(job_dir),
                        "queue_dir": shlex.quote(queue_dir), "max_concurrent": str(max(1, int(max_concurrent)))}.items():
@@ -206,7 +213,8 @@ async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, 
 
     launcher = shlex.join(detached_launcher(f"exec sh {run.run_dir}/run.sh", None))
     polls = int(SUBMIT_WAIT_SECONDS / 0.02)
-    script = (f"mkdir -p {d} && {put('command.sh', exports + run.command + chr(10))} && {put('run.sh', wrapper)} && "
+    script = (f"mkdir -p {d}/lib && {put('command.sh', exports + run.command + chr(10))} && {put('run.sh', wrapper)} && "
+              f"{put('lib/labdeck.py', RUNTIME_MODULE.read_text())} && "
               f"chmod 755 {d}/run.sh {d}/command.sh && {launcher} && "
               f"i=0; while [ ! -e {d}/started_at ] && [ ! -e {d}/queued ] && [ $i -lt {polls} ]; do sleep 0.02; i=$((i+1)); done; "
               f"cat {d}/started_at 2>/dev/null; true")

@@ -17,6 +17,7 @@ from . import jobs
 from .config import Config, load_config
 from .errors import LabdeckError, NotFoundError
 from .follow import LogFollower
+from .monitor import Monitor
 from .models import Instance, Run, RunState
 from .paths import Paths
 from .providers import Provider, Transport, build_providers
@@ -47,6 +48,8 @@ class Workstation:
         self._listing: asyncio.Future[InstanceListing] | None = None
         self._prices: dict[str, float] = {}
         self.follower = LogFollower(self, config.paths.cache_dir / "logs")
+        self.monitor = Monitor(self, config.paths.cache_dir, pattern=config.get("monitor", "log_pattern") or None,
+                               gpu_source=config.get("monitor", "gpu_source"))
 
     @classmethod
     def open(cls, home: str | None = None) -> "Workstation":

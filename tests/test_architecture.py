@@ -18,7 +18,7 @@ def test_import_contract_holds() -> None:
 
 def test_backends_import_without_textual() -> None:
     code = ("import sys; sys.modules['textual'] = None; sys.modules['tui'] = None\n"
-            "import backends.workstation, backends.store, backends.config, backends.jobs, backends.hostmetrics\n"
+            "import backends.workstation, backends.store, backends.config, backends.jobs, backends.monitor, backends.ssh\n"
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.stdout.strip() == "ok", res.stderr

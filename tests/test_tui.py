@@ -54,7 +54,7 @@ async def test_instances_tab_lists_local_with_its_size(demo) -> None:
         await settle(pilot)
         table = demo.query_one("#instances-table", DataTable)
         row = [str(c) for c in table.get_row_at(0)]
-        assert row[:6] == ["local", "local", "running", "–", "16 vCPU · 64 GiB", "no NVIDIA driver"]
+        assert row[:6] == ["local", "local", "running", "–", "16 vCPU · 64 GiB", "1× NVIDIA A100 80GB"]
         assert row[7] == "2d04h"  # uptime from the fixed clock
 
 
@@ -76,7 +76,7 @@ async def test_jobs_tab_shows_everyones_runs(demo) -> None:
         assert table.row_count == 9
         users = {str(table.get_row_at(i)[4]) for i in range(table.row_count)}
         assert users == {"alice", "bob"}
-        states = {str(table.get_row_at(i)[2]) for i in range(table.row_count)}
+        states = {str(table.get_row_at(i)[2]).split()[0] for i in range(table.row_count)}
         assert {"running", "succeeded", "failed", "cancelled", "queued"} <= states
 
 
@@ -172,7 +172,7 @@ async def test_monitor_charts_host_samples(demo) -> None:
         await settle(pilot)
         await pilot.press("3")
         summary = str(demo.query_one("#monitor-summary").render())
-        assert "local · CPU 8%" in summary and "host metrics only" in summary
+        assert "local · CPU 22% of 16" in summary and "GPU0 11%" in summary  # the agent's last sample
 
 
 async def test_models_tab_empty_state(demo) -> None:
@@ -347,3 +347,40 @@ async def test_launch_form_validates_and_starts_a_run(home: Path, tmp_path: Path
         assert child.parent == run.id and child.name == "from-form (rerun)" and child.command == run.command
         edges = [e for e in ws.store.mine.all("edges")]
         assert {(e["parent"], e["child"], e["kind"]) for e in edges} == {(run.id, child.id, "rerun")}
+
+
+async def test_monitor_tab_overlays_runs_and_flags_idle_gpus(demo) -> None:
+    from tui.screenshots import _id, feed_monitor
+    from tui.tabs.monitor import MonitorTab
+
+    async with demo.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        feed_monitor(demo)
+        await settle(pilot)
+        await pilot.press("3")
+        tab = demo.query_one(MonitorTab)
+        assert tab.metric == "loss" and len(tab.selected) == 3
+        summary = str(demo.query_one("#monitor-summary").render())
+        assert "GPU0" in summary and "A100" not in summary  # util/memory/temp, not the name
+        await pilot.press("m")
+        assert tab.metric == "acc"
+        await pilot.press("L", "s")
+        assert tab.log_y and tab.smoothing == 0.6
+        # space toggles the highlighted run: an overlaid one goes, another comes
+        from textual.widgets import OptionList
+
+        ol = demo.query_one("#monitor-runs", OptionList)
+        ol.highlighted = tab._listed.index(tab.selected[0])
+        first = tab.selected[0]
+        await pilot.press("space")
+        assert first not in tab.selected and len(tab.selected) == 2
+        ol.highlighted = tab._listed.index(first)
+        await pilot.press("enter")
+        assert tab.selected[-1] == first and len(tab.selected) == 3
+        # bob's run used its GPU at ~10% for the last minutes: flagged on Monitor and Jobs
+        bob = _id(18, 31)
+        assert bob in demo.idle and demo.idle[bob] < 30
+        await pilot.press("2")
+        table = demo.query_one("#jobs-table", DataTable)
+        states = {str(table.get_row_at(i)[1]): str(table.get_row_at(i)[2]) for i in range(table.row_count)}
+        assert "⚠ GPU" in states["bob-augment"]

@@ -21,7 +21,6 @@ from textual.binding import Binding
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
-from backends import hostmetrics
 from backends.errors import LabdeckError, StoreCorruptError
 from backends.models import Deployment, Run
 from backends.store import move_aside
@@ -29,7 +28,7 @@ from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
 from .forms import LaunchRequest, LaunchScreen
-from .messages import DeploymentsLoaded, HostSample, InstancesLoaded, RunLaunched, RunsLoaded
+from .messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunLaunched, RunsLoaded
 from .tabs import TabView
 from .tabs.instances import InstancesTab
 from .tabs.jobs import JobsTab
@@ -64,13 +63,13 @@ class LabdeckApp(App[None]):
         Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave labdeck; jobs keep running"),
     ]
 
-    def __init__(self, workstation: Workstation, *, now: Callable[[], datetime] | None = None,
-                 sampler: Callable[[], dict] = hostmetrics.sample, live: bool = True) -> None:
+    def __init__(self, workstation: Workstation, *, now: Callable[[], datetime] | None = None, live: bool = True) -> None:
         super().__init__()
         self.workstation = workstation
         self.now = now or (lambda: datetime.now(timezone.utc))
-        self.sampler = sampler
-        self.live = live
+        self.live = live  # False: no timers, no agents, no following (tests and screenshots)
+        self.idle: dict[str, float] = {}  # run id -> mean GPU % of a run flagged idle
+        self.runs: list[Run] = []
         self.startup_error: BaseException | None = None
         self._first_frame_done = False
         self._asked_move_aside: set[str] = set()
@@ -119,8 +118,8 @@ class LabdeckApp(App[None]):
             self.set_interval(self.refresh_seconds, self.load_instances)
             self.set_interval(self.refresh_seconds, self.load_runs)
             self.set_interval(max(self.refresh_seconds, 5.0), self.load_deployments)
-            self.set_interval(1.0, self.sample_host)
-        self.sample_host()
+            self.set_interval(1.0, self.poll_monitor)
+        self.poll_monitor()
         self.call_after_refresh(self._mark_ready)
 
     async def on_unmount(self) -> None:
@@ -163,9 +162,39 @@ class LabdeckApp(App[None]):
         deployments.sort(key=lambda d: d.id, reverse=True)
         self.post_message(DeploymentsLoaded(deployments, errors))
 
-    @work(exclusive=True, group="host", thread=True, exit_on_error=False)
-    def sample_host(self) -> None:
-        self.post_message(HostSample(self.sampler()))
+    @work(exclusive=True, group="monitor", exit_on_error=False)
+    async def poll_monitor(self) -> None:
+        """Agents' samples for the shown instance and every instance running our jobs; metric
+        points of the overlaid runs that no follower brings in (finished ones)."""
+        mon = self.workstation.monitor
+        tab = self.query_one(MonitorTab)
+        me = self.workstation.user
+        names = {tab.instance} | {r.instance for r in self.runs if r.user == me and r.state == "running"}
+        for name in sorted(names):
+            try:
+                if self.live:
+                    await mon.poll_instance(name)
+                else:
+                    mon.instance(name).ingest()
+            except LabdeckError as e:
+                if name == tab.instance:
+                    log.info("monitor: %s: %s", name, e)
+        by_id = {r.id: r for r in self.runs}
+        followed = self.workstation.follower.tasks
+        for run_id in tab.selected:
+            run = by_id.get(run_id)
+            if run is None:
+                continue
+            task = followed.get(run_id)
+            if self.live and (task is None or task.done()):
+                try:
+                    await self.workstation.follower.catch_up(run)
+                    await mon.poll_run(run)
+                except LabdeckError:
+                    mon.run(run).update()
+            else:
+                mon.run(run).update()
+        self.post_message(MonitorUpdated(mon.idle_runs()))
 
     @work(group="launch", exit_on_error=False)
     async def run_example(self) -> None:
@@ -182,6 +211,7 @@ class LabdeckApp(App[None]):
     # ---- messages --------------------------------------------------------
     def on_instances_loaded(self, message: InstancesLoaded) -> None:
         self.instances_tab.show_instances(message.listing)
+        self.query_one(MonitorTab).show_instances([i.name for i in message.listing.instances if i.state == "running"])
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
         if self.live:  # re-attach: follow every active run of ours from the byte its local copy ends at
@@ -189,15 +219,24 @@ class LabdeckApp(App[None]):
             for run in message.runs:
                 if run.user == me and run.run_dir and (run.run_state.is_active or run.state == "lost"):
                     self.workstation.follower.start(run)
+        self.runs = message.runs
         self.jobs_tab.show_runs(message.runs, message.errors)
+        self.query_one(MonitorTab).show_runs(message.runs, self.idle)
         self.query_one(LineageTab).show_runs(message.runs)
         self.instances_tab.show_runs(message.runs)
 
     def on_deployments_loaded(self, message: DeploymentsLoaded) -> None:
         self.query_one(ModelsTab).show_deployments(message.deployments)
 
-    def on_host_sample(self, message: HostSample) -> None:
-        self.query_one(MonitorTab).add_sample(message.sample)
+    def on_monitor_updated(self, message: MonitorUpdated) -> None:
+        changed = message.idle != self.idle
+        self.idle = message.idle
+        tab = self.query_one(MonitorTab)
+        tab.idle = message.idle
+        if tab.is_active_tab:
+            tab.rerender()
+        if changed:
+            self.jobs_tab.rerender()
 
     def on_run_launched(self, message: RunLaunched) -> None:
         run = message.run

@@ -313,6 +313,76 @@ def logs_cmd(run: str, follow: bool) -> None:
         pass
 
 
+@cli.command("top")
+@click.option("--once", is_flag=True, help="Print one view and exit (no live refresh)")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes")
+@friendly
+def top_cmd(once: bool, interval: float) -> None:
+    """A compact live view of every instance's CPU/GPU use and the runs on it, without the full TUI."""
+    from rich.live import Live
+
+    ws = _workstation()
+
+    async def gather() -> Table:
+        listing = await ws.list_instances()
+        await ws.refresh_runs()
+        runs, _ = ws.store.runs()
+        active = [r for r in runs if r.run_state.is_active]
+        t = Table(title=f"labdeck top · {datetime.now().strftime('%H:%M:%S')}", title_justify="left")
+        rows: list[tuple[str, ...]] = []
+        for inst in listing.instances:
+            if inst.state != "running":
+                rows.append((inst.name, f"[red]{inst.state}[/]", "", "", "", "", "", "", escape(inst.note.splitlines()[0]) if inst.note else ""))
+                continue
+            try:
+                await ws.monitor.poll_instance(inst.name)
+            except LabdeckError as e:
+                rows.append((inst.name, "[yellow]no agent[/]", "", "", "", "", "", "", escape(str(e))))
+                continue
+            m = ws.monitor.instance(inst.name)
+            s = m.last or {}
+            gpus = " ".join(f"{g['index']}:{g.get('util', 0):.0f}% {g.get('mem_used', 0) / 1024:.0f}G" for g in s.get("gpus") or []) or "–"
+            mem = f"{s.get('mem_used', 0) / 1024:.1f}/{s.get('mem_total', 0) / 1024:.0f}G" if s else "…"
+            here = [r for r in active if r.instance == inst.name] or [None]
+            idle = ws.monitor.idle_runs()
+            for k, r in enumerate(here):
+                head = (inst.name, f"{s.get('cpu', 0):.0f}%" if s else "…", mem, gpus) if k == 0 else ("", "", "", "")
+                if r is None:
+                    rows.append((*head, "–", "", "", "", ""))
+                    continue
+                rs = (s.get("runs") or {}).get(r.id, {})
+                latest = ""
+                if r.user == ws.user and r.state == "running":
+                    try:
+                        await ws.follower.catch_up(r)
+                        await ws.monitor.poll_run(r)
+                    except LabdeckError:
+                        pass
+                    summ = ws.monitor.run(r).series.summary()
+                    latest = "  ".join(f"{k2}={v['last']:.4g}" for k2, v in sorted(summ.items())[:4])
+                state = f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]" + (f" [yellow]⚠ GPU {idle[r.id]:.0f}%[/]" if r.id in idle else "")
+                rows.append((*head, f"{r.display_name} ({r.user})", state, f"{rs.get('cpu', 0):.0f}%" if rs else "",
+                             f"{rs.get('gpu_mem', 0) / 1024:.1f}G" if rs.get("gpu_mem") else "", escape(latest)))
+        return fit_table(t, ("instance", "CPU", "mem", "GPUs", "run", "state", "run CPU", "GPU mem", "latest metrics"),
+                         rows, flexible={"GPUs", "run", "latest metrics"})
+
+    async def go() -> None:
+        if once:
+            await gather()  # the first round starts the agents; their first sample follows
+            await asyncio.sleep(min(interval, 1.5))
+            console.print(await gather())
+            return
+        with Live(await gather(), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                await asyncio.sleep(interval)
+                live.update(await gather())
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     cli(prog_name="labdeck")
 

@@ -40,7 +40,6 @@ from typing import Callable, Iterator, overload
 
 import numpy as np
 from rich.cells import cell_len
-from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
 from textual.cache import LRUCache
@@ -383,6 +382,7 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         self._fd = -1
         self._read: Reader = lambda offset, length: b""
         self._line_count = 0
+        self._indexed = False
         self._max_width = 0
         self._width_pending = False
         self._lines: LRUCache[int, tuple[str, str, bool]] = LRUCache(2048)  # n -> (text, cut marker, settled)
@@ -409,8 +409,8 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
 
     @property
     def indexed(self) -> bool:
-        """The whole file is indexed: line numbers are absolute."""
-        return self._complete.is_set()
+        """The whole file is indexed and the view shows it: line numbers are absolute."""
+        return self._indexed
 
     @property
     def index_progress(self) -> float | None:
@@ -476,11 +476,11 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
             self._pending_shift += shift
             self._progress = progress
             self._error = error
+        if reset or index is None or not index.complete:
+            self._complete.clear()
+        self._post(self._Indexed())  # first, so the view has the index before a search's answer arrives
         if index is not None and index.complete:
             self._complete.set()
-        elif reset or index is None:
-            self._complete.clear()
-        self._post(self._Indexed())
 
     def _index_loop(self) -> None:
         stop, lock, path = self._stop, self._lock, self.path
@@ -567,6 +567,7 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         with self._lock:
             idx = self._index
             count = idx.line_count if idx is not None else 0
+            self._indexed = idx is not None and idx.complete
             shift, self._pending_shift = self._pending_shift, 0
             reset, self._pending_reset = self._pending_reset, False
         if reset:
@@ -687,24 +688,26 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         strip = self._strips.get(key)
         if strip is None:
             text, marker, settled = self._line(n)
-            rich_text = Text(text, style=base_style, no_wrap=True, end="")
+            rich_text = Text(text, no_wrap=True, end="")
+            rich_text.stylize(base_style)
             if key[1]:
-                rich_text.stylize(self.get_component_rich_style("logview--match-line", partial=True))
+                rich_text.stylize(self.get_component_rich_style("logview--match-line"))
             if key[2]:
-                match_style = self.get_component_rich_style("logview--match", partial=True)
+                match_style = self.get_component_rich_style("logview--match")
                 lower, q = text.lower(), key[2].lower()
                 i = lower.find(q)
                 while i >= 0 and q:
                     rich_text.stylize(match_style, i, i + len(q))
                     i = lower.find(q, i + len(q))
             if marker:
-                rich_text.append(marker, self.get_component_rich_style("logview--cut", partial=True))
+                rich_text.append(marker, self.get_component_rich_style("logview--cut"))
             strip = Strip(rich_text.render(self.app.console), rich_text.cell_len)
             if settled:
                 self._strips.set(key, strip)
             if self.first_paint is None and text:
                 self.first_paint = time.perf_counter()
-        return strip.crop_extend(scroll_x, scroll_x + width, base_style)
+        pad = self.get_component_rich_style("logview--match-line") if key[1] else base_style
+        return strip.crop_extend(scroll_x, scroll_x + width, pad)
 
     def notify_style_update(self) -> None:
         super().notify_style_update()

@@ -28,11 +28,11 @@ class DeploymentsLoaded(Message):
 
 
 @dataclass
-class HostSample(Message):
-    sample: dict
+class MonitorUpdated(Message):
+    idle: dict[str, float]  # run id -> mean GPU % of runs flagged idle
 
-    def can_replace(self, message: Message) -> bool:  # a newer sample supersedes a queued one
-        return isinstance(message, HostSample)
+    def can_replace(self, message: Message) -> bool:  # a newer update supersedes a queued one
+        return isinstance(message, MonitorUpdated)
 
 
 @dataclass

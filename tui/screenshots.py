@@ -30,7 +30,8 @@ SIZE = (120, 34)
 
 FACTS = {
     "host": "jump-1", "vcpus": 16, "cpu_model": "AMD EPYC 7R13", "memory_mib": 64 * 1024,
-    "gpus": [], "gpu_note": "no NVIDIA driver", "started_at": "2026-11-24T08:00:00Z",
+    "gpus": [{"index": 0, "name": "NVIDIA A100 80GB", "memory_total_mib": 81920}], "gpu_note": "",
+    "started_at": "2026-11-24T08:00:00Z",
 }
 
 
@@ -98,22 +99,57 @@ def demo_workstation(home: Path = DEMO_HOME, *, with_runs: bool = True) -> Works
     return Workstation(config, store=store, providers=providers)
 
 
-def demo_samples(n: int = 90) -> list[dict]:
-    """A fixed CPU/memory series: a training job ramps up, runs, and settles."""
+def demo_samples(n: int = 120) -> list[dict]:
+    """Agent samples: CPU and memory as a job ramps up, runs and settles; one GPU busy for a while,
+    then nearly idle under bob's augmentation run (so it gets flagged)."""
     out = []
+    bob = _id(18, 31)
     for i in range(n):
-        cpu = 8.0 if i < 15 else (85.0 + 10 * ((i * 7) % 5) / 5 if i < 70 else 12.0)
-        mem = 9000 + (i * 90 if i < 70 else 6300 - (i - 70) * 200)
-        out.append({"t": 1_700_000_000 + i, "cpu_percent": cpu, "mem_used_mib": int(mem), "mem_total_mib": 64 * 1024,
-                    "load1": 1.7, "gpus": []})
+        cpu = 8.0 if i < 15 else (85.0 + 10 * ((i * 7) % 5) / 5 if i < 35 else 22.0)
+        mem = 9000 + (i * 90 if i < 35 else 3150)
+        util = 0.0 if i < 15 else (92.0 - (i % 4) if i < 35 else 9.0 + (i % 3))
+        out.append({"t": 1_795_700_000 + i, "cpu": cpu, "ncpu": 16, "mem_used": int(mem), "mem_total": 64 * 1024,
+                    "load1": 1.7, "gpus": [{"index": 0, "name": "NVIDIA A100 80GB", "util": util, "mem_used": 41000,
+                                            "mem_total": 81920, "temp": 58, "power": 212.0}],
+                    "runs": {bob: {"cpu": cpu, "rss": 3000, "procs": 3, "gpu_mem": 40000, "gpus": [0]}}})
     return out
+
+
+def demo_metrics(run_id: str, steps: int, final_loss: float, seed: int) -> bytes:
+    """A loss/accuracy curve in the format labdeck.log() writes."""
+    import json
+    import math
+
+    lines = []
+    for s in range(1, steps + 1):
+        wobble = 0.015 * math.sin(s * (0.7 + seed * 0.13))
+        loss = final_loss + (0.69 - final_loss) * math.exp(-s / (steps / 5)) + wobble
+        acc = 1.0 - loss * 0.4
+        lines.append(json.dumps({"t": 1_795_700_000 + s, "s": s, "m": {"loss": round(loss, 4), "acc": round(acc, 4)}}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_demo_monitoring(ws: Workstation) -> None:
+    """Local copies, as if the agent and the runs had been followed: samples of `local`, three loss curves."""
+    cache = ws.config.paths.cache_dir
+    agent = cache / "agent" / "local.jsonl"
+    agent.parent.mkdir(parents=True, exist_ok=True)
+    import json
+
+    agent.write_text("".join(json.dumps(s) + "\n" for s in demo_samples()))
+    for n, steps, final, seed in ((1, 300, 0.31, 1), (10, 300, 0.25, 2), (20, 300, 0.187, 3)):
+        path = cache / "metrics" / "alice" / f"{_id({1: 600, 10: 480, 20: 240}[n], n)}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(demo_metrics("", steps, final, seed))
 
 
 def demo_app(*, with_runs: bool = True, home: Path = DEMO_HOME):
     from .app import LabdeckApp
 
-    samples = iter(demo_samples() * 1000)
-    return LabdeckApp(demo_workstation(home, with_runs=with_runs), now=lambda: NOW, sampler=lambda: next(samples), live=False)
+    ws = demo_workstation(home, with_runs=with_runs)
+    if with_runs:
+        write_demo_monitoring(ws)
+    return LabdeckApp(ws, now=lambda: NOW, live=False)
 
 
 async def settle(pilot) -> None:
@@ -130,11 +166,13 @@ async def settle(pilot) -> None:
 
 
 def feed_monitor(app) -> None:
+    """Overlay the baseline, its best child and the wider model in the Monitor tab."""
     from .tabs.monitor import MonitorTab
 
     tab = app.query_one(MonitorTab)
-    for s in demo_samples():
-        tab.add_sample(s)
+    if app.runs:
+        tab.selected = [_id(600, 1), _id(480, 10), _id(240, 20)]
+        app.poll_monitor()
 
 
 SHOTS = [

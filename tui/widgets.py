@@ -132,6 +132,8 @@ class LogScreen(ModalScreen[None]):
     }
     """
 
+    AUTO_FOCUS = "#log-body"
+
     def __init__(self, run_ref: str, title: str, path: str | Path | None = None) -> None:
         super().__init__()
         self.run_ref = run_ref
@@ -142,24 +144,26 @@ class LogScreen(ModalScreen[None]):
 
     @property
     def view(self) -> LogView:
-        return self.query_one("#log-body", LogView)
+        return self._view
 
     def compose(self) -> ComposeResult:
         if self.path is None and self._scratch is None:
             fd, name = tempfile.mkstemp(prefix="labdeck-log-", suffix=".log")
             os.close(fd)
             self._scratch = Path(name)
+        # kept, not queried: on_mount may run before the dialog's children are mounted
+        self._view = LogView(self.path or self._scratch, id="log-body")
+        self._search = Input(placeholder="search the log (ignores case) · enter finds · escape closes", id="log-search")
+        self._search.display = False
+        self._status = Static("", id="log-status")
         with Vertical(id="log-dialog"):
             yield Label(self.title_text, id="log-title")
-            yield LogView(self.path or self._scratch, id="log-body")
-            search = Input(placeholder="search the log (ignores case) · enter finds · escape closes", id="log-search")
-            search.display = False
-            yield search
-            yield Static("", id="log-status")
+            yield self._view
+            yield self._search
+            yield self._status
         yield Footer()
 
     def on_mount(self) -> None:
-        self.view.focus()
         if self._scratch is not None:
             self.load()
             self.set_interval(1.0, self.load)
@@ -186,7 +190,7 @@ class LogScreen(ModalScreen[None]):
 
     @on(LogView.StatusChanged)
     def status_changed(self, event: LogView.StatusChanged) -> None:
-        self.query_one("#log-status", Static).update(event.status)
+        self._status.update(event.status)
 
     @on(Input.Submitted, "#log-search")
     def search_submitted(self, event: Input.Submitted) -> None:
@@ -195,18 +199,17 @@ class LogScreen(ModalScreen[None]):
         self.view.search(event.value)
 
     def _hide_search(self) -> None:
-        self.query_one("#log-search", Input).display = False
+        self._search.display = False
         self.view.focus()
 
     def action_close(self) -> None:
-        search = self.query_one("#log-search", Input)
-        if search.display:
+        if self._search.display:
             self._hide_search()
         else:
             self.dismiss()
 
     def action_search(self) -> None:
-        search = self.query_one("#log-search", Input)
+        search = self._search
         search.value = self.view.search_query
         search.display = True
         search.focus()

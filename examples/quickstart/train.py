@@ -1,9 +1,12 @@
 """A tiny training project: logistic regression on a synthetic dataset, numpy only.
 
 The data is made in code (two Gaussian blobs), so nothing is downloaded. Each
-step prints ``step=N loss=L acc=A`` (labdeck's zero-code metric capture reads
-such lines) and the final model is saved as ``model.npz`` in the run directory
-when labdeck runs it (``$LABDECK_RUN_DIR``), else in the current directory.
+step logs loss and accuracy with ``labdeck.log()`` (the module labdeck ships
+into every job; without labdeck the script still runs), and every 10 steps it
+prints ``step=N loss=L acc=A`` (what labdeck's zero-code capture reads from
+logs of scripts that do not import labdeck). The final model is saved as
+``model.npz`` in the run directory when labdeck runs it (``$LABDECK_RUN_DIR``),
+else in the current directory.
 
     python train.py --steps 300 --lr 0.1 --seed 0
 """
@@ -15,6 +18,11 @@ import os
 import time
 
 import numpy as np
+
+try:  # shipped into every labdeck job; optional elsewhere
+    import labdeck
+except ImportError:
+    labdeck = None
 
 
 def make_data(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +47,8 @@ def main() -> None:
     w = np.zeros(args.dim, dtype=np.float32)
     b = 0.0
     print(f"training logistic regression: n={args.n} dim={args.dim} lr={args.lr} steps={args.steps}", flush=True)
+    if labdeck:
+        labdeck.config(vars(args))
     for step in range(1, args.steps + 1):
         z = x @ w + b
         p = 1.0 / (1.0 + np.exp(-z))
@@ -47,6 +57,8 @@ def main() -> None:
         grad = p - y
         w -= args.lr * (x.T @ grad) / len(y)
         b -= args.lr * float(grad.mean())
+        if labdeck:
+            labdeck.log({"loss": loss, "acc": acc}, step=step)
         if step % 10 == 0 or step == 1:
             print(f"step={step} loss={loss:.4f} acc={acc:.4f}", flush=True)
         if args.sleep:

@@ -1,6 +1,6 @@
-"""Log viewer on a 1 GB log: first paint of the tail, full index, search, follow latency, memory.
+"""Log viewer on a 1 GiB log: first paint of the tail, full index, search, follow latency, memory.
 
-One 1 GB file of realistic training-log lines (~110 bytes each, about 9.5 million
+One 1 GiB file of realistic training-log lines (~110 bytes each, about 9.5 million
 lines) is written to a scratch directory and removed afterwards. Two needles are
 planted: one about 100 KB from the start, one about 99 % of the way in.
 
@@ -20,8 +20,9 @@ benchmark polls the view every millisecond. Marks, from ``push_screen``:
 * RSS growth — the process's resident memory after the index, and its peak
   while indexing and searching, over the RSS before the screen was pushed.
 
-The file is read twice: "cold" (after fsync and ``posix_fadvise(DONTNEED)``, so
-the page cache has to be refilled; a VM's host may still cache it) and "warm".
+The whole sequence runs twice: "cold" (after fsync and ``posix_fadvise(DONTNEED)``,
+so the index has to read the file from the disk; a VM's host may still cache it;
+the searches that follow find it cached again) and "warm" (all from the page cache).
 Baselines in the same run: a plain sequential read + ``bytes.count`` of the
 whole file (the floor of any newline index in Python) and ``grep -c -i -F`` for
 the missing text.
@@ -213,7 +214,7 @@ def main(quick: bool = False) -> list[Verdict]:
     results: dict[str, Any] = {}
     with scratch_dir("logview") as root:
         path = root / "train.log"
-        console.print(f"[dim]logview: writing {size / 1e9:.2f} GB to {path} …[/]")
+        console.print(f"[dim]logview: writing {size / (1 << 30):.2f} GiB to {path} …[/]")
         made = make_log(path, size)
         fs = filesystem_of(root)
         for mode in ("cold", "warm"):
@@ -233,7 +234,7 @@ def main(quick: bool = False) -> list[Verdict]:
         return fmt_ms(v * 1000) if v is not None else "—"
 
     table = new_table(
-        f"Log viewer on {made['bytes'] / 1e9:.2f} GB ({newlines:,} lines; headless {SCREEN[0]}×{SCREEN[1]}; ms)",
+        f"Log viewer on {made['bytes'] / (1 << 30):.2f} GiB ({newlines:,} lines; headless {SCREEN[0]}×{SCREEN[1]}; ms)",
         ["Measure", ("cold", "right"), ("warm", "right"), "Baseline (same run)", "Target", "Met"])
     cold, warm = results["cold"], results["warm"]
     verdicts: list[Verdict] = []
@@ -244,7 +245,7 @@ def main(quick: bool = False) -> list[Verdict]:
             met = warm[key] <= target and cold[key] <= target
             shown = f"{warm[key] * 1000:,.0f} ms warm / {cold[key] * 1000:,.0f} ms cold" if unit == "s" else \
                 f"{warm[key]:.1f} MB"
-            verdicts.append(Verdict(NAME, f"{label} (1 GB)", shown, f"≤ {target:g} {unit}", met))
+            verdicts.append(Verdict(NAME, f"{label} (1 GiB)", shown, f"≤ {target:g} {unit}", met))
         if unit == "s":
             table.add_row(label, ms(cold[key]), ms(warm[key]), baseline, f"≤ {target:g} s" if target else "", verdict(met))
         else:
@@ -262,7 +263,7 @@ def main(quick: bool = False) -> list[Verdict]:
     # memory: the warm run's numbers carry the target (the cold run is the first in the process)
     met = None if quick else warm["rss_peak_mb"] <= TARGET_RSS_MB
     if not quick:
-        verdicts.append(Verdict(NAME, "RSS growth, peak (1 GB)", f"{warm['rss_peak_mb']:.1f} MB", f"≤ {TARGET_RSS_MB:g} MB", met))
+        verdicts.append(Verdict(NAME, "RSS growth, peak (1 GiB)", f"{warm['rss_peak_mb']:.1f} MB", f"≤ {TARGET_RSS_MB:g} MB", met))
     table.add_row("RSS growth after the index", f"{cold['rss_after_index_mb']:.1f} MB", f"{warm['rss_after_index_mb']:.1f} MB",
                   "", "", "")
     table.add_row("RSS growth, peak", f"{cold['rss_peak_mb']:.1f} MB", f"{warm['rss_peak_mb']:.1f} MB",

@@ -46,7 +46,11 @@ class JobsTab(TabView):
 
     def cells(self, r: Run) -> tuple:
         last = r.last_line if len(r.last_line) <= 80 else r.last_line[:79] + "…"
-        return (short_id(r.id), r.display_name, Text(r.state, style=STATE_STYLE.get(r.state, "")), r.instance,
+        state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        idle = getattr(self.app, "idle", {}).get(r.id)
+        if idle is not None:
+            state.append(f" ⚠ GPU {idle:.0f}%", style="bold yellow")
+        return (short_id(r.id), r.display_name, state, r.instance,
                 r.user, duration(r.duration_seconds(self.app.now())), last)
 
     def rerender(self) -> None:

@@ -1,0 +1,272 @@
+"""Live monitoring: the agent on each instance, hardware series, and each run's metric series.
+
+Everything arrives as files read from byte offsets (see :mod:`backends.follow`):
+
+* ``~/.labdeck/agent/samples.jsonl`` on each instance, written by the agent at 1 Hz
+  (started here when missing; it stops by itself when nobody reads);
+* ``<run dir>/metrics.jsonl`` of each run (``labdeck.log()`` in the training code);
+* ``<run dir>/output.log`` (zero-code capture: JSON objects and ``key=value`` numbers).
+
+Local copies live under the cache directory; parsers keep their own offsets into
+them, so nothing is parsed twice and a restart re-reads from the copies, not the
+network. Series downsample to the chart's width incrementally
+(:class:`backends.metrics.Series`), so a refresh costs the same at 1k and 10M points.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import posixpath
+import shlex
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LabdeckError
+from .follow import MissingFile, mirror
+from .metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
+from .models import Run
+from .providers.base import Transport, detached_launcher
+
+AGENT_SOURCE = (Path(__file__).parent / "runtime" / "agent.py").read_bytes()
+AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:12]
+IDLE_WINDOW = 300.0  # seconds of GPU samples that decide "idle"
+IDLE_UTIL = 30.0  # % mean GPU utilization under which a run is flagged
+
+
+def agent_dir(runs_root: str) -> str:
+    """The agent lives beside the runs directory (``~/.labdeck/agent`` on SSH hosts)."""
+    return posixpath.join(posixpath.dirname(runs_root.rstrip("/")), "agent")
+
+
+async def stop_agent(transport: Transport) -> None:
+    """Stop this user's agent on the instance (it also stops by itself when nobody reads)."""
+    d = shlex.quote(agent_dir(await transport.runs_root()))
+    await transport.run(f"p=$(cat {d}/agent.lock 2>/dev/null); [ -n \"$p\" ] && kill $p 2>/dev/null; true", timeout=15)
+
+
+async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python: str = "python3") -> str:
+    """Install (if its version changed) and start (if not running) the agent; touch its reader
+    file so it keeps sampling. One round trip. Returns the agent directory on the instance."""
+    home = await transport.home_dir()
+    d = agent_dir(await transport.runs_root())
+    qd = shlex.quote(d)
+    b64 = base64.b64encode(AGENT_SOURCE).decode()
+    launcher = shlex.join(detached_launcher(
+        f"exec {python} {d}/agent.py --out {d} --gpu-source {shlex.quote(gpu_source)} --disk-path {shlex.quote(home)}", None))
+    script = (
+        f"mkdir -p {qd} && touch {qd}/reader && "
+        f"if [ \"$(cat {qd}/version 2>/dev/null)\" != {AGENT_VERSION} ]; then "
+        f"printf %s {b64} | base64 -d > {qd}/agent.py.tmp && mv {qd}/agent.py.tmp {qd}/agent.py && "
+        f"echo {AGENT_VERSION} > {qd}/version; "
+        f"p=$(cat {qd}/agent.lock 2>/dev/null); [ -n \"$p\" ] && kill $p 2>/dev/null; sleep 0.2; fi; "
+        f"if command -v flock >/dev/null 2>&1 && ! flock -n {qd}/agent.lock true 2>/dev/null; then echo running; "
+        f"else {launcher} >/dev/null && echo started; fi"
+    )
+    res = await transport.run(script, timeout=30)
+    if not res.ok:
+        raise LabdeckError(f"Could not start the monitoring agent on {transport.instance}: "
+                           f"{res.stderr.decode(errors='replace').strip()[:200]}")
+    return d
+
+
+class _LineFile:
+    """Reads complete new lines from a growing local file, keeping its own offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.carry = b""
+
+    def read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return b""
+        self.offset += len(data)
+        return data
+
+
+@dataclass
+class InstanceMonitor:
+    """One instance's hardware: series of CPU, memory and per-GPU use, and per-run GPU use."""
+
+    name: str
+    local_path: Path
+    cpu: Series = field(default_factory=Series)
+    mem: Series = field(default_factory=Series)
+    gpu_util: dict[int, Series] = field(default_factory=dict)
+    gpu_mem: dict[int, Series] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)
+    run_gpu: dict[str, deque] = field(default_factory=dict)  # run -> (t, mean util of its GPUs)
+    warnings: Counter = field(default_factory=Counter)
+    n: int = 0
+    agent_dir: str = ""
+    agent_checked: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._file = _LineFile(self.local_path)
+
+    def ingest(self) -> int:
+        data = self._file.carry + self._file.read()
+        lines = data.split(b"\n")
+        self._file.carry = lines.pop()
+        added = 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line)
+                t = float(s["t"])
+            except (ValueError, KeyError, TypeError):
+                self.warnings["invalid agent sample"] += 1
+                continue
+            self.n += 1
+            self.cpu.append(self.n, float(s.get("cpu") or 0))
+            total = s.get("mem_total") or 0
+            self.mem.append(self.n, 100.0 * (s.get("mem_used") or 0) / total if total else 0.0)
+            utils: dict[int, float] = {}
+            for g in s.get("gpus") or []:
+                try:
+                    i = int(g["index"])
+                    utils[i] = float(g.get("util") or 0)
+                    self.gpu_util.setdefault(i, Series()).append(self.n, utils[i])
+                    mt = float(g.get("mem_total") or 0)
+                    self.gpu_mem.setdefault(i, Series()).append(self.n, 100.0 * float(g.get("mem_used") or 0) / mt if mt else 0.0)
+                except (KeyError, TypeError, ValueError):
+                    self.warnings["invalid GPU entry"] += 1
+            for run, r in (s.get("runs") or {}).items():
+                gpus = [i for i in (r.get("gpus") or []) if i in utils]
+                if gpus:
+                    q = self.run_gpu.setdefault(run, deque())
+                    q.append((t, sum(utils[i] for i in gpus) / len(gpus)))
+                    while q and q[0][0] < t - IDLE_WINDOW:
+                        q.popleft()
+            self.last = s
+            added += 1
+        return added
+
+    def run_gpu_mean(self, run_id: str) -> float | None:
+        """Mean utilization of the run's GPUs over the last 5 minutes of samples (None: no GPU data)."""
+        q = self.run_gpu.get(run_id)
+        if not q:
+            return None
+        return sum(u for _, u in q) / len(q)
+
+    def idle_span(self, run_id: str) -> float:
+        q = self.run_gpu.get(run_id)
+        return (q[-1][0] - q[0][0]) if q and len(q) > 1 else 0.0
+
+
+class RunMonitor:
+    """One run's metric series, from its metrics file and its log (both local copies)."""
+
+    def __init__(self, run: Run, metrics_path: Path, log_path: Path, pattern: str | None = None) -> None:
+        self.run = run
+        self.metrics_file = _LineFile(metrics_path)
+        self.log_file = _LineFile(log_path)
+        self.file_parser = MetricsFileParser()
+        self.log_parser = LogMetricParser(pattern)
+        self.series = RunSeries()
+        self.updated = 0.0
+        self.logged_names: set[str] = set()  # names the code logs with labdeck.log(): the log copy of them is ignored
+
+    def update(self) -> int:
+        n = 0
+        data = self.metrics_file.read()
+        if data:
+            pts = self.file_parser.feed(data)
+            self.logged_names.update(p.name for p in pts)
+            self.series.ingest(pts)
+            n += len(pts)
+        data = self.log_file.read()
+        if data:
+            pts = [p for p in self.log_parser.feed(data) if p.name not in self.logged_names]
+            self.series.ingest(pts)
+            n += len(pts)
+        if n:
+            self.updated = time.monotonic()
+        return n
+
+    @property
+    def warnings(self) -> Counter:
+        return self.series.warnings + self.file_parser.warnings + self.log_parser.warnings
+
+    @property
+    def config(self) -> dict:
+        return self.file_parser.config
+
+
+class Monitor:
+    """The workstation's view of hardware and metrics, fed from local copies of remote files."""
+
+    def __init__(self, workstation, root: Path, pattern: str | None = None, gpu_source: str = "auto") -> None:
+        self.ws = workstation
+        self.root = root
+        self.pattern = pattern
+        self.gpu_source = gpu_source
+        self.instances: dict[str, InstanceMonitor] = {}
+        self.runs: dict[str, RunMonitor] = {}
+
+    def metrics_path(self, run: Run) -> Path:
+        return self.root / "metrics" / run.user / f"{run.id}.jsonl"
+
+    def instance(self, name: str) -> InstanceMonitor:
+        m = self.instances.get(name)
+        if m is None:
+            m = self.instances[name] = InstanceMonitor(name, self.root / "agent" / f"{name}.jsonl")
+        return m
+
+    def run(self, run: Run) -> RunMonitor:
+        m = self.runs.get(run.id)
+        if m is None:
+            m = self.runs[run.id] = RunMonitor(run, self.metrics_path(run), self.ws.follower.local_path(run), self.pattern)
+        m.run = run
+        return m
+
+    async def poll_instance(self, name: str, transport: Transport | None = None) -> int:
+        """Keep the agent running on ``name`` and ingest its new samples. Returns samples added."""
+        m = self.instance(name)
+        transport = transport or await self.ws.transport(name)
+        now = time.monotonic()
+        if not m.agent_dir or now - m.agent_checked > 30:
+            python = "python3"
+            m.agent_dir = await ensure_agent(transport, gpu_source=self.gpu_source, python=python)
+            m.agent_checked = now
+        try:
+            await mirror(transport, f"{m.agent_dir}/samples.jsonl", m.local_path)
+        except MissingFile:
+            return 0
+        except LabdeckError as e:
+            if "shrank" not in str(e):
+                raise
+            m.local_path.unlink(missing_ok=True)  # the agent rotated its file: start the copy again
+            m._file = _LineFile(m.local_path)
+            await mirror(transport, f"{m.agent_dir}/samples.jsonl", m.local_path)
+        return m.ingest()
+
+    async def poll_run(self, run: Run, transport: Transport | None = None) -> int:
+        """Fetch the run's new metric lines (and log lines, through the log follower) and ingest them."""
+        m = self.run(run)
+        transport = transport or await self.ws.transport(run.instance)
+        try:
+            await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path)
+        except MissingFile:
+            pass
+        return m.update()
+
+    def idle_runs(self) -> dict[str, float]:
+        """Runs whose GPUs averaged under 30% over (up to) the last 5 minutes: run id → mean %."""
+        out = {}
+        for inst in self.instances.values():
+            for run_id in inst.run_gpu:
+                mean = inst.run_gpu_mean(run_id)
+                if mean is not None and mean < IDLE_UTIL and inst.idle_span(run_id) >= 60:
+                    out[run_id] = mean
+        return out

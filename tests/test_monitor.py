@@ -1,0 +1,127 @@
+"""Monitoring end to end: labdeck.log() in a job, zero-code capture, the agent (GPUs faked only at
+the driver boundary), per-process GPU memory mapped to runs, idle flags, and the Monitor tab."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.config import load_config
+from backends.monitor import IDLE_UTIL, InstanceMonitor, stop_agent
+from backends.paths import Paths
+from backends.workstation import Workstation
+
+from .test_ssh import make_ws, rig_config
+
+
+async def follow_to_end(ws: Workstation, run_id: str, timeout: float = 60):
+    return await asyncio.wait_for(ws.follower.follow(run_id), timeout)
+
+
+async def test_labdeck_log_points_reach_the_series_on_a_node(home, fresh_rig, tmp_path) -> None:
+    rig = fresh_rig
+    ws = make_ws(home, rig)
+    try:
+        (tmp_path / "p").mkdir()
+        (tmp_path / "p" / "train.py").write_text(
+            "import labdeck, math\n"
+            "labdeck.config({'lr': 0.001, 'layers': 4})\n"
+            "for i in range(2000):\n"
+            "    labdeck.log({'loss': 1.0 / (i + 1), 'acc': i / 2000}, step=i)\n"
+            "labdeck.log({'loss': float('nan'), 'note': 'text'}, step=2000)\n"
+            "print('val_loss=0.25 epoch=1')\n")
+        run = await ws.launch(f"{rig.python} train.py", instance="node1", workdir=str(tmp_path / "p"))
+        done = await follow_to_end(ws, run.id)
+        assert done.state == "succeeded", done.state_reason
+        rm = ws.monitor.runs[run.id]
+        loss, acc = rm.series.series("loss"), rm.series.series("acc")
+        assert len(loss) == 2001 and len(acc) == 2000  # the NaN point is kept (a diverged loss shows)
+        assert rm.series.summary()["loss"]["min"] == pytest.approx(1 / 2000)
+        assert rm.config == {"lr": 0.001, "layers": 4}
+        assert math.isnan(rm.series.summary()["loss"]["last"])
+        assert rm.series.series("val_loss").last == 0.25  # zero-code capture from the log
+        assert rm.warnings["non-numeric value"] >= 1 or sum(rm.warnings.values()) >= 1
+    finally:
+        await ws.close()
+
+
+async def test_agent_maps_gpu_memory_to_the_run_on_a_node(home, fresh_rig, tmp_path) -> None:
+    rig = fresh_rig
+    node = rig.host("node1")
+    fake = node.home / "fake-gpus.json"
+    (home / "config.toml").write_text(rig_config(rig) + f'[monitor]\ngpu_source = "fake:{fake}"\n')
+    ws = Workstation(load_config(Paths.resolve(home)))
+    t = None
+    try:
+        run = await ws.launch("sleep 60 & echo $! > gpu-pid; wait", instance="node1", workdir=str(node.home),
+                              sync_code=False)
+        t = await ws.transport("node1")
+        for _ in range(50):
+            pid = (await t.run(f"cat {node.home}/gpu-pid 2>/dev/null")).text().strip()
+            if pid:
+                break
+            await asyncio.sleep(0.1)
+        gpus = {"gpus": [{"index": 0, "name": "Fake H100", "util": 12, "mem_used": 30000, "mem_total": 81559,
+                          "temp": 60, "power": 300.0}],
+                "procs": [{"pid": int(pid), "gpu": 0, "mem": 29000}]}
+        await t.put_files({str(fake): json.dumps(gpus).encode()})
+        deadline = time.monotonic() + 20
+        inst = ws.monitor.instance("node1")
+        while time.monotonic() < deadline:
+            await ws.monitor.poll_instance("node1")
+            if inst.last.get("runs", {}).get(run.id, {}).get("gpu_mem"):
+                break
+            await asyncio.sleep(0.5)
+        s = inst.last
+        assert s["gpu_source"] == "fake" and s["gpus"][0]["name"] == "Fake H100"
+        assert s["runs"][run.id]["gpu_mem"] == 29000 and s["runs"][run.id]["gpus"] == [0]
+        assert [p["run"] for p in s["gpu_procs"]] == [run.id]
+        assert inst.gpu_util[0].last == 12 and s["cpu"] >= 0 and s["mem_total"] > 0
+        assert inst.run_gpu_mean(run.id) == 12
+    finally:
+        if t is not None:
+            await stop_agent(t)
+        await ws.close()
+
+
+def test_idle_flag_needs_low_gpu_use_over_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "samples.jsonl"
+    lines = []
+    for i in range(200):  # 200 s: a busy run and an idle one
+        lines.append(json.dumps({"t": 1000 + i, "cpu": 50, "mem_used": 1, "mem_total": 2,
+                                 "gpus": [{"index": 0, "util": 95}, {"index": 1, "util": 8}],
+                                 "runs": {"BUSY": {"gpus": [0]}, "IDLE": {"gpus": [1]}}}))
+    path.write_text("\n".join(lines) + "\n{truncated")
+    m = InstanceMonitor("n", path)
+    assert m.ingest() == 200 and m.n == 200
+    assert m.run_gpu_mean("BUSY") == 95 and m.run_gpu_mean("IDLE") == 8 < IDLE_UTIL
+    from backends.monitor import Monitor
+
+    mon = Monitor(None, tmp_path)
+    mon.instances["n"] = m
+    assert mon.idle_runs() == {"IDLE": 8.0}
+    path.write_text(path.read_text() + "garbage}\n")  # the truncated line is completed by garbage
+    m.ingest()
+    assert m.warnings["invalid agent sample"] == 1
+
+
+async def test_local_agent_and_top(workstation: Workstation, tmp_path: Path) -> None:
+    t = await workstation.transport("local")
+    try:
+        n = 0
+        for _ in range(30):
+            n += await workstation.monitor.poll_instance("local")
+            if n >= 2:
+                break
+            await asyncio.sleep(0.5)
+        last = workstation.monitor.instance("local").last
+        assert n >= 2 and last["gpu_source"] in ("none", "nvitop", "nvidia-smi") and last["ncpu"] > 0
+        # the agent lives beside the runs directory, inside LABDECK_HOME
+        assert (Path(workstation.config.paths.data_dir) / "agent" / "samples.jsonl").exists()
+    finally:
+        await stop_agent(t)
