@@ -180,6 +180,19 @@ class Run(Record):
     params: dict[str, Any] = field(default_factory=dict)
     # code snapshot: commit, dirty, root, files, bytes, diff_blob, diff_truncated, untracked, synced_files, synced_bytes
     code: dict[str, Any] = field(default_factory=dict)
+    # what the instance was: provider, provider_type, vcpus, memory_mib, gpus (summary text), host
+    instance_info: dict[str, Any] = field(default_factory=dict)
+    # per metric: last, last_step, min, max, best, count (written as the run is followed and when it ends)
+    metrics_summary: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # mean GPU utilization of the run's GPUs, peak GPU memory, mean CPU (from the agent)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    # python version and installed packages on the instance, recorded at start
+    environment: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)  # paths on the instance, relative to the run directory
+
+    def cost(self, now: datetime | None = None) -> float:
+        """$ spent: the instance's hourly price × the run's duration so far."""
+        return self.price_per_hour * (self.duration_seconds(now) or 0.0) / 3600.0
 
     @property
     def run_state(self) -> RunState:
@@ -243,4 +256,19 @@ class Edge(Record):
     created_at: str = field(default_factory=utcnow)
 
 
-RECORD_TYPES: dict[str, type[Record]] = {t.TABLE: t for t in (Instance, Run, Deployment, Notebook, Edge)}
+@dataclass
+class Annotation(Record):
+    """A note or a tag on any run, by anyone: kept in the author's own store (so nobody edits
+    another's records, and everyone can annotate every run)."""
+
+    TABLE: ClassVar[str] = "annotations"
+    run_id: str
+    kind: str  # "note" | "tag"
+    text: str
+    id: str = field(default_factory=new_id)
+    user: str = field(default_factory=getpass.getuser)
+    created_at: str = field(default_factory=utcnow)
+    removed: bool = False  # a tag taken off again
+
+
+RECORD_TYPES: dict[str, type[Record]] = {t.TABLE: t for t in (Instance, Run, Deployment, Notebook, Edge, Annotation)}
