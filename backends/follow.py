@@ -103,6 +103,7 @@ class LogFollower:
                 on_data(run, n)
             if n and time.monotonic() - last_save > SAVE_OFFSET_EVERY and run.user == store.user:
                 self._save_offset(run)
+                await self._record(run, final=False)
                 last_save = time.monotonic()
             if run.run_state.is_final:
                 try:  # the job may have written its last lines just before it ended
@@ -114,6 +115,7 @@ class LogFollower:
                     continue
                 if run.user == store.user:
                     self._save_offset(run)
+                    run = await self._record(run, final=True)
                 return run
             if not n and run.user == store.user:
                 try:  # nothing new: is it still running?
@@ -131,6 +133,15 @@ class LogFollower:
         if monitor is not None:
             n += await monitor.poll_run(run, transport)
         return n
+
+    async def _record(self, run: Run, final: bool) -> Run:
+        record = getattr(self.ws, "record_results", None)
+        if record is None:
+            return run
+        try:
+            return await record(run, final=final)
+        except (LabdeckError, StoreError):
+            return run
 
     def _save_offset(self, run: Run) -> None:
         try:

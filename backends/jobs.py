@@ -3,7 +3,9 @@ everything needed to find them again.
 
 A run directory (``<runs root>/<run id>/``) holds::
 
-    command.sh   the command, with its environment exported
+    env.sh       the job's environment (exports)
+    command.sh   the command (sources env.sh)
+    environment.json  the job's Python version and packages, recorded at start
     run.sh       the wrapper: records pid, start/end time and exit code
     pid          the wrapper's pid == the job's process-group id
     started_at   ended_at   exit_code     (UTC times; exit code written atomically)
@@ -31,6 +33,7 @@ from typing import Mapping
 
 from . import code
 from .errors import LabdeckError
+from .lineage import params_from_command
 from .models import Edge, Run, RunState, utcnow
 from .providers.base import Transport, detached_launcher
 from .store import Store
@@ -50,6 +53,13 @@ D={run_dir}
 Q={queue_dir}
 ID={run_id}
 MAX={max_concurrent}
+ENVPY='import json, sys, platform
+try:
+    import importlib.metadata as m
+    pk = sorted({"%s==%s" % (d.metadata["Name"], d.version) for d in m.distributions() if d.metadata["Name"]})
+except Exception:
+    pk = []
+json.dump({"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(), "packages": pk[:3000]}, sys.stdout)'
 """ + ALIVE_FN + r"""
 echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
 : >> "$D/metrics.jsonl"  # where labdeck.log() appends metric points (JSON lines)
@@ -70,6 +80,9 @@ date -u +%Y-%m-%dT%H:%M:%SZ > "$D/started_at.tmp" && mv "$D/started_at.tmp" "$D/
 # SIGTERM/SIGINT/SIGHUP to the process group stop the job; the wrapper stays to record how it ended.
 trap ':' TERM INT HUP
 if cd {workdir}; then
+  # the job's Python environment, for the record (in the background; never delays or breaks the job)
+  ( . "$D/env.sh"; python3 -c "$ENVPY" > "$D/environment.json.tmp" && mv "$D/environment.json.tmp" "$D/environment.json" ) \
+    </dev/null >/dev/null 2>&1 &
   sh "$D/command.sh" >> "$D/output.log" 2>&1 < /dev/null
   code=$?
 else
@@ -141,7 +154,8 @@ SUBMIT_WAIT_SECONDS = 2.0  # how long submit waits to see the job start (it may 
 async def launch(store: Store, transport: Transport, *, instance: str, command: str, workdir: str,
                  runs_root: str, env: Mapping[str, str] | None = None, name: str = "", parent: str | None = None,
                  price_per_hour: float = 0.0, sync_code: bool = True, code_cache: Path | None = None,
-                 max_concurrent: int = 1, progress: code.Progress | None = None, kind: str = "parent") -> Run:
+                 max_concurrent: int = 1, progress: code.Progress | None = None, kind: str = "parent",
+                 instance_info: dict | None = None) -> Run:
     """Record a run, snapshot and sync its code, and start it detached on the instance.
 
     With ``sync_code`` (the default) the code around ``workdir`` (its git repository, or the
@@ -171,6 +185,9 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
             store.write_blob(f"{run.id}.diff", snap.diff.encode())
             run.code["diff_blob"] = f"{run.id}.diff"
     run.workdir = job_dir
+    local_code = (snap.root / run.code["subdir"]) if snap is not None else (Path(workdir) if os.path.isdir(workdir) else None)
+    run.params = params_from_command(command, local_code)
+    run.instance_info = dict(instance_info or {})
     store.add(run)
     if parent:
         store.add(Edge(parent=parent, child=run.id, kind=kind))
@@ -213,9 +230,10 @@ async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, 
 
     launcher = shlex.join(detached_launcher(f"exec sh {run.run_dir}/run.sh", None))
     polls = int(SUBMIT_WAIT_SECONDS / 0.02)
-    script = (f"mkdir -p {d}/lib && {put('command.sh', exports + run.command + chr(10))} && {put('run.sh', wrapper)} && "
+    script = (f"mkdir -p {d}/lib && {put('env.sh', exports)} && {put('command.sh', '. ' + shlex.quote(run.run_dir + '/env.sh') + chr(10) + run.command + chr(10))} && "
+              f"{put('run.sh', wrapper)} && "
               f"{put('lib/labdeck.py', RUNTIME_MODULE.read_text())} && "
-              f"chmod 755 {d}/run.sh {d}/command.sh && {launcher} && "
+              f"chmod 755 {d}/run.sh {d}/command.sh {d}/env.sh && {launcher} && "
               f"i=0; while [ ! -e {d}/started_at ] && [ ! -e {d}/queued ] && [ $i -lt {polls} ]; do sleep 0.02; i=$((i+1)); done; "
               f"cat {d}/started_at 2>/dev/null; true")
     res = await transport.run(script, timeout=60)

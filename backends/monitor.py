@@ -105,6 +105,7 @@ class InstanceMonitor:
     gpu_mem: dict[int, Series] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
     run_gpu: dict[str, deque] = field(default_factory=dict)  # run -> (t, mean util of its GPUs)
+    run_stats: dict[str, dict[str, float]] = field(default_factory=dict)  # run -> lifetime sums for its summary
     warnings: Counter = field(default_factory=Counter)
     n: int = 0
     agent_dir: str = ""
@@ -143,7 +144,15 @@ class InstanceMonitor:
                     self.warnings["invalid GPU entry"] += 1
             for run, r in (s.get("runs") or {}).items():
                 gpus = [i for i in (r.get("gpus") or []) if i in utils]
+                st = self.run_stats.setdefault(run, {"cpu_sum": 0.0, "n": 0, "gpu_sum": 0.0, "gpu_n": 0,
+                                                     "gpu_mem_max": 0.0, "rss_max": 0.0})
+                st["cpu_sum"] += float(r.get("cpu") or 0)
+                st["n"] += 1
+                st["gpu_mem_max"] = max(st["gpu_mem_max"], float(r.get("gpu_mem") or 0))
+                st["rss_max"] = max(st["rss_max"], float(r.get("rss") or 0))
                 if gpus:
+                    st["gpu_sum"] += sum(utils[i] for i in gpus) / len(gpus)
+                    st["gpu_n"] += 1
                     q = self.run_gpu.setdefault(run, deque())
                     q.append((t, sum(utils[i] for i in gpus) / len(gpus)))
                     while q and q[0][0] < t - IDLE_WINDOW:
@@ -260,6 +269,19 @@ class Monitor:
         except MissingFile:
             pass
         return m.update()
+
+    def hardware_summary(self, run_id: str) -> dict[str, Any]:
+        """Mean GPU utilization of the run's GPUs, peak GPU memory, mean CPU and peak RSS, over what was sampled."""
+        out: dict[str, Any] = {}
+        for inst in self.instances.values():
+            st = inst.run_stats.get(run_id)
+            if not st or not st["n"]:
+                continue
+            out = {"samples": st["n"], "cpu_mean": round(st["cpu_sum"] / st["n"], 1), "rss_max_mib": st["rss_max"]}
+            if st["gpu_n"]:
+                out["gpu_util_mean"] = round(st["gpu_sum"] / st["gpu_n"], 1)
+                out["gpu_mem_max_mib"] = st["gpu_mem_max"]
+        return out
 
     def idle_runs(self) -> dict[str, float]:
         """Runs whose GPUs averaged under 30% over (up to) the last 5 minutes: run id → mean %."""

@@ -8,17 +8,19 @@ per-provider error texts next to the instances that did answer.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import jobs
+from . import jobs, lineage
 from .config import Config, load_config
 from .errors import LabdeckError, NotFoundError
 from .follow import LogFollower
 from .monitor import Monitor
-from .models import Instance, Run, RunState
+from .models import Edge, Instance, Run, RunState
 from .paths import Paths
 from .providers import Provider, Transport, build_providers
 from .store import Store
@@ -46,7 +48,7 @@ class Workstation:
         self.providers = providers if providers is not None else build_providers(config)
         self._instance_provider: dict[str, str] = {}
         self._listing: asyncio.Future[InstanceListing] | None = None
-        self._prices: dict[str, float] = {}
+        self._instances: dict[str, Instance] = {}
         self.follower = LogFollower(self, config.paths.cache_dir / "logs")
         self.monitor = Monitor(self, config.paths.cache_dir, pattern=config.get("monitor", "log_pattern") or None,
                                gpu_source=config.get("monitor", "gpu_source"))
@@ -84,7 +86,7 @@ class Workstation:
                 continue
             for inst in res:
                 self._instance_provider[inst.name] = name
-                self._prices[inst.name] = inst.price_per_hour
+                self._instances[inst.name] = inst
                 listing.instances.append(inst)
         return listing
 
@@ -111,15 +113,18 @@ class Workstation:
         """Start ``command`` on ``instance`` (see :func:`backends.jobs.launch`)."""
         provider = await self.provider_of(instance)
         transport = provider.transport(instance)
-        price = self._prices.get(instance)
-        if price is None:
-            price = (await provider.describe(instance)).price_per_hour
+        inst = self._instances.get(instance)
+        if inst is None:
+            inst = await provider.describe(instance)
+        price = inst.price_per_hour
+        info = {"provider": inst.provider, "provider_type": inst.provider_type, "vcpus": inst.vcpus,
+                "memory_mib": inst.memory_mib, "gpus": inst.gpu_summary if inst.gpus else "", "host": inst.host}
         max_concurrent = provider.max_concurrent(instance)
         return await jobs.launch(self.store, transport, instance=instance, command=command,
                                  workdir=workdir or str(Path.cwd()), runs_root=await transport.runs_root(),
                                  env=env, name=name, parent=parent, price_per_hour=price, sync_code=sync_code,
                                  code_cache=self.config.paths.cache_dir / "hashes.json",
-                                 max_concurrent=max_concurrent, progress=progress, kind=kind)
+                                 max_concurrent=max_concurrent, progress=progress, kind=kind, instance_info=info)
 
     async def rerun(self, ref: str) -> Run:
         """Run a run's command again, from its recorded code, as a child of it in lineage."""
@@ -166,6 +171,53 @@ class Workstation:
             changed.extend(part)
         return changed
 
+    async def record_results(self, run: Run, *, final: bool = False) -> Run:
+        """Write what the run reported into its record: labdeck.config() params, the metrics summary,
+        the hardware summary, parents it declared with labdeck.use(); at the end also its Python
+        environment and its artifacts. Only the owner's runs are written."""
+        if run.user != self.user:
+            return run
+        rm = self.monitor.run(run)
+        rm.update()
+        fields: dict = {"metrics_summary": _json_safe(rm.series.summary())}
+        if rm.config:
+            fields["params"] = {**run.params, **_json_safe(lineage.flatten(rm.config))}
+        hw = self.monitor.hardware_summary(run.id)
+        if hw:
+            fields["hardware"] = hw
+        for used_run, path in rm.file_parser.uses:
+            self._record_use(run, used_run, path)
+        if final:
+            transport = await self.transport(run.instance)
+            try:
+                env = await transport.read_file(f"{run.run_dir}/environment.json", 0, 1 << 20)
+                fields["environment"] = json.loads(env.data or b"{}")
+            except (LabdeckError, ValueError):
+                pass
+            res = await transport.run(
+                f"cd {shlex.quote(run.run_dir)} 2>/dev/null && find . -type f ! -path './code/*' ! -path './lib/*' "
+                f"! -name '*.sh' ! -name 'pid' ! -name 'exit_code' ! -name '*_at' ! -name 'queued' ! -name 'output.log' "
+                f"! -name 'metrics.jsonl' ! -name 'environment.json' 2>/dev/null | head -500", timeout=30)
+            fields["artifacts"] = sorted(line[2:] for line in res.text().splitlines() if line.startswith("./"))
+        return self.store.update_run(run.id, **fields)
+
+    def _record_use(self, run: Run, used_ref: str, path: str | None) -> None:
+        try:
+            used = self.store.find_run(used_ref)
+        except LabdeckError:
+            return  # a run we cannot see: nothing to link
+        edges = [Edge.from_dict(d) for d in self.store.mine.all("edges")]
+        if any(e.parent == used.id and e.child == run.id for e in edges):
+            return
+        runs, _ = self.store.runs()
+        try:
+            lineage.check_no_cycle(run.id, used.id, lineage.parents_map({r.id: r for r in runs}, edges))
+        except LabdeckError:
+            return
+        self.store.add(Edge(parent=used.id, child=run.id, kind="uses"))
+        if not run.parent:
+            self.store.update_run(run.id, parent=used.id)
+
     async def cancel(self, ref: str) -> Run:
         run = self.store.find_run(ref)
         transport = await self.transport(run.instance)
@@ -181,3 +233,14 @@ class Workstation:
         for p in self.providers.values():
             await p.close()
         self.store.close()
+
+
+def _json_safe(value):
+    """Non-finite floats as the strings NaN / Infinity / -Infinity (the store writes strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

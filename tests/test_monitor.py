@@ -34,10 +34,24 @@ async def test_labdeck_log_points_reach_the_series_on_a_node(home, fresh_rig, tm
             "for i in range(2000):\n"
             "    labdeck.log({'loss': 1.0 / (i + 1), 'acc': i / 2000}, step=i)\n"
             "labdeck.log({'loss': float('nan'), 'note': 'text'}, step=2000)\n"
-            "print('val_loss=0.25 epoch=1')\n")
-        run = await ws.launch(f"{rig.python} train.py", instance="node1", workdir=str(tmp_path / "p"))
+            "print('val_loss=0.25 epoch=1')\n"
+            "import os\nopen(os.path.join(os.environ['LABDECK_RUN_DIR'], 'ckpt.bin'), 'wb').write(b'w')\n")
+        run = await ws.launch(f"{rig.python} train.py --seed 7", instance="node1", workdir=str(tmp_path / "p"))
         done = await follow_to_end(ws, run.id)
         assert done.state == "succeeded", done.state_reason
+        # what the run recorded, for lineage
+        assert done.params == {"seed": 7, "lr": 0.001, "layers": 4}
+        assert done.metrics_summary["loss"]["min"] == pytest.approx(1 / 2000) and done.metrics_summary["loss"]["last"] == "NaN"
+        assert done.environment["python"].startswith("3.") and done.artifacts == ["ckpt.bin"]
+        assert done.instance_info["provider"] == "lab" and done.instance_info["vcpus"] > 0
+        # a second run loads the first one's checkpoint: it becomes its child
+        (tmp_path / "p" / "finetune.py").write_text(
+            f"import labdeck\nprint(open(labdeck.use('{run.id}', 'ckpt.bin'), 'rb').read())\n")
+        run2 = await ws.launch(f"{rig.python} finetune.py", instance="node1", workdir=str(tmp_path / "p"))
+        done2 = await follow_to_end(ws, run2.id)
+        assert done2.state == "succeeded" and done2.parent == run.id
+        assert ws.follower.local_path(done2).read_text().strip() == "b'w'"
+        assert [(e["parent"], e["kind"]) for e in ws.store.mine.all("edges") if e["child"] == run2.id] == [(run.id, "uses")]
         rm = ws.monitor.runs[run.id]
         loss, acc = rm.series.series("loss"), rm.series.series("acc")
         assert len(loss) == 2001 and len(acc) == 2000  # the NaN point is kept (a diverged loss shows)

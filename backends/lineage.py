@@ -1,0 +1,247 @@
+"""Lineage: what each run records, how runs relate, and notes/tags by anyone.
+
+At launch a run records who, when, the instance (provider, size, GPUs), the
+command and its parameters (``--lr 3e-4`` / ``lr=3e-4`` in argv, and the JSON,
+TOML or simple YAML config files the command names), and its code (commit,
+diff, untracked files). While it runs and when it ends, labdeck adds what the
+run itself reports: ``labdeck.config()`` parameters, the metrics summary
+(last / best / min / max per metric), the mean GPU utilization of its GPUs,
+the Python environment on the instance, its artifacts (files it wrote in its
+run directory), and parents discovered from ``labdeck.use(run, path)``.
+
+Parents: ``--parent``, reruns, and ``use`` make :class:`backends.models.Edge`
+records (kind parent / rerun / uses); ``Run.parent`` is the primary one, drawn
+as the tree. Edges that would make a cycle are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import LabdeckError, NotFoundError
+from .models import Annotation, Edge, Run
+
+CONFIG_SUFFIXES = (".json", ".toml", ".yaml", ".yml")
+_KV = re.compile(r"^\+*([A-Za-z_][\w.\-/]*)=(.*)$")
+MAX_PARAMS = 500
+
+
+def _value(text: str) -> Any:
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        return t
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _simple_yaml(text: str) -> dict[str, Any]:
+    """Flat and indented ``key: value`` YAML (no lists or anchors): enough for typical training configs."""
+    out: dict[str, Any] = {}
+    stack: list[tuple[int, str]] = []
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].rstrip()
+        if not line.strip() or line.lstrip().startswith(("#", "-")) or ":" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, val = line.strip().partition(":")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        full = ".".join([s for _, s in stack] + [key.strip().strip("'\"")])
+        if val.strip():
+            out[full] = _value(val.strip().strip("'\""))
+        else:
+            stack.append((indent, key.strip()))
+    return out
+
+
+def params_from_command(command: str, code_dir: Path | None = None) -> dict[str, Any]:
+    """Parameters a command line names: ``--key value``, ``--key=value``, ``key=value`` (Hydra),
+    and the contents of JSON/TOML/YAML files it mentions (argv wins over files)."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        tokens = command.split()
+    params: dict[str, Any] = {}
+    from_files: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--") and len(tok) > 2:
+            key = tok[2:]
+            if "=" in key:
+                key, val = key.split("=", 1)
+                params[key] = _value(val)
+            elif i + 1 < len(tokens) and not _KV.match(tokens[i + 1]) and (
+                    not tokens[i + 1].startswith("-") or _is_number(tokens[i + 1])):
+                params[key] = _value(tokens[i + 1])
+                i += 1
+            else:
+                params[key] = True
+        elif (m := _KV.match(tok)) and i > 0:
+            params[m.group(1)] = _value(m.group(2))
+        if code_dir is not None and tok.endswith(CONFIG_SUFFIXES):
+            from_files.update(_read_config(code_dir / tok))
+        i += 1
+    merged = {**from_files, **params}
+    return dict(list(merged.items())[:MAX_PARAMS])
+
+
+def _is_number(t: str) -> bool:
+    try:
+        float(t)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return {}
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            return _simple_yaml(text)
+        return flatten(data) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ---- relations ------------------------------------------------------------------
+
+def parents_map(runs: dict[str, Run], edges: list[Edge]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in runs.values():
+        if r.parent:
+            out.setdefault(r.id, set()).add(r.parent)
+    for e in edges:
+        out.setdefault(e.child, set()).add(e.parent)
+    return out
+
+
+def ancestors(run_id: str, parents: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(parents.get(run_id, ()))
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo.extend(parents.get(p, ()))
+    return seen
+
+
+def check_no_cycle(child: str, parent: str, parents: dict[str, set[str]]) -> None:
+    if parent == child or child in ancestors(parent, parents):
+        raise LabdeckError(f"Making {parent[-8:].lower()} a parent of {child[-8:].lower()} would make a cycle in the lineage.")
+
+
+def path_from_baseline(run: Run, runs: dict[str, Run]) -> list[Run]:
+    """The chain of primary parents from the root down to ``run``."""
+    chain = [run]
+    seen = {run.id}
+    while chain[0].parent and chain[0].parent in runs and chain[0].parent not in seen:
+        chain.insert(0, runs[chain[0].parent])
+        seen.add(chain[0].id)
+    return chain
+
+
+def params_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every parameter added (old None), removed (new None) or changed."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
+        if a != b:
+            out.append((k, None if a is _MISSING else a, None if b is _MISSING else b))
+    return out
+
+
+_MISSING = object()
+
+
+def key_metric(runs: list[Run]) -> str | None:
+    """The metric the project cares about: the first name with "loss", else the most common one."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        for name in r.metrics_summary:
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return None
+    losses = sorted(n for n in counts if "loss" in n.lower())
+    val = [n for n in losses if "val" in n.lower()]
+    if val:
+        return val[0]
+    if losses:
+        return losses[0]
+    return max(sorted(counts), key=lambda n: counts[n])
+
+
+# ---- annotations ----------------------------------------------------------------
+
+def annotate(store, run_ref: str, kind: str, text: str) -> Annotation:
+    """A note or tag by the current user on any run (kept in their own store)."""
+    run = store.find_run(run_ref)
+    text = text.strip()
+    if not text:
+        raise LabdeckError(f"An empty {kind}.")
+    if kind == "tag" and not re.fullmatch(r"[\w.\-/]+", text):
+        raise LabdeckError(f"Tag {text!r}: use letters, digits and . - _ / only.")
+    a = Annotation(run_id=run.id, kind=kind, text=text, user=store.user)
+    store.add(a)
+    return a
+
+
+def untag(store, run_ref: str, tag: str) -> int:
+    """Take the current user's tag off a run. Returns how many were removed."""
+    run = store.find_run(run_ref)
+    n = 0
+    for doc in store.mine.all("annotations"):
+        if doc["run_id"] == run.id and doc["kind"] == "tag" and doc["text"] == tag and not doc.get("removed"):
+            store.mine.mutate("annotations", doc["id"], lambda d: {**d, "removed": True})
+            n += 1
+    if not n:
+        raise NotFoundError(f"You have no tag {tag!r} on {run.display_name}.")
+    return n
+
+
+def annotations_by_run(store) -> tuple[dict[str, list[Annotation]], dict[str, str]]:
+    recs, errors = store.records("annotations")
+    out: dict[str, list[Annotation]] = {}
+    for a in sorted(recs, key=lambda a: a.id):
+        out.setdefault(a.run_id, []).append(a)
+    return out, errors
+
+
+def tags_of(annotations: list[Annotation]) -> list[str]:
+    tags: dict[tuple[str, str], bool] = {}
+    for a in annotations:
+        if a.kind == "tag":
+            tags[(a.user, a.text)] = not a.removed
+    return sorted({t for (_, t), on in tags.items() if on})
