@@ -22,6 +22,7 @@ import json
 import os
 import posixpath
 import shlex
+import stat
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
@@ -138,10 +139,10 @@ def snapshot(directory: str | os.PathLike, cache_path: Path | None = None) -> Sn
     for name in names:
         p = root / name
         try:
-            st = p.lstat()
+            st = p.lstat()  # one stat per file: regular files only (no symlinks, sockets, dirs)
         except FileNotFoundError:  # deleted in the work tree but still in the index
             continue
-        if not p.is_file() or p.is_symlink():
+        if not stat.S_ISREG(st.st_mode):
             continue
         snap.files[name] = (cache.sha(p, st), st.st_mode & 0o777)
         snap.sizes[name] = st.st_size

@@ -43,7 +43,8 @@ CONNECT_TIMEOUT = 5.0
 KEEPALIVE_INTERVAL = 2.0
 KEEPALIVE_COUNT_MAX = 3
 BACKOFF_FIRST = 0.25
-BACKOFF_MAX = 0.5
+BACKOFF_MAX = 0.5  # after a refusal or an unreachable route: the link may be back in a moment
+BACKOFF_SILENT_MAX = 15.0  # after a timeout: each try costs connect_timeout
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,10 @@ class KnownHosts:
             os.close(fd)
 
 
+class _Silent(TransportError):
+    """A host (or a hop on the way) that did not answer at all within the timeout."""
+
+
 class _Client(asyncssh.SSHClient):
     """Checks the server's host key against labdeck's known_hosts."""
 
@@ -290,12 +295,25 @@ class _Conn:
                     raise self.last_error
                 await asyncio.sleep(wait)
             try:
-                self.conn = await self._connect()
+                conn = await self._connect()
             except TransportError as e:
                 self.failures += 1
-                self.retry_at = time.monotonic() + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+                # a host that answers "no" is asked again soon (it may be back in a moment); one that
+                # does not answer at all costs a whole timeout per try, so it is asked less and less often
+                if isinstance(e, _Silent):
+                    delay = min(BACKOFF_SILENT_MAX, self.pool.connect_timeout * 2 ** (self.failures - 1))
+                else:
+                    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+                self.retry_at = time.monotonic() + delay
                 self.last_error = e
                 raise
+            try:
+                # OpenSSH's sshd turns TCP_NODELAY on only when a session starts on a connection; a jump
+                # host that only forwards would otherwise hold small packets ~40 ms for delayed ACKs.
+                await asyncio.wait_for(conn.run("true", check=False), self.pool.connect_timeout)
+            except (asyncio.TimeoutError, asyncssh.Error, OSError):
+                pass  # a host that refuses commands (ForceCommand, no shell) still forwards
+            self.conn = conn
             self.failures = 0
             self.last_error = None
             self.generation += 1
@@ -313,7 +331,7 @@ class _Conn:
             known_hosts=lambda h, a, p: ([], [], []),  # every key goes through _Client.validate_host_public_key
             client_factory=lambda: client, agent_forwarding=False, x11_forwarding=False,
             keepalive_interval=self.pool.keepalive_interval, keepalive_count_max=KEEPALIVE_COUNT_MAX,
-            connect_timeout=self.pool.connect_timeout, login_timeout=self.pool.connect_timeout * 2,
+            connect_timeout=self.pool.connect_timeout, login_timeout=self.pool.connect_timeout,
             config=(),  # labdeck resolves ~/.ssh/config itself (resolve_host)
         )
         if spec.identity_files:
@@ -339,8 +357,15 @@ class _Conn:
             raise TransportError(f"{spec.label} refused the SSH key (permission denied for user {kwargs['username']}).",
                                  "Check the user and identity_file, and that your public key is in the host's authorized_keys.") from None
         except (asyncio.TimeoutError, TimeoutError):
-            raise TransportError(f"{spec.label} did not answer within {self.pool.connect_timeout:g}s.",
-                                 "Is the host up, and is the network path to it (and its jump hosts) working?") from None
+            raise _Silent(f"{spec.label} did not answer within {self.pool.connect_timeout:g}s.",
+                          "Is the host up, and is the network path to it (and its jump hosts) working?") from None
+        except asyncssh.ConnectionLost as e:
+            if client.problem:
+                raise TransportError(*client.problem) from None
+            if "Login timeout" in str(e):  # TCP connected, but no SSH conversation in time
+                raise _Silent(f"{spec.label} did not answer within {self.pool.connect_timeout:g}s (no SSH handshake).",
+                              "Is sshd running and healthy there (and on its jump hosts)?") from None
+            raise TransportError(f"Cannot connect to {spec.label}: {e.reason or e}.") from None
         except (OSError, asyncssh.Error) as e:
             if client.problem:
                 raise TransportError(*client.problem) from None

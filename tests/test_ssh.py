@@ -141,7 +141,7 @@ async def test_cancel_on_a_node_stops_the_process_group(ws, rig, tmp_path) -> No
                           sync_code=False)
     assert run.state == "running"
     t = await ws.transport("node2")
-    assert (await t.run(f"ps -o pid= -g {run.pid} | wc -l")).text().strip() in ("4", "5")  # wrapper, sh, 2× sleep
+    assert int((await t.run(f"ps -o pid= -g {run.pid} | wc -l")).text()) >= 4  # wrapper, sh, 2× sleep (+ env probe)
     ws.config.values["jobs"]["cancel_grace_seconds"] = 2.0
     done = await ws.cancel(run.id)
     assert done.state == "cancelled"

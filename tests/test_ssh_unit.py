@@ -142,3 +142,40 @@ async def test_unreachable_port_fails_fast_and_backs_off(tmp_path: Path, ssh_cli
         await pool.connection(spec)
     assert time.monotonic() - t0 < 0.5
     await pool.close()
+
+
+async def test_a_silent_host_shows_connecting_and_holds_nobody_up(ssh_server, ssh_client_key, home: Path) -> None:
+    """A host that accepts TCP but never speaks SSH: the listing answers within ~1 s anyway."""
+    import asyncio
+    import time
+
+    from backends.config import load_config
+    from backends.paths import Paths
+    from backends.workstation import Workstation
+
+    async def silent(reader, writer):
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    (home / "config.toml").write_text(
+        f'[providers.lab]\ntype = "ssh"\nssh_config = ""\nconnect_timeout = 3\n\n'
+        f'[providers.lab.hosts.ok]\nhost = "{ssh_server.host}"\nport = {ssh_server.port}\nuser = "{ssh_server.user}"\n'
+        f'identity_file = "{ssh_client_key}"\n\n'
+        f'[providers.lab.hosts.silent]\nhost = "127.0.0.1"\nport = {port}\nuser = "x"\nidentity_file = "{ssh_client_key}"\n')
+    ws = Workstation(load_config(Paths.resolve(home)))
+    try:
+        t0 = time.monotonic()
+        states = {i.name: i for i in (await ws.list_instances()).instances}
+        assert time.monotonic() - t0 < 2.0
+        assert states["ok"].state == "running" and states["silent"].state == "connecting"
+        assert "still trying" in states["silent"].note
+        await asyncio.sleep(3.2)  # the connect times out in the background
+        states = {i.name: i for i in (await ws.list_instances()).instances}
+        assert states["silent"].state == "unreachable" and "did not answer within 3s" in states["silent"].note
+        t0 = time.monotonic()  # now it is in its (longer) backoff: answered at once
+        states = {i.name: i for i in (await ws.list_instances()).instances}
+        assert time.monotonic() - t0 < 0.5 and states["silent"].state == "unreachable"
+    finally:
+        await ws.close()
+        server.close()

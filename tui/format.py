@@ -9,7 +9,7 @@ from backends.models import parse_time
 STATE_STYLE = {
     "queued": "grey70", "syncing": "cyan", "running": "bold green", "succeeded": "green",
     "failed": "bold red", "cancelled": "yellow", "lost": "magenta", "preempted": "magenta",
-    "unreachable": "bold red", "stopped": "yellow", "pending": "cyan", "terminated": "grey50",
+    "unreachable": "bold red", "connecting": "yellow", "stopped": "yellow", "pending": "cyan", "terminated": "grey50",
 }
 
 

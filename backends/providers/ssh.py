@@ -36,6 +36,9 @@ from ..ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, re
 from .base import InstanceSpec, Provider, Transport
 
 
+DESCRIBE_WAIT = 1.0  # seconds a listing waits for a host that is still connecting
+
+
 def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be 0 or more"
 
@@ -124,6 +127,7 @@ class SSHProvider(Provider):
         for hname in hosts:
             self.specs[hname] = self._spec(hname)
         self._facts: dict[str, tuple[int, dict[str, Any]]] = {}  # host -> (connection generation, facts)
+        self._connecting: dict[str, asyncio.Future] = {}
 
     def _spec(self, hname: str, _seen: tuple[str, ...] = ()) -> HostSpec:
         if hname in self.specs:
@@ -154,10 +158,24 @@ class SSHProvider(Provider):
         inst = Instance(id=f"{self.name}/{instance}", name=instance, provider=self.name, provider_type=self.type,
                         host=spec.hostname, price_per_hour=float(h["price_per_hour"]), tags=dict(h["tags"]))
         transport = self.transport(instance)
+        handle = self.pool.handle(spec)
         try:
+            if handle.conn is None:
+                # connect in the background; a host that takes longer than DESCRIBE_WAIT shows as
+                # "connecting" now, and the listing of every other host is not held up by it
+                task = self._connecting.get(instance)
+                if task is None or task.done():
+                    task = self._connecting[instance] = asyncio.ensure_future(handle.get())
+                    task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), DESCRIBE_WAIT)
+                except asyncio.TimeoutError:
+                    inst.state = "connecting"
+                    inst.note = f"no answer yet from {spec.label} (still trying, up to {self.pool.connect_timeout:g}s)"
+                    self._apply_cached(inst, instance)
+                    return inst
             t0 = time.perf_counter()
             await transport.run("true", timeout=self.pool.connect_timeout * 2)
-            handle = self.pool.handle(spec)
             cached = self._facts.get(instance)
             if cached is None or cached[0] != handle.generation:
                 t0 = time.perf_counter()  # the first call paid for connecting; time a second one
@@ -170,16 +188,19 @@ class SSHProvider(Provider):
         except LabdeckError as e:
             inst.state = "unreachable"
             inst.note = e.render()
-            cached = self._facts.get(instance)
-            if cached:
-                for k, v in cached[1].items():
-                    setattr(inst, k, v)
+            self._apply_cached(inst, instance)
             return inst
         for k, v in self._facts[instance][1].items():
             setattr(inst, k, v)
         inst.state = "running"
         inst.latency_ms = latency * 1000
         return inst
+
+    def _apply_cached(self, inst: Instance, instance: str) -> None:
+        cached = self._facts.get(instance)
+        if cached:
+            for k, v in cached[1].items():
+                setattr(inst, k, v)
 
     def _refuse(self, what: str) -> ProviderError:
         return ProviderError(f"The {self.name} hosts are your team's own machines: labdeck does not {what} them.",

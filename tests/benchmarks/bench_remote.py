@@ -13,7 +13,7 @@ one run, each beside a baseline measured in the same run:
    untimed launch of each kind first). ``max_concurrent`` is raised to 64 so no launch
    waits in the node's FIFO queue behind the earlier ``sleep 1`` jobs. Baseline: a fresh
    OpenSSH ``ssh -F <rig ssh_config> node1 true`` (ProxyJump through the jump host),
-   the same number of times, interleaved round-robin with the two launch kinds.
+   the same number of times, interleaved round-robin with the launches.
    Target: labdeck p50 ≤ 0.5× the fresh ssh p50.
 2. **Incremental sync of a 5,000-file tree after one file changed** (200 dirs × 25
    files of 1–4 KB, deterministic, not a git repository). A first full sync, then per
@@ -22,7 +22,7 @@ one run, each beside a baseline measured in the same run:
    ``backends.code.sync`` over the Workstation's transport for node1, beside
    ``rsync -a -e "ssh -F <rig ssh_config>" SRC/ node1:DEST/`` after the same change
    (a fresh ssh through the jump host each time, as rsync is used). Medians of 5.
-   Both copies are checked against the local file after every repetition.
+   Every remote copy of the changed file is checked against the local one each time.
 3. **Status refresh of 20 hosts, some down.** ``Rig.build`` caps a rig at 3 nodes (one
    /28 of addresses each), so 20 ``[providers.lab.hosts.*]`` entries point at the three
    node addresses, each with its own copy of the client key: labdeck's pool keys a
@@ -42,12 +42,13 @@ one run, each beside a baseline measured in the same run:
    (ConnectTimeout 5), and SkyPilot's ``sky status`` at 2–23 s (published, not measured
    here). Target: ≤ 1 s.
 
-Diagnostic rows (dim, no target): parts 1 and 2 once more after one command has run on
-the jump host itself through labdeck's connection to it. OpenSSH's sshd turns TCP_NODELAY
-on for a connection only when a session (exec/shell) starts on it; a jump host that only
-forwards, which is all labdeck asks of it, keeps Nagle's algorithm on, and each small
-reply through it can wait for the client's delayed ACK (~40 ms on Linux). The rows show
-what that costs labdeck's round trips.
+Diagnostic rows (dim, no target), parts 1 and 2: a second Workstation, its own pool and
+code mirror, used in turn with the first (same launches, same file changes), whose
+connection to the jump host has run one command on the jump host itself. OpenSSH's sshd
+turns TCP_NODELAY on for a connection only when a session (exec/shell) starts on it
+(``ssh_packet_set_interactive``); a jump host that only forwards, which is all labdeck
+asks of it, keeps Nagle's algorithm on, and small replies through it can wait for the
+client's delayed ACK (~40 ms on Linux). The rows show what that costs each round trip.
 
 Run: ``python3 -m tests.benchmarks remote`` (or ``python3 -m tests.benchmarks.bench_remote``).
 """
@@ -334,6 +335,12 @@ def parallel_ssh(config: Path, hosts: dict[str, tuple[Any, Path, str]]) -> dict[
         for name, p in procs.items():
             if name not in done and p.poll() is not None:
                 done[name] = (time.perf_counter() - t, p.returncode)
+        if time.perf_counter() - t > 60:  # ConnectTimeout bounds them all; never hang the benchmark
+            for name, p in procs.items():
+                if name not in done:
+                    p.kill()
+                    p.wait()
+                    done[name] = (time.perf_counter() - t, -9)
         time.sleep(0.002)
     ok = {name: rc == 0 for name, (_, rc) in done.items()}
     return {"all_s": max(dt for dt, _ in done.values()),
@@ -374,7 +381,7 @@ async def measure_refresh(ws: Workstation, hosts: dict[str, tuple[Any, Path, str
     for _ in range(IN_BACKOFF):  # at once after the last: the down hosts are still in their backoff
         dt, st = await refresh()
         backoff.append(dt)
-    provider.describe = describe  # type: ignore[method-assign]
+    del provider.describe  # back to the class's method
 
     def worst(role: str) -> float | None:
         xs = [dt for n, dt in per_host.items() if roles.get(n) == role]
