@@ -104,9 +104,11 @@ def params_from_command(command: str, code_dir: Path | None = None) -> dict[str,
                 params[key] = True
         elif (m := _KV.match(tok)) and i > 0:
             params[m.group(1)] = _value(m.group(2))
-        if code_dir is not None and tok.endswith(CONFIG_SUFFIXES):
-            from_files.update(_read_config(code_dir / tok))
         i += 1
+    if code_dir is not None:
+        for tok in tokens:  # config files named anywhere (also as the value of --config)
+            if tok.endswith(CONFIG_SUFFIXES) and "=" not in tok:
+                from_files.update(_read_config(code_dir / tok))
     merged = {**from_files, **params}
     return dict(list(merged.items())[:MAX_PARAMS])
 
@@ -245,3 +247,71 @@ def tags_of(annotations: list[Annotation]) -> list[str]:
         if a.kind == "tag":
             tags[(a.user, a.text)] = not a.removed
     return sorted({t for (_, t), on in tags.items() if on})
+
+
+# ---- the team's view --------------------------------------------------------------
+
+class TeamLineage:
+    """Everyone's runs, edges and annotations, read together (teammates' unreadable stores reported)."""
+
+    def __init__(self, store) -> None:
+        runs, self.errors = store.runs()
+        self.runs: dict[str, Run] = {r.id: r for r in runs}
+        edges, e2 = store.records("edges")
+        self.edges: list[Edge] = [e for e in edges if isinstance(e, Edge)]
+        self.annotations, e3 = annotations_by_run(store)
+        self.errors.update(e2)
+        self.errors.update(e3)
+        self.parents = parents_map(self.runs, self.edges)
+        self.children: dict[str, list[str]] = {}
+        for child, ps in self.parents.items():
+            for p in ps:
+                self.children.setdefault(p, []).append(child)
+
+    def tags(self, run_id: str) -> list[str]:
+        return tags_of(self.annotations.get(run_id, []))
+
+    def notes(self, run_id: str) -> list[Annotation]:
+        return [a for a in self.annotations.get(run_id, []) if a.kind == "note"]
+
+    def parent_of(self, run: Run) -> Run | None:
+        return self.runs.get(run.parent) if run.parent else None
+
+    def descendants(self, run_id: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(self.children.get(run_id, ()))
+        while todo:
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo.extend(self.children.get(c, ()))
+        return seen
+
+
+def metric_value(run: Run, name: str | None, which: str = "last") -> float | None:
+    if not name:
+        return None
+    v = run.metrics_summary.get(name, {}).get(which)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def code_diff(a: Run | None, b: Run, read_blob) -> str:
+    """What changed in the code from run ``a`` to run ``b``: the commits between them (when the
+    repository is on this machine) and each run's own uncommitted changes. ``read_blob(user, name)``."""
+    import subprocess
+
+    parts: list[str] = []
+    ca, cb = (a.code.get("commit") if a else None), b.code.get("commit")
+    root = b.code.get("root")
+    if a is not None and ca and cb and ca != cb and root and Path(root).is_dir() and a.code.get("root") == root:
+        res = subprocess.run(["git", "-C", root, "diff", "--no-color", ca, cb], capture_output=True)
+        if res.returncode == 0 and res.stdout:
+            parts.append(f"# commits {ca[:10]} → {cb[:10]}\n" + res.stdout.decode("utf-8", "replace"))
+    elif a is not None and ca != cb:
+        parts.append(f"# commit {str(ca)[:10]} → {str(cb)[:10]} (the repository is not on this machine: commits not shown)\n")
+    for label, run in (("before", a), ("this run", b)):
+        if run is not None and run.code.get("diff_blob"):
+            blob = read_blob(run.user, run.code["diff_blob"]) or b""
+            if blob:
+                parts.append(f"# uncommitted changes ({label}: {run.display_name})\n" + blob.decode("utf-8", "replace"))
+    return "\n".join(parts)

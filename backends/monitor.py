@@ -15,9 +15,11 @@ network. Series downsample to the chart's width incrementally
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import os
 import posixpath
 import shlex
 import time
@@ -36,6 +38,7 @@ AGENT_SOURCE = (Path(__file__).parent / "runtime" / "agent.py").read_bytes()
 AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:12]
 IDLE_WINDOW = 300.0  # seconds of GPU samples that decide "idle"
 IDLE_UTIL = 30.0  # % mean GPU utilization under which a run is flagged
+UPDATE_SLICE = 1 << 20  # bytes of a local copy parsed per step (~10k lines: tens of ms)
 
 
 def agent_dir(runs_root: str) -> str:
@@ -82,15 +85,20 @@ class _LineFile:
         self.offset = 0
         self.carry = b""
 
-    def read(self) -> bytes:
+    def read(self, limit: int = -1) -> bytes:
+        """New bytes (at most ``limit``); ``pending`` says whether more were left for the next call."""
         try:
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 f.seek(self.offset)
-                data = f.read()
+                data = f.read(limit)
         except FileNotFoundError:
             return b""
         self.offset += len(data)
+        self.pending = self.offset < size
         return data
+
+    pending = False
 
 
 @dataclass
@@ -186,15 +194,18 @@ class RunMonitor:
         self.updated = 0.0
         self.logged_names: set[str] = set()  # names the code logs with labdeck.log(): the log copy of them is ignored
 
-    def update(self) -> int:
+    def update(self, limit: int = UPDATE_SLICE) -> int:
+        """Parse what is new in the local copies, at most ``limit`` bytes of each per call (a backlog of
+        millions of points is taken in slices, so the caller can keep its event loop responsive and
+        memory stays bounded); ``backlog`` says whether more is waiting."""
         n = 0
-        data = self.metrics_file.read()
+        data = self.metrics_file.read(limit)
         if data:
             pts = self.file_parser.feed(data)
             self.logged_names.update(p.name for p in pts)
             self.series.ingest(pts)
             n += len(pts)
-        data = self.log_file.read()
+        data = self.log_file.read(limit)
         if data:
             pts = [p for p in self.log_parser.feed(data) if p.name not in self.logged_names]
             self.series.ingest(pts)
@@ -202,6 +213,10 @@ class RunMonitor:
         if n:
             self.updated = time.monotonic()
         return n
+
+    @property
+    def backlog(self) -> bool:
+        return self.metrics_file.pending or self.log_file.pending
 
     @property
     def warnings(self) -> Counter:
@@ -268,7 +283,11 @@ class Monitor:
             await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path)
         except MissingFile:
             pass
-        return m.update()
+        n = m.update()
+        while m.backlog:  # a job that logged faster than we read: catch up in slices, letting others run
+            await asyncio.sleep(0)
+            n += m.update()
+        return n
 
     def hardware_summary(self, run_id: str) -> dict[str, Any]:
         """Mean GPU utilization of the run's GPUs, peak GPU memory, mean CPU and peak RSS, over what was sampled."""

@@ -142,6 +142,21 @@ def _fmt_cost(c: float) -> str:
     return f"${c:,.2f}"
 
 
+def _fmt_price(p: Any) -> str:
+    v = _num(p)
+    return f"${v:,.2f}/h" if v is not None and math.isfinite(v) else "—"
+
+
+_LABEL_WORDS = {"gpu": "GPU", "cpu": "CPU", "rss": "RSS", "mib": "MiB", "gib": "GiB", "mem": "memory",
+                "util": "utilization", "pct": "%", "max": "peak"}
+
+
+def _hw_label(key: str) -> str:
+    words = [_LABEL_WORDS.get(w.lower(), w) for w in re.split(r"[_\s]+", str(key)) if w]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
 def _fmt_time(iso: str | None) -> str:
     if not iso:
         return "—"
@@ -380,8 +395,7 @@ def _hardware_items(hw: Mapping[str, Any]) -> list[tuple[str, str]]:
             util_done = True
             items.append(("Mean GPU util", f"{_num(v):.0f}%"))
             continue
-        label = str(k).replace("_", " ")
-        label = label[:1].upper() + label[1:]
+        label = _hw_label(k)
         if isinstance(v, (Mapping, list, tuple)):
             val = _fmt_param(v)
         elif _num(v) is not None:
@@ -569,7 +583,8 @@ def _summary(f: type, path: Sequence[Run], steps: list[_Step], key: str | None,
                 d = tv - bv
                 verdict = "unchanged" if d == 0 else (
                     "better" if (d < 0) == lower_is_better(key) else "worse")
-                change = f" ({_fmt_delta(d, bv)}, {verdict})"
+                pct = f", {d / abs(bv) * 100:+.1f}%" if bv != 0 else ""
+                change = f" ({d:+.4g}{pct}: {verdict})"
             parts.append(f"Key metric {f.code(key)} (last value): {_fmt_num(bv)} → "
                          f"{f.strong(_fmt_num(tv))}{change}.")
     return " ".join(parts)
@@ -667,7 +682,7 @@ def _render_md(title: str, generated: str, path: Sequence[Run], steps: list[_Ste
                 f"- Instance: {M.text(_gpus_text(r))}",
                 f"- Started: {_fmt_time(r.started_at)} · ended: {_fmt_time(r.ended_at)} · "
                 f"duration: {_fmt_duration(s.duration)}",
-                f"- Cost: {_fmt_cost(s.cost)} ({_fmt_num(r.price_per_hour)} $/h)", ""]
+                f"- Cost: {_fmt_cost(s.cost)} (at {_fmt_price(r.price_per_hour)})", ""]
 
         out += ["#### What changed", ""]
         if s.prev is None:
@@ -807,7 +822,7 @@ def _svg_chart(chart: _Chart, index: int, path: Sequence[Run]) -> str:
     o.append(f'<svg class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
              f'aria-labelledby="{tid}">')
     o.append(f'<title id="{tid}">{_h(chart.metric)} by step, {n_runs} run{"s" if n_runs != 1 else ""}</title>')
-    keymark = '<tspan class="keymark"> (key metric)</tspan>' if chart.is_key else ""
+    keymark = '<tspan class="keymark" dx="6">(key metric)</tspan>' if chart.is_key else ""
     o.append(f'<text class="ctitle" x="{ML}" y="20">{_h(chart.metric)}{keymark}</text>')
     o.append(f'<rect class="plot" x="{ML}" y="{MT}" width="{PW}" height="{PH}"/>')
 
@@ -833,7 +848,8 @@ def _svg_chart(chart: _Chart, index: int, path: Sequence[Run]) -> str:
         for t in xt:
             x = sx(t)
             o.append(f'<line class="tickmark" x1="{x:.1f}" y1="{MT + PH}" x2="{x:.1f}" y2="{MT + PH + 5}"/>')
-            o.append(f'<text class="tick" x="{x:.1f}" y="{MT + PH + 18}" text-anchor="middle">{_h(_tick_label(t, xstep))}</text>')
+            o.append(f'<text class="tick" x="{x:.1f}" y="{MT + PH + 18}" text-anchor="middle">'
+                     f'{_h(_tick_label(t, xstep))}</text>')
         o.append(f'<line class="axis" x1="{ML}" y1="{MT + PH}" x2="{ML + PW}" y2="{MT + PH}"/>')
         o.append(f'<line class="axis" x1="{ML}" y1="{MT}" x2="{ML}" y2="{MT + PH}"/>')
         for i, (run, pts) in enumerate(chart.runs):
@@ -989,7 +1005,7 @@ def _render_html(title: str, generated: str, path: Sequence[Run], steps: list[_S
                  f"<li>User: {_h(r.user)}</li><li>State: {state}</li><li>Instance: {_h(_gpus_text(r))}</li>"
                  f"<li>Started: {_h(_fmt_time(r.started_at))} · ended: {_h(_fmt_time(r.ended_at))} · "
                  f"duration: {_h(_fmt_duration(s.duration))}</li>"
-                 f"<li>Cost: {_h(_fmt_cost(s.cost))} ({_h(_fmt_num(r.price_per_hour))} $/h)</li></ul>")
+                 f"<li>Cost: {_h(_fmt_cost(s.cost))} (at {_h(_fmt_price(r.price_per_hour))})</li></ul>")
 
         o.append("<h4>What changed</h4><ul class=\"changes\">")
         if s.prev is None:

@@ -541,6 +541,11 @@ def move_aside(path: str | os.PathLike) -> Path:
         if p.name == SNAPSHOT:
             for j in sorted(p.parent.glob("journal-*.jsonl")):
                 os.rename(j, _aside_name(j, stamp))
+    except PermissionError:
+        raise StoreError(f"Cannot move {p} aside: it is not yours (permission denied).",
+                         "Only the owner of a store can move its files; ask them.") from None
+    except OSError as e:
+        raise StoreError(f"Cannot move {p} aside ({e.strerror}).") from None
     finally:
         if lock_fd is not None:
             os.close(lock_fd)

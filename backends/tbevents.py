@@ -32,9 +32,9 @@ the same tag) is "scalars" or unknown.
 Never raises on bad input. Counted in ``warnings`` (by kind):
 
 * "record header CRC mismatch": the length cannot be trusted; the parser scans
-  forward for the next position whose 12 header bytes carry a valid CRC and
-  resumes there (one count per resynchronisation; the bytes passed over are
-  added to ``skipped_bytes``);
+  forward for the next position whose 12 header bytes carry a valid CRC (of a
+  length up to ``max_record``) and resumes there (one count per
+  resynchronisation; the bytes passed over are added to ``skipped_bytes``);
 * "record CRC mismatch": the (CRC-checked) length is right but the data is
   not: that record is skipped;
 * "record too long (skipped)": a length over ``max_record`` (16 MiB): the
@@ -44,7 +44,8 @@ Never raises on bad input. Counted in ``warnings`` (by kind):
 * "invalid metric name" (empty tag or over 256 characters), "invalid UTF-8"
   (the tag is decoded with replacement characters), "invalid tensor"
   (a scalar tensor whose values do not fit its dtype), "invalid time"
-  (a non-finite wall time: the point gets ``t=None``);
+  (a non-finite wall time: the point gets ``t=None``, as it does when the
+  event has no wall time, or 0.0, proto3's default);
 * counted but KEPT, as in :mod:`backends.metrics`: "non-finite value".
 
 Also :data:`EVENT_FILE_GLOB`, :func:`remote_find_command` (a POSIX shell command
@@ -56,6 +57,7 @@ Stdlib only.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import struct
 from collections import Counter
@@ -78,6 +80,7 @@ _HEADER = struct.Struct("<QI")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _ZERO4 = b"\x00\x00\x00\x00"
+_NONZERO = re.compile(rb"[^\x00]").search
 _MASK64 = (1 << 64) - 1
 
 
@@ -378,6 +381,7 @@ class TFEventsParser:
         self._skip = 0  # bytes still to pass over of a record too long to keep
         self._resync = False  # scanning for the next valid header
         self._hcrc: dict[int, int] = {}  # length → masked CRC of its 8 bytes
+        self._scan_crc: dict[int, int] = {}  # the same, for the candidates of a resynchronisation
         self._tags: dict[bytes, str | None] = {}  # tag bytes → name (None: invalid)
         self._plugins: dict[bytes, str] = {}  # tag bytes → plugin name from its metadata
 
@@ -462,13 +466,16 @@ class TFEventsParser:
         return []
 
     def _scan(self, buf: bytearray, pos: int, end: int) -> int:
-        """The next position ≥ ``pos`` whose 12 bytes are a valid record header (and
-        ``_resync`` cleared), or where to continue scanning once more bytes arrive.
+        """The next position ≥ ``pos`` whose 12 bytes are a valid header of a record of at most
+        ``max_record`` bytes (and ``_resync`` cleared), or where to continue scanning once more
+        bytes arrive.
 
-        A valid header's length is under 2**32 (longer ones are never kept), so its bytes
-        4..7 are zero: candidates are found with ``bytearray.find`` and only those are checked."""
+        Such a length is under 2**32, so the header's bytes 4..7 are zero: candidates are found
+        with ``bytearray.find`` and only those are checked."""
         start = pos
         find = buf.find
+        seen = self._scan_crc  # candidates repeat in regular data (arrays of small numbers, say)
+        limit = self.max_record
         while True:
             j = find(_ZERO4, pos + 4)
             if j < 0:
@@ -478,11 +485,23 @@ class TFEventsParser:
             if i + 12 > end:
                 pos = i
                 break
-            if _U32.unpack_from(buf, i + 8)[0] == masked_crc32c(buf[i:i + 8]):
+            length = _U64.unpack_from(buf, i)[0]
+            if length > limit:
+                want = -1
+            else:
+                want = seen.get(length)
+                if want is None:
+                    if len(seen) >= 65536:
+                        seen.clear()
+                    want = seen[length] = masked_crc32c(buf[i:i + 8])
+            if _U32.unpack_from(buf, i + 8)[0] == want:
                 self._resync = False
                 pos = i
                 break
-            pos = i + 1
+            # Inside a run of zeros (a zero-filled tail after a crash, say) no header can start
+            # while 12 zero bytes follow: the masked CRC of a zero length is not zero.
+            m = _NONZERO(buf, j + 4)
+            pos = max(i + 1, (m.start() if m else end) - 11)
         self.skipped_bytes += pos - start
         return pos
 
@@ -536,9 +555,10 @@ class TFEventsParser:
             return None
         if step >> 63:
             step -= 1 << 64
-        if wall is not None and not _isfinite(wall):
-            self.warnings["invalid time"] += 1
-            wall = None
+        if wall is not None and not (_isfinite(wall) and wall):
+            if wall:
+                self.warnings["invalid time"] += 1
+            wall = None  # 0.0 is proto3's "not set"
         fstep = float(step)
         pts: list[Point] = []
         for i, end in summaries:  # Summary: value = 1 (repeated)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import jobs, lineage
+from . import code, jobs, lineage
 from .config import Config, load_config
 from .errors import LabdeckError, NotFoundError
 from .follow import LogFollower
@@ -179,6 +179,9 @@ class Workstation:
             return run
         rm = self.monitor.run(run)
         rm.update()
+        while rm.backlog:
+            await asyncio.sleep(0)
+            rm.update()
         fields: dict = {"metrics_summary": _json_safe(rm.series.summary())}
         if rm.config:
             fields["params"] = {**run.params, **_json_safe(lineage.flatten(rm.config))}
@@ -200,6 +203,24 @@ class Workstation:
                 f"! -name 'metrics.jsonl' ! -name 'environment.json' 2>/dev/null | head -500", timeout=30)
             fields["artifacts"] = sorted(line[2:] for line in res.text().splitlines() if line.startswith("./"))
         return self.store.update_run(run.id, **fields)
+
+    async def code_diff(self, a: Run | None, b: Run, max_bytes: int = 2 << 20) -> str:
+        """The code difference from run ``a`` to ``b``. When both ran on the same instance as this
+        user, their own copies of the code are compared there (exact, untracked files included);
+        otherwise commits (when the repository is here) and each run's recorded uncommitted diff."""
+        if (a is not None and a.instance == b.instance and a.user == b.user == self.user and a.code and b.code
+                and a.run_dir and b.run_dir):
+            try:
+                transport = await self.transport(b.instance)
+                res = await transport.run(
+                    f"diff -ruN --exclude={code.MANIFEST} {shlex.quote(a.run_dir + '/code')} {shlex.quote(b.run_dir + '/code')}"
+                    f" | head -c {max_bytes}", timeout=60)
+                if res.exit_code in (0, 1) and (res.stdout or res.exit_code == 0):
+                    text = res.stdout.decode("utf-8", "replace")
+                    return text.replace(a.run_dir + "/code", "a").replace(b.run_dir + "/code", "b")
+            except LabdeckError:
+                pass
+        return lineage.code_diff(a, b, self.store.read_blob)
 
     def _record_use(self, run: Run, used_ref: str, path: str | None) -> None:
         try:

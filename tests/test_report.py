@@ -183,7 +183,7 @@ def test_markdown_summary(lineage) -> None:
     assert "Worked on by alice, bob and carol." in summary
     assert "Notes and tags also from dave and mallory." in summary
     assert "**$11.75**" in summary and "3h 45m of compute" in summary
-    assert "Key metric `val_loss` (last value): 0.9 → **0.45** (-0.45 (-50.0%), better)." in summary
+    assert "Key metric `val_loss` (last value): 0.9 → **0.45** (-0.45, -50.0%: better)." in summary
 
 
 def test_markdown_what_changed(lineage) -> None:
@@ -217,7 +217,7 @@ def test_markdown_metrics_hardware_notes_tags_artifacts(lineage) -> None:
     lines = [l for l in metrics.splitlines() if l.startswith("| `")]
     assert lines[0].startswith("| `val_loss` (key) | 0.9 | 0.9 | 0.9 | 2 | 101 |")  # key metric first
     assert lines[1].startswith("| `accuracy` | 0.7 | 0.71 | 0.1 | 0.71 | 50 |")
-    assert "- Mean GPU util: 81%" in step[0] and "Gpu mem max: 30000" in step[0]
+    assert "- Mean GPU util: 81%" in step[0] and "GPU memory peak: 30000" in step[0]
     assert "- **alice** · 2026-02-01 12:00 UTC: Solid baseline; loss plateaus." in step[0]
     assert "Tags: `baseline` (dave)" in step[0]
     assert "- `model.pt`" in step[0] and "- `eval.json`" in step[0]
@@ -389,7 +389,7 @@ def test_huge_diff_is_cheap() -> None:
     diff = "+" + "x" * 100_000 + "\n" + "".join(f"-{i}\n" for i in range(300_000))
     md, page = build_report([a, b], series={}, code_diffs={b.id: diff}, annotations={}, now=NOW)
     assert "… 299801 more lines" in md  # 1 + 300,000 lines, 200 shown and len(page) < 200_000
-    assert "(+99600 chars)" in md
+    assert "(+99601 chars)" in md
 
 
 # ---------------------------------------------------------------- writing

@@ -18,10 +18,11 @@ from typing import Callable
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from backends.errors import LabdeckError, StoreCorruptError
+from backends.lineage import TeamLineage, annotate
 from backends.models import Deployment, Run
 from backends.store import move_aside
 from backends.workstation import Workstation
@@ -35,7 +36,7 @@ from .tabs.jobs import JobsTab
 from .tabs.lineage import LineageTab
 from .tabs.models import ModelsTab
 from .tabs.monitor import MonitorTab
-from .widgets import CommandBar, ConfirmScreen, FilterBar, HelpScreen, LineInput, LogScreen, error_text
+from .widgets import CommandBar, ConfirmScreen, FilterBar, HelpScreen, LineInput, LogScreen, TextPrompt, error_text
 
 log = logging.getLogger("labdeck.tui")
 
@@ -75,6 +76,8 @@ class LabdeckApp(App[None]):
         self._asked_move_aside: set[str] = set()
         self._runs_shown = False  # the first load posts the stored runs before asking instances
         self._runs_stale = False  # something other than a refresh changed the store (launch, cancel, teammates)
+        self._observer = None
+        self._reload_timer = None
         cfg = workstation.config
         self.theme = cfg.get("ui", "theme") if cfg.get("ui", "theme") in self.available_themes else "textual-dark"
         self.refresh_seconds = float(cfg.get("ui", "refresh_seconds"))
@@ -119,10 +122,13 @@ class LabdeckApp(App[None]):
             self.set_interval(self.refresh_seconds, self.load_runs)
             self.set_interval(max(self.refresh_seconds, 5.0), self.load_deployments)
             self.set_interval(1.0, self.poll_monitor)
+            self._watch_team_dir()
         self.poll_monitor()
         self.call_after_refresh(self._mark_ready)
 
     async def on_unmount(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
         await self.workstation.follower.stop_all()  # jobs go on; their logs are caught up on the next start
 
     def _mark_ready(self) -> None:
@@ -148,13 +154,16 @@ class LabdeckApp(App[None]):
     async def load_runs(self) -> None:
         ws = self.workstation
         if not self._runs_shown:  # show what the store holds first, then ask the instances
-            runs, errors = await asyncio.to_thread(ws.store.runs)
-            self.post_message(RunsLoaded(runs, errors))
+            self.post_message(await self._read_team())
             self._runs_shown = True
         if await ws.refresh_runs() or self._runs_stale:
             self._runs_stale = False
-            runs, errors = await asyncio.to_thread(ws.store.runs)
-            self.post_message(RunsLoaded(runs, errors))
+            self.post_message(await self._read_team())
+
+    async def _read_team(self) -> RunsLoaded:
+        view = await asyncio.to_thread(TeamLineage, self.workstation.store)
+        runs = sorted(view.runs.values(), key=lambda r: r.id, reverse=True)
+        return RunsLoaded(runs, view.errors, view)
 
     @work(exclusive=True, group="deployments", thread=True, exit_on_error=False)
     def load_deployments(self) -> None:
@@ -222,7 +231,7 @@ class LabdeckApp(App[None]):
         self.runs = message.runs
         self.jobs_tab.show_runs(message.runs, message.errors)
         self.query_one(MonitorTab).show_runs(message.runs, self.idle)
-        self.query_one(LineageTab).show_runs(message.runs)
+        self.query_one(LineageTab).show_lineage(message.view)
         self.instances_tab.show_runs(message.runs)
 
     def on_deployments_loaded(self, message: DeploymentsLoaded) -> None:
@@ -438,6 +447,70 @@ class LabdeckApp(App[None]):
         self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}",
                                    path=path))
 
+    def ask_annotation(self, run: Run, kind: str) -> None:
+        """A note or tag on any run; it goes into the current user's own store."""
+
+        def answer(text: str | None) -> None:
+            if text:
+                try:
+                    annotate(self.workstation.store, run.id, kind, text)
+                except LabdeckError as e:
+                    self.show_error(e)
+                    return
+                self.notify(f"{'Noted' if kind == 'note' else 'Tagged'} {run.display_name}.")
+                self.reload_runs()
+
+        title = f"Note on {run.display_name} (by {self.workstation.user})" if kind == "note" else f"Tag {run.display_name}"
+        self.push_screen(TextPrompt(title, "what you learned from this run" if kind == "note" else "best"), answer)
+
+    def show_in_jobs(self, run: Run) -> None:
+        self.action_switch_tab("jobs")
+        table = self.jobs_tab.query_one(DataTable)
+        keys = [k.value for k in table.rows]
+        if run.id in keys:
+            table.move_cursor(row=keys.index(run.id), animate=False)
+        else:
+            self.notify(f"{run.display_name} is not among the rows shown in Jobs (use / to find it).", severity="warning")
+
+    def show_in_monitor(self, run: Run) -> None:
+        tab = self.query_one(MonitorTab)
+        tab.selected = [run.id] + ([run.parent] if run.parent else [])
+        self.action_switch_tab("monitor")
+        self.poll_monitor()
+
+    # ---- live refresh when teammates' runs change ---------------------------
+    def _watch_team_dir(self) -> None:
+        """watchdog on the team directory: a teammate's (or another process's) commit reloads runs."""
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            return
+        app = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                path = str(getattr(event, "dest_path", "") or event.src_path)
+                if path.endswith((".jsonl", ".json")) and "/." not in path and not event.is_directory:
+                    app.call_from_thread(app._team_changed)
+
+        try:
+            observer = Observer()
+            observer.schedule(Handler(), str(self.workstation.config.team_dir), recursive=True)
+            observer.daemon = True
+            observer.start()
+            self._observer = observer
+        except OSError as e:
+            log.info("not watching the team directory: %s", e)
+
+    def _team_changed(self) -> None:
+        if self._reload_timer is None:  # a burst of commits reloads once
+            self._reload_timer = self.set_timer(0.3, self._reload_after_change)
+
+    def _reload_after_change(self) -> None:
+        self._reload_timer = None
+        self.reload_runs()
+
     def open_launch_form(self, **defaults) -> None:
         instances = [i.name for i in self.instances_tab.listing.instances if i.state == "running"] or ["local"]
 
@@ -491,7 +564,10 @@ def all_binding_ids() -> set[str]:
     from .widgets import ConfirmScreen, HelpScreen, LineInput, LogScreen
 
     ids = set()
-    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen):
+    from .widgets import CompareScreen
+
+    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
+                CompareScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

@@ -47,6 +47,7 @@ def _setup_logging(paths: Paths) -> None:
     root = logging.getLogger("labdeck")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    root.propagate = False  # never onto the terminal
 
 
 def fit_table(t: Table, cols: tuple[str, ...], rows: list[tuple[str, ...]], flexible: set[str]) -> Table:
@@ -67,16 +68,18 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LabdeckError as e:
-            err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
             if e.hint:
-                err_console.print(f"[dim]{e.hint}[/]", highlight=False)
+                err_console.print(f"[dim]{escape(e.hint)}[/]", highlight=False)
             sys.exit(1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # a bug: one line for the user, the traceback for us
             paths = Paths.resolve()
+            if not logging.getLogger("labdeck").handlers:
+                _setup_logging(paths)
             logging.getLogger("labdeck").error("unexpected error\n%s", traceback.format_exc())
-            err_console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {e}", highlight=False)
+            err_console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
             err_console.print(f"[dim]Details are in {_log_file(paths)}. Please report it.[/]", highlight=False)
             sys.exit(2)
 
@@ -122,7 +125,7 @@ def open_tui() -> None:
     if app.startup_error is not None:
         e = app.startup_error
         msg = e.render() if isinstance(e, LabdeckError) else f"{type(e).__name__}: {e}"
-        err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
         err_console.print(f"[dim]Details are in {_log_file(ws.config.paths)}.[/]", highlight=False)
         sys.exit(1)
 
@@ -381,6 +384,228 @@ def top_cmd(once: bool, interval: float) -> None:
         asyncio.run(go())
     except KeyboardInterrupt:
         pass
+
+
+def _parse_filter(text: str):
+    """The query, or a LabdeckError that draws a caret under the problem."""
+    from backends.query import FilterError, parse
+
+    try:
+        return parse(text)
+    except FilterError as e:
+        raise LabdeckError("invalid filter:\n" + e.render(text),
+                           "Terms: user:NAME state:S tag:T name:X lr>1e-3 metric.loss<0.3 ancestors:RUN, with OR, NOT, ( ).") from None
+
+
+def _lineage(ws: Workstation):
+    from backends.lineage import TeamLineage
+
+    return TeamLineage(ws.store)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@cli.command("runs")
+@click.argument("filter_text", required=False, default="", metavar="[FILTER]")
+@click.option("--limit", default=50, show_default=True, help="Rows to print (newest first)")
+@friendly
+def runs_cmd(filter_text: str, limit: int) -> None:
+    """The team's runs as a table, optionally filtered:
+
+    labdeck runs 'user:alice lr>1e-3 tag:best state:succeeded metric.val_loss<0.3'"""
+    from backends import lineage as lin
+    from backends.query import QueryContext
+
+    ws = _workstation()
+    tl = _lineage(ws)
+    runs = sorted(tl.runs.values(), key=lambda r: r.id, reverse=True)
+    if filter_text.strip():
+        q = _parse_filter(filter_text)
+        ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
+        runs = [r for r in runs if q.matches(r, ctx)]
+    key = lin.key_metric(list(tl.runs.values()))
+    t = Table(title=f"{len(runs)} runs" + (f" matching {filter_text}" if filter_text else "") + (f" · key metric {key}" if key else ""),
+              title_justify="left")
+    rows = []
+    for r in runs[:limit]:
+        v = lin.metric_value(r, key)
+        parent = tl.parent_of(r)
+        pv = lin.metric_value(parent, key) if parent else None
+        delta = f" ({v - pv:+.3g})" if v is not None and pv is not None else ""
+        rows.append((short_id(r.id), escape(r.display_name), r.user, f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]",
+                     (f"{v:.4g}{delta}" if v is not None else "–"), f"${r.cost():.2f}" if r.price_per_hour else "–",
+                     escape(", ".join(tl.tags(r.id))), short_id(r.parent) if r.parent else "–"))
+    console.print(fit_table(t, ("run", "name", "user", "state", key or "metric", "cost", "tags", "parent"), rows,
+                            flexible={"name", "tags"}))
+    for user, e in tl.errors.items():
+        err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {e.splitlines()[0]}", highlight=False)
+
+
+@cli.command("show")
+@click.argument("run")
+@friendly
+def show_cmd(run: str) -> None:
+    """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
+    ws = _workstation()
+    tl = _lineage(ws)
+    r = ws.store.find_run(run)
+    lines = [f"[bold]{escape(r.display_name)}[/]  {r.id}",
+             f"user {r.user} on {r.origin_host} · state {r.state}" + (f" ({escape(r.state_reason)})" if r.state_reason else ""),
+             f"instance {r.instance} · {escape(str(r.instance_info or {}))}",
+             f"command  {escape(r.command)}",
+             f"created {r.created_at} · started {r.started_at or '–'} · ended {r.ended_at or '–'} · "
+             f"duration {duration(r.duration_seconds())} · cost ${r.cost():.4f} (${r.price_per_hour:g}/h)"]
+    if r.code:
+        c = r.code
+        lines.append(f"code {c.get('files', 0)} files from {escape(str(c.get('root', '')))}"
+                     + (f" at {c['commit'][:12]}" if c.get("commit") else "") + (" + uncommitted changes" if c.get("dirty") else "")
+                     + (f" · diff: labdeck diff {short_id(r.parent)} {short_id(r.id)}" if r.parent else ""))
+    parent = tl.parent_of(r)
+    lines.append("parents  " + (", ".join(f"{short_id(p)} ({tl.runs[p].display_name if p in tl.runs else '?'})"
+                                          for p in sorted(tl.parents.get(r.id, ()))) or "– (a baseline)"))
+    kids = tl.children.get(r.id, [])
+    lines.append("derived  " + (", ".join(f"{short_id(k)} ({tl.runs[k].display_name})" for k in kids if k in tl.runs) or "–"))
+    console.print("\n".join(lines), highlight=False)
+    if r.params:
+        t = Table(title="params", title_justify="left")
+        rows = [(escape(k), escape(_fmt(v)), escape(_fmt(parent.params.get(k, "–"))) if parent else "") for k, v in sorted(r.params.items())]
+        console.print(fit_table(t, ("param", "value", "parent"), rows, flexible={"value", "parent"}))
+    if r.metrics_summary:
+        t = Table(title="metrics", title_justify="left")
+        rows = [(escape(k), _fmt(v.get("last")), _fmt(v.get("best")), _fmt(v.get("min")), _fmt(v.get("max")), str(v.get("count")))
+                for k, v in sorted(r.metrics_summary.items())]
+        console.print(fit_table(t, ("metric", "last", "best", "min", "max", "points"), rows, flexible=set()))
+    if r.hardware:
+        console.print("hardware " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.hardware.items()), highlight=False)
+    if r.environment:
+        console.print(f"environment python {r.environment.get('python')} · {len(r.environment.get('packages', []))} packages",
+                      highlight=False)
+    if r.artifacts:
+        console.print(f"artifacts ({r.instance}:{r.run_dir}/) " + ", ".join(escape(a) for a in r.artifacts[:20]), highlight=False)
+    tags = tl.tags(r.id)
+    if tags:
+        console.print("tags " + ", ".join(tags), highlight=False)
+    for n in tl.notes(r.id):
+        console.print(f"[dim]{n.created_at[:16]} {n.user}:[/] {escape(n.text)}", highlight=False)
+
+
+@cli.command("diff")
+@click.argument("run_a")
+@click.argument("run_b")
+@friendly
+def diff_cmd(run_a: str, run_b: str) -> None:
+    """Compare two runs: params, command, metrics and code."""
+    from backends import lineage as lin
+
+    ws = _workstation()
+    a, b = ws.store.find_run(run_a), ws.store.find_run(run_b)
+    console.print(f"[bold]{escape(a.display_name)}[/] {short_id(a.id)} → [bold]{escape(b.display_name)}[/] {short_id(b.id)}")
+    if a.command != b.command:
+        console.print(f"command: {escape(a.command)}\n      → {escape(b.command)}", highlight=False)
+    changes = lin.params_diff(a.params, b.params)
+    if changes:
+        t = Table(title="params", title_justify="left")
+        console.print(fit_table(t, ("param", run_a, run_b), [(escape(k), escape(_fmt(x)) if x is not None else "–",
+                                                              escape(_fmt(y)) if y is not None else "–") for k, x, y in changes],
+                                flexible=set()))
+    else:
+        console.print("params: the same")
+    names = sorted(set(a.metrics_summary) | set(b.metrics_summary))
+    if names:
+        rows = []
+        for n in names:
+            x, y = lin.metric_value(a, n), lin.metric_value(b, n)
+            rows.append((escape(n), _fmt(x) if x is not None else "–", _fmt(y) if y is not None else "–",
+                         f"{y - x:+.4g}" if x is not None and y is not None else ""))
+        console.print(fit_table(Table(title="metrics (last)", title_justify="left"), ("metric", run_a, run_b, "Δ"), rows, flexible=set()))
+    text = asyncio.run(ws.code_diff(a, b))
+    console.print(Text(text) if text else "code: no recorded difference")
+
+
+@cli.command("note")
+@click.argument("run")
+@click.argument("text")
+@friendly
+def note_cmd(run: str, text: str) -> None:
+    """Add a note to any run (yours or a teammate's); it is kept in your own store."""
+    from backends.lineage import annotate
+
+    ws = _workstation()
+    a = annotate(ws.store, run, "note", text)
+    console.print(f"noted on {short_id(a.run_id)} by {a.user}")
+
+
+@cli.command("tag")
+@click.argument("run")
+@click.argument("tags", nargs=-1, required=True)
+@click.option("--remove", "-r", is_flag=True, help="Take your tag(s) off instead")
+@friendly
+def tag_cmd(run: str, tags: tuple[str, ...], remove: bool) -> None:
+    """Tag any run (e.g. `labdeck tag RUN best`); --remove takes your tag off."""
+    from backends.lineage import annotate, untag
+
+    ws = _workstation()
+    for tag in tags:
+        if remove:
+            untag(ws.store, run, tag)
+        else:
+            annotate(ws.store, run, "tag", tag)
+    console.print(("removed " if remove else "tagged ") + ", ".join(tags))
+
+
+@cli.command("report")
+@click.argument("target")
+@click.option("--out", "-o", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the .md and .html files")
+@click.option("--metric", default=None, help="Key metric (default: the project's loss)")
+@friendly
+def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
+    """Write the path from the baseline to a run (or to the best run a filter matches) as
+    Markdown and as a self-contained HTML page with the metric plots as SVG."""
+    from backends import lineage as lin
+    from backends.errors import NotFoundError
+    from backends.query import QueryContext
+    from backends.report import build_report, write_report
+
+    ws = _workstation()
+    tl = _lineage(ws)
+    try:
+        run = ws.store.find_run(target)
+    except NotFoundError:
+        q = _parse_filter(target)
+        ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
+        matched = [r for r in tl.runs.values() if q.matches(r, ctx)]
+        if not matched:
+            raise LabdeckError(f"No run matches {target!r}.", "`labdeck runs FILTER` shows what a filter matches.")
+        key = metric or lin.key_metric(matched)
+        scored = [r for r in matched if lin.metric_value(r, key, "best") is not None]
+        lower = key is not None and any(w in key.lower() for w in ("loss", "err", "perplexity"))
+        run = (min if lower else max)(scored, key=lambda r: lin.metric_value(r, key, "best")) if scored else \
+            max(matched, key=lambda r: r.id)
+    path = lin.path_from_baseline(run, tl.runs)
+    series: dict[str, dict] = {}
+    for r in path:
+        rm = ws.monitor.run(r)
+        rm.update()
+        per = {}
+        for name in rm.series.names():
+            xs, lo, hi = rm.series.series(name).view(1000)
+            per[name] = (xs, [(x + y) / 2 for x, y in zip(lo, hi)])
+        if per:
+            series[r.id] = per
+    async def all_diffs() -> dict[str, str]:
+        return {r.id: await ws.code_diff(prev, r) for prev, r in zip([None, *path[:-1]], path)}
+
+    diffs = asyncio.run(all_diffs())
+    md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
+                            key_metric=metric)
+    base = f"labdeck-report-{(run.name or short_id(run.id)).replace('/', '-').replace(' ', '_')}"
+    md_path, html_path = write_report(Path(out_dir), base, md, html)
+    console.print(f"{len(path)} runs from {path[0].display_name} to {run.display_name}:\n  {md_path}\n  {html_path}")
 
 
 def main() -> None:

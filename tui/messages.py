@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from textual.message import Message
 
@@ -19,6 +20,7 @@ class InstancesLoaded(Message):
 class RunsLoaded(Message):
     runs: list[Run]
     errors: dict[str, str]  # teammate -> why their store could not be read
+    view: Any = None  # backends.lineage.TeamLineage: runs, edges, annotations
 
 
 @dataclass

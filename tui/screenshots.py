@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import shutil
 import sys
 from datetime import datetime, timedelta, timezone
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from backends.config import load_config
 from backends.ids import _encode
-from backends.models import Run, RunState
+from backends.lineage import params_from_command
+from backends.models import Annotation, Run, RunState
 from backends.paths import Paths
 from backends.providers.local import LocalProvider
 from backends.store import Store
@@ -54,7 +56,15 @@ def demo_runs() -> list[Run]:
                 state=state, workdir="/home/alice/proj", run_dir=f"/tmp/labdeck-demo/runs/{n}", parent=parent,
                 created_at=_iso(start), started_at=None if state == "queued" else _iso(start),
                 ended_at=None if state in ("running", "queued") else _iso(start + timedelta(minutes=minutes)),
-                exit_code=exit_code, last_line=last, state_reason=reason, price_per_hour=0.0)
+                exit_code=exit_code, last_line=last, state_reason=reason, price_per_hour=2.5,
+                params=params_from_command(command),
+                instance_info={"provider": "local", "provider_type": "local", "vcpus": 16, "memory_mib": 65536,
+                               "gpus": "1× NVIDIA A100 80GB", "host": "jump-1"})
+        m = re.search(r"loss=([0-9.]+) acc=([0-9.]+)", last)
+        if m:
+            loss, acc = float(m.group(1)), float(m.group(2))
+            r.metrics_summary = {"loss": {"last": loss, "best": loss, "min": loss, "max": 0.69, "count": 300, "last_step": 300},
+                                 "acc": {"last": acc, "best": acc, "min": 0.5, "max": acc, "count": 300, "last_step": 300}}
         out.append(r)
         return r
 
@@ -94,6 +104,14 @@ def demo_workstation(home: Path = DEMO_HOME, *, with_runs: bool = True) -> Works
         for user, runs in by_user.items():
             st = store.mine if user == "alice" else Store(config.team_dir, user).mine
             st.put_many("runs", [(r.id, r.to_dict()) for r in runs])
+        notes = [Annotation(id=_id(100, 90), run_id=_id(240, 20), kind="note", user="alice",
+                            text="wider model beats the lr sweep; next: longer schedule", created_at="2026-11-26T10:05:00Z"),
+                 Annotation(id=_id(99, 91), run_id=_id(240, 20), kind="tag", user="alice", text="best",
+                            created_at="2026-11-26T10:06:00Z"),
+                 Annotation(id=_id(98, 92), run_id=_id(240, 20), kind="note", user="bob",
+                            text="reproduced on my data: same loss within 0.01", created_at="2026-11-26T10:30:00Z")]
+        for a in notes:
+            (store.mine if a.user == "alice" else Store(config.team_dir, a.user).mine).put(a.TABLE, a.id, a.to_dict())
     providers = {"local": LocalProvider("local", config.providers["local"].options, runs_root=paths.runs_dir,
                                         facts=lambda: dict(FACTS))}
     return Workstation(config, store=store, providers=providers)
@@ -180,7 +198,7 @@ SHOTS = [
     ("instances", True, ["1"]),
     ("jobs", True, ["2"]),
     ("monitor", True, ["3"]),
-    ("lineage", True, ["4", "space", "down"]),
+    ("lineage", True, ["4", "enter", "down", "enter", "down"]),
     ("models", True, ["5"]),
     ("jobs-filtered", True, ["2", "slash", *"bob"]),
     ("help", True, ["2", "question_mark"]),

@@ -260,3 +260,103 @@ def error_text(error: BaseException) -> str:
     if isinstance(error, LabdeckError):
         return error.render()
     return f"Unexpected error: {type(error).__name__}: {error}"
+
+
+class TextPrompt(ModalScreen[str | None]):
+    """One line of text (a note, a tag): enter saves, escape cancels."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="prompt.cancel")]
+
+    def __init__(self, title: str, placeholder: str = "") -> None:
+        super().__init__()
+        self.title_text = title
+        self.placeholder = placeholder
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="prompt-dialog"):
+            yield Label(self.title_text, id="prompt-title")
+            yield Input(placeholder=self.placeholder, id="prompt-input")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    @on(Input.Submitted)
+    def submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class CompareScreen(ModalScreen[None]):
+    """Two runs side by side: params, metrics, code, and the key metric's curves overlaid."""
+
+    BINDINGS = [Binding("escape,q,c", "app.pop_screen", "Close", id="compare.close")]
+
+    def __init__(self, a, b, view, key: str | None) -> None:
+        super().__init__()
+        self.a, self.b, self.view, self.key = a, b, view, key
+
+    def compose(self) -> ComposeResult:
+        from textual_plotext import PlotextPlot
+
+        with Vertical(id="compare-dialog"):
+            yield Label(f"{self.a.display_name}  ⟷  {self.b.display_name}", id="compare-title")
+            with Horizontal(id="compare-columns"):
+                yield VerticalScroll(Static(self._column(self.a, self.b), id="compare-a"))
+                yield VerticalScroll(Static(self._column(self.b, self.a), id="compare-b"))
+            yield PlotextPlot(id="compare-chart")
+            with VerticalScroll(id="compare-code"):
+                yield Static(self._code(), id="compare-diff")
+
+    def _column(self, r, other) -> Text:
+        from backends import lineage as lin
+
+        t = Text()
+        t.append(f"{r.display_name} {r.id[-8:].lower()}\n", style="bold")
+        t.append(f"{r.user} · {r.state} · {r.instance} · ${r.cost():.2f}\n$ {r.command}\n\n", style="dim")
+        t.append("params\n", style="bold")
+        for k in sorted(set(r.params) | set(other.params)):
+            v = r.params.get(k, "–")
+            differs = r.params.get(k) != other.params.get(k)
+            t.append(f"  {k} = {v}\n", style="yellow" if differs else "")
+        t.append("\nmetrics (last)\n", style="bold")
+        for n in sorted(set(r.metrics_summary) | set(other.metrics_summary)):
+            v = lin.metric_value(r, n)
+            o = lin.metric_value(other, n)
+            t.append(f"  {n} = {v if v is not None else '–'}\n",
+                     style="" if v is None or o is None or v == o else "yellow")
+        return t
+
+    def _code(self) -> Text:
+        from backends import lineage as lin
+
+        text = lin.code_diff(self.a, self.b, self.app.workstation.store.read_blob)
+        t = Text("code " + (f"{self.a.display_name} → {self.b.display_name}\n" if text else ": no recorded difference\n"),
+                 style="bold")
+        for line in text.splitlines()[:400]:
+            t.append(line[:200] + "\n", style="green" if line.startswith("+") else "red" if line.startswith("-") else "")
+        return t
+
+    def on_mount(self) -> None:
+        import math
+
+        from textual_plotext import PlotextPlot
+
+        chart = self.query_one("#compare-chart", PlotextPlot)
+        mon = self.app.workstation.monitor
+        plt = chart.plt
+        plt.title(f"{self.key} by step" if self.key else "no metrics")
+        drawn = False
+        for run, color in ((self.a, "cyan"), (self.b, "orange")):
+            rm = mon.run(run)
+            rm.update()
+            s = rm.series.get(self.key) if self.key else None
+            if s is None or not len(s):
+                continue
+            xs, lo, hi = s.view(100)
+            pts = [(x, (a + b) / 2) for x, a, b in zip(xs, lo, hi) if not math.isnan((a + b) / 2)]
+            if pts:
+                plt.plot([p[0] for p in pts], [p[1] for p in pts], label=run.display_name, color=color, marker="braille")
+                drawn = True
+        chart.display = drawn

@@ -1,6 +1,6 @@
 """Run labdeck's benchmarks: ``python3 -m tests.benchmarks [NAME ...] [--quick]``.
 
-NAME is a benchmark's short name (``logview``, ``remote``, ``runtime``, ``series``, ``store``, ``tui_start``); without one, all
+NAME is a benchmark's short name (``logview``, ``monitor``, ``remote``, ``runtime``, ``series``, ``store``, ``tui_start``); without one, all
 run, in file order. ``--quick`` shrinks every benchmark to a smoke test.
 Each prints its table and writes ``tests/benchmarks/results/<name>.json``;
 a summary of the targets comes last. The exit status is 0 whether targets are

@@ -1,33 +1,65 @@
-"""Lineage: the team's runs as a tree (roots are baselines, children derive from them), loaded lazily."""
+"""Lineage: the team's runs as a tree — baselines at the roots, derived runs below — loaded lazily.
+
+Each node shows name, user, state and the project's key metric with its change
+from the parent. The detail pane has the params and code diff against the
+parent, the metrics summary, the key metric's curve overlaid with the parent's,
+cost, notes and tags. `/` filters with the query language (`user:alice lr>1e-3
+tag:best metric.val_loss<0.3`, OR, NOT, parentheses, ancestors:RUN); enter or
+space opens a node; `m` marks runs and `c` compares two; `a` adds a note, `t` a tag (to anyone's run: they go
+in your own store); `l` opens the log, `j` shows it in Jobs, `M` in Monitor.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static, Tree
+from textual_plotext import PlotextPlot
 
+from backends import lineage as lin
 from backends.models import Run
 
 from ..format import STATE_STYLE, duration, short_id
-from ..widgets import matches
 from . import TabView
 
 MAX_ROOTS = 500
+DIFF_LINES = 60
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 class LineageTab(TabView):
     TAB_ID = "lineage"
     TITLE = "Lineage"
+    BINDINGS = [
+        Binding("m", "mark", "Mark", id="lineage.mark", tooltip="Mark for comparing (two at most)"),
+        Binding("c", "compare", "Compare", id="lineage.compare", tooltip="Compare the two marked runs"),
+        Binding("a", "note", "Note", id="lineage.note", tooltip="Add a note to this run"),
+        Binding("t", "tag", "Tag", id="lineage.tag", tooltip="Tag this run (e.g. best)"),
+        Binding("l", "logs", "Logs", id="lineage.logs", tooltip="Open this run's log"),
+        Binding("j", "jobs", "In Jobs", id="lineage.jobs", tooltip="Show this run in Jobs"),
+        Binding("M", "monitor", "In Monitor", id="lineage.monitor", tooltip="Chart this run in Monitor"),
+    ]
 
     def __init__(self) -> None:
         super().__init__(id="lineage-view")
+        self.view: lin.TeamLineage | None = None
         self.runs: dict[str, Run] = {}
-        self.derived: dict[str | None, list[Run]] = defaultdict(list)
+        self.derived: dict[str | None, list[Run]] = {}
+        self.key: str | None = None
+        self.marked: list[str] = []
+        self.current: str | None = None
+        self.filter_error = ""
         self._signature: tuple = ()
-        self._dirty = False  # data changed while the tab was hidden: draw when it is shown
+        self._dirty = False
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -36,18 +68,27 @@ class LineageTab(TabView):
                 tree.show_root = False
                 yield tree
                 yield Static("", id="lineage-status", classes="status-line")
-            yield Static("Select a run to see where it came from.", id="lineage-detail")
+            with VerticalScroll(id="lineage-right"):
+                yield Static("Select a run to see where it came from.", id="lineage-detail")
+                yield PlotextPlot(id="lineage-chart")
 
-    def show_runs(self, runs: list[Run]) -> None:
-        signature = tuple((r.id, r.state, r.parent) for r in runs)
+    def on_mount(self) -> None:
+        self.query_one("#lineage-chart").display = False
+
+    # ---- data -------------------------------------------------------------
+    def show_lineage(self, view: lin.TeamLineage) -> None:
+        signature = tuple((r.id, r.state, r.parent, len(r.metrics_summary)) for r in view.runs.values()) + (
+            sum(len(v) for v in view.annotations.values()),)
+        self.view = view
         if signature == self._signature:
             return
         self._signature = signature
-        self.runs = {r.id: r for r in runs}
-        self.derived = defaultdict(list)
-        for r in sorted(runs, key=lambda r: r.id):
+        self.runs = view.runs
+        self.key = lin.key_metric(list(view.runs.values()))
+        self.derived = {}
+        for r in sorted(view.runs.values(), key=lambda r: r.id):
             parent = r.parent if r.parent in self.runs else None
-            self.derived[parent].append(r)
+            self.derived.setdefault(parent, []).append(r)
         if self.is_active_tab:
             self.rerender()
         else:
@@ -60,9 +101,22 @@ class LineageTab(TabView):
 
     def label(self, r: Run) -> Text:
         t = Text()
+        t.append("◆ " if r.id in self.marked else "", style="bold magenta")
         t.append(r.display_name, style="bold")
         t.append(f" {short_id(r.id)} · {r.user} · " if r.name else f" · {r.user} · ")
         t.append(r.state, style=STATE_STYLE.get(r.state, ""))
+        v = lin.metric_value(r, self.key)
+        if v is not None:
+            t.append(f" · {self.key} {_fmt(v)}")
+            parent = self.runs.get(r.parent) if r.parent else None
+            pv = lin.metric_value(parent, self.key) if parent else None
+            if pv is not None:
+                d = v - pv
+                better = (d < 0) if any(w in (self.key or "") for w in ("loss", "err", "perplexity")) else (d > 0)
+                t.append(f" ({d:+.3g})", style="green" if better else ("red" if d else "dim"))
+        tags = self.view.tags(r.id) if self.view else []
+        if tags:
+            t.append(" " + " ".join(f"#{x}" for x in tags), style="cyan")
         n = len(self.derived.get(r.id, []))
         if n:
             t.append(f" · {n} derived", style="dim")
@@ -73,55 +127,220 @@ class LineageTab(TabView):
             return
         tree = self.query_one(Tree)
         tree.clear()
-        if self.filter_text:  # flat list of matches, each still expandable
-            roots = [r for r in self.runs.values() if matches(self.filter_text, (r.display_name, r.user, r.state, r.command, r.id))]
-            roots.sort(key=lambda r: r.id)
+        status = self.query_one("#lineage-status", Static)
+        if self.filter_text:
+            roots = self.filtered()
         else:
             roots = self.derived.get(None, [])
         total = len(roots)
         if total > MAX_ROOTS:  # the newest baselines; the filter reaches every run
             roots = roots[-MAX_ROOTS:]
         for r in roots:
-            self._add(tree.root, r)
-        status = self.query_one("#lineage-status", Static)
-        status.update(f"showing the newest {MAX_ROOTS:,} of {total:,} " + ("matches" if self.filter_text else "baselines")
-                      + ": / to narrow" if total > MAX_ROOTS else "")
-        status.display = total > MAX_ROOTS
+            tree.root.add(self.label(r), data=r.id, allow_expand=bool(self.derived.get(r.id)))
         if roots:
-            tree.cursor_line = 0  # highlight the first run so its detail shows at once
+            tree.cursor_line = 0
+        msg = Text()
+        if self.filter_error:
+            msg.append(self.filter_error, style="bold red")
+        elif self.filter_text:
+            msg.append(f"{total:,} runs match /{self.filter_text}")
+        if total > MAX_ROOTS:
+            msg.append(f"  showing the newest {MAX_ROOTS:,} of {total:,}: / to narrow")
+        if self.view and self.view.errors:
+            for user, err in self.view.errors.items():
+                msg.append(f"\n⚠ {user}'s store is unreadable: {err.splitlines()[0]}", style="bold red")
+        if self.marked:
+            msg.append(f"\n{len(self.marked)} marked" + (": c compares them" if len(self.marked) == 2 else ""))
+        status.update(msg)
+        status.display = bool(msg.plain)
         if not self.runs:
             self.query_one("#lineage-detail", Static).update(
-                "No runs yet. Every run you launch lands here, under the run it was derived from "
-                "(labdeck run --parent RUN …).")
+                "No runs yet. Every run lands here, under the run it was derived from "
+                "(labdeck run --parent RUN …, reruns, and runs that load another run's artifact with labdeck.use()).")
 
-    def _add(self, parent_node, r: Run) -> None:
-        has_children = bool(self.derived.get(r.id))
-        parent_node.add(self.label(r), data=r.id, allow_expand=has_children)
+    def filtered(self) -> list[Run]:
+        from backends.query import FilterError, QueryContext, parse
+
+        try:
+            q = parse(self.filter_text)
+            ctx = QueryContext(runs=self.runs, annotations=self.view.annotations if self.view else {},
+                               edges=self.view.edges if self.view else [])
+            pred = q.predicate(ctx)
+            out = [r for r in self.runs.values() if pred(r)]
+            self.filter_error = ""
+        except FilterError as e:
+            self.filter_error = e.render(self.filter_text)
+            return []
+        return sorted(out, key=lambda r: r.id)
+
+    def apply_filter(self, text: str) -> None:
+        self.filter_text = text
+        self.filter_error = ""
+        self.rerender()
 
     def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
         node = event.node
         if node.data and not node.children:  # lazy: children are added when first opened
             for child in self.derived.get(node.data, []):
-                self._add(node, child)
+                node.add(self.label(child), data=child.id, allow_expand=bool(self.derived.get(child.id)))
 
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         run = self.runs.get(event.node.data) if event.node.data else None
         if run is not None:
-            self.query_one("#lineage-detail", Static).update(self.detail(run))
+            self.current = run.id
+            self.show_detail(run)
 
-    def detail(self, r: Run) -> Text:
+    def selected_run(self) -> Run | None:
+        return self.runs.get(self.current) if self.current else None
+
+    # ---- the detail pane --------------------------------------------------
+    def show_detail(self, r: Run) -> None:
+        parent = self.runs.get(r.parent) if r.parent else None
+        now = self.app.now()
         t = Text()
-        t.append(f"{r.display_name}\n", style="bold")
-        rows = [
-            ("id", r.id), ("user", r.user), ("state", r.state + (f" ({r.state_reason})" if r.state_reason else "")),
-            ("instance", r.instance), ("command", r.command), ("workdir", r.workdir),
-            ("parent", (self.runs[r.parent].display_name + " " + short_id(r.parent)) if r.parent in self.runs else (r.parent or "– (a baseline)")),
-            ("created", r.created_at), ("duration", duration(r.duration_seconds(self.app.now()))),
-            ("cost", f"${r.price_per_hour * (r.duration_seconds(self.app.now()) or 0) / 3600:.4f}" if r.price_per_hour else "–"),
-            ("exit code", "–" if r.exit_code is None else str(r.exit_code)),
-            ("derived runs", str(len(self.derived.get(r.id, [])))),
-        ]
-        for k, v in rows:
-            t.append(f"{k:>12}  ", style="dim")
-            t.append(f"{v}\n")
-        return t
+        t.append(f"{r.display_name}", style="bold")
+        t.append(f"  {short_id(r.id)} · {r.user} · ")
+        t.append(r.state, style=STATE_STYLE.get(r.state, ""))
+        t.append(f"\n{r.instance}" + (f" ({r.instance_info.get('gpus') or 'no GPU'})" if r.instance_info else "")
+                 + f" · {duration(r.duration_seconds(now))} · ${r.cost(now):.2f}\n", style="dim")
+        t.append(f"$ {r.command}\n")
+        t.append("parent: ", style="dim")
+        t.append(f"{parent.display_name} {short_id(parent.id)}\n" if parent else "– (a baseline)\n")
+        if r.code.get("commit"):
+            t.append(f"code: {r.code['commit'][:10]}" + (" + uncommitted changes" if r.code.get("dirty") else "") + "\n", style="dim")
+        changes = lin.params_diff(parent.params if parent else {}, r.params)
+        if changes:
+            t.append("\nparams" + (" vs parent" if parent else "") + "\n", style="bold")
+            for k, old, new in changes[:40]:
+                if parent is None:
+                    t.append(f"  {k} = {_fmt(new)}\n")
+                elif old is None:
+                    t.append(f"  + {k} = {_fmt(new)}\n", style="green")
+                elif new is None:
+                    t.append(f"  - {k} (was {_fmt(old)})\n", style="red")
+                else:
+                    t.append(f"  {k}: {_fmt(old)} → {_fmt(new)}\n", style="yellow")
+        elif parent:
+            t.append("\nparams: same as the parent\n", style="dim")
+        if r.metrics_summary:
+            t.append("\nmetrics (last / best)\n", style="bold")
+            names = sorted(r.metrics_summary, key=lambda n: (n != self.key, n))
+            for n in names[:20]:
+                m = r.metrics_summary[n]
+                pv = lin.metric_value(parent, n) if parent else None
+                delta = f"  (parent {_fmt(pv)})" if pv is not None else ""
+                t.append(f"  {n}: {_fmt(m.get('last'))} / {_fmt(m.get('best'))}{delta}\n")
+        if r.hardware.get("gpu_util_mean") is not None:
+            t.append(f"\nGPU utilization (mean): {r.hardware['gpu_util_mean']}%\n")
+        if self.view:
+            tags = self.view.tags(r.id)
+            if tags:
+                t.append("\ntags: " + " ".join(f"#{x}" for x in tags) + "\n", style="cyan")
+            for n in self.view.notes(r.id):
+                t.append(f"\n{n.created_at[:16]} {n.user}: ", style="dim")
+                t.append(n.text)
+            diff = lin.code_diff(parent, r, self.app.workstation.store.read_blob)
+            if diff:
+                lines = diff.splitlines()
+                t.append("\n\ncode vs parent\n" if parent else "\n\ncode (uncommitted changes)\n", style="bold")
+                for line in lines[:DIFF_LINES]:
+                    style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim" if line.startswith("#") else ""
+                    t.append(line[:200] + "\n", style=style)
+                if len(lines) > DIFF_LINES:
+                    t.append(f"… {len(lines) - DIFF_LINES} more lines: labdeck diff {short_id(parent.id) if parent else ''} {short_id(r.id)}\n",
+                             style="dim")
+        self.query_one("#lineage-detail", Static).update(t)
+        self.draw_curves([r] + ([parent] if parent else []))
+
+    def draw_curves(self, runs: list[Run]) -> None:
+        chart = self.query_one("#lineage-chart", PlotextPlot)
+        mon = self.app.workstation.monitor
+        lines = []
+        for run, color in zip(runs, ("cyan", "orange", "green")):
+            rm = mon.run(run)
+            rm.update()
+            s = rm.series.get(self.key) if self.key else None
+            if s is not None and len(s):
+                lines.append((run.display_name, s, color))
+        chart.display = bool(lines)
+        if not lines:
+            return
+        plt = chart.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(f"{self.key} by step")
+        width = max(20, chart.size.width - 10)
+        for label, s, color in lines:
+            xs, lo, hi = s.view(width)
+            ys = [(a + b) / 2 for a, b in zip(lo, hi)]
+            ok = [(x, y) for x, y in zip(xs, ys) if not math.isnan(y)]
+            if ok:
+                plt.plot([x for x, _ in ok], [y for _, y in ok], label=label, color=color, marker="braille")
+        chart.refresh()
+
+    # ---- actions ----------------------------------------------------------
+    def action_mark(self) -> None:
+        r = self.selected_run()
+        if r is None:
+            return
+        if r.id in self.marked:
+            self.marked.remove(r.id)
+        else:
+            self.marked = (self.marked + [r.id])[-2:]
+        self._refresh_labels()
+
+    def _refresh_labels(self) -> None:
+        tree = self.query_one(Tree)
+
+        def walk(node):
+            for child in node.children:
+                run = self.runs.get(child.data)
+                if run:
+                    child.set_label(self.label(run))
+                walk(child)
+
+        walk(tree.root)
+        self.rerender_status()
+
+    def rerender_status(self) -> None:
+        status = self.query_one("#lineage-status", Static)
+        if self.marked:
+            status.update(f"{len(self.marked)} marked" + (": c compares them" if len(self.marked) == 2 else ": mark one more"))
+            status.display = True
+
+    def action_compare(self) -> None:
+        if len(self.marked) != 2:
+            self.app.notify("Mark two runs with space first.", severity="warning")
+            return
+        a, b = (self.runs[i] for i in self.marked)
+        from ..widgets import CompareScreen
+
+        self.app.push_screen(CompareScreen(a, b, self.view, self.key))
+
+    def action_note(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.ask_annotation(r, "note")
+
+    def action_tag(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.ask_annotation(r, "tag")
+
+    def action_logs(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.open_log(r)
+
+    def action_jobs(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.show_in_jobs(r)
+
+    def action_monitor(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.show_in_monitor(r)
+
+    def focus_main(self) -> None:
+        self.query_one(Tree).focus()

@@ -1,0 +1,232 @@
+"""Lineage: records, relations, notes and tags, the CLI, the Lineage tab, and a team of two real
+Unix users (alice and bob) sharing one team directory."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from textual.widgets import Tree
+
+from backends import lineage as lin
+from backends.errors import LabdeckError
+from backends.models import Run
+from tui.screenshots import _id, demo_app, settle
+from tui.widgets import CompareScreen, TextPrompt
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = (120, 34)
+
+
+def test_params_from_argv_and_config_files(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text("optim:\n  lr: 0.01\n  name: adam\nepochs: 5\n")
+    (tmp_path / "extra.json").write_text('{"batch": 64, "model": {"depth": 12}}')
+    p = lin.params_from_command("python train.py --config cfg.yaml extra.json --lr 3e-4 --fp16 seed=3 --epochs=7",
+                                tmp_path)
+    assert p == {"optim.lr": 0.01, "optim.name": "adam", "epochs": 7, "batch": 64, "model.depth": 12,
+                 "config": "cfg.yaml", "lr": 0.0003, "fp16": True, "seed": 3}
+
+
+def test_cycles_are_refused_and_paths_found() -> None:
+    a, b, c = Run(command="x", instance="l", id="A" * 26), Run(command="x", instance="l", id="B" * 26, parent="A" * 26), \
+        Run(command="x", instance="l", id="C" * 26, parent="B" * 26)
+    runs = {r.id: r for r in (a, b, c)}
+    parents = lin.parents_map(runs, [])
+    with pytest.raises(LabdeckError, match="cycle"):
+        lin.check_no_cycle(a.id, c.id, parents)
+    with pytest.raises(LabdeckError, match="cycle"):
+        lin.check_no_cycle(a.id, a.id, parents)
+    assert [r.id for r in lin.path_from_baseline(c, runs)] == [a.id, b.id, c.id]
+    assert lin.ancestors(c.id, parents) == {a.id, b.id}
+    assert lin.params_diff({"lr": 0.1, "x": 1}, {"lr": 0.3, "y": 2}) == [("lr", 0.1, 0.3), ("x", 1, None), ("y", None, 2)]
+
+
+async def test_lineage_tab_tree_detail_filter_compare_and_notes(tmp_path: Path) -> None:
+    app = demo_app(home=tmp_path / "demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("4")
+        tree = app.query_one(Tree)
+        base = tree.root.children[0]
+        assert "loss 0.312" in str(base.label) and "3 derived" in str(base.label)
+        await pilot.press("enter")  # open the baseline: its children load now
+        await settle(pilot)
+        assert [str(n.label).split()[0] for n in base.children] == ["lr-0.3", "lr-0.03", "lr-1.0"]
+        assert "(-0.062)" in str(base.children[0].label)  # the change from the parent
+        await pilot.press("down")
+        detail = str(app.query_one("#lineage-detail").render())
+        assert "lr: 0.1 → 0.3" in detail and "parent: baseline" in detail
+        # mark two and compare
+        await pilot.press("m", "up", "m", "c")
+        assert isinstance(app.screen, CompareScreen)
+        await pilot.press("escape")
+        # a note from the tab goes into alice's own store
+        await pilot.press("a")
+        assert isinstance(app.screen, TextPrompt)
+        await pilot.press(*"try warmup", "enter")
+        await settle(pilot)
+        notes = [a for a in app.workstation.store.mine.all("annotations") if a["text"] == "try warmup"]
+        assert notes and notes[0]["user"] == "alice" and notes[0]["run_id"] == _id(600, 1)
+        # the query language, with errors that say where
+        await pilot.press("slash", *"tag:best", "enter")
+        await settle(pilot)
+        assert [str(n.label).split()[0] for n in tree.root.children] == ["wider-model"]
+        await pilot.press("slash", "ctrl+u", *"lr>>3", "enter")
+        assert "^" in str(app.query_one("#lineage-status").render())
+        await pilot.press("slash", "escape")
+        # jump to the run in Jobs
+        await pilot.press("j")
+        assert app.query_one("TabbedContent").active == "jobs"
+
+
+def test_cli_runs_show_diff_note_tag_report(home: Path, tmp_path: Path) -> None:
+    from .test_cli import labdeck
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "train.py").write_text(
+        "import labdeck, sys\nlr = float(sys.argv[2])\n"
+        "for i in range(50):\n    labdeck.log({'loss': 1 / (1 + lr * i)}, step=i)\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path / "proj")], check=True)
+    first = labdeck(home, "run", "--name", "base", "--workdir", str(tmp_path / "proj"), "--", "python3", "train.py", "--lr", "0.1")
+    assert first.returncode == 0, first.stderr
+    assert labdeck(home, "logs", "base", "-f").returncode == 0
+    (tmp_path / "proj" / "train.py").write_text((tmp_path / "proj" / "train.py").read_text() + "# tuned\n")
+    second = labdeck(home, "run", "--name", "tuned", "--parent", "base", "--workdir", str(tmp_path / "proj"), "--",
+                     "python3", "train.py", "--lr", "0.5")
+    assert second.returncode == 0, second.stderr
+    assert labdeck(home, "logs", "tuned", "-f").returncode == 0
+    runs = labdeck(home, "runs")
+    assert "base" in runs.stdout and "tuned" in runs.stdout and "key metric loss" in runs.stdout
+    only = labdeck(home, "runs", "lr>0.2")
+    assert "tuned" in only.stdout and "base" not in only.stdout.replace("tuned", "")
+    bad = labdeck(home, "runs", "lr>>0.2")
+    assert bad.returncode == 1 and "^" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+    assert labdeck(home, "tag", "tuned", "best").returncode == 0
+    assert labdeck(home, "note", "tuned", "faster convergence").returncode == 0
+    show = labdeck(home, "show", "tuned")
+    assert "faster convergence" in show.stdout and "tags best" in show.stdout and "lr" in show.stdout
+    diff = labdeck(home, "diff", "base", "tuned")
+    assert "0.1" in diff.stdout and "0.5" in diff.stdout and "+# tuned" in diff.stdout
+    rep = labdeck(home, "report", "tag:best", "-o", str(tmp_path / "out"))
+    assert rep.returncode == 0, rep.stderr
+    md = next((tmp_path / "out").glob("*.md")).read_text()
+    html = next((tmp_path / "out").glob("*.html")).read_text()
+    assert md.index("| 0 (baseline) | base") < md.index("| 1 | tuned") and "lr: 0.1 → 0.5" in md
+    assert "faster convergence" in md and "-0.1303" in md
+    assert html.count("<svg") >= 1 and "<polyline" in html
+
+
+# ---- two real Unix users on one jump host -----------------------------------------------
+
+PRELUDE = """
+import os, sys, json
+import tui.cli, backends.query, backends.lineage, backends.report, backends.monitor, backends.metrics
+# This interpreter lives under /root (0700): import everything that is imported lazily before dropping root.
+import io, asyncio, rich.table, rich.markup, rich._emoji_codes, rich.live, encodings.idna, concurrent.futures.thread
+import backends.providers.ssh, backends.providers.local, backends.code, backends.follow, backends.jobs, tomllib, shlex, base64
+import psutil, backends.gpu, platformdirs
+backends.gpu.probe_gpus()
+from rich.console import Console
+_c = Console(file=io.StringIO(), width=80)
+_c.print(":warning: [bold red]x[/]", rich.table.Table("a"))
+asyncio.run(asyncio.sleep(0))
+uid, gid, home = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.setgroups([]); os.setgid(gid); os.setuid(uid)
+os.environ.update(HOME=home, USER=sys.argv[4], LOGNAME=sys.argv[4])
+sys.argv = ["labdeck"] + sys.argv[5:]
+tui.cli.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """alice and bob: real Unix users, each with a home, sharing one team directory."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd to create real users")
+    base = Path(tempfile.mkdtemp(prefix="ldteam-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "team").mkdir()
+    os.chmod(base / "team", 0o1777)  # as the admin of a shared jump host sets it up (see README)
+    users = {}
+    tag = secrets.token_hex(3)
+    try:
+        for who in ("alice", "bob"):
+            name = f"ld{who}{tag}"
+            subprocess.run(["useradd", "-M", "-s", "/bin/sh", name], check=True, capture_output=True)
+            pw = pwd.getpwnam(name)
+            h = base / who
+            h.mkdir()
+            os.chown(h, pw.pw_uid, pw.pw_gid)
+            users[who] = (pw, h)
+        yield base, users
+    finally:
+        for pw, _ in users.values():
+            subprocess.run(["pkill", "-KILL", "-u", pw.pw_name], capture_output=True)
+            subprocess.run(["userdel", "-f", pw.pw_name], capture_output=True)
+            try:
+                grp.getgrnam(pw.pw_name)
+                subprocess.run(["groupdel", pw.pw_name], capture_output=True)
+            except KeyError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def as_user(team, who: str, *args: str) -> subprocess.CompletedProcess:
+    base, users = team
+    pw, h = users[who]
+    env = {**os.environ, "LABDECK_HOME": str(h / "labdeck"), "LABDECK_TEAM_DIR": str(base / "team"), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", PRELUDE, str(pw.pw_uid), str(pw.pw_gid), str(h), pw.pw_name, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_two_users_share_a_team_directory(team) -> None:
+    base, users = team
+    alice, bob = users["alice"][0].pw_name, users["bob"][0].pw_name
+    for who, name in (("alice", "a-run"), ("bob", "b-run")):
+        res = as_user(team, who, "run", "--name", name, "--no-sync", "--workdir", "/tmp", "--", "echo", f"hi from {who}")
+        assert res.returncode == 0, res.stderr
+    for who in ("alice", "bob"):
+        res = as_user(team, who, "runs")
+        assert res.returncode == 0, res.stderr
+        assert "a-run" in res.stdout and "b-run" in res.stdout and alice in res.stdout and bob in res.stdout
+    # the team directory is sticky and world-writable; each user's files are theirs, readable by all
+    assert oct((base / "team").stat().st_mode & 0o7777) == "0o1777"
+    for who, name in (("alice", alice), ("bob", bob)):
+        d = base / "team" / name
+        assert d.stat().st_uid == users[who][0].pw_uid and oct(d.stat().st_mode & 0o777) == "0o755"
+        assert oct((d / "store.json").stat().st_mode & 0o777) == "0o644"
+    # bob cannot change alice's records: not through labdeck, not by writing her files
+    res = as_user(team, "bob", "cancel", "a-run", "--yes")
+    assert res.returncode == 1 and "belongs to" in res.stderr
+    res = as_user(team, "bob", "store", "move-aside", str(base / "team" / alice / "store.json"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert (base / "team" / alice / "store.json").exists()
+    # both can note and tag any run; the notes live in each author's own store
+    assert as_user(team, "bob", "note", "a-run", "bob was here").returncode == 0
+    assert as_user(team, "bob", "tag", "a-run", "reviewed").returncode == 0
+    assert as_user(team, "alice", "note", "b-run", "nice").returncode == 0
+    shown = as_user(team, "alice", "show", "a-run")
+    assert "bob was here" in shown.stdout and bob in shown.stdout and "reviewed" in shown.stdout
+    ann = json.loads((base / "team" / bob / "store.json").read_text()).get("annotations", {})
+    journal = "".join(p.read_text() for p in (base / "team" / bob).glob("journal-*.jsonl"))
+    assert "bob was here" in json.dumps(ann) + journal
+    # a teammate's store that is corrupt is reported; the rest still loads
+    (base / "team" / bob / "store.json").chmod(0o644)
+    os.rename(base / "team" / bob / "store.json", base / "team" / bob / "store.json.bak")
+    (base / "team" / bob / "store.json").write_text("{not json")
+    try:
+        res = as_user(team, "alice", "runs")
+        assert res.returncode == 0 and "a-run" in res.stdout and "unreadable" in res.stderr
+    finally:
+        os.replace(base / "team" / bob / "store.json.bak", base / "team" / bob / "store.json")
