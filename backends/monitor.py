@@ -33,11 +33,13 @@ from .follow import MissingFile, mirror
 from .metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
 from .models import Run
 from .providers.base import Transport, detached_launcher
+from .tbevents import TFEventsParser, parse_find_output, remote_find_command
 
 AGENT_SOURCE = (Path(__file__).parent / "runtime" / "agent.py").read_bytes()
 AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:12]
 IDLE_WINDOW = 300.0  # seconds of GPU samples that decide "idle"
 IDLE_UTIL = 30.0  # % mean GPU utilization under which a run is flagged
+TB_SCAN_EVERY = 5.0  # seconds between looks for new TensorBoard event files in a run directory
 UPDATE_SLICE = 1 << 20  # bytes of a local copy parsed per step (~10k lines: tens of ms)
 
 
@@ -193,6 +195,8 @@ class RunMonitor:
         self.series = RunSeries()
         self.updated = 0.0
         self.logged_names: set[str] = set()  # names the code logs with labdeck.log(): the log copy of them is ignored
+        self.tb: dict[str, tuple[_LineFile, TFEventsParser]] = {}  # remote event file -> (local copy, parser)
+        self.tb_checked = 0.0
 
     def update(self, limit: int = UPDATE_SLICE) -> int:
         """Parse what is new in the local copies, at most ``limit`` bytes of each per call (a backlog of
@@ -210,17 +214,26 @@ class RunMonitor:
             pts = [p for p in self.log_parser.feed(data) if p.name not in self.logged_names]
             self.series.ingest(pts)
             n += len(pts)
+        for local, parser in self.tb.values():  # TensorBoard event files
+            data = local.read(limit)
+            if data:
+                pts = parser.feed(data)
+                self.series.ingest(pts)
+                n += len(pts)
         if n:
             self.updated = time.monotonic()
         return n
 
     @property
     def backlog(self) -> bool:
-        return self.metrics_file.pending or self.log_file.pending
+        return self.metrics_file.pending or self.log_file.pending or any(f.pending for f, _ in self.tb.values())
 
     @property
     def warnings(self) -> Counter:
-        return self.series.warnings + self.file_parser.warnings + self.log_parser.warnings
+        out = self.series.warnings + self.file_parser.warnings + self.log_parser.warnings
+        for _, parser in self.tb.values():
+            out += parser.warnings
+        return out
 
     @property
     def config(self) -> dict:
@@ -283,6 +296,21 @@ class Monitor:
             await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path)
         except MissingFile:
             pass
+        if time.monotonic() - m.tb_checked > TB_SCAN_EVERY or run.run_state.is_final:  # TensorBoard event files
+            m.tb_checked = time.monotonic()
+            try:
+                res = await transport.run(remote_find_command(run.run_dir), timeout=30)
+                for remote in parse_find_output(res.text()):
+                    if remote not in m.tb:
+                        name = hashlib.sha1(remote.encode()).hexdigest()[:16] + ".tfevents"
+                        m.tb[remote] = (_LineFile(self.root / "tb" / run.user / run.id / name), TFEventsParser())
+            except LabdeckError:
+                pass
+        for remote, (local, _) in list(m.tb.items()):
+            try:
+                await mirror(transport, remote, local.path)
+            except LabdeckError:
+                continue
         n = m.update()
         while m.backlog:  # a job that logged faster than we read: catch up in slices, letting others run
             await asyncio.sleep(0)

@@ -139,3 +139,20 @@ async def test_local_agent_and_top(workstation: Workstation, tmp_path: Path) -> 
         assert (Path(workstation.config.paths.data_dir) / "agent" / "samples.jsonl").exists()
     finally:
         await stop_agent(t)
+
+
+async def test_tensorboard_event_files_become_series(workstation: Workstation, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboardX", reason="tensorboardX writes the real event files for this test")
+    import sys
+
+    code = ("from tensorboardX import SummaryWriter\n"
+            "w = SummaryWriter('tb')\n"
+            "for i in range(20):\n    w.add_scalar('tb/loss', 1.0 / (i + 1), i)\n"
+            "w.add_histogram('weights', [1.0, 2.0, 3.0], 0)\nw.close()\n")
+    (tmp_path / "tbjob.py").write_text(code)
+    run = await workstation.launch(f"{sys.executable} tbjob.py", workdir=str(tmp_path))
+    done = await follow_to_end(workstation, run.id)
+    assert done.state == "succeeded"
+    s = workstation.monitor.runs[run.id].series.series("tb/loss")
+    assert len(s) == 20 and s.last == pytest.approx(1 / 20, rel=1e-6)
+    assert done.metrics_summary["tb/loss"]["min"] == pytest.approx(1 / 20, rel=1e-6)
