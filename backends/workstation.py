@@ -169,6 +169,14 @@ class Workstation:
         changed: list[Run] = []
         for part in await asyncio.gather(*(one(i) for i in instances)):
             changed.extend(part)
+        for run in changed:  # a run that just ended: its metrics, environment and artifacts into the record
+            if run.run_state.is_final and run.user == self.user and run.id not in self.follower.tasks:
+                try:
+                    transport = await self.transport(run.instance)
+                    await self.monitor.poll_run(run, transport)
+                    await self.record_results(run, final=True)
+                except LabdeckError:
+                    pass
         return changed
 
     async def record_results(self, run: Run, *, final: bool = False) -> Run:

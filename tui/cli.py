@@ -485,12 +485,57 @@ def show_cmd(run: str) -> None:
         console.print(f"environment python {r.environment.get('python')} · {len(r.environment.get('packages', []))} packages",
                       highlight=False)
     if r.artifacts:
-        console.print(f"artifacts ({r.instance}:{r.run_dir}/) " + ", ".join(escape(a) for a in r.artifacts[:20]), highlight=False)
+        listing = asyncio.run(ws.list_instances())
+        here = any(i.name == r.instance and i.state == "running" for i in listing.instances)
+        where = f"{r.instance}:{r.run_dir}/ (labdeck fetch {short_id(r.id)})" if here else \
+            f"unavailable: the instance {r.instance} is gone or unreachable"
+        console.print(f"artifacts ({where}) " + ", ".join(escape(a) for a in r.artifacts[:20]), highlight=False)
     tags = tl.tags(r.id)
     if tags:
         console.print("tags " + ", ".join(tags), highlight=False)
     for n in tl.notes(r.id):
         console.print(f"[dim]{n.created_at[:16]} {n.user}:[/] {escape(n.text)}", highlight=False)
+
+
+@cli.command("fetch")
+@click.argument("run")
+@click.argument("paths", nargs=-1)
+@click.option("--out", "-o", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False))
+@friendly
+def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
+    """Copy a run's artifacts (all, or the PATHS named) from its instance to OUT."""
+    ws = _workstation()
+    r = ws.store.find_run(run)
+    wanted = list(paths) or r.artifacts
+    if not wanted:
+        raise LabdeckError(f"{r.display_name} recorded no artifacts.", "Name a path inside its run directory.")
+
+    async def go() -> list[Path]:
+        try:
+            transport = await ws.transport(r.instance)
+        except LabdeckError as e:
+            raise LabdeckError(f"The artifacts of {r.display_name} are unavailable: {e}") from None
+        done = []
+        for rel in wanted:
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise LabdeckError(f"{rel!r} is not a path inside the run directory.")
+            target = Path(out_dir) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            offset = 0
+            with open(tmp, "wb") as f:
+                while True:
+                    chunk = await transport.read_file(f"{r.run_dir}/{rel}", offset, 8 << 20)
+                    f.write(chunk.data)
+                    offset = chunk.next_offset
+                    if not chunk.data or offset >= chunk.size:
+                        break
+            tmp.replace(target)
+            done.append(target)
+        return done
+
+    for p in asyncio.run(go()):
+        console.print(f"{p} ({p.stat().st_size:,} bytes)", highlight=False)
 
 
 @cli.command("diff")
