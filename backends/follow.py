@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LabdeckError, StoreError
-from .models import Run, RunState
+from .models import Run
 
 CHUNK = 4 << 20
 POLL_ACTIVE = 0.1  # seconds between reads while the run writes

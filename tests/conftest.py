@@ -53,3 +53,18 @@ def live_group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(entry))
     return out
+
+
+async def wait_final(ws, run_id: str, timeout: float = 60.0, poll: float = 0.1):
+    """Refresh until the run reaches a final state; the run (or an AssertionError naming it)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await ws.refresh_runs()
+        run = ws.store.find_run(run_id)
+        if run.run_state.is_final:
+            return run
+        await asyncio.sleep(poll)
+    raise AssertionError(f"run {run_id} did not finish: {ws.store.find_run(run_id)}")

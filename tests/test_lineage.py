@@ -3,7 +3,6 @@ Unix users (alice and bob) sharing one team directory."""
 
 from __future__ import annotations
 
-import asyncio
 import grp
 import json
 import os
@@ -13,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest

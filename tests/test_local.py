@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from backends.providers.base import InstanceSpec
 from backends.providers.local import LocalProvider, LocalTransport, host_facts
 from backends.workstation import Workstation
 
-from .conftest import live_group_members
+from .conftest import live_group_members, wait_final
 
 
 def test_local_instance_is_this_machine() -> None:
@@ -109,17 +108,6 @@ async def test_port_forward_relays(tmp_path: Path) -> None:
         server.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", fwd.local_port)
-
-
-async def wait_final(ws: Workstation, run_id: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await ws.refresh_runs()
-        run = ws.store.find_run(run_id)
-        if run.run_state.is_final:
-            return run
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"run {run_id} did not finish: {ws.store.find_run(run_id)}")
 
 
 async def test_example_job_runs_to_success(workstation: Workstation) -> None:

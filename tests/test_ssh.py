@@ -23,6 +23,8 @@ from backends.errors import LabdeckError, ProviderError
 from backends.paths import Paths
 from backends.workstation import Workstation
 
+from .conftest import wait_final
+
 
 def rig_config(rig, *, policy: str = "accept-new", extra: str = "", connect_timeout: float = 3.0) -> str:
     key = str(rig.client_key)
@@ -46,17 +48,6 @@ async def ws(home, fresh_rig):
     w = make_ws(home, fresh_rig)
     yield w
     await w.close()
-
-
-async def wait_final(ws: Workstation, run_id: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await ws.refresh_runs()
-        run = ws.store.find_run(run_id)
-        if run.run_state.is_final:
-            return run
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"run did not finish: {ws.store.find_run(run_id)}")
 
 
 async def test_instances_through_the_jump_host(ws, rig) -> None:

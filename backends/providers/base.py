@@ -156,3 +156,23 @@ class Provider(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional
         """Release clients and connections."""
+
+
+class UnmanagedProvider(Provider):
+    """Machines labdeck uses but does not own (this machine, the team's SSH hosts): every
+    lifecycle call is refused with a message saying why (``_refuse``)."""
+
+    @abc.abstractmethod
+    def _refuse(self, what: str) -> Exception: ...
+
+    async def create(self, spec: InstanceSpec) -> Instance:
+        raise self._refuse("create")
+
+    async def start(self, instance: str) -> Instance:
+        raise self._refuse("start")
+
+    async def stop(self, instance: str) -> Instance:
+        raise self._refuse("stop")
+
+    async def destroy(self, instance: str, *, force: bool = False) -> None:
+        raise self._refuse("destroy")

@@ -18,7 +18,7 @@ from ..config import Field
 from ..errors import ProviderError, TransportError
 from ..gpu import probe_gpus
 from ..models import Instance
-from .base import CommandResult, FileChunk, InstanceSpec, PortForward, Provider, Transport, detached_launcher
+from .base import CommandResult, FileChunk, PortForward, Transport, UnmanagedProvider, detached_launcher
 
 LOCAL = "local"
 
@@ -57,7 +57,7 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-class LocalProvider(Provider):
+class LocalProvider(UnmanagedProvider):
     type = "local"
 
     def __init__(self, name: str, options: Mapping[str, object], *, runs_root: Path,
@@ -90,18 +90,6 @@ class LocalProvider(Provider):
             f"`local` is this machine: labdeck cannot {what} it.",
             "Add an SSH host or a cloud provider in the config for instances labdeck manages.",
         )
-
-    async def create(self, spec: InstanceSpec) -> Instance:
-        raise self._refuse("create")
-
-    async def start(self, instance: str) -> Instance:
-        raise self._refuse("start")
-
-    async def stop(self, instance: str) -> Instance:
-        raise self._refuse("stop")
-
-    async def destroy(self, instance: str, *, force: bool = False) -> None:
-        raise self._refuse("destroy")
 
     def max_concurrent(self, instance: str) -> int:
         return int(self.options.get("max_concurrent", 1))

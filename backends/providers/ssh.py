@@ -33,7 +33,7 @@ from ..config import Field
 from ..errors import LabdeckError, ProviderError
 from ..models import Instance
 from ..ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, resolve_host
-from .base import InstanceSpec, Provider, Transport
+from .base import Transport, UnmanagedProvider
 
 
 DESCRIBE_WAIT = 1.0  # seconds a listing waits for a host that is still connecting
@@ -109,7 +109,7 @@ def parse_facts(text: str, now: datetime) -> dict[str, Any]:
             "gpu_note": "" if gpus else "no NVIDIA GPU"}
 
 
-class SSHProvider(Provider):
+class SSHProvider(UnmanagedProvider):
     type = "ssh"
 
     def __init__(self, name: str, options: Mapping[str, object], *, pool: SSHPool | None = None,
@@ -205,18 +205,6 @@ class SSHProvider(Provider):
     def _refuse(self, what: str) -> ProviderError:
         return ProviderError(f"The {self.name} hosts are your team's own machines: labdeck does not {what} them.",
                              "Add or remove hosts in the config ([providers." + self.name + ".hosts.NAME]).")
-
-    async def create(self, spec: InstanceSpec) -> Instance:
-        raise self._refuse("create")
-
-    async def start(self, instance: str) -> Instance:
-        raise self._refuse("start")
-
-    async def stop(self, instance: str) -> Instance:
-        raise self._refuse("stop")
-
-    async def destroy(self, instance: str, *, force: bool = False) -> None:
-        raise self._refuse("destroy")
 
     def transport(self, instance: str) -> Transport:
         h = self._host(instance)
