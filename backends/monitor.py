@@ -54,20 +54,39 @@ async def stop_agent(transport: Transport) -> None:
     await transport.run(f"p=$(cat {d}/agent.lock 2>/dev/null); [ -n \"$p\" ] && kill $p 2>/dev/null; true", timeout=15)
 
 
+BOOTSTRAP_PACKAGES = "nvitop psutil"
+
+
 async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python: str = "python3") -> str:
     """Install (if its version changed) and start (if not running) the agent; touch its reader
-    file so it keeps sampling. One round trip. Returns the agent directory on the instance."""
+    file so it keeps sampling. One round trip. Returns the agent directory on the instance.
+
+    On a GPU host (``nvidia-smi`` present) whose Python lacks nvitop, a private venv
+    (``<agent dir>/venv``) gets nvitop and psutil installed once, in the background; the agent
+    uses that venv's Python once it can import nvitop (until then it reads GPUs with
+    nvidia-smi). Where pip cannot reach an index the attempt fails quietly (see bootstrap.log)
+    and is retried after a day."""
     home = await transport.home_dir()
     d = agent_dir(await transport.runs_root())
     qd = shlex.quote(d)
     b64 = base64.b64encode(AGENT_SOURCE).decode()
+    venv_py = f"{d}/venv/bin/python"
     launcher = shlex.join(detached_launcher(
-        f"exec {python} {d}/agent.py --out {d} --gpu-source {shlex.quote(gpu_source)} --disk-path {shlex.quote(home)}", None))
+        f'exec "$PY" {d}/agent.py --out {d} --gpu-source {shlex.quote(gpu_source)} --disk-path {shlex.quote(home)}', None))
+    bootstrap = shlex.join(detached_launcher(
+        f"{python} -m venv {d}/venv && {d}/venv/bin/pip install -q --disable-pip-version-check --retries 1 --timeout 20 "
+        f"{BOOTSTRAP_PACKAGES}", f"{d}/bootstrap.log"))
     script = (
         f"mkdir -p {qd} && touch {qd}/reader && "
-        f"if [ \"$(cat {qd}/version 2>/dev/null)\" != {AGENT_VERSION} ]; then "
+        # which Python: the private venv once it has nvitop
+        f"PY={shlex.quote(python)}; if [ -x {shlex.quote(venv_py)} ] && {shlex.quote(venv_py)} -c 'import nvitop' 2>/dev/null; "
+        f"then PY={shlex.quote(venv_py)}; fi; export PY; "
+        f"if [ {shlex.quote(gpu_source)} = auto ] && command -v nvidia-smi >/dev/null 2>&1 && ! \"$PY\" -c 'import nvitop' 2>/dev/null "
+        f"&& [ -z \"$(find {qd}/bootstrap.tried -mtime -1 2>/dev/null)\" ]; then touch {qd}/bootstrap.tried; {bootstrap} >/dev/null; fi; "
+        # a new agent version, or a better Python: stop the old agent
+        f"if [ \"$(cat {qd}/version 2>/dev/null)\" != {AGENT_VERSION} ] || [ \"$(cat {qd}/python 2>/dev/null)\" != \"$PY\" ]; then "
         f"printf %s {b64} | base64 -d > {qd}/agent.py.tmp && mv {qd}/agent.py.tmp {qd}/agent.py && "
-        f"echo {AGENT_VERSION} > {qd}/version; "
+        f"echo {AGENT_VERSION} > {qd}/version; echo \"$PY\" > {qd}/python; "
         f"p=$(cat {qd}/agent.lock 2>/dev/null); [ -n \"$p\" ] && kill $p 2>/dev/null; sleep 0.2; fi; "
         f"if command -v flock >/dev/null 2>&1 && ! flock -n {qd}/agent.lock true 2>/dev/null; then echo running; "
         f"else {launcher} >/dev/null && echo started; fi"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -156,3 +158,46 @@ async def test_tensorboard_event_files_become_series(workstation: Workstation, t
     s = workstation.monitor.runs[run.id].series.series("tb/loss")
     assert len(s) == 20 and s.last == pytest.approx(1 / 20, rel=1e-6)
     assert done.metrics_summary["tb/loss"]["min"] == pytest.approx(1 / 20, rel=1e-6)
+
+
+async def test_gpu_host_without_nvitop_bootstraps_a_venv_or_carries_on(workstation: Workstation, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """nvidia-smi present, nvitop missing: labdeck tries a private venv once; with no package index
+    reachable that fails quietly and the agent runs on with the system Python."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")  # the driver tool, faked at the boundary
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens: pip fails at once
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    t = await workstation.transport("local")
+    d = Path(workstation.config.paths.data_dir) / "agent"
+    try:
+        from backends.monitor import ensure_agent
+
+        system_python = "/usr/bin/python3"  # a Python without nvitop (this interpreter has it)
+        if not os.path.exists(system_python) or subprocess.run([system_python, "-c", "import nvitop"]).returncode == 0:
+            pytest.skip("needs a Python without nvitop at /usr/bin/python3")
+        await ensure_agent(t, python=system_python)
+        assert (d / "bootstrap.tried").exists()
+        deadline = time.monotonic() + 60
+        log = ""
+        while time.monotonic() < deadline:
+            log = (d / "bootstrap.log").read_text() if (d / "bootstrap.log").exists() else ""
+            if "ERROR" in log or "error" in log.lower():
+                break
+            await asyncio.sleep(0.5)
+        assert "error" in log.lower()
+        assert (d / "python").read_text().strip() == system_python  # still the system Python
+        await ensure_agent(t, python=system_python)  # tried within the day: not again
+        assert (d / "bootstrap.tried").stat().st_mtime <= time.time()
+        n = 0
+        for _ in range(20):
+            n += await workstation.monitor.poll_instance("local")
+            if n:
+                break
+            await asyncio.sleep(0.5)
+        assert n >= 1
+    finally:
+        await stop_agent(t)

@@ -266,6 +266,11 @@ def mb_text(v: list[float]) -> str:
     return f"{statistics.median(mb):.0f} [dim]({min(mb):.0f}–{max(mb):.0f})[/]"
 
 
+def distinct(samples: list[dict[str, Any]], key: str) -> list[Any]:
+    """The different values of a mark over the processes that have it."""
+    return sorted({s[key] for s in samples if s.get(key) is not None}, key=str)
+
+
 def gc_pair(ms: list[float]) -> str:
     return f"{statistics.median(ms):.1f} / {max(ms):.0f}" if ms else "—"
 
@@ -382,7 +387,7 @@ def main(quick: bool = False, force_profile: bool = False) -> list[Verdict]:
             if met is not None:
                 verdicts.append(Verdict(NAME, f"press 4 → first frame with the Lineage tree @ {n:,} runs",
                                         f"{drawn * 1000:.0f} ms", f"≤ {TARGET_SWITCH_MS:g} ms", met))
-            roots = sorted({x.get("roots") for x in s})
+            roots = distinct(s, "roots")
             gc_ms = vals(s, "switch_gc_ms")
             gc_text = (f"{statistics.median(gc_ms):.0f} [dim]({min(gc_ms):.0f}–{max(gc_ms):.0f}; "
                        f"{sum(vals(s, 'switch_gc_full')):.0f} full in {len(s)})[/]") if gc_ms else "—"
@@ -405,7 +410,7 @@ def main(quick: bool = False, force_profile: bool = False) -> list[Verdict]:
                         ms_text(vals(s, "runs_arrived")), ms_text(vals(s, "tree_rerendered")),
                         ms_text(vals(s, "tree_painted")),
                         f"{statistics.median(gc_ms):.0f} [dim]({min(gc_ms):.0f}–{max(gc_ms):.0f})[/]" if gc_ms else "—",
-                        ", ".join(str(r) for r in sorted({x.get("roots") for x in s})))
+                        ", ".join(str(r) for r in distinct(s, "roots")))
             if n == big and not quick:
                 v = med(s, "tree_painted")
                 verdicts.append(Verdict(NAME, f"process start → Lineage tree painted (start tab lineage) @ {n:,} runs",
@@ -484,13 +489,16 @@ def main(quick: bool = False, force_profile: bool = False) -> list[Verdict]:
                           f"{c['edges']:,} edges; {c['tags']:,} tags ({c['tags_removed']} taken off), {c['notes']:,} notes; "
                           f"snapshots {c['snapshot_bytes'] / 1e6:.1f} MB; seeded in {c['seed_s']:.1f} s[/]")
         s_big = samples[(big, "switch")]
-        console.print(f"[dim]runs in the view: {sorted({x.get('runs_in_view') for x in s_big})}; tab drawn lazily before "
-                      f"the press: {sorted({x.get('dirty_before_press') for x in s_big})}; filter status: "
+        console.print(f"[dim]runs in the view: {distinct(s_big, 'runs_in_view')}; tab drawn lazily before "
+                      f"the press: {distinct(s_big, 'dirty_before_press')}; filter status: "
                       f"{next((x.get('filter_status') for x in s_big if x.get('filter_status')), '')!r}; typed filter "
                       f"ended as {next((x.get('typed_filter_text') for x in s_big if 'typed_filter_text' in x), None)!r}; "
-                      f"labdeck imported from {sorted({x.get('labdeck_from') for x in s_big})}; "
+                      f"labdeck imported from {distinct(s_big, 'labdeck_from')}; "
                       f"headless 160×48; took {elapsed:.0f} s[/]")
 
+        failed = {f"{n:,} {mode}": sum("error" in x for x in s) for (n, mode), s in samples.items() if any("error" in x for x in s)}
+        if failed:
+            console.print(f"[bold red]processes that failed (left out of the medians): {failed}[/]")
         missed = [v for v in verdicts if v.met is False]
         prof: dict[str, Any] = {}
         if missed or force_profile:
