@@ -36,7 +36,7 @@ from ..ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, re
 from .base import Transport, UnmanagedProvider
 
 
-DESCRIBE_WAIT = 1.0  # seconds a listing waits for a host that is still connecting
+DESCRIBE_WAIT = 0.8  # seconds a listing waits for a host it starts connecting to
 
 
 def _non_negative(v: Any) -> str | None:
@@ -164,11 +164,13 @@ class SSHProvider(UnmanagedProvider):
                 # connect in the background; a host that takes longer than DESCRIBE_WAIT shows as
                 # "connecting" now, and the listing of every other host is not held up by it
                 task = self._connecting.get(instance)
+                wait = 0.05  # a connect already under way from an earlier listing: do not wait on it again
                 if task is None or task.done():
                     task = self._connecting[instance] = asyncio.ensure_future(handle.get())
                     task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                    wait = DESCRIBE_WAIT
                 try:
-                    await asyncio.wait_for(asyncio.shield(task), DESCRIBE_WAIT)
+                    await asyncio.wait_for(asyncio.shield(task), wait)
                 except asyncio.TimeoutError:
                     inst.state = "connecting"
                     inst.note = f"no answer yet from {spec.label} (still trying, up to {self.pool.connect_timeout:g}s)"

@@ -377,7 +377,9 @@ async def measure_refresh(ws: Workstation, hosts: dict[str, tuple[Any, Path, str
         await asyncio.sleep(REFRESH_GAP_S)
         dt, st = await refresh()
         warm.append(dt)
-        right = right and st == states
+        # up hosts stay running; the others are "connecting" (the silent one, while its first connect is pending),
+        # then "unreachable"
+        right = right and all((st.get(n) == "running") == (r == "up") for n, r in roles.items())
     for _ in range(IN_BACKOFF):  # at once after the last: the down hosts are still in their backoff
         dt, st = await refresh()
         backoff.append(dt)
