@@ -108,7 +108,6 @@ def run(mode: str) -> None:
 
     # ---- instrument LineageTab.rerender (this process only; tui/ is untouched) ----
     events: list[dict[str, float | int]] = []  # one per rerender: start, end, roots, painted
-    waiters: list[asyncio.Future] = []
     original_rerender = LineageTab.rerender
 
     def rerender(self: LineageTab) -> None:

@@ -108,6 +108,8 @@ def spawn(mode: str, home: Path | None, out: Path, profile: Path | None = None) 
         out.unlink()
     t0 = time.perf_counter()
     env["LABDECK_BENCH_T0"] = repr(t0)
+    # time this checkout, whatever copy of labdeck is installed (the driver's own dir comes first on sys.path)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, str(DRIVER), mode, str(out)], env=env, cwd=REPO_ROOT,
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=CHILD_TIMEOUT_S)
     wall = time.perf_counter() - t0
