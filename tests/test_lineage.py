@@ -228,3 +228,28 @@ def test_two_users_share_a_team_directory(team) -> None:
         assert res.returncode == 0 and "a-run" in res.stdout and "unreadable" in res.stderr
     finally:
         os.replace(base / "team" / bob / "store.json.bak", base / "team" / bob / "store.json")
+
+
+async def test_lineage_jumps_and_tag_prompt(tmp_path: Path) -> None:
+    from tui.tabs.monitor import MonitorTab
+    from tui.widgets import LogScreen
+
+    app = demo_app(home=tmp_path / "demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("4", "t")
+        assert isinstance(app.screen, TextPrompt)
+        await pilot.press(*"keep", "enter")
+        await settle(pilot)
+        assert any(a["text"] == "keep" and a["kind"] == "tag" for a in app.workstation.store.mine.all("annotations"))
+        (app.workstation.follower.local_path(app.runs[-1])).parent.mkdir(parents=True, exist_ok=True)
+        await pilot.press("M")  # chart the highlighted run in Monitor
+        await settle(pilot)
+        assert app.query_one("TabbedContent").active == "monitor"
+        tab = app.query_one(MonitorTab)
+        assert tab.selected and tab.selected[0] == _id(600, 1)
+        await pilot.press("i")  # next instance (only `local` here: stays)
+        assert tab.instance == "local"
+        await pilot.press("4", "l")  # the log of the highlighted run (its instance copy is absent: still opens)
+        await settle(pilot)
+        assert isinstance(app.screen, LogScreen) or any("log" in n.message.lower() for n in app._notifications)

@@ -46,7 +46,9 @@ def main() -> None:
     x, y = make_data(args.n, args.dim, rng)
     w = np.zeros(args.dim, dtype=np.float32)
     b = 0.0
-    print(f"training logistic regression: n={args.n} dim={args.dim} lr={args.lr} steps={args.steps}", flush=True)
+    # (said in words: `key=value` numbers in the log would be read as metrics by labdeck's zero-code capture)
+    print(f"training logistic regression on {args.n} points of {args.dim} dims, learning rate {args.lr}, "
+          f"{args.steps} steps", flush=True)
     if labdeck:
         labdeck.config(vars(args))
     for step in range(1, args.steps + 1):
