@@ -221,10 +221,14 @@ class Deployment(Record):
     id: str = field(default_factory=new_id)
     user: str = field(default_factory=getpass.getuser)
     state: str = "starting"  # starting | healthy | stopped | failed
-    port: int | None = None
-    url: str = ""
+    port: int | None = None  # on the instance's loopback
+    url: str = ""  # through the forward, on the machine that deployed it
     started_at: str = field(default_factory=utcnow)
     stopped_at: str | None = None
+    pid: int | None = None  # litserve's main process == its process group
+    model: str = ""  # the artifact served (relative to the run directory), or the user's API module:Class
+    log_path: str = ""
+    state_reason: str = ""
 
 
 @dataclass

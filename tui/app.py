@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import time
 import traceback
 from datetime import datetime, timezone
@@ -36,7 +37,8 @@ from .tabs.jobs import JobsTab
 from .tabs.lineage import LineageTab
 from .tabs.models import ModelsTab
 from .tabs.monitor import MonitorTab
-from .widgets import CommandBar, ConfirmScreen, FilterBar, HelpScreen, LineInput, LogScreen, TextPrompt, error_text
+from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, TextPrompt,
+                      TryModelScreen, error_text)
 
 log = logging.getLogger("labdeck.tui")
 
@@ -78,6 +80,9 @@ class LabdeckApp(App[None]):
         self._runs_stale = False  # something other than a refresh changed the store (launch, cancel, teammates)
         self._observer = None
         self._reload_timer = None
+        self._forwards: dict = {}  # deployment id -> PortForward held by this TUI
+        self.model_urls: dict[str, str] = {}
+        self._model_latency: dict[str, list[float]] = {}
         cfg = workstation.config
         self.theme = cfg.get("ui", "theme") if cfg.get("ui", "theme") in self.available_themes else "textual-dark"
         self.refresh_seconds = float(cfg.get("ui", "refresh_seconds"))
@@ -129,6 +134,8 @@ class LabdeckApp(App[None]):
     async def on_unmount(self) -> None:
         if self._observer is not None:
             self._observer.stop()
+        for fwd in self._forwards.values():  # model servers keep running; only our forwards close
+            await fwd.close()
         await self.workstation.follower.stop_all()  # jobs go on; their logs are caught up on the next start
 
     def _mark_ready(self) -> None:
@@ -165,11 +172,119 @@ class LabdeckApp(App[None]):
         runs = sorted(view.runs.values(), key=lambda r: r.id, reverse=True)
         return RunsLoaded(runs, view.errors, view)
 
-    @work(exclusive=True, group="deployments", thread=True, exit_on_error=False)
-    def load_deployments(self) -> None:
-        deployments, errors = self.workstation.store.records(Deployment.TABLE)
+    @work(exclusive=True, group="deployments", exit_on_error=False)
+    async def load_deployments(self) -> None:
+        deployments, errors = await asyncio.to_thread(self.workstation.store.records, Deployment.TABLE)
         deployments.sort(key=lambda d: d.id, reverse=True)
+        tab = self.query_one(ModelsTab)
+        if self.live:  # requests served so far, from each live server's own log (ours only: we can read them)
+            for d in deployments:
+                if d.user == self.workstation.user and d.state == "healthy" and d.log_path:
+                    try:
+                        t = await self.workstation.transport(d.instance)
+                        res = await t.run(f"grep -c 'POST /predict' {shlex.quote(d.log_path)} 2>/dev/null || true", timeout=15)
+                        count = int(res.text().strip() or 0)
+                    except (LabdeckError, ValueError):
+                        count = None
+                    lat = sorted(self._model_latency.get(d.name, []))
+                    tab.stats[d.id] = (count, lat[len(lat) // 2] if lat else None)
         self.post_message(DeploymentsLoaded(deployments, errors))
+
+    # ---- model servers --------------------------------------------------------
+    def record_model_latency(self, name: str, ms: float) -> None:
+        self._model_latency.setdefault(name, []).append(ms)
+
+    def serve_run(self, run: Run, name: str | None = None) -> None:
+        if run.user != self.workstation.user:
+            self.notify(f"{run.display_name} belongs to {run.user}: its files are theirs to serve.", severity="warning")
+            return
+        self._serve(run, name)
+
+    @work(group="serve", exit_on_error=False)
+    async def _serve(self, run: Run, name: str | None) -> None:
+        from backends import serving
+
+        self.notify(f"Deploying {run.display_name} on {run.instance}…", timeout=3)
+        served = await serving.deploy(self.workstation, run.id, name=name,
+                                      progress=lambda m: self.notify(m, timeout=2))
+        d = served.deployment
+        self._forwards[d.id] = served.forward
+        self.model_urls[d.id] = d.url
+        self.load_deployments()
+        self.push_screen(InfoScreen(f"{d.name} is up", f"URL (here): {d.url}/predict\nAPI key: {served.api_key}\n"
+                                    f"From a laptop: {served.ssh_line}\n\nThe key is also kept in a 0600 file of "
+                                    f"yours; Models → t tries it."))
+
+    async def _model_url(self, d: Deployment) -> str:
+        if d.id not in self.model_urls:
+            t = await self.workstation.transport(d.instance)
+            fwd = await t.forward_port(int(d.port))
+            self._forwards[d.id] = fwd
+            self.model_urls[d.id] = f"http://127.0.0.1:{fwd.local_port}"
+        return self.model_urls[d.id]
+
+    def try_model(self, d: Deployment) -> None:
+        self._try_model(d)
+
+    @work(group="serve", exit_on_error=False)
+    async def _try_model(self, d: Deployment) -> None:
+        from backends import serving
+
+        if d.state != "healthy":
+            self.notify(f"{d.name} is {d.state}.", severity="warning")
+            return
+        url = await self._model_url(d)
+        key = serving.api_key(self.workstation, d.id) if d.user == self.workstation.user else None
+        body = '{"x": [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]}'
+        self.push_screen(TryModelScreen(d.name, url, key, body))
+
+    def open_model_log(self, d: Deployment) -> None:
+        self._open_model_log(d)
+
+    @work(group="serve", exit_on_error=False)
+    async def _open_model_log(self, d: Deployment) -> None:
+        from backends.follow import mirror
+
+        local = self.workstation.config.paths.cache_dir / "serve-logs" / f"{d.id}.log"
+        t = await self.workstation.transport(d.instance)
+        await mirror(t, d.log_path, local)
+        self.push_screen(LogScreen(d.id, f"model server {d.name} · {d.instance}:{d.port}", path=local))
+
+    def confirm_stop_model(self, d: Deployment) -> None:
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._stop_model(d)
+
+        self.push_screen(ConfirmScreen(f"Stop the model server {d.name}?",
+                                       f"on {d.instance}:{d.port} · its whole process group", yes_label="Stop"), answer)
+
+    @work(group="serve", exit_on_error=False)
+    async def _stop_model(self, d: Deployment) -> None:
+        from backends import serving
+
+        await serving.stop(self.workstation, d.id)
+        fwd = self._forwards.pop(d.id, None)
+        if fwd:
+            await fwd.close()
+        self.model_urls.pop(d.id, None)
+        self.notify(f"Stopped {d.name}.")
+        self.load_deployments()
+
+    def redeploy_model(self, d: Deployment) -> None:
+        def answer(ref: str | None) -> None:
+            if ref:
+                self._redeploy(d, ref)
+
+        self.push_screen(TextPrompt(f"Serve which run as {d.name}? (id, suffix or name)", "e.g. a1b2c3d4"), answer)
+
+    @work(group="serve", exit_on_error=False)
+    async def _redeploy(self, d: Deployment, ref: str) -> None:
+        from backends import serving
+
+        run = self.workstation.store.find_run(ref)
+        if d.state in ("starting", "healthy"):
+            await serving.stop(self.workstation, d.id)
+        self.serve_run(run, name=d.name)
 
     @work(exclusive=True, group="monitor", exit_on_error=False)
     async def poll_monitor(self) -> None:
@@ -236,6 +351,7 @@ class LabdeckApp(App[None]):
 
     def on_deployments_loaded(self, message: DeploymentsLoaded) -> None:
         self.query_one(ModelsTab).show_deployments(message.deployments)
+        self.query_one(LineageTab).show_served({d.run_id for d in message.deployments if d.state in ("starting", "healthy")})
 
     def on_monitor_updated(self, message: MonitorUpdated) -> None:
         changed = message.idle != self.idle
@@ -567,7 +683,7 @@ def all_binding_ids() -> set[str]:
     from .widgets import CompareScreen
 
     for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
-                CompareScreen):
+                CompareScreen, TryModelScreen, InfoScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

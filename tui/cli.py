@@ -27,7 +27,7 @@ from backends.paths import Paths
 from backends.store import move_aside
 from backends.workstation import Workstation
 
-from .format import STATE_STYLE, duration, money, short_id, since
+from .format import duration, money, short_id, since, state_markup
 
 console = Console()
 err_console = Console(stderr=True)
@@ -140,7 +140,7 @@ def ls_cmd() -> None:
     t = Table(title="instances", title_justify="left")
     rows = []
     for i in listing.instances:
-        rows.append((i.name, i.provider, f"[{STATE_STYLE.get(i.state, '')}]{i.state}[/]",
+        rows.append((i.name, i.provider, state_markup(i.state),
                   f"{i.latency_ms:.0f} ms" if i.latency_ms is not None else "–", i.size_summary if i.vcpus else "–",
                   i.gpu_summary, money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host))
     cols = ("name", "provider", "state", "ping", "size", "GPUs", "$/hr", "uptime", "host")
@@ -248,7 +248,7 @@ def ps_cmd(show_all: bool, mine: bool) -> None:
     if not show_all:
         runs = [r for r in runs if r.run_state.is_active or r.state == "lost"]
     t = Table(title_justify="left", title=f"{len(runs)} runs" + ("" if show_all else " active (--all for every run)"))
-    rows = [(short_id(r.id), r.display_name, f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]", r.instance, r.user,
+    rows = [(short_id(r.id), r.display_name, state_markup(r.state), r.instance, r.user,
              duration(r.duration_seconds()), escape(r.last_line[:100])) for r in runs]
     console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
                             flexible={"name", "last line"}))
@@ -363,7 +363,7 @@ def top_cmd(once: bool, interval: float) -> None:
                         pass
                     summ = ws.monitor.run(r).series.summary()
                     latest = "  ".join(f"{k2}={v['last']:.4g}" for k2, v in sorted(summ.items())[:4])
-                state = f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]" + (f" [yellow]⚠ GPU {idle[r.id]:.0f}%[/]" if r.id in idle else "")
+                state = state_markup(r.state) + (f" [yellow]⚠ GPU {idle[r.id]:.0f}%[/]" if r.id in idle else "")
                 rows.append((*head, f"{r.display_name} ({r.user})", state, f"{rs.get('cpu', 0):.0f}%" if rs else "",
                              f"{rs.get('gpu_mem', 0) / 1024:.1f}G" if rs.get("gpu_mem") else "", escape(latest)))
         return fit_table(t, ("instance", "CPU", "mem", "GPUs", "run", "state", "run CPU", "GPU mem", "latest metrics"),
@@ -436,7 +436,7 @@ def runs_cmd(filter_text: str, limit: int) -> None:
         parent = tl.parent_of(r)
         pv = lin.metric_value(parent, key) if parent else None
         delta = f" ({v - pv:+.3g})" if v is not None and pv is not None else ""
-        rows.append((short_id(r.id), escape(r.display_name), r.user, f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]",
+        rows.append((short_id(r.id), escape(r.display_name), r.user, state_markup(r.state),
                      (f"{v:.4g}{delta}" if v is not None else "–"), f"${r.cost():.2f}" if r.price_per_hour else "–",
                      escape(", ".join(tl.tags(r.id))), short_id(r.parent) if r.parent else "–"))
     console.print(fit_table(t, ("run", "name", "user", "state", key or "metric", "cost", "tags", "parent"), rows,
@@ -651,6 +651,117 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     base = f"labdeck-report-{(run.name or short_id(run.id)).replace('/', '-').replace(' ', '_')}"
     md_path, html_path = write_report(Path(out_dir), base, md, html)
     console.print(f"{len(path)} runs from {path[0].display_name} to {run.display_name}:\n  {md_path}\n  {html_path}")
+
+
+@cli.command("serve")
+@click.argument("run")
+@click.option("--on", "instance", default=None, help="Instance (default: the run's own)")
+@click.option("--port", default=8000, show_default=True, help="Port on the instance (the next free one if taken)")
+@click.option("--name", default=None, help="Deployment name (default: the run's name)")
+@click.option("--model", default=None, help="Model file inside the run directory (default: the run's model artifact)")
+@click.option("--api", default=None, metavar="MODULE:CLASS", help="Your litserve.LitAPI in the run's code instead")
+@click.option("--detach", is_flag=True, help="Return at once; reach the server with the printed ssh -L line")
+@friendly
+def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model: str | None, api: str | None,
+              detach: bool) -> None:
+    """Put a run's model behind litserve on its instance, forwarded here, with an API key."""
+    from backends import serving
+
+    ws = _workstation()
+
+    async def go() -> None:
+        served = await serving.deploy(ws, run, instance=instance, port=port, name=name, model=model, api=api,
+                                      progress=lambda m: err_console.print(f"[dim]{escape(m)}[/]", highlight=False))
+        d = served.deployment
+        console.print(f"[bold]{escape(d.name)}[/] is up: {d.url}/predict  (instance {d.instance}:{d.port})", highlight=False)
+        console.print(f"API key (shown once here; kept in a 0600 file of yours): {served.api_key}", highlight=False)
+        console.print(f"from a laptop:  {served.ssh_line}", highlight=False)
+        console.print(f"""try it:  curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' """
+                      f"""-d '{{"x": [[0.1, 0.2]]}}' {d.url}/predict""", highlight=False)
+        if detach:
+            await served.forward.close()
+            console.print(f"[dim]the forward is closed; the server keeps running (labdeck unserve {escape(d.name)})[/]")
+            return
+        console.print("[dim]forwarding; ctrl+c closes the forward (the server keeps running)[/]")
+        try:
+            while True:
+                await asyncio.sleep(3600)
+        finally:
+            await served.forward.close()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("models")
+@friendly
+def models_cmd() -> None:
+    """The team's model deployments."""
+    from backends.models import Deployment
+
+    ws = _workstation()
+    deps, errors = ws.store.records(Deployment.TABLE)
+    rows = [(escape(d.name), short_id(d.id), short_id(d.run_id), state_markup(d.state), d.instance,
+             str(d.port or "–"), d.user, escape(d.model)) for d in sorted(deps, key=lambda d: d.id, reverse=True)]
+    console.print(fit_table(Table(title=f"{len(rows)} deployments", title_justify="left"),
+                            ("name", "id", "run", "state", "instance", "port", "user", "model"), rows, flexible={"model"}))
+    for user, e in errors.items():
+        err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {escape(e.splitlines()[0])}", highlight=False)
+
+
+@cli.command("unserve")
+@click.argument("deployment")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask")
+@friendly
+def unserve_cmd(deployment: str, yes: bool) -> None:
+    """Stop a deployment: SIGTERM to litserve's process group, SIGKILL after a grace period."""
+    from backends import serving
+
+    ws = _workstation()
+    dep = serving.find(ws, deployment)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise LabdeckError(f"Stopping {dep.name} needs confirmation.", "Run it in a terminal, or pass --yes.")
+        click.confirm(f"Stop the model server {dep.name} on {dep.instance}?", abort=True)
+    done = asyncio.run(serving.stop(ws, dep.id))
+    console.print(f"stopped {escape(done.name)}")
+
+
+@cli.command("export")
+@click.argument("run")
+@click.option("--k8s", "k8s_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for the Dockerfile and Kubernetes manifests")
+@click.option("--model", default=None, help="Model file inside the run directory (default: the run's model artifact)")
+@click.option("--image", default=None, help="Image name for the manifests")
+@click.option("--port", default=8000, show_default=True)
+@friendly
+def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, port: int) -> None:
+    """Write a Dockerfile and a Kubernetes Deployment + Service for the same model server."""
+    from backends.export import export_k8s
+    from backends.serving import pick_model
+
+    ws = _workstation()
+    r = ws.store.find_run(run)
+    model, _ = pick_model(r, model, None)
+
+    async def fetch() -> bytes:
+        t = await ws.transport(r.instance)
+        out, offset = bytearray(), 0
+        while True:
+            chunk = await t.read_file(f"{r.run_dir}/{model}", offset, 8 << 20)
+            out += chunk.data
+            offset = chunk.next_offset
+            if not chunk.data or offset >= chunk.size:
+                return bytes(out)
+
+    try:
+        data = asyncio.run(fetch())
+    except LabdeckError as e:
+        raise LabdeckError(f"Cannot fetch {model} of {r.display_name}: {e}", "Is its instance reachable?") from None
+    for p in export_k8s(r, k8s_dir, data, model=model, image=image, port=port):
+        console.print(str(p), highlight=False)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from backends.models import parse_time
 STATE_STYLE = {
     "queued": "grey70", "syncing": "cyan", "running": "bold green", "succeeded": "green",
     "failed": "bold red", "cancelled": "yellow", "lost": "magenta", "preempted": "magenta",
-    "unreachable": "bold red", "connecting": "yellow", "stopped": "yellow", "pending": "cyan", "terminated": "grey50",
+    "unreachable": "bold red", "connecting": "yellow", "healthy": "bold green", "starting": "cyan", "stopped": "yellow", "pending": "cyan", "terminated": "grey50",
 }
 
 
@@ -37,3 +37,11 @@ def money(per_hour: float) -> str:
 
 def short_id(run_id: str) -> str:
     return run_id[-8:].lower()
+
+
+def state_markup(state: str) -> str:
+    """A state as rich markup, coloured when it has a colour (and never an empty tag)."""
+    from rich.markup import escape
+
+    style = STATE_STYLE.get(state)
+    return f"[{style}]{escape(state)}[/]" if style else escape(state)

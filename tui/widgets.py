@@ -360,3 +360,67 @@ class CompareScreen(ModalScreen[None]):
                 plt.plot([p[0] for p in pts], [p[1] for p in pts], label=run.display_name, color=color, marker="braille")
                 drawn = True
         chart.display = drawn
+
+
+class TryModelScreen(ModalScreen[None]):
+    """Edit a JSON body, send it to a model server, see the answer and its latency."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Close", id="try.close"),
+        Binding("ctrl+s", "send", "Send", id="try.send", tooltip="POST the body to /predict"),
+    ]
+
+    def __init__(self, name: str, url: str, key: str | None, body: str) -> None:
+        super().__init__()
+        self.model_name, self.url, self.key, self.body = name, url, key, body
+        self.latencies: list[float] = []
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import TextArea
+
+        with Vertical(id="try-dialog"):
+            yield Label(f"Try {self.model_name} · POST {self.url}/predict · ctrl+s sends, escape closes", id="try-title")
+            yield TextArea(self.body, language=None, id="try-body")
+            yield Static("", id="try-answer")
+
+    @work(exclusive=True, exit_on_error=False, group="try")
+    async def action_send(self) -> None:
+        import asyncio
+        import json
+
+        from backends import serving
+        from textual.widgets import TextArea
+
+        answer = self.query_one("#try-answer", Static)
+        try:
+            body = json.loads(self.query_one("#try-body", TextArea).text)
+        except ValueError as e:
+            answer.update(Text(f"The body is not JSON: {e}", style="bold red"))
+            return
+        try:
+            status, reply, dt = await asyncio.to_thread(serving.predict, self.url, self.key, body)
+        except OSError as e:
+            answer.update(Text(f"No answer from {self.url}: {e}", style="bold red"))
+            return
+        self.latencies.append(dt * 1000)
+        self.app.record_model_latency(self.model_name, dt * 1000)
+        t = Text()
+        t.append(f"{status} ", style="bold green" if status == 200 else "bold red")
+        t.append(f"in {dt * 1000:.1f} ms\n")
+        t.append(json.dumps(reply, indent=2)[:4000] if not isinstance(reply, str) else reply[:4000])
+        answer.update(t)
+
+
+class InfoScreen(ModalScreen[None]):
+    """Text to read and copy (a deployment's URL, key and ssh line)."""
+
+    BINDINGS = [Binding("escape,enter,q", "app.pop_screen", "Close", id="info.close")]
+
+    def __init__(self, title: str, text: str) -> None:
+        super().__init__()
+        self.title_text, self.text = title, text
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="info-dialog"):
+            yield Label(self.title_text, id="info-title")
+            yield Static(Text(self.text), id="info-text")

@@ -25,6 +25,7 @@ class JobsTab(TabView):
         Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
         Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
+        Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
     ]
 
     def __init__(self) -> None:
@@ -108,3 +109,10 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.rerun(run)
+
+    def action_serve(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.serve_run(run)

@@ -47,6 +47,7 @@ class LineageTab(TabView):
         Binding("l", "logs", "Logs", id="lineage.logs", tooltip="Open this run's log"),
         Binding("j", "jobs", "In Jobs", id="lineage.jobs", tooltip="Show this run in Jobs"),
         Binding("M", "monitor", "In Monitor", id="lineage.monitor", tooltip="Chart this run in Monitor"),
+        Binding("S", "serve", "Serve", id="lineage.serve", tooltip="Serve this run's model (litserve)"),
     ]
 
     def __init__(self) -> None:
@@ -60,6 +61,7 @@ class LineageTab(TabView):
         self.filter_error = ""
         self._signature: tuple = ()
         self._dirty = False
+        self.served: set[str] = set()  # runs with a live deployment
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -94,6 +96,14 @@ class LineageTab(TabView):
         else:
             self._dirty = True
 
+    def show_served(self, run_ids: set[str]) -> None:
+        if run_ids != self.served:
+            self.served = run_ids
+            if self.is_active_tab:
+                self._refresh_labels()
+            else:
+                self._dirty = True
+
     def shown(self) -> None:
         if self._dirty:
             self._dirty = False
@@ -114,6 +124,8 @@ class LineageTab(TabView):
                 d = v - pv
                 better = (d < 0) if any(w in (self.key or "") for w in ("loss", "err", "perplexity")) else (d > 0)
                 t.append(f" ({d:+.3g})", style="green" if better else ("red" if d else "dim"))
+        if r.id in self.served:
+            t.append(" ⚡ served", style="bold yellow")
         tags = self.view.tags(r.id) if self.view else []
         if tags:
             t.append(" " + " ".join(f"#{x}" for x in tags), style="cyan")
@@ -341,6 +353,11 @@ class LineageTab(TabView):
         r = self.selected_run()
         if r:
             self.app.show_in_monitor(r)
+
+    def action_serve(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.serve_run(r)
 
     def focus_main(self) -> None:
         self.query_one(Tree).focus()

@@ -1,0 +1,248 @@
+"""Model servers: a run's model behind litserve on its instance, forwarded to here.
+
+``deploy`` checks everything it can before starting anything (the model file exists, litserve
+imports on the instance), picks a free port from the one asked for upward, generates an API
+key, starts litserve detached in its own session (stopped by process group: SIGTERM to its main
+process alone orphans the workers), bound to the instance's loopback, forwards it through the SSH
+chain, waits for ``/health`` with progress, and records the deployment. The key is shown to
+the owner and kept in a 0600 file of theirs, never in the team store or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import LabdeckError, NotFoundError
+from .models import Deployment, Run, utcnow
+from .providers.base import PortForward, Transport
+
+SERVE_SCRIPT = (Path(__file__).parent / "runtime" / "labdeck_serve.py").read_text()
+HEALTH_TIMEOUT = 90.0
+MODEL_SUFFIXES = (".npz", ".pkl", ".pickle", ".joblib", ".pt", ".pth")
+
+
+@dataclass
+class Served:
+    deployment: Deployment
+    api_key: str
+    forward: PortForward
+    ssh_line: str
+
+
+def _python_of(run: Run) -> str:
+    exe = (run.environment or {}).get("executable")
+    return exe or "python3"
+
+
+def pick_model(run: Run, model: str | None, api: str | None) -> tuple[str | None, str | None]:
+    if api:
+        return None, api
+    if model:
+        return model, None
+    candidates = [a for a in run.artifacts if a.endswith(MODEL_SUFFIXES)]
+    if not candidates:
+        raise LabdeckError(f"{run.display_name} has no model artifact labdeck can serve "
+                           f"(recorded artifacts: {', '.join(run.artifacts) or 'none'}).",
+                           "Give --model PATH (inside the run directory) or --api module:Class (a litserve.LitAPI in the run's code).")
+    return candidates[0], None
+
+
+async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8000, name: str | None = None,
+                 model: str | None = None, api: str | None = None, local_port: int = 0,
+                 progress: Callable[[str], None] | None = None) -> Served:
+    say = progress or (lambda _m: None)
+    run = ws.store.find_run(run_ref)
+    target = instance or run.instance
+    if target != run.instance:
+        raise LabdeckError(f"{run.display_name}'s files are on {run.instance}, not {target}.",
+                           "Serving on another instance needs its artifacts there; serve it on its own instance.")
+    transport: Transport = await ws.transport(target)
+    model, api = pick_model(run, model, api)
+    workdir = run.workdir if api else run.run_dir
+    python = _python_of(run)
+    # everything that can be checked before starting anything
+    if model:
+        if model.startswith("/") or ".." in Path(model).parts:
+            raise LabdeckError(f"--model {model!r} must be a path inside the run directory.")
+        try:
+            await transport.read_file(f"{run.run_dir}/{model}", 0, 0)
+        except LabdeckError:
+            raise LabdeckError(f"The model file {model} of {run.display_name} is not on {target} ({run.run_dir}/{model}).",
+                               "Check the artifact's name with `labdeck show RUN`; nothing was started.") from None
+    check = await transport.run(f"{shlex.quote(python)} -c 'import litserve'", timeout=60)
+    if not check.ok:
+        raise LabdeckError(f"litserve does not import with {python} on {target}.",
+                           "Install it there (pip install litserve) in the run's environment; nothing was started.")
+    free = await transport.run(
+        f"{shlex.quote(python)} -c 'import socket,sys\n"
+        f"for p in range({int(port)}, {int(port) + 100}):\n"
+        f"    s = socket.socket()\n"
+        f"    try:\n        s.bind((\"127.0.0.1\", p)); print(p); sys.exit(0)\n"
+        f"    except OSError: pass\n    finally: s.close()\nsys.exit(1)'", timeout=30)
+    if not free.ok:
+        raise LabdeckError(f"No free port from {port} to {port + 99} on {target}.")
+    remote_port = int(free.text().strip())
+    if remote_port != port:
+        say(f"port {port} is taken on {target}: using {remote_port}")
+    key = secrets.token_urlsafe(24)
+    dep = Deployment(run_id=run.id, instance=target, name=name or (run.name or run.id[-8:].lower()), port=remote_port,
+                     model=model or api or "", user=ws.user)
+    dep.log_path = f"{run.run_dir}/serve-{dep.id}.log"
+    envfile = f"{run.run_dir}/.serve-{dep.id}.env"
+    await transport.put_files({f"{run.run_dir}/labdeck_serve.py": SERVE_SCRIPT.encode(),
+                               envfile: f"export LIT_SERVER_API_KEY={shlex.quote(key)}\n".encode()}, mode=0o600)
+    target_arg = f"--api {shlex.quote(api)}" if api else f"--model {shlex.quote(f'{run.run_dir}/{model}')}"
+    command = (f". {shlex.quote(envfile)}; rm -f {shlex.quote(envfile)}; "
+               f"exec {shlex.quote(python)} {shlex.quote(run.run_dir + '/labdeck_serve.py')} --port {remote_port} {target_arg}")
+    say(f"starting litserve on {target}:{remote_port}")
+    dep.pid = await transport.start_detached(command, cwd=workdir, log_path=dep.log_path)
+    ws.store.add(dep)
+    _save_key(ws, dep.id, key)
+    forward = await transport.forward_port(remote_port, local_port=local_port)
+    dep.url = f"http://127.0.0.1:{forward.local_port}"
+    try:
+        await _wait_healthy(transport, dep, forward, say, key)
+    except LabdeckError as e:
+        await forward.close()
+        await _kill_group(transport, dep.pid)
+        ws.store.mine.put(Deployment.TABLE, dep.id, {**dep.to_dict(), "state": "failed", "state_reason": str(e),
+                                                     "stopped_at": utcnow()})
+        raise
+    dep.state = "healthy"
+    ws.store.mine.put(Deployment.TABLE, dep.id, dep.to_dict())
+    return Served(dep, key, forward, ssh_line(ws, target, forward.local_port, remote_port))
+
+
+async def _wait_healthy(transport: Transport, dep: Deployment, forward: PortForward, say, key: str) -> None:
+    t0 = time.monotonic()
+    last = -1
+    while time.monotonic() - t0 < HEALTH_TIMEOUT:
+        try:
+            code = await asyncio.to_thread(_get_status, f"http://127.0.0.1:{forward.local_port}/health", key)
+            if code == 200:
+                return
+        except OSError:
+            pass
+        alive = await transport.run(f"kill -0 {dep.pid} 2>/dev/null && echo yes || echo no", timeout=15)
+        if alive.text().strip() == "no":
+            tail = await _log_tail(transport, dep.log_path)
+            raise LabdeckError(f"The model server stopped while starting:\n{tail}")
+        waited = int(time.monotonic() - t0)
+        if waited != last and waited % 2 == 0:
+            say(f"waiting for /health ({waited}s)")
+            last = waited
+        await asyncio.sleep(0.25)
+    raise LabdeckError(f"The model server was not healthy within {HEALTH_TIMEOUT:g}s; see {dep.log_path}.")
+
+
+def _get_status(url: str, key: str | None = None) -> int:
+    req = urllib.request.Request(url, headers={"X-API-Key": key} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+async def _log_tail(transport: Transport, path: str, n: int = 4000) -> str:
+    try:
+        head = await transport.read_file(path, 0, 0)
+        chunk = await transport.read_file(path, max(0, head.size - n), n)
+        return chunk.data.decode("utf-8", "replace").strip()
+    except LabdeckError:
+        return "(no log)"
+
+
+async def _kill_group(transport: Transport, pid: int | None, grace: float = 5.0) -> None:
+    if not pid:
+        return
+    await transport.run(f"kill -TERM -{pid} 2>/dev/null || exit 0; i=0; while kill -0 -{pid} 2>/dev/null && "
+                        f"[ $i -lt {int(grace * 10)} ]; do sleep 0.1; i=$((i+1)); done; kill -KILL -{pid} 2>/dev/null; exit 0",
+                        timeout=grace + 30)
+
+
+async def stop(ws, ref: str) -> Deployment:
+    """Stop a deployment of yours: SIGTERM to litserve's process group, SIGKILL after a grace period."""
+    dep = find(ws, ref)
+    if dep.user != ws.user:
+        raise LabdeckError(f"The deployment {dep.name} belongs to {dep.user}.", "Only its owner can stop it.")
+    if dep.state in ("stopped", "failed"):
+        raise LabdeckError(f"The deployment {dep.name} is already {dep.state}.")
+    transport = await ws.transport(dep.instance)
+    await _kill_group(transport, dep.pid)
+    ws.store.mine.put(Deployment.TABLE, dep.id, {**dep.to_dict(), "state": "stopped", "stopped_at": utcnow()})
+    _key_path(ws, dep.id).unlink(missing_ok=True)
+    return find(ws, dep.id)
+
+
+def find(ws, ref: str) -> Deployment:
+    deps, _ = ws.store.records(Deployment.TABLE)
+    exact = [d for d in deps if d.id == ref.upper() or d.name == ref]
+    live = [d for d in exact if d.state in ("starting", "healthy")]
+    if live or exact:
+        return (live or sorted(exact, key=lambda d: d.id))[-1]
+    by_suffix = [d for d in deps if len(ref) >= 4 and d.id.lower().endswith(ref.lower())]
+    if len(by_suffix) == 1:
+        return by_suffix[0]
+    raise NotFoundError(f"No deployment {ref!r}.", "`labdeck models` lists them.")
+
+
+def _key_path(ws, dep_id: str) -> Path:
+    return Path(ws.config.paths.data_dir) / "keys" / dep_id
+
+
+def _save_key(ws, dep_id: str, key: str) -> None:
+    p = _key_path(ws, dep_id)
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+
+
+def api_key(ws, dep_id: str) -> str | None:
+    try:
+        return _key_path(ws, dep_id).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def ssh_line(ws, instance: str, local_port: int, remote_port: int) -> str:
+    """The command a teammate runs on a laptop to reach the server through the same chain."""
+    provider = ws.providers.get(ws._instance_provider.get(instance, ""))
+    spec = getattr(provider, "specs", {}).get(instance) if provider is not None else None
+    if spec is None:  # this machine (or a jump host itself): forward to it directly
+        host = os.uname().nodename
+        return f"ssh -N -L {local_port}:127.0.0.1:{remote_port} {host}"
+    jumps = ",".join(f"{j.user + '@' if j.user else ''}{j.hostname}{':' + str(j.port) if j.port != 22 else ''}"
+                     for j in spec.jump)
+    dest = f"{spec.user + '@' if spec.user else ''}{spec.hostname}"
+    port = f" -p {spec.port}" if spec.port != 22 else ""
+    return f"ssh -N -L {local_port}:127.0.0.1:{remote_port}" + (f" -J {jumps}" if jumps else "") + f"{port} {dest}"
+
+
+def predict(url: str, key: str | None, body: dict, timeout: float = 30) -> tuple[int, dict | str, float]:
+    """POST a JSON body to ``url``/predict; (status, parsed body or text, seconds)."""
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}/predict", data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **({"X-API-Key": key} if key else {})})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    dt = time.perf_counter() - t0
+    try:
+        return status, json.loads(raw), dt
+    except ValueError:
+        return status, raw.decode("utf-8", "replace"), dt

@@ -1,0 +1,156 @@
+"""Model servers with a real litserve, on `local`: deploy a run's model, predict with the key,
+401 without it, 400 for a bad body (still up), missing model caught before anything starts,
+a taken port → the next free one, and stop leaves no process of the group."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from backends import serving
+from backends.errors import LabdeckError
+from backends.workstation import Workstation
+
+from .conftest import live_group_members, wait_final
+
+pytest.importorskip("litserve")
+
+
+@pytest.fixture
+async def trained(workstation: Workstation):
+    run = await workstation.launch_example()
+    done = await wait_final(workstation, run.id, 90)
+    assert done.state == "succeeded" and "model.npz" in done.artifacts
+    return done
+
+
+async def test_deploy_predict_auth_bad_body_and_stop(workstation: Workstation, trained) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    busy = taken.getsockname()[1]
+    taken.listen()
+    steps: list[str] = []
+    try:
+        served = await serving.deploy(workstation, trained.id, port=busy, progress=steps.append)
+    finally:
+        taken.close()
+    dep = served.deployment
+    try:
+        assert dep.port != busy and any("taken" in s for s in steps)  # the next free port
+        assert dep.state == "healthy" and dep.url.startswith("http://127.0.0.1:")
+        # the key is in a 0600 file of the owner's, not in the team store
+        key_file = Path(workstation.config.paths.data_dir) / "keys" / dep.id
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        team = Path(workstation.config.team_dir)
+        assert not any(served.api_key in p.read_text(errors="ignore") for p in team.rglob("*") if p.is_file())
+        status, body, _ = await asyncio.to_thread(serving.predict, dep.url, served.api_key, {"x": [[0.0] * 16, [1.0] * 16]})
+        assert status == 200 and len(body["prob"]) == 2 and all(0 <= p <= 1 for p in body["prob"])
+        status, _, _ = await asyncio.to_thread(serving.predict, dep.url, None, {"x": [[0.0] * 16]})
+        assert status == 401
+        status, body, _ = await asyncio.to_thread(serving.predict, dep.url, served.api_key, {"x": [[1, 2]]})
+        assert status == 400 and "shape" in str(body)
+        status, _, _ = await asyncio.to_thread(serving.predict, dep.url, served.api_key, {"x": [[0.0] * 16]})
+        assert status == 200  # still up after the bad body
+        assert "ssh -N -L" in served.ssh_line and str(dep.port) in served.ssh_line
+        recorded = serving.find(workstation, dep.id)
+        assert recorded.state == "healthy" and recorded.run_id == trained.id
+        log = (await (await workstation.transport("local")).read_file(dep.log_path, 0, 1 << 20)).data.decode()
+        assert served.api_key not in log
+    finally:
+        await served.forward.close()
+        stopped = await serving.stop(workstation, dep.id)
+    assert stopped.state == "stopped"
+    await asyncio.sleep(0.3)
+    assert live_group_members(dep.pid) == []  # litserve's workers too
+
+
+async def test_missing_model_is_caught_before_anything_starts(workstation: Workstation, trained) -> None:
+    with pytest.raises(LabdeckError, match="nope.npz of quickstart-example is not on local") as err:
+        await serving.deploy(workstation, trained.id, model="nope.npz")
+    assert "nothing was started" in err.value.render()
+    deps, _ = workstation.store.records("deployments")
+    assert deps == []
+    with pytest.raises(LabdeckError, match="must be a path inside"):
+        await serving.deploy(workstation, trained.id, model="../../etc/passwd")
+
+
+async def test_models_tab_serve_try_and_stop(workstation: Workstation, trained) -> None:
+    from textual.widgets import DataTable, TextArea
+
+    from tui.app import LabdeckApp
+    from tui.screenshots import settle
+    from tui.widgets import ConfirmScreen, InfoScreen, TryModelScreen
+
+    app = LabdeckApp(workstation, live=False)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(pilot)
+        await pilot.press("2", "S")  # serve the selected (only) run's model
+        for _ in range(200):
+            await pilot.pause(0.1)
+            if isinstance(app.screen, InfoScreen):
+                break
+        assert isinstance(app.screen, InfoScreen) and "API key" in str(app.screen.query_one("#info-text").render())
+        await pilot.press("escape", "5")
+        app.load_deployments()
+        await settle(pilot)
+        table = app.query_one("#models-table", DataTable)
+        assert table.row_count == 1 and str(table.get_row_at(0)[2]) == "healthy"
+        await pilot.press("t")
+        for _ in range(50):
+            await pilot.pause(0.1)
+            if isinstance(app.screen, TryModelScreen):
+                break
+        assert isinstance(app.screen, TryModelScreen)
+        await pilot.press("ctrl+s")
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if "200" in str(app.screen.query_one("#try-answer").render()):
+                break
+        answer = str(app.screen.query_one("#try-answer").render())
+        assert answer.startswith("200 in") and '"prob"' in answer
+        app.screen.query_one("#try-body", TextArea).text = '{"x": [[1, 2]]}'
+        await pilot.press("ctrl+s")
+        for _ in range(100):
+            await pilot.pause(0.1)
+            if "400" in str(app.screen.query_one("#try-answer").render()):
+                break
+        assert "400" in str(app.screen.query_one("#try-answer").render())
+        await pilot.press("escape", "x")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await settle(pilot)
+        dep = serving.find(workstation, app.query_one("ModelsTab").deployments[0].id)
+        assert dep.state == "stopped"
+    await asyncio.sleep(0.3)
+    assert live_group_members(dep.pid) == []
+
+
+def test_export_k8s_validates_against_the_kubernetes_schemas(home: Path, tmp_path: Path) -> None:
+    import kubernetes_validate
+    import yaml
+
+    from .test_cli import labdeck
+
+    res = labdeck(home, "example")
+    assert res.returncode == 0, res.stderr
+    assert labdeck(home, "logs", "quickstart-example", "-f", timeout=90).returncode == 0
+    out = tmp_path / "k8s"
+    res = labdeck(home, "export", "quickstart-example", "--k8s", str(out), "--image", "reg.example/q:1")
+    assert res.returncode == 0, res.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"Dockerfile", "deployment.yaml", "service.yaml", "labdeck_serve.py", "model.npz", "requirements.txt"} <= names
+    dep = yaml.safe_load((out / "deployment.yaml").read_text())
+    svc = yaml.safe_load((out / "service.yaml").read_text())
+    for doc in (dep, svc):
+        kubernetes_validate.validate(doc, "1.30", strict=True)  # raises on a shape Kubernetes would refuse
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert c["image"] == "reg.example/q:1" and c["ports"][0]["containerPort"] == 8000
+    assert c["env"][0]["valueFrom"]["secretKeyRef"]["name"].endswith("-api-key")  # the key is never in the manifest
+    docker = (out / "Dockerfile").read_text()
+    assert "labdeck_serve.py" in docker and "--host" in docker and "0.0.0.0" in docker
+    assert any(line.startswith("numpy==") for line in (out / "requirements.txt").read_text().splitlines())
