@@ -79,7 +79,8 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
         except LabdeckError:
             raise LabdeckError(f"The model file {model} of {run.display_name} is not on {target} ({run.run_dir}/{model}).",
                                "Check the artifact's name with `labdeck show RUN`; nothing was started.") from None
-    check = await transport.run(f"{shlex.quote(python)} -c 'import litserve'", timeout=60)
+    env_sh = shlex.quote(run.run_dir + "/env.sh")
+    check = await transport.run(f"[ -f {env_sh} ] && . {env_sh}; {shlex.quote(python)} -c 'import litserve'", timeout=60)
     if not check.ok:
         raise LabdeckError(f"litserve does not import with {python} on {target}.",
                            "Install it there (pip install litserve) in the run's environment; nothing was started.")
@@ -102,7 +103,9 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     await transport.put_files({f"{run.run_dir}/labdeck_serve.py": SERVE_SCRIPT.encode(),
                                envfile: f"export LIT_SERVER_API_KEY={shlex.quote(key)}\n".encode()}, mode=0o600)
     target_arg = f"--api {shlex.quote(api)}" if api else f"--model {shlex.quote(f'{run.run_dir}/{model}')}"
-    command = (f". {shlex.quote(envfile)}; rm -f {shlex.quote(envfile)}; "
+    # the run's own environment (its env.sh: PYTHONPATH, CUDA_VISIBLE_DEVICES, …), then the key
+    command = (f"[ -f {shlex.quote(run.run_dir + '/env.sh')} ] && . {shlex.quote(run.run_dir + '/env.sh')}; "
+               f". {shlex.quote(envfile)}; rm -f {shlex.quote(envfile)}; "
                f"exec {shlex.quote(python)} {shlex.quote(run.run_dir + '/labdeck_serve.py')} --port {remote_port} {target_arg}")
     say(f"starting litserve on {target}:{remote_port}")
     dep.pid = await transport.start_detached(command, cwd=workdir, log_path=dep.log_path)

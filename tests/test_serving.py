@@ -154,3 +154,83 @@ def test_export_k8s_validates_against_the_kubernetes_schemas(home: Path, tmp_pat
     docker = (out / "Dockerfile").read_text()
     assert "labdeck_serve.py" in docker and "--host" in docker and "0.0.0.0" in docker
     assert any(line.startswith("numpy==") for line in (out / "requirements.txt").read_text().splitlines())
+
+
+# ---- on a rig node, through the jump host ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def node_site(tmp_path_factory):
+    """litserve and numpy for the rig's node users: their Python (/usr/bin/python3, same 3.11 ABI) cannot
+    reach this interpreter's packages under /root, so the distributions' files are copied to a shared dir."""
+    import shutil
+    import tempfile
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))
+    seen: set[str] = set()
+    todo = ["litserve", "numpy"]
+    try:
+        while todo:
+            name = todo.pop()
+            key = name.lower().replace("_", "-")
+            if key in seen:
+                continue
+            try:
+                dist = metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                continue
+            seen.add(key)
+            for req in dist.requires or []:
+                r = Requirement(req)
+                if r.marker is None or r.marker.evaluate({"extra": ""}):
+                    todo.append(r.name)
+            for f in dist.files or []:
+                if str(f).startswith(".."):
+                    continue  # scripts outside site-packages
+                src = Path(dist.locate_file(f))
+                if src.is_file():
+                    dst = site / f
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+        for p in [site, *site.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        yield site
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+
+
+async def test_serve_on_a_node_through_the_jump_host(home, fresh_rig, tmp_path, node_site) -> None:
+    from .test_ssh import make_ws
+
+    rig = fresh_rig
+    ws = make_ws(home, rig)
+    try:
+        (tmp_path / "p").mkdir()
+        (tmp_path / "p" / "train.py").write_text(
+            "import os, numpy as np\n"
+            "np.savez(os.path.join(os.environ['LABDECK_RUN_DIR'], 'model.npz'), w=np.ones(4), b=np.float32(0))\n")
+        run = await ws.launch(f"{rig.python} train.py", instance="node1", workdir=str(tmp_path / "p"),
+                              env={"PYTHONPATH": str(node_site)})
+        done = await asyncio.wait_for(ws.follower.follow(run.id), 60)
+        assert done.state == "succeeded" and done.artifacts == ["model.npz"], ws.follower.local_path(done).read_text()
+        served = await serving.deploy(ws, run.id)
+        dep = served.deployment
+        try:
+            status, body, _ = await asyncio.to_thread(serving.predict, dep.url, served.api_key, {"x": [[0, 0, 0, 0]]})
+            assert status == 200 and body["prob"] == [0.5]
+            status, _, _ = await asyncio.to_thread(serving.predict, dep.url, None, {"x": [[0, 0, 0, 0]]})
+            assert status == 401
+            status, _, _ = await asyncio.to_thread(serving.predict, dep.url, served.api_key, {"y": 1})
+            assert status == 400
+            node = rig.host("node1")
+            assert f"-J {rig.jump.user}@{rig.jump.addr}" in served.ssh_line and f"{node.user}@{node.addr}" in served.ssh_line
+        finally:
+            await served.forward.close()
+            await serving.stop(ws, dep.id)
+        t = await ws.transport("node1")
+        left = (await t.run(f"ps -o pid=,stat= -g {dep.pid} | grep -v ' Z' || true")).text().strip()
+        assert left == ""
+    finally:
+        await ws.close()
