@@ -175,11 +175,14 @@ async def test_monitor_charts_host_samples(demo) -> None:
         assert "local · CPU 22% of 16" in summary and "GPU0 11%" in summary  # the agent's last sample
 
 
-async def test_models_tab_empty_state(demo) -> None:
+async def test_models_tab_lists_the_teams_deployments(demo) -> None:
     async with demo.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await pilot.press("5")
-        assert "No models are served yet" in str(demo.query_one("#models-status").render())
+        table = demo.query_one("#models-table", DataTable)
+        rows = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[2]) for i in range(table.row_count)}
+        assert rows == {"wider-model": "healthy", "bob-baseline": "stopped"}
+        assert "2 deployments" in str(demo.query_one("#models-status").render())
 
 
 async def test_keys_are_remappable_from_config(home: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from backends.config import load_config
 from backends.ids import _encode
 from backends.lineage import params_from_command
-from backends.models import Annotation, Run, RunState
+from backends.models import Annotation, Deployment, Run, RunState
 from backends.paths import Paths
 from backends.providers.local import LocalProvider
 from backends.store import Store
@@ -112,6 +112,13 @@ def demo_workstation(home: Path = DEMO_HOME, *, with_runs: bool = True) -> Works
                             text="reproduced on my data: same loss within 0.01", created_at="2026-11-26T10:30:00Z")]
         for a in notes:
             (store.mine if a.user == "alice" else Store(config.team_dir, a.user).mine).put(a.TABLE, a.id, a.to_dict())
+        deps = [Deployment(id=_id(60, 93), run_id=_id(240, 20), instance="local", name="wider-model", user="alice",
+                           state="healthy", port=8000, model="model.npz", started_at="2026-11-26T11:00:00Z"),
+                Deployment(id=_id(50, 94), run_id=_id(300, 30), instance="local", name="bob-baseline", user="bob",
+                           state="stopped", port=8001, model="model.npz", started_at="2026-11-26T10:10:00Z",
+                           stopped_at="2026-11-26T11:20:00Z")]
+        for d in deps:
+            (store.mine if d.user == "alice" else Store(config.team_dir, d.user).mine).put(d.TABLE, d.id, d.to_dict())
     providers = {"local": LocalProvider("local", config.providers["local"].options, runs_root=paths.runs_dir,
                                         facts=lambda: dict(FACTS))}
     return Workstation(config, store=store, providers=providers)
