@@ -234,3 +234,25 @@ async def test_serve_on_a_node_through_the_jump_host(home, fresh_rig, tmp_path, 
         assert left == ""
     finally:
         await ws.close()
+
+
+async def test_serve_the_users_own_litapi(workstation: Workstation, tmp_path: Path) -> None:
+    """--api module:Class: a litserve.LitAPI in the run's code, served from the run's code copy."""
+    (tmp_path / "serve.py").write_text(
+        "import litserve as ls\n"
+        "class Echo(ls.LitAPI):\n"
+        "    def setup(self, device):\n        self.n = 0\n"
+        "    def decode_request(self, request):\n        return request['text']\n"
+        "    def predict(self, x):\n        return x.upper()\n"
+        "    def encode_response(self, y):\n        return {'echo': y}\n")
+    run = await workstation.launch("true", workdir=str(tmp_path), name="echo-run")
+    await wait_final(workstation, run.id)
+    served = await serving.deploy(workstation, run.id, api="serve:Echo", name="echo")
+    try:
+        status, body, _ = await asyncio.to_thread(serving.predict, served.deployment.url, served.api_key, {"text": "hi"})
+        assert status == 200 and body == {"echo": "HI"}
+    finally:
+        await served.forward.close()
+        await serving.stop(workstation, served.deployment.id)
+    await asyncio.sleep(0.3)
+    assert live_group_members(served.deployment.pid) == []
