@@ -35,7 +35,7 @@ from typing import Mapping
 import asyncssh
 
 from .errors import TransportError
-from .providers.base import CommandResult, FileChunk, PortForward, Transport, detached_launcher
+from .providers.base import CommandResult, FileChunk, PortForward, RelayForward, Transport, detached_launcher
 
 log = logging.getLogger("labdeck.ssh")
 
@@ -499,12 +499,22 @@ class SSHTransport(Transport):
             raise self._fail("Writing files", e) from None
 
     async def forward_port(self, remote_port: int, *, local_port: int = 0, remote_host: str = "127.0.0.1") -> PortForward:
-        conn = await self.handle.get()
-        try:
-            listener = await conn.forward_local_port("127.0.0.1", local_port, remote_host, remote_port)
-        except (asyncssh.Error, OSError) as e:
-            raise self._fail(f"Forwarding port {remote_port}", e) from None
-        return SSHPortForward(listener, remote_host, remote_port)
+        """A self-healing -L forward: each connection opens a channel on the host's *current*
+        connection, so after a dropped link or a sleep the forward works again by itself."""
+        await self.handle.get()  # fail now if the host cannot be reached at all
+
+        async def dial():
+            conn = await self.handle.get()
+            try:
+                return await conn.open_connection(remote_host, remote_port)
+            except (asyncssh.Error, OSError) as e:
+                if isinstance(e, (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError)):
+                    self.handle._lost()
+                raise
+
+        fwd = RelayForward(dial, remote_host, remote_port)
+        await fwd.open(local_port)
+        return fwd
 
     async def home_dir(self) -> str:
         if self._home is None:
@@ -516,16 +526,3 @@ class SSHTransport(Transport):
         if d.startswith("~"):
             d = (await self.home_dir()) + d[1:]
         return d
-
-
-class SSHPortForward(PortForward):
-    def __init__(self, listener: asyncssh.SSHListener, remote_host: str, remote_port: int) -> None:
-        self._listener = listener
-        self.local_host = "127.0.0.1"
-        self.local_port = listener.get_port()
-        self.remote_host = remote_host
-        self.remote_port = remote_port
-
-    async def close(self) -> None:
-        self._listener.close()
-        await self._listener.wait_closed()

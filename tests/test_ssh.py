@@ -285,3 +285,40 @@ async def test_labdeck_killed_and_started_again_mid_job(home, fresh_rig, tmp_pat
         check_log(ws2.follower.local_path(done), n)
     finally:
         await ws2.close()
+
+
+async def test_a_forward_heals_after_the_link_comes_back(ws, rig) -> None:
+    """The link to the jump host down for 10 s: the same forward works again within 2 s after."""
+    import urllib.error
+
+    t = await ws.transport("node1")
+    node = rig.host("node1")
+    pid = await t.start_detached(f"{rig.python} -m http.server 18766 --bind 127.0.0.1", cwd=str(node.home))
+    fwd = None
+    try:
+        for _ in range(50):
+            if (await t.run("python3 -c \"import socket; socket.create_connection(('127.0.0.1', 18766), 1)\"")).ok:
+                break
+            await asyncio.sleep(0.1)
+        fwd = await t.forward_port(18766)
+        url = f"http://127.0.0.1:{fwd.local_port}/"
+
+        def get() -> bool:
+            try:
+                return b"Directory listing" in urllib.request.urlopen(url, timeout=1.5).read()
+            except (OSError, urllib.error.URLError):
+                return False
+
+        assert await asyncio.to_thread(get)
+        rig.link_down()
+        await asyncio.sleep(10)
+        rig.link_up()
+        back = time.monotonic()
+        while not await asyncio.to_thread(get):
+            assert time.monotonic() - back < 10, "the forward never came back"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - back <= 2.0, f"the forward came back {time.monotonic() - back:.2f}s after the link"
+    finally:
+        if fwd:
+            await fwd.close()
+        await (await ws.transport("node1")).run(f"kill -TERM -{pid}")

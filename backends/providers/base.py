@@ -79,6 +79,75 @@ class PortForward(abc.ABC):
     async def close(self) -> None: ...
 
 
+class RelayForward(PortForward):
+    """A loopback listener that relays each accepted connection to a stream ``dial()`` opens.
+
+    ``dial`` is called per connection, so a forward whose transport reconnected (a dropped link,
+    a laptop that slept) works again by itself: the next connection goes over the new one.
+    Used by ``local`` (a plain TCP dial) and ``ssh`` (a direct-tcpip channel on the host's
+    current connection)."""
+
+    def __init__(self, dial, remote_host: str, remote_port: int) -> None:
+        self._dial = dial
+        self.local_host = "127.0.0.1"
+        self.local_port = 0
+        self.remote_host = remote_host
+        self.remote_port = remote_port
+        self._server = None
+        self._tasks: set = set()
+        self.connections = 0
+        self.failures = 0
+
+    async def open(self, local_port: int = 0) -> None:
+        import asyncio
+
+        from ..errors import TransportError
+
+        try:
+            self._server = await asyncio.start_server(self._handle, self.local_host, local_port)
+        except OSError as e:
+            raise TransportError(f"Cannot listen on {self.local_host}:{local_port} ({e.strerror}).") from None
+        self.local_port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        try:
+            r2, w2 = await self._dial()
+        except Exception:  # the far side is down right now: this client sees a closed connection
+            self.failures += 1
+            writer.close()
+            return
+        self.connections += 1
+
+        async def pipe(src, dst) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError, asyncio.CancelledError, EOFError):
+                pass
+            except Exception:  # a channel closed under us (the SSH connection dropped)
+                pass
+            finally:
+                try:
+                    dst.close()
+                except Exception:
+                    pass
+
+        for t in (asyncio.ensure_future(pipe(reader, w2)), asyncio.ensure_future(pipe(r2, writer))):
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for t in list(self._tasks):
+            t.cancel()
+
+
 class Transport(abc.ABC):
     """How labdeck reaches into one instance."""
 

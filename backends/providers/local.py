@@ -18,7 +18,7 @@ from ..config import Field
 from ..errors import ProviderError, TransportError
 from ..gpu import probe_gpus
 from ..models import Instance
-from .base import CommandResult, FileChunk, PortForward, Transport, UnmanagedProvider, detached_launcher
+from .base import CommandResult, FileChunk, PortForward, RelayForward, Transport, UnmanagedProvider, detached_launcher
 
 LOCAL = "local"
 
@@ -184,57 +184,9 @@ class LocalTransport(Transport):
             raise TransportError(f"Cannot write files on local ({e.strerror}: {e.filename}).") from None
 
     async def forward_port(self, remote_port: int, *, local_port: int = 0, remote_host: str = "127.0.0.1") -> PortForward:
-        fwd = LocalPortForward(remote_host, remote_port)
+        async def dial():
+            return await asyncio.open_connection(remote_host, remote_port)
+
+        fwd = RelayForward(dial, remote_host, remote_port)
         await fwd.open(local_port)
         return fwd
-
-
-class LocalPortForward(PortForward):
-    """A loopback TCP relay (the same shape as an SSH -L forward)."""
-
-    def __init__(self, remote_host: str, remote_port: int) -> None:
-        self.local_host = "127.0.0.1"
-        self.local_port = 0
-        self.remote_host = remote_host
-        self.remote_port = remote_port
-        self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    async def open(self, local_port: int) -> None:
-        try:
-            self._server = await asyncio.start_server(self._handle, self.local_host, local_port)
-        except OSError as e:
-            raise TransportError(f"Cannot listen on {self.local_host}:{local_port} ({e.strerror}).") from None
-        self.local_port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            r2, w2 = await asyncio.open_connection(self.remote_host, self.remote_port)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                try:
-                    dst.close()
-                except Exception:
-                    pass
-
-        for t in (asyncio.create_task(pipe(reader, w2)), asyncio.create_task(pipe(r2, writer))):
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for t in list(self._tasks):
-            t.cancel()
