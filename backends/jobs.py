@@ -155,7 +155,7 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
                  runs_root: str, env: Mapping[str, str] | None = None, name: str = "", parent: str | None = None,
                  price_per_hour: float = 0.0, sync_code: bool = True, code_cache: Path | None = None,
                  max_concurrent: int = 1, progress: code.Progress | None = None, kind: str = "parent",
-                 instance_info: dict | None = None) -> Run:
+                 instance_info: dict | None = None, run_kind: str = "job", params: dict | None = None) -> Run:
     """Record a run, snapshot and sync its code, and start it detached on the instance.
 
     With ``sync_code`` (the default) the code around ``workdir`` (its git repository, or the
@@ -186,7 +186,8 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
             run.code["diff_blob"] = f"{run.id}.diff"
     run.workdir = job_dir
     local_code = (snap.root / run.code["subdir"]) if snap is not None else (Path(workdir) if os.path.isdir(workdir) else None)
-    run.params = params_from_command(command, local_code)
+    run.params = params_from_command(command, local_code) if params is None else dict(params)
+    run.kind = run_kind
     run.instance_info = dict(instance_info or {})
     store.add(run)
     if parent:
@@ -200,7 +201,9 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
             store.update_run(run.id, code={**run.code, "synced_files": result.uploaded_files,
                                            "synced_bytes": result.uploaded_bytes, "mirror": mirror})
             store.transition(run.id, RunState.QUEUED)
-        pid, started = await _submit(transport, run, job_dir, f"{root}/.queue", max_concurrent)
+        # notebooks and other services do not wait in (or take a slot of) the jobs' FIFO queue
+        queue = f"{root}/.queue" if run_kind == "job" else f"{root}/.queue-{run_kind}"
+        pid, started = await _submit(transport, run, job_dir, queue, max_concurrent if run_kind == "job" else 1_000_000)
     except LabdeckError as e:
         store.transition(run.id, RunState.FAILED, state_reason=f"could not start: {e}", ended_at=utcnow())
         raise

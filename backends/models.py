@@ -178,6 +178,7 @@ class Run(Record):
     last_line: str = ""
     tags: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    kind: str = "job"  # "job", or "notebook" for a Jupyter server tracked like a run
     # code snapshot: commit, dirty, root, files, bytes, diff_blob, diff_truncated, untracked, synced_files, synced_bytes
     code: dict[str, Any] = field(default_factory=dict)
     # what the instance was: provider, provider_type, vcpus, memory_mib, gpus (summary text), host
@@ -239,10 +240,12 @@ class Notebook(Record):
     instance: str
     id: str = field(default_factory=new_id)
     user: str = field(default_factory=getpass.getuser)
-    run_id: str | None = None
+    run_id: str | None = None  # the run whose code it opened (None: the user's workspace)
+    job_id: str = ""  # the Run record of the Jupyter server itself (Jobs tab, cost, stop)
+    root_dir: str = ""
     state: str = "starting"  # starting | running | stopped | failed
     port: int | None = None
-    url: str = ""
+    url: str = ""  # through the forward of the labdeck that started it (without the token)
     started_at: str = field(default_factory=utcnow)
     stopped_at: str | None = None
 

@@ -84,15 +84,7 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     if not check.ok:
         raise LabdeckError(f"litserve does not import with {python} on {target}.",
                            "Install it there (pip install litserve) in the run's environment; nothing was started.")
-    free = await transport.run(
-        f"{shlex.quote(python)} -c 'import socket,sys\n"
-        f"for p in range({int(port)}, {int(port) + 100}):\n"
-        f"    s = socket.socket()\n"
-        f"    try:\n        s.bind((\"127.0.0.1\", p)); print(p); sys.exit(0)\n"
-        f"    except OSError: pass\n    finally: s.close()\nsys.exit(1)'", timeout=30)
-    if not free.ok:
-        raise LabdeckError(f"No free port from {port} to {port + 99} on {target}.")
-    remote_port = int(free.text().strip())
+    remote_port = await free_port(transport, python, port)
     if remote_port != port:
         say(f"port {port} is taken on {target}: using {remote_port}")
     key = secrets.token_urlsafe(24)
@@ -124,6 +116,19 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     dep.state = "healthy"
     ws.store.mine.put(Deployment.TABLE, dep.id, dep.to_dict())
     return Served(dep, key, forward, ssh_line(ws, target, forward.local_port, remote_port))
+
+
+async def free_port(transport: Transport, python: str, port: int) -> int:
+    """The first port from ``port`` up that nothing listens on at the instance's loopback."""
+    free = await transport.run(
+        f"{shlex.quote(python)} -c 'import socket,sys\n"
+        f"for p in range({int(port)}, {int(port) + 100}):\n"
+        f"    s = socket.socket()\n"
+        f"    try:\n        s.bind((\"127.0.0.1\", p)); print(p); sys.exit(0)\n"
+        f"    except OSError: pass\n    finally: s.close()\nsys.exit(1)'", timeout=30)
+    if not free.ok:
+        raise LabdeckError(f"No free port from {port} to {port + 99} on {transport.instance}.")
+    return int(free.text().strip())
 
 
 async def _wait_healthy(transport: Transport, dep: Deployment, forward: PortForward, say, key: str) -> None:

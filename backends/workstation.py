@@ -109,7 +109,8 @@ class Workstation:
 
     async def launch(self, command: str, *, instance: str = "local", workdir: str | None = None,
                      env: dict[str, str] | None = None, name: str = "", parent: str | None = None,
-                     sync_code: bool = True, progress=None, kind: str = "parent") -> Run:
+                     sync_code: bool = True, progress=None, kind: str = "parent", run_kind: str = "job",
+                     params: dict | None = None) -> Run:
         """Start ``command`` on ``instance`` (see :func:`backends.jobs.launch`)."""
         provider = await self.provider_of(instance)
         transport = provider.transport(instance)
@@ -124,7 +125,8 @@ class Workstation:
                                  workdir=workdir or str(Path.cwd()), runs_root=await transport.runs_root(),
                                  env=env, name=name, parent=parent, price_per_hour=price, sync_code=sync_code,
                                  code_cache=self.config.paths.cache_dir / "hashes.json",
-                                 max_concurrent=max_concurrent, progress=progress, kind=kind, instance_info=info)
+                                 max_concurrent=max_concurrent, progress=progress, kind=kind, instance_info=info,
+                                 run_kind=run_kind, params=params)
 
     async def rerun(self, ref: str) -> Run:
         """Run a run's command again, from its recorded code, as a child of it in lineage."""
@@ -250,8 +252,13 @@ class Workstation:
     async def cancel(self, ref: str) -> Run:
         run = self.store.find_run(ref)
         transport = await self.transport(run.instance)
-        return await jobs.cancel(self.store, transport, run,
+        done = await jobs.cancel(self.store, transport, run,
                                  grace_seconds=float(self.config.get("jobs", "cancel_grace_seconds")))
+        if run.kind == "notebook":  # its notebook record follows
+            for doc in self.store.mine.all("notebooks"):
+                if doc.get("job_id") == run.id and doc.get("state") in ("starting", "running"):
+                    self.store.mine.put("notebooks", doc["id"], {**doc, "state": "stopped", "stopped_at": done.ended_at})
+        return done
 
     async def log_tail(self, ref: str, max_bytes: int = 64 * 1024) -> str:
         run = self.store.find_run(ref)

@@ -163,39 +163,11 @@ def node_site(tmp_path_factory):
     """litserve and numpy for the rig's node users: their Python (/usr/bin/python3, same 3.11 ABI) cannot
     reach this interpreter's packages under /root, so the distributions' files are copied to a shared dir."""
     import shutil
-    import tempfile
-    from importlib import metadata
 
-    from packaging.requirements import Requirement
+    from .sites import build_site
 
-    site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))
-    seen: set[str] = set()
-    todo = ["litserve", "numpy"]
+    site = build_site(["litserve", "numpy"])
     try:
-        while todo:
-            name = todo.pop()
-            key = name.lower().replace("_", "-")
-            if key in seen:
-                continue
-            try:
-                dist = metadata.distribution(name)
-            except metadata.PackageNotFoundError:
-                continue
-            seen.add(key)
-            for req in dist.requires or []:
-                r = Requirement(req)
-                if r.marker is None or r.marker.evaluate({"extra": ""}):
-                    todo.append(r.name)
-            for f in dist.files or []:
-                if str(f).startswith(".."):
-                    continue  # scripts outside site-packages
-                src = Path(dist.locate_file(f))
-                if src.is_file():
-                    dst = site / f
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, dst)
-        for p in [site, *site.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
         yield site
     finally:
         shutil.rmtree(site, ignore_errors=True)

@@ -194,6 +194,27 @@ class LabdeckApp(App[None]):
     def record_model_latency(self, name: str, ms: float) -> None:
         self._model_latency.setdefault(name, []).append(ms)
 
+    def open_notebook(self, *, instance: str | None = None, run: Run | None = None) -> None:
+        if run is not None and run.user != self.workstation.user:
+            self.notify(f"{run.display_name}'s code belongs to {run.user}.", severity="warning")
+            return
+        self._open_notebook(instance, run)
+
+    @work(group="notebook", exit_on_error=False)
+    async def _open_notebook(self, instance: str | None, run: Run | None) -> None:
+        from backends import notebooks
+
+        where = run.display_name if run else instance
+        self.notify(f"Starting Jupyter for {where}…", timeout=3)
+        opened = await notebooks.start(self.workstation, instance=instance, run_ref=run.id if run else None,
+                                       progress=lambda m: self.notify(m, timeout=3))
+        self._forwards[opened.notebook.id] = opened.forward
+        self.reload_runs()
+        self.push_screen(InfoScreen(f"Jupyter on {opened.notebook.instance}",
+                                    f"Open: {opened.url}\nFrom a laptop: {opened.ssh_line}\n  then open "
+                                    f"http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}\n\n"
+                                    f"It shows in Jobs (x stops it) and stops by itself when idle."))
+
     def serve_run(self, run: Run, name: str | None = None) -> None:
         if run.user != self.workstation.user:
             self.notify(f"{run.display_name} belongs to {run.user}: its files are theirs to serve.", severity="warning")

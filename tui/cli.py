@@ -695,6 +695,44 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
         pass
 
 
+@cli.command("notebook")
+@click.option("--on", "instance", default=None, help="Instance (default: the run's, else local)")
+@click.option("--run", "run_ref", default=None, help="Open this run's own code copy")
+@click.option("--dir", "workdir", default=None, help="Directory on the instance (default: your home there)")
+@click.option("--port", default=8888, show_default=True, help="Port on the instance (the next free one if taken)")
+@click.option("--idle", default=120.0, show_default=True, help="Minutes without activity after which Jupyter stops itself")
+@click.option("--detach", is_flag=True, help="Return at once; reach it with the printed ssh -L line")
+@friendly
+def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None, port: int, idle: float, detach: bool) -> None:
+    """JupyterLab (or jupyter-server) on an instance, through the SSH chain, with a fresh token."""
+    from backends import notebooks
+
+    ws = _workstation()
+
+    async def go() -> None:
+        opened = await notebooks.start(ws, instance=instance, run_ref=run_ref, workdir=workdir, port=port, idle_minutes=idle,
+                                       progress=lambda m: err_console.print(f"[dim]{escape(m)}[/]", highlight=False))
+        nb = opened.notebook
+        console.print(f"[bold]notebook[/] on {nb.instance} in {escape(nb.root_dir)}: {opened.url}", highlight=False)
+        console.print(f"from a laptop:  {opened.ssh_line}   then open http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}",
+                      highlight=False)
+        console.print(f"[dim]stop it: labdeck cancel {short_id(nb.job_id)} (it also stops itself after {idle:g} idle minutes)[/]")
+        if detach:
+            await opened.forward.close()
+            return
+        console.print("[dim]forwarding (it heals after a dropped link); ctrl+c closes the forward, Jupyter keeps running[/]")
+        try:
+            while True:
+                await asyncio.sleep(3600)
+        finally:
+            await opened.forward.close()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.command("models")
 @friendly
 def models_cmd() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from backends.models import Instance, Run
@@ -19,6 +20,16 @@ COLUMNS = ("Name", "Provider", "State", "Ping", "Size", "GPUs", "$/hr", "Uptime"
 class InstancesTab(TabView):
     TAB_ID = "instances"
     TITLE = "Instances"
+    BINDINGS = [
+        Binding("N", "notebook", "Notebook", id="instances.notebook", tooltip="Jupyter on the selected instance"),
+    ]
+
+    def action_notebook(self) -> None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return
+        name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        self.app.open_notebook(instance=name)
 
     def __init__(self) -> None:
         super().__init__(id="instances-view")

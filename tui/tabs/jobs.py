@@ -26,6 +26,7 @@ class JobsTab(TabView):
         Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
+        Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
     ]
 
     def __init__(self) -> None:
@@ -116,3 +117,10 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.serve_run(run)
+
+    def action_notebook(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.open_notebook(run=run)

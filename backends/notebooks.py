@@ -1,0 +1,181 @@
+"""Cloud notebooks: Jupyter on an instance, reached through the SSH chain, tracked like a run.
+
+``start`` opens JupyterLab (or jupyter-server when Lab is not installed; bootstrapped into a
+private venv on the instance when neither is) in a run's own code copy or the user's workspace,
+with a fresh token, bound to the instance's loopback. The server is a Run of kind ``notebook``
+(Jobs tab, cost, cancel = stop by process group) that does not take a job's queue slot. Jupyter
+culls its own idle kernels and shuts itself down after ``idle_minutes`` without activity, so
+this works with labdeck closed; ``status`` reads ``/api/status`` (last activity, kernels,
+connections), which is what "idle" means for a notebook (and for autostop later). The forward
+heals itself after a dropped link (see :class:`backends.providers.base.RelayForward`). The token
+is kept in a 0600 file of the owner's, never in the team store or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import LabdeckError, NotFoundError
+from .models import Notebook, Run, utcnow
+from .providers.base import PortForward, Transport
+from .serving import free_port, ssh_line
+
+BOOTSTRAP_TIMEOUT = 900.0
+START_TIMEOUT = 120.0
+
+
+@dataclass
+class Opened:
+    notebook: Notebook
+    run: Run
+    token: str
+    forward: PortForward
+    url: str  # with the token
+    ssh_line: str
+
+
+async def _jupyter(transport: Transport, python: str, venv: str, say, env=None) -> tuple[str, str]:
+    """(python, module) of a Jupyter on the instance: JupyterLab, else jupyter-server; else bootstrap a venv."""
+    for py in (python, f"{venv}/bin/python"):
+        res = await transport.run(env=env, command=
+            f"{shlex.quote(py)} -c 'import jupyterlab' 2>/dev/null && echo jupyterlab || "
+            f"{{ {shlex.quote(py)} -c 'import jupyter_server' 2>/dev/null && echo jupyter_server; }} || true", timeout=60)
+        mod = res.text().strip()
+        if mod:
+            return py, mod
+    say(f"Jupyter is not installed on {transport.instance}: installing jupyter-server and ipykernel into {venv}")
+    res = await transport.run(
+        f"{shlex.quote(python)} -m venv {shlex.quote(venv)} && {shlex.quote(venv)}/bin/pip install -q "
+        f"--disable-pip-version-check --retries 1 --timeout 20 jupyter-server ipykernel 2>&1 | tail -5",
+        timeout=BOOTSTRAP_TIMEOUT)
+    check = await transport.run(f"{shlex.quote(venv)}/bin/python -c 'import jupyter_server' 2>/dev/null && echo ok || true",
+                                timeout=60)
+    if check.text().strip() != "ok":
+        raise LabdeckError(
+            f"Jupyter is not installed on {transport.instance}, and installing it failed:\n{res.text().strip()[-600:]}",
+            "Install jupyterlab (or jupyter-server and ipykernel) there, for the Python your runs use; nothing was started.")
+    return f"{venv}/bin/python", "jupyter_server"
+
+
+async def start(ws, *, instance: str | None = None, run_ref: str | None = None, workdir: str | None = None,
+                port: int = 8888, idle_minutes: float = 120.0, local_port: int = 0,
+                env: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Opened:
+    say = progress or (lambda _m: None)
+    run = ws.store.find_run(run_ref) if run_ref else None
+    target = instance or (run.instance if run else "local")
+    if run is not None and run.instance != target:
+        raise LabdeckError(f"{run.display_name}'s code is on {run.instance}, not {target}.")
+    transport = await ws.transport(target)
+    runs_root = await transport.runs_root()
+    base = os.path.dirname(runs_root.rstrip("/"))
+    root = (run.workdir if run is not None else workdir) or await transport.home_dir()
+    python = ((run.environment or {}).get("executable") if run is not None else None) or \
+        ("python3" if target != "local" else __import__("sys").executable)
+    env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
+    py, module = await _jupyter(transport, python, f"{base}/venv", say, env or None)
+    jport = await free_port(transport, py, port)
+    token = secrets.token_hex(24)
+    nb = Notebook(instance=target, run_id=run.id if run else None, root_dir=root, port=jport, user=ws.user)
+    tokenfile = f"{base}/notebooks/.{nb.id}.env"
+    await transport.put_files({tokenfile: f"export JUPYTER_TOKEN={token}\n".encode()}, mode=0o600)
+    idle = max(60, int(idle_minutes * 60))
+    command = (f". {shlex.quote(tokenfile)}; rm -f {shlex.quote(tokenfile)}; exec {shlex.quote(py)} -m {module} "
+               f"--ServerApp.ip=127.0.0.1 --ServerApp.port={jport} --ServerApp.port_retries=0 "
+               f"--ServerApp.open_browser=False --ServerApp.root_dir={shlex.quote(root)} --ServerApp.allow_root=True "
+               f"--ServerApp.shutdown_no_activity_timeout={idle} --MappingKernelManager.cull_idle_timeout={idle} "
+               f"--MappingKernelManager.cull_interval=60")
+    say(f"starting {module} on {target}:{jport}")
+    job = await ws.launch(command, instance=target, workdir=root, sync_code=False, run_kind="notebook", env=env,
+                          name=f"notebook {run.display_name if run else os.path.basename(root.rstrip('/')) or '~'}",
+                          parent=run.id if run else None, params={"jupyter": module, "root_dir": root})
+    nb.job_id = job.id
+    ws.store.add(nb)
+    _save_token(ws, nb.id, token)
+    forward = await transport.forward_port(jport, local_port=local_port)
+    nb.url = f"http://127.0.0.1:{forward.local_port}"
+    t0 = time.monotonic()
+    while True:
+        try:
+            if await asyncio.to_thread(_status_code, f"{nb.url}/api/status", token) == 200:
+                break
+        except OSError:
+            pass
+        await ws.refresh_runs(only=[job.id])
+        j = ws.store.find_run(job.id)
+        if j.run_state.is_final or time.monotonic() - t0 > START_TIMEOUT:
+            await forward.close()
+            if not j.run_state.is_final:
+                await ws.cancel(job.id)
+            ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "failed", "stopped_at": utcnow()})
+            tail = await ws.log_tail(job.id, 2000)
+            raise LabdeckError(f"Jupyter did not start on {target}:\n{tail.strip()[-1500:]}")
+        await asyncio.sleep(0.3)
+    nb.state = "running"
+    ws.store.mine.put(Notebook.TABLE, nb.id, nb.to_dict())
+    return Opened(nb, ws.store.find_run(job.id), token, forward, f"{nb.url}/?token={token}",
+                  ssh_line(ws, target, forward.local_port, jport))
+
+
+def _status_code(url: str, token: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def status(url: str, token: str) -> dict:
+    """Jupyter's own view of activity: ``last_activity``, ``kernels``, ``connections``, ``started``."""
+    req = urllib.request.Request(f"{url}/api/status", headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def stop(ws, ref: str) -> Notebook:
+    """Stop a notebook (its server's process group) and mark it stopped."""
+    nb = find(ws, ref)
+    job = ws.store.find_run(nb.job_id)
+    if job.run_state.is_active or job.state == "lost":
+        await ws.cancel(job.id)
+    ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "stopped", "stopped_at": utcnow()})
+    _token_path(ws, nb.id).unlink(missing_ok=True)
+    return find(ws, nb.id)
+
+
+def find(ws, ref: str) -> Notebook:
+    nbs, _ = ws.store.records(Notebook.TABLE)
+    for nb in nbs:
+        if nb.id == ref.upper() or nb.job_id == ref.upper() or (len(ref) >= 4 and (
+                nb.id.lower().endswith(ref.lower()) or nb.job_id.lower().endswith(ref.lower()))):
+            return nb
+    raise NotFoundError(f"No notebook {ref!r}.", "`labdeck ps` lists notebooks among the runs.")
+
+
+def _token_path(ws, nb_id: str) -> Path:
+    return Path(ws.config.paths.data_dir) / "keys" / f"notebook-{nb_id}"
+
+
+def _save_token(ws, nb_id: str, token: str) -> None:
+    p = _token_path(ws, nb_id)
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
+def token_of(ws, nb_id: str) -> str | None:
+    try:
+        return _token_path(ws, nb_id).read_text().strip()
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,761 @@
+"""Model serving on a rig node through the jump host: requests/s through labdeck's forward, deploy-to-healthy time.
+
+Runs on the SSH test rig (``tests/rig.py``: real OpenSSH sshd in network namespaces, a jump host
+and one node reachable only through it). It needs root; without it the benchmark says so and is
+skipped. The node user's Python (``/usr/bin/python3``) gets litserve and numpy from a shared copy of
+this interpreter's distributions (:func:`build_node_site`, the logic of ``tests/test_serving.py``'s
+``node_site`` fixture) on ``PYTHONPATH``. A small run on node1 writes ``model.npz`` (a 4-feature
+logistic regression); both parts serve it with labdeck's ``labdeck_serve.py``, in the same run:
+
+1. **Requests/s and latency through labdeck's forward, beside direct on the node.** One
+   ``serving.deploy`` (litserve detached on node1, loopback only, forwarded by labdeck's asyncssh
+   connection through the jump host). One load generator (stdlib ``http.client``, ``CLIENTS``
+   threads, one keep-alive connection each, ``POST /predict`` with the API key, a short warm-up per
+   client first) drives ``REQUESTS`` requests (a) from this machine to ``dep.url``, a separate
+   process so it never shares labdeck's event loop or GIL, and (b) "direct": the same script run ON
+   node1 as the node user (through labdeck's transport) against ``127.0.0.1:<dep.port>`` there.
+   ``ROUNDS`` rounds of ``REQUESTS / ROUNDS`` each, ABBA order. Target: through labdeck ≥ 0.9× the
+   direct requests/s. The rig's namespaces share this machine's CPUs: the load generator, labdeck's
+   forward, both sshd's and litserve all compete for the same cores, "direct" included, so the
+   table also gives the CPU each of them spent per request (``/proc`` times of labdeck's process,
+   the jump's and node1's per-connection sshd processes, litserve's process group; the load
+   generator's own ``getrusage``). Diagnostic rows (dim, no target): one client (the per-request
+   latency the forward adds), a new connection per request (a new SSH channel through both hops
+   each time), and OpenSSH's own forward for the same chain (``ssh -N -L … -J jump``, the line
+   ``deploy`` hands a teammate) to tell SSH-through-a-jump-host from asyncssh.
+2. **Deploy to healthy, beside litserve's own start.** ``STARTS`` times, alternating:
+   ``serving.deploy(...)`` wall time on a warm connection, split by timing the transport calls it
+   makes (model file check, litserve import check, free-port check, upload + start + forward, the
+   wait for ``/health``), then ``serving.stop``; and on node1 itself, ``labdeck_serve.py --port P
+   --model …`` started directly (same python, same ``PYTHONPATH``, the same ``LIT_SERVER_API_KEY``
+   auth) and ``127.0.0.1:P/health`` polled every 20 ms from the node until 200, then the server's
+   process group stopped. Medians. Target: deploy ≤ litserve's own start + 1 s.
+
+Run: ``python3 -m tests.benchmarks serving`` (or ``python3 -m tests.benchmarks.bench_serving``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from ._common import Verdict, console, fmt_ms, new_table, percentile, scratch_dir, verdict, write_results
+
+NAME = "serving"
+REQUESTS = 2000  # per path, split over ROUNDS
+ROUNDS = 2
+CLIENTS = 4
+WARMUP_PER_CLIENT = 25
+DIAG_REQUESTS = 600  # per diagnostic row
+BARE_REQUESTS = 300  # per path, on the fixture's node site (~40 ms a request there)
+STARTS = 5
+HEALTH_POLL_S = 0.02  # litserve's own start: how often the node polls /health
+TARGET_RPS_RATIO = 0.9
+TARGET_START_EXTRA_S = 1.0
+BODY_X = [[0.0, 0.0, 0.0, 0.0]]  # the model is w = ones(4), b = 0: prob 0.5
+
+# The load generator: stdlib only, so it runs with the node user's /usr/bin/python3 as it is.
+# argv: host port total clients mode(keepalive|new) warmup_per_client; the key in $BENCH_API_KEY.
+LOADGEN = r'''
+import http.client, json, os, resource, socket, sys, threading, time
+host, port, total, clients, mode, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+body = json.dumps({"x": %s}).encode()
+headers = {"Content-Type": "application/json", "X-API-Key": os.environ.get("BENCH_API_KEY", "")}
+barrier = threading.Barrier(clients + 1)
+lat = [[] for _ in range(clients)]
+errors, checked = [], []
+
+def one(conn):
+    if conn is None:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.connect()
+        # http.client sends the headers and the body in two send()s: with Nagle on, the body waits
+        # for the server's delayed ACK (~40 ms a request on a keep-alive connection). urllib3/requests
+        # and httpx set TCP_NODELAY; so does this client.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.request("POST", "/predict", body, headers)
+    r = conn.getresponse()
+    data = r.read()
+    if r.status != 200:
+        conn.close()
+        raise RuntimeError("HTTP %%d: %%r" %% (r.status, data[:120]))
+    if mode == "new" or r.will_close:
+        conn.close()
+        conn = None
+    return conn, data
+
+def client(i, count):
+    conn = None
+    for k in range(warm):
+        try:
+            conn, data = one(conn)
+            if k == 0:
+                checked.append(json.loads(data).get("prob") == [0.5])
+        except Exception as e:
+            errors.append("warm-up: " + repr(e))
+            conn = None
+    barrier.wait()
+    mine = lat[i]
+    for _ in range(count):
+        t = time.perf_counter()
+        try:
+            conn, _ = one(conn)
+        except Exception as e:
+            errors.append(repr(e))
+            conn = None
+            continue
+        mine.append(time.perf_counter() - t)
+    if conn is not None:
+        conn.close()
+
+counts = [total // clients + (1 if i < total %% clients else 0) for i in range(clients)]
+threads = [threading.Thread(target=client, args=(i, c)) for i, c in enumerate(counts)]
+for t in threads:
+    t.start()
+barrier.wait()
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for t in threads:
+    t.join()
+wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall_s": wall, "ok": sum(map(len, lat)), "errors": len(errors), "error_examples": errors[:3],
+                  "answers_right": bool(checked) and all(checked),
+                  "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+                  "lat_s": [round(x, 6) for xs in lat for x in xs]}))
+''' % json.dumps(BODY_X)
+
+# litserve's own start on the node: start labdeck_serve.py in its own session, poll /health from the
+# node until 200, stop the process group. argv: python serve_script model log; the key in the env.
+STARTER = r'''
+import json, os, signal, socket, subprocess, sys, time, urllib.error, urllib.request
+python, script, model, log = sys.argv[1:5]
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+req = urllib.request.Request("http://127.0.0.1:%%d/health" %% port, headers={"X-API-Key": os.environ["LIT_SERVER_API_KEY"]})
+with open(log, "ab") as logf:
+    t0 = time.perf_counter()
+    p = subprocess.Popen([python, script, "--port", str(port), "--model", model], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+healthy, polls = None, 0
+while time.perf_counter() - t0 < 90 and p.poll() is None:
+    polls += 1
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            if r.status == 200:
+                healthy = time.perf_counter() - t0
+                break
+    except (urllib.error.HTTPError, OSError):
+        pass
+    time.sleep(%s)
+t1 = time.perf_counter()
+try:
+    os.killpg(p.pid, signal.SIGTERM)
+except ProcessLookupError:
+    pass
+killed = False
+while True:
+    p.poll()
+    try:
+        os.killpg(p.pid, 0)
+    except ProcessLookupError:
+        break
+    if time.perf_counter() - t1 > 5 and not killed:
+        os.killpg(p.pid, signal.SIGKILL)
+        killed = True
+    time.sleep(0.02)
+print(json.dumps({"healthy_s": healthy, "polls": polls, "port": port, "exit": p.wait(),
+                  "stop_s": time.perf_counter() - t1, "sigkill": killed}))
+''' % HEALTH_POLL_S
+
+
+# ---- set-up --------------------------------------------------------------------------------
+def build_node_site(site: Path, roots: tuple[str, ...] = ("litserve", "numpy"), *, follow_extras: bool = True) -> Path:
+    """Copy the files of ``roots`` and of their requirements' distributions into ``site``, world-readable: the
+    rig's node users run ``/usr/bin/python3`` (same 3.11 ABI) and cannot reach this interpreter's packages under
+    /root. The logic of ``tests/test_serving.py``'s ``node_site`` fixture, plus (``follow_extras``) the extras a
+    requirement asks for, as pip installs them: litserve requires ``uvicorn[standard]``, i.e. uvloop and httptools,
+    which the fixture's copy leaves out (``follow_extras=False`` is the fixture's behaviour)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    done: dict[str, set[str]] = {}  # distribution → the extras already followed
+    todo: list[tuple[str, frozenset[str]]] = [(r, frozenset()) for r in roots]
+    while todo:
+        name, want = todo.pop()
+        key = canonicalize_name(name)
+        first = key not in done
+        new_extras = set(want) - done.get(key, set())
+        if not first and not new_extras:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        done.setdefault(key, set()).update(want)
+        envs = ([""] if first else []) + sorted(new_extras)
+        for req in dist.requires or []:
+            r = Requirement(req)
+            if (r.marker is None and first) or (r.marker is not None and any(r.marker.evaluate({"extra": e}) for e in envs)):
+                todo.append((r.name, frozenset(r.extras) if follow_extras else frozenset()))
+        if not first:
+            continue
+        for f in dist.files or []:
+            if str(f).startswith(".."):
+                continue  # scripts outside site-packages
+            src = Path(dist.locate_file(f))
+            if src.is_file():
+                dst = site / f
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+    for p in [site, *site.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return site
+
+
+def open_ws(home: Path, rig):
+    from backends.config import load_config
+    from backends.paths import Paths
+    from backends.workstation import Workstation
+    from tests.test_ssh import rig_config
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(rig_config(rig) + f'[store]\nteam_dir = "{home / "team"}"\n')
+    return Workstation(load_config(Paths.resolve(home)))
+
+
+async def train(ws, rig, project: Path, site: Path, name: str):
+    """The small run of the test: writes model.npz (w = ones(4), b = 0) into its run directory on node1."""
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "train.py").write_text(
+        "import os, numpy as np\n"
+        "np.savez(os.path.join(os.environ['LABDECK_RUN_DIR'], 'model.npz'), w=np.ones(4), b=np.float32(0))\n")
+    run = await ws.launch(f"{rig.python} train.py", instance="node1", workdir=str(project), env={"PYTHONPATH": str(site)},
+                          name=name)
+    done = await asyncio.wait_for(ws.follower.follow(run.id), 90)
+    if done.state != "succeeded" or done.artifacts != ["model.npz"]:
+        raise RuntimeError(f"training run {done.state}: {ws.follower.local_path(done).read_text()[-2000:]}")
+    return done
+
+
+# ---- CPU accounting ----------------------------------------------------------------------------
+COMPONENTS = ("labdeck", "jump sshd", "node sshd", "litserve", "openssh client")
+
+
+def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of: this process (labdeck's asyncssh forward), the jump's and node1's sshd
+    processes, litserve's process group, and an OpenSSH client (with its ProxyJump child)."""
+    import psutil
+
+    def secs(p) -> float:
+        try:
+            t = p.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    out = dict.fromkeys(COMPONENTS, 0.0)
+    out["labdeck"] = secs(psutil.Process())
+    for label, host in (("jump sshd", rig.jump), ("node sshd", rig.host("node1"))):
+        pid = host.sshd_pid
+        if pid is None:
+            continue
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in procs:
+            try:
+                if p.name() == "sshd":
+                    out[label] += secs(p)
+            except psutil.Error:
+                pass
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == litserve_pgid:
+                out["litserve"] += secs(p)
+        except (OSError, psutil.Error):
+            pass
+    if ssh_client_pid:
+        try:
+            root = psutil.Process(ssh_client_pid)
+            out["openssh client"] = sum(secs(p) for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            pass
+    return out
+
+
+# ---- 1. requests/s -------------------------------------------------------------------------------
+async def loadgen_local(script: Path, port: int, key: str, n: int, clients: int, mode: str, warm: int) -> dict[str, Any]:
+    """The load generator as a process of its own on this machine (never on labdeck's event loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "127.0.0.1", str(port), str(n), str(clients), mode, str(warm),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "BENCH_API_KEY": key})
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"local load generator: rc {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+    return json.loads(out)
+
+
+async def loadgen_node(transport, python: str, script: str, port: int, key: str, n: int, clients: int, mode: str,
+                       warm: int) -> dict[str, Any]:
+    """The same load generator on node1, as the node user, against litserve's loopback port there."""
+    res = await transport.run(f"{shlex.quote(python)} {shlex.quote(script)} 127.0.0.1 {port} {n} {clients} {mode} {warm}",
+                              env={"BENCH_API_KEY": key}, timeout=300)
+    if not res.ok:
+        raise RuntimeError(f"node load generator: rc {res.exit_code}: {res.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(res.stdout)
+
+
+async def measured(rig, pgid: int, go: Callable[[], Awaitable[dict[str, Any]]], warm_requests: int,
+                   ssh_client_pid: int | None = None) -> dict[str, Any]:
+    """One load run with the components' CPU around it (the warm-up requests are in that CPU too, so the
+    per-request figures divide by measured + warm-up requests; the load generator's is its own, measured part)."""
+    before = cpu_snapshot(rig, pgid, ssh_client_pid)
+    res = await go()
+    after = cpu_snapshot(rig, pgid, ssh_client_pid)
+    res["component_cpu_s"] = {k: after[k] - before[k] for k in COMPONENTS}
+    res["requests_incl_warmup"] = res["ok"] + warm_requests
+    return res
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one path → req/s over all of them, pooled latencies, CPU ms per request by component."""
+    lat = [x for p in parts for x in p["lat_s"]]
+    ok = sum(p["ok"] for p in parts)
+    wall = sum(p["wall_s"] for p in parts)
+    reqs_all = sum(p["requests_incl_warmup"] for p in parts)
+    cpu = {k: sum(p["component_cpu_s"][k] for p in parts) * 1000 / reqs_all for k in COMPONENTS}
+    cpu["load generator"] = sum(p["cpu_s"] for p in parts) * 1000 / ok if ok else float("nan")
+    return {"requests": ok, "errors": sum(p["errors"] for p in parts),
+            "error_examples": [e for p in parts for e in p["error_examples"]][:3],
+            "answers_right": all(p["answers_right"] for p in parts),
+            "wall_s": wall, "rps": ok / wall if wall else 0.0,
+            "p50_ms": percentile(lat, 50) * 1000, "p90_ms": percentile(lat, 90) * 1000,
+            "p99_ms": percentile(lat, 99) * 1000, "max_ms": max(lat) * 1000 if lat else float("nan"),
+            "cpu_ms_per_request": cpu, "cores_busy": sum(cpu.values()) * (ok / wall) / 1000 if wall else 0.0,
+            "rounds": [{"wall_s": p["wall_s"], "rps": p["ok"] / p["wall_s"], "ok": p["ok"]} for p in parts]}
+
+
+def free_local_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def openssh_forward(rig, remote_port: int) -> tuple[subprocess.Popen, int]:
+    """``ssh -N -L lport:127.0.0.1:remote_port node1`` with the rig's OpenSSH config (ProxyJump jump)."""
+    lport = free_local_port()
+    proc = subprocess.Popen(["ssh", "-F", str(rig.ssh_config_path), "-N", "-o", "ExitOnForwardFailure=yes",
+                             "-L", f"{lport}:127.0.0.1:{remote_port}", "node1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t = time.monotonic()
+    while time.monotonic() - t < 15:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ssh -L exited {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", lport), 0.5).close()
+            return proc, lport
+        except OSError:
+            await asyncio.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("ssh -L did not listen within 15 s")
+
+
+async def measure_requests(ws, rig, run, local_script: Path, node_script: str, quick: bool) -> dict[str, Any]:
+    from backends import serving
+
+    n = 200 if quick else REQUESTS
+    diag_n = 100 if quick else DIAG_REQUESTS
+    warm = 5 if quick else WARMUP_PER_CLIENT
+    transport = await ws.transport("node1")
+    python = serving._python_of(ws.store.find_run(run.id))  # the python deploy starts litserve with
+    served = await serving.deploy(ws, run.id)
+    dep, key = served.deployment, served.api_key
+    pgid = dep.pid
+    out: dict[str, Any] = {"port": dep.port, "local_port": served.forward.local_port, "requests": n, "clients": CLIENTS,
+                           "rounds": ROUNDS, "warmup_per_client": warm, "diag_requests": diag_n,
+                           "stack": await uvicorn_stack(transport, run, python)}
+    ssh_proc = None
+
+    def via_labdeck(count: int, clients: int, mode: str, w: int):
+        return lambda: loadgen_local(local_script, served.forward.local_port, key, count, clients, mode, w)
+
+    def direct(count: int, clients: int, mode: str, w: int):
+        return lambda: loadgen_node(transport, python, node_script, dep.port, key, count, clients, mode, w)
+
+    try:
+        # main: ROUNDS rounds, ABBA order
+        parts: dict[str, list] = {"labdeck": [], "direct": []}
+        per_round = n // ROUNDS
+        for r in range(ROUNDS):
+            for label in (("labdeck", "direct") if r % 2 == 0 else ("direct", "labdeck")):
+                go = (via_labdeck if label == "labdeck" else direct)(per_round, CLIENTS, "keepalive", warm)
+                parts[label].append(await measured(rig, pgid, go, warm * CLIENTS))
+        out["main"] = {label: combine(p) for label, p in parts.items()}
+        # diagnostics: one client; a new connection per request; OpenSSH's forward of the same chain
+        diag: dict[str, Any] = {}
+        for label, make in (("labdeck", via_labdeck), ("direct", direct)):
+            diag[f"1 client, {label}"] = combine([await measured(rig, pgid, make(diag_n, 1, "keepalive", warm), warm)])
+        for label, make in (("labdeck", via_labdeck), ("direct", direct)):
+            diag[f"new connection per request, {label}"] = combine(
+                [await measured(rig, pgid, make(diag_n, CLIENTS, "new", warm), warm * CLIENTS)])
+        ssh_proc, lport = await openssh_forward(rig, dep.port)
+        diag["openssh -L"] = combine([await measured(
+            rig, pgid, lambda: loadgen_local(local_script, lport, key, diag_n, CLIENTS, "keepalive", warm),
+            warm * CLIENTS, ssh_proc.pid)])
+        out["diag"] = diag
+    finally:
+        if ssh_proc is not None:
+            ssh_proc.terminate()
+            try:
+                ssh_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                ssh_proc.kill()
+                ssh_proc.wait()
+        await served.forward.close()
+        await serving.stop(ws, dep.id)
+    left = (await transport.run(f"ps -o pid=,stat= -g {pgid} | grep -v ' Z' || true")).text().strip()
+    out["left_after_stop"] = left
+    return out
+
+
+async def uvicorn_stack(transport, run, python: str) -> str:
+    """Which event loop and HTTP parser uvicorn's "auto" picks in the run's environment (its env.sh)."""
+    env_sh = shlex.quote(f"{run.run_dir}/env.sh")
+    res = await transport.run(f". {env_sh}; {shlex.quote(python)} -c 'import importlib.util as u; "
+                              f"print((\"uvloop\" if u.find_spec(\"uvloop\") else \"asyncio\") + \" + \" + "
+                              f"(\"httptools\" if u.find_spec(\"httptools\") else \"h11\"))'")
+    return res.text().strip() if res.ok else "?"
+
+
+async def measure_bare(ws, rig, run, local_script: Path, node_script: str, quick: bool) -> dict[str, Any]:
+    """The same keep-alive load on a deployment whose node site is the test fixture's (no uvicorn[standard]
+    extras: uvicorn on plain asyncio and h11), labdeck then direct."""
+    from backends import serving
+
+    n = 80 if quick else BARE_REQUESTS
+    warm = 5 if quick else WARMUP_PER_CLIENT
+    transport = await ws.transport("node1")
+    python = serving._python_of(ws.store.find_run(run.id))
+    served = await serving.deploy(ws, run.id)
+    dep, key = served.deployment, served.api_key
+    out: dict[str, Any] = {"port": dep.port, "requests": n}
+    try:
+        out["labdeck"] = combine([await measured(rig, dep.pid, lambda: loadgen_local(
+            local_script, served.forward.local_port, key, n, CLIENTS, "keepalive", warm), warm * CLIENTS)])
+        out["direct"] = combine([await measured(rig, dep.pid, lambda: loadgen_node(
+            transport, python, node_script, dep.port, key, n, CLIENTS, "keepalive", warm), warm * CLIENTS)])
+        out["stack"] = await uvicorn_stack(transport, run, python)
+    finally:
+        await served.forward.close()
+        await serving.stop(ws, dep.id)
+    return out
+
+
+# ---- 2. deploy to healthy ------------------------------------------------------------------------
+TIMED = ("run", "read_file", "put_files", "start_detached", "forward_port")
+
+
+def instrument(ws, events: list[tuple[str, float, float]]) -> Callable[[], None]:
+    """Time every transport call ``deploy`` makes (the Workstation hands out a new transport object
+    each time; this wraps the ones it hands out meanwhile). Returns the undo."""
+    orig = ws.transport
+
+    def timed(name, fn):
+        async def call(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                events.append((name, t, time.perf_counter()))
+        return call
+
+    async def transport(instance):
+        t = await orig(instance)
+        for name in TIMED:
+            setattr(t, name, timed(name, getattr(t, name)))
+        return t
+
+    ws.transport = transport
+
+    def undo() -> None:
+        del ws.transport  # back to the class's method
+    return undo
+
+
+def deploy_phases(t0: float, t1: float, events: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """deploy's wall time split at its transport calls: model file (read_file), litserve import (1st run),
+    free port (2nd run), upload + start + forward (… to the end of forward_port), wait for /health (the rest)."""
+    det = [(a, b) for n, a, b in events if n == "start_detached"]
+    top = [(n, a, b) for n, a, b in sorted(events, key=lambda e: e[1])
+           if not (n == "run" and any(a >= da and b <= db for da, db in det))]  # start_detached's own run
+    reads = [e for e in top if e[0] == "read_file"]
+    runs = [e for e in top if e[0] == "run"]
+    fwd = [e for e in top if e[0] == "forward_port"]
+    if not (reads and len(runs) >= 2 and fwd):
+        raise RuntimeError(f"deploy made unexpected transport calls: {[e[0] for e in top]}")
+    model_end, import_end, port_end, fwd_end = reads[0][2], runs[0][2], runs[1][2], fwd[0][2]
+    return {"total_s": t1 - t0, "model_file_s": model_end - t0, "import_check_s": import_end - model_end,
+            "import_check_cmd_s": runs[0][2] - runs[0][1], "free_port_s": port_end - import_end,
+            "upload_start_forward_s": fwd_end - port_end, "wait_health_s": t1 - fwd_end,
+            "alive_checks": sum(1 for e in runs if e[1] >= fwd_end)}
+
+
+async def measure_starts(ws, rig, run, site: Path, node_starter: str, quick: bool) -> dict[str, Any]:
+    from backends import serving
+
+    starts = 2 if quick else STARTS
+    transport = await ws.transport("node1")
+    python = serving._python_of(ws.store.find_run(run.id))
+    serve_script = f"{run.run_dir}/labdeck_serve.py"  # shipped there by the part 1 deploy
+    model = f"{run.run_dir}/model.npz"
+    log = f"{run.run_dir}/bench-own-start.log"
+    deploys, own = [], []
+    for i in range(starts):
+        for kind in (("labdeck", "own") if i % 2 == 0 else ("own", "labdeck")):
+            if kind == "labdeck":
+                events: list[tuple[str, float, float]] = []
+                undo = instrument(ws, events)
+                try:
+                    t0 = time.perf_counter()
+                    served = await serving.deploy(ws, run.id)
+                    t1 = time.perf_counter()
+                finally:
+                    undo()
+                try:
+                    deploys.append({**deploy_phases(t0, t1, events), "port": served.deployment.port})
+                finally:
+                    await served.forward.close()
+                    await serving.stop(ws, served.deployment.id)
+                left = (await transport.run(f"ps -o pid=,stat= -g {served.deployment.pid} | grep -v ' Z' || true")).text().strip()
+                deploys[-1]["left_after_stop"] = left
+            else:
+                key = "bench-" + os.urandom(12).hex()  # auth on, as under labdeck
+                res = await transport.run(
+                    f"{shlex.quote(python)} {shlex.quote(node_starter)} {shlex.quote(python)} {shlex.quote(serve_script)} "
+                    f"{shlex.quote(model)} {shlex.quote(log)}",
+                    env={"PYTHONPATH": str(site), "LIT_SERVER_API_KEY": key}, timeout=180)
+                if not res.ok:
+                    raise RuntimeError(f"own start: rc {res.exit_code}: {res.stderr.decode(errors='replace')[-2000:]}")
+                doc = json.loads(res.stdout)
+                if doc["healthy_s"] is None:
+                    tail = (await transport.run(f"tail -c 3000 {shlex.quote(log)}")).text()
+                    raise RuntimeError(f"litserve did not get healthy on its own: {doc}\n{tail}")
+                own.append(doc)
+    # litserve's import alone, on the node (what deploy's import check costs, without SSH)
+    imp = await transport.run(f"{shlex.quote(python)} -X importtime -c 'import litserve' 2>&1 | tail -1; "
+                              f"{shlex.quote(python)} -c 'import time; t=time.perf_counter(); import litserve; "
+                              f"print(time.perf_counter()-t)'", env={"PYTHONPATH": str(site)}, timeout=60)
+    import_alone = float(imp.text().strip().splitlines()[-1]) if imp.ok else None
+
+    def med(xs: list[float]) -> float:
+        return statistics.median(xs)
+
+    keys = ("total_s", "model_file_s", "import_check_s", "free_port_s", "upload_start_forward_s", "wait_health_s")
+    return {"starts": starts, "deploys": deploys, "own": own,
+            "deploy_median": {k: med([d[k] for d in deploys]) for k in keys},
+            "deploy_min": {k: min(d[k] for d in deploys) for k in keys},
+            "deploy_max": {k: max(d[k] for d in deploys) for k in keys},
+            "alive_checks_median": med([d["alive_checks"] for d in deploys]),
+            "own_median_s": med([o["healthy_s"] for o in own]), "own_min_s": min(o["healthy_s"] for o in own),
+            "own_max_s": max(o["healthy_s"] for o in own), "own_polls_median": med([o["polls"] for o in own]),
+            "own_stop_s_max": max(o["stop_s"] for o in own), "own_sigkill": sum(o["sigkill"] for o in own),
+            "litserve_import_on_node_s": import_alone}
+
+
+# ---- main --------------------------------------------------------------------------------------
+async def run_all(rig, root: Path, site: Path, bare_site: Path, quick: bool) -> dict[str, Any]:
+    ws = open_ws(root / "home", rig)
+    try:
+        t = time.perf_counter()
+        run = await train(ws, rig, root / "project", site, "bench-serving")
+        train_s = time.perf_counter() - t
+        bare_run = await train(ws, rig, root / "project-bare", bare_site, "bench-serving-bare")
+        transport = await ws.transport("node1")
+        home = await transport.home_dir()
+        node_loadgen, node_starter = f"{home}/bench_loadgen.py", f"{home}/bench_own_start.py"
+        await transport.put_files({node_loadgen: LOADGEN.encode(), node_starter: STARTER.encode()}, mode=0o644)
+        local_script = root / "bench_loadgen.py"
+        local_script.write_text(LOADGEN)
+        console.print(f"[dim]serving: requests through labdeck's forward and direct on node1 …[/]")
+        req = await measure_requests(ws, rig, run, local_script, node_loadgen, quick)
+        console.print(f"[dim]serving: the same on the test fixture's node site (no uvloop/httptools) …[/]")
+        req["bare"] = await measure_bare(ws, rig, bare_run, local_script, node_loadgen, quick)
+        console.print(f"[dim]serving: deploy to healthy vs litserve's own start …[/]")
+        starts = await measure_starts(ws, rig, run, site, node_starter, quick)
+        await transport.run(f"rm -f {shlex.quote(node_loadgen)} {shlex.quote(node_starter)}")
+        return {"train_s": train_s, "requests": req, "starts": starts}
+    finally:
+        await ws.close()
+
+
+def dim(text: str) -> str:
+    return f"[dim]{text}[/]" if text else ""
+
+
+def cpu_text(c: dict[str, float], *, openssh: bool = False) -> str:
+    names = (("labdeck", "labdeck"), ("jump sshd", "jump"), ("node sshd", "node"), ("litserve", "litserve"),
+             ("load generator", "client"))
+    parts = [f"{short} {c[k]:.2f}" for k, short in names]
+    if openssh:
+        parts.insert(1, f"ssh -L {c['openssh client']:.2f}")
+    return " · ".join(parts)
+
+
+def main(quick: bool = False) -> list[Verdict]:
+    from tests.rig import Rig, RigUnavailable
+
+    from .bench_remote import no_team_dir_override
+
+    try:
+        import litserve  # noqa: F401
+    except ImportError as e:
+        console.print(f"[bold yellow]bench_serving skipped: litserve does not import here ({e}).[/]\n")
+        write_results(NAME, {"skipped": str(e)}, quick=quick)
+        return [Verdict(NAME, "all", "skipped", str(e), None)]
+    t_all = time.perf_counter()
+    # world-readable parent (/tmp): the node users read them
+    site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))  # as `pip install litserve numpy`
+    bare_site = Path(tempfile.mkdtemp(prefix="ldrig-site-bare-", dir="/tmp"))  # as the test fixture's copy
+    try:
+        with no_team_dir_override(), scratch_dir("serving") as root:
+            t = time.perf_counter()
+            build_node_site(site)
+            build_node_site(bare_site, follow_extras=False)
+            site_s = time.perf_counter() - t
+            try:
+                rig = Rig.build(1)
+            except RigUnavailable as e:
+                console.print(f"[bold yellow]bench_serving skipped: the SSH rig is unavailable here ({e}).[/]\n")
+                write_results(NAME, {"skipped": str(e)}, quick=quick)
+                return [Verdict(NAME, "all", "skipped", str(e), None)]
+            try:
+                build_s = rig.build_seconds
+                res = asyncio.run(run_all(rig, root, site, bare_site, quick))
+            finally:
+                rig.close()
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+        shutil.rmtree(bare_site, ignore_errors=True)
+    elapsed = time.perf_counter() - t_all
+    verdicts: list[Verdict] = []
+
+    # ---- 1
+    q = res["requests"]
+    m = q["main"]
+    d_rps = m["direct"]["rps"]
+    ratio = m["labdeck"]["rps"] / d_rps if d_rps else 0.0
+    met1 = None if quick else ratio >= TARGET_RPS_RATIO and m["labdeck"]["errors"] == 0
+    t1 = new_table(
+        f"POST /predict on node1 (litserve as `pip install litserve` has it: {q['stack']}): {q['requests']:,} requests "
+        f"per path, {q['clients']} clients with keep-alive, {q['rounds']} rounds ABBA (target: through labdeck ≥ "
+        f"{TARGET_RPS_RATIO:g}× direct req/s)",
+        ["Path", ("req/s", "right"), ("p50 ms", "right"), ("p99 ms", "right"), ("max ms", "right"), ("vs direct", "right"),
+         "Checked", "CPU ms per request", ("cores busy", "right"), "Target"])
+
+    def checked(x: dict[str, Any]) -> str:
+        ok = x["errors"] == 0 and x["answers_right"]
+        return "all 200, prob 0.5" if ok else f"[red]{x['errors']} errors {x['error_examples']}[/]"
+
+    def row(label: str, x: dict[str, Any], base: float | None, target: str, *, faint: bool = False, openssh: bool = False):
+        cells = [label, f"{x['rps']:,.0f}", fmt_ms(x["p50_ms"]), fmt_ms(x["p99_ms"]), fmt_ms(x["max_ms"]),
+                 f"{x['rps'] / base:.2f}×" if base else "baseline", checked(x),
+                 cpu_text(x["cpu_ms_per_request"], openssh=openssh), f"{x['cores_busy']:.2f}"]
+        t1.add_row(*([dim(c) for c in cells] if faint else cells), target)
+
+    row("direct: the load generator on node1 → 127.0.0.1:port", m["direct"], None, "baseline")
+    row("labdeck: this machine → dep.url (asyncssh forward via jump)", m["labdeck"], d_rps, verdict(met1))
+    t1.add_section()
+    dg = q["diag"]
+    one_base = dg["1 client, direct"]["rps"]
+    new_base = dg["new connection per request, direct"]["rps"]
+    row("1 client, direct", dg["1 client, direct"], None, "", faint=True)
+    row("1 client, labdeck", dg["1 client, labdeck"], one_base, "", faint=True)
+    row("new connection per request, direct", dg["new connection per request, direct"], None, "", faint=True)
+    row("new connection per request, labdeck", dg["new connection per request, labdeck"], new_base, "", faint=True)
+    row(f"OpenSSH `ssh -N -L … node1` (ProxyJump), {q['clients']} clients", dg["openssh -L"], d_rps, "", faint=True,
+        openssh=True)
+    t1.add_section()
+    b = q["bare"]
+    row(f"test fixture's node site ({b['stack']}), {b['requests']}: direct", b["direct"], None, "", faint=True)
+    row(f"test fixture's node site ({b['stack']}), {b['requests']}: labdeck", b["labdeck"], b["direct"]["rps"], "",
+        faint=True)
+    console.print(t1)
+    added = dg["1 client, labdeck"]["p50_ms"] - dg["1 client, direct"]["p50_ms"]
+    console.print(f"[dim]CPU ms per request: labdeck = this process (asyncssh forward; includes its warm-up share), "
+                  f"jump/node = their sshd processes, litserve = its process group, client = the load generator's "
+                  f"measured part. The rig's namespaces share this machine's {os.cpu_count()} CPUs, so 'direct' competes "
+                  f"for them too. One client: the forward adds {added:.2f} ms per request at p50.[/]")
+    if not quick:
+        verdicts.append(Verdict(NAME, "req/s through labdeck vs direct",
+                                f"{m['labdeck']['rps']:,.0f} vs {d_rps:,.0f} = {ratio:.2f}×",
+                                f"≥ {TARGET_RPS_RATIO:g}× direct", met1))
+
+    # ---- 2
+    s = res["starts"]
+    dm, dmin, dmax = s["deploy_median"], s["deploy_min"], s["deploy_max"]
+    own = s["own_median_s"]
+    extra = dm["total_s"] - own
+    met2 = None if quick else extra <= TARGET_START_EXTRA_S
+    t2 = new_table(
+        f"Deploy to healthy on node1, warm connection (median of {s['starts']}; target: ≤ litserve's own start + "
+        f"{TARGET_START_EXTRA_S:g} s)",
+        ["What", ("median ms", "right"), ("min ms", "right"), ("max ms", "right"), ("vs own start", "right"), "Note",
+         "Target"])
+    t2.add_row(f"litserve's own start on node1 (Popen → /health 200, polled every {HEALTH_POLL_S * 1000:.0f} ms)",
+               fmt_ms(own * 1000), fmt_ms(s["own_min_s"] * 1000), fmt_ms(s["own_max_s"] * 1000), "baseline",
+               f"median {s['own_polls_median']:.0f} polls; stopped by group in ≤ {s['own_stop_s_max']:.2f} s"
+               + (f", [red]{s['own_sigkill']} needed SIGKILL[/]" if s["own_sigkill"] else ""), "")
+    left = [d["left_after_stop"] for d in s["deploys"] if d["left_after_stop"]]
+    t2.add_row("labdeck serving.deploy(...) → returns healthy", fmt_ms(dm["total_s"] * 1000), fmt_ms(dmin["total_s"] * 1000),
+               fmt_ms(dmax["total_s"] * 1000), f"+{extra * 1000:,.0f} ms",
+               "stop left nothing" if not left else f"[red]left: {left}[/]", verdict(met2), end_section=True)
+    imp = s["litserve_import_on_node_s"]
+    for key, label, note in (
+            ("model_file_s", "  checks: model file (SFTP stat)", ""),
+            ("import_check_s", "  checks: `python -c 'import litserve'`",
+             f"the import alone on the node: {imp * 1000:,.0f} ms" if imp is not None else ""),
+            ("free_port_s", "  checks: free port (a python -c)", ""),
+            ("upload_start_forward_s", "  upload script + key, start detached, open forward", ""),
+            ("wait_health_s", "  wait for /health (0.25 s sleeps + a kill -0 each)",
+             f"median {s['alive_checks_median']:.0f} alive checks")):
+        t2.add_row(dim(label), dim(fmt_ms(dm[key] * 1000)), dim(fmt_ms(dmin[key] * 1000)), dim(fmt_ms(dmax[key] * 1000)),
+                   "", dim(note), "")
+    console.print(t2)
+    if not quick:
+        verdicts.append(Verdict(NAME, "deploy to healthy vs litserve's own start",
+                                f"{dm['total_s']:.2f} s vs {own:.2f} s = +{extra:.2f} s",
+                                f"≤ +{TARGET_START_EXTRA_S:g} s", met2))
+    console.print(f"[dim]rig: jump + 1 node built in {build_s:.2f} s; node site (litserve, numpy and their requirements) "
+                  f"copied in {site_s:.1f} s; training run {res['train_s']:.1f} s; took {elapsed:.0f} s[/]")
+    path = write_results(NAME, {
+        "description": "Model serving on a rig node through the jump host: req/s and latency through labdeck's forward "
+                       "vs direct on the node; deploy-to-healthy vs litserve's own start",
+        "params": {"requests": q["requests"], "clients": q["clients"], "rounds": q["rounds"],
+                   "warmup_per_client": q["warmup_per_client"], "diag_requests": q["diag_requests"], "starts": s["starts"],
+                   "health_poll_s": HEALTH_POLL_S, "body": {"x": BODY_X}, "rig_build_s": build_s, "node_site_s": site_s},
+        "targets": {"rps_ratio": TARGET_RPS_RATIO, "start_extra_s": TARGET_START_EXTRA_S},
+        "results": res,
+        "verdicts": [v.__dict__ for v in verdicts],
+        "elapsed_s": elapsed,
+    }, quick=quick)
+    console.print(f"[dim]wrote {path}[/]\n")
+    return verdicts
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
