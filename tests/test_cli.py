@@ -68,7 +68,7 @@ def test_unwritable_store_dir_is_a_clear_error(home: Path, tmp_path: Path) -> No
 
 
 def test_corrupt_store_is_named_and_kept(home: Path) -> None:
-    assert labdeck(home, "run", "--workdir", "/tmp", "--", "true").returncode == 0
+    assert labdeck(home, "run", "--no-sync", "--workdir", "/tmp", "--", "true").returncode == 0
     store_dir = home / "data" / "team" / os.environ.get("USER", __import__("getpass").getuser())
     (store_dir / "store.json").write_text('{"runs": {broken')
     before = (store_dir / "store.json").read_bytes()

@@ -3,33 +3,41 @@
 Runs on the SSH test rig (``tests/rig.py``: real OpenSSH sshd in network namespaces, a jump host
 and one node reachable only through it). It needs root; without it the benchmark says so and is
 skipped. The node user's Python (``/usr/bin/python3``) gets litserve and numpy from a shared copy of
-this interpreter's distributions (:func:`build_node_site`, the logic of ``tests/test_serving.py``'s
-``node_site`` fixture) on ``PYTHONPATH``. A small run on node1 writes ``model.npz`` (a 4-feature
-logistic regression); both parts serve it with labdeck's ``labdeck_serve.py``, in the same run:
+this interpreter's distributions on ``PYTHONPATH`` (:func:`build_node_site`: the logic of
+``tests/test_serving.py``'s ``node_site`` fixture, plus the extras a requirement names, as pip
+installs them: litserve requires ``uvicorn[standard]``, so uvloop and httptools come along). A
+small run on node1 writes ``model.npz`` (a 4-feature logistic regression); both parts serve it
+with labdeck's ``labdeck_serve.py``, in the same run:
 
 1. **Requests/s and latency through labdeck's forward, beside direct on the node.** One
    ``serving.deploy`` (litserve detached on node1, loopback only, forwarded by labdeck's asyncssh
    connection through the jump host). One load generator (stdlib ``http.client``, ``CLIENTS``
-   threads, one keep-alive connection each, ``POST /predict`` with the API key, a short warm-up per
-   client first) drives ``REQUESTS`` requests (a) from this machine to ``dep.url``, a separate
-   process so it never shares labdeck's event loop or GIL, and (b) "direct": the same script run ON
-   node1 as the node user (through labdeck's transport) against ``127.0.0.1:<dep.port>`` there.
-   ``ROUNDS`` rounds of ``REQUESTS / ROUNDS`` each, ABBA order. Target: through labdeck ≥ 0.9× the
-   direct requests/s. The rig's namespaces share this machine's CPUs: the load generator, labdeck's
-   forward, both sshd's and litserve all compete for the same cores, "direct" included, so the
-   table also gives the CPU each of them spent per request (``/proc`` times of labdeck's process,
-   the jump's and node1's per-connection sshd processes, litserve's process group; the load
-   generator's own ``getrusage``). Diagnostic rows (dim, no target): one client (the per-request
-   latency the forward adds), a new connection per request (a new SSH channel through both hops
-   each time), and OpenSSH's own forward for the same chain (``ssh -N -L … -J jump``, the line
-   ``deploy`` hands a teammate) to tell SSH-through-a-jump-host from asyncssh.
+   threads, one keep-alive connection each with TCP_NODELAY as urllib3 and httpx set it, ``POST
+   /predict`` with the API key, a short warm-up per client first) drives ``REQUESTS`` requests (a)
+   from this machine to ``dep.url``, as a process of its own so it never shares labdeck's event loop
+   or GIL, and (b) "direct": the same script run ON node1 as the node user (through labdeck's
+   transport) against ``127.0.0.1:<dep.port>`` there. ``ROUNDS`` rounds, ABBA order. Target:
+   through labdeck ≥ 0.9× the direct requests/s. The rig's namespaces share this machine's CPUs:
+   the load generator, labdeck's forward, both sshd's and litserve all compete for the same cores,
+   "direct" included, so a second table gives the CPU each spent per request (``/proc`` times of
+   labdeck's process, the jump's and node1's sshd processes, litserve's process group, the load
+   generator's own ``getrusage``) and what every other process on the machine used meanwhile.
+   Diagnostic rows (dim, no target): one client (the latency the forward adds to each request),
+   16 clients (enough concurrency to hide it), a new connection per request (a new SSH channel
+   through both hops each time, as ``serving.predict``'s urllib does), a second Workstation whose
+   jump connection ran a command on the jump host so its sshd turned TCP_NODELAY on (labdeck never
+   does; see bench_remote), OpenSSH's own forward of the same chain (``ssh -N -L … -J jump``, the
+   line ``deploy`` hands a teammate), and a deployment on the test fixture's node site (no
+   uvicorn[standard] extras: uvicorn on plain asyncio + h11, whose accepted sockets keep Nagle on:
+   uvicorn binds the listening socket itself with proto 0 and asyncio sets TCP_NODELAY only for
+   proto IPPROTO_TCP, so every keep-alive request after the first waits ~40 ms for a delayed ACK).
 2. **Deploy to healthy, beside litserve's own start.** ``STARTS`` times, alternating:
    ``serving.deploy(...)`` wall time on a warm connection, split by timing the transport calls it
    makes (model file check, litserve import check, free-port check, upload + start + forward, the
    wait for ``/health``), then ``serving.stop``; and on node1 itself, ``labdeck_serve.py --port P
-   --model …`` started directly (same python, same ``PYTHONPATH``, the same ``LIT_SERVER_API_KEY``
-   auth) and ``127.0.0.1:P/health`` polled every 20 ms from the node until 200, then the server's
-   process group stopped. Medians. Target: deploy ≤ litserve's own start + 1 s.
+   --model …`` started directly (same python, same ``PYTHONPATH``, ``LIT_SERVER_API_KEY`` set as
+   under labdeck) and ``127.0.0.1:P/health`` polled every 20 ms from the node until 200, then the
+   server's process group stopped. Medians. Target: deploy ≤ litserve's own start + 1 s.
 
 Run: ``python3 -m tests.benchmarks serving`` (or ``python3 -m tests.benchmarks.bench_serving``).
 """
@@ -47,15 +55,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from ._common import Verdict, console, fmt_ms, new_table, percentile, scratch_dir, verdict, write_results
+from ._common import (
+    Verdict,
+    console,
+    fmt_ms,
+    new_table,
+    percentile,
+    scratch_dir,
+    verdict,
+    write_results,
+)
 
 NAME = "serving"
 REQUESTS = 2000  # per path, split over ROUNDS
-ROUNDS = 2
+ROUNDS = 4  # ABBA…: this small machine is noisy (and may be shared); more, shorter rounds average it out
 CLIENTS = 4
+MANY_CLIENTS = 16  # diagnostic: enough concurrency to hide the forward's per-request latency
 WARMUP_PER_CLIENT = 25
 DIAG_REQUESTS = 600  # per diagnostic row
 BARE_REQUESTS = 300  # per path, on the fixture's node site (~40 ms a request there)
@@ -130,7 +149,7 @@ for t in threads:
 wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"wall_s": wall, "ok": sum(map(len, lat)), "errors": len(errors), "error_examples": errors[:3],
                   "answers_right": bool(checked) and all(checked),
-                  "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+                  "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), "cpu_total_s": r1.ru_utime + r1.ru_stime,
                   "lat_s": [round(x, 6) for xs in lat for x in xs]}))
 ''' % json.dumps(BODY_X)
 
@@ -252,7 +271,7 @@ async def train(ws, rig, project: Path, site: Path, name: str):
 COMPONENTS = ("labdeck", "jump sshd", "node sshd", "litserve", "openssh client")
 
 
-def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pid: int | None = None) -> dict[str, float]:
+def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pid: int | None = None) -> dict[str, Any]:
     """CPU seconds so far of: this process (labdeck's asyncssh forward), the jump's and node1's sshd
     processes, litserve's process group, and an OpenSSH client (with its ProxyJump child)."""
     import psutil
@@ -266,6 +285,15 @@ def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pid: int | None = None) -> 
 
     out = dict.fromkeys(COMPONENTS, 0.0)
     out["labdeck"] = secs(psutil.Process())
+    # every process alive now (per-process accounting is exact; /proc/stat's tick sampling is not, for
+    # this many sub-millisecond bursts): minus the listed ones, it is what other processes used
+    procs: dict[tuple[int, float], float] = {}
+    for p in psutil.process_iter():
+        try:
+            procs[(p.pid, p.create_time())] = secs(p)
+        except psutil.Error:
+            pass
+    out["_procs"] = procs
     for label, host in (("jump sshd", rig.jump), ("node sshd", rig.host("node1"))):
         pid = host.sshd_pid
         if pid is None:
@@ -322,11 +350,17 @@ async def measured(rig, pgid: int, go: Callable[[], Awaitable[dict[str, Any]]], 
                    ssh_client_pid: int | None = None) -> dict[str, Any]:
     """One load run with the components' CPU around it (the warm-up requests are in that CPU too, so the
     per-request figures divide by measured + warm-up requests; the load generator's is its own, measured part)."""
-    before = cpu_snapshot(rig, pgid, ssh_client_pid)
+    before, t0 = cpu_snapshot(rig, pgid, ssh_client_pid), time.perf_counter()
     res = await go()
-    after = cpu_snapshot(rig, pgid, ssh_client_pid)
+    after, t1 = cpu_snapshot(rig, pgid, ssh_client_pid), time.perf_counter()
     res["component_cpu_s"] = {k: after[k] - before[k] for k in COMPONENTS}
     res["requests_incl_warmup"] = res["ok"] + warm_requests
+    res["span_s"] = t1 - t0
+    res["ours_cpu_s"] = sum(res["component_cpu_s"].values()) + res["cpu_total_s"]  # + the load generator, all of it
+    # processes alive at both snapshots other than the listed ones (the load generator is not: it started after)
+    common = before["_procs"].keys() & after["_procs"].keys()
+    res["other_cpu_s"] = (sum(after["_procs"][k] - before["_procs"][k] for k in common)
+                          - sum(res["component_cpu_s"].values()))
     return res
 
 
@@ -345,6 +379,9 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "p50_ms": percentile(lat, 50) * 1000, "p90_ms": percentile(lat, 90) * 1000,
             "p99_ms": percentile(lat, 99) * 1000, "max_ms": max(lat) * 1000 if lat else float("nan"),
             "cpu_ms_per_request": cpu, "cores_busy": sum(cpu.values()) * (ok / wall) / 1000 if wall else 0.0,
+            # cores busy over the load runs: the processes above, and every other process on this machine
+            "listed_cores_busy": sum(p["ours_cpu_s"] for p in parts) / sum(p["span_s"] for p in parts),
+            "other_cores_busy": sum(p["other_cpu_s"] for p in parts) / sum(p["span_s"] for p in parts),
             "rounds": [{"wall_s": p["wall_s"], "rps": p["ok"] / p["wall_s"], "ok": p["ok"]} for p in parts]}
 
 
@@ -375,8 +412,11 @@ async def openssh_forward(rig, remote_port: int) -> tuple[subprocess.Popen, int]
     raise RuntimeError("ssh -L did not listen within 15 s")
 
 
-async def measure_requests(ws, rig, run, local_script: Path, node_script: str, quick: bool) -> dict[str, Any]:
+async def measure_requests(ws, rig, run, local_script: Path, node_script: str, quick: bool,
+                           ws_nodelay) -> dict[str, Any]:
     from backends import serving
+
+    from .bench_remote import jump_session
 
     n = 200 if quick else REQUESTS
     diag_n = 100 if quick else DIAG_REQUESTS
@@ -406,13 +446,28 @@ async def measure_requests(ws, rig, run, local_script: Path, node_script: str, q
                 go = (via_labdeck if label == "labdeck" else direct)(per_round, CLIENTS, "keepalive", warm)
                 parts[label].append(await measured(rig, pgid, go, warm * CLIENTS))
         out["main"] = {label: combine(p) for label, p in parts.items()}
+        out["round_ratios"] = [a["ok"] / a["wall_s"] / (b["ok"] / b["wall_s"]) for a, b in zip(parts["labdeck"], parts["direct"])]
         # diagnostics: one client; a new connection per request; OpenSSH's forward of the same chain
         diag: dict[str, Any] = {}
         for label, make in (("labdeck", via_labdeck), ("direct", direct)):
             diag[f"1 client, {label}"] = combine([await measured(rig, pgid, make(diag_n, 1, "keepalive", warm), warm)])
         for label, make in (("labdeck", via_labdeck), ("direct", direct)):
+            diag[f"{MANY_CLIENTS} clients, {label}"] = combine(
+                [await measured(rig, pgid, make(diag_n, MANY_CLIENTS, "keepalive", warm), warm * MANY_CLIENTS)])
+        for label, make in (("labdeck", via_labdeck), ("direct", direct)):
             diag[f"new connection per request, {label}"] = combine(
                 [await measured(rig, pgid, make(diag_n, CLIENTS, "new", warm), warm * CLIENTS)])
+        # a second Workstation whose connection to the jump host has run a command there, so the jump's sshd
+        # turned TCP_NODELAY on for it (labdeck never does; see bench_remote): what Nagle on the jump costs
+        await jump_session(ws_nodelay)
+        fwd2 = await (await ws_nodelay.transport("node1")).forward_port(dep.port)
+        try:
+            for clients in (CLIENTS, MANY_CLIENTS):
+                diag[f"jump with TCP_NODELAY, {clients} clients"] = combine([await measured(
+                    rig, pgid, lambda c=clients: loadgen_local(local_script, fwd2.local_port, key, diag_n, c, "keepalive", warm),
+                    warm * clients)])
+        finally:
+            await fwd2.close()
         ssh_proc, lport = await openssh_forward(rig, dep.port)
         diag["openssh -L"] = combine([await measured(
             rig, pgid, lambda: loadgen_local(local_script, lport, key, diag_n, CLIENTS, "keepalive", warm),
@@ -591,11 +646,15 @@ async def run_all(rig, root: Path, site: Path, bare_site: Path, quick: bool) -> 
         await transport.put_files({node_loadgen: LOADGEN.encode(), node_starter: STARTER.encode()}, mode=0o644)
         local_script = root / "bench_loadgen.py"
         local_script.write_text(LOADGEN)
-        console.print(f"[dim]serving: requests through labdeck's forward and direct on node1 …[/]")
-        req = await measure_requests(ws, rig, run, local_script, node_loadgen, quick)
-        console.print(f"[dim]serving: the same on the test fixture's node site (no uvloop/httptools) …[/]")
+        console.print("[dim]serving: requests through labdeck's forward and direct on node1 …[/]")
+        ws_nodelay = open_ws(root / "home-nodelay", rig)
+        try:
+            req = await measure_requests(ws, rig, run, local_script, node_loadgen, quick, ws_nodelay)
+        finally:
+            await ws_nodelay.close()
+        console.print("[dim]serving: the same on the test fixture's node site (no uvloop/httptools) …[/]")
         req["bare"] = await measure_bare(ws, rig, bare_run, local_script, node_loadgen, quick)
-        console.print(f"[dim]serving: deploy to healthy vs litserve's own start …[/]")
+        console.print("[dim]serving: deploy to healthy vs litserve's own start …[/]")
         starts = await measure_starts(ws, rig, run, site, node_starter, quick)
         await transport.run(f"rm -f {shlex.quote(node_loadgen)} {shlex.quote(node_starter)}")
         return {"train_s": train_s, "requests": req, "starts": starts}
@@ -605,15 +664,6 @@ async def run_all(rig, root: Path, site: Path, bare_site: Path, quick: bool) -> 
 
 def dim(text: str) -> str:
     return f"[dim]{text}[/]" if text else ""
-
-
-def cpu_text(c: dict[str, float], *, openssh: bool = False) -> str:
-    names = (("labdeck", "labdeck"), ("jump sshd", "jump"), ("node sshd", "node"), ("litserve", "litserve"),
-             ("load generator", "client"))
-    parts = [f"{short} {c[k]:.2f}" for k, short in names]
-    if openssh:
-        parts.insert(1, f"ssh -L {c['openssh client']:.2f}")
-    return " · ".join(parts)
 
 
 def main(quick: bool = False) -> list[Verdict]:
@@ -665,41 +715,61 @@ def main(quick: bool = False) -> list[Verdict]:
         f"per path, {q['clients']} clients with keep-alive, {q['rounds']} rounds ABBA (target: through labdeck ≥ "
         f"{TARGET_RPS_RATIO:g}× direct req/s)",
         ["Path", ("req/s", "right"), ("p50 ms", "right"), ("p99 ms", "right"), ("max ms", "right"), ("vs direct", "right"),
-         "Checked", "CPU ms per request", ("cores busy", "right"), "Target"])
+         "Checked", "Target"])
+    t1b = new_table(
+        "Where the CPU goes (ms of CPU per request, by process; cores busy during the load run: these processes, "
+        "and all other processes on this machine)",
+        ["Path", ("labdeck", "right"), ("jump sshd", "right"), ("node sshd", "right"), ("litserve", "right"),
+         ("load gen", "right"), ("ssh -L", "right"), ("cores: these", "right"), ("other processes", "right")])
 
     def checked(x: dict[str, Any]) -> str:
         ok = x["errors"] == 0 and x["answers_right"]
         return "all 200, prob 0.5" if ok else f"[red]{x['errors']} errors {x['error_examples']}[/]"
 
-    def row(label: str, x: dict[str, Any], base: float | None, target: str, *, faint: bool = False, openssh: bool = False):
+    def row(label: str, x: dict[str, Any], base: float | None, target: str, *, faint: bool = False,
+            openssh: bool = False, section: bool = False):
         cells = [label, f"{x['rps']:,.0f}", fmt_ms(x["p50_ms"]), fmt_ms(x["p99_ms"]), fmt_ms(x["max_ms"]),
-                 f"{x['rps'] / base:.2f}×" if base else "baseline", checked(x),
-                 cpu_text(x["cpu_ms_per_request"], openssh=openssh), f"{x['cores_busy']:.2f}"]
-        t1.add_row(*([dim(c) for c in cells] if faint else cells), target)
+                 f"{x['rps'] / base:.2f}×" if base else "baseline", checked(x)]
+        t1.add_row(*([dim(c) for c in cells] if faint else cells), target, end_section=section)
+        c = x["cpu_ms_per_request"]
+        cells = [label, *(f"{c[k]:.2f}" for k in ("labdeck", "jump sshd", "node sshd", "litserve", "load generator")),
+                 f"{c['openssh client']:.2f}" if openssh else "",
+                 f"{x['listed_cores_busy']:.2f}", f"{x['other_cores_busy']:.2f}"]
+        t1b.add_row(*([dim(c) for c in cells] if faint else cells), end_section=section)
 
     row("direct: the load generator on node1 → 127.0.0.1:port", m["direct"], None, "baseline")
-    row("labdeck: this machine → dep.url (asyncssh forward via jump)", m["labdeck"], d_rps, verdict(met1))
-    t1.add_section()
+    row("labdeck: this machine → dep.url (asyncssh forward via jump)", m["labdeck"], d_rps, verdict(met1), section=True)
     dg = q["diag"]
     one_base = dg["1 client, direct"]["rps"]
+    many_base = dg[f"{MANY_CLIENTS} clients, direct"]["rps"]
     new_base = dg["new connection per request, direct"]["rps"]
     row("1 client, direct", dg["1 client, direct"], None, "", faint=True)
     row("1 client, labdeck", dg["1 client, labdeck"], one_base, "", faint=True)
+    row(f"{MANY_CLIENTS} clients, direct", dg[f"{MANY_CLIENTS} clients, direct"], None, "", faint=True)
+    row(f"{MANY_CLIENTS} clients, labdeck", dg[f"{MANY_CLIENTS} clients, labdeck"], many_base, "", faint=True)
     row("new connection per request, direct", dg["new connection per request, direct"], None, "", faint=True)
     row("new connection per request, labdeck", dg["new connection per request, labdeck"], new_base, "", faint=True)
-    row(f"OpenSSH `ssh -N -L … node1` (ProxyJump), {q['clients']} clients", dg["openssh -L"], d_rps, "", faint=True,
-        openssh=True)
-    t1.add_section()
+    for clients, base in ((q["clients"], d_rps), (MANY_CLIENTS, many_base)):
+        row(f"labdeck, jump's sshd with TCP_NODELAY, {clients} clients", dg[f"jump with TCP_NODELAY, {clients} clients"],
+            base, "", faint=True)
+    row(f"OpenSSH `ssh -N -L … -J jump`, {q['clients']} clients", dg["openssh -L"], d_rps, "", faint=True,
+        openssh=True, section=True)
     b = q["bare"]
-    row(f"test fixture's node site ({b['stack']}), {b['requests']}: direct", b["direct"], None, "", faint=True)
-    row(f"test fixture's node site ({b['stack']}), {b['requests']}: labdeck", b["labdeck"], b["direct"]["rps"], "",
-        faint=True)
+    row(f"test fixture's node site ({b['stack']}): direct", b["direct"], None, "", faint=True)
+    row(f"test fixture's node site ({b['stack']}): labdeck", b["labdeck"], b["direct"]["rps"], "", faint=True)
     console.print(t1)
     added = dg["1 client, labdeck"]["p50_ms"] - dg["1 client, direct"]["p50_ms"]
-    console.print(f"[dim]CPU ms per request: labdeck = this process (asyncssh forward; includes its warm-up share), "
-                  f"jump/node = their sshd processes, litserve = its process group, client = the load generator's "
-                  f"measured part. The rig's namespaces share this machine's {os.cpu_count()} CPUs, so 'direct' competes "
-                  f"for them too. One client: the forward adds {added:.2f} ms per request at p50.[/]")
+    rr = q["round_ratios"]
+    console.print(f"[dim]Round by round, labdeck/direct req/s: {', '.join(f'{x:.2f}' for x in rr)} (median "
+                  f"{statistics.median(rr):.2f}). One client: the forward adds {added:.2f} ms per request at p50. "
+                  f"Diagnostic rows: {q['diag_requests']:,} requests each, one run; the fixture's node site: "
+                  f"{b['requests']:,}.[/]")
+    console.print(t1b)
+    console.print(f"[dim]labdeck = this process (the asyncssh forward: both SSH layers, the node connection inside the "
+                  f"jump one), jump/node sshd = their sshd processes, litserve = its process group, load gen = the load "
+                  f"generator's measured part; all but the load generator include the warm-up requests' share. The rig's "
+                  f"namespaces share this machine's {os.cpu_count()} CPUs, so 'direct' competes for them too, as does "
+                  f"anything else running here ('other processes').[/]")
     if not quick:
         verdicts.append(Verdict(NAME, "req/s through labdeck vs direct",
                                 f"{m['labdeck']['rps']:,.0f} vs {d_rps:,.0f} = {ratio:.2f}×",
