@@ -26,7 +26,9 @@ with labdeck's ``labdeck_serve.py``, in the same run:
    16 clients (enough concurrency to hide it), a new connection per request (a new SSH channel
    through both hops each time, as ``serving.predict``'s urllib does), a second Workstation whose
    jump connection ran a command on the jump host so its sshd turned TCP_NODELAY on (labdeck never
-   does; see bench_remote), OpenSSH's own forward of the same chain (``ssh -N -L … -J jump``, the
+   does; see bench_remote), asyncssh's own ``forward_local_port`` on labdeck's connection (labdeck's
+   forward is a relay in Python that dials a channel per client, so it heals after a reconnect),
+   OpenSSH's own forward of the same chain (``ssh -N -L … -J jump``, the
    line ``deploy`` hands a teammate), and a deployment on the test fixture's node site (no
    uvicorn[standard] extras: uvicorn on plain asyncio + h11, whose accepted sockets keep Nagle on:
    uvicorn binds the listening socket itself with proto 0 and asyncio sets TCP_NODELAY only for
@@ -71,12 +73,12 @@ from ._common import (
 )
 
 NAME = "serving"
-REQUESTS = 2000  # per path, split over ROUNDS
-ROUNDS = 4  # ABBA…: this small machine is noisy (and may be shared); more, shorter rounds average it out
+REQUESTS = 4000  # per path, split over ROUNDS
+ROUNDS = 8  # ABBA…: this small machine is noisy (and may be shared); more, shorter rounds average it out
 CLIENTS = 4
 MANY_CLIENTS = 16  # diagnostic: enough concurrency to hide the forward's per-request latency
 WARMUP_PER_CLIENT = 25
-DIAG_REQUESTS = 600  # per diagnostic row
+DIAG_REQUESTS = 1000  # per diagnostic row
 BARE_REQUESTS = 300  # per path, on the fixture's node site (~40 ms a request there)
 STARTS = 5
 HEALTH_POLL_S = 0.02  # litserve's own start: how often the node polls /health
@@ -200,9 +202,9 @@ print(json.dumps({"healthy_s": healthy, "polls": polls, "port": port, "exit": p.
 def build_node_site(site: Path, roots: tuple[str, ...] = ("litserve", "numpy"), *, follow_extras: bool = True) -> Path:
     """Copy the files of ``roots`` and of their requirements' distributions into ``site``, world-readable: the
     rig's node users run ``/usr/bin/python3`` (same 3.11 ABI) and cannot reach this interpreter's packages under
-    /root. The logic of ``tests/test_serving.py``'s ``node_site`` fixture, plus (``follow_extras``) the extras a
-    requirement asks for, as pip installs them: litserve requires ``uvicorn[standard]``, i.e. uvloop and httptools,
-    which the fixture's copy leaves out (``follow_extras=False`` is the fixture's behaviour)."""
+    /root. The logic of ``tests/sites.py``'s ``build_site`` (the tests' ``node_site``), plus (``follow_extras``) the
+    extras a requirement asks for, as pip installs them: litserve requires ``uvicorn[standard]``, i.e. uvloop and
+    httptools, which the tests' copy leaves out (``follow_extras=False`` is their behaviour)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
@@ -468,6 +470,18 @@ async def measure_requests(ws, rig, run, local_script: Path, node_script: str, q
                     warm * clients)])
         finally:
             await fwd2.close()
+        # asyncssh's own -L listener on the same connection (what labdeck used before its self-healing relay):
+        # what the relay's Python pump (a StreamReader/StreamWriter pair per direction) costs
+        conn = await transport.handle.get()
+        native = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", dep.port)
+        try:
+            for clients in (1, CLIENTS):
+                diag[f"asyncssh forward_local_port, {clients} clients"] = combine([await measured(
+                    rig, pgid, lambda c=clients: loadgen_local(local_script, native.get_port(), key, diag_n, c,
+                                                                "keepalive", warm), warm * clients)])
+        finally:
+            native.close()
+            await native.wait_closed()
         ssh_proc, lport = await openssh_forward(rig, dep.port)
         diag["openssh -L"] = combine([await measured(
             rig, pgid, lambda: loadgen_local(local_script, lport, key, diag_n, CLIENTS, "keepalive", warm),
@@ -668,6 +682,7 @@ def dim(text: str) -> str:
 
 def main(quick: bool = False) -> list[Verdict]:
     from tests.rig import Rig, RigUnavailable
+    from tests.sites import build_site
 
     from .bench_remote import no_team_dir_override
 
@@ -680,12 +695,12 @@ def main(quick: bool = False) -> list[Verdict]:
     t_all = time.perf_counter()
     # world-readable parent (/tmp): the node users read them
     site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))  # as `pip install litserve numpy`
-    bare_site = Path(tempfile.mkdtemp(prefix="ldrig-site-bare-", dir="/tmp"))  # as the test fixture's copy
+    bare_site: Path | None = None
     try:
         with no_team_dir_override(), scratch_dir("serving") as root:
             t = time.perf_counter()
             build_node_site(site)
-            build_node_site(bare_site, follow_extras=False)
+            bare_site = build_site(["litserve", "numpy"])  # the tests' own copy (no extras)
             site_s = time.perf_counter() - t
             try:
                 rig = Rig.build(1)
@@ -700,7 +715,8 @@ def main(quick: bool = False) -> list[Verdict]:
                 rig.close()
     finally:
         shutil.rmtree(site, ignore_errors=True)
-        shutil.rmtree(bare_site, ignore_errors=True)
+        if bare_site is not None:
+            shutil.rmtree(bare_site, ignore_errors=True)
     elapsed = time.perf_counter() - t_all
     verdicts: list[Verdict] = []
 
@@ -749,6 +765,9 @@ def main(quick: bool = False) -> list[Verdict]:
     row(f"{MANY_CLIENTS} clients, labdeck", dg[f"{MANY_CLIENTS} clients, labdeck"], many_base, "", faint=True)
     row("new connection per request, direct", dg["new connection per request, direct"], None, "", faint=True)
     row("new connection per request, labdeck", dg["new connection per request, labdeck"], new_base, "", faint=True)
+    for clients, base in ((1, one_base), (q["clients"], d_rps)):
+        row(f"asyncssh's own forward_local_port, same connection, {clients} client{'s' if clients > 1 else ''}",
+            dg[f"asyncssh forward_local_port, {clients} clients"], base, "", faint=True)
     for clients, base in ((q["clients"], d_rps), (MANY_CLIENTS, many_base)):
         row(f"labdeck, jump's sshd with TCP_NODELAY, {clients} clients", dg[f"jump with TCP_NODELAY, {clients} clients"],
             base, "", faint=True)
