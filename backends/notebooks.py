@@ -28,7 +28,7 @@ from typing import Callable
 from .errors import LabdeckError, NotFoundError
 from .models import Notebook, Run, utcnow
 from .providers.base import PortForward, Transport
-from .serving import free_port, ssh_line
+from .serving import free_port, read_secret, save_secret, secret_path, ssh_line
 
 BOOTSTRAP_TIMEOUT = 900.0
 START_TIMEOUT = 120.0
@@ -163,19 +163,12 @@ def find(ws, ref: str) -> Notebook:
 
 
 def _token_path(ws, nb_id: str) -> Path:
-    return Path(ws.config.paths.data_dir) / "keys" / f"notebook-{nb_id}"
+    return secret_path(ws, f"notebook-{nb_id}")
 
 
 def _save_token(ws, nb_id: str, token: str) -> None:
-    p = _token_path(ws, nb_id)
-    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    save_secret(ws, f"notebook-{nb_id}", token)
 
 
 def token_of(ws, nb_id: str) -> str | None:
-    try:
-        return _token_path(ws, nb_id).read_text().strip()
-    except FileNotFoundError:
-        return None
+    return read_secret(ws, f"notebook-{nb_id}")

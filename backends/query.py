@@ -129,7 +129,8 @@ class Query:
         return hit[1]
 
     def _compile(self, ctx: "QueryContext") -> Predicate:
-        raise NotImplementedError
+        """Each node type compiles itself; the base class has nothing to match."""
+        raise TypeError(f"{type(self).__name__} is an abstract query node")
 
     def _child(self, q: "Query", prec: int) -> str:
         return f"({q})" if q.PREC < prec else str(q)

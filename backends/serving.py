@@ -205,23 +205,36 @@ def find(ws, ref: str) -> Deployment:
     raise NotFoundError(f"No deployment {ref!r}.", "`labdeck models` lists them.")
 
 
-def _key_path(ws, dep_id: str) -> Path:
-    return Path(ws.config.paths.data_dir) / "keys" / dep_id
+def secret_path(ws, name: str) -> Path:
+    """Where a secret of the owner's (an API key, a notebook token) is kept: 0600, never in the team store."""
+    return Path(ws.config.paths.data_dir) / "keys" / name
 
 
-def _save_key(ws, dep_id: str, key: str) -> None:
-    p = _key_path(ws, dep_id)
+def save_secret(ws, name: str, value: str) -> None:
+    p = secret_path(ws, name)
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(key)
+        f.write(value)
+
+
+def read_secret(ws, name: str) -> str | None:
+    try:
+        return secret_path(ws, name).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _key_path(ws, dep_id: str) -> Path:
+    return secret_path(ws, dep_id)
+
+
+def _save_key(ws, dep_id: str, key: str) -> None:
+    save_secret(ws, dep_id, key)
 
 
 def api_key(ws, dep_id: str) -> str | None:
-    try:
-        return _key_path(ws, dep_id).read_text().strip()
-    except FileNotFoundError:
-        return None
+    return read_secret(ws, dep_id)
 
 
 def ssh_line(ws, instance: str, local_port: int, remote_port: int) -> str:
