@@ -14,22 +14,22 @@ from packaging.requirements import Requirement
 
 def build_site(names: list[str]) -> Path:
     site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))
-    seen: set[str] = set()
-    todo = list(names)
+    seen: set[tuple[str, str]] = set()
+    todo: list[tuple[str, frozenset[str]]] = [(n, frozenset()) for n in names]
     while todo:
-        name = todo.pop()
+        name, extras = todo.pop()
         key = name.lower().replace("_", "-")
-        if key in seen:
+        if (key, ",".join(sorted(extras))) in seen:
             continue
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             continue
-        seen.add(key)
-        for req in dist.requires or []:
+        seen.add((key, ",".join(sorted(extras))))
+        for req in dist.requires or []:  # extras asked for count too (litserve wants uvicorn[standard])
             r = Requirement(req)
-            if r.marker is None or r.marker.evaluate({"extra": ""}):
-                todo.append(r.name)
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append((r.name, frozenset(r.extras)))
         for f in dist.files or []:
             if str(f).startswith(".."):
                 continue  # scripts outside site-packages
