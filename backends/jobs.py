@@ -284,6 +284,18 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
     return changed
 
 
+async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.0) -> None:
+    """SIGTERM a process group, wait up to ``grace_seconds`` for it to go, then SIGKILL what is left."""
+    # (dash's kill takes no `--`: a negative pid after the signal names the group.)
+    # A member "lives" unless it is a zombie: zombies wait for init, not for us.
+    alive = (f"awk '{{sub(/^.*\\) /, \"\"); if ($3 == {pgid} && $1 != \"Z\") found = 1}} END {{exit !found}}' "
+             f"/proc/[0-9]*/stat 2>/dev/null")
+    script = (f"kill -TERM -{pgid} 2>/dev/null || exit 0; i=0; "
+              f"while {alive} && [ $i -lt {int(grace_seconds * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
+              f"kill -KILL -{pgid} 2>/dev/null; exit 0")
+    await transport.run(script, timeout=grace_seconds + 30)
+
+
 async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds: float = 10.0) -> Run:
     """SIGTERM the run's process group, SIGKILL it after ``grace_seconds``, mark it cancelled."""
     if run.user != store.user:
@@ -291,15 +303,7 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
     if not run.run_state.is_active and run.run_state != RunState.LOST:
         raise LabdeckError(f"Run {run.display_name} is already {run.state}.")
     if run.pid:
-        pg = int(run.pid)
-        # (dash's kill takes no `--`: a negative pid after the signal names the group.)
-        # A member "lives" unless it is a zombie: zombies wait for init, not for us.
-        alive = (f"awk '{{sub(/^.*\\) /, \"\"); if ($3 == {pg} && $1 != \"Z\") found = 1}} END {{exit !found}}' "
-                 f"/proc/[0-9]*/stat 2>/dev/null")
-        script = (f"kill -TERM -{pg} 2>/dev/null || exit 0; i=0; "
-                  f"while {alive} && [ $i -lt {int(grace_seconds * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
-                  f"kill -KILL -{pg} 2>/dev/null; exit 0")
-        await transport.run(script, timeout=grace_seconds + 30)
+        await kill_group(transport, int(run.pid), grace_seconds)
     return store.transition(run.id, RunState.CANCELLED, ended_at=utcnow(), state_reason="cancelled by " + store.user)
 
 

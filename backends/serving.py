@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LabdeckError, NotFoundError
+from .jobs import kill_group
 from .models import Deployment, Run, utcnow
 from .providers.base import PortForward, Transport
 
@@ -172,11 +173,8 @@ async def _log_tail(transport: Transport, path: str, n: int = 4000) -> str:
 
 
 async def _kill_group(transport: Transport, pid: int | None, grace: float = 5.0) -> None:
-    if not pid:
-        return
-    await transport.run(f"kill -TERM -{pid} 2>/dev/null || exit 0; i=0; while kill -0 -{pid} 2>/dev/null && "
-                        f"[ $i -lt {int(grace * 10)} ]; do sleep 0.1; i=$((i+1)); done; kill -KILL -{pid} 2>/dev/null; exit 0",
-                        timeout=grace + 30)
+    if pid:
+        await kill_group(transport, pid, grace)
 
 
 async def stop(ws, ref: str) -> Deployment:

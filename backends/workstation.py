@@ -152,9 +152,10 @@ class Workstation:
 
         Instances are asked concurrently; one that cannot be reached is skipped this round;
         runs on an instance that no longer exists in any provider become ``lost``."""
-        mine, _ = await asyncio.to_thread(self.store.runs, team=False)
-        if only is not None:
-            mine = [r for r in mine if r.id in only]
+        if only is not None:  # a follower asking about its own run: read just that, not all 10,000
+            mine = [Run.from_dict(d) for d in (self.store.mine.get("runs", i) for i in only) if d is not None]
+        else:
+            mine, _ = await asyncio.to_thread(self.store.runs, team=False)
         instances = sorted({r.instance for r in mine if r.run_state.is_active or r.state == "lost"})
 
         async def one(inst: str) -> list[Run]:

@@ -12,7 +12,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 
-def build_site(names: list[str]) -> Path:
+def build_site(names: list[str], *, follow_extras: bool = True) -> Path:
+    """``follow_extras``: also the extras a requirement asks for, as pip installs them (False: only the base
+    requirements, e.g. litserve without uvicorn[standard]'s uvloop and httptools)."""
     site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))
     seen: set[tuple[str, str]] = set()
     todo: list[tuple[str, frozenset[str]]] = [(n, frozenset()) for n in names]
@@ -29,7 +31,7 @@ def build_site(names: list[str]) -> Path:
         for req in dist.requires or []:  # extras asked for count too (litserve wants uvicorn[standard])
             r = Requirement(req)
             if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *extras)):
-                todo.append((r.name, frozenset(r.extras)))
+                todo.append((r.name, frozenset(r.extras) if follow_extras else frozenset()))
         for f in dist.files or []:
             if str(f).startswith(".."):
                 continue  # scripts outside site-packages

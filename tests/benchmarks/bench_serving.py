@@ -3,7 +3,7 @@
 Runs on the SSH test rig (``tests/rig.py``: real OpenSSH sshd in network namespaces, a jump host
 and one node reachable only through it). It needs root; without it the benchmark says so and is
 skipped. The node user's Python (``/usr/bin/python3``) gets litserve and numpy from a shared copy of
-this interpreter's distributions on ``PYTHONPATH`` (:func:`build_node_site`: the logic of
+this interpreter's distributions on ``PYTHONPATH`` (:func:`tests.sites.build_site`: the logic of
 ``tests/test_serving.py``'s ``node_site`` fixture, plus the extras a requirement names, as pip
 installs them: litserve requires ``uvicorn[standard]``, so uvloop and httptools come along). A
 small run on node1 writes ``model.npz`` (a 4-feature logistic regression); both parts serve it
@@ -55,7 +55,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -199,51 +198,6 @@ print(json.dumps({"healthy_s": healthy, "polls": polls, "port": port, "exit": p.
 
 
 # ---- set-up --------------------------------------------------------------------------------
-def build_node_site(site: Path, roots: tuple[str, ...] = ("litserve", "numpy"), *, follow_extras: bool = True) -> Path:
-    """Copy the files of ``roots`` and of their requirements' distributions into ``site``, world-readable: the
-    rig's node users run ``/usr/bin/python3`` (same 3.11 ABI) and cannot reach this interpreter's packages under
-    /root. The logic of ``tests/sites.py``'s ``build_site`` (the tests' ``node_site``), plus (``follow_extras``) the
-    extras a requirement asks for, as pip installs them: litserve requires ``uvicorn[standard]``, i.e. uvloop and
-    httptools, which the tests' copy leaves out (``follow_extras=False`` is their behaviour)."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    done: dict[str, set[str]] = {}  # distribution → the extras already followed
-    todo: list[tuple[str, frozenset[str]]] = [(r, frozenset()) for r in roots]
-    while todo:
-        name, want = todo.pop()
-        key = canonicalize_name(name)
-        first = key not in done
-        new_extras = set(want) - done.get(key, set())
-        if not first and not new_extras:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        done.setdefault(key, set()).update(want)
-        envs = ([""] if first else []) + sorted(new_extras)
-        for req in dist.requires or []:
-            r = Requirement(req)
-            if (r.marker is None and first) or (r.marker is not None and any(r.marker.evaluate({"extra": e}) for e in envs)):
-                todo.append((r.name, frozenset(r.extras) if follow_extras else frozenset()))
-        if not first:
-            continue
-        for f in dist.files or []:
-            if str(f).startswith(".."):
-                continue  # scripts outside site-packages
-            src = Path(dist.locate_file(f))
-            if src.is_file():
-                dst = site / f
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst)
-    for p in [site, *site.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return site
-
-
 def open_ws(home: Path, rig):
     from backends.config import load_config
     from backends.paths import Paths
@@ -694,13 +648,12 @@ def main(quick: bool = False) -> list[Verdict]:
         return [Verdict(NAME, "all", "skipped", str(e), None)]
     t_all = time.perf_counter()
     # world-readable parent (/tmp): the node users read them
-    site = Path(tempfile.mkdtemp(prefix="ldrig-site-", dir="/tmp"))  # as `pip install litserve numpy`
+    site = build_site(["litserve", "numpy"])  # as `pip install litserve numpy` has it (extras followed)
     bare_site: Path | None = None
     try:
         with no_team_dir_override(), scratch_dir("serving") as root:
             t = time.perf_counter()
-            build_node_site(site)
-            bare_site = build_site(["litserve", "numpy"])  # the tests' own copy (no extras)
+            bare_site = build_site(["litserve", "numpy"], follow_extras=False)  # plain asyncio + h11
             site_s = time.perf_counter() - t
             try:
                 rig = Rig.build(1)
