@@ -90,6 +90,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
 }
 
+SCHEMA["budget"] = {
+    "daily_usd": Field((int, float), 0.0, "Your daily cloud budget in $ (0 = none): a launch that would pass it "
+                                          "within the hour is refused", _non_negative),
+    "warn_fraction": Field((int, float), 0.8, "Warn when a launch would bring today's spend above this part of the budget",
+                           lambda v: None if 0 < v <= 1 else "must be between 0 and 1"),
+}
+
 ENV_OVERRIDES = {"LABDECK_TEAM_DIR": ("store", "team_dir")}
 
 TOP_LEVEL = set(SCHEMA) | {"providers", "keys"}

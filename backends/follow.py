@@ -132,7 +132,29 @@ class LogFollower:
         monitor = getattr(self.ws, "monitor", None)
         if monitor is not None:
             n += await monitor.poll_run(run, transport)
+            await self._checkpoint(run, monitor, transport)
         return n
+
+    async def _checkpoint(self, run: Run, monitor, transport) -> None:
+        """A run on a cloud instance that declared a new checkpoint: copy it off (for a relaunch
+        after preemption)."""
+        cks = monitor.run(run).file_parser.checkpoints
+        inst = getattr(self.ws, "_instances", {}).get(run.instance)
+        if not cks or inst is None or inst.provider_type in ("local", "ssh") or run.user != self.ws.store.user:
+            return
+        from . import clouds
+
+        path, step = cks[-1]
+        try:
+            rec = await clouds.fetch_checkpoint(self.ws, run, path, step, transport)
+        except (LabdeckError, OSError):
+            return
+        if rec is not None:
+            run.checkpoint = rec
+            try:
+                self.ws.store.update_run(run.id, checkpoint=rec)
+            except (StoreError, LabdeckError):
+                pass
 
     async def _record(self, run: Run, final: bool) -> Run:
         record = getattr(self.ws, "record_results", None)

@@ -172,6 +172,7 @@ class MetricsFileParser:
     def __init__(self, *, max_line: int = 4 << 20) -> None:
         self.config: dict[str, Any] = {}
         self.uses: list[tuple[str, str | None]] = []
+        self.checkpoints: list[tuple[str, Any]] = []  # (absolute path on the instance, step)
         self.warnings: Counter = Counter()
         self.lines = 0  # complete non-empty lines seen
         self.max_line = max_line
@@ -237,6 +238,14 @@ class MetricsFileParser:
                 self.uses.append((run, path))
             else:
                 self.warnings["invalid use line"] += 1
+        ck = obj.get("checkpoint")
+        if ck is not None:
+            known = True
+            path = ck.get("path") if type(ck) is dict else None
+            if type(path) is str and path:
+                self.checkpoints.append((path, ck.get("step")))
+            else:
+                self.warnings["invalid checkpoint line"] += 1
         if not known:
             self.warnings["unknown line"] += 1
 

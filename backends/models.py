@@ -135,6 +135,16 @@ class Instance(Record):
     tags: dict[str, str] = field(default_factory=dict)
     latency_ms: float | None = None  # round trip of a command on the open connection
     note: str = ""  # why it is unreachable, and similar
+    # clouds: what labdeck knows about an instance it can launch, stop and terminate
+    size: str = ""
+    region: str = ""
+    spot: bool = False
+    managed: bool = False  # launched by labdeck (tagged): stop/start/terminate without --force
+    labdeck_id: str = ""
+    cloud_id: str = ""
+    price_source: str = ""  # provider API | libcloud pricing | catalog | config | unknown
+    cost: float | None = None  # $ over its life so far (labdeck's billing record of it)
+    autostop: str = ""  # the on-instance countdown, e.g. "stops in 12m"
 
     @property
     def gpu_summary(self) -> str:
@@ -190,6 +200,9 @@ class Run(Record):
     # python version and installed packages on the instance, recorded at start
     environment: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)  # paths on the instance, relative to the run directory
+    # the latest checkpoint the run declared (labdeck.checkpoint): path on the instance, step, and the
+    # local copy labdeck keeps so a preempted run can be relaunched from it
+    checkpoint: dict[str, Any] = field(default_factory=dict)
 
     def cost(self, now: datetime | None = None) -> float:
         """$ spent: the instance's hourly price × the run's duration so far."""

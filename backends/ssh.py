@@ -216,6 +216,23 @@ class KnownHosts:
                     continue
         return out
 
+    def forget(self, hostname: str, port: int = 22) -> None:
+        """Drop every key recorded for ``hostname:port`` (a cloud address now given to a new machine)."""
+        entry = _host_entry(hostname, port)
+        if not self.path.exists():
+            return
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [ln for ln in lines if not (ln.split() and entry in ln.split()[0].split(","))]
+            if len(kept) != len(lines):
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(self.path)
+        finally:
+            os.close(fd)
+
     def add(self, hostname: str, port: int, key: asyncssh.SSHKey) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = f"{_host_entry(hostname, port)} {key.export_public_key('openssh').decode().strip()}\n"

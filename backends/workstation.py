@@ -39,6 +39,7 @@ def examples_dir() -> Path:
 class InstanceListing:
     instances: list[Instance]
     errors: dict[str, str] = field(default_factory=dict)  # provider name -> message
+    events: list[str] = field(default_factory=list)  # instances stopped by autostop, preempted, gone
 
 
 class Workstation:
@@ -49,6 +50,10 @@ class Workstation:
         self._instance_provider: dict[str, str] = {}
         self._listing: asyncio.Future[InstanceListing] | None = None
         self._instances: dict[str, Instance] = {}
+        self._partial_callbacks: list = []
+        self.autostop_states: dict[str, tuple[float, dict]] = {}  # instance -> (monotonic read time, state)
+        self._background: set[asyncio.Task] = set()
+        self.background_errors: list[str] = []
         self.follower = LogFollower(self, config.paths.cache_dir / "logs")
         self.monitor = Monitor(self, config.paths.cache_dir, pattern=config.get("monitor", "log_pattern") or None,
                                gpu_source=config.get("monitor", "gpu_source"))
@@ -61,21 +66,34 @@ class Workstation:
     def user(self) -> str:
         return self.config.user
 
-    async def list_instances(self, timeout: float = 10.0) -> InstanceListing:
-        """Every provider's instances, asked concurrently. Callers at the same moment share one round."""
+    async def list_instances(self, timeout: float = 10.0, on_partial=None) -> InstanceListing:
+        """Every provider's instances, asked concurrently. Callers at the same moment share one round.
+
+        ``on_partial(listing)`` is called each time one more provider has answered (or failed), so a
+        slow provider never holds back the others on screen."""
         if self._listing is not None and not self._listing.done():
+            if on_partial is not None:
+                self._partial_callbacks.append(on_partial)
             return await asyncio.shield(self._listing)
+        self._partial_callbacks = [on_partial] if on_partial is not None else []
         self._listing = asyncio.ensure_future(self._list_instances(timeout))
         return await asyncio.shield(self._listing)
 
     async def _list_instances(self, timeout: float) -> InstanceListing:
-        async def one(name: str, p: Provider) -> list[Instance]:
-            return await asyncio.wait_for(p.list_instances(), timeout)
+        from . import clouds
+
+        async def one(name: str, p: Provider) -> tuple[str, list[Instance] | BaseException]:
+            try:
+                return name, await asyncio.wait_for(p.list_instances(), timeout)
+            except Exception as e:  # noqa: BLE001 - reported per provider below
+                return name, e
 
         names = list(self.providers)
-        results = await asyncio.gather(*(one(n, self.providers[n]) for n in names), return_exceptions=True)
+        parts: dict[str, list[Instance]] = {}
         listing = InstanceListing([])
-        for name, res in zip(names, results):
+        answered: set[str] = set()
+        for fut in asyncio.as_completed([one(n, self.providers[n]) for n in names]):
+            name, res = await fut
             if isinstance(res, BaseException):
                 if isinstance(res, asyncio.TimeoutError):
                     listing.errors[name] = f"{name}: no answer within {timeout:g}s"
@@ -83,12 +101,47 @@ class Workstation:
                     listing.errors[name] = f"{name}: {res}"
                 else:
                     listing.errors[name] = f"{name}: {type(res).__name__}: {res}"
-                continue
-            for inst in res:
-                self._instance_provider[inst.name] = name
-                self._instances[inst.name] = inst
-                listing.instances.append(inst)
+            else:
+                answered.add(name)
+                for inst in res:
+                    self._instance_provider[inst.name] = name
+                    self._instances[inst.name] = inst
+                parts[name] = res
+            listing.instances = [i for n in names for i in parts.get(n, [])]
+            if any(isinstance(self.providers[n], clouds.CloudProvider) for n in parts):
+                clouds.enrich(self, listing.instances)
+            for cb in list(self._partial_callbacks):
+                cb(InstanceListing(list(listing.instances), dict(listing.errors)))
+        if any(isinstance(self.providers[n], clouds.CloudProvider) for n in answered):
+            try:
+                listing.events = await clouds.reconcile(self, listing, answered)
+            except LabdeckError as e:
+                listing.events = [f"reconciling instance records failed: {e}"]
         return listing
+
+    def remember_instance(self, inst: Instance) -> None:
+        for name, p in self.providers.items():
+            if p.name == inst.provider:
+                self._instance_provider[inst.name] = name
+        self._instances[inst.name] = inst
+
+    def forget_instance(self, name: str) -> None:
+        self._instance_provider.pop(name, None)
+        self._instances.pop(name, None)
+        self.autostop_states.pop(name, None)
+
+    def background(self, coro, what: str) -> asyncio.Task:
+        """Run ``coro`` in the background; its failure is kept in ``background_errors``."""
+        task = asyncio.ensure_future(coro)
+
+        def done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.background_errors.append(f"{what}: {t.exception()}")
+
+        self._background.add(task)
+        task.add_done_callback(done)
+        return task
 
     async def provider_of(self, instance: str) -> Provider:
         listing = None
@@ -164,6 +217,8 @@ class Workstation:
             except NotFoundError:
                 return [self.store.transition(r.id, RunState.LOST, state_reason=f"the instance {inst} no longer exists")
                         for r in mine if r.instance == inst and r.run_state.is_active]
+            except LabdeckError:  # e.g. a stopped cloud instance: nothing to ask this round
+                return []
             try:
                 return await jobs.refresh(self.store, transport, inst, mine)
             except LabdeckError:
@@ -266,6 +321,8 @@ class Workstation:
         return await jobs.read_log_tail(await self.transport(run.instance), run, max_bytes)
 
     async def close(self) -> None:
+        for t in list(self._background):
+            t.cancel()
         await self.follower.stop_all()
         for p in self.providers.values():
             await p.close()

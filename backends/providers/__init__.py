@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from ..config import Config, Field
 
 # type name -> module holding a Provider subclass and CONFIG_FIELDS
-PROVIDER_TYPES: dict[str, str] = {"local": "backends.providers.local", "ssh": "backends.providers.ssh"}
+PROVIDER_TYPES: dict[str, str] = {"local": "backends.providers.local", "ssh": "backends.providers.ssh",
+                                  "ec2": "backends.providers.cloud", "digitalocean": "backends.providers.cloud",
+                                  "linode": "backends.providers.cloud", "openstack": "backends.providers.cloud"}
+CLOUD_TYPES = ("ec2", "digitalocean", "linode", "openstack")
 
 
 def provider_schema(ptype: str) -> "dict[str, Field] | None":
@@ -20,7 +23,8 @@ def provider_schema(ptype: str) -> "dict[str, Field] | None":
         return None
     import importlib
 
-    return importlib.import_module(PROVIDER_TYPES[ptype]).CONFIG_FIELDS
+    module = importlib.import_module(PROVIDER_TYPES[ptype])
+    return module.config_fields(ptype) if ptype in CLOUD_TYPES else module.CONFIG_FIELDS
 
 
 def build_providers(config: "Config") -> dict[str, Provider]:
@@ -32,6 +36,7 @@ def build_providers(config: "Config") -> dict[str, Provider]:
     out: dict[str, Provider] = {}
     pools: dict[tuple, SSHPool] = {}
     names: dict[str, str] = {}
+    catalog = None
     for name, pc in config.providers.items():
         if pc.type == "local":
             out[name] = LocalProvider(name, pc.options, runs_root=Path(config.paths.runs_dir))
@@ -40,6 +45,17 @@ def build_providers(config: "Config") -> dict[str, Provider]:
             if key not in pools:  # one connection per host, shared by providers with the same settings
                 pools[key] = SSHPool(KnownHosts(config.paths.data_dir / "known_hosts", key[0]), connect_timeout=key[1])
             out[name] = SSHProvider(name, pc.options, pool=pools[key])
+        elif pc.type in CLOUD_TYPES:
+            from ..catalog import Catalog
+            from .cloud import CloudProvider
+
+            key = ("accept-new", float(pc.options["connect_timeout"]))
+            if key not in pools:
+                pools[key] = SSHPool(KnownHosts(config.paths.data_dir / "known_hosts", key[0]), connect_timeout=key[1])
+            if catalog is None:
+                catalog = Catalog.load(config.paths.data_dir / "catalog.json")
+            out[name] = CloudProvider(name, pc.options, ptype=pc.type, pool=pools[key], catalog=catalog)
+            continue  # its instances come and go: names are checked when one is launched
         else:  # the config loader already refused unknown types; this guards direct callers
             raise ProviderError(f"Unknown provider type {pc.type!r} for provider {name!r}.")
         for inst in _instance_names(out[name], pc):

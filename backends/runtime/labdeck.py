@@ -80,7 +80,7 @@ import sys
 import threading
 import time
 
-__all__ = ["log", "config", "use", "flush", "run_id", "dropped", "lost"]
+__all__ = ["log", "config", "use", "checkpoint", "resume_from", "flush", "run_id", "dropped", "lost"]
 __version__ = "1"
 
 FLUSH_INTERVAL_S = 0.1  # the writer thread's period
@@ -158,6 +158,24 @@ def config(params):
         _line({"t": _time(), "config": params})
     except Exception:
         pass
+
+
+def checkpoint(path, step=None):
+    """Declare ``path`` (relative to the run directory, or absolute) this run's latest checkpoint.
+
+    labdeck copies it off the instance as the run goes, so a run whose spot instance is taken
+    away can be relaunched from it (``resume_from()`` in the new run). Never raises."""
+    try:
+        p = os.path.abspath(os.fspath(path))
+        _line({"t": _time(), "checkpoint": {"path": p, "step": step}})
+        flush()
+    except Exception:
+        pass
+
+
+def resume_from():
+    """The checkpoint to resume from when this run relaunches a preempted one, else None."""
+    return os.environ.get("LABDECK_RESUME_FROM") or None
 
 
 def use(run_id, path):

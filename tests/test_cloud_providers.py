@@ -1,0 +1,220 @@
+"""DigitalOcean, Linode and OpenStack through libcloud's real drivers, against local servers that
+answer those APIs' recorded shapes (tests/cloudfakes.py), with the SSH rig's nodes standing in for
+the VMs: the whole lifecycle, and the error paths (credentials, quota, a size the region does not
+offer, no answer, a launch that fails half-way) with nothing left at the provider."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from backends import autostop, clouds
+from backends.config import load_config
+from backends.errors import ProviderError
+from backends.paths import Paths
+from backends.workstation import Workstation
+from tests.cloudfakes import FakeDigitalOcean, FakeLinode, FakeOpenStack
+
+KINDS = {
+    # kind: (fake class, provider options, GPU size, its summary, its $/hr, where the price comes from)
+    "digitalocean": (FakeDigitalOcean, {"region": "nyc2", "image": "gpu-h100x1-base"}, "gpu-h100x1-80gb", "1× H100",
+                     3.39, "provider API"),
+    "linode": (FakeLinode, {"region": "us-east"}, "g1-gpu-rtx6000-1", "1× RTX 6000", 1.5, "provider API"),
+    "openstack": (FakeOpenStack, {"region": "RegionOne", "image": "Ubuntu 22.04"}, "g1.a100.1", "1× A100", 2.2,
+                  "catalog"),
+}
+
+
+def credentials(monkeypatch, kind: str, fake, token: str | None = None) -> None:
+    token = token or fake.token
+    if kind == "digitalocean":
+        monkeypatch.setenv("DIGITALOCEAN_TOKEN", token)
+    elif kind == "linode":
+        monkeypatch.setenv("LINODE_TOKEN", token)
+    else:
+        monkeypatch.setenv("OS_AUTH_URL", f"{fake.url}/identity")
+        monkeypatch.setenv("OS_USERNAME", fake.username)
+        monkeypatch.setenv("OS_PASSWORD", token)
+        monkeypatch.setenv("OS_PROJECT_NAME", fake.project)
+
+
+def make_ws(home: Path, kind: str, fake, *, rig=None, key: Path | None = None, **opts) -> Workstation:
+    values: dict = {"type": kind, "poll_seconds": 0.1, "api_timeout": 5, "ssh_timeout": 20, "connect_timeout": 3,
+                    **KINDS[kind][1]}
+    if kind != "openstack":
+        values["endpoint"] = fake.url
+    if rig is not None:
+        cfg = home / "ssh_config"
+        cfg.write_text(f"Host jump\n    HostName {rig.jump.addr}\n    User {rig.jump.user}\n    IdentityFile {rig.client_key}\n\n"
+                       f"Host gpu1\n    User {rig.host('node1').user}\n")
+        values.update(ssh_key=str(rig.client_key), ssh_user="", jump=["jump"], ssh_config=str(cfg))
+    elif key is not None:
+        values["ssh_key"] = str(key)
+    values.update(opts)
+    text = f"[providers.{kind}]\n" + "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
+                                             for k, v in values.items())
+    (home / "config.toml").write_text(text)
+    return Workstation(load_config(Paths.resolve(home)))
+
+
+@pytest.fixture
+def keypair(tmp_path):
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
+    return tmp_path / "id"
+
+
+def leftovers(fake) -> dict:
+    """What labdeck made that is still at the provider."""
+    nodes = {k: v for k, v in fake.nodes.items()}
+    fws = {k: v for k, v in fake.firewalls.items()
+           if "labdeck" in json.dumps(v) and (not isinstance(v, dict) or v.get("name") != "default")}
+    keys = {k: v for k, v in fake.keys.items() if "labdeck" in json.dumps(v)}
+    return {"nodes": nodes, "firewalls": fws, "keys": keys}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path) -> None:
+    rig = fresh_rig
+    cls, _, size, gpus, price, source = KINDS[kind]
+    with cls(ip_pool=(rig.host("node1").addr,), boot_polls=2) as fake:
+        credentials(monkeypatch, kind, fake)
+        ws = make_ws(home, kind, fake, rig=rig)
+        stages: list[str] = []
+        try:
+            sizes = {s.id: s for s in await ws.providers[kind].sizes()}
+            assert sizes[size].gpu_summary == gpus and sizes[size].price_per_hour == pytest.approx(price)
+            assert sizes[size].price_source == source
+
+            inst = await clouds.up(ws, kind, "gpu1", size=size, autostop_minutes=20,
+                                   progress=lambda s, d: stages.append(s))
+            assert "provisioning" in stages and stages.index("ssh") < stages.index("bootstrap") < stages.index("ready")
+            assert inst.host == rig.host("node1").addr
+
+            listing = await ws.list_instances()
+            gpu1 = next(i for i in listing.instances if i.name == "gpu1")
+            assert gpu1.managed and gpu1.created_by == ws.user and gpu1.gpu_summary == gpus
+            assert gpu1.price_per_hour == pytest.approx(price)
+            # a firewall that lets only SSH in, from the jump host
+            (fw,) = leftovers(fake)["firewalls"].values()
+            text = json.dumps(fw)
+            assert f"{rig.jump.addr}/32" in text and ('"22"' in text or '"port_range_min": 22' in text)
+
+            transport = await ws.transport("gpu1")
+            state = await autostop.read_state(transport)
+            assert state is None or state.get("idle_minutes") == 20 or state.get("starting")
+            proj = tmp_path / "proj"
+            proj.mkdir()
+            (proj / "hi.py").write_text("print('hi from', __import__('socket').gethostname())\n")
+            run = await ws.launch(f"{rig.python} hi.py", instance="gpu1", workdir=str(proj))
+            for _ in range(100):
+                await ws.refresh_runs()
+                run = ws.store.find_run(run.id)
+                if run.run_state.is_final:
+                    break
+                await asyncio.sleep(0.1)
+            assert run.state == "succeeded" and run.instance_info["provider_type"] == kind
+
+            await clouds.stop(ws, "gpu1")
+            listing = await ws.list_instances()
+            assert next(i for i in listing.instances if i.name == "gpu1").state == "stopped"
+            assert not listing.events
+            await clouds.start(ws, "gpu1")
+            listing = await ws.list_instances()
+            assert next(i for i in listing.instances if i.name == "gpu1").state in ("running", "pending")
+            await clouds.terminate(ws, "gpu1")
+            left = leftovers(fake)
+            assert left["nodes"] == {} and left["firewalls"] == {}
+            rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
+            assert rec["state"] == "terminated" and len(rec["billed"]) == 2
+        finally:
+            await ws.close()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_error_paths(kind, home, monkeypatch, keypair) -> None:
+    cls, _, size, *_ = KINDS[kind]
+    with cls(ip_pool=("198.18.255.254",)) as fake:
+        # bad credentials
+        credentials(monkeypatch, kind, fake, token="wrong-token")
+        ws = make_ws(home, kind, fake, key=keypair)
+        try:
+            listing = await ws.list_instances()
+            assert "credentials were refused" in listing.errors[kind], listing.errors
+        finally:
+            await ws.close()
+
+        credentials(monkeypatch, kind, fake)
+        ws = make_ws(home, kind, fake, key=keypair, ssh_timeout=1.0, connect_timeout=0.4)
+        try:
+            # quota
+            fake.fail_next("create_node", "quota")
+            with pytest.raises(ProviderError, match="over the account's quota"):
+                await clouds.up(ws, kind, "gpu1", size=size)
+            assert leftovers(fake) == {"nodes": {}, "firewalls": {}, "keys": {}}
+
+            # a size the region does not offer
+            if kind == "digitalocean":
+                with pytest.raises(ProviderError, match="not offered in region sfo3"):
+                    ws.providers[kind].region = ws.providers[kind].api.region = "sfo3"
+                    await clouds.up(ws, kind, "gpu2", size=size)
+                ws.providers[kind].region = ws.providers[kind].api.region = "nyc2"
+            elif kind == "linode":
+                ws.providers[kind].region = ws.providers[kind].api.region = "eu-west"
+                with pytest.raises(ProviderError, match="not available there"):
+                    await clouds.up(ws, kind, "gpu2", size=size)
+                ws.providers[kind].region = ws.providers[kind].api.region = "us-east"
+            else:
+                fake.sold_out.add(size)  # nova accepts it, then the server goes to ERROR: no valid host
+                with pytest.raises(ProviderError, match="not available there"):
+                    await clouds.up(ws, kind, "gpu2", size=size)
+                fake.sold_out.clear()
+            assert leftovers(fake) == {"nodes": {}, "firewalls": {}, "keys": {}}
+            with pytest.raises(ProviderError, match="is not offered"):
+                await clouds.up(ws, kind, "gpu2", size="no-such-size")
+
+            # half-finished: the instance runs, SSH never answers → everything it made is deleted
+            with pytest.raises(ProviderError, match="no SSH on gpu3") as err:
+                await clouds.up(ws, kind, "gpu3", size=size)
+            assert "Cleaned up" in str(err.value)
+            assert leftovers(fake) == {"nodes": {}, "firewalls": {}, "keys": {}}
+            assert all(r["state"] == "failed" for r in clouds.records(ws, team=False))
+
+            # the API does not answer
+            fake.delay = 2.0
+            ws.providers[kind].options["api_timeout"] = 0.5
+            t0 = time.monotonic()
+            listing = await ws.list_instances()
+            assert time.monotonic() - t0 < 1.8
+            assert "did not answer" in listing.errors[kind]
+            fake.delay = 0
+        finally:
+            await ws.close()
+
+
+async def test_preempted_droplet_turns_its_runs_preempted(home, fresh_rig, monkeypatch, tmp_path) -> None:
+    """The provider removes an instance (not labdeck, not autostop): its runs become ``preempted``."""
+    rig = fresh_rig
+    with FakeDigitalOcean(ip_pool=(rig.host("node1").addr,)) as fake:
+        credentials(monkeypatch, "digitalocean", fake)
+        ws = make_ws(home, "digitalocean", fake, rig=rig, autostop_minutes=0)
+        try:
+            inst = await clouds.up(ws, "digitalocean", "gpu1", size="gpu-h100x1-80gb")
+            proj = tmp_path / "p"
+            proj.mkdir()
+            run = await ws.launch("sleep 30", instance="gpu1", workdir=str(proj))
+            fake.remove_node(inst.cloud_id)
+            listing = await ws.list_instances()
+            assert any("gpu1" in e and "taken by the provider" in e for e in listing.events)
+            assert any("1 run(s) preempted" in e for e in listing.events)
+            run = ws.store.find_run(run.id)
+            assert run.state == "preempted"
+            rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
+            assert rec["state"] == "preempted" and rec["running_since"] is None
+        finally:
+            await ws.close()
