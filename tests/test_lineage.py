@@ -248,8 +248,9 @@ async def test_lineage_jumps_and_tag_prompt(tmp_path: Path) -> None:
         assert app.query_one("TabbedContent").active == "monitor"
         tab = app.query_one(MonitorTab)
         assert tab.selected and tab.selected[0] == _id(600, 1)
-        await pilot.press("i")  # next instance (only `local` here: stays)
         assert tab.instance == "local"
+        await pilot.press("i")  # next running instance: the demo's first cloud instance
+        assert tab.instance == "a100-sweep"
         await pilot.press("4", "l")  # the log of the highlighted run (its instance copy is absent: still opens)
         await settle(pilot)
         assert isinstance(app.screen, LogScreen) or any("log" in n.message.lower() for n in app._notifications)

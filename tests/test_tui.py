@@ -55,7 +55,7 @@ async def test_instances_tab_lists_local_with_its_size(demo) -> None:
         table = demo.query_one("#instances-table", DataTable)
         row = [str(c) for c in table.get_row_at(0)]
         assert row[:6] == ["local", "local", "running", "–", "16 vCPU · 64 GiB", "1× NVIDIA A100 80GB"]
-        assert row[7] == "2d04h"  # uptime from the fixed clock
+        assert row[10] == "2d04h"  # uptime from the fixed clock
 
 
 async def test_fresh_install_says_what_to_do(tmp_path: Path) -> None:
@@ -296,7 +296,7 @@ async def test_worker_errors_become_notifications(demo) -> None:
     async with demo.run_test(size=SIZE) as pilot:
         await settle(pilot)
 
-        async def boom():
+        async def boom(**_):
             raise ProviderError("the API key was rejected", "Check your credentials file.")
 
         demo.workstation.list_instances = boom

@@ -155,7 +155,28 @@ class LabdeckApp(App[None]):
     # ---- workers (backend calls) ---------------------------------------
     @work(exclusive=True, group="instances", exit_on_error=False)
     async def load_instances(self) -> None:
-        self.post_message(InstancesLoaded(await self.workstation.list_instances()))
+        from backends import clouds
+
+        ws = self.workstation
+        listing = await ws.list_instances(on_partial=lambda part: self.post_message(InstancesLoaded(part, partial=True)))
+        if clouds.cloud_providers(ws):
+            await clouds.poll_autostop(ws, listing.instances)
+            clouds.enrich(ws, listing.instances, now=self.now())
+            sp = clouds.current_spend(ws, now=self.now())
+            daily = float(ws.config.get("budget", "daily_usd"))
+            outside = sum(i.price_per_hour for i in listing.instances
+                          if not i.managed and i.state == "running" and i.provider_type not in ("local", "ssh"))
+            self.instances_tab.burn_text = (
+                f"Burn: you ${sp.burn_user:.2f}/h · team ${sp.burn_team + outside:.2f}/h"
+                + (f" (${outside:.2f}/h not launched by labdeck)" if outside else "")
+                + f" · today you ${sp.today_user:.2f}" + (f" of ${daily:.2f} budget" if daily else "")
+                + f" · team ${sp.today_team:.2f}")
+        for e in listing.events:
+            self.notify(e, severity="warning", timeout=15)
+        for e in ws.background_errors:
+            self.notify(e, severity="error", timeout=15)
+        ws.background_errors.clear()
+        self.post_message(InstancesLoaded(listing))
 
     @work(exclusive=True, group="runs", exit_on_error=False)
     async def load_runs(self) -> None:
@@ -356,6 +377,8 @@ class LabdeckApp(App[None]):
     # ---- messages --------------------------------------------------------
     def on_instances_loaded(self, message: InstancesLoaded) -> None:
         self.instances_tab.show_instances(message.listing)
+        if message.partial:
+            return
         self.query_one(MonitorTab).show_instances([i.name for i in message.listing.instances if i.state == "running"])
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
@@ -678,6 +701,83 @@ class LabdeckApp(App[None]):
         new = await self.workstation.rerun(run.id)
         self.post_message(RunLaunched(new))
 
+    # ---- clouds ------------------------------------------------------------
+    def open_up_form(self) -> None:
+        from backends import clouds
+
+        from .forms import UpScreen
+
+        ws = self.workstation
+        provs = clouds.cloud_providers(ws)
+        if not provs:
+            self.notify('No cloud provider is configured: add one, e.g. [providers.aws] type = "ec2" '
+                        f"in {ws.config.file}.", severity="warning", timeout=10)
+            return
+        sp = clouds.current_spend(ws, now=self.now())
+        daily = float(ws.config.get("budget", "daily_usd"))
+        line = (f"Today you spent ${sp.today_user:.2f}" + (f" of your ${daily:.2f} budget" if daily else "")
+                + f"; you burn ${sp.burn_user:.2f}/h now.")
+
+        def answer(req) -> None:
+            if req is not None:
+                self.cloud_up(req)
+
+        self.push_screen(UpScreen(provs, budget_line=line, taken={i.name for i in self.instances_tab.listing.instances}),
+                         answer)
+
+    @work(group="cloud-up", exit_on_error=False)
+    async def cloud_up(self, req) -> None:
+        from backends import clouds
+
+        tab = self.instances_tab
+
+        def say(stage: str, detail: str) -> None:
+            tab.show_progress(f"⏳ {req.name}: {stage} · {detail}")
+            if stage in ("budget",):
+                self.notify(detail, severity="warning", timeout=10)
+
+        try:
+            inst = await clouds.up(self.workstation, req.provider, req.name, size=req.size, image=req.image,
+                                   spot=req.spot, autostop_minutes=req.autostop_minutes,
+                                   autostop_action=req.autostop_action, progress=say)
+        finally:
+            tab.show_progress("")
+        self.notify(f"{inst.name} is up at {inst.host} ({inst.size}, ${inst.price_per_hour:.3f}/h).", timeout=8)
+        self.load_instances()
+
+    def confirm_lifecycle(self, verb: str, inst) -> None:
+        owner = f" It was launched by {inst.created_by}." if inst.created_by and inst.created_by != self.workstation.user else ""
+        force = not inst.managed
+        if verb == "start":
+            if force:
+                self.notify(f"{inst.name} was not launched by labdeck: start it with `labdeck start --force`.",
+                            severity="warning")
+                return
+            self.cloud_lifecycle(verb, inst.name, False)
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.cloud_lifecycle(verb, inst.name, force)
+
+        detail = (f"{inst.size} · {inst.gpu_summary} · ${inst.price_per_hour:.3f}/h · {inst.provider}.{owner}"
+                  + (" It was NOT launched by labdeck." if force else "")
+                  + (" Its disk is deleted." if verb == "terminate" else " Its disk is kept."))
+        self.push_screen(ConfirmScreen(f"{verb.capitalize()} {inst.name}?", detail, yes_label=verb.capitalize()), answer)
+
+    @work(group="cloud-lifecycle", exit_on_error=False)
+    async def cloud_lifecycle(self, verb: str, name: str, force: bool) -> None:
+        from backends import clouds
+
+        self.instances_tab.show_progress(f"⏳ {verb} {name}…")
+        try:
+            fn = {"stop": clouds.stop, "start": clouds.start, "terminate": clouds.terminate}[verb]
+            await fn(self.workstation, name, force=force)
+        finally:
+            self.instances_tab.show_progress("")
+        self.notify(f"{name}: {verb} done.")
+        self.load_instances()
+
     def confirm_cancel(self, run: Run) -> None:
         if run.user != self.workstation.user:
             self.notify(f"{run.display_name} belongs to {run.user}; only its owner can cancel it.", severity="warning")
@@ -701,10 +801,11 @@ def all_binding_ids() -> set[str]:
     from .widgets import ConfirmScreen, HelpScreen, LineInput, LogScreen
 
     ids = set()
+    from .forms import UpScreen
     from .widgets import CompareScreen
 
     for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
-                CompareScreen, TryModelScreen, InfoScreen):
+                CompareScreen, TryModelScreen, InfoScreen, UpScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

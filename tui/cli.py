@@ -8,19 +8,16 @@ line and leave the traceback in the log file.
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import sys
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.markup import escape
 from rich.text import Text
 
+from backends import clouds
 from backends.config import load_config
 from backends.errors import LabdeckError
 from backends.paths import Paths
@@ -29,67 +26,7 @@ from backends.workstation import Workstation
 
 from .format import duration, money, short_id, since, state_markup
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _log_file(paths: Paths) -> Path:
-    return paths.log_dir / "labdeck.log"
-
-
-def _setup_logging(paths: Paths) -> None:
-    try:
-        paths.log_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(_log_file(paths))
-    except OSError:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("labdeck")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False  # never onto the terminal
-
-
-def fit_table(t: Table, cols: tuple[str, ...], rows: list[tuple[str, ...]], flexible: set[str]) -> Table:
-    """Columns not in ``flexible`` keep their full width; the flexible ones fold to fit the terminal."""
-    for n, col in enumerate(cols):
-        width = max([len(col)] + [len(Text.from_markup(r[n]).plain) for r in rows])
-        t.add_column(col, min_width=None if col in flexible else width, overflow="fold")
-    for r in rows:
-        t.add_row(*r)
-    return t
-
-
-def friendly(fn):
-    """Run a command; turn errors into a message and exit code 1 instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LabdeckError as e:
-            err_console.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
-            if e.hint:
-                err_console.print(f"[dim]{escape(e.hint)}[/]", highlight=False)
-            sys.exit(1)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit, KeyboardInterrupt):
-            raise
-        except Exception as e:  # a bug: one line for the user, the traceback for us
-            paths = Paths.resolve()
-            if not logging.getLogger("labdeck").handlers:
-                _setup_logging(paths)
-            logging.getLogger("labdeck").error("unexpected error\n%s", traceback.format_exc())
-            err_console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
-            err_console.print(f"[dim]Details are in {_log_file(paths)}. Please report it.[/]", highlight=False)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _workstation() -> Workstation:
-    paths = Paths.resolve()
-    _setup_logging(paths)
-    return Workstation(load_config(paths))
+from .cliutil import _log_file, _setup_logging, _workstation, console, err_console, fit_table, friendly  # noqa: E402,F401
 
 
 def _check_keys(ws: Workstation) -> None:
@@ -138,15 +75,32 @@ def ls_cmd() -> None:
     listing = asyncio.run(ws.list_instances())
     now = datetime.now(timezone.utc)
     t = Table(title="instances", title_justify="left")
+    clouded = any(i.size for i in listing.instances) or bool(clouds.cloud_providers(ws))
+    if clouded:
+        asyncio.run(_autostop_poll(ws, listing))
     rows = []
     for i in listing.instances:
-        rows.append((i.name, i.provider, state_markup(i.state),
-                  f"{i.latency_ms:.0f} ms" if i.latency_ms is not None else "–", i.size_summary if i.vcpus else "–",
-                  i.gpu_summary, money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host))
+        row = (i.name, i.provider, state_markup(i.state),
+               f"{i.latency_ms:.0f} ms" if i.latency_ms is not None else "–",
+               (i.size + (" spot" if i.spot else "")) if i.size else (i.size_summary if i.vcpus else "–"),
+               i.gpu_summary, money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host)
+        if clouded:
+            row += (f"${i.cost:.2f}" if i.cost is not None else "–", i.autostop or "–", i.created_by or "–")
+        rows.append(row)
     cols = ("name", "provider", "state", "ping", "size", "GPUs", "$/hr", "uptime", "host")
+    if clouded:
+        cols += ("cost", "autostop", "owner")
     if console.width < 110:  # a narrow terminal: the address is the column to give up
-        cols, rows = cols[:-1], [r[:-1] for r in rows]
+        drop = cols.index("host")
+        cols, rows = cols[:drop] + cols[drop + 1:], [r[:drop] + r[drop + 1:] for r in rows]
     console.print(fit_table(t, cols, rows, flexible={"size", "GPUs", "host"}))
+    if clouded:
+        sp = clouds.current_spend(ws)
+        daily = float(ws.config.get("budget", "daily_usd"))
+        console.print(f"[dim]burn: you {money(sp.burn_user)}/h · team {money(sp.burn_team)}/h · today you "
+                      f"${sp.today_user:.2f}{f' of ${daily:.2f}' if daily else ''}[/]", highlight=False)
+    for e in listing.events:
+        err_console.print(f"[yellow]•[/] {e}", highlight=False)
     for e in listing.errors.values():
         err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
     for i in listing.instances:
@@ -154,6 +108,11 @@ def ls_cmd() -> None:
             err_console.print(f"[bold red]⚠[/] {i.name}: {i.note}", highlight=False)
     if listing.errors:
         sys.exit(1)
+
+
+async def _autostop_poll(ws: Workstation, listing) -> None:
+    await clouds.poll_autostop(ws, listing.instances, max_age=0)
+    clouds.enrich(ws, listing.instances)
 
 
 @cli.command("config")
@@ -800,6 +759,12 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
         raise LabdeckError(f"Cannot fetch {model} of {r.display_name}: {e}", "Is its instance reachable?") from None
     for p in export_k8s(r, k8s_dir, data, model=model, image=image, port=port):
         console.print(str(p), highlight=False)
+
+
+from .cloudcli import COMMANDS as _CLOUD_COMMANDS  # noqa: E402
+
+for _command in _CLOUD_COMMANDS:  # up, stop, start, down, sizes, catalog, spend
+    cli.add_command(_command)
 
 
 def main() -> None:

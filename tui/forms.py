@@ -6,7 +6,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -111,5 +111,143 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
         self.action_submit()
 
     @on(Button.Pressed, "#launch-cancel")
+    def cancel_pressed(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass
+class UpRequest:
+    provider: str
+    name: str
+    size: str
+    image: str
+    spot: bool
+    autostop_minutes: float
+    autostop_action: str
+
+
+class UpScreen(ModalScreen[UpRequest | None]):
+    """Launch a cloud instance: provider, name, size (GPUs, $/hr), image, spot, autostop (Instances, `u`)."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel", id="up.cancel"),
+        Binding("ctrl+s", "submit", "Launch", id="up.submit", tooltip="Launch the instance"),
+    ]
+
+    def __init__(self, providers: dict, *, budget_line: str = "", taken: set[str] | None = None) -> None:
+        super().__init__()
+        self.providers = providers  # name -> CloudProvider
+        self.budget_line = budget_line
+        self.taken = taken or set()
+        self.sizes: dict[str, list] = {}
+
+    def compose(self) -> ComposeResult:
+        first = next(iter(self.providers))
+        p = self.providers[first]
+        with Vertical(id="launch-dialog"):
+            yield Label("Launch a cloud instance", id="launch-title")
+            yield Label("Provider")
+            yield Select([(f"{n} ({q.type}, {q.region})", n) for n, q in self.providers.items()], value=first,
+                         allow_blank=False, id="up-provider")
+            yield Label("Name (lowercase letters, digits, '-')")
+            yield Input(self._free_name(), id="up-name")
+            yield Label("Size")
+            yield Select([(str(p.options["size"]), str(p.options["size"]))], value=str(p.options["size"]),
+                         allow_blank=False, id="up-size")
+            yield Label("Image ('' = the provider's GPU-ready default)")
+            yield Input("", placeholder=str(p.options["image"]), id="up-image")
+            with Horizontal(id="up-row"):
+                yield Checkbox("Spot (EC2)", False, id="up-spot", tooltip="Cheaper; the provider can take it back")
+                yield Label("  Autostop after idle minutes ")
+                yield Input(f"{float(p.options['autostop_minutes']):g}", id="up-autostop", classes="short")
+                yield Select([("stop", "stop"), ("terminate", "terminate")], value=str(p.options["autostop_action"]),
+                             allow_blank=False, id="up-action")
+            yield Static(self.budget_line, id="up-budget")
+            yield Static("", id="launch-error", classes="errors")
+            with Horizontal(id="launch-buttons"):
+                yield Button("Launch (ctrl+s)", variant="primary", id="up-start")
+                yield Button("Cancel (esc)", id="up-cancel")
+
+    def _free_name(self) -> str:
+        n = 1
+        while f"gpu{n}" in self.taken:
+            n += 1
+        return f"gpu{n}"
+
+    def on_mount(self) -> None:
+        self.query_one("#up-name", Input).focus()
+        self.load_sizes(str(self.query_one("#up-provider", Select).value))
+
+    @on(Select.Changed, "#up-provider")
+    def provider_changed(self, event: Select.Changed) -> None:
+        p = self.providers[str(event.value)]
+        self.query_one("#up-image", Input).placeholder = str(p.options["image"])
+        self.query_one("#up-autostop", Input).value = f"{float(p.options['autostop_minutes']):g}"
+        self.load_sizes(str(event.value))
+
+    @work(group="up-sizes", exclusive=True, exit_on_error=False)
+    async def load_sizes(self, provider: str) -> None:
+        from backends.errors import LabdeckError
+
+        p = self.providers[provider]
+        try:
+            sizes = await p.sizes()
+        except LabdeckError as e:
+            self._error(f"Sizes of {provider}: {e}")
+            return
+        gpu = [s for s in sizes if s.gpus] or sizes
+        gpu.sort(key=lambda s: (s.price_per_hour is None, s.price_per_hour or 0, s.id))
+        options = [(f"{s.id} · {s.gpu_summary} · {s.vcpus} vCPU · {s.ram_mib / 1024:.0f} GiB · "
+                    + (f"${s.price_per_hour:.3f}/h" if s.price_per_hour is not None else "price ?"), s.id)
+                   for s in gpu[:200]]
+        sel = self.query_one("#up-size", Select)
+        default = str(p.options["size"])
+        sel.set_options(options)
+        if any(v == default for _, v in options):
+            sel.value = default
+
+    def _error(self, text: str) -> None:
+        self.query_one("#launch-error", Static).update(text)
+
+    def action_submit(self) -> None:
+        import re
+
+        name = self.query_one("#up-name", Input).value.strip()
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,38}[a-z0-9]", name):
+            self._error("Name: 2-40 lowercase letters, digits and '-', starting with a letter.")
+            self.query_one("#up-name", Input).focus()
+            return
+        if name in self.taken:
+            self._error(f"There is already an instance named {name}.")
+            return
+        try:
+            minutes = float(self.query_one("#up-autostop", Input).value or 0)
+            if minutes < 0:
+                raise ValueError
+        except ValueError:
+            self._error("Autostop: a number of minutes (0 = never).")
+            self.query_one("#up-autostop", Input).focus()
+            return
+        provider = str(self.query_one("#up-provider", Select).value)
+        spot = self.query_one("#up-spot", Checkbox).value
+        if spot and self.providers[provider].type != "ec2":
+            self._error(f"Spot instances: EC2 only ({provider} is {self.providers[provider].type}).")
+            return
+        self.dismiss(UpRequest(provider, name, str(self.query_one("#up-size", Select).value),
+                               self.query_one("#up-image", Input).value.strip(), spot, minutes,
+                               str(self.query_one("#up-action", Select).value)))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Input.Submitted)
+    def submitted(self) -> None:
+        self.action_submit()
+
+    @on(Button.Pressed, "#up-start")
+    def start_pressed(self) -> None:
+        self.action_submit()
+
+    @on(Button.Pressed, "#up-cancel")
     def cancel_pressed(self) -> None:
         self.dismiss(None)

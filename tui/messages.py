@@ -14,6 +14,7 @@ from backends.workstation import InstanceListing
 @dataclass
 class InstancesLoaded(Message):
     listing: InstanceListing
+    partial: bool = False  # more providers have yet to answer
 
 
 @dataclass

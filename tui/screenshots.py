@@ -121,7 +121,91 @@ def demo_workstation(home: Path = DEMO_HOME, *, with_runs: bool = True) -> Works
             (store.mine if d.user == "alice" else Store(config.team_dir, d.user).mine).put(d.TABLE, d.id, d.to_dict())
     providers = {"local": LocalProvider("local", config.providers["local"].options, runs_root=paths.runs_dir,
                                         facts=lambda: dict(FACTS))}
-    return Workstation(config, store=store, providers=providers)
+    if with_runs:
+        providers["aws"] = DemoCloud("aws", ptype="ec2", pool=None)  # type: ignore[arg-type]
+        for rec in demo_cloud_records():
+            (store.mine if rec["created_by"] == "alice" else Store(config.team_dir, rec["created_by"]).mine).put(
+                "instances", rec["id"], rec)
+    ws = Workstation(config, store=store, providers=providers)
+    ws.autostop_states.update(demo_autostop())
+    return ws
+
+
+def _cloud_opts(ptype: str) -> dict:
+    from backends.providers.cloud import config_fields
+
+    return {k: f.default for k, f in config_fields(ptype).items()}
+
+
+def demo_cloud_instances() -> list:
+    from backends.models import Instance
+
+    def inst(name, size, gpus, gpu, vcpus, ram, price, owner, lid, state="running", spot=False, started=None):
+        return Instance(id=lid or f"aws/i-{name}", name=name, provider="aws", provider_type="ec2", state=state,
+                        host="10.20.0.%d" % (len(name) + 10) if state == "running" else "", vcpus=vcpus,
+                        memory_mib=ram * 1024, gpus=[{"index": i, "name": gpu, "memory_total_mib": 0} for i in range(gpus)],
+                        price_per_hour=price, started_at=started, created_by=owner, size=size, region="us-east-1",
+                        spot=spot, managed=bool(lid), labdeck_id=lid, cloud_id=f"i-0{abs(hash(name)) % 10**8:08d}",
+                        price_source="libcloud pricing",
+                        note="" if lid else "made outside labdeck: listed, never changed unless forced")
+
+    return [inst("a100-sweep", "p4d.24xlarge", 8, "A100", 96, 1152, 32.7726, "alice", _id(130, 95),
+                 started=_iso(NOW - timedelta(minutes=130))),
+            inst("t4-dev", "g4dn.xlarge", 1, "T4", 4, 16, 0.526, "alice", _id(50, 96), spot=True,
+                 started=_iso(NOW - timedelta(minutes=50))),
+            inst("bob-l4", "g6.xlarge", 1, "L4", 4, 16, 0.8048, "bob", _id(300, 97), state="stopped"),
+            inst("legacy-box", "p3.2xlarge", 1, "V100", 8, 61, 3.06, "", "", started=_iso(NOW - timedelta(days=3)))]
+
+
+def demo_cloud_records() -> list[dict]:
+    out = []
+    for i in demo_cloud_instances():
+        if not i.labdeck_id:
+            continue
+        running = i.state == "running"
+        start = NOW - timedelta(minutes={"a100-sweep": 130, "t4-dev": 50, "bob-l4": 300}[i.name])
+        out.append({"id": i.labdeck_id, "name": i.name, "provider": "aws", "provider_type": "ec2", "size": i.size,
+                    "region": "us-east-1", "spot": i.spot, "price_per_hour": i.price_per_hour, "created_by": i.created_by,
+                    "created_at": _iso(start), "state": i.state, "desired": i.state,
+                    "running_since": _iso(start) if running else None,
+                    "billed": [] if running else [[_iso(start), _iso(start + timedelta(minutes=95))]],
+                    "autostop_minutes": 30, "autostop_action": "stop", "cloud_id": i.cloud_id})
+    return out
+
+
+def demo_autostop() -> dict:
+    import time
+
+    return {"a100-sweep": (time.monotonic() + 3600, {"enabled": True, "idle_since": None, "deadline": None,
+                                                    "busy": ["job 01KMZ0"], "interval": 30,
+                                                    "updated_at": _iso(NOW - timedelta(seconds=5))}),
+            "t4-dev": (time.monotonic() + 3600, {"enabled": True, "idle_since": _iso(NOW - timedelta(minutes=18)),
+                                                "deadline": _iso(NOW + timedelta(minutes=12)), "action": "stop",
+                                                "busy": [], "interval": 30, "updated_at": _iso(NOW - timedelta(seconds=5))})}
+
+
+class DemoCloud:
+    """The screenshots' EC2 account: fixed instances, no API calls (a demo state, like ``FACTS``)."""
+
+    def __new__(cls, name: str, *, ptype: str, pool=None):
+        from backends.catalog import Catalog
+        from backends.errors import ProviderError
+        from backends.providers.cloud import CloudProvider
+
+        class _Demo(CloudProvider):
+            async def list_instances(self):
+                out = demo_cloud_instances()
+                for inst in out:
+                    self._instances[inst.name] = inst
+                return out
+
+            def transport(self, instance):
+                raise ProviderError("demo instances have no SSH")
+
+            async def close(self):
+                pass
+
+        return _Demo(name, _cloud_opts(ptype), ptype=ptype, pool=pool, catalog=Catalog.load(), env={})
 
 
 def demo_samples(n: int = 120) -> list[dict]:
@@ -207,6 +291,7 @@ SHOTS = [
     ("monitor", True, ["3"]),
     ("lineage", True, ["4", "enter", "down", "enter", "down"]),
     ("models", True, ["5"]),
+    ("launch-cloud", True, ["1", "u", "tab", "tab"]),
     ("jobs-filtered", True, ["2", "slash", *"bob"]),
     ("help", True, ["2", "question_mark"]),
 ]

@@ -14,7 +14,19 @@ from ..format import STATE_STYLE, money, since
 from ..widgets import matches, sync_table
 from . import TabView
 
-COLUMNS = ("Name", "Provider", "State", "Ping", "Size", "GPUs", "$/hr", "Uptime", "Host")
+COLUMNS = ("Name", "Provider", "State", "Ping", "Size", "GPUs", "$/hr", "Cost", "Autostop", "Owner", "Uptime", "Host")
+
+
+def short_autostop(text: str) -> Text:
+    """The autostop countdown, short enough for its column: "in 12m", "busy", "off", "stopping…"."""
+    if not text:
+        return Text("–")
+    for verb in ("stops in ", "terminates in "):
+        if text.startswith(verb):
+            return Text(("✕ " if verb.startswith("term") else "") + "in " + text[len(verb):], style="yellow")
+    if text.startswith("busy"):
+        return Text("busy", style="green")
+    return Text(text, style="red" if text in ("stale", "stopping…", "terminating…") else "dim")
 
 
 class InstancesTab(TabView):
@@ -22,23 +34,64 @@ class InstancesTab(TabView):
     TITLE = "Instances"
     BINDINGS = [
         Binding("N", "notebook", "Notebook", id="instances.notebook", tooltip="Jupyter on the selected instance"),
+        Binding("u", "up", "Launch", id="instances.up", tooltip="Launch a cloud GPU instance"),
+        Binding("s", "stop", "Stop", id="instances.stop", tooltip="Stop the selected cloud instance"),
+        Binding("o", "start", "Start", id="instances.start", tooltip="Start the selected stopped instance"),
+        Binding("D", "terminate", "Terminate", id="instances.terminate", tooltip="Terminate the selected cloud instance"),
     ]
 
-    def action_notebook(self) -> None:
+    def selected(self) -> Instance | None:
         table = self.query_one(DataTable)
         if not table.row_count:
-            return
+            return None
         name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        self.app.open_notebook(instance=name)
+        return next((i for i in self.listing.instances if i.name == name), None)
+
+    def action_notebook(self) -> None:
+        inst = self.selected()
+        if inst is not None:
+            self.app.open_notebook(instance=inst.name)
+
+    def action_up(self) -> None:
+        self.app.open_up_form()
+
+    def _lifecycle(self, verb: str) -> None:
+        inst = self.selected()
+        if inst is None:
+            self.app.notify("No instance selected.", severity="warning")
+            return
+        if inst.provider_type in ("local", "ssh"):
+            self.app.notify(f"{inst.name} is one of the team's own machines: labdeck does not {verb} it.",
+                            severity="warning")
+            return
+        self.app.confirm_lifecycle(verb, inst)
+
+    def action_stop(self) -> None:
+        self._lifecycle("stop")
+
+    def action_start(self) -> None:
+        self._lifecycle("start")
+
+    def action_terminate(self) -> None:
+        self._lifecycle("terminate")
 
     def __init__(self) -> None:
         super().__init__(id="instances-view")
         self.listing = InstanceListing([])
         self.runs: list[Run] = []
         self.loaded = False
+        self.burn_text = ""
+
+    def show_progress(self, text: str) -> None:
+        if self.is_mounted:
+            w = self.query_one("#instances-progress", Static)
+            w.update(text)
+            w.display = bool(text)
 
     def compose(self) -> ComposeResult:
+        yield Static("", id="instances-burn")
         yield DataTable(id="instances-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="instances-progress")
         yield Static("", id="instances-errors", classes="errors")
         yield Static("Looking for instances…", id="welcome", classes="welcome")
 
@@ -59,7 +112,10 @@ class InstancesTab(TabView):
         return (
             Text(inst.name, style="bold"), inst.provider, Text(inst.state, style=STATE_STYLE.get(inst.state, "")),
             f"{inst.latency_ms:.0f} ms" if inst.latency_ms is not None else "–",
-            inst.size_summary if inst.vcpus else "–", inst.gpu_summary, money(inst.price_per_hour),
+            (inst.size + (" spot" if inst.spot else "")) if inst.size else (inst.size_summary if inst.vcpus else "–"),
+            inst.gpu_summary, money(inst.price_per_hour),
+            f"${inst.cost:.2f}" if inst.cost is not None else "–", short_autostop(inst.autostop),
+            Text(inst.created_by or "–", style="" if inst.managed or inst.provider_type in ("local", "ssh") else "dim"),
             since(inst.started_at, now) if inst.state == "running" else "–", inst.host,
         )
 
@@ -69,8 +125,11 @@ class InstancesTab(TabView):
         rows = [(i.name, self.row(i)) for i in self.listing.instances]
         rows = [(k, cells) for k, cells in rows if matches(self.filter_text, cells)]
         sync_table(self.query_one(DataTable), rows)
-        problems = list(self.listing.errors.values()) + [
+        problems = list(self.listing.errors.values()) + list(getattr(self.listing, "events", [])) + [
             f"{i.name}: {i.note.splitlines()[0]}" for i in self.listing.instances if i.state == "unreachable" and i.note]
+        burn = self.query_one("#instances-burn", Static)
+        burn.update(self.burn_text)
+        burn.display = bool(self.burn_text)
         errors = self.query_one("#instances-errors", Static)
         errors.update("\n".join(f"⚠ {e}" for e in problems))
         errors.display = bool(problems)

@@ -1,0 +1,189 @@
+"""Cloud commands: up, stop, start, down, sizes, catalog, spend (registered on the `labdeck` group)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from backends import clouds
+from backends.errors import LabdeckError
+
+from .cliutil import _workstation, console, err_console, fit_table, friendly
+from .format import money
+
+
+def _progress():
+    t0 = time.monotonic()
+
+    def say(stage: str, detail: str) -> None:
+        style = "yellow" if stage in ("budget", "cleanup") else "cyan"
+        console.print(f"[dim]{time.monotonic() - t0:6.1f}s[/] [{style}]{stage:>12}[/] {escape(detail)}", highlight=False)
+
+    return say
+
+
+@click.command("up")
+@click.argument("name")
+@click.option("--provider", "-p", required=True, help="Cloud provider (a [providers.NAME] of type ec2, digitalocean, linode, openstack)")
+@click.option("--size", default="", help="Size, e.g. g5.xlarge (default: the provider's `size`)")
+@click.option("--image", default="", help="Image id, slug or name (default: the provider's GPU-ready image)")
+@click.option("--spot", is_flag=True, help="A spot instance (EC2): cheaper, can be taken back by the provider")
+@click.option("--autostop", "autostop_minutes", type=float, default=None, help="Idle minutes before it stops itself (0 = never)")
+@click.option("--autostop-action", type=click.Choice(["stop", "terminate"]), default=None)
+@click.option("--over-budget", is_flag=True, help="Launch even if it passes your daily budget")
+@friendly
+def up_cmd(name: str, provider: str, size: str, image: str, spot: bool, autostop_minutes: float | None,
+           autostop_action: str | None, over_budget: bool) -> None:
+    """Launch a cloud instance NAME, wait for SSH, bootstrap it (agent, autostop)."""
+    ws = _workstation()
+
+    async def go():
+        try:
+            return await clouds.up(ws, provider, name, size=size, image=image, spot=spot,
+                                   autostop_minutes=autostop_minutes, autostop_action=autostop_action,
+                                   progress=_progress(), force_budget=over_budget)
+        finally:
+            await ws.close()
+
+    inst = asyncio.run(go())
+    console.print(f"[green]✓[/] {inst.name} is running at {inst.host} ({inst.size}, {money(inst.price_per_hour)}/h). "
+                  f"Run on it: labdeck run --on {inst.name} -- python train.py", highlight=False)
+
+
+def _lifecycle(verb: str, name: str, force: bool, yes: bool, fn) -> None:
+    ws = _workstation()
+
+    async def go():
+        try:
+            listing = await ws.list_instances()
+            inst = next((i for i in listing.instances if i.name == name), None)
+            if inst is None:
+                raise LabdeckError(f"No instance {name!r}.", "`labdeck ls` lists instances.")
+            if not yes:
+                owner = f" (launched by {inst.created_by})" if inst.created_by and inst.created_by != ws.user else ""
+                outside = "" if inst.managed else " It was NOT launched by labdeck."
+                if not sys.stdin.isatty():
+                    raise LabdeckError(f"Refusing to {verb} {name} without confirmation (no terminal to ask on).",
+                                       "Add --yes.")
+                if not click.confirm(f"{verb.capitalize()} {name}{owner}, {inst.size} at {money(inst.price_per_hour)}/h?{outside}"):
+                    raise click.Abort()
+            return await fn(ws, name, force=force)
+        finally:
+            await ws.close()
+
+    return asyncio.run(go())
+
+
+@click.command("stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also an instance labdeck did not launch")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask")
+@friendly
+def stop_cmd(name: str, force: bool, yes: bool) -> None:
+    """Stop a cloud instance (its disk stays; most providers stop billing compute)."""
+    inst = _lifecycle("stop", name, force, yes, clouds.stop)
+    console.print(f"{name}: {inst.state}")
+
+
+@click.command("start")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also an instance labdeck did not launch")
+@friendly
+def start_cmd(name: str, force: bool) -> None:
+    """Start a stopped cloud instance."""
+    inst = _lifecycle("start", name, force, True, clouds.start)
+    console.print(f"{name}: {inst.state}")
+
+
+@click.command("down")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also an instance labdeck did not launch")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask")
+@friendly
+def down_cmd(name: str, force: bool, yes: bool) -> None:
+    """Terminate a cloud instance (its disk is deleted) and the firewall labdeck made for it."""
+    _lifecycle("terminate", name, force, yes, clouds.terminate)
+    console.print(f"{name}: terminated")
+
+
+@click.command("sizes")
+@click.argument("provider")
+@click.option("--gpu", is_flag=True, help="Only sizes with GPUs")
+@click.option("--refresh", is_flag=True, help="Ask the provider again (and update your catalog file)")
+@friendly
+def sizes_cmd(provider: str, gpu: bool, refresh: bool) -> None:
+    """Sizes a cloud provider offers: GPUs, vCPUs, RAM, $/hr and where the price comes from."""
+    ws = _workstation()
+    p = clouds.cloud_provider(ws, provider)
+
+    async def go():
+        try:
+            return await p.sizes(refresh=refresh)
+        finally:
+            await ws.close()
+
+    sizes = asyncio.run(go())
+    if refresh:
+        path = p.catalog.write_user(p.type, sizes, p.region)
+        console.print(f"[dim]catalog updated: {path}[/]")
+    rows = [(s.id, s.gpu_summary, str(s.vcpus or "–"), f"{s.ram_mib / 1024:.0f} GiB" if s.ram_mib else "–",
+             money(s.price_per_hour) if s.price_per_hour is not None else "?", s.price_source)
+            for s in sizes if s.gpus or not gpu]
+    rows.sort(key=lambda r: (r[1] == "no GPU", r[0]))
+    console.print(fit_table(Table(title=f"{provider} sizes in {p.region}", title_justify="left"),
+                            ("size", "GPUs", "vCPUs", "RAM", "$/hr", "price from"), rows, flexible={"price from"}))
+
+
+@click.command("catalog")
+@click.option("--refresh", is_flag=True, required=True, help="Ask every cloud provider for its sizes and prices")
+@friendly
+def catalog_cmd(refresh: bool) -> None:
+    """Refresh the size catalog (GPUs, vCPUs, RAM, $/hr) from every configured cloud provider."""
+    ws = _workstation()
+    provs = clouds.cloud_providers(ws)
+    if not provs:
+        raise LabdeckError("No cloud provider is configured.", 'Add one, e.g. [providers.aws] type = "ec2".')
+
+    async def go():
+        try:
+            return await asyncio.gather(*(p.sizes(refresh=True) for p in provs.values()), return_exceptions=True)
+        finally:
+            await ws.close()
+
+    failed = False
+    for (name, p), res in zip(provs.items(), asyncio.run(go())):
+        if isinstance(res, BaseException):
+            failed = True
+            err_console.print(f"[bold red]⚠[/] {name}: {escape(str(res))}", highlight=False)
+            continue
+        path = p.catalog.write_user(p.type, res, p.region)
+        console.print(f"{name}: {len(res)} sizes → {path}")
+    if failed:
+        sys.exit(1)
+
+
+@click.command("spend")
+@friendly
+def spend_cmd() -> None:
+    """Burn rate ($/hr now), today's spend and your daily budget."""
+    ws = _workstation()
+    sp = clouds.current_spend(ws)
+    daily = float(ws.config.get("budget", "daily_usd"))
+    console.print(f"you: {money(sp.burn_user)}/h now, ${sp.today_user:.2f} today"
+                  + (f" of ${daily:.2f} budget" if daily else " (no daily budget: \\[budget] daily_usd)"), highlight=False)
+    console.print(f"team: {money(sp.burn_team)}/h now, ${sp.today_team:.2f} today", highlight=False)
+    recs = sorted(clouds.records(ws), key=lambda r: r.get("created_at", ""), reverse=True)[:20]
+    if recs:
+        rows = [(r.get("name", ""), r.get("created_by", ""), r.get("provider", ""), r.get("state", ""),
+                 money(r.get("price_per_hour") or 0), f"${sp.cost_so_far.get(r.get('id', ''), 0):.2f}")
+                for r in recs]
+        console.print(fit_table(Table(title="instances labdeck launched", title_justify="left"),
+                                ("name", "owner", "provider", "state", "$/hr", "cost"), rows, flexible=set()))
+
+
+COMMANDS = [up_cmd, stop_cmd, start_cmd, down_cmd, sizes_cmd, catalog_cmd, spend_cmd]
