@@ -51,6 +51,7 @@ class Workstation:
         self._listing: asyncio.Future[InstanceListing] | None = None
         self._instances: dict[str, Instance] = {}
         self._partial_callbacks: list = []
+        self._last_parts: dict[str, list[Instance]] = {}  # provider -> its instances in the last listing
         self.autostop_states: dict[str, tuple[float, dict]] = {}  # instance -> (monotonic read time, state)
         self._background: set[asyncio.Task] = set()
         self.background_errors: list[str] = []
@@ -110,8 +111,14 @@ class Workstation:
             listing.instances = [i for n in names for i in parts.get(n, [])]
             if any(isinstance(self.providers[n], clouds.CloudProvider) for n in parts):
                 clouds.enrich(self, listing.instances)
-            for cb in list(self._partial_callbacks):
-                cb(InstanceListing(list(listing.instances), dict(listing.errors)))
+            if self._partial_callbacks:
+                # providers that have not answered yet keep what they showed last time, so rows do not
+                # vanish and come back (a cursor on them would jump to another instance)
+                shown = [i for n in names for i in (parts.get(n, []) if n in parts or n in listing.errors
+                                                    else self._last_parts.get(n, []))]
+                for cb in list(self._partial_callbacks):
+                    cb(InstanceListing(shown, dict(listing.errors)))
+        self._last_parts = parts
         if any(isinstance(self.providers[n], clouds.CloudProvider) for n in answered):
             try:
                 listing.events = await clouds.reconcile(self, listing, answered)

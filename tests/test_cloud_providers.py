@@ -218,3 +218,38 @@ async def test_preempted_droplet_turns_its_runs_preempted(home, fresh_rig, monke
             assert rec["state"] == "preempted" and rec["running_since"] is None
         finally:
             await ws.close()
+
+
+async def test_a_slow_provider_never_holds_back_the_others(home, monkeypatch, keypair) -> None:
+    """Each provider's instances are handed out as it answers; one that has not answered yet keeps
+    what it showed last time (rows never vanish and come back under a cursor)."""
+    from libcloud.compute.base import NodeImage, NodeLocation, NodeSize
+
+    with FakeDigitalOcean(ip_pool=("127.0.0.1",), boot_polls=0) as do, FakeLinode(ip_pool=("127.0.0.1",), boot_polls=0) as li:
+        credentials(monkeypatch, "digitalocean", do)
+        credentials(monkeypatch, "linode", li)
+        d = do.driver()
+        d.create_node("do-a", NodeSize("c-8", "c-8", 0, 0, 0, 0, d), NodeImage("ubuntu-22-04-x64", "", d),
+                      NodeLocation("nyc2", "", None, d))
+        ld = li.driver()
+        ld.create_node(NodeLocation("us-east", "", None, ld), "li-a", NodeSize("g6-nanode-1", "", 0, 0, 0, 0, ld),
+                       NodeImage("linode/debian12", "", ld), root_pass="A-long-pass-123!")
+        (home / "config.toml").write_text(
+            f'[providers.do]\ntype = "digitalocean"\nendpoint = "{do.url}"\nregion = "nyc2"\nssh_key = "{keypair}"\n'
+            f'[providers.li]\ntype = "linode"\nendpoint = "{li.url}"\nssh_key = "{keypair}"\n')
+        ws = Workstation(load_config(Paths.resolve(home)))
+        try:
+            await ws.list_instances()  # warm: drivers made, sizes read
+            do.delay = 1.5
+            seen: list[tuple[float, set[str]]] = []
+            t0 = time.monotonic()
+            listing = await ws.list_instances(on_partial=lambda part: seen.append(
+                (time.monotonic() - t0, {i.name for i in part.instances})))
+            assert {i.name for i in listing.instances} == {"local", "do-a", "li-a"}
+            first = seen[0]
+            assert first[0] < 1.0 and "li-a" in first[1] and "local" in first[1]
+            assert "do-a" in first[1]  # not answered yet: last time's row stays
+            assert all(names == {"local", "do-a", "li-a"} for _, names in seen)
+            assert seen[-1][0] >= 1.4
+        finally:
+            await ws.close()

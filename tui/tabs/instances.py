@@ -24,6 +24,8 @@ def short_autostop(text: str) -> Text:
     for verb in ("stops in ", "terminates in "):
         if text.startswith(verb):
             return Text(("✕ " if verb.startswith("term") else "") + "in " + text[len(verb):], style="yellow")
+    if "failed" in text:
+        return Text("failed", style="bold red")  # the daemon could not stop it: look at the instance
     if text.startswith("busy"):
         return Text("busy", style="green")
     return Text(text, style="red" if text in ("stale", "stopping…", "terminating…") else "dim")
