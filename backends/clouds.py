@@ -93,6 +93,14 @@ def _mutate(ws, rec_id: str, **fields: Any) -> dict[str, Any] | None:
     return ws.store.mine.mutate(TABLE, rec_id, change)
 
 
+# providers that bill a stopped (powered-off) machine as if it ran: only terminating it stops the meter
+BILLS_WHEN_STOPPED = frozenset({"digitalocean", "linode"})
+
+
+def billed(provider_type: str, state: str) -> bool:
+    return state in ("running", "pending", "stopping") or (state == "stopped" and provider_type in BILLS_WHEN_STOPPED)
+
+
 def _set_running(rec: dict[str, Any], running: bool, at: str) -> dict[str, Any]:
     if running and not rec.get("running_since"):
         return {**rec, "running_since": at}
@@ -196,7 +204,7 @@ async def stop(ws, name: str, *, force: bool = False) -> Instance:
     p = await _provider_of(ws, name)
     rec = my_record(ws, name) or _team_record(ws, name)
     inst = await p.stop(name, force=force)
-    _after(ws, rec, desired="stopped", state=inst.state, running=False)
+    _after(ws, rec, desired="stopped", state=inst.state, running=billed(p.type, "stopped"))
     ws.remember_instance(inst)
     return inst
 
@@ -293,12 +301,26 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
         if inst is not None and state in ("pending", "stopping", "unknown"):
             continue
         running = state == "running"
-        if running == bool(rec.get("running_since")) and state == rec.get("state"):
+        meter = billed(rec.get("provider_type", ""), state)
+        if meter == bool(rec.get("running_since")) and state == rec.get("state"):
             continue
         fired = _autostop_fired(ws, rec.get("name", ""))
         at = fired or now
-        new = _set_running({**rec, "state": state}, running, at)
+        new = _set_running({**rec, "state": state}, meter, at)
         if not running and rec.get("desired") == "running":
+            if fired and state == "stopped" and rec.get("autostop_action") == "terminate":
+                # the VM could only power itself off (no credentials on it); labdeck finishes the job
+                p = ws.providers.get(rec.get("provider", ""))
+                try:
+                    if isinstance(p, CloudProvider):
+                        await p.destroy(rec["name"])
+                    new = _set_running({**new, "state": "terminated", "desired": "terminated", "ended_at": now}, False, now)
+                    new["note"] = f"autostop powered it off at {fired}; labdeck terminated it"
+                    events.append(f"{rec['name']}: idle, powered off by autostop and terminated by labdeck")
+                    _put(ws, new)
+                    continue
+                except LabdeckError as e:
+                    events.append(f"{rec['name']}: autostop powered it off but terminating it failed: {e}")
             if fired:
                 new["desired"] = "stopped" if state == "stopped" else "terminated"
                 new["note"] = f"autostop {('stopped' if state == 'stopped' else 'terminated')} it at {fired}"
@@ -352,7 +374,7 @@ async def relaunch(ws, rec: dict[str, Any], runs: list[Run], progress: Progress 
     while f"{base}-r{n}" in names:
         n += 1
     name = f"{base}-r{n}"
-    await up(ws, rec["provider"], name, size=rec.get("size", ""), image=rec.get("image", "") if rec.get("image", "").startswith("ami-") or rec.get("provider_type") != "ec2" else "",
+    await up(ws, rec["provider"], name, size=rec.get("size", ""), image=rec.get("image", ""),
              spot=bool(rec.get("spot")), autostop_minutes=rec.get("autostop_minutes"),
              autostop_action=rec.get("autostop_action"), progress=progress)
     out = []

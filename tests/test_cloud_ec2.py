@@ -165,6 +165,10 @@ async def test_launch_bootstrap_job_stop_start_terminate(home, fresh_rig, aws_en
             assert started.state == "running"
             assert clouds.my_record(ws, "gpu1")["running_since"]
 
+            # a new labdeck process (nothing remembered in memory) terminates it and finds its firewall
+            await ws.close()
+            ws = cloud_config(home, shim, rig=rig)
+            await ws.list_instances()
             await clouds.terminate(ws, "gpu1")
             assert set(ec2_instances(shim).values()) == {"terminated"}
             assert labdeck_groups(shim) == []  # its firewall went with it

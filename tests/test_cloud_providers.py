@@ -131,7 +131,8 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
             left = leftovers(fake)
             assert left["nodes"] == {} and left["firewalls"] == {}
             rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
-            assert rec["state"] == "terminated" and len(rec["billed"]) == 2
+            # DigitalOcean and Linode bill a powered-off machine: the meter ran from launch to terminate
+            assert rec["state"] == "terminated" and len(rec["billed"]) == (1 if kind in ("digitalocean", "linode") else 2)
         finally:
             await ws.close()
 
@@ -251,5 +252,28 @@ async def test_a_slow_provider_never_holds_back_the_others(home, monkeypatch, ke
             assert "do-a" in first[1]  # not answered yet: last time's row stays
             assert all(names == {"local", "do-a", "li-a"} for _, names in seen)
             assert seen[-1][0] >= 1.4
+        finally:
+            await ws.close()
+
+
+async def test_autostop_terminate_on_a_provider_that_bills_stopped_machines(home, fresh_rig, monkeypatch) -> None:
+    """The VM can only power itself off; labdeck, the next time it looks, terminates it."""
+    rig = fresh_rig
+    with FakeLinode(ip_pool=(rig.host("node1").addr,)) as fake:
+        credentials(monkeypatch, "linode", fake)
+        ws = make_ws(home, "linode", fake, rig=rig)
+        try:
+            inst = await clouds.up(ws, "linode", "gpu1", size="g1-gpu-rtx6000-1", autostop_minutes=5,
+                                   autostop_action="terminate")
+            # the daemon fired and powered the machine off (what `shutdown -h now` does to a Linode)
+            fired = clouds.utcnow()
+            ws.autostop_states["gpu1"] = (time.monotonic(), {"fired_at": fired, "action": "terminate"})
+            fake.set_state(inst.cloud_id, "stopped")
+            listing = await ws.list_instances()
+            assert any("terminated by labdeck" in e for e in listing.events), listing.events
+            assert fake.nodes == {}
+            rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
+            assert rec["state"] == "terminated" and rec["running_since"] is None
+            assert rec["billed"][-1][1] >= fired  # billed until it went off (or later), not beyond
         finally:
             await ws.close()

@@ -762,7 +762,9 @@ class LabdeckApp(App[None]):
 
         detail = (f"{inst.size} · {inst.gpu_summary} · ${inst.price_per_hour:.3f}/h · {inst.provider}.{owner}"
                   + (" It was NOT launched by labdeck." if force else "")
-                  + (" Its disk is deleted." if verb == "terminate" else " Its disk is kept."))
+                  + (" Its disk is deleted." if verb == "terminate" else " Its disk is kept.")
+                  + (f" {inst.provider_type} bills a stopped machine: terminate it to stop paying."
+                     if verb == "stop" and inst.provider_type in ("digitalocean", "linode") else ""))
         self.push_screen(ConfirmScreen(f"{verb.capitalize()} {inst.name}?", detail, yes_label=verb.capitalize()), answer)
 
     @work(group="cloud-lifecycle", exit_on_error=False)

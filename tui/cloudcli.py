@@ -88,6 +88,9 @@ def stop_cmd(name: str, force: bool, yes: bool) -> None:
     """Stop a cloud instance (its disk stays; most providers stop billing compute)."""
     inst = _lifecycle("stop", name, force, yes, clouds.stop)
     console.print(f"{name}: {inst.state}")
+    if inst.provider_type in clouds.BILLS_WHEN_STOPPED:
+        err_console.print(f"[yellow]note:[/] {inst.provider_type} keeps billing a stopped machine; "
+                          f"`labdeck down {name}` stops the meter.", highlight=False)
 
 
 @click.command("start")

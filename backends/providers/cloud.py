@@ -199,6 +199,12 @@ STATE_MAP = {"running": "running", "stopped": "stopped", "pending": "pending", "
 
 # ---- one adapter per provider type: the blocking libcloud calls -----------------------------
 
+def firewall_name(instance: str, labdeck_id: str) -> str:
+    """The firewall labdeck makes for an instance: found again by this name after a restart (≤ 32
+    characters: Linode's limit for a label)."""
+    return f"labdeck-{instance[:16]}-{labdeck_id[-6:].lower()}"
+
+
 class CloudAPI:
     ptype = ""
 
@@ -279,6 +285,10 @@ class CloudAPI:
 
     def attach_firewall(self, ref: Any, node) -> None:
         """Providers whose firewalls attach to a node after it exists."""
+
+    def find_firewall(self, name: str) -> Any:
+        """The firewall called ``name`` (a ref for delete_firewall), or None."""
+        raise NotImplementedError  # pragma: no cover
 
     def delete_firewall(self, ref: Any) -> None:
         raise NotImplementedError  # pragma: no cover
@@ -393,6 +403,10 @@ class EC2API(CloudAPI):
     def delete_firewall(self, ref: Any) -> None:
         self.driver().ex_delete_security_group_by_id(ref)
 
+    def find_firewall(self, name: str) -> Any:
+        groups = self.driver().ex_get_security_groups(filters={"group-name": name})
+        return groups[0].id if groups else None
+
     def create_node(self, *, name, size, image, key, firewall, tags, spot, disk_gb, terminate_on_shutdown):
         from libcloud.compute.base import NodeSize
 
@@ -469,6 +483,10 @@ class DigitalOceanAPI(CloudAPI):
     def delete_firewall(self, ref):
         self.driver().connection.request(f"/v2/firewalls/{ref}", method="DELETE")
 
+    def find_firewall(self, name):
+        res = self.driver().connection.request("/v2/firewalls", params={"per_page": 200})
+        return next((f["id"] for f in res.object.get("firewalls", []) if f.get("name") == name), None)
+
     def create_node(self, *, name, size, image, key, firewall, tags, spot, disk_gb, terminate_on_shutdown):
         from libcloud.compute.base import NodeImage, NodeLocation, NodeSize
 
@@ -519,12 +537,13 @@ class LinodeAPI(DigitalOceanAPI):
         pass
 
     def create_firewall(self, name, cidr, tag):
+        self._fw_name = name
         return None  # made once the Linode exists (its devices list needs the id): attach_firewall
 
     def attach_firewall(self, ref, node):
         import json
 
-        body = {"label": ("labdeck-" + node.name)[:32],
+        body = {"label": self._fw_name,
                 "rules": {"inbound_policy": "DROP", "outbound_policy": "ACCEPT",
                           "inbound": [{"protocol": "TCP", "ports": "22", "action": "ACCEPT", "label": "ssh",
                                        "addresses": {"ipv4": [self._cidr]}}]},
@@ -535,6 +554,10 @@ class LinodeAPI(DigitalOceanAPI):
     def delete_firewall(self, ref):
         if ref is not None:
             self.driver().connection.request(f"/v4/networking/firewalls/{ref}", method="DELETE")
+
+    def find_firewall(self, name):
+        res = self.driver().connection.request("/v4/networking/firewalls", params={"page_size": 500})
+        return next((f["id"] for f in res.object.get("data", []) if f.get("label") == name), None)
 
     def create_node(self, *, name, size, image, key, firewall, tags, spot, disk_gb, terminate_on_shutdown):
         from libcloud.compute.base import NodeImage, NodeLocation, NodeSize
@@ -648,6 +671,9 @@ class OpenStackAPI(CloudAPI):
 
     def delete_firewall(self, ref):
         self.driver().ex_delete_security_group(ref)
+
+    def find_firewall(self, name):
+        return next((g for g in self.driver().ex_list_security_groups() if g.name == name), None)
 
     def create_node(self, *, name, size, image, key, firewall, tags, spot, disk_gb, terminate_on_shutdown):
         d = self.driver()
@@ -827,21 +853,24 @@ class CloudProvider(Provider):
         await self.call(f"terminating {instance}", self.api.destroy, node)
         self._nodes.pop(instance, None)
         inst = self._instances.pop(instance, None)
-        if inst is not None:
-            await self._cleanup_extras(inst.labdeck_id or "", str(node.id))
+        if inst is not None and inst.labdeck_id:
+            left = await self._cleanup_extras(instance, inst.labdeck_id, str(node.id))
+            if left:
+                raise ProviderError(f"{instance} is terminated, but its {', '.join(left)} could not be deleted.",
+                                    "Delete it in the provider's console.")
         if inst is not None and inst.host:
             self.pool.known_hosts.forget(inst.host, 22)
 
-    async def _cleanup_extras(self, labdeck_id: str, node_id: str) -> list[str]:
-        """Delete the firewall labdeck made for an instance (once the provider lets go of it)."""
-        left: list[str] = []
-        if not labdeck_id:
-            return left
-        fw = self._firewalls.pop(labdeck_id, None) if hasattr(self, "_firewalls") else None
-        if fw is not None:
-            if not await self._delete_firewall_when_free(fw, node_id):
-                left.append(f"firewall {getattr(fw, 'id', fw)}")
-        return left
+    async def _cleanup_extras(self, instance: str, labdeck_id: str, node_id: str) -> list[str]:
+        """Delete the firewall labdeck made for an instance (once the provider lets go of it), found
+        by its name, so this works after a restart and for a teammate's instance too."""
+        try:
+            fw = await self.call("finding the firewall", self.api.find_firewall, firewall_name(instance, labdeck_id))
+        except ProviderError as e:
+            return [f"firewall {firewall_name(instance, labdeck_id)} ({e})"]
+        if fw is not None and not await self._delete_firewall_when_free(fw, node_id):
+            return [f"firewall {firewall_name(instance, labdeck_id)}"]
+        return []
 
     async def _delete_firewall_when_free(self, fw: Any, node_id: str) -> bool:
         deadline = time.monotonic() + float(self.options["launch_timeout"])
@@ -927,7 +956,7 @@ class CloudProvider(Provider):
             cidr = self.firewall_source()
             say("firewall", f"SSH only, from {cidr}")
             self.api._cidr = cidr  # type: ignore[attr-defined]
-            fw = await self.call("creating the firewall", self.api.create_firewall, f"labdeck-{name}-{labdeck_id[-6:].lower()}",
+            fw = await self.call("creating the firewall", self.api.create_firewall, firewall_name(name, labdeck_id),
                                  cidr, f"labdeck-{labdeck_id.lower()}")
             if fw is not None:
                 created.append(("firewall", fw))
@@ -949,10 +978,6 @@ class CloudProvider(Provider):
                 fw2 = await self.call("creating the firewall", self.api.attach_firewall, None, node)
                 created.append(("firewall", fw2))
                 fw = fw2
-            if fw is not None:
-                if not hasattr(self, "_firewalls"):
-                    self._firewalls: dict[str, Any] = {}
-                self._firewalls[labdeck_id] = fw
             inst = self._instances[name] = self._to_instance(node)
             if not inst.host:
                 raise ProviderError(f"{self.name}: {name} is running but has no {self.options['address']} address.",
