@@ -232,6 +232,25 @@ async def terminate(ws, name: str, *, force: bool = False) -> None:
     ws.forget_instance(name)
 
 
+async def set_autostop(ws, name: str, minutes: float, action: str | None = None) -> dict | None:
+    """Change an instance's autostop (0 = off) on the instance itself, and in its record."""
+    p = await _provider_of(ws, name)
+    if not p.owns(name):
+        raise ProviderError(f"{name} was not launched by labdeck: it has no labdeck autostop.")
+    transport = p.transport(name)
+    rec = my_record(ws, name) or _team_record(ws, name)
+    action = action or (rec or {}).get("autostop_action") or str(p.options["autostop_action"])
+    if minutes <= 0:
+        await autostop.disable(transport)
+        state = None
+    else:
+        state = await autostop.ensure(transport, idle_minutes=minutes, action=action)
+    if rec is not None and rec.get("created_by") == ws.user:
+        _put(ws, {**rec, "autostop_minutes": minutes, "autostop_action": action})
+    ws.autostop_states.pop(name, None)
+    return state
+
+
 def _team_record(ws, name: str) -> dict[str, Any] | None:
     live = [r for r in records(ws) if r.get("name") == name and r.get("state") not in ("terminated", "failed")]
     return max(live, key=lambda r: r.get("created_at", ""), default=None)

@@ -108,6 +108,22 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
             transport = await ws.transport("gpu1")
             state = await autostop.read_state(transport)
             assert state is None or state.get("idle_minutes") == 20 or state.get("starting")
+            # changed after launch: off, then 15 minutes (on the instance and in the record)
+            await clouds.set_autostop(ws, "gpu1", 0)
+            for _ in range(40):
+                state = await autostop.read_state(transport)
+                if state and state.get("enabled") is False:
+                    break
+                await asyncio.sleep(0.1)
+            assert state and state["enabled"] is False and autostop.countdown(state) == "off"
+            state = await clouds.set_autostop(ws, "gpu1", 15)
+            assert clouds.my_record(ws, "gpu1")["autostop_minutes"] == 15
+            for _ in range(40):
+                state = await autostop.read_state(transport)
+                if state and state.get("enabled") and state.get("idle_minutes") == 15:
+                    break
+                await asyncio.sleep(0.1)
+            assert state["enabled"] and state["idle_minutes"] == 15
             proj = tmp_path / "proj"
             proj.mkdir()
             (proj / "hi.py").write_text("print('hi from', __import__('socket').gethostname())\n")

@@ -745,6 +745,30 @@ class LabdeckApp(App[None]):
         self.notify(f"{inst.name} is up at {inst.host} ({inst.size}, ${inst.price_per_hour:.3f}/h).", timeout=8)
         self.load_instances()
 
+    def ask_autostop(self, inst) -> None:
+        def answer(text: str | None) -> None:
+            if text is None:
+                return
+            try:
+                minutes = float(text)
+                if minutes < 0:
+                    raise ValueError
+            except ValueError:
+                self.notify(f"Autostop: {text!r} is not a number of minutes.", severity="warning")
+                return
+            self.cloud_autostop(inst.name, minutes)
+
+        self.push_screen(TextPrompt(f"Autostop {inst.name} after how many idle minutes? (0 = off; now: {inst.autostop or '?'})",
+                                    "e.g. 30"), answer)
+
+    @work(group="cloud-autostop", exit_on_error=False)
+    async def cloud_autostop(self, name: str, minutes: float) -> None:
+        from backends import clouds
+
+        await clouds.set_autostop(self.workstation, name, minutes)
+        self.notify(f"{name}: autostop " + (f"after {minutes:g} idle minutes." if minutes else "off."))
+        self.load_instances()
+
     def confirm_lifecycle(self, verb: str, inst) -> None:
         owner = f" It was launched by {inst.created_by}." if inst.created_by and inst.created_by != self.workstation.user else ""
         force = not inst.managed

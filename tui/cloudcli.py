@@ -189,4 +189,24 @@ def spend_cmd() -> None:
                                 ("name", "owner", "provider", "state", "$/hr", "cost"), rows, flexible=set()))
 
 
-COMMANDS = [up_cmd, stop_cmd, start_cmd, down_cmd, sizes_cmd, catalog_cmd, spend_cmd]
+@click.command("autostop")
+@click.argument("name")
+@click.argument("minutes", type=float)
+@click.option("--action", type=click.Choice(["stop", "terminate"]), default=None)
+@friendly
+def autostop_cmd(name: str, minutes: float, action: str | None) -> None:
+    """Set an instance's autostop: MINUTES idle before it stops itself (0 = off)."""
+    ws = _workstation()
+
+    async def go():
+        try:
+            await ws.list_instances()
+            return await clouds.set_autostop(ws, name, minutes, action)
+        finally:
+            await ws.close()
+
+    asyncio.run(go())
+    console.print(f"{name}: autostop " + (f"after {minutes:g} idle minutes" if minutes > 0 else "off"), highlight=False)
+
+
+COMMANDS = [autostop_cmd, up_cmd, stop_cmd, start_cmd, down_cmd, sizes_cmd, catalog_cmd, spend_cmd]

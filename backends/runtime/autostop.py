@@ -722,7 +722,27 @@ class Autostop:
                     return 0
             except Exception:  # noqa: BLE001 - never die from a transient error
                 self.log.once("loop", "error in the loop:\n" + traceback.format_exc())
-            time.sleep(self.interval())
+            self.wait(self.interval())
+
+    def wait(self, seconds):
+        """Sleep ``seconds``, waking early when config.json changes (labdeck changed the settings:
+        the new state should show within a second, not after a whole interval)."""
+        def stamp():
+            try:
+                st = os.stat(self.config_path)
+                return (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                return None
+
+        before = stamp()
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(1.0, left))
+            if stamp() != before:
+                return
 
 
 def main(argv=None):

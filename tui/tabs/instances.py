@@ -40,7 +40,15 @@ class InstancesTab(TabView):
         Binding("s", "stop", "Stop", id="instances.stop", tooltip="Stop the selected cloud instance"),
         Binding("o", "start", "Start", id="instances.start", tooltip="Start the selected stopped instance"),
         Binding("D", "terminate", "Terminate", id="instances.terminate", tooltip="Terminate the selected cloud instance"),
+        Binding("a", "autostop", "Autostop", id="instances.autostop", tooltip="Idle minutes before it stops itself"),
     ]
+
+    def action_autostop(self) -> None:
+        inst = self.selected()
+        if inst is None or not inst.managed or inst.state != "running":
+            self.app.notify("Select a running instance labdeck launched.", severity="warning")
+            return
+        self.app.ask_autostop(inst)
 
     def selected(self) -> Instance | None:
         table = self.query_one(DataTable)
