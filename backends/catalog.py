@@ -291,7 +291,7 @@ def close_interval(rec: dict[str, Any], at: str) -> dict[str, Any]:
     """The record with its open running interval closed at ``at`` (ISO time)."""
     since = rec.get("running_since")
     if since:
-        end = max(_parse(at), _parse(since)).isoformat().replace("+00:00", "Z")  # type: ignore[union-attr]
+        end = max(_parse(at), _parse(since)).isoformat(timespec="milliseconds").replace("+00:00", "Z")  # type: ignore
         rec = {**rec, "billed": [*(rec.get("billed") or []), [since, end]], "running_since": None}
     return rec
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from .providers import InstanceSpec
 from .providers.cloud import CloudProvider
 
 TABLE = "instances"
-CHECKPOINT_MAX = 8 << 30  # bytes of one checkpoint labdeck copies off an instance
+CHECKPOINT_MAX = 2 << 30  # bytes of one checkpoint labdeck copies off an instance (and puts on the new one)
 
 BOOTSTRAP = r"""set -e
 mkdir -p {runs}
@@ -200,34 +200,56 @@ async def _provider_of(ws, name: str) -> CloudProvider:
     return p
 
 
+def _want(ws, rec: dict[str, Any] | None, desired: str) -> None:
+    """Say what labdeck is about to ask for BEFORE asking: a listing that lands while the provider
+    works on it must not take labdeck's own stop or terminate for a preemption."""
+    if rec is not None and rec.get("created_by") == ws.user:
+        _mutate(ws, rec["id"], desired=desired)
+
+
 async def stop(ws, name: str, *, force: bool = False) -> Instance:
     p = await _provider_of(ws, name)
     rec = my_record(ws, name) or _team_record(ws, name)
-    inst = await p.stop(name, force=force)
+    _want(ws, rec, "stopped")
+    ws.autostop_states.pop(name, None)
+    try:
+        inst = await p.stop(name, force=force)
+    except BaseException:
+        _want(ws, rec, (rec or {}).get("desired", "running"))  # it did not happen: back to what it was
+        raise
     _after(ws, rec, desired="stopped", state=inst.state, running=billed(p.type, "stopped"))
     ws.remember_instance(inst)
     return inst
 
 
-async def start(ws, name: str, *, force: bool = False) -> Instance:
+async def start(ws, name: str, *, force: bool = False, progress: Progress | None = None) -> Instance:
+    """Start it, wait for SSH, and start its autostop again (the daemon does not survive a stop)."""
     p = await _provider_of(ws, name)
     rec = my_record(ws, name) or _team_record(ws, name)
-    inst = await p.start(name, force=force)
+    _want(ws, rec, "running")
+    ws.autostop_states.pop(name, None)
+    inst = await p.start(name, force=force, progress=progress)
     _after(ws, rec, desired="running", state=inst.state, running=True)
     ws.remember_instance(inst)
     if rec and float(rec.get("autostop_minutes") or 0) > 0 and inst.state == "running":
-        try:  # the daemon does not survive a stop: start it again
-            await autostop.ensure(p.transport(name), idle_minutes=float(rec["autostop_minutes"]),
-                                  action=str(rec.get("autostop_action") or "stop"))
-        except LabdeckError:
-            pass  # SSH may take a moment after a start; the next listing shows autostop as off
+        await autostop.ensure(p.transport(name), idle_minutes=float(rec["autostop_minutes"]),
+                              action=str(rec.get("autostop_action") or "stop"))
     return inst
 
 
 async def terminate(ws, name: str, *, force: bool = False) -> None:
     p = await _provider_of(ws, name)
     rec = my_record(ws, name) or _team_record(ws, name)
-    await p.destroy(name, force=force)
+    _want(ws, rec, "terminated")
+    try:
+        await p.destroy(name, force=force)
+    except BaseException:
+        if name in p._nodes:  # the provider did not take it: back to what it was
+            _want(ws, rec, (rec or {}).get("desired", "running"))
+            raise
+        _after(ws, rec, desired="terminated", state="terminated", running=False)  # gone; only its firewall stayed
+        ws.forget_instance(name)
+        raise
     _after(ws, rec, desired="terminated", state="terminated", running=False)
     ws.forget_instance(name)
 
@@ -239,14 +261,19 @@ async def set_autostop(ws, name: str, minutes: float, action: str | None = None)
         raise ProviderError(f"{name} was not launched by labdeck: it has no labdeck autostop.")
     transport = p.transport(name)
     rec = my_record(ws, name) or _team_record(ws, name)
-    action = action or (rec or {}).get("autostop_action") or str(p.options["autostop_action"])
+    was = (rec or {}).get("autostop_action") or str(p.options["autostop_action"])
+    if action and action != was and p.type == "ec2":
+        # EC2 decides stop or terminate on shutdown by an attribute set at launch
+        raise ProviderError(f"{name} was launched to {was} on shutdown; EC2 keeps that for the instance's life.",
+                            "Change the idle minutes only, or launch a new instance with the other action.")
+    action = action or was
     if minutes <= 0:
         await autostop.disable(transport)
         state = None
     else:
         state = await autostop.ensure(transport, idle_minutes=minutes, action=action)
     if rec is not None and rec.get("created_by") == ws.user:
-        _put(ws, {**rec, "autostop_minutes": minutes, "autostop_action": action})
+        _mutate(ws, rec["id"], autostop_minutes=minutes, autostop_action=action)
     ws.autostop_states.pop(name, None)
     return state
 
@@ -262,10 +289,15 @@ def _after(ws, rec: dict[str, Any] | None, *, desired: str, state: str, running:
     if rec is None or rec.get("created_by") != ws.user:
         return
     now = utcnow()
-    new = _set_running({**rec, "desired": desired, "state": state}, running, now)
-    if state == "terminated":
-        new["ended_at"] = now
-    _put(ws, new)
+    def change(doc):
+        if doc is None:
+            return None
+        new = _set_running({**doc, "desired": desired, "state": state}, running, now)
+        if state == "terminated":
+            new["ended_at"] = now
+        return new
+
+    ws.store.mine.mutate(TABLE, rec["id"], change)
 
 
 # ---- reconcile: billing, autostop, preemption -----------------------------------------------
@@ -310,68 +342,111 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
     Returns one line per event (stopped by autostop, preempted, gone), for the TUI and the CLI."""
     events: list[str] = []
     seen = {i.labdeck_id: i for i in listing.instances if i.labdeck_id}
-    seen_names = {i.name: i for i in listing.instances}
     now = utcnow()
+    now_dt = datetime.now(timezone.utc)
     for rec in records(ws, team=False):
-        if rec.get("provider") not in answered or rec.get("state") in ("terminated", "failed", "preempted"):
+        p = ws.providers.get(rec.get("provider", ""))
+        if rec.get("provider") not in answered or not isinstance(p, CloudProvider):
             continue
-        inst = seen.get(rec["id"]) or (seen_names.get(rec.get("name")) if not rec.get("cloud_id") else None)
+        if rec.get("relaunch") == "pending" and rec["id"] not in ws.relaunching:
+            _start_relaunch(ws, rec)
+        if rec.get("state") in ("terminated", "failed", "preempted"):
+            continue
+        if rec.get("region") and rec["region"] != p.region or rec.get("name") in p._creating:
+            continue  # another region than this provider lists now, or a launch still under way
+        inst = seen.get(rec["id"])
         state = inst.state if inst is not None else "terminated"
         if inst is not None and state in ("pending", "stopping", "unknown"):
             continue
-        running = state == "running"
+        created = _parse_time(rec.get("created_at"))
+        if inst is None and p.type == "ec2" and rec["id"] not in p.terminated_ids and created \
+                and (now_dt - created).total_seconds() < 60:
+            continue  # EC2 may not list a brand-new instance for a few seconds (eventual consistency)
         meter = billed(rec.get("provider_type", ""), state)
         if meter == bool(rec.get("running_since")) and state == rec.get("state"):
             continue
-        fired = _autostop_fired(ws, rec.get("name", ""))
+        fired = _autostop_fired(ws, rec)
         at = fired or now
-        new = _set_running({**rec, "state": state}, meter, at)
-        if not running and rec.get("desired") == "running":
+        if state != "running" and rec.get("desired") == "running":
             if fired and state == "stopped" and rec.get("autostop_action") == "terminate":
                 # the VM could only power itself off (no credentials on it); labdeck finishes the job
-                p = ws.providers.get(rec.get("provider", ""))
+                _mutate(ws, rec["id"], desired="terminated")
                 try:
-                    if isinstance(p, CloudProvider):
-                        await p.destroy(rec["name"])
-                    new = _set_running({**new, "state": "terminated", "desired": "terminated", "ended_at": now}, False, now)
-                    new["note"] = f"autostop powered it off at {fired}; labdeck terminated it"
-                    events.append(f"{rec['name']}: idle, powered off by autostop and terminated by labdeck")
-                    _put(ws, new)
-                    continue
+                    await p.destroy(rec["name"])
                 except LabdeckError as e:
                     events.append(f"{rec['name']}: autostop powered it off but terminating it failed: {e}")
+                else:
+                    _mutate_billing(ws, rec["id"], state="terminated", meter=False, at=fired, ended_at=now,
+                                    note=f"autostop powered it off at {fired}; labdeck terminated it")
+                    events.append(f"{rec['name']}: idle, powered off by autostop and terminated by labdeck")
+                    continue
             if fired:
-                new["desired"] = "stopped" if state == "stopped" else "terminated"
-                new["note"] = f"autostop {('stopped' if state == 'stopped' else 'terminated')} it at {fired}"
-                events.append(f"{rec['name']}: stopped by autostop after {rec.get('autostop_minutes'):g} idle minutes")
-            else:
-                new["state"] = "preempted"
-                new["desired"] = "terminated"
-                new["preempted_at"] = now
-                new["note"] = f"{'removed' if inst is None else state} by the provider at {now}"
-                events.append(f"{rec['name']}: {'gone' if inst is None else state} — taken by the provider")
-                _put(ws, new)
-                events.extend(await _preempted(ws, new))
+                verb = "stopped" if state == "stopped" else "terminated"
+                _mutate_billing(ws, rec["id"], state=state, meter=meter, at=at, desired=verb,
+                                note=f"autostop {verb} it at {fired}", **({"ended_at": at} if verb == "terminated" else {}))
+                events.append(f"{rec['name']}: {verb} by autostop after {rec.get('autostop_minutes'):g} idle minutes")
                 continue
-        if state == "terminated":
-            new["ended_at"] = at
-        _put(ws, new)
+            done = _mutate_billing(ws, rec["id"], state="preempted", meter=billed(rec.get("provider_type", ""), state),
+                                   at=now, only_if_desired="running", desired="terminated" if inst is None else "stopped",
+                                   preempted_at=now, note=f"{'removed' if inst is None else state} by the provider at {now}")
+            if done is None:
+                continue  # labdeck itself asked for this meanwhile
+            events.append(f"{rec['name']}: {'gone' if inst is None else state} — taken by the provider")
+            events.extend(await _preempted(ws, done))
+            continue
+        _mutate_billing(ws, rec["id"], state=state, meter=meter, at=at, **({"ended_at": at} if state == "terminated" else {}))
     return events
 
 
-def _autostop_fired(ws, name: str) -> str | None:
-    st = ws.autostop_states.get(name)
-    return (st[1] or {}).get("fired_at") if st else None
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _parse_time(ts: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+    except ValueError:
+        return None
+
+
+def _mutate_billing(ws, rec_id: str, *, state: str, meter: bool, at: str, only_if_desired: str | None = None,
+                    **fields: Any) -> dict[str, Any] | None:
+    """Change a record from its current stored version (not a copy read before an await)."""
+    result: dict[str, Any] = {}
+
+    def change(doc):
+        if doc is None or (only_if_desired and doc.get("desired") != only_if_desired):
+            return doc
+        new = _set_running({**doc, **fields, "state": state}, meter, at)
+        result["doc"] = new
+        return new
+
+    ws.store.mine.mutate(TABLE, rec_id, change)
+    return result.get("doc")
+
+
+def _autostop_fired(ws, rec: dict[str, Any]) -> str | None:
+    """When autostop fired on this instance, if it did during its current run (an older state file
+    left from before a stop and start does not count)."""
+    st = ws.autostop_states.get(rec.get("name", ""))
+    fired = (st[1] or {}).get("fired_at") if st else None
+    since = rec.get("running_since")
+    if fired and since and (_parse_time(fired) or now_utc()) < (_parse_time(since) or now_utc()):
+        return None
+    return fired
 
 
 async def _preempted(ws, rec: dict[str, Any]) -> list[str]:
     """The runs of a preempted instance become ``preempted``; relaunched when the provider says so."""
     events = []
     runs, _ = ws.store.runs(team=False)
-    hit = [r for r in runs if r.instance == rec["name"] and (r.run_state.is_active or r.state == "lost")]
+    hit = [r for r in runs if r.instance == rec["name"] and r.created_at >= (rec.get("created_at") or "")
+           and (r.run_state.is_active or r.state == "lost")]
     done = []
     for r in hit:
         try:
+            if r.state in ("queued", "syncing"):  # waiting on the instance: it is lost with it
+                ws.store.transition(r.id, RunState.LOST, state_reason=f"the instance {rec['name']} was taken by the provider")
             done.append(ws.store.transition(r.id, RunState.PREEMPTED, ended_at=rec.get("preempted_at") or utcnow(),
                                             state_reason=f"the instance {rec['name']} was taken by the provider"))
         except LabdeckError:
@@ -380,9 +455,28 @@ async def _preempted(ws, rec: dict[str, Any]) -> list[str]:
         events.append(f"{rec['name']}: {len(done)} run(s) preempted")
     p = ws.providers.get(rec.get("provider", ""))
     if done and isinstance(p, CloudProvider) and p.options.get("spot_relaunch"):
-        ws.background(relaunch(ws, rec, done), f"relaunch after {rec['name']} was preempted")
+        rec = _mutate(ws, rec["id"], relaunch="pending", relaunch_runs=[r.id for r in done]) or rec
+        _start_relaunch(ws, rec)
         events.append(f"{rec['name']}: relaunching {len(done)} run(s) on a new instance")
     return events
+
+
+def _start_relaunch(ws, rec: dict[str, Any]) -> None:
+    """Relaunch in the background; the record says ``relaunch: pending`` until it is done, so a
+    labdeck that closes first picks it up again next time."""
+    async def go() -> None:
+        try:
+            runs = [ws.store.find_run(i) for i in rec.get("relaunch_runs") or []]
+            out = await relaunch(ws, rec, runs)
+        except LabdeckError as e:
+            _mutate(ws, rec["id"], relaunch=f"failed: {e}"[:300])
+            raise
+        finally:
+            ws.relaunching.discard(rec["id"])
+        _mutate(ws, rec["id"], relaunch="done: " + ", ".join(r.id for r in out))
+
+    ws.relaunching.add(rec["id"])
+    ws.background(go(), f"relaunch after {rec['name']} was preempted")
 
 
 async def relaunch(ws, rec: dict[str, Any], runs: list[Run], progress: Progress | None = None) -> list[Run]:
@@ -411,7 +505,7 @@ async def resume(ws, run: Run, instance: str) -> Run:
         transport = await ws.transport(instance)
         root = await transport.runs_root()
         dest = f"{root}/resume/{run.id}/{Path(ck['path']).name}"
-        await transport.put_files({dest: local.read_bytes()})
+        await transport.put_files({dest: await asyncio.to_thread(local.read_bytes)})
         env["LABDECK_RESUME_FROM"] = dest
     root = run.code.get("root")
     workdir = str(Path(root) / run.code.get("subdir", "")) if root else run.workdir
@@ -422,7 +516,8 @@ async def resume(ws, run: Run, instance: str) -> Run:
 
 async def fetch_checkpoint(ws, run: Run, path: str, step: Any, transport) -> dict[str, Any] | None:
     """Copy a run's declared checkpoint off the instance (atomically, the latest only)."""
-    if run.checkpoint.get("path") == path and run.checkpoint.get("step") == step and run.checkpoint.get("local"):
+    if run.checkpoint.get("path") == path and run.checkpoint.get("step") == step and (
+            run.checkpoint.get("local") or run.checkpoint.get("too_big")):
         return None
     dest_dir = ws.config.paths.cache_dir / "checkpoints" / run.id
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -435,9 +530,10 @@ async def fetch_checkpoint(ws, run: Run, path: str, step: Any, transport) -> dic
                 break
             out.write(part.data)
             offset += len(part.data)
-            if offset > CHECKPOINT_MAX:
+            if offset > CHECKPOINT_MAX:  # recorded, so it is not fetched again at every step
                 tmp.unlink(missing_ok=True)
-                return None
+                return {**run.checkpoint, "path": path, "step": step, "too_big": True, "local": "",
+                        "note": f"over {CHECKPOINT_MAX >> 30} GiB: not copied off the instance"}
             if part.next_offset >= part.size:
                 break
     final = dest_dir / Path(path).name

@@ -54,6 +54,7 @@ class Workstation:
         self._last_parts: dict[str, list[Instance]] = {}  # provider -> its instances in the last listing
         self.autostop_states: dict[str, tuple[float, dict]] = {}  # instance -> (monotonic read time, state)
         self._background: set[asyncio.Task] = set()
+        self.relaunching: set[str] = set()  # instance records whose preempted runs are being relaunched
         self.background_errors: list[str] = []
         self.follower = LogFollower(self, config.paths.cache_dir / "logs")
         self.monitor = Monitor(self, config.paths.cache_dir, pattern=config.get("monitor", "log_pattern") or None,
@@ -99,7 +100,7 @@ class Workstation:
                 if isinstance(res, asyncio.TimeoutError):
                     listing.errors[name] = f"{name}: no answer within {timeout:g}s"
                 elif isinstance(res, LabdeckError):
-                    listing.errors[name] = f"{name}: {res}"
+                    listing.errors[name] = str(res) if str(res).startswith(f"{name}:") else f"{name}: {res}"
                 else:
                     listing.errors[name] = f"{name}: {type(res).__name__}: {res}"
             else:
@@ -110,7 +111,10 @@ class Workstation:
                 parts[name] = res
             listing.instances = [i for n in names for i in parts.get(n, [])]
             if any(isinstance(self.providers[n], clouds.CloudProvider) for n in parts):
-                clouds.enrich(self, listing.instances)
+                try:
+                    clouds.enrich(self, listing.instances)
+                except Exception as e:  # noqa: BLE001 - a bad record must not cost the listing
+                    listing.errors["records"] = f"cost and autostop could not be shown: {type(e).__name__}: {e}"
             if self._partial_callbacks:
                 # providers that have not answered yet keep what they showed last time, so rows do not
                 # vanish and come back (a cursor on them would jump to another instance)
@@ -122,8 +126,8 @@ class Workstation:
         if any(isinstance(self.providers[n], clouds.CloudProvider) for n in answered):
             try:
                 listing.events = await clouds.reconcile(self, listing, answered)
-            except LabdeckError as e:
-                listing.events = [f"reconciling instance records failed: {e}"]
+            except Exception as e:  # noqa: BLE001 - the listing itself stands
+                listing.events = [f"updating the instance records failed: {type(e).__name__}: {e}"]
         return listing
 
     def remember_instance(self, inst: Instance) -> None:
@@ -136,6 +140,13 @@ class Workstation:
         self._instance_provider.pop(name, None)
         self._instances.pop(name, None)
         self.autostop_states.pop(name, None)
+
+    async def wait_background(self, on_wait=None) -> None:
+        """Let background work (a relaunch after a preemption) finish before a CLI command exits."""
+        if self._background and on_wait is not None:
+            on_wait(len(self._background))
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def background(self, coro, what: str) -> asyncio.Task:
         """Run ``coro`` in the background; its failure is kept in ``background_errors``."""

@@ -116,6 +116,8 @@ async def test_launch_bootstrap_job_stop_start_terminate(home, fresh_rig, aws_en
             assert gpu1.price_per_hour == pytest.approx(0.526) and gpu1.price_source == "libcloud pricing"
             assert gpu1.gpu_summary == "1× T4" and gpu1.vcpus == 4
             (group,) = labdeck_groups(shim)
+            (described,) = [i for r in shim.boto3().describe_instances()["Reservations"] for i in r["Instances"]]
+            assert [g["GroupId"] for g in described["SecurityGroups"]] == [group["GroupId"]]  # it covers the instance
             perms = group["IpPermissions"]
             assert [(p["FromPort"], p["ToPort"]) for p in perms] == [(22, 22)]
             assert [r["CidrIp"] for r in perms[0]["IpRanges"]] == [f"{rig.jump.addr}/32"]
@@ -266,6 +268,16 @@ async def test_credentials_from_the_aws_file_and_never_in_the_store(home, keypai
             await ws.close()
     stored = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file() and p != creds)
     assert b"sup3rs3cretvalue" not in stored and b"AKIDFROMFILE" not in stored
+    # a credentials file that does not parse: the error names the line, never quotes it
+    creds.write_text("[team]\naws_access_key_id = AKIDFROMFILE\naws_secret_access_key sup3rs3cretvalue\n")
+    with EC2Shim() as shim:
+        ws = cloud_config(home, shim, key=keypair, profile="team")
+        try:
+            listing = await ws.list_instances()
+            assert "does not parse" in listing.errors["aws"] and "line 3" in listing.errors["aws"]
+            assert "sup3rs3cretvalue" not in listing.errors["aws"]
+        finally:
+            await ws.close()
 
 
 async def test_budget_warns_then_refuses(home, aws_env, keypair) -> None:

@@ -104,6 +104,14 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
             (fw,) = leftovers(fake)["firewalls"].values()
             text = json.dumps(fw)
             assert f"{rig.jump.addr}/32" in text and ('"22"' in text or '"port_range_min": 22' in text)
+            # ... and it covers this instance (not just exists)
+            node = fake.nodes[str(inst.cloud_id)]
+            if kind == "digitalocean":
+                assert set(fw["tags"]) & set(node["tags"]) or str(node["id"]) in map(str, fw["droplet_ids"])
+            elif kind == "linode":
+                assert int(node["id"]) in [e["id"] for e in fw["entities"]]
+            else:
+                assert {"name": fw["name"]} in node["security_groups"]
 
             transport = await ws.transport("gpu1")
             state = await autostop.read_state(transport)
@@ -225,12 +233,14 @@ async def test_preempted_droplet_turns_its_runs_preempted(home, fresh_rig, monke
             proj = tmp_path / "p"
             proj.mkdir()
             run = await ws.launch("sleep 30", instance="gpu1", workdir=str(proj))
+            queued = await ws.launch("sleep 30", instance="gpu1", workdir=str(proj))  # one slot: it waits
+            assert ws.store.find_run(queued.id).state == "queued"
             fake.remove_node(inst.cloud_id)
             listing = await ws.list_instances()
             assert any("gpu1" in e and "taken by the provider" in e for e in listing.events)
-            assert any("1 run(s) preempted" in e for e in listing.events)
+            assert any("2 run(s) preempted" in e for e in listing.events)
             run = ws.store.find_run(run.id)
-            assert run.state == "preempted"
+            assert run.state == "preempted" and ws.store.find_run(queued.id).state == "preempted"
             rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
             assert rec["state"] == "preempted" and rec["running_since"] is None
         finally:
@@ -290,6 +300,29 @@ async def test_autostop_terminate_on_a_provider_that_bills_stopped_machines(home
             assert fake.nodes == {}
             rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
             assert rec["state"] == "terminated" and rec["running_since"] is None
-            assert rec["billed"][-1][1] >= fired  # billed until it went off (or later), not beyond
+            from backends.catalog import _parse
+
+            assert _parse(rec["billed"][-1][1]) == _parse(fired)  # billed until it went off, not beyond
+        finally:
+            await ws.close()
+
+
+async def test_a_listing_during_labdecks_own_terminate_is_not_a_preemption(home, fresh_rig, monkeypatch, tmp_path) -> None:
+    rig = fresh_rig
+    with FakeDigitalOcean(ip_pool=(rig.host("node1").addr,)) as fake:
+        credentials(monkeypatch, "digitalocean", fake)
+        ws = make_ws(home, "digitalocean", fake, rig=rig, autostop_minutes=0, spot_relaunch=True)
+        try:
+            inst = await clouds.up(ws, "digitalocean", "gpu1", size="gpu-h100x1-80gb")
+            run = await ws.launch("sleep 30", instance="gpu1", workdir=str(tmp_path))
+            rec = clouds.my_record(ws, "gpu1")
+            clouds._want(ws, rec, "terminated")  # what terminate() writes before it asks the provider
+            fake.remove_node(inst.cloud_id)  # ... and the provider is done before labdeck's call returns
+            listing = await ws.list_instances()
+            assert not any("taken by the provider" in e for e in listing.events), listing.events
+            assert ws.store.find_run(run.id).state != "preempted"
+            rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
+            assert rec["state"] == "terminated" and rec["running_since"] is None and "relaunch" not in rec
+            assert not ws.relaunching
         finally:
             await ws.close()

@@ -159,6 +159,11 @@ class LabdeckApp(App[None]):
 
         ws = self.workstation
         listing = await ws.list_instances(on_partial=lambda part: self.post_message(InstancesLoaded(part, partial=True)))
+        for e in listing.events:  # before the autostop reads below (a newer refresh may cancel this one)
+            self.notify(e, severity="warning", timeout=15)
+        for e in ws.background_errors:
+            self.notify(e, severity="error", timeout=15)
+        ws.background_errors.clear()
         if clouds.cloud_providers(ws):
             await clouds.poll_autostop(ws, listing.instances)
             clouds.enrich(ws, listing.instances, now=self.now())
@@ -171,11 +176,6 @@ class LabdeckApp(App[None]):
                 + (f" (${outside:.2f}/h not launched by labdeck)" if outside else "")
                 + f" · today you ${sp.today_user:.2f}" + (f" of ${daily:.2f} budget" if daily else "")
                 + f" · team ${sp.today_team:.2f}")
-        for e in listing.events:
-            self.notify(e, severity="warning", timeout=15)
-        for e in ws.background_errors:
-            self.notify(e, severity="error", timeout=15)
-        ws.background_errors.clear()
         self.post_message(InstancesLoaded(listing))
 
     @work(exclusive=True, group="runs", exit_on_error=False)

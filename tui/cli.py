@@ -72,7 +72,16 @@ def open_tui() -> None:
 def ls_cmd() -> None:
     """List the instances of every configured provider."""
     ws = _workstation()
-    listing = asyncio.run(ws.list_instances())
+    async def listing_and_relaunches():
+        listing = await ws.list_instances()
+        await ws.wait_background(lambda n: err_console.print(
+            f"[yellow]•[/] waiting for {n} relaunch(es) after a preemption (Ctrl-C leaves them for next time)…",
+            highlight=False))
+        return listing
+
+    listing = asyncio.run(listing_and_relaunches())
+    for e in ws.background_errors:
+        err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
     now = datetime.now(timezone.utc)
     t = Table(title="instances", title_justify="left")
     clouded = any(i.size for i in listing.instances) or bool(clouds.cloud_providers(ws))

@@ -154,6 +154,8 @@ def explain(provider: str, ptype: str, e: BaseException, doing: str) -> Provider
     low = text.lower()
     if isinstance(e, ProviderError):
         return e
+    if "unsupportedoperation" in low:
+        return ProviderError(f"{provider}: the provider refused {doing}: {text[:300]}")
     if "unsupported" in low or "not available" in low or "not offered" in low or "invalid size" in low \
             or "insufficientinstancecapacity" in low or "is not valid for region" in low \
             or "no valid host" in low or "not currently available" in low:
@@ -188,7 +190,9 @@ def _tags_from_list(items: Any) -> dict[str, str]:
 
 
 def _tags_to_list(tags: Mapping[str, str]) -> list[str]:
-    return [f"{k}:{v}" if v else k for k, v in tags.items()]
+    """key:value strings in DigitalOcean's tag alphabet (letters, digits, : - _) and within Linode's 50
+    characters."""
+    return [re.sub(r"[^A-Za-z0-9:_-]", "-", f"{k}:{v}" if v else k)[:50] for k, v in tags.items()]
 
 
 STATE_MAP = {"running": "running", "stopped": "stopped", "pending": "pending", "starting": "pending",
@@ -198,6 +202,10 @@ STATE_MAP = {"running": "running", "stopped": "stopped", "pending": "pending", "
 
 
 # ---- one adapter per provider type: the blocking libcloud calls -----------------------------
+
+def firewall_tag(labdeck_id: str) -> str:
+    return f"labdeck-{labdeck_id.lower()}"
+
 
 def firewall_name(instance: str, labdeck_id: str) -> str:
     """The firewall labdeck makes for an instance: found again by this name after a restart (≤ 32
@@ -214,6 +222,9 @@ class CloudAPI:
         self.env = env
         self.region = str(options["region"])
         self._driver = None
+        import threading
+
+        self.lock = threading.Lock()  # libcloud connections keep per-request state: one call at a time
 
     # credentials / driver
     def missing_credentials(self, what: str) -> ProviderError:
@@ -322,8 +333,12 @@ class EC2API(CloudAPI):
             cp = configparser.ConfigParser()
             try:
                 cp.read_string(path.read_text())
-            except (OSError, configparser.Error) as e:
-                raise self.missing_credentials(f"no AWS_ACCESS_KEY_ID, and {path} is unreadable: {e}") from None
+            except OSError as e:
+                raise self.missing_credentials(f"no AWS_ACCESS_KEY_ID, and {path} is unreadable: {e.strerror}") from None
+            except configparser.Error as e:  # its message quotes the line: it may hold a secret
+                line = getattr(e, "lineno", None) or next(iter(getattr(e, "errors", None) or []), (None,))[0]
+                raise self.missing_credentials(f"no AWS_ACCESS_KEY_ID, and {path} does not parse "
+                                               f"({type(e).__name__}{f' at line {line}' if line else ''})") from None
             if not cp.has_section(profile):
                 raise self.missing_credentials(f"no AWS_ACCESS_KEY_ID, and no [{profile}] in {path}")
             key, secret = cp.get(profile, "aws_access_key_id", fallback=None), cp.get(profile, "aws_secret_access_key", fallback=None)
@@ -422,6 +437,7 @@ class EC2API(CloudAPI):
         }
         if spot:
             kwargs["ex_spot"] = True
+        kwargs["ex_clienttoken"] = tags.get(TAG_ID)  # a retried RunInstances makes no second instance
         return d.create_node(**kwargs)
 
 
@@ -453,6 +469,7 @@ class DigitalOceanAPI(CloudAPI):
         ep = self.endpoint_kwargs()
         if ep:
             d.connection.host, d.connection.port, d.connection.secure = ep["host"], ep["port"], ep["secure"]
+            d.connection.timeout = float(self.options["api_timeout"])
             d.connection.connect()
         return d
 
@@ -491,9 +508,11 @@ class DigitalOceanAPI(CloudAPI):
         from libcloud.compute.base import NodeImage, NodeLocation, NodeSize
 
         d = self.driver()
+        # the firewall applies to droplets carrying its tag (firewall_tag): the droplet gets it at birth
         return d.create_node(name, NodeSize(size, size, 0, 0, 0, 0, d), NodeImage(image, image, d),
                              NodeLocation(self.region, self.region, None, d),
-                             ex_create_attr={"tags": _tags_to_list(tags), "ssh_keys": [key]})
+                             ex_create_attr={"tags": _tags_to_list(tags) + [firewall_tag(tags[TAG_ID])],
+                                             "ssh_keys": [key]})
 
     def start(self, node):
         self.driver().ex_power_on_node(node)
@@ -537,21 +556,23 @@ class LinodeAPI(DigitalOceanAPI):
         pass
 
     def create_firewall(self, name, cidr, tag):
-        self._fw_name = name
-        return None  # made once the Linode exists (its devices list needs the id): attach_firewall
+        # made once the Linode exists (its devices list needs the id): attach_firewall gets this
+        return {"pending": name, "cidr": cidr}
 
     def attach_firewall(self, ref, node):
         import json
 
-        body = {"label": self._fw_name,
+        body = {"label": ref["pending"],
                 "rules": {"inbound_policy": "DROP", "outbound_policy": "ACCEPT",
                           "inbound": [{"protocol": "TCP", "ports": "22", "action": "ACCEPT", "label": "ssh",
-                                       "addresses": {"ipv4": [self._cidr]}}]},
+                                       "addresses": {"ipv4": [ref["cidr"]]}}]},
                 "devices": {"linodes": [int(node.id)]}}
         res = self.driver().connection.request("/v4/networking/firewalls", data=json.dumps(body), method="POST")
         return res.object["id"]
 
     def delete_firewall(self, ref):
+        if isinstance(ref, dict):  # never made (the Linode did not get that far)
+            return
         if ref is not None:
             self.driver().connection.request(f"/v4/networking/firewalls/{ref}", method="DELETE")
 
@@ -721,6 +742,7 @@ class CloudProvider(Provider):
         self._instances: dict[str, Instance] = {}
         self._sizes: dict[str, dict[str, Any]] | None = None
         self._creating: set[str] = set()
+        self.terminated_ids: set[str] = set()
         self.calls = 0
 
     # -- plumbing
@@ -728,11 +750,16 @@ class CloudProvider(Provider):
         """One blocking libcloud call in a thread, under api_timeout; errors explained."""
         self.calls += 1
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), float(self.options["api_timeout"]))
+            return await asyncio.wait_for(asyncio.to_thread(self._locked, fn, *args, **kwargs),
+                                          float(self.options["api_timeout"]))
         except LabdeckError:
             raise
         except Exception as e:  # noqa: BLE001 - every libcloud / HTTP error becomes a ProviderError
             raise explain(self.name, self.type, e, doing) from None
+
+    def _locked(self, fn, *args, **kwargs):
+        with self.api.lock:
+            return fn(*args, **kwargs)
 
     def key_paths(self) -> tuple[Path, Path]:
         given = self.options.get("ssh_key") or ""
@@ -795,8 +822,10 @@ class CloudProvider(Provider):
         # what the provider lists now replaces what it listed before (a launch under way keeps its entry)
         fresh_nodes = {n: v for n, v in self._nodes.items() if n in self._creating}
         fresh = {n: v for n, v in self._instances.items() if n in self._creating}
+        self.terminated_ids = set()  # labdeck ids the provider lists as terminated (gone for sure)
         for node in nodes:
             if str(getattr(node.state, "value", node.state)).lower() == "terminated":
+                self.terminated_ids.add(self.api.tags(node).get(TAG_ID, ""))
                 continue
             inst = self._to_instance(node)
             fresh_nodes[inst.name] = node
@@ -807,7 +836,8 @@ class CloudProvider(Provider):
 
     async def describe(self, instance: str) -> Instance:
         node = await self._node(instance, refresh=True)
-        return self._to_instance(node)
+        inst = self._instances[instance] = self._to_instance(node)
+        return inst
 
     async def _node(self, instance: str, refresh: bool = False):
         node = self._nodes.get(instance)
@@ -835,11 +865,17 @@ class CloudProvider(Provider):
             raise ProviderError(f"{instance} was not launched by labdeck: it will not {what} it.",
                                 f"Use --force to {what} it anyway.")
 
-    async def start(self, instance: str, *, force: bool = False) -> Instance:
+    async def start(self, instance: str, *, force: bool = False, progress: Progress | None = None) -> Instance:
+        """Start it and wait until it runs (with an address) and answers SSH."""
         self._guard(instance, "start", force)
+        say = progress or (lambda stage, detail: None)
         node = await self._node(instance)
         await self.call(f"starting {instance}", self.api.start, node)
-        return await self.describe(instance)
+        node = await self._wait_running(instance, node, say, from_stopped=True)
+        inst = self._instances[instance] = self._to_instance(node)
+        if inst.host:
+            await self._wait_ssh(instance, inst, say)
+        return inst
 
     async def stop(self, instance: str, *, force: bool = False) -> Instance:
         self._guard(instance, "stop", force)
@@ -955,10 +991,9 @@ class CloudProvider(Provider):
                 created.append(("key", key_ref))
             cidr = self.firewall_source()
             say("firewall", f"SSH only, from {cidr}")
-            self.api._cidr = cidr  # type: ignore[attr-defined]
             fw = await self.call("creating the firewall", self.api.create_firewall, firewall_name(name, labdeck_id),
-                                 cidr, f"labdeck-{labdeck_id.lower()}")
-            if fw is not None:
+                                 cidr, firewall_tag(labdeck_id))
+            if fw is not None and not isinstance(fw, dict):
                 created.append(("firewall", fw))
             say("creating", f"{size} ({info.gpu_summary}, {_price(info)}){' spot' if spec.spot else ''}, image {image}")
             # a spot instance can only be terminated by shutdown; autostop=terminate asks for the same
@@ -974,10 +1009,9 @@ class CloudProvider(Provider):
             if on_created is not None:
                 on_created(inst)
             node = await self._wait_running(name, node, say)
-            if self.type == "linode":
-                fw2 = await self.call("creating the firewall", self.api.attach_firewall, None, node)
-                created.append(("firewall", fw2))
-                fw = fw2
+            if isinstance(fw, dict):  # Linode: the firewall is made now, for this Linode
+                fw = await self.call("creating the firewall", self.api.attach_firewall, fw, node)
+                created.append(("firewall", fw))
             inst = self._instances[name] = self._to_instance(node)
             if not inst.host:
                 raise ProviderError(f"{self.name}: {name} is running but has no {self.options['address']} address.",
@@ -989,6 +1023,7 @@ class CloudProvider(Provider):
             return inst
         except BaseException as e:
             left = await self._undo(created, say)
+            left += await self._sweep(name, labdeck_id, created, say)
             self._nodes.pop(name, None)
             self._instances.pop(name, None)
             if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
@@ -1001,6 +1036,32 @@ class CloudProvider(Provider):
             raise LaunchFailed(f"Launch of {name} failed: {msg}{tail}", getattr(base, "hint", "")) from None
         finally:
             self._creating.discard(name)
+
+    async def _sweep(self, name: str, labdeck_id: str, created: list[tuple[str, Any]], say: Progress) -> list[str]:
+        """What a call that timed out may still have made (the provider finished it after labdeck gave
+        up): instances tagged with this launch's id, and its firewall by name."""
+        left: list[str] = []
+        try:
+            nodes = await self.call("looking for what the launch left", self.api.list_nodes)
+        except LabdeckError:
+            return [f"possibly an instance tagged labdeck-id={labdeck_id} (the provider did not answer)"]
+        done = {str(getattr(r, "id", "")) for k, r in created if k == "node"}
+        for n in nodes:
+            if self.api.tags(n).get(TAG_ID) == labdeck_id and str(n.id) not in done \
+                    and str(getattr(n.state, "value", n.state)).lower() != "terminated":
+                say("cleanup", f"deleting instance {n.id}, made after labdeck stopped waiting")
+                try:
+                    await self.call("terminating the half-made instance", self.api.destroy, n)
+                except LabdeckError:
+                    left.append(f"node {n.id}")
+        if not any(k == "firewall" for k, _ in created):
+            try:
+                fw = await self.call("finding the firewall", self.api.find_firewall, firewall_name(name, labdeck_id))
+                if fw is not None and not await self._delete_firewall_when_free(fw, ""):
+                    left.append(f"firewall {firewall_name(name, labdeck_id)}")
+            except LabdeckError:
+                pass
+        return left
 
     async def _undo(self, created: list[tuple[str, Any]], say: Progress) -> list[str]:
         left: list[str] = []
@@ -1020,7 +1081,7 @@ class CloudProvider(Provider):
                 left.append(f"{kind} {getattr(ref, 'id', ref)}")
         return left
 
-    async def _wait_running(self, name: str, node, say: Progress):
+    async def _wait_running(self, name: str, node, say: Progress, *, from_stopped: bool = False):
         deadline = time.monotonic() + float(self.options["launch_timeout"])
         t0 = time.monotonic()
         while True:
@@ -1032,7 +1093,9 @@ class CloudProvider(Provider):
             state = STATE_MAP.get(str(getattr(node.state, "value", node.state)).lower(), "unknown")
             if state == "running" and self.address_of(node):
                 return node
-            if state in ("terminated", "error", "stopped"):
+            if state == "stopped" and from_stopped and time.monotonic() - t0 < 60:
+                state = "pending"  # a start takes a moment to show
+            elif state in ("terminated", "error", "stopped"):
                 fault = node.extra.get("fault") or {}
                 why = fault.get("message") if isinstance(fault, dict) else str(fault)
                 err = ProviderError(f"{self.name}: {name} went to {state} while starting" + (f": {why}" if why else "") + ".")
