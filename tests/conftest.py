@@ -21,7 +21,30 @@ def home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPat
     h = tmp_path_factory.mktemp("labdeck-home")
     monkeypatch.setenv("LABDECK_HOME", str(h))
     monkeypatch.delenv("LABDECK_TEAM_DIR", raising=False)
-    return h
+    yield h
+    stop_local_agent(h)
+
+
+def stop_local_agent(home: Path) -> None:
+    """End the monitoring agent a test started on `local` under ``home`` (it would otherwise wait
+    10 minutes for a reader before leaving by itself): every process whose command line runs that
+    home's agent.py. Looked for twice, as one may have been starting (detached) when the test ended."""
+    import time
+
+    if not (home / "data" / "agent").exists():
+        return  # no agent was ever started here
+    needle = str(home / "data" / "agent" / "agent.py").encode()
+    for attempt in range(2):
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGTERM)
+            except (OSError, ProcessLookupError):
+                continue
+        if attempt == 0:
+            time.sleep(0.3)
 
 
 @pytest.fixture
