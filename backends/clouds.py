@@ -72,9 +72,13 @@ def records(ws, *, team: bool = True) -> list[dict[str, Any]]:
     return ws.store.mine.all(TABLE)
 
 
-def my_record(ws, name: str) -> dict[str, Any] | None:
-    live = [r for r in records(ws, team=False) if r.get("name") == name and r.get("state") not in ("terminated", "failed")]
+def _latest_live(recs: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    live = [r for r in recs if r.get("name") == name and r.get("state") not in ("terminated", "failed")]
     return max(live, key=lambda r: r.get("created_at", ""), default=None)
+
+
+def my_record(ws, name: str) -> dict[str, Any] | None:
+    return _latest_live(records(ws, team=False), name)
 
 
 def current_spend(ws, now: datetime | None = None) -> Spend:
@@ -279,8 +283,7 @@ async def set_autostop(ws, name: str, minutes: float, action: str | None = None)
 
 
 def _team_record(ws, name: str) -> dict[str, Any] | None:
-    live = [r for r in records(ws) if r.get("name") == name and r.get("state") not in ("terminated", "failed")]
-    return max(live, key=lambda r: r.get("created_at", ""), default=None)
+    return _latest_live(records(ws), name)
 
 
 def _after(ws, rec: dict[str, Any] | None, *, desired: str, state: str, running: bool) -> None:
@@ -302,9 +305,11 @@ def _after(ws, rec: dict[str, Any] | None, *, desired: str, state: str, running:
 
 # ---- reconcile: billing, autostop, preemption -----------------------------------------------
 
-def enrich(ws, instances: list[Instance], now: datetime | None = None) -> None:
-    """Cost so far and the autostop countdown onto listed cloud instances."""
-    recs = {r["id"]: r for r in records(ws)}
+def enrich(ws, instances: list[Instance], now: datetime | None = None,
+           team_records: list[dict[str, Any]] | None = None) -> Spend:
+    """Cost so far and the autostop countdown onto listed cloud instances; returns the spend they
+    were computed from. ``team_records``: the team's instance records, when the caller has them."""
+    recs = {r["id"]: r for r in (records(ws) if team_records is None else team_records)}
     sp = spend(recs.values(), ws.user, now)
     by_name = {r.get("name"): r for r in recs.values() if r.get("state") not in ("terminated", "failed")}
     for inst in instances:
@@ -316,6 +321,7 @@ def enrich(ws, instances: list[Instance], now: datetime | None = None) -> None:
             inst.autostop = autostop.countdown(st[1], now)
         elif rec is not None and inst.state == "running" and float(rec.get("autostop_minutes") or 0) <= 0:
             inst.autostop = "off"
+    return sp
 
 
 async def poll_autostop(ws, instances: list[Instance], max_age: float = 10.0) -> None:

@@ -94,6 +94,7 @@ class Workstation:
         parts: dict[str, list[Instance]] = {}
         listing = InstanceListing([])
         answered: set[str] = set()
+        team_records = None  # read once per round, when the first cloud answers
         for fut in asyncio.as_completed([one(n, self.providers[n]) for n in names]):
             name, res = await fut
             if isinstance(res, BaseException):
@@ -112,7 +113,9 @@ class Workstation:
             listing.instances = [i for n in names for i in parts.get(n, [])]
             if any(isinstance(self.providers[n], clouds.CloudProvider) for n in parts):
                 try:
-                    clouds.enrich(self, listing.instances)
+                    if team_records is None:
+                        team_records = clouds.records(self)
+                    clouds.enrich(self, listing.instances, team_records=team_records)
                 except Exception as e:  # noqa: BLE001 - a bad record must not cost the listing
                     listing.errors["records"] = f"cost and autostop could not be shown: {type(e).__name__}: {e}"
             if self._partial_callbacks:

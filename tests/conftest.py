@@ -91,3 +91,29 @@ async def wait_final(ws, run_id: str, timeout: float = 60.0, poll: float = 0.1):
             return run
         await asyncio.sleep(poll)
     raise AssertionError(f"run {run_id} did not finish: {ws.store.find_run(run_id)}")
+
+
+@pytest.fixture
+def keypair(tmp_path: Path) -> Path:
+    """A fresh ed25519 key pair (the private key's path; ``.pub`` beside it), e.g. to import to a cloud."""
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
+    return tmp_path / "id"
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS credentials in the environment, for the moto server (tests/ec2shim.py)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLABDECKTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def provider_toml(name: str, values: dict) -> str:
+    """A ``[providers.NAME]`` table from Python values (JSON literals are TOML literals here)."""
+    import json
+
+    return f"[providers.{name}]\n" + "".join(
+        f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(v)}\n" for k, v in values.items())
+

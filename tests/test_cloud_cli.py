@@ -11,13 +11,6 @@ from tests.cloudfakes import FakeDigitalOcean
 from tests.test_cli import labdeck
 
 
-@pytest.fixture
-def keypair(tmp_path):
-    import subprocess
-
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
-    return tmp_path / "id"
-
 
 @pytest.fixture
 def do(home, keypair):

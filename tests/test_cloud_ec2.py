@@ -16,6 +16,7 @@ from backends.config import load_config
 from backends.errors import LabdeckError, ProviderError
 from backends.paths import Paths
 from backends.workstation import Workstation
+from tests.conftest import provider_toml, wait_final
 from tests.ec2shim import EC2Shim
 
 AMI = "ami-1e749f67"  # one of moto's built-in images (an Ubuntu AMI)
@@ -28,13 +29,6 @@ def shim():
         yield s
     finally:
         s.close()
-
-
-@pytest.fixture
-def aws_env(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLABDECKTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 def ssh_config(home: Path, rig, names: dict[str, str]) -> Path:
@@ -58,19 +52,11 @@ def cloud_config(home: Path, shim: EC2Shim, *, rig=None, names: dict[str, str] |
     elif key is not None:
         values["ssh_key"] = str(key)
     values.update(opts)
-    text = "[providers.aws]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+    text = provider_toml("aws", values)
     if budget:
         text += f"[budget]\ndaily_usd = {budget}\n"
     (home / "config.toml").write_text(text)
     return Workstation(load_config(Paths.resolve(home)))
-
-
-def toml_value(v) -> str:
-    import json
-
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return json.dumps(v)
 
 
 def ec2_instances(shim: EC2Shim) -> dict[str, str]:
@@ -84,13 +70,6 @@ def ec2_instances(shim: EC2Shim) -> dict[str, str]:
 def labdeck_groups(shim: EC2Shim) -> list[dict]:
     return [g for g in shim.boto3().describe_security_groups()["SecurityGroups"] if g["GroupName"].startswith("labdeck-")]
 
-
-@pytest.fixture
-def keypair(tmp_path):
-    import subprocess
-
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
-    return tmp_path / "id"
 
 
 # ---- the whole lifecycle on the rig -------------------------------------------------------------
@@ -141,12 +120,7 @@ async def test_launch_bootstrap_job_stop_start_terminate(home, fresh_rig, aws_en
             proj.mkdir()
             (proj / "hello.py").write_text("print('hello from the cloud')\n")
             run = await ws.launch(f"{rig.python} hello.py", instance="gpu1", workdir=str(proj))
-            for _ in range(100):
-                await ws.refresh_runs()
-                run = ws.store.find_run(run.id)
-                if run.run_state.is_final:
-                    break
-                await asyncio.sleep(0.1)
+            run = await wait_final(ws, run.id, timeout=10)
             assert run.state == "succeeded"
             assert run.instance_info["provider_type"] == "ec2" and run.price_per_hour == pytest.approx(0.526)
 
@@ -401,12 +375,7 @@ async def test_spot_preemption_marks_runs_and_relaunches_from_the_checkpoint(hom
                 await asyncio.sleep(0.1)
             assert child is not None and child.instance == "gpu1-r1" and child.name == "spotty (resumed)"
             assert child.env["LABDECK_RESUME_FROM"].endswith("/last.txt")
-            for _ in range(100):
-                await ws.refresh_runs()
-                child = ws.store.find_run(child.id)
-                if child.run_state.is_final:
-                    break
-                await asyncio.sleep(0.1)
+            child = await wait_final(ws, child.id, timeout=10)
             assert child.state == "succeeded"
             log = await ws.log_tail(child.id)
             assert f"at step {run.checkpoint['step']}" in log and "done after resume" in log

@@ -18,6 +18,7 @@ from backends.errors import ProviderError
 from backends.paths import Paths
 from backends.workstation import Workstation
 from tests.cloudfakes import FakeDigitalOcean, FakeLinode, FakeOpenStack
+from tests.conftest import provider_toml, wait_final
 
 KINDS = {
     # kind: (fake class, provider options, GPU size, its summary, its $/hr, where the price comes from)
@@ -55,18 +56,9 @@ def make_ws(home: Path, kind: str, fake, *, rig=None, key: Path | None = None, *
     elif key is not None:
         values["ssh_key"] = str(key)
     values.update(opts)
-    text = f"[providers.{kind}]\n" + "".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
-                                             for k, v in values.items())
-    (home / "config.toml").write_text(text)
+    (home / "config.toml").write_text(provider_toml(kind, values))
     return Workstation(load_config(Paths.resolve(home)))
 
-
-@pytest.fixture
-def keypair(tmp_path):
-    import subprocess
-
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
-    return tmp_path / "id"
 
 
 def leftovers(fake) -> dict:
@@ -136,12 +128,7 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
             proj.mkdir()
             (proj / "hi.py").write_text("print('hi from', __import__('socket').gethostname())\n")
             run = await ws.launch(f"{rig.python} hi.py", instance="gpu1", workdir=str(proj))
-            for _ in range(100):
-                await ws.refresh_runs()
-                run = ws.store.find_run(run.id)
-                if run.run_state.is_final:
-                    break
-                await asyncio.sleep(0.1)
+            run = await wait_final(ws, run.id, timeout=10)
             assert run.state == "succeeded" and run.instance_info["provider_type"] == kind
 
             await clouds.stop(ws, "gpu1")

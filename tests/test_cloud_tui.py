@@ -3,7 +3,6 @@ rate; the launch form; stop/terminate behind a confirmation; a failed launch sho
 
 from __future__ import annotations
 
-import pytest
 from textual.widgets import DataTable, Input
 
 from tests.ec2shim import EC2Shim
@@ -16,18 +15,6 @@ from tui.widgets import ConfirmScreen
 SIZE = (150, 40)
 
 
-@pytest.fixture
-def aws(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLABDECKTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-
-
-@pytest.fixture
-def keypair(tmp_path):
-    import subprocess
-
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
-    return tmp_path / "id"
 
 
 def rows(app) -> dict[str, list[str]]:
@@ -39,7 +26,7 @@ def notes(app) -> list[str]:
     return [n.message for n in app._notifications]
 
 
-async def test_outside_instance_listed_then_terminated_only_after_a_warning(home, aws, keypair) -> None:
+async def test_outside_instance_listed_then_terminated_only_after_a_warning(home, aws_env, keypair) -> None:
     with EC2Shim() as shim:
         iid = shim.boto3().run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="g5.xlarge",
                                          TagSpecifications=[{"ResourceType": "instance",
@@ -71,7 +58,7 @@ async def test_outside_instance_listed_then_terminated_only_after_a_warning(home
         await ws.close()
 
 
-async def test_launch_form_failure_is_one_message_and_leaves_nothing(home, aws, keypair) -> None:
+async def test_launch_form_failure_is_one_message_and_leaves_nothing(home, aws_env, keypair) -> None:
     with EC2Shim(("198.18.255.254",)) as shim:
         ws = cloud_config(home, shim, key=keypair, ssh_timeout=1.0, connect_timeout=0.4)
         app = LabdeckApp(ws, live=False)

@@ -166,8 +166,7 @@ class LabdeckApp(App[None]):
         ws.background_errors.clear()
         if clouds.cloud_providers(ws):
             await clouds.poll_autostop(ws, listing.instances)
-            clouds.enrich(ws, listing.instances, now=self.now())
-            sp = clouds.current_spend(ws, now=self.now())
+            sp = clouds.enrich(ws, listing.instances, now=self.now())
             daily = float(ws.config.get("budget", "daily_usd"))
             outside = sum(i.price_per_hour for i in listing.instances
                           if not i.managed and i.state == "running" and i.provider_type not in ("local", "ssh"))

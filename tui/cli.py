@@ -72,21 +72,27 @@ def open_tui() -> None:
 def ls_cmd() -> None:
     """List the instances of every configured provider."""
     ws = _workstation()
-    async def listing_and_relaunches():
-        listing = await ws.list_instances()
-        await ws.wait_background(lambda n: err_console.print(
-            f"[yellow]•[/] waiting for {n} relaunch(es) after a preemption (Ctrl-C leaves them for next time)…",
-            highlight=False))
-        return listing
 
-    listing = asyncio.run(listing_and_relaunches())
+    async def listing_and_relaunches():
+        try:
+            listing = await ws.list_instances()
+            await ws.wait_background(lambda n: err_console.print(
+                f"[yellow]•[/] waiting for {n} relaunch(es) after a preemption (Ctrl-C leaves them for next time)…",
+                highlight=False))
+            sp = None
+            if clouded:  # the autostop countdowns, over the same connections (one event loop)
+                await clouds.poll_autostop(ws, listing.instances, max_age=0)
+                sp = clouds.enrich(ws, listing.instances)
+            return listing, sp
+        finally:
+            await ws.close()
+
+    clouded = bool(clouds.cloud_providers(ws))
+    listing, sp = asyncio.run(listing_and_relaunches())
     for e in ws.background_errors:
         err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
     now = datetime.now(timezone.utc)
     t = Table(title="instances", title_justify="left")
-    clouded = any(i.size for i in listing.instances) or bool(clouds.cloud_providers(ws))
-    if clouded:
-        asyncio.run(_autostop_poll(ws, listing))
     rows = []
     for i in listing.instances:
         row = (i.name, i.provider, state_markup(i.state),
@@ -103,8 +109,7 @@ def ls_cmd() -> None:
         drop = cols.index("host")
         cols, rows = cols[:drop] + cols[drop + 1:], [r[:drop] + r[drop + 1:] for r in rows]
     console.print(fit_table(t, cols, rows, flexible={"size", "GPUs", "host"}))
-    if clouded:
-        sp = clouds.current_spend(ws)
+    if sp is not None:
         daily = float(ws.config.get("budget", "daily_usd"))
         console.print(f"[dim]burn: you {money(sp.burn_user)}/h · team {money(sp.burn_team)}/h · today you "
                       f"${sp.today_user:.2f}{f' of ${daily:.2f}' if daily else ''}[/]", highlight=False)
@@ -117,11 +122,6 @@ def ls_cmd() -> None:
             err_console.print(f"[bold red]⚠[/] {i.name}: {i.note}", highlight=False)
     if listing.errors:
         sys.exit(1)
-
-
-async def _autostop_poll(ws: Workstation, listing) -> None:
-    await clouds.poll_autostop(ws, listing.instances, max_age=0)
-    clouds.enrich(ws, listing.instances)
 
 
 @cli.command("config")

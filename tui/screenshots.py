@@ -184,28 +184,25 @@ def demo_autostop() -> dict:
                                                 "busy": [], "interval": 30, "updated_at": _iso(NOW - timedelta(seconds=5))})}
 
 
-class DemoCloud:
-    """The screenshots' EC2 account: fixed instances, no API calls (a demo state, like ``FACTS``)."""
+def DemoCloud(name: str, *, ptype: str, pool=None):
+    """The screenshots' EC2 account: fixed instances, no API calls, no SSH (a demo state, like ``FACTS``)."""
+    from backends.catalog import Catalog
+    from backends.errors import ProviderError
+    from backends.providers.cloud import CloudProvider
 
-    def __new__(cls, name: str, *, ptype: str, pool=None):
-        from backends.catalog import Catalog
-        from backends.errors import ProviderError
-        from backends.providers.cloud import CloudProvider
+    class _Demo(CloudProvider):
+        async def list_instances(self):
+            out = demo_cloud_instances()
+            self._instances = {inst.name: inst for inst in out}
+            return out
 
-        class _Demo(CloudProvider):
-            async def list_instances(self):
-                out = demo_cloud_instances()
-                for inst in out:
-                    self._instances[inst.name] = inst
-                return out
+        def transport(self, instance):
+            raise ProviderError("demo instances have no SSH")
 
-            def transport(self, instance):
-                raise ProviderError("demo instances have no SSH")
+        async def close(self):
+            pass
 
-            async def close(self):
-                pass
-
-        return _Demo(name, _cloud_opts(ptype), ptype=ptype, pool=pool, catalog=Catalog.load(), env={})
+    return _Demo(name, _cloud_opts(ptype), ptype=ptype, pool=pool, catalog=Catalog.load(), env={})
 
 
 def demo_samples(n: int = 120) -> list[dict]:

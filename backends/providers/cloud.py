@@ -25,6 +25,7 @@ but never stopped, started or terminated unless forced.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import configparser
 import os
@@ -213,7 +214,10 @@ def firewall_name(instance: str, labdeck_id: str) -> str:
     return f"labdeck-{instance[:16]}-{labdeck_id[-6:].lower()}"
 
 
-class CloudAPI:
+class CloudAPI(abc.ABC):
+    """One provider's blocking libcloud calls. Subclasses give the driver, the firewall and the node
+    creation; keys are imported by name and a missing node reads as None unless they say otherwise."""
+
     ptype = ""
 
     def __init__(self, provider: str, options: Mapping[str, Any], env: Mapping[str, str]) -> None:
@@ -245,8 +249,24 @@ class CloudAPI:
                 conn.timeout = float(self.options["api_timeout"])
         return self._driver
 
-    def make_driver(self):  # pragma: no cover - each adapter
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make_driver(self): ...
+
+    def token(self, default_vars: tuple[str, ...], cli_file: str, pattern: str) -> str:
+        """An API token: the variable `token_env` names (else ``default_vars``), else the provider
+        CLI's config file (``pattern`` captures it)."""
+        var = self.options.get("token_env")
+        for v in ((var,) if var else default_vars):
+            if self.env.get(v):
+                return self.env[v]
+        path = Path(os.path.expanduser(self.options.get("credentials_file") or cli_file))
+        try:
+            m = re.search(pattern, path.read_text(), re.M)
+        except OSError:
+            m = None
+        if m:
+            return m.group(1).strip().strip("'\"")
+        raise self.missing_credentials(f"no {' or '.join((var,) if var else default_vars)} and no token in {path}")
 
     # nodes
     def list_nodes(self) -> list:
@@ -270,6 +290,17 @@ class CloudAPI:
         return None
 
     def get_node(self, node_id: str):
+        """The node, or None when the provider no longer has it (a 404)."""
+        from libcloud.common.exceptions import BaseHTTPError
+
+        try:
+            return self.fetch_node(node_id)
+        except BaseHTTPError as e:
+            if getattr(e, "code", None) == 404:
+                return None
+            raise
+
+    def fetch_node(self, node_id: str):
         for n in self.list_nodes():
             if str(n.id) == str(node_id):
                 return n
@@ -286,27 +317,37 @@ class CloudAPI:
 
     # launch pieces (each returns what cleanup needs)
     def ensure_key(self, name: str, public_key: str) -> tuple[Any, bool]:
-        raise NotImplementedError  # pragma: no cover
+        """The key pair called ``name``, imported unless there: (ref, imported by this call)."""
+        d = self.driver()
+        if any(k.name == name for k in d.list_key_pairs()):
+            return name, False
+        d.import_key_pair_from_string(name, public_key)
+        return name, True
 
     def delete_key(self, ref: Any) -> None:
-        raise NotImplementedError  # pragma: no cover
+        d = self.driver()
+        for k in d.list_key_pairs():
+            if k.name == ref:
+                d.delete_key_pair(k)
 
+    @abc.abstractmethod
     def create_firewall(self, name: str, cidr: str, tag: str) -> Any:
-        raise NotImplementedError  # pragma: no cover
+        """A firewall letting only SSH in from ``cidr``; ``tag`` is what it applies to, where it goes by tags."""
 
-    def attach_firewall(self, ref: Any, node) -> None:
+    def attach_firewall(self, ref: Any, node) -> Any:
         """Providers whose firewalls attach to a node after it exists."""
+        return ref
 
+    @abc.abstractmethod
     def find_firewall(self, name: str) -> Any:
         """The firewall called ``name`` (a ref for delete_firewall), or None."""
-        raise NotImplementedError  # pragma: no cover
 
-    def delete_firewall(self, ref: Any) -> None:
-        raise NotImplementedError  # pragma: no cover
+    @abc.abstractmethod
+    def delete_firewall(self, ref: Any) -> None: ...
 
+    @abc.abstractmethod
     def create_node(self, *, name: str, size: str, image: str, key: Any, firewall: Any, tags: dict[str, str],
-                    spot: bool, disk_gb: int, terminate_on_shutdown: bool):
-        raise NotImplementedError  # pragma: no cover
+                    spot: bool, disk_gb: int, terminate_on_shutdown: bool): ...
 
     def start(self, node) -> None:
         self.driver().start_node(node)
@@ -361,7 +402,7 @@ class EC2API(CloudAPI):
         t = node.extra.get("launch_time")
         return str(t).replace(".000Z", "Z") if t else super().started(node)
 
-    def get_node(self, node_id: str):
+    def fetch_node(self, node_id: str):
         nodes = self.driver().list_nodes(ex_node_ids=[node_id])
         return nodes[0] if nodes else None
 
@@ -391,19 +432,6 @@ class EC2API(CloudAPI):
                                 "Set `image` to an AMI id (ami-...) or another name pattern.")
         images.sort(key=lambda i: str(i.extra.get("creation_date") or ""), reverse=True)
         return images[0]
-
-    def ensure_key(self, name: str, public_key: str) -> tuple[Any, bool]:
-        d = self.driver()
-        if any(k.name == name for k in d.list_key_pairs()):
-            return name, False
-        d.import_key_pair_from_string(name, public_key)
-        return name, True
-
-    def delete_key(self, ref: Any) -> None:
-        d = self.driver()
-        for k in d.list_key_pairs():
-            if k.name == ref:
-                d.delete_key_pair(k)
 
     def create_firewall(self, name: str, cidr: str, tag: str) -> Any:
         d = self.driver()
@@ -443,20 +471,6 @@ class EC2API(CloudAPI):
 
 class DigitalOceanAPI(CloudAPI):
     ptype = "digitalocean"
-
-    def token(self, default_vars: tuple[str, ...], cli_file: str, pattern: str) -> str:
-        var = self.options.get("token_env")
-        for v in ((var,) if var else default_vars):
-            if self.env.get(v):
-                return self.env[v]
-        path = Path(os.path.expanduser(self.options.get("credentials_file") or cli_file))
-        try:
-            m = re.search(pattern, path.read_text(), re.M)
-        except OSError:
-            m = None
-        if m:
-            return m.group(1).strip().strip("'\"")
-        raise self.missing_credentials(f"no {' or '.join((var,) if var else default_vars)} and no token in {path}")
 
     def make_driver(self):
         from libcloud.compute.drivers.digitalocean import DigitalOceanNodeDriver
@@ -520,15 +534,8 @@ class DigitalOceanAPI(CloudAPI):
     def stop(self, node):
         self.driver().ex_shutdown_node(node)
 
-    def get_node(self, node_id):
-        from libcloud.common.exceptions import BaseHTTPError
-
-        try:
-            return self.driver().ex_get_node_details(node_id)
-        except BaseHTTPError as e:
-            if getattr(e, "code", None) == 404:
-                return None
-            raise
+    def fetch_node(self, node_id):
+        return self.driver().ex_get_node_details(node_id)
 
     def sizes(self):
         out = super().sizes()
@@ -537,7 +544,7 @@ class DigitalOceanAPI(CloudAPI):
         return out
 
 
-class LinodeAPI(DigitalOceanAPI):
+class LinodeAPI(CloudAPI):
     ptype = "linode"
 
     def make_driver(self):
@@ -588,33 +595,13 @@ class LinodeAPI(DigitalOceanAPI):
                              NodeImage(image, image, d), root_pass=secrets.token_urlsafe(24) + "aA1!",
                              ex_authorized_keys=[key], ex_tags=_tags_to_list(tags))
 
-    def start(self, node):
-        self.driver().start_node(node)
-
-    def stop(self, node):
-        self.driver().stop_node(node)
-
-    def get_node(self, node_id):
-        from libcloud.common.exceptions import BaseHTTPError
-
+    def fetch_node(self, node_id):
         try:
             return self.driver().ex_get_node(node_id)
-        except BaseHTTPError as e:
-            if getattr(e, "code", None) == 404:
-                return None
-            raise
         except Exception as e:  # Linode's driver raises its own exception type for a 404
             if "not found" in str(e).lower():
                 return None
             raise
-
-    def sizes(self):
-        out = {}
-        for s in self.driver().list_sizes():
-            out[str(s.id)] = {"vcpus": s.extra.get("vcpus"), "ram_mib": s.ram, "price": s.price,
-                              "gpus": s.extra.get("gpus")}
-        return out
-
 
 class OpenStackAPI(CloudAPI):
     ptype = "openstack"
@@ -660,29 +647,8 @@ class OpenStackAPI(CloudAPI):
                            "price": s.price or None}
         return out
 
-    def get_node(self, node_id):
-        from libcloud.common.exceptions import BaseHTTPError
-
-        try:
-            return self.driver().ex_get_node_details(node_id)
-        except BaseHTTPError as e:
-            if getattr(e, "code", None) == 404:
-                return None
-            raise
-
-    def ensure_key(self, name, public_key):
-        d = self.driver()
-        for k in d.list_key_pairs():
-            if k.name == name:
-                return name, False
-        d.import_key_pair_from_string(name, public_key)
-        return name, True
-
-    def delete_key(self, ref):
-        d = self.driver()
-        for k in d.list_key_pairs():
-            if k.name == ref:
-                d.delete_key_pair(k)
+    def fetch_node(self, node_id):
+        return self.driver().ex_get_node_details(node_id)
 
     def create_firewall(self, name, cidr, tag):
         d = self.driver()

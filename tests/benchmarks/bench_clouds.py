@@ -27,7 +27,6 @@ Run: ``python3 -m tests.benchmarks clouds``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import time
@@ -77,10 +76,9 @@ def _config(home: Path, shim, fakes: dict, key: Path) -> None:
         "lin": {"type": "linode", "endpoint": fakes["linode"].url},
         "ostack": {"type": "openstack", "region": "RegionOne"},
     }
-    text = ""
-    for name, values in sections.items():
-        text += f"[providers.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in {**values, **common}.items()) + "\n"
-    (home / "config.toml").write_text(text)
+    from tests.conftest import provider_toml
+
+    (home / "config.toml").write_text("\n".join(provider_toml(n, {**v, **common}) for n, v in sections.items()))
 
 
 async def _measure(app, pilot, progressive: bool) -> dict[str, float]:
