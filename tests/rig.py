@@ -1002,7 +1002,8 @@ class LocalSSHServer:
     received, in order), ``forwards`` (``(host, port)`` of direct-tcpip opens).
     """
 
-    def __init__(self, home: Path, client_key: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, home: Path, client_key: Path, *, host: str = "127.0.0.1", port: int = 0,
+                 encryption_algs: Sequence[str] | None = None) -> None:
         import asyncssh
 
         self.home = Path(home)
@@ -1013,6 +1014,8 @@ class LocalSSHServer:
         self.user = _current_user()
         self.commands: list[str | None] = []
         self.forwards: list[tuple[str, int]] = []
+        self.ignored = 0  # SSH_MSG_IGNORE packets received from clients (asyncssh's CBC countermeasure)
+        self.encryption_algs = list(encryption_algs) if encryption_algs else None
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._authorized = asyncssh.import_authorized_keys(Path(f"{client_key}.pub").read_text())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1046,10 +1049,21 @@ class LocalSSHServer:
 
     async def _listen(self):
         import asyncssh
+        from asyncssh.constants import MSG_IGNORE
 
         server = self
 
         class _Server(asyncssh.SSHServer):
+            def connection_made(self, conn) -> None:
+                handlers = type(conn)._packet_handlers
+                original = handlers[MSG_IGNORE]
+
+                def counted(c, *args):
+                    server.ignored += 1
+                    return original(c, *args)
+
+                conn._packet_handlers = {**handlers, MSG_IGNORE: counted}
+
             def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
                 server.forwards.append((dest_host, dest_port))
                 return is_loopback(dest_host)  # tests may only reach loopback
@@ -1068,6 +1082,7 @@ class LocalSSHServer:
             authorized_client_keys=self._authorized, process_factory=self._handle,
             sftp_factory=lambda chan: _SFTP(chan), encoding=None, line_editor=False,
             agent_forwarding=False, x11_forwarding=False, allow_scp=False,
+            **({"encryption_algs": self.encryption_algs} if self.encryption_algs else {}),
         )
 
     def close(self) -> None:

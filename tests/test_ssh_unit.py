@@ -3,12 +3,23 @@ transport against an in-process asyncssh server on loopback (no namespaces neede
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from backends.errors import TransportError
-from backends.ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, parse_destination, resolve_host
+from backends.ssh import (
+    HostSpec,
+    KnownHosts,
+    SSHConfigFile,
+    SSHPool,
+    SSHTransport,
+    encryption_algs,
+    parse_destination,
+    resolve_host,
+)
+from tests.rig import LocalSSHServer
 
 SSH_CONFIG = """
 Host bastion
@@ -178,4 +189,62 @@ async def test_a_silent_host_shows_connecting_and_holds_nobody_up(ssh_server, ss
         assert time.monotonic() - t0 < 0.5 and states["silent"].state == "unreachable"
     finally:
         await ws.close()
+        server.close()
+
+
+async def _traffic(t: SSHTransport, server) -> None:
+    """A command, a file read and a forwarded echo: every kind of packet a session sends."""
+    res = await t.run("echo hi")
+    assert res.stdout == b"hi\n"
+    (server.home / "f.txt").write_bytes(b"data")
+    assert (await t.read_file(f"{server.home}/f.txt")).data == b"data"
+
+    async def echo(reader, writer):
+        while data := await reader.read(1024):
+            writer.write(data)
+        writer.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    fwd = await t.forward_port(srv.sockets[0].getsockname()[1])
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", fwd.local_port)
+        for i in range(20):
+            writer.write(b"ping %d\n" % i)
+            assert await reader.readline() == b"ping %d\n" % i
+        writer.close()
+    finally:
+        await fwd.close()
+        srv.close()
+
+
+async def test_no_ignore_packet_before_every_packet_with_aead_ciphers(ssh_server, ssh_client_key, tmp_path: Path) -> None:
+    """asyncssh sends an empty SSH_MSG_IGNORE before every packet (a CBC countermeasure): with the
+    AEAD ciphers labdeck negotiates that doubled the packets of every forwarded request."""
+    pool = SSHPool(KnownHosts(tmp_path / "known_hosts"))
+    t = SSHTransport(pool, spec_for(ssh_server, str(ssh_client_key)), instance="test")
+    try:
+        conn = await pool.connection(t.spec)
+        assert conn.get_extra_info("send_cipher") in encryption_algs()[:2]
+        assert "-cbc" not in conn.get_extra_info("send_cipher")
+        before = ssh_server.ignored  # those sent while logging in, before labdeck had the connection
+        await _traffic(t, ssh_server)
+        assert ssh_server.ignored == before
+    finally:
+        await pool.close()
+
+
+async def test_cbc_connections_keep_the_ignore_packets(tmp_path: Path, ssh_client_key, monkeypatch) -> None:
+    """With a CBC cipher (a server that offers nothing else) the countermeasure stays on."""
+    monkeypatch.setattr("backends.ssh._ALGS", ["aes128-cbc"])
+    server = LocalSSHServer(tmp_path / "cbc-home", ssh_client_key, encryption_algs=["aes128-cbc"]).start()
+    pool = SSHPool(KnownHosts(tmp_path / "known_hosts"))
+    t = SSHTransport(pool, spec_for(server, str(ssh_client_key)), instance="cbc")
+    try:
+        conn = await pool.connection(t.spec)
+        assert conn.get_extra_info("send_cipher") == "aes128-cbc"
+        before = server.ignored
+        await _traffic(t, server)
+        assert server.ignored > before + 20  # one before every packet
+    finally:
+        await pool.close()
         server.close()
