@@ -236,7 +236,12 @@ def api_key(ws, dep_id: str) -> str | None:
 
 
 def ssh_line(ws, instance: str, local_port: int, remote_port: int) -> str:
-    """The command a teammate runs on a laptop to reach the server through the same chain."""
+    """The command a teammate runs on a laptop to reach the server through the same chain.
+
+    Plain OpenSSH, so it works anywhere. Through a jump host it is slower than labdeck's own forward:
+    with no session on the jump connection (``-J`` cannot run one) OpenSSH leaves Nagle's algorithm
+    on there, and a client that writes headers and body separately waits ~40 ms for a delayed ACK on
+    some requests (measured on the rig: p50 1.2 ms, p99 45 ms, one client; tests/benchmarks/bench_serving.py)."""
     provider = ws.providers.get(ws._instance_provider.get(instance, ""))
     spec = getattr(provider, "specs", {}).get(instance) if provider is not None else None
     if spec is None:  # this machine (or a jump host itself): forward to it directly

@@ -46,9 +46,10 @@ Diagnostic rows (dim, no target), parts 1 and 2: a second Workstation, its own p
 code mirror, used in turn with the first (same launches, same file changes), whose
 connection to the jump host has run one command on the jump host itself. OpenSSH's sshd
 turns TCP_NODELAY on for a connection only when a session (exec/shell) starts on it
-(``ssh_packet_set_interactive``); a jump host that only forwards, which is all labdeck
-asks of it, keeps Nagle's algorithm on, and small replies through it can wait for the
-client's delayed ACK (~40 ms on Linux). The rows show what that costs each round trip.
+(``ssh_packet_set_interactive``); a jump host that only forwards keeps Nagle's algorithm
+on, and small replies through it can wait for the client's delayed ACK (~40 ms on Linux).
+labdeck's pool now runs a no-op command on every connection it opens, the jump host's
+included (``backends/ssh.py``), so these rows are a control: they should match labdeck's.
 
 Run: ``python3 -m tests.benchmarks remote`` (or ``python3 -m tests.benchmarks.bench_remote``).
 """
@@ -215,7 +216,7 @@ async def jump_session(ws: Workstation) -> None:
     (exec/shell) starts on it (``ssh_packet_set_interactive``); a jump host that only ever
     forwards (direct-tcpip, which is all labdeck asks of it) keeps Nagle's algorithm on that
     socket, and small packets back to labdeck then wait for the client's delayed ACK (~40 ms
-    on Linux). labdeck itself never does this."""
+    on Linux). labdeck's pool does the same at connect now, so this is a second one (a control)."""
     provider = ws.providers["lab"]
     await SSHTransport(provider.pool, provider.specs["jump"], instance="jump").run("true")
 

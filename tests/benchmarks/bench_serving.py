@@ -16,23 +16,27 @@ with labdeck's ``labdeck_serve.py``, in the same run:
    /predict`` with the API key, a short warm-up per client first) drives ``REQUESTS`` requests (a)
    from this machine to ``dep.url``, as a process of its own so it never shares labdeck's event loop
    or GIL, and (b) "direct": the same script run ON node1 as the node user (through labdeck's
-   transport) against ``127.0.0.1:<dep.port>`` there. ``ROUNDS`` rounds, ABBA order. Target:
-   through labdeck ≥ 0.9× the direct requests/s. The rig's namespaces share this machine's CPUs:
-   the load generator, labdeck's forward, both sshd's and litserve all compete for the same cores,
-   "direct" included, so a second table gives the CPU each spent per request (``/proc`` times of
-   labdeck's process, the jump's and node1's sshd processes, litserve's process group, the load
-   generator's own ``getrusage``) and what every other process on the machine used meanwhile.
-   Diagnostic rows (dim, no target): one client (the latency the forward adds to each request),
-   16 clients (enough concurrency to hide it), a new connection per request (a new SSH channel
-   through both hops each time, as ``serving.predict``'s urllib does), a second Workstation whose
-   jump connection ran a command on the jump host so its sshd turned TCP_NODELAY on (labdeck never
-   does; see bench_remote), asyncssh's own ``forward_local_port`` on labdeck's connection (labdeck's
-   forward is a relay in Python that dials a channel per client, so it heals after a reconnect),
-   OpenSSH's own forward of the same chain (``ssh -N -L … -J jump``, the
-   line ``deploy`` hands a teammate), and a deployment on the test fixture's node site (no
-   uvicorn[standard] extras: uvicorn on plain asyncio + h11, whose accepted sockets keep Nagle on:
-   uvicorn binds the listening socket itself with proto 0 and asyncio sets TCP_NODELAY only for
-   proto IPPROTO_TCP, so every keep-alive request after the first waits ~40 ms for a delayed ACK).
+   transport) against ``127.0.0.1:<dep.port>`` there, and (c) the reference: the same load from this
+   machine through OpenSSH's own C client over the same chain, set up so that every hop turns
+   TCP_NODELAY on (:func:`openssh_nodelay_forward`). ``ROUNDS`` rounds, the three paths in every
+   order. Target: through labdeck ≥ 0.9× the direct requests/s. The rig's namespaces share this
+   machine's CPUs: the load generator, labdeck's forward, both sshd's and litserve all compete for
+   the same cores, "direct" included, so a second table gives the CPU each spent per request
+   (``/proc`` times of labdeck's process, the jump's and node1's sshd processes, litserve's process
+   group, the OpenSSH client processes, the load generator's own ``getrusage``) and what every other
+   process on the machine used meanwhile. On a 2-core machine a forwarded request costs the two
+   sshd hops' CPU, the forwarder's and more of the load generator's, on the cores litserve needs:
+   the OpenSSH row shows what a C client gets there. Diagnostic rows (dim, no target): one client
+   (the latency the forward adds to each request), 16 clients, a new connection per request (a new
+   SSH channel through both hops each time, as ``serving.predict``'s urllib does), asyncssh's own
+   ``forward_local_port`` on labdeck's connection (labdeck's forward is a relay in Python that dials
+   a channel per client, so it heals after a reconnect), the line ``deploy`` hands a teammate
+   (``ssh -N -L … -J jump``: with no session on either hop OpenSSH leaves Nagle on, and http.client
+   writes headers and body separately, so many requests wait ~40 ms for a delayed ACK), and a
+   deployment on the test fixture's node site (no uvicorn[standard] extras: uvicorn on plain
+   asyncio + h11, whose accepted sockets keep Nagle on: uvicorn binds the listening socket itself
+   with proto 0 and asyncio sets TCP_NODELAY only for proto IPPROTO_TCP, so every keep-alive
+   request after the first waits ~40 ms for a delayed ACK).
 2. **Deploy to healthy, beside litserve's own start.** ``STARTS`` times, alternating:
    ``serving.deploy(...)`` wall time on a warm connection, split by timing the transport calls it
    makes (model file check, litserve import check, free-port check, upload + start + forward, the
@@ -72,8 +76,8 @@ from ._common import (
 )
 
 NAME = "serving"
-REQUESTS = 4000  # per path, split over ROUNDS
-ROUNDS = 8  # ABBA…: this small machine is noisy (and may be shared); more, shorter rounds average it out
+REQUESTS = 6000  # per path, split over ROUNDS
+ROUNDS = 12  # the three paths in every order, twice: this small machine is noisy; more, shorter rounds average it out
 CLIENTS = 4
 MANY_CLIENTS = 16  # diagnostic: enough concurrency to hide the forward's per-request latency
 WARMUP_PER_CLIENT = 25
@@ -227,9 +231,9 @@ async def train(ws, rig, project: Path, site: Path, name: str):
 COMPONENTS = ("labdeck", "jump sshd", "node sshd", "litserve", "openssh client")
 
 
-def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pid: int | None = None) -> dict[str, Any]:
+def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pids: tuple[int, ...] = ()) -> dict[str, Any]:
     """CPU seconds so far of: this process (labdeck's asyncssh forward), the jump's and node1's sshd
-    processes, litserve's process group, and an OpenSSH client (with its ProxyJump child)."""
+    processes, litserve's process group, and OpenSSH client processes (with their children: ProxyJump's)."""
     import psutil
 
     def secs(p) -> float:
@@ -271,10 +275,10 @@ def cpu_snapshot(rig, litserve_pgid: int, ssh_client_pid: int | None = None) -> 
                 out["litserve"] += secs(p)
         except (OSError, psutil.Error):
             pass
-    if ssh_client_pid:
+    for pid in ssh_client_pids:
         try:
-            root = psutil.Process(ssh_client_pid)
-            out["openssh client"] = sum(secs(p) for p in [root, *root.children(recursive=True)])
+            root = psutil.Process(pid)
+            out["openssh client"] += sum(secs(p) for p in [root, *root.children(recursive=True)])
         except psutil.Error:
             pass
     return out
@@ -303,12 +307,12 @@ async def loadgen_node(transport, python: str, script: str, port: int, key: str,
 
 
 async def measured(rig, pgid: int, go: Callable[[], Awaitable[dict[str, Any]]], warm_requests: int,
-                   ssh_client_pid: int | None = None) -> dict[str, Any]:
+                   ssh_client_pids: tuple[int, ...] = ()) -> dict[str, Any]:
     """One load run with the components' CPU around it (the warm-up requests are in that CPU too, so the
     per-request figures divide by measured + warm-up requests; the load generator's is its own, measured part)."""
-    before, t0 = cpu_snapshot(rig, pgid, ssh_client_pid), time.perf_counter()
+    before, t0 = cpu_snapshot(rig, pgid, ssh_client_pids), time.perf_counter()
     res = await go()
-    after, t1 = cpu_snapshot(rig, pgid, ssh_client_pid), time.perf_counter()
+    after, t1 = cpu_snapshot(rig, pgid, ssh_client_pids), time.perf_counter()
     res["component_cpu_s"] = {k: after[k] - before[k] for k in COMPONENTS}
     res["requests_incl_warmup"] = res["ok"] + warm_requests
     res["span_s"] = t1 - t0
@@ -349,61 +353,134 @@ def free_local_port() -> int:
     return port
 
 
-async def openssh_forward(rig, remote_port: int) -> tuple[subprocess.Popen, int]:
-    """``ssh -N -L lport:127.0.0.1:remote_port node1`` with the rig's OpenSSH config (ProxyJump jump)."""
+async def _listening(procs: list[subprocess.Popen], lport: int, what: str) -> None:
+    t = time.monotonic()
+    while time.monotonic() - t < 15:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what} exited {p.returncode}: {p.stderr.read().decode(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", lport), 0.5).close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen within 15 s")
+
+
+def end_procs(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+async def openssh_forward(rig, remote_port: int) -> tuple[list[subprocess.Popen], int]:
+    """``ssh -N -L lport:127.0.0.1:remote_port node1`` with the rig's OpenSSH config (ProxyJump jump): the
+    line ``deploy`` hands a teammate."""
     lport = free_local_port()
     proc = subprocess.Popen(["ssh", "-F", str(rig.ssh_config_path), "-N", "-o", "ExitOnForwardFailure=yes",
                              "-L", f"{lport}:127.0.0.1:{remote_port}", "node1"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t = time.monotonic()
-    while time.monotonic() - t < 15:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ssh -L exited {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
-        try:
-            socket.create_connection(("127.0.0.1", lport), 0.5).close()
-            return proc, lport
-        except OSError:
+    try:
+        await _listening([proc], lport, "ssh -N -L")
+    except BaseException:
+        end_procs([proc])
+        raise
+    return [proc], lport
+
+
+async def openssh_nodelay_forward(rig, root: Path, remote_port: int) -> tuple[list[subprocess.Popen], int]:
+    """OpenSSH's C client through the same chain with TCP_NODELAY on every hop: the reference path.
+
+    A multiplexing master to the jump host runs a session there (``sleep``), so the master and the
+    jump's sshd both turn TCP_NODELAY on for that connection (OpenSSH does so only when a session
+    starts); the connection to node1 goes through it (``ProxyCommand ssh -S master -W``) and runs a
+    session too, so node1's sshd does the same. Without the sessions (``-N -J``), small packets wait
+    for delayed ACKs: see the teammate's-line row."""
+    ctl = root / "ld-jump.ctl"
+    cfg = str(rig.ssh_config_path)
+    procs = [subprocess.Popen(["ssh", "-F", cfg, "-o", "ControlMaster=yes", "-o", f"ControlPath={ctl}", "jump",
+                               "sleep", "3600"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+    try:
+        t = time.monotonic()
+        while not ctl.exists():
+            if procs[0].poll() is not None or time.monotonic() - t > 15:
+                raise RuntimeError(f"ssh master to the jump did not start: {procs[0].stderr.read().decode(errors='replace')}")
             await asyncio.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("ssh -L did not listen within 15 s")
+        lport = free_local_port()
+        procs.append(subprocess.Popen(
+            ["ssh", "-F", cfg, "-o", f"ProxyCommand=ssh -F {cfg} -o ControlPath={ctl} -W %h:%p jump",
+             "-o", "ExitOnForwardFailure=yes", "-L", f"{lport}:127.0.0.1:{remote_port}", "node1", "sleep", "3600"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        await _listening(procs, lport, "ssh -L through the jump's master")
+    except BaseException:
+        end_procs(procs)
+        raise
+    return procs, lport
 
 
-async def measure_requests(ws, rig, run, local_script: Path, node_script: str, quick: bool,
-                           ws_nodelay) -> dict[str, Any]:
+PATHS = ("labdeck", "direct", "openssh")
+# every order of the three paths, each twice over ROUNDS = 12: each path is first, second and third as often
+ORDERS = [("labdeck", "direct", "openssh"), ("openssh", "direct", "labdeck"), ("direct", "openssh", "labdeck"),
+          ("labdeck", "openssh", "direct"), ("openssh", "labdeck", "direct"), ("direct", "labdeck", "openssh")]
+
+
+async def measure_requests(ws, rig, run, root: Path, local_script: Path, node_script: str, quick: bool) -> dict[str, Any]:
     from backends import serving
 
-    from .bench_remote import jump_session
-
-    n = 200 if quick else REQUESTS
+    n = 300 if quick else REQUESTS
     diag_n = 100 if quick else DIAG_REQUESTS
     warm = 5 if quick else WARMUP_PER_CLIENT
+    rounds = len(ORDERS) if quick else ROUNDS
     transport = await ws.transport("node1")
     python = serving._python_of(ws.store.find_run(run.id))  # the python deploy starts litserve with
     served = await serving.deploy(ws, run.id)
     dep, key = served.deployment, served.api_key
     pgid = dep.pid
     out: dict[str, Any] = {"port": dep.port, "local_port": served.forward.local_port, "requests": n, "clients": CLIENTS,
-                           "rounds": ROUNDS, "warmup_per_client": warm, "diag_requests": diag_n,
+                           "rounds": rounds, "warmup_per_client": warm, "diag_requests": diag_n,
                            "stack": await uvicorn_stack(transport, run, python)}
-    ssh_proc = None
+    ssh_procs: list[subprocess.Popen] = []
+
+    def via_port(port: int, count: int, clients: int, mode: str, w: int):
+        return lambda: loadgen_local(local_script, port, key, count, clients, mode, w)
 
     def via_labdeck(count: int, clients: int, mode: str, w: int):
-        return lambda: loadgen_local(local_script, served.forward.local_port, key, count, clients, mode, w)
+        return via_port(served.forward.local_port, count, clients, mode, w)
 
     def direct(count: int, clients: int, mode: str, w: int):
         return lambda: loadgen_node(transport, python, node_script, dep.port, key, count, clients, mode, w)
 
     try:
-        # main: ROUNDS rounds, ABBA order
-        parts: dict[str, list] = {"labdeck": [], "direct": []}
-        per_round = n // ROUNDS
-        for r in range(ROUNDS):
-            for label in (("labdeck", "direct") if r % 2 == 0 else ("direct", "labdeck")):
-                go = (via_labdeck if label == "labdeck" else direct)(per_round, CLIENTS, "keepalive", warm)
-                parts[label].append(await measured(rig, pgid, go, warm * CLIENTS))
+        # main: the three paths in turn, every order
+        ref_procs, ref_port = await openssh_nodelay_forward(rig, root, dep.port)
+        ssh_procs += ref_procs
+        ref_pids = tuple(p.pid for p in ref_procs)
+        parts: dict[str, list] = {label: [] for label in PATHS}
+        per_round = n // rounds
+        for r in range(rounds):
+            for label in ORDERS[r % len(ORDERS)]:
+                if label == "labdeck":
+                    go, pids = via_labdeck(per_round, CLIENTS, "keepalive", warm), ()
+                elif label == "direct":
+                    go, pids = direct(per_round, CLIENTS, "keepalive", warm), ()
+                else:
+                    go, pids = via_port(ref_port, per_round, CLIENTS, "keepalive", warm), ref_pids
+                parts[label].append(await measured(rig, pgid, go, warm * CLIENTS, pids))
         out["main"] = {label: combine(p) for label, p in parts.items()}
-        out["round_ratios"] = [a["ok"] / a["wall_s"] / (b["ok"] / b["wall_s"]) for a, b in zip(parts["labdeck"], parts["direct"])]
-        # diagnostics: one client; a new connection per request; OpenSSH's forward of the same chain
+
+        def rps(x: dict[str, Any]) -> float:
+            return x["ok"] / x["wall_s"]
+
+        out["round_ratios"] = [rps(a) / rps(b) for a, b in zip(parts["labdeck"], parts["direct"])]
+        out["round_ratios_openssh"] = [rps(a) / rps(b) for a, b in zip(parts["openssh"], parts["direct"])]
+        end_procs(ref_procs)
+        # diagnostics: one client; more clients; a new connection per request; OpenSSH's forward of the same chain
         diag: dict[str, Any] = {}
         for label, make in (("labdeck", via_labdeck), ("direct", direct)):
             diag[f"1 client, {label}"] = combine([await measured(rig, pgid, make(diag_n, 1, "keepalive", warm), warm)])
@@ -413,17 +490,6 @@ async def measure_requests(ws, rig, run, local_script: Path, node_script: str, q
         for label, make in (("labdeck", via_labdeck), ("direct", direct)):
             diag[f"new connection per request, {label}"] = combine(
                 [await measured(rig, pgid, make(diag_n, CLIENTS, "new", warm), warm * CLIENTS)])
-        # a second Workstation whose connection to the jump host has run a command there, so the jump's sshd
-        # turned TCP_NODELAY on for it (labdeck never does; see bench_remote): what Nagle on the jump costs
-        await jump_session(ws_nodelay)
-        fwd2 = await (await ws_nodelay.transport("node1")).forward_port(dep.port)
-        try:
-            for clients in (CLIENTS, MANY_CLIENTS):
-                diag[f"jump with TCP_NODELAY, {clients} clients"] = combine([await measured(
-                    rig, pgid, lambda c=clients: loadgen_local(local_script, fwd2.local_port, key, diag_n, c, "keepalive", warm),
-                    warm * clients)])
-        finally:
-            await fwd2.close()
         # asyncssh's own -L listener on the same connection (what labdeck used before its self-healing relay):
         # what the relay's Python pump (a StreamReader/StreamWriter pair per direction) costs
         conn = await transport.handle.get()
@@ -431,24 +497,19 @@ async def measure_requests(ws, rig, run, local_script: Path, node_script: str, q
         try:
             for clients in (1, CLIENTS):
                 diag[f"asyncssh forward_local_port, {clients} clients"] = combine([await measured(
-                    rig, pgid, lambda c=clients: loadgen_local(local_script, native.get_port(), key, diag_n, c,
-                                                                "keepalive", warm), warm * clients)])
+                    rig, pgid, via_port(native.get_port(), diag_n, clients, "keepalive", warm), warm * clients)])
         finally:
             native.close()
             await native.wait_closed()
-        ssh_proc, lport = await openssh_forward(rig, dep.port)
-        diag["openssh -L"] = combine([await measured(
-            rig, pgid, lambda: loadgen_local(local_script, lport, key, diag_n, CLIENTS, "keepalive", warm),
-            warm * CLIENTS, ssh_proc.pid)])
+        line_procs, lport = await openssh_forward(rig, dep.port)
+        ssh_procs += line_procs
+        for clients in (1, CLIENTS):
+            diag[f"openssh -N -L, {clients} clients"] = combine([await measured(
+                rig, pgid, via_port(lport, diag_n, clients, "keepalive", warm), warm * clients,
+                tuple(p.pid for p in line_procs))])
         out["diag"] = diag
     finally:
-        if ssh_proc is not None:
-            ssh_proc.terminate()
-            try:
-                ssh_proc.wait(5)
-            except subprocess.TimeoutExpired:
-                ssh_proc.kill()
-                ssh_proc.wait()
+        end_procs(ssh_procs)
         await served.forward.close()
         await serving.stop(ws, dep.id)
     left = (await transport.run(f"ps -o pid=,stat= -g {pgid} | grep -v ' Z' || true")).text().strip()
@@ -614,12 +675,8 @@ async def run_all(rig, root: Path, site: Path, bare_site: Path, quick: bool) -> 
         await transport.put_files({node_loadgen: LOADGEN.encode(), node_starter: STARTER.encode()}, mode=0o644)
         local_script = root / "bench_loadgen.py"
         local_script.write_text(LOADGEN)
-        console.print("[dim]serving: requests through labdeck's forward and direct on node1 …[/]")
-        ws_nodelay = open_ws(root / "home-nodelay", rig)
-        try:
-            req = await measure_requests(ws, rig, run, local_script, node_loadgen, quick, ws_nodelay)
-        finally:
-            await ws_nodelay.close()
+        console.print("[dim]serving: requests through labdeck's forward, OpenSSH's and direct on node1 …[/]")
+        req = await measure_requests(ws, rig, run, root, local_script, node_loadgen, quick)
         console.print("[dim]serving: the same on the test fixture's node site (no uvloop/httptools) …[/]")
         req["bare"] = await measure_bare(ws, rig, bare_run, local_script, node_loadgen, quick)
         console.print("[dim]serving: deploy to healthy vs litserve's own start …[/]")
@@ -681,8 +738,8 @@ def main(quick: bool = False) -> list[Verdict]:
     met1 = None if quick else ratio >= TARGET_RPS_RATIO and m["labdeck"]["errors"] == 0
     t1 = new_table(
         f"POST /predict on node1 (litserve as `pip install litserve` has it: {q['stack']}): {q['requests']:,} requests "
-        f"per path, {q['clients']} clients with keep-alive, {q['rounds']} rounds ABBA (target: through labdeck ≥ "
-        f"{TARGET_RPS_RATIO:g}× direct req/s)",
+        f"per path, {q['clients']} clients with keep-alive, {q['rounds']} rounds, the three paths in every order "
+        f"(target: through labdeck ≥ {TARGET_RPS_RATIO:g}× direct req/s)",
         ["Path", ("req/s", "right"), ("p50 ms", "right"), ("p99 ms", "right"), ("max ms", "right"), ("vs direct", "right"),
          "Checked", "Target"])
     t1b = new_table(
@@ -707,7 +764,9 @@ def main(quick: bool = False) -> list[Verdict]:
         t1b.add_row(*([dim(c) for c in cells] if faint else cells), end_section=section)
 
     row("direct: the load generator on node1 → 127.0.0.1:port", m["direct"], None, "baseline")
-    row("labdeck: this machine → dep.url (asyncssh forward via jump)", m["labdeck"], d_rps, verdict(met1), section=True)
+    row("labdeck: this machine → dep.url (asyncssh forward via jump)", m["labdeck"], d_rps, verdict(met1))
+    row("reference: OpenSSH's C client, same chain, TCP_NODELAY on every hop", m["openssh"], d_rps, "", openssh=True,
+        section=True)
     dg = q["diag"]
     one_base = dg["1 client, direct"]["rps"]
     many_base = dg[f"{MANY_CLIENTS} clients, direct"]["rps"]
@@ -721,24 +780,27 @@ def main(quick: bool = False) -> list[Verdict]:
     for clients, base in ((1, one_base), (q["clients"], d_rps)):
         row(f"asyncssh's own forward_local_port, same connection, {clients} client{'s' if clients > 1 else ''}",
             dg[f"asyncssh forward_local_port, {clients} clients"], base, "", faint=True)
-    for clients, base in ((q["clients"], d_rps), (MANY_CLIENTS, many_base)):
-        row(f"labdeck, jump's sshd with TCP_NODELAY, {clients} clients", dg[f"jump with TCP_NODELAY, {clients} clients"],
-            base, "", faint=True)
-    row(f"OpenSSH `ssh -N -L … -J jump`, {q['clients']} clients", dg["openssh -L"], d_rps, "", faint=True,
-        openssh=True, section=True)
+    for clients, base in ((1, one_base), (q["clients"], d_rps)):
+        row(f"the teammate's line `ssh -N -L … -J jump`, {clients} client{'s' if clients > 1 else ''}",
+            dg[f"openssh -N -L, {clients} clients"], base, "", faint=True, openssh=True, section=clients > 1)
     b = q["bare"]
     row(f"test fixture's node site ({b['stack']}): direct", b["direct"], None, "", faint=True)
     row(f"test fixture's node site ({b['stack']}): labdeck", b["labdeck"], b["direct"]["rps"], "", faint=True)
     console.print(t1)
     added = dg["1 client, labdeck"]["p50_ms"] - dg["1 client, direct"]["p50_ms"]
-    rr = q["round_ratios"]
+    rr, ro = q["round_ratios"], q["round_ratios_openssh"]
     console.print(f"[dim]Round by round, labdeck/direct req/s: {', '.join(f'{x:.2f}' for x in rr)} (median "
-                  f"{statistics.median(rr):.2f}). One client: the forward adds {added:.2f} ms per request at p50. "
+                  f"{statistics.median(rr):.2f}); OpenSSH/direct: {', '.join(f'{x:.2f}' for x in ro)} (median "
+                  f"{statistics.median(ro):.2f}); labdeck/OpenSSH over all rounds: "
+                  f"{m['labdeck']['rps'] / m['openssh']['rps']:.2f}×. One client: the forward adds {added:.2f} ms per "
+                  f"request at p50. "
                   f"Diagnostic rows: {q['diag_requests']:,} requests each, one run; the fixture's node site: "
                   f"{b['requests']:,}.[/]")
     console.print(t1b)
     console.print(f"[dim]labdeck = this process (the asyncssh forward: both SSH layers, the node connection inside the "
-                  f"jump one), jump/node sshd = their sshd processes, litserve = its process group, load gen = the load "
+                  f"jump one), jump/node sshd = their sshd processes, litserve = its process group, ssh -L = OpenSSH "
+                  f"client processes (the reference: the jump master and the node client with its ProxyCommand), load "
+                  f"gen = the load "
                   f"generator's measured part; all but the load generator include the warm-up requests' share. The rig's "
                   f"namespaces share this machine's {os.cpu_count()} CPUs, so 'direct' competes for them too, as does "
                   f"anything else running here ('other processes').[/]")
