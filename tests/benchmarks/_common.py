@@ -121,6 +121,15 @@ def write_results(name: str, payload: dict[str, Any], *, quick: bool = False) ->
     return path
 
 
+def finish(name: str, payload: dict[str, Any], verdicts: list, elapsed_s: float, *, quick: bool = False) -> list:
+    """The end of every benchmark's ``main``: write its results with the verdicts and the time it took,
+    say where, and return the verdicts for the summary."""
+    path = write_results(name, {**payload, "verdicts": [v.__dict__ for v in verdicts], "elapsed_s": elapsed_s},
+                         quick=quick)
+    console.print(f"[dim]wrote {path}[/]\n")
+    return verdicts
+
+
 @contextmanager
 def scratch_dir(prefix: str) -> Iterator[Path]:
     """A temporary directory on a real disk (fsync must mean something), removed afterwards.

@@ -32,7 +32,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ._common import Verdict, console, fmt_ms, new_table, scratch_dir, summarize, verdict, write_results
+from ._common import Verdict, console, finish, fmt_ms, new_table, scratch_dir, summarize, verdict
 
 NAME = "clouds"
 PER_PROVIDER = 25
@@ -191,6 +191,7 @@ async def _run(home: Path, rounds: int) -> dict:
 
 def main(quick: bool = False) -> list[Verdict]:
     rounds = 2 if quick else ROUNDS
+    t_all = time.perf_counter()
     with scratch_dir(NAME) as home:
         res = asyncio.run(_run(home, rounds))
     table = new_table(
@@ -214,9 +215,8 @@ def main(quick: bool = False) -> list[Verdict]:
         table.add_row(f"[dim]bare libcloud list_nodes: {name} ({b['instances']})[/]", f"[dim]{fmt_ms(b['p50_ms'])}[/]",
                       f"[dim]{fmt_ms(b['max_ms'])}[/]", "", "", "", "")
     console.print(table)
-    path = write_results(NAME, {"per_provider": PER_PROVIDER, "slow_s": SLOW_S, "rounds": rounds, **res}, quick=quick)
-    console.print(f"[dim]wrote {path}[/]")
-    return verdicts
+    return finish(NAME, {"per_provider": PER_PROVIDER, "slow_s": SLOW_S, "rounds": rounds, **res}, verdicts,
+                  time.perf_counter() - t_all, quick=quick)
 
 
 if __name__ == "__main__":

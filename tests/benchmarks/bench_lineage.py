@@ -57,8 +57,8 @@ from typing import Any
 from backends.models import Annotation, Edge
 from backends.store import UserStore
 
-from ._common import (REPO_ROOT, Verdict, console, fmt_ms, iso, make_run, new_table, pick_final_state, scratch_dir,
-                      summarize, timeline_ms, verdict, write_results)
+from ._common import (REPO_ROOT, Verdict, console, finish, fmt_ms, iso, make_run, new_table, pick_final_state, scratch_dir,
+                      summarize, timeline_ms, verdict)
 
 NAME = "lineage"
 DRIVER = Path(__file__).resolve().parent / "_lineage_driver.py"
@@ -521,7 +521,7 @@ def main(quick: bool = False, force_profile: bool = False) -> list[Verdict]:
                 "typed_key_painted_ms": summarize(pooled(s, "typed_keys", "painted")) if mode == "switch" else None,
                 "samples": s,
             }
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "Lineage tab: press 4 → tree drawn, apply_filter → tree redrawn, RSS; fresh processes, headless",
         "params": {"sizes": list(sizes), "repeats": repeats, "filters_per_process": filters, "filter": FILTER,
                    "size": [160, 48], "corpora": {str(n): c for n, c in corpora.items()}},
@@ -530,11 +530,7 @@ def main(quick: bool = False, force_profile: bool = False) -> list[Verdict]:
         "anchors": [dict(zip(("tool", "reported", "source"), a)) for a in ANCHORS],
         "results": results,
         "profile": prof,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 def profile() -> None:

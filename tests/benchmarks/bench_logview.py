@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import psutil
 
-from ._common import Verdict, console, filesystem_of, fmt_ms, new_table, scratch_dir, verdict, write_results
+from ._common import Verdict, console, filesystem_of, finish, fmt_ms, new_table, scratch_dir, verdict
 
 NAME = "logview"
 SIZE_BYTES = 1 << 30
@@ -274,7 +274,7 @@ def main(quick: bool = False) -> list[Verdict]:
     console.print(f"[dim]file written in {made['write_s']:.1f} s on {fs}; tail index showed the last "
                   f"{warm['tail_lines']:,} lines first; searches {'all right' if ok else '[red]WRONG[/]'}; "
                   f"cache drop {'worked' if cold['cache_dropped'] else 'not available'}; took {elapsed:.0f} s[/]")
-    path_json = write_results(NAME, {
+    return finish(NAME, {
         "description": "LogScreen/LogView on a big local log, headless, in-process",
         "params": {"bytes": made["bytes"], "newlines": newlines, "needle_offsets": made["needle_offsets"],
                    "screen": list(SCREEN), "filesystem": fs, "python": sys.version.split()[0]},
@@ -283,11 +283,7 @@ def main(quick: bool = False) -> list[Verdict]:
         "baselines": {"read_count_cold_s": count_cold_s, "read_count_warm_s": count_warm_s, "grep_miss_warm_s": grep_s},
         "results": results,
         "searches_correct": ok,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path_json}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

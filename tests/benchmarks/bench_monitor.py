@@ -69,7 +69,7 @@ from backends.paths import Paths
 from backends.ssh import SSHTransport
 from backends.workstation import Workstation
 
-from ._common import Verdict, console, fmt_ms, new_table, percentile, scratch_dir, summarize, verdict, write_results
+from ._common import Verdict, console, finish, fmt_ms, new_table, percentile, scratch_dir, summarize, verdict, write_results
 from .bench_remote import no_team_dir_override
 
 NAME = "monitor"
@@ -693,7 +693,7 @@ def main(quick: bool = False) -> list[Verdict]:
     console.print(f"[dim]rig: jump + 1 node built in {build_s:.2f} s; the node shares this machine's clock (no skew "
                   f"correction); per-sample agent CPU is quantized to the kernel's 10 ms ticks (1 % of a 1 s "
                   f"interval); chart refresh is bench_series's; took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "labdeck.log() → series latency, sustained ingest and agent CPU on the rig, through its jump host",
         "params": {"latency_points": L["points"], "latency_period_s": LAT_PERIOD_S, "slow_gaps_s": list(SLOW_GAPS_S), "series_poll_s": SERIES_POLL_S,
                    "file_poll_s": FILE_POLL_S, "flood_s": res["ingest_max"]["seconds"], "paced_pps": PACED_PPS,
@@ -702,11 +702,7 @@ def main(quick: bool = False) -> list[Verdict]:
                     "agent_cpu_pct": TARGET_AGENT_PCT},
         "anchors": {who: {"what": what, "ms": ms} for who, what, ms in ANCHORS},
         "results": res,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from typing import Any, Callable
 from backends.models import Annotation, Edge, Run
 from backends.query import QueryContext, filter_runs, parse
 
-from ._common import (Verdict, console, fmt_ms, iso, make_run, maybe_parent, new_table, pick_final_state, summarize,
-                      timeline_ms, verdict, write_results)
+from ._common import (Verdict, console, finish, fmt_ms, iso, make_run, maybe_parent, new_table, pick_final_state, summarize,
+                      timeline_ms, verdict)
 
 NAME = "query"
 SIZES = (100, 10_000)
@@ -200,17 +200,13 @@ def main(quick: bool = False) -> list[Verdict]:
     console.print(table)
     console.print(f"[dim]{results[-1]['annotated_runs']:,} annotated runs and {results[-1]['edges']:,} extra edges "
                   f"at {results[-1]['runs']:,} runs; took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "backends.query: parse, parse + filter_runs with a fresh context, compiled predicate",
         "params": {"sizes": list(sizes), "repeats": {n: (max(3, REPEATS[n] // 10) if quick else REPEATS[n])
                                                      for n in sizes}},
         "target": {"metric": "'4 terms' parse + filter_runs p50", "max_ms": TARGET_MS, "at_runs": TARGET_AT},
         "results": results,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

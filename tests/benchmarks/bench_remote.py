@@ -77,7 +77,7 @@ from backends.paths import Paths
 from backends.ssh import BACKOFF_MAX, SSHTransport
 from backends.workstation import Workstation
 
-from ._common import Verdict, console, fmt_ms, new_table, scratch_dir, summarize, verdict, write_results
+from ._common import Verdict, console, finish, fmt_ms, new_table, scratch_dir, summarize, verdict, write_results
 
 NAME = "remote"
 N_NODES = 3  # Rig.build's maximum (tests.rig.MAX_NODES)
@@ -583,7 +583,7 @@ def main(quick: bool = False) -> list[Verdict]:
     console.print(f"[dim]rig: jump + {N_NODES} nodes (Rig.build caps at 3) built in {build_s:.2f} s; the 20 entries point at "
                   f"node1 (up), node3 (sshd stopped) and node2 (silent), one key copy each, so one connection each; "
                   f"{y['files']:,}-file tree written in {y['tree_write_s']:.1f} s; took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "Remote work through the rig's jump host: submit latency vs fresh ssh, incremental sync vs rsync, "
                        "status refresh of 20 hosts with some down",
         "params": {"launches": s["launches"], "launch_command": LAUNCH_COMMAND, "max_concurrent": MAX_CONCURRENT,
@@ -594,11 +594,7 @@ def main(quick: bool = False) -> list[Verdict]:
         "targets": {"submit_p50_vs_ssh": TARGET_SUBMIT_RATIO, "refresh_s": TARGET_REFRESH_S},
         "anchors": {"sky_status_s": list(SKY_STATUS_S)},
         "results": res,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import REPO_ROOT, Verdict, console, new_table, scratch_dir, verdict, write_results
+from ._common import REPO_ROOT, Verdict, console, finish, new_table, scratch_dir, verdict
 
 NAME = "runtime"
 CALLS = 1_000_000
@@ -236,18 +236,14 @@ def main(quick: bool = False) -> list[Verdict]:
                   f"child took {out['child_s']:.0f} s[/]")
     if out["child_stderr"].strip():
         console.print(f"[yellow]child stderr:[/] {out['child_stderr'].strip()}")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "labdeck.log() per-call cost vs list.append floor and json.dumps + write per call, one child process",
         "params": {"calls": calls, "warmup": warmup, "metrics": {"loss": 0.3127, "acc": 0.9042}},
         "target": {"metric": "labdeck.log p50", "max_us": TARGET_P50_US},
         "python": out["python"],
         "results": r,
         "child_stderr": out["child_stderr"],
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": out["child_s"],
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, out["child_s"], quick=quick)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import plotext as plt
 
 from backends.metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
 
-from ._common import Verdict, console, fmt_ms, new_table, summarize, verdict, write_results
+from ._common import Verdict, console, finish, fmt_ms, new_table, summarize, verdict
 
 NAME = "series"
 SIZES = (1_000, 100_000, 10_000_000)
@@ -306,18 +306,14 @@ def main(quick: bool = False) -> list[Verdict]:
     verdicts.append(Verdict(NAME, "zero-code capture", f"{logcap['lines_per_s']:,.0f} lines/s",
                             f"≥ {TARGET_LOG_LPS:,} lines/s", met_l))
     console.print(f"[dim]took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "Series.view + plotext refresh vs raw plotext; metrics-file ingest; zero-code log capture",
         "params": {"sizes": list(sizes), "width": WIDTH, "height": HEIGHT, "refreshes": refreshes,
                    "read_chunk": READ_CHUNK},
         "target": {"refresh_p50_max_ms": TARGET_REFRESH_MS, "ingest_min_points_per_s": TARGET_INGEST_PPS,
                    "log_min_lines_per_s": TARGET_LOG_LPS},
         "refresh": refresh, "append_points_per_s": append_pps, "ingest": ingest, "log_capture": logcap,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from typing import Any
 from ._common import (
     Verdict,
     console,
+    finish,
     fmt_ms,
     new_table,
     percentile,
@@ -846,7 +847,7 @@ def main(quick: bool = False) -> list[Verdict]:
                                 f"≤ +{TARGET_START_EXTRA_S:g} s", met2))
     console.print(f"[dim]rig: jump + 1 node built in {build_s:.2f} s; node site (litserve, numpy and their requirements) "
                   f"copied in {site_s:.1f} s; training run {res['train_s']:.1f} s; took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "Model serving on a rig node through the jump host: req/s and latency through labdeck's forward "
                        "vs direct on the node; deploy-to-healthy vs litserve's own start",
         "params": {"requests": q["requests"], "clients": q["clients"], "rounds": q["rounds"],
@@ -854,11 +855,7 @@ def main(quick: bool = False) -> list[Verdict]:
                    "health_poll_s": HEALTH_POLL_S, "body": {"x": BODY_X}, "rig_build_s": build_s, "node_site_s": site_s},
         "targets": {"rps_ratio": TARGET_RPS_RATIO, "start_extra_s": TARGET_START_EXTRA_S},
         "results": res,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

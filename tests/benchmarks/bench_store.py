@@ -37,8 +37,8 @@ from tinydb import TinyDB
 from backends.models import check_transition, utcnow
 from backends.store import Store
 
-from ._common import (Verdict, console, filesystem_of, fmt_ms, make_run, maybe_parent, new_table, pick_final_state,
-                      scratch_dir, summarize, timeline_ms, verdict, write_results)
+from ._common import (Verdict, console, filesystem_of, finish, fmt_ms, make_run, maybe_parent, new_table, pick_final_state,
+                      scratch_dir, summarize, timeline_ms, verdict)
 
 NAME = "store"
 SIZES = (100, 1_000, 10_000)
@@ -244,17 +244,13 @@ def main(quick: bool = False) -> list[Verdict]:
     console.print(f"[dim]avg run document {results[-1]['avg_doc_bytes']} B of JSON; scratch on {fs}; "
                   f"plain TinyDB gets fewer changes at 10k runs (≥ {TINYDB_MIN}, ~{TINYDB_BUDGET_S:g} s budget); "
                   f"took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "Store.transition/update_run latency vs plain TinyDB JSONStorage, same documents and changes",
         "params": {"sizes": list(sizes), "measured": measured, "warmup": WARMUP, "tinydb_min": TINYDB_MIN,
                    "tinydb_budget_s": TINYDB_BUDGET_S, "scratch_fs": fs},
         "target": {"metric": "labdeck (fsync on) p50", "max_ms": TARGET_P50_MS, "at_runs": TARGET_AT},
         "results": results,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from typing import Any
 
 from backends.store import UserStore
 
-from ._common import (REPO_ROOT, Verdict, console, fmt_ms, make_run, maybe_parent, new_table, pick_final_state, scratch_dir,
-                      summarize, timeline_ms, verdict, write_results)
+from ._common import (REPO_ROOT, Verdict, console, finish, fmt_ms, make_run, maybe_parent, new_table, pick_final_state, scratch_dir,
+                      summarize, timeline_ms, verdict)
 
 NAME = "tui_start"
 DRIVER = Path(__file__).resolve().parent / "_tui_driver.py"
@@ -207,17 +207,13 @@ def main(quick: bool = False) -> list[Verdict]:
     console.print(f"[dim]store: {', '.join(f'{u} {n:,}' for u, n in counts.items())} runs; snapshots {snapshot_bytes / 1e6:.1f} MB; "
                   f"seeded in {seed_s:.1f} s; Jobs table rows shown: {', '.join(str(r) for r in row_counts)}; "
                   f"headless 160×48; took {elapsed:.0f} s[/]")
-    path = write_results(NAME, {
+    return finish(NAME, {
         "description": "process start to first frame / Jobs rows, fresh processes, headless",
         "params": {"total_runs": total, "repeats": repeats, "users": counts, "snapshot_bytes": snapshot_bytes,
                    "size": [160, 48]},
         "target": {"metric": "first frame with 10k runs (median)", "max_s": TARGET_FIRST_FRAME_S},
         "results": results,
-        "verdicts": [v.__dict__ for v in verdicts],
-        "elapsed_s": elapsed,
-    }, quick=quick)
-    console.print(f"[dim]wrote {path}[/]\n")
-    return verdicts
+    }, verdicts, elapsed, quick=quick)
 
 
 def profile(start_tab: str = "jobs", top: int = 30) -> None:
