@@ -14,6 +14,7 @@ is kept in a 0600 file of the owner's, never in the team store or a log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -101,29 +102,35 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
     nb.job_id = job.id
     ws.store.add(nb)
     _save_token(ws, nb.id, token)
-    forward = await transport.forward_port(jport, local_port=local_port)
-    nb.url = f"http://127.0.0.1:{forward.local_port}"
-    t0 = time.monotonic()
-    while True:
-        try:
-            if await asyncio.to_thread(_status_code, f"{nb.url}/api/status", token) == 200:
-                break
-        except OSError:
-            pass
-        await ws.refresh_runs(only=[job.id])
-        j = ws.store.find_run(job.id)
-        if j.run_state.is_final or time.monotonic() - t0 > START_TIMEOUT:
+    forward: PortForward | None = None
+    try:
+        forward = await transport.forward_port(jport, local_port=local_port)
+        nb.url = f"http://127.0.0.1:{forward.local_port}"
+        t0 = time.monotonic()
+        while True:
+            try:
+                if await asyncio.to_thread(_status_code, f"{nb.url}/api/status", token) == 200:
+                    break
+            except OSError:
+                pass
+            await ws.refresh_runs(only=[job.id])
+            j = ws.store.find_run(job.id)
+            if j.run_state.is_final or time.monotonic() - t0 > START_TIMEOUT:
+                tail = await ws.log_tail(job.id, 2000)
+                raise LabdeckError(f"Jupyter did not start on {target}:\n{tail.strip()[-1500:]}")
+            await asyncio.sleep(0.3)
+    except LabdeckError:  # the forward or Jupyter failed: nothing keeps running, the record says so
+        if forward is not None:
             await forward.close()
-            if not j.run_state.is_final:
+        with contextlib.suppress(LabdeckError):
+            if not ws.store.find_run(job.id).run_state.is_final:
                 await ws.cancel(job.id)
-            ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "failed", "stopped_at": utcnow()})
-            tail = await ws.log_tail(job.id, 2000)
-            raise LabdeckError(f"Jupyter did not start on {target}:\n{tail.strip()[-1500:]}")
-        await asyncio.sleep(0.3)
+        ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "failed", "stopped_at": utcnow()})
+        raise
     nb.state = "running"
     ws.store.mine.put(Notebook.TABLE, nb.id, nb.to_dict())
     return Opened(nb, ws.store.find_run(job.id), token, forward, f"{nb.url}/?token={token}",
-                  ssh_line(ws, target, forward.local_port, jport))
+                  ssh_line(transport, forward.local_port, jport))
 
 
 def _status_code(url: str, token: str | None) -> int:

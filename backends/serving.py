@@ -11,6 +11,7 @@ the owner and kept in a 0600 file of theirs, never in the team store or a log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -104,19 +105,22 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     dep.pid = await transport.start_detached(command, cwd=workdir, log_path=dep.log_path)
     ws.store.add(dep)
     _save_key(ws, dep.id, key)
-    forward = await transport.forward_port(remote_port, local_port=local_port)
-    dep.url = f"http://127.0.0.1:{forward.local_port}"
+    forward: PortForward | None = None
     try:
+        forward = await transport.forward_port(remote_port, local_port=local_port)
+        dep.url = f"http://127.0.0.1:{forward.local_port}"
         await _wait_healthy(transport, dep, forward, say, key)
-    except LabdeckError as e:
-        await forward.close()
-        await _kill_group(transport, dep.pid)
+    except LabdeckError as e:  # the forward or the server failed: nothing keeps running, the record says why
+        if forward is not None:
+            await forward.close()
+        with contextlib.suppress(LabdeckError):
+            await _kill_group(transport, dep.pid)
         ws.store.mine.put(Deployment.TABLE, dep.id, {**dep.to_dict(), "state": "failed", "state_reason": str(e),
                                                      "stopped_at": utcnow()})
         raise
     dep.state = "healthy"
     ws.store.mine.put(Deployment.TABLE, dep.id, dep.to_dict())
-    return Served(dep, key, forward, ssh_line(ws, target, forward.local_port, remote_port))
+    return Served(dep, key, forward, ssh_line(transport, forward.local_port, remote_port))
 
 
 async def free_port(transport: Transport, python: str, port: int) -> int:
@@ -235,15 +239,14 @@ def api_key(ws, dep_id: str) -> str | None:
     return read_secret(ws, dep_id)
 
 
-def ssh_line(ws, instance: str, local_port: int, remote_port: int) -> str:
+def ssh_line(transport: Transport, local_port: int, remote_port: int) -> str:
     """The command a teammate runs on a laptop to reach the server through the same chain.
 
     Plain OpenSSH, so it works anywhere. Through a jump host it is slower than labdeck's own forward:
     with no session on the jump connection (``-J`` cannot run one) OpenSSH leaves Nagle's algorithm
     on there, and a client that writes headers and body separately waits ~40 ms for a delayed ACK on
     some requests (measured on the rig: p50 1.2 ms, p99 45 ms, one client; tests/benchmarks/bench_serving.py)."""
-    provider = ws.providers.get(ws._instance_provider.get(instance, ""))
-    spec = getattr(provider, "specs", {}).get(instance) if provider is not None else None
+    spec = getattr(transport, "spec", None)  # SSH hosts and cloud instances: the host and its jump chain
     if spec is None:  # this machine (or a jump host itself): forward to it directly
         host = os.uname().nodename
         return f"ssh -N -L {local_port}:127.0.0.1:{remote_port} {host}"

@@ -228,3 +228,21 @@ async def test_serve_the_users_own_litapi(workstation: Workstation, tmp_path: Pa
         await serving.stop(workstation, served.deployment.id)
     await asyncio.sleep(0.3)
     assert live_group_members(served.deployment.pid) == []
+
+
+async def test_a_forward_that_fails_leaves_no_server_running(workstation: Workstation, trained, monkeypatch) -> None:
+    """litserve is already started when the forward is opened: if that fails (a dropped link), the
+    server is stopped and its record says failed, rather than a server nobody can reach."""
+    from backends.errors import TransportError
+    from backends.providers.local import LocalTransport
+
+    async def refuse(self, remote_port, *, local_port=0, remote_host="127.0.0.1"):
+        raise TransportError("Forwarding failed: the link dropped.")
+
+    monkeypatch.setattr(LocalTransport, "forward_port", refuse)
+    with pytest.raises(LabdeckError, match="the link dropped"):
+        await serving.deploy(workstation, trained.id)
+    deps, _ = workstation.store.records("deployments")
+    assert len(deps) == 1 and deps[0].state == "failed" and "link dropped" in deps[0].state_reason
+    await asyncio.sleep(0.3)
+    assert live_group_members(deps[0].pid) == []

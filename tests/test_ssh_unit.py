@@ -4,6 +4,7 @@ transport against an in-process asyncssh server on loopback (no namespaces neede
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,18 @@ async def test_cbc_connections_keep_the_ignore_packets(tmp_path: Path, ssh_clien
     finally:
         await pool.close()
         server.close()
+
+
+def test_the_teammates_ssh_line_follows_the_transports_chain(tmp_path: Path) -> None:
+    """From the transport itself, so SSH hosts and cloud instances (both SSHTransport) get their own
+    host and jump chain; a transport without one (this machine) gets this machine's name."""
+    from backends.providers.local import LocalTransport
+    from backends.serving import ssh_line
+
+    jump = HostSpec("bastion", "198.18.0.1", "ops", 2222, ())
+    node = HostSpec("gpu", "10.0.0.7", "ubuntu", 22, (), (jump,))
+    t = SSHTransport(SSHPool(KnownHosts(tmp_path / "kh")), node, instance="gpu")
+    assert ssh_line(t, 8001, 8000) == "ssh -N -L 8001:127.0.0.1:8000 -J ops@198.18.0.1:2222 ubuntu@10.0.0.7"
+    direct = SSHTransport(SSHPool(KnownHosts(tmp_path / "kh")), HostSpec("h", "10.0.0.8", None, 2200, ()), instance="h")
+    assert ssh_line(direct, 8001, 8000) == "ssh -N -L 8001:127.0.0.1:8000 -p 2200 10.0.0.8"
+    assert ssh_line(LocalTransport(tmp_path), 8001, 8000).endswith(f"127.0.0.1:8000 {os.uname().nodename}")
