@@ -217,10 +217,10 @@ class RunMonitor:
         self.tb: dict[str, tuple[_LineFile, TFEventsParser]] = {}  # remote event file -> (local copy, parser)
         self.tb_checked = 0.0
 
-    def update(self, limit: int = UPDATE_SLICE) -> int:
-        """Parse what is new in the local copies, at most ``limit`` bytes of each per call (a backlog of
-        millions of points is taken in slices, so the caller can keep its event loop responsive and
-        memory stays bounded); ``backlog`` says whether more is waiting."""
+    def update(self, limit: int = -1) -> int:
+        """Parse what is new in the local copies: all of it, or at most ``limit`` bytes of each per call
+        (``poll_run`` takes a backlog of millions of points in ``UPDATE_SLICE`` slices, so the event loop
+        stays responsive and memory bounded); ``backlog`` says whether more is waiting."""
         n = 0
         data = self.metrics_file.read(limit)
         if data:
@@ -330,10 +330,10 @@ class Monitor:
                 await mirror(transport, remote, local.path)
             except LabdeckError:
                 continue
-        n = m.update()
+        n = m.update(UPDATE_SLICE)
         while m.backlog:  # a job that logged faster than we read: catch up in slices, letting others run
             await asyncio.sleep(0)
-            n += m.update()
+            n += m.update(UPDATE_SLICE)
         return n
 
     def hardware_summary(self, run_id: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from . import code, jobs, lineage
 from .config import Config, load_config
 from .errors import LabdeckError, NotFoundError
 from .follow import LogFollower
-from .monitor import Monitor
+from .monitor import UPDATE_SLICE, Monitor
 from .models import Edge, Instance, Run, RunState
 from .paths import Paths
 from .providers import Provider, Transport, build_providers
@@ -265,10 +265,10 @@ class Workstation:
         if run.user != self.user:
             return run
         rm = self.monitor.run(run)
-        rm.update()
+        rm.update(UPDATE_SLICE)
         while rm.backlog:
             await asyncio.sleep(0)
-            rm.update()
+            rm.update(UPDATE_SLICE)
         fields: dict = {"metrics_summary": _json_safe(rm.series.summary())}
         if rm.config:
             fields["params"] = {**run.params, **_json_safe(lineage.flatten(rm.config))}

@@ -254,3 +254,27 @@ async def test_lineage_jumps_and_tag_prompt(tmp_path: Path) -> None:
         await pilot.press("4", "l")  # the log of the highlighted run (its instance copy is absent: still opens)
         await settle(pilot)
         assert isinstance(app.screen, LogScreen) or any("log" in n.message.lower() for n in app._notifications)
+
+
+async def test_lineage_labels_follow_tags_taken_off_and_marks_keep_the_status_line(tmp_path: Path) -> None:
+    """A refresh where only a label's content changed (a tag taken off: same number of annotations)
+    redraws the labels; marking a run adds to the status line instead of replacing it."""
+    app = demo_app(home=tmp_path / "demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("4", "t", *"keep", "enter")
+        await settle(pilot)
+        tree = app.query_one(Tree)
+        assert "#keep" in str(tree.root.children[0].label)
+        lin.untag(app.workstation.store, tree.root.children[0].data, "keep")
+        app.reload_runs()
+        await settle(pilot)
+        assert "#keep" not in str(tree.root.children[0].label)
+        await pilot.press("slash", *"user:alice", "enter")
+        await settle(pilot)
+        status = app.query_one("#lineage-status")
+        assert "runs match /user:alice" in str(status.render())
+        await pilot.press("m")
+        assert "runs match /user:alice" in str(status.render()) and "1 marked" in str(status.render())
+        await pilot.press("m")  # unmarked again: the mark's line goes, the filter's stays
+        assert "runs match /user:alice" in str(status.render()) and "marked" not in str(status.render())

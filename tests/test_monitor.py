@@ -201,3 +201,25 @@ async def test_gpu_host_without_nvitop_bootstraps_a_venv_or_carries_on(workstati
         assert n >= 1
     finally:
         await stop_agent(t)
+
+
+def test_one_update_reads_a_whole_local_copy_and_the_poll_loop_takes_slices(tmp_path: Path) -> None:
+    """``update()`` (lineage curves, Compare, report) reads a copy of any size at once; only the follow
+    loop asks for UPDATE_SLICE bytes at a time (and sees ``backlog``)."""
+    from backends.models import Run
+    from backends.monitor import UPDATE_SLICE, RunMonitor
+
+    n = 40_000
+    lines = "".join(json.dumps({"t": 1000.0 + i, "s": i, "m": {"loss": 1.0 / (i + 1)}}) + "\n" for i in range(n))
+    assert len(lines) > 2 * UPDATE_SLICE
+    (tmp_path / "m.jsonl").write_text(lines)
+    run = Run(command="x", instance="local")
+    whole = RunMonitor(run, tmp_path / "m.jsonl", tmp_path / "none.log")
+    whole.update()
+    assert len(whole.series.series("loss")) == n and not whole.backlog
+    sliced = RunMonitor(run, tmp_path / "m.jsonl", tmp_path / "none.log")
+    sliced.update(UPDATE_SLICE)
+    assert sliced.backlog and 0 < len(sliced.series.series("loss")) < n
+    while sliced.backlog:
+        sliced.update(UPDATE_SLICE)
+    assert len(sliced.series.series("loss")) == n

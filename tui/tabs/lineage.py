@@ -21,6 +21,7 @@ from textual.widgets import Static, Tree
 from textual_plotext import PlotextPlot
 
 from backends import lineage as lin
+from backends.metrics import lower_is_better
 from backends.models import Run
 
 from ..format import STATE_STYLE, duration, short_id
@@ -60,6 +61,7 @@ class LineageTab(TabView):
         self.current: str | None = None
         self.filter_error = ""
         self._signature: tuple = ()
+        self._total = 0  # roots the tree would show (before MAX_ROOTS)
         self._dirty = False
         self.served: set[str] = set()  # runs with a live deployment
 
@@ -79,22 +81,29 @@ class LineageTab(TabView):
 
     # ---- data -------------------------------------------------------------
     def show_lineage(self, view: lin.TeamLineage) -> None:
-        signature = tuple((r.id, r.state, r.parent, len(r.metrics_summary)) for r in view.runs.values()) + (
-            sum(len(v) for v in view.annotations.values()),)
+        runs = list(view.runs.values())
+        key = lin.key_metric(runs)
+        # the tree's shape, and what its labels show: a name, state, key metric or tag that changed redraws them
+        structure = tuple((r.id, r.parent) for r in runs)
+        labels = (key, tuple((r.state, r.name, lin.metric_value(r, key)) for r in runs),
+                  tuple((a.id, a.removed) for anns in view.annotations.values() for a in anns))
         self.view = view
-        if signature == self._signature:
+        self.runs = view.runs  # always the newest records: the detail pane reads them
+        self.key = key
+        if (structure, labels) == self._signature:
             return
-        self._signature = signature
-        self.runs = view.runs
-        self.key = lin.key_metric(list(view.runs.values()))
-        self.derived = {}
-        for r in sorted(view.runs.values(), key=lambda r: r.id):
+        same_shape = bool(self._signature) and structure == self._signature[0]
+        self._signature = (structure, labels)
+        self.derived = {}  # the records in it are the new ones too (children are labelled when first opened)
+        for r in sorted(runs, key=lambda r: r.id):
             parent = r.parent if r.parent in self.runs else None
             self.derived.setdefault(parent, []).append(r)
-        if self.is_active_tab:
-            self.rerender()
-        else:
+        if not self.is_active_tab:
             self._dirty = True
+        elif same_shape and not self._dirty and not self.filter_text:  # (a filter may match other runs now)
+            self._refresh_labels()  # keeps what is open and where the cursor is
+        else:
+            self.rerender()
 
     def show_served(self, run_ids: set[str]) -> None:
         if run_ids != self.served:
@@ -122,7 +131,7 @@ class LineageTab(TabView):
             pv = lin.metric_value(parent, self.key) if parent else None
             if pv is not None:
                 d = v - pv
-                better = (d < 0) if any(w in (self.key or "") for w in ("loss", "err", "perplexity")) else (d > 0)
+                better = (d < 0) if lower_is_better(self.key or "") else (d > 0)
                 t.append(f" ({d:+.3g})", style="green" if better else ("red" if d else "dim"))
         if r.id in self.served:
             t.append(" ⚡ served", style="bold yellow")
@@ -139,7 +148,6 @@ class LineageTab(TabView):
             return
         tree = self.query_one(Tree)
         tree.clear()
-        status = self.query_one("#lineage-status", Static)
         if self.filter_text:
             roots = self.filtered()
         else:
@@ -151,20 +159,8 @@ class LineageTab(TabView):
             tree.root.add(self.label(r), data=r.id, allow_expand=bool(self.derived.get(r.id)))
         if roots:
             tree.cursor_line = 0
-        msg = Text()
-        if self.filter_error:
-            msg.append(self.filter_error, style="bold red")
-        elif self.filter_text:
-            msg.append(f"{total:,} runs match /{self.filter_text}")
-        if total > MAX_ROOTS:
-            msg.append(f"  showing the newest {MAX_ROOTS:,} of {total:,}: / to narrow")
-        if self.view and self.view.errors:
-            for user, err in self.view.errors.items():
-                msg.append(f"\n⚠ {user}'s store is unreadable: {err.splitlines()[0]}", style="bold red")
-        if self.marked:
-            msg.append(f"\n{len(self.marked)} marked" + (": c compares them" if len(self.marked) == 2 else ""))
-        status.update(msg)
-        status.display = bool(msg.plain)
+        self._total = total
+        self.rerender_status()
         if not self.runs:
             self.query_one("#lineage-detail", Static).update(
                 "No runs yet. Every run lands here, under the run it was derived from "
@@ -315,10 +311,23 @@ class LineageTab(TabView):
         self.rerender_status()
 
     def rerender_status(self) -> None:
+        """The line under the tree: the filter's error or match count, what is cut, unreadable stores, marks."""
         status = self.query_one("#lineage-status", Static)
+        total = self._total
+        msg = Text()
+        if self.filter_error:
+            msg.append(self.filter_error, style="bold red")
+        elif self.filter_text:
+            msg.append(f"{total:,} runs match /{self.filter_text}")
+        if total > MAX_ROOTS:
+            msg.append(f"  showing the newest {MAX_ROOTS:,} of {total:,}: / to narrow")
+        if self.view and self.view.errors:
+            for user, err in self.view.errors.items():
+                msg.append(f"\n⚠ {user}'s store is unreadable: {err.splitlines()[0]}", style="bold red")
         if self.marked:
-            status.update(f"{len(self.marked)} marked" + (": c compares them" if len(self.marked) == 2 else ": mark one more"))
-            status.display = True
+            msg.append(f"\n{len(self.marked)} marked" + (": c compares them" if len(self.marked) == 2 else ": mark one more"))
+        status.update(Text("\n").join(line for line in msg.split("\n") if line.plain) if msg.plain else msg)
+        status.display = bool(msg.plain)
 
     def action_compare(self) -> None:
         if len(self.marked) != 2:
