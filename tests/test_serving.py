@@ -118,6 +118,8 @@ async def test_models_tab_serve_try_and_stop(workstation: Workstation, trained) 
             if "400" in str(app.screen.query_one("#try-answer").render()):
                 break
         assert "400" in str(app.screen.query_one("#try-answer").render())
+        # both latencies count for this deployment (by id: a redeploy under the same name starts afresh)
+        assert len(app._model_latency[app.query_one("ModelsTab").deployments[0].id]) == 2
         await pilot.press("escape", "x")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")

@@ -13,6 +13,7 @@ import logging
 import shlex
 import time
 import traceback
+from collections import deque
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -82,7 +83,7 @@ class LabdeckApp(App[None]):
         self._reload_timer = None
         self._forwards: dict = {}  # deployment id -> PortForward held by this TUI
         self.model_urls: dict[str, str] = {}
-        self._model_latency: dict[str, list[float]] = {}
+        self._model_latency: dict[str, deque[float]] = {}
         cfg = workstation.config
         self.theme = cfg.get("ui", "theme") if cfg.get("ui", "theme") in self.available_themes else "textual-dark"
         self.refresh_seconds = float(cfg.get("ui", "refresh_seconds"))
@@ -206,13 +207,14 @@ class LabdeckApp(App[None]):
                         count = int(res.text().strip() or 0)
                     except (LabdeckError, ValueError):
                         count = None
-                    lat = sorted(self._model_latency.get(d.name, []))
+                    lat = sorted(self._model_latency.get(d.id, ()))
                     tab.stats[d.id] = (count, lat[len(lat) // 2] if lat else None)
         self.post_message(DeploymentsLoaded(deployments, errors))
 
     # ---- model servers --------------------------------------------------------
-    def record_model_latency(self, name: str, ms: float) -> None:
-        self._model_latency.setdefault(name, []).append(ms)
+    def record_model_latency(self, deployment_id: str, ms: float) -> None:
+        """A "try it" request's latency, by deployment (the newest 1,000: the p50 the Models tab shows)."""
+        self._model_latency.setdefault(deployment_id, deque(maxlen=1000)).append(ms)
 
     def open_notebook(self, *, instance: str | None = None, run: Run | None = None) -> None:
         if run is not None and run.user != self.workstation.user:
@@ -277,7 +279,7 @@ class LabdeckApp(App[None]):
         url = await self._model_url(d)
         key = serving.api_key(self.workstation, d.id) if d.user == self.workstation.user else None
         body = '{"x": [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]}'
-        self.push_screen(TryModelScreen(d.name, url, key, body))
+        self.push_screen(TryModelScreen(d.name, url, key, body, d.id))
 
     def open_model_log(self, d: Deployment) -> None:
         self._open_model_log(d)

@@ -370,9 +370,10 @@ class TryModelScreen(ModalScreen[None]):
         Binding("ctrl+s", "send", "Send", id="try.send", tooltip="POST the body to /predict"),
     ]
 
-    def __init__(self, name: str, url: str, key: str | None, body: str) -> None:
+    def __init__(self, name: str, url: str, key: str | None, body: str, deployment_id: str = "") -> None:
         super().__init__()
         self.model_name, self.url, self.key, self.body = name, url, key, body
+        self.deployment_id = deployment_id  # its latencies are this deployment's, not a later one's of the same name
         self.latencies: list[float] = []
 
     def compose(self) -> ComposeResult:
@@ -403,7 +404,7 @@ class TryModelScreen(ModalScreen[None]):
             answer.update(Text(f"No answer from {self.url}: {e}", style="bold red"))
             return
         self.latencies.append(dt * 1000)
-        self.app.record_model_latency(self.model_name, dt * 1000)
+        self.app.record_model_latency(self.deployment_id, dt * 1000)
         t = Text()
         t.append(f"{status} ", style="bold green" if status == 200 else "bold red")
         t.append(f"in {dt * 1000:.1f} ms\n")
