@@ -372,6 +372,9 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
         if meter == bool(rec.get("running_since")) and state == rec.get("state"):
             continue
         fired = _autostop_fired(ws, rec)
+        inside = rec["id"] in p.shut_down_inside  # the provider says the VM shut itself down
+        if not fired and inside and rec.get("autostop_minutes"):
+            fired = p.shut_down_inside[rec["id"]] or now  # autostop's doing, while labdeck was not looking
         at = fired or now
         if state != "running" and rec.get("desired") == "running":
             if fired and state == "stopped" and rec.get("autostop_action") == "terminate":
@@ -391,6 +394,12 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
                 _mutate_billing(ws, rec["id"], state=state, meter=meter, at=at, desired=verb,
                                 note=f"autostop {verb} it at {fired}", **({"ended_at": at} if verb == "terminated" else {}))
                 events.append(f"{rec['name']}: {verb} by autostop after {rec.get('autostop_minutes'):g} idle minutes")
+                continue
+            if inside:  # someone's poweroff on the VM (no autostop there): not the provider's doing
+                _mutate_billing(ws, rec["id"], state=state, meter=meter, at=now, desired=state,
+                                note=f"shut down from inside the instance by {now}",
+                                **({"ended_at": now} if state == "terminated" else {}))
+                events.append(f"{rec['name']}: {state}, shut down from inside the instance (not by labdeck)")
                 continue
             done = _mutate_billing(ws, rec["id"], state="preempted", meter=billed(rec.get("provider_type", ""), state),
                                    at=now, only_if_desired="running", desired="terminated" if inst is None else "stopped",

@@ -134,6 +134,18 @@ class EC2Shim:
             out.append(body)
         return b"".join(out)
 
+    def shutdown_from_inside(self, instance_id: str) -> None:
+        """What ``shutdown -h now`` on the VM does (the instance's OS is the one thing moto has not got):
+        stopped, with EC2's reason Client.InstanceInitiatedShutdown (an API stop says UserInitiated)."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+        from moto.ec2.models.instances import StateReason
+
+        self.boto3().stop_instances(InstanceIds=[instance_id])
+        inst = ec2_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].get_instance(instance_id)
+        inst.state_reason = StateReason("Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+                                        "Client.InstanceInitiatedShutdown")
+
     def boto3(self):
         import boto3
 

@@ -383,3 +383,23 @@ async def test_spot_preemption_marks_runs_and_relaunches_from_the_checkpoint(hom
             assert any(e["parent"] == run.id and e["child"] == child.id and e["kind"] == "resume" for e in edges)
         finally:
             await ws.close()
+
+
+async def test_autostop_that_fired_while_labdeck_was_closed_is_not_a_preemption(home, fresh_rig, aws_env) -> None:
+    """labdeck never saw the daemon fire (its state was never read): EC2's own reason for the stop,
+    an OS-initiated shutdown, says it was the instance itself, so no preemption and no relaunch."""
+    rig = fresh_rig
+    with EC2Shim((rig.host("node1").addr,)) as shim:
+        ws = cloud_config(home, shim, rig=rig, spot_relaunch=True)
+        try:
+            inst = await clouds.up(ws, "aws", "gpu1", size="g4dn.xlarge", autostop_minutes=5)
+            ws.autostop_states.clear()  # as after a restart: nothing seen from the daemon
+            shim.shutdown_from_inside(inst.cloud_id)
+            listing = await ws.list_instances()
+            assert any("stopped by autostop" in e for e in listing.events), listing.events
+            assert not any("taken by the provider" in e for e in listing.events)
+            rec = clouds.my_record(ws, "gpu1")
+            assert rec["state"] == "stopped" and rec["desired"] == "stopped" and rec["running_since"] is None
+            assert rec.get("relaunch") is None and not ws.relaunching
+        finally:
+            await ws.close()

@@ -313,3 +313,36 @@ async def test_a_listing_during_labdecks_own_terminate_is_not_a_preemption(home,
             assert not ws.relaunching
         finally:
             await ws.close()
+
+
+async def test_a_powered_off_machine_is_not_taken_by_the_provider(home, fresh_rig, monkeypatch) -> None:
+    """These providers never stop a machine: off while labdeck wanted it running means the VM shut
+    itself down. With autostop=terminate (and labdeck closed when it fired) labdeck finishes the job;
+    with no autostop it is someone's poweroff: recorded as stopped, not a preemption."""
+    rig = fresh_rig
+    with FakeLinode(ip_pool=(rig.host("node1").addr,)) as fake:
+        credentials(monkeypatch, "linode", fake)
+        ws = make_ws(home, "linode", fake, rig=rig)
+        try:
+            inst = await clouds.up(ws, "linode", "gpu1", size="g1-gpu-rtx6000-1", autostop_minutes=5,
+                                   autostop_action="terminate")
+            ws.autostop_states.clear()  # nothing seen from the daemon
+            fake.set_state(inst.cloud_id, "stopped")
+            listing = await ws.list_instances()
+            assert any("terminated by labdeck" in e for e in listing.events), listing.events
+            assert fake.nodes == {}
+        finally:
+            await ws.close()
+    with FakeDigitalOcean(ip_pool=(rig.host("node1").addr,)) as fake:
+        credentials(monkeypatch, "digitalocean", fake)
+        ws = make_ws(home, "digitalocean", fake, rig=rig, autostop_minutes=0)
+        try:
+            inst = await clouds.up(ws, "digitalocean", "gpu1", size="gpu-h100x1-80gb")
+            fake.set_state(inst.cloud_id, "stopped")
+            listing = await ws.list_instances()
+            assert any("shut down from inside" in e for e in listing.events), listing.events
+            assert not any("taken by the provider" in e for e in listing.events)
+            rec = next(r for r in clouds.records(ws, team=False) if r["provider_type"] == "digitalocean")
+            assert rec["state"] == "stopped" and rec["desired"] == "stopped"
+        finally:
+            await ws.close()

@@ -282,6 +282,12 @@ class CloudAPI(abc.ABC):
     def spot(self, node) -> bool:
         return False
 
+    def shut_down_inside(self, node) -> tuple[bool, str | None]:
+        """Whether the machine was shut down from its own operating system (autostop, or someone's
+        ``poweroff``), not taken by the provider; and when, if the provider says. These providers never
+        stop a machine themselves (no spot market), so a stopped one was shut down by someone."""
+        return STATE_MAP.get(str(getattr(node.state, "value", node.state)).lower()) == "stopped", None
+
     def started(self, node) -> str | None:
         c = node.created_at
         if isinstance(c, datetime):
@@ -386,8 +392,16 @@ class EC2API(CloudAPI):
             token = cp.get(profile, "aws_session_token", fallback=None)
             if not (key and secret):
                 raise self.missing_credentials(f"[{profile}] in {path} lacks aws_access_key_id/aws_secret_access_key")
-        return EC2NodeDriver(key, secret, region=self.region, token=token, signature_version="4",
-                             **self.endpoint_kwargs())
+        from libcloud.compute.drivers.ec2 import NAMESPACE
+        from libcloud.utils.xml import findtext
+
+        class Driver(EC2NodeDriver):
+            def _to_node(self, element):  # + why it last changed state: EC2 tells an OS shutdown from a spot reclaim
+                node = super()._to_node(element)
+                node.extra["state_reason_code"] = findtext(element=element, xpath="stateReason/code", namespace=NAMESPACE)
+                return node
+
+        return Driver(key, secret, region=self.region, token=token, signature_version="4", **self.endpoint_kwargs())
 
     def tags(self, node) -> dict[str, str]:
         return dict(node.extra.get("tags") or {})
@@ -397,6 +411,14 @@ class EC2API(CloudAPI):
 
     def spot(self, node) -> bool:
         return node.extra.get("instance_lifecycle") == "spot"
+
+    def shut_down_inside(self, node) -> tuple[bool, str | None]:
+        # Client.InstanceInitiatedShutdown: `shutdown -h` on the instance (stopped or terminated by its
+        # shutdown behaviour); a spot reclaim is Server.Spot*, an API stop Client.UserInitiatedShutdown
+        if node.extra.get("state_reason_code") != "Client.InstanceInitiatedShutdown":
+            return False, None
+        m = re.search(r"\((\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d) (?:GMT|UTC)\)", str(node.extra.get("reason") or ""))
+        return True, (f"{m.group(1)}T{m.group(2)}Z" if m else None)
 
     def started(self, node) -> str | None:
         t = node.extra.get("launch_time")
@@ -709,6 +731,7 @@ class CloudProvider(Provider):
         self._sizes: dict[str, dict[str, Any]] | None = None
         self._creating: set[str] = set()
         self.terminated_ids: set[str] = set()
+        self.shut_down_inside: dict[str, str | None] = {}  # labdeck id -> when (if known): shut down from the VM
         self.calls = 0
 
     # -- plumbing
@@ -789,7 +812,11 @@ class CloudProvider(Provider):
         fresh_nodes = {n: v for n, v in self._nodes.items() if n in self._creating}
         fresh = {n: v for n, v in self._instances.items() if n in self._creating}
         self.terminated_ids = set()  # labdeck ids the provider lists as terminated (gone for sure)
+        self.shut_down_inside = {}
         for node in nodes:
+            inside, when = self.api.shut_down_inside(node)
+            if inside and self.api.tags(node).get(TAG_ID):
+                self.shut_down_inside[self.api.tags(node)[TAG_ID]] = when
             if str(getattr(node.state, "value", node.state)).lower() == "terminated":
                 self.terminated_ids.add(self.api.tags(node).get(TAG_ID, ""))
                 continue
