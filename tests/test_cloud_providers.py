@@ -78,6 +78,19 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
         credentials(monkeypatch, kind, fake)
         ws = make_ws(home, kind, fake, rig=rig)
         stages: list[str] = []
+        on_loop: list[bool] = []  # every libcloud call runs in the API thread, never on the event loop
+        if kind == "openstack":  # (its flavor names: nova lists servers by flavor id)
+            import threading
+
+            from libcloud.compute.drivers.openstack import OpenStack_2_NodeDriver
+
+            list_sizes = OpenStack_2_NodeDriver.list_sizes
+
+            def watched(self, *a, **kw):
+                on_loop.append(threading.current_thread() is threading.main_thread())
+                return list_sizes(self, *a, **kw)
+
+            monkeypatch.setattr(OpenStack_2_NodeDriver, "list_sizes", watched)
         try:
             sizes = {s.id: s for s in await ws.providers[kind].sizes()}
             assert sizes[size].gpu_summary == gpus and sizes[size].price_per_hour == pytest.approx(price)
@@ -91,6 +104,7 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
             listing = await ws.list_instances()
             gpu1 = next(i for i in listing.instances if i.name == "gpu1")
             assert gpu1.managed and gpu1.created_by == ws.user and gpu1.gpu_summary == gpus
+            assert gpu1.size == size and not any(on_loop)
             assert gpu1.price_per_hour == pytest.approx(price)
             # a firewall that lets only SSH in, from the jump host
             (fw,) = leftovers(fake)["firewalls"].values()

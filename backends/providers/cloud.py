@@ -649,14 +649,22 @@ class OpenStackAPI(CloudAPI):
     def tags(self, node):
         return {str(k): str(v) for k, v in (node.extra.get("metadata") or {}).items()}
 
-    def size_of(self, node):
+    def size_of(self, node):  # on the event loop: only what the listing calls below already fetched
         fid = node.extra.get("flavorId")
-        return self._flavor_names().get(str(fid), str(fid or ""))
+        return self._flavors.get(str(fid), str(fid or ""))
 
-    def _flavor_names(self) -> dict[str, str]:
-        if not hasattr(self, "_flavors"):
-            self._flavors = {str(s.id): s.name for s in self.driver().list_sizes()}
-        return self._flavors
+    _flavors: dict[str, str] = {}  # flavor id -> name: nova lists servers by flavor id
+
+    def _learn_flavors(self) -> list:
+        sizes = self.driver().list_sizes()
+        self._flavors = {str(s.id): s.name for s in sizes}
+        return sizes
+
+    def list_nodes(self) -> list:  # in the API thread, under the lock, like every libcloud call
+        nodes = self.driver().list_nodes()
+        if not self._flavors:
+            self._learn_flavors()
+        return nodes
 
     def started(self, node):
         c = node.extra.get("created")
@@ -664,13 +672,16 @@ class OpenStackAPI(CloudAPI):
 
     def sizes(self):
         out = {}
-        for s in self.driver().list_sizes():
+        for s in self._learn_flavors():
             out[s.name] = {"vcpus": s.vcpus if hasattr(s, "vcpus") else s.extra.get("vcpus"), "ram_mib": s.ram,
                            "price": s.price or None}
         return out
 
     def fetch_node(self, node_id):
-        return self.driver().ex_get_node_details(node_id)
+        node = self.driver().ex_get_node_details(node_id)
+        if not self._flavors:
+            self._learn_flavors()
+        return node
 
     def create_firewall(self, name, cidr, tag):
         d = self.driver()
