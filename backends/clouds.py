@@ -190,9 +190,14 @@ async def bootstrap(ws, p: CloudProvider, transport, minutes: float, action: str
     await ensure_agent(transport, gpu_source=ws.config.get("monitor", "gpu_source"))
     if minutes > 0:
         say("bootstrap", f"autostop: {action} after {minutes:g} idle minutes")
-        await autostop.ensure(transport, idle_minutes=minutes, action=action,
-                              gpu_source="nvidia-smi" if ws.config.get("monitor", "gpu_source") in ("auto", "nvitop", "nvidia-smi")
-                              else ws.config.get("monitor", "gpu_source"))
+        await autostop.ensure(transport, idle_minutes=minutes, action=action, gpu_source=_autostop_gpu_source(ws))
+
+
+def _autostop_gpu_source(ws) -> str:
+    """How the daemon reads GPU use: nvidia-smi wherever the monitor would find GPUs (the daemon is
+    stdlib-only), or what `[monitor] gpu_source` says otherwise ("none", a fake's path)."""
+    src = ws.config.get("monitor", "gpu_source")
+    return "nvidia-smi" if src in ("auto", "nvitop", "nvidia-smi") else src
 
 
 # ---- lifecycle ------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ async def start(ws, name: str, *, force: bool = False, progress: Progress | None
     ws.remember_instance(inst)
     if rec and float(rec.get("autostop_minutes") or 0) > 0 and inst.state == "running":
         await autostop.ensure(p.transport(name), idle_minutes=float(rec["autostop_minutes"]),
-                              action=str(rec.get("autostop_action") or "stop"))
+                              action=str(rec.get("autostop_action") or "stop"), gpu_source=_autostop_gpu_source(ws))
     return inst
 
 
@@ -275,7 +280,7 @@ async def set_autostop(ws, name: str, minutes: float, action: str | None = None)
         await autostop.disable(transport)
         state = None
     else:
-        state = await autostop.ensure(transport, idle_minutes=minutes, action=action)
+        state = await autostop.ensure(transport, idle_minutes=minutes, action=action, gpu_source=_autostop_gpu_source(ws))
     if rec is not None and rec.get("created_by") == ws.user:
         _mutate(ws, rec["id"], autostop_minutes=minutes, autostop_action=action)
     ws.autostop_states.pop(name, None)

@@ -43,7 +43,8 @@ def credentials(monkeypatch, kind: str, fake, token: str | None = None) -> None:
         monkeypatch.setenv("OS_PROJECT_NAME", fake.project)
 
 
-def make_ws(home: Path, kind: str, fake, *, rig=None, key: Path | None = None, **opts) -> Workstation:
+def make_ws(home: Path, kind: str, fake, *, rig=None, key: Path | None = None, extra_toml: str = "",
+            **opts) -> Workstation:
     values: dict = {"type": kind, "poll_seconds": 0.1, "api_timeout": 5, "ssh_timeout": 20, "connect_timeout": 3,
                     **KINDS[kind][1]}
     if kind != "openstack":
@@ -56,7 +57,7 @@ def make_ws(home: Path, kind: str, fake, *, rig=None, key: Path | None = None, *
     elif key is not None:
         values["ssh_key"] = str(key)
     values.update(opts)
-    (home / "config.toml").write_text(provider_toml(kind, values))
+    (home / "config.toml").write_text(provider_toml(kind, values) + extra_toml)
     return Workstation(load_config(Paths.resolve(home)))
 
 
@@ -76,7 +77,9 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
     cls, _, size, gpus, price, source = KINDS[kind]
     with cls(ip_pool=(rig.host("node1").addr,), boot_polls=2) as fake:
         credentials(monkeypatch, kind, fake)
-        ws = make_ws(home, kind, fake, rig=rig)
+        # one of them with no GPU reading: autostop keeps that through later changes
+        gpu_source = "none" if kind == "linode" else "nvidia-smi"
+        ws = make_ws(home, kind, fake, rig=rig, extra_toml='[monitor]\ngpu_source = "none"\n' if kind == "linode" else "")
         stages: list[str] = []
         on_loop: list[bool] = []  # every libcloud call runs in the API thread, never on the event loop
         if kind == "openstack":  # (its flavor names: nova lists servers by flavor id)
@@ -138,6 +141,8 @@ async def test_lifecycle_on_the_rig(kind, home, fresh_rig, monkeypatch, tmp_path
                     break
                 await asyncio.sleep(0.1)
             assert state["enabled"] and state["idle_minutes"] == 15
+            conf = await transport.read_file(f"{await autostop.autostop_dir(transport)}/config.json")
+            assert json.loads(conf.data)["gpu_source"] == gpu_source
             proj = tmp_path / "proj"
             proj.mkdir()
             (proj / "hi.py").write_text("print('hi from', __import__('socket').gethostname())\n")
