@@ -359,7 +359,7 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
         p = ws.providers.get(rec.get("provider", ""))
         if rec.get("provider") not in answered or not isinstance(p, CloudProvider):
             continue
-        if rec.get("relaunch") == "pending" and rec["id"] not in ws.relaunching:
+        if rec.get("relaunch") == "pending" and rec["id"] not in ws.relaunching and ws.starts_relaunches:
             _start_relaunch(ws, rec)
         if rec.get("state") in ("terminated", "failed", "preempted"):
             continue

@@ -55,6 +55,9 @@ class Workstation:
         self.autostop_states: dict[str, tuple[float, dict]] = {}  # instance -> (monotonic read time, state)
         self._background: set[asyncio.Task] = set()
         self.relaunching: set[str] = set()  # instance records whose preempted runs are being relaunched
+        # a listing starts pending relaunches only where they can finish: the TUI and `labdeck ls` (which
+        # waits for them); a one-shot command would cancel one half-way when it closes
+        self.starts_relaunches = True
         self.background_errors: list[str] = []
         self.follower = LogFollower(self, config.paths.cache_dir / "logs")
         self.monitor = Monitor(self, config.paths.cache_dir, pattern=config.get("monitor", "log_pattern") or None,

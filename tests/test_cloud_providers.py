@@ -365,3 +365,22 @@ async def test_a_powered_off_machine_is_not_taken_by_the_provider(home, fresh_ri
             assert rec["state"] == "stopped" and rec["desired"] == "stopped"
         finally:
             await ws.close()
+
+
+async def test_only_the_tui_and_ls_start_a_pending_relaunch(home, monkeypatch) -> None:
+    """A relaunch left pending (labdeck closed before it was done) is started again by a listing only
+    where it can finish; a one-shot command that lists instances (show, stop, autostop…) would cancel
+    it half-way on exit, so it leaves it for the TUI or `labdeck ls`."""
+    with FakeDigitalOcean() as fake:
+        credentials(monkeypatch, "digitalocean", fake)
+        for starts in (False, True):
+            ws = make_ws(home, "digitalocean", fake)
+            ws.starts_relaunches = starts
+            ws.store.mine.put(clouds.TABLE, "rec1", {"id": "rec1", "name": "gpu1", "provider": "digitalocean",
+                                                     "provider_type": "digitalocean", "state": "preempted",
+                                                     "relaunch": "pending", "relaunch_runs": [], "created_by": ws.user})
+            try:
+                listing = await ws.list_instances()
+                assert listing.errors == {} and ("rec1" in ws.relaunching) is starts
+            finally:
+                await ws.close()

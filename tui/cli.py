@@ -55,7 +55,7 @@ def cli(ctx: click.Context) -> None:
 def open_tui() -> None:
     from .app import LabdeckApp
 
-    ws = _workstation()
+    ws = _workstation(starts_relaunches=True)
     _check_keys(ws)
     app = LabdeckApp(ws)
     app.run()
@@ -71,7 +71,7 @@ def open_tui() -> None:
 @friendly
 def ls_cmd() -> None:
     """List the instances of every configured provider."""
-    ws = _workstation()
+    ws = _workstation(starts_relaunches=True)
 
     async def listing_and_relaunches():
         try:

@@ -77,9 +77,13 @@ def friendly(fn):
     return wrapper
 
 
-def _workstation() -> Workstation:
+def _workstation(*, starts_relaunches: bool = False) -> Workstation:
+    """The Workstation of a command; only the TUI and `ls` start relaunches after a preemption (they let
+    them finish), so other commands that list instances never begin one they would cancel on exit."""
     paths = Paths.resolve()
     _setup_logging(paths)
-    return Workstation(load_config(paths))
+    ws = Workstation(load_config(paths))
+    ws.starts_relaunches = starts_relaunches
+    return ws
 
 
