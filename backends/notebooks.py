@@ -23,13 +23,12 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from .errors import LabdeckError, NotFoundError
 from .models import Notebook, Run, utcnow
 from .providers.base import PortForward, Transport
-from .serving import free_port, read_secret, save_secret, secret_path, ssh_line
+from .serving import free_port, http_status, save_secret, secret_path, ssh_line
 
 BOOTSTRAP_TIMEOUT = 900.0
 START_TIMEOUT = 120.0
@@ -101,7 +100,7 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
                           parent=run.id if run else None, params={"jupyter": module, "root_dir": root})
     nb.job_id = job.id
     ws.store.add(nb)
-    _save_token(ws, nb.id, token)
+    save_secret(ws, f"notebook-{nb.id}", token)
     forward: PortForward | None = None
     try:
         forward = await transport.forward_port(jport, local_port=local_port)
@@ -109,7 +108,8 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
         t0 = time.monotonic()
         while True:
             try:
-                if await asyncio.to_thread(_status_code, f"{nb.url}/api/status", token) == 200:
+                if await asyncio.to_thread(http_status, f"{nb.url}/api/status",
+                                           {"Authorization": f"token {token}"}, 3) == 200:
                     break
             except OSError:
                 pass
@@ -133,15 +133,6 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
                   ssh_line(transport, forward.local_port, jport))
 
 
-def _status_code(url: str, token: str | None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=3) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def status(url: str, token: str) -> dict:
     """Jupyter's own view of activity: ``last_activity``, ``kernels``, ``connections``, ``started``."""
     req = urllib.request.Request(f"{url}/api/status", headers={"Authorization": f"token {token}"})
@@ -156,7 +147,7 @@ async def stop(ws, ref: str) -> Notebook:
     if job.run_state.is_active or job.state == "lost":
         await ws.cancel(job.id)
     ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "stopped", "stopped_at": utcnow()})
-    _token_path(ws, nb.id).unlink(missing_ok=True)
+    secret_path(ws, f"notebook-{nb.id}").unlink(missing_ok=True)
     return find(ws, nb.id)
 
 
@@ -167,15 +158,3 @@ def find(ws, ref: str) -> Notebook:
                 nb.id.lower().endswith(ref.lower()) or nb.job_id.lower().endswith(ref.lower()))):
             return nb
     raise NotFoundError(f"No notebook {ref!r}.", "`labdeck ps` lists notebooks among the runs.")
-
-
-def _token_path(ws, nb_id: str) -> Path:
-    return secret_path(ws, f"notebook-{nb_id}")
-
-
-def _save_token(ws, nb_id: str, token: str) -> None:
-    save_secret(ws, f"notebook-{nb_id}", token)
-
-
-def token_of(ws, nb_id: str) -> str | None:
-    return read_secret(ws, f"notebook-{nb_id}")

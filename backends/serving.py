@@ -104,7 +104,7 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     say(f"starting litserve on {target}:{remote_port}")
     dep.pid = await transport.start_detached(command, cwd=workdir, log_path=dep.log_path)
     ws.store.add(dep)
-    _save_key(ws, dep.id, key)
+    save_secret(ws, dep.id, key)
     forward: PortForward | None = None
     try:
         forward = await transport.forward_port(remote_port, local_port=local_port)
@@ -141,7 +141,8 @@ async def _wait_healthy(transport: Transport, dep: Deployment, forward: PortForw
     last = -1
     while time.monotonic() - t0 < HEALTH_TIMEOUT:
         try:
-            code = await asyncio.to_thread(_get_status, f"http://127.0.0.1:{forward.local_port}/health", key)
+            code = await asyncio.to_thread(http_status, f"http://127.0.0.1:{forward.local_port}/health",
+                                           {"X-API-Key": key} if key else None)
             if code == 200:
                 return
         except OSError:
@@ -158,10 +159,11 @@ async def _wait_healthy(transport: Transport, dep: Deployment, forward: PortForw
     raise LabdeckError(f"The model server was not healthy within {HEALTH_TIMEOUT:g}s; see {dep.log_path}.")
 
 
-def _get_status(url: str, key: str | None = None) -> int:
-    req = urllib.request.Request(url, headers={"X-API-Key": key} if key else {})
+def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 2) -> int:
+    """The HTTP status of a GET (4xx/5xx included); OSError when nothing answers."""
+    req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=2) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -191,7 +193,7 @@ async def stop(ws, ref: str) -> Deployment:
     transport = await ws.transport(dep.instance)
     await _kill_group(transport, dep.pid)
     ws.store.mine.put(Deployment.TABLE, dep.id, {**dep.to_dict(), "state": "stopped", "stopped_at": utcnow()})
-    _key_path(ws, dep.id).unlink(missing_ok=True)
+    secret_path(ws, dep.id).unlink(missing_ok=True)
     return find(ws, dep.id)
 
 
@@ -225,14 +227,6 @@ def read_secret(ws, name: str) -> str | None:
         return secret_path(ws, name).read_text().strip()
     except FileNotFoundError:
         return None
-
-
-def _key_path(ws, dep_id: str) -> Path:
-    return secret_path(ws, dep_id)
-
-
-def _save_key(ws, dep_id: str, key: str) -> None:
-    save_secret(ws, dep_id, key)
 
 
 def api_key(ws, dep_id: str) -> str | None:

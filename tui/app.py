@@ -771,6 +771,8 @@ class LabdeckApp(App[None]):
         self.load_instances()
 
     def confirm_lifecycle(self, verb: str, inst) -> None:
+        from backends import clouds
+
         owner = f" It was launched by {inst.created_by}." if inst.created_by and inst.created_by != self.workstation.user else ""
         force = not inst.managed
         if verb == "start":
@@ -789,7 +791,7 @@ class LabdeckApp(App[None]):
                   + (" It was NOT launched by labdeck." if force else "")
                   + (" Its disk is deleted." if verb == "terminate" else " Its disk is kept.")
                   + (f" {inst.provider_type} bills a stopped machine: terminate it to stop paying."
-                     if verb == "stop" and inst.provider_type in ("digitalocean", "linode") else ""))
+                     if verb == "stop" and inst.provider_type in clouds.BILLS_WHEN_STOPPED else ""))
         self.push_screen(ConfirmScreen(f"{verb.capitalize()} {inst.name}?", detail, yes_label=verb.capitalize()), answer)
 
     @work(group="cloud-lifecycle", exit_on_error=False)

@@ -581,6 +581,7 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     Markdown and as a self-contained HTML page with the metric plots as SVG."""
     from backends import lineage as lin
     from backends.errors import NotFoundError
+    from backends.metrics import lower_is_better
     from backends.query import QueryContext
     from backends.report import build_report, write_report
 
@@ -596,7 +597,7 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
             raise LabdeckError(f"No run matches {target!r}.", "`labdeck runs FILTER` shows what a filter matches.")
         key = metric or lin.key_metric(matched)
         scored = [r for r in matched if lin.metric_value(r, key, "best") is not None]
-        lower = key is not None and any(w in key.lower() for w in ("loss", "err", "perplexity"))
+        lower = key is not None and lower_is_better(key)
         run = (min if lower else max)(scored, key=lambda r: lin.metric_value(r, key, "best")) if scored else \
             max(matched, key=lambda r: r.id)
     path = lin.path_from_baseline(run, tl.runs)

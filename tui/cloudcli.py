@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from backends import clouds
+from backends.catalog import spend
 from backends.errors import LabdeckError
 
 from .cliutil import _workstation, console, err_console, fit_table, friendly
@@ -175,12 +176,13 @@ def catalog_cmd(refresh: bool) -> None:
 def spend_cmd() -> None:
     """Burn rate ($/hr now), today's spend and your daily budget."""
     ws = _workstation()
-    sp = clouds.current_spend(ws)
+    everyone = clouds.records(ws)  # read once: the spend and the table below
+    sp = spend(everyone, ws.user)
     daily = float(ws.config.get("budget", "daily_usd"))
     console.print(f"you: {money(sp.burn_user)}/h now, ${sp.today_user:.2f} today"
                   + (f" of ${daily:.2f} budget" if daily else " (no daily budget: \\[budget] daily_usd)"), highlight=False)
     console.print(f"team: {money(sp.burn_team)}/h now, ${sp.today_team:.2f} today", highlight=False)
-    recs = sorted(clouds.records(ws), key=lambda r: r.get("created_at", ""), reverse=True)[:20]
+    recs = sorted(everyone, key=lambda r: r.get("created_at", ""), reverse=True)[:20]
     if recs:
         rows = [(r.get("name", ""), r.get("created_by", ""), r.get("provider", ""), r.get("state", ""),
                  money(r.get("price_per_hour") or 0), f"${sp.cost_so_far.get(r.get('id', ''), 0):.2f}")

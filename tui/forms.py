@@ -210,10 +210,10 @@ class UpScreen(ModalScreen[UpRequest | None]):
         self.query_one("#launch-error", Static).update(text)
 
     def action_submit(self) -> None:
-        import re
+        from backends.providers.cloud import NAME_RE
 
         name = self.query_one("#up-name", Input).value.strip()
-        if not re.fullmatch(r"[a-z][a-z0-9-]{0,38}[a-z0-9]", name):
+        if not NAME_RE.match(name):
             self._error("Name: 2-40 lowercase letters, digits and '-', starting with a letter.")
             self.query_one("#up-name", Input).focus()
             return
