@@ -278,3 +278,23 @@ async def test_lineage_labels_follow_tags_taken_off_and_marks_keep_the_status_li
         assert "runs match /user:alice" in str(status.render()) and "1 marked" in str(status.render())
         await pilot.press("m")  # unmarked again: the mark's line goes, the filter's stays
         assert "runs match /user:alice" in str(status.render()) and "marked" not in str(status.render())
+
+
+async def test_the_detail_panes_code_diff_is_computed_once_per_pair(tmp_path: Path, monkeypatch) -> None:
+    """Moving the cursor back and forth does not run `git diff` (and read blobs) again each time."""
+    calls: list[tuple] = []
+    code_diff = lin.code_diff
+
+    def counted(a, b, read_blob):
+        calls.append((a.id if a else None, b.id))
+        return code_diff(a, b, read_blob)
+
+    monkeypatch.setattr(lin, "code_diff", counted)
+    app = demo_app(home=tmp_path / "demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("4", "enter")
+        await settle(pilot)
+        await pilot.press("down", "up", "down", "up", "down")
+        await settle(pilot)
+    assert len(calls) >= 2 and len(calls) == len(set(calls))

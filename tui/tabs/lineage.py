@@ -62,6 +62,7 @@ class LineageTab(TabView):
         self.filter_error = ""
         self._signature: tuple = ()
         self._total = 0  # roots the tree would show (before MAX_ROOTS)
+        self._diffs: dict[tuple[str | None, str], str] = {}  # (parent id, run id) -> code diff
         self._dirty = False
         self.served: set[str] = set()  # runs with a live deployment
 
@@ -247,7 +248,10 @@ class LineageTab(TabView):
             for n in self.view.notes(r.id):
                 t.append(f"\n{n.created_at[:16]} {n.user}: ", style="dim")
                 t.append(n.text)
-            diff = lin.code_diff(parent, r, self.app.workstation.store.read_blob)
+            pair = (parent.id if parent else None, r.id)  # a run's code never changes: each pair is diffed once
+            if pair not in self._diffs:  # (a `git diff` and blob reads: not again on every cursor move)
+                self._diffs[pair] = lin.code_diff(parent, r, self.app.workstation.store.read_blob)
+            diff = self._diffs[pair]
             if diff:
                 lines = diff.splitlines()
                 t.append("\n\ncode vs parent\n" if parent else "\n\ncode (uncommitted changes)\n", style="bold")
