@@ -21,7 +21,7 @@ import re
 import shlex
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import LabdeckError, NotFoundError
 from .models import Annotation, Edge, Run
@@ -241,12 +241,15 @@ def annotations_by_run(store) -> tuple[dict[str, list[Annotation]], dict[str, st
     return out, errors
 
 
-def tags_of(annotations: list[Annotation]) -> list[str]:
-    tags: dict[tuple[str, str], bool] = {}
-    for a in annotations:
-        if a.kind == "tag":
-            tags[(a.user, a.text)] = not a.removed
-    return sorted({t for (_, t), on in tags.items() if on})
+def tags_of(annotations: list[Annotation], own: Iterable[str] = ()) -> list[str]:
+    """A run's tags: its own (``Run.tags``) and every tag some user has on it. Each user's "tag"
+    annotations with the same text are read in time order and the last one counts: one with
+    ``removed`` means that user took the tag off (:func:`untag`); another user's stays. The tree's
+    labels, ``labdeck show`` and the query language's ``tag:`` all read tags through this."""
+    on: dict[tuple[str, str], bool] = {}
+    for a in sorted((a for a in annotations if a.kind == "tag"), key=lambda a: (a.created_at or "", a.id)):
+        on[(a.user, a.text)] = not a.removed
+    return sorted(set(own) | {t for (_, t), v in on.items() if v})
 
 
 # ---- the team's view --------------------------------------------------------------
@@ -269,7 +272,8 @@ class TeamLineage:
                 self.children.setdefault(p, []).append(child)
 
     def tags(self, run_id: str) -> list[str]:
-        return tags_of(self.annotations.get(run_id, []))
+        run = self.runs.get(run_id)
+        return tags_of(self.annotations.get(run_id, []), run.tags if run else ())
 
     def notes(self, run_id: str) -> list[Annotation]:
         return [a for a in self.annotations.get(run_id, []) if a.kind == "note"]

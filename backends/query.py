@@ -600,19 +600,12 @@ class QueryContext:
 
     # tags and notes
     def tags_of(self, run: Run) -> frozenset[str]:
-        """The run's tags, lowercased: its own ``tags`` and every tag some user has on it. Each user's "tag"
-        annotations with the same text are read in time order and the last one counts: one with ``removed``
-        means that user took the tag off (as ``backends.lineage.untag`` does); another user's stays."""
+        """The run's tags (:func:`backends.lineage.tags_of`), lowercased for matching."""
         tags = self._tags.get(run.id)
         if tags is None:
-            anns = self.annotations.get(run.id)
-            if not anns:
-                tags = frozenset(_norm_tag(t) for t in run.tags)
-            else:
-                on: dict[tuple[str, str], bool] = {}
-                for a in sorted((a for a in anns if a.kind == "tag"), key=lambda a: (a.created_at or "", a.id)):
-                    on[(a.user, _norm_tag(a.text))] = not a.removed
-                tags = frozenset(_norm_tag(t) for t in run.tags) | {t for (_, t), v in on.items() if v}
+            from .lineage import tags_of
+
+            tags = frozenset(_norm_tag(t) for t in tags_of(self.annotations.get(run.id) or [], run.tags))
             self._tags[run.id] = tags
         return tags
 

@@ -649,3 +649,16 @@ def test_filtering_10k_runs_timing() -> None:
     print(f"\nfilter_runs({FOUR_TERMS!r}) over {len(runs):,} runs: median {median:.1f} ms, best {best:.1f} ms "
           f"({len(got)} matched; target ≤ 100 ms)")
     assert all(r.user == "alice" for r in got) and not math.isnan(median)
+
+
+def test_the_tree_labels_and_tag_filter_read_tags_the_same_way(runs: list[Run]) -> None:
+    """Stored order is not time order: a tag taken off later is off for both; a run's own tags count for both."""
+    from backends.lineage import tags_of
+
+    anns = [Annotation(rid(1), "tag", "best", user="bob", created_at="2026-11-05T10:00:00Z", removed=True),
+            Annotation(rid(1), "tag", "best", user="bob", created_at="2026-11-03T10:00:00Z"),
+            Annotation(rid(1), "tag", "Keep", user="bob", created_at="2026-11-04T10:00:00Z")]
+    ctx = QueryContext({r.id: r for r in runs}, anns)
+    shown = tags_of(anns, runs[0].tags)
+    assert "best" not in shown and "Keep" in shown and set(runs[0].tags) <= set(shown)
+    assert ctx.tags_of(runs[0]) == {t.lower() for t in shown}
