@@ -349,6 +349,7 @@ class _Conn:
         self.retry_at = 0.0
         self.last_error: TransportError | None = None
         self.generation = 0  # bumps on every new connection (forwards and tails use it)
+        self.home: str | None = None  # the user's home there, once asked (every transport to the host shares it)
 
     def _lost(self) -> None:
         self.conn = None
@@ -511,7 +512,6 @@ class SSHTransport(Transport):
         self.spec = spec
         self.instance = instance
         self._runs_dir = runs_dir
-        self._home: str | None = None
 
     @property
     def handle(self) -> _Conn:
@@ -591,9 +591,10 @@ class SSHTransport(Transport):
         return fwd
 
     async def home_dir(self) -> str:
-        if self._home is None:
-            self._home = await super().home_dir()
-        return self._home
+        h = self.handle
+        if h.home is None:
+            h.home = await super().home_dir()
+        return h.home
 
     async def runs_root(self) -> str:
         d = self._runs_dir

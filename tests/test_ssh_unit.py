@@ -264,3 +264,16 @@ def test_the_teammates_ssh_line_follows_the_transports_chain(tmp_path: Path) -> 
     direct = SSHTransport(SSHPool(KnownHosts(tmp_path / "kh")), HostSpec("h", "10.0.0.8", None, 2200, ()), instance="h")
     assert ssh_line(direct, 8001, 8000) == "ssh -N -L 8001:127.0.0.1:8000 -p 2200 10.0.0.8"
     assert ssh_line(LocalTransport(tmp_path), 8001, 8000).endswith(f"127.0.0.1:8000 {os.uname().nodename}")
+
+
+async def test_the_home_directory_is_asked_once_per_host(ssh_server, ssh_client_key, tmp_path: Path) -> None:
+    """Providers hand out a new transport per call (a cloud instance's each time): the home
+    directory, which every autostop read and runs_root need, is still asked of the host only once."""
+    pool = SSHPool(KnownHosts(tmp_path / "known_hosts"))
+    spec = spec_for(ssh_server, str(ssh_client_key))
+    try:
+        homes = [await SSHTransport(pool, spec, instance="test").home_dir() for _ in range(3)]
+        assert homes == [str(ssh_server.home)] * 3
+        assert sum('"$HOME"' in (c or "") for c in ssh_server.commands) == 1
+    finally:
+        await pool.close()
