@@ -79,10 +79,12 @@ async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python
     script = (
         f"mkdir -p {qd} && touch {qd}/reader && "
         # which Python: the private venv once it has nvitop
-        f"PY={shlex.quote(python)}; if [ -x {shlex.quote(venv_py)} ] && {shlex.quote(venv_py)} -c 'import nvitop' 2>/dev/null; "
-        f"then PY={shlex.quote(venv_py)}; fi; export PY; "
-        f"if [ {shlex.quote(gpu_source)} = auto ] && command -v nvidia-smi >/dev/null 2>&1 && ! \"$PY\" -c 'import nvitop' 2>/dev/null "
-        f"&& [ -z \"$(find {qd}/bootstrap.tried -mtime -1 2>/dev/null)\" ]; then touch {qd}/bootstrap.tried; {bootstrap} >/dev/null; fi; "
+        f"PY={shlex.quote(python)}; NV=0; if [ -x {shlex.quote(venv_py)} ] && {shlex.quote(venv_py)} -c 'import nvitop' 2>/dev/null; "
+        f"then PY={shlex.quote(venv_py)}; NV=1; fi; export PY; "
+        # (cheap tests first: a Python's import of nvitop costs a few hundred ms, and this runs every poll)
+        f"if [ $NV = 0 ] && [ {shlex.quote(gpu_source)} = auto ] && command -v nvidia-smi >/dev/null 2>&1 "
+        f"&& [ -z \"$(find {qd}/bootstrap.tried -mtime -1 2>/dev/null)\" ] && ! \"$PY\" -c 'import nvitop' 2>/dev/null; "
+        f"then touch {qd}/bootstrap.tried; {bootstrap} >/dev/null; fi; "
         # a new agent version, or a better Python: stop the old agent
         f"if [ \"$(cat {qd}/version 2>/dev/null)\" != {AGENT_VERSION} ] || [ \"$(cat {qd}/python 2>/dev/null)\" != \"$PY\" ]; then "
         f"printf %s {b64} | base64 -d > {qd}/agent.py.tmp && mv {qd}/agent.py.tmp {qd}/agent.py && "
