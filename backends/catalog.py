@@ -105,6 +105,9 @@ class Catalog:
         info = SizeInfo(id=size, provider_type=ptype, regions=api.get("regions"))
         info.vcpus = int(api.get("vcpus") or e.get("vcpus") or 0)
         info.ram_mib = int(api.get("ram_mib") or (e.get("ram_gib", 0) * 1024) or 0)
+        if ptype == "ec2" and not (info.vcpus and info.ram_mib):  # libcloud's offline table, as for GPUs
+            vcpus, ram = ec2_shape(size)
+            info.vcpus, info.ram_mib = info.vcpus or vcpus, info.ram_mib or ram
         gpus = api.get("gpus")
         if gpus is None:
             gpus = e.get("gpus")

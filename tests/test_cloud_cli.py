@@ -73,3 +73,12 @@ def test_up_failure_is_one_message_and_nothing_is_left(home, do) -> None:
     assert res.returncode == 1 and "credentials were refused" in res.stderr and "DIGITALOCEAN_TOKEN" in res.stderr
     res = run(home, do, "up", "gpu1", "-p", "nope")
     assert res.returncode == 1 and "not a cloud provider" in res.stderr
+
+
+def test_an_ec2_size_outside_the_catalog_has_its_shape() -> None:
+    """vCPUs and memory of any EC2 size from libcloud's offline table (the listing and every run's
+    instance record show them), like its GPUs, not only of the few sizes the shipped catalog names."""
+    from backends.catalog import Catalog
+
+    info = Catalog().describe("ec2", "p3.2xlarge", "us-east-1")
+    assert (info.vcpus, info.ram_mib, info.gpus) == (8, 61 * 1024, 1)
