@@ -27,9 +27,9 @@ import posixpath
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from .errors import LabdeckError
+from .models import parse_time_lenient
 from .providers.base import Transport, detached_launcher
 
 AUTOSTOP_DIR = "~/.labdeck/autostop"  # on the instance; "~" is the instance user's home
@@ -145,16 +145,6 @@ async def disable(transport: Transport) -> None:
     await transport.put_files({f"{d}/config.json": (json.dumps(config, indent=1) + "\n").encode()})
 
 
-def _parse(ts: Any) -> datetime | None:
-    if not isinstance(ts, str) or not ts:
-        return None
-    try:
-        dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-
-
 def _span(seconds: float) -> str:
     s = max(0, math.ceil(seconds))
     if s < 60:
@@ -184,20 +174,20 @@ def countdown(state: dict | None, now: datetime | float | None = None) -> str:
         return "starting"
     if state.get("enabled") is False:
         return "off"
-    fired = _parse(state.get("fired_at"))
+    fired = parse_time_lenient(state.get("fired_at"))
     if fired is not None and not state.get("error"):
         return "terminating…" if action == "terminate" else "stopping…"
     try:
         interval = float(state.get("interval") or 30)
     except (TypeError, ValueError):
         interval = 30.0
-    updated = _parse(state.get("updated_at"))
+    updated = parse_time_lenient(state.get("updated_at"))
     if updated is None or (now - updated).total_seconds() > max(3 * interval, STALE_FLOOR_SECONDS):
         return "stale"
     busy = [str(b) for b in (state.get("busy") or [])]
     if busy:
         return "busy: " + busy[0] + (f" (+{len(busy) - 1})" if len(busy) > 1 else "")
-    deadline = _parse(state.get("deadline"))
+    deadline = parse_time_lenient(state.get("deadline"))
     if deadline is None:
         return "off"
     left = (deadline - now).total_seconds()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import LabdeckError
+from .models import parse_time
 
 SHIPPED = Path(__file__).with_name("data") / "catalog.json"
 
@@ -206,20 +207,14 @@ def _gpu_from_name(size: str) -> str:
 
 # ---- spend ----------------------------------------------------------------------------------
 
-def _parse(ts: str | None) -> datetime | None:
-    if not ts:
-        return None
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
 def intervals(rec: dict[str, Any], now: datetime) -> list[tuple[datetime, datetime]]:
     """The billed intervals of an instance record: closed ones plus the open one while running."""
     out = []
     for a, b in rec.get("billed", []) or []:
-        ta, tb = _parse(a), _parse(b)
+        ta, tb = parse_time(a), parse_time(b)
         if ta and tb and tb > ta:
             out.append((ta, tb))
-    since = _parse(rec.get("running_since"))
+    since = parse_time(rec.get("running_since"))
     if since is not None:
         out.append((since, max(since, now)))
     return out
@@ -294,7 +289,7 @@ def close_interval(rec: dict[str, Any], at: str) -> dict[str, Any]:
     """The record with its open running interval closed at ``at`` (ISO time)."""
     since = rec.get("running_since")
     if since:
-        end = max(_parse(at), _parse(since)).isoformat(timespec="milliseconds").replace("+00:00", "Z")  # type: ignore
+        end = max(parse_time(at), parse_time(since)).isoformat(timespec="milliseconds").replace("+00:00", "Z")  # type: ignore
         rec = {**rec, "billed": [*(rec.get("billed") or []), [since, end]], "running_since": None}
     return rec
 

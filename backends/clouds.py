@@ -30,7 +30,7 @@ from . import autostop
 from .catalog import Spend, check_budget, close_interval, spend
 from .errors import LabdeckError, ProviderError
 from .ids import new_id
-from .models import Instance, Run, RunState, utcnow
+from .models import Instance, Run, RunState, parse_time_lenient, utcnow
 from .providers import InstanceSpec
 from .providers.cloud import CloudProvider
 
@@ -369,7 +369,7 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
         state = inst.state if inst is not None else "terminated"
         if inst is not None and state in ("pending", "stopping", "unknown"):
             continue
-        created = _parse_time(rec.get("created_at"))
+        created = parse_time_lenient(rec.get("created_at"))
         if inst is None and p.type == "ec2" and rec["id"] not in p.terminated_ids and created \
                 and (now_dt - created).total_seconds() < 60:
             continue  # EC2 may not list a brand-new instance for a few seconds (eventual consistency)
@@ -422,13 +422,6 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _parse_time(ts: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
-    except ValueError:
-        return None
-
-
 def _mutate_billing(ws, rec_id: str, *, state: str, meter: bool, at: str, only_if_desired: str | None = None,
                     **fields: Any) -> dict[str, Any] | None:
     """Change a record from its current stored version (not a copy read before an await)."""
@@ -451,7 +444,7 @@ def _autostop_fired(ws, rec: dict[str, Any]) -> str | None:
     st = ws.autostop_states.get(rec.get("name", ""))
     fired = (st[1] or {}).get("fired_at") if st else None
     since = rec.get("running_since")
-    if fired and since and (_parse_time(fired) or now_utc()) < (_parse_time(since) or now_utc()):
+    if fired and since and (parse_time_lenient(fired) or now_utc()) < (parse_time_lenient(since) or now_utc()):
         return None
     return fired
 

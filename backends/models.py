@@ -36,6 +36,18 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def parse_time_lenient(value: Any) -> datetime | None:
+    """:func:`parse_time` for what another program wrote (a state file, a provider's record): None
+    for anything that is not an ISO time, UTC when it names no zone."""
+    if not isinstance(value, str):
+        return None
+    try:
+        t = parse_time(value)
+    except ValueError:
+        return None
+    return t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
 class RunState(str, enum.Enum):
     QUEUED = "queued"
     SYNCING = "syncing"

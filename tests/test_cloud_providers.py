@@ -306,9 +306,9 @@ async def test_autostop_terminate_on_a_provider_that_bills_stopped_machines(home
             assert fake.nodes == {}
             rec = next(r for r in clouds.records(ws, team=False) if r["name"] == "gpu1")
             assert rec["state"] == "terminated" and rec["running_since"] is None
-            from backends.catalog import _parse
+            from backends.models import parse_time
 
-            assert _parse(rec["billed"][-1][1]) == _parse(fired)  # billed until it went off, not beyond
+            assert parse_time(rec["billed"][-1][1]) == parse_time(fired)  # billed until it went off, not beyond
         finally:
             await ws.close()
 
