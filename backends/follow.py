@@ -63,6 +63,7 @@ class LogFollower:
         self.root = root
         self.tasks: dict[str, asyncio.Task] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._copies: dict[str, asyncio.Task] = {}  # run id -> its checkpoint being copied off
 
     def local_path(self, run: Run) -> Path:
         return self.root / run.user / f"{run.id}.log"
@@ -113,6 +114,9 @@ class LogFollower:
                 except LabdeckError:
                     await asyncio.sleep(RETRY)
                     continue
+                copy = self._copies.pop(run.id, None)
+                if copy is not None:  # its last checkpoint is in before the follow ends
+                    await copy
                 if run.user == store.user:
                     self._save_offset(run)
                     run = await self._record(run, final=True)
@@ -132,19 +136,24 @@ class LogFollower:
         monitor = getattr(self.ws, "monitor", None)
         if monitor is not None:
             n += await monitor.poll_run(run, transport)
-            await self._checkpoint(run, monitor, transport)
+            self._checkpoint(run, monitor, transport)
         return n
 
-    async def _checkpoint(self, run: Run, monitor, transport) -> None:
+    def _checkpoint(self, run: Run, monitor, transport) -> None:
         """A run on a cloud instance that declared a new checkpoint: copy it off (for a relaunch
-        after preemption)."""
+        after preemption), in a task of its own, so a copy of up to 2 GiB never holds up the log
+        and the metrics; one copy per run at a time."""
         cks = monitor.run(run).file_parser.checkpoints
-        inst = getattr(self.ws, "_instances", {}).get(run.instance)
-        if not cks or inst is None or inst.provider_type in ("local", "ssh") or run.user != self.ws.store.user:
+        ptype = (run.instance_info or {}).get("provider_type")  # recorded at launch
+        if not cks or ptype in (None, "local", "ssh") or run.user != self.ws.store.user:
             return
+        busy = self._copies.get(run.id)
+        if busy is None or busy.done():
+            self._copies[run.id] = asyncio.ensure_future(self._copy_checkpoint(run, *cks[-1], transport))
+
+    async def _copy_checkpoint(self, run: Run, path: str, step, transport) -> None:
         from . import clouds
 
-        path, step = cks[-1]
         try:
             rec = await clouds.fetch_checkpoint(self.ws, run, path, step, transport)
         except (LabdeckError, OSError):
@@ -179,14 +188,16 @@ class LogFollower:
         return task
 
     async def stop_all(self) -> None:
-        for t in self.tasks.values():
+        tasks = [*self.tasks.values(), *self._copies.values()]
+        for t in tasks:
             t.cancel()
-        for t in self.tasks.values():
+        for t in tasks:
             try:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
         self.tasks.clear()
+        self._copies.clear()
 
 
 def tail_lines(path: Path, n: int = 1) -> list[str]:
