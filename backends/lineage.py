@@ -281,16 +281,6 @@ class TeamLineage:
     def parent_of(self, run: Run) -> Run | None:
         return self.runs.get(run.parent) if run.parent else None
 
-    def descendants(self, run_id: str) -> set[str]:
-        seen: set[str] = set()
-        todo = list(self.children.get(run_id, ()))
-        while todo:
-            c = todo.pop()
-            if c not in seen:
-                seen.add(c)
-                todo.extend(self.children.get(c, ()))
-        return seen
-
 
 def metric_value(run: Run, name: str | None, which: str = "last") -> float | None:
     if not name:

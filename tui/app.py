@@ -199,16 +199,18 @@ class LabdeckApp(App[None]):
         deployments.sort(key=lambda d: d.id, reverse=True)
         tab = self.query_one(ModelsTab)
         if self.live:  # requests served so far, from each live server's own log (ours only: we can read them)
-            for d in deployments:
-                if d.user == self.workstation.user and d.state == "healthy" and d.log_path:
-                    try:
-                        t = await self.workstation.transport(d.instance)
-                        res = await t.run(f"grep -c 'POST /predict' {shlex.quote(d.log_path)} 2>/dev/null || true", timeout=15)
-                        count = int(res.text().strip() or 0)
-                    except (LabdeckError, ValueError):
-                        count = None
-                    lat = sorted(self._model_latency.get(d.id, ()))
-                    tab.stats[d.id] = (count, lat[len(lat) // 2] if lat else None)
+            async def served(d: Deployment) -> None:
+                try:
+                    t = await self.workstation.transport(d.instance)
+                    res = await t.run(f"grep -c 'POST /predict' {shlex.quote(d.log_path)} 2>/dev/null || true", timeout=15)
+                    count = int(res.text().strip() or 0)
+                except (LabdeckError, ValueError):
+                    count = None
+                lat = sorted(self._model_latency.get(d.id, ()))
+                tab.stats[d.id] = (count, lat[len(lat) // 2] if lat else None)
+
+            await asyncio.gather(*(served(d) for d in deployments  # all at once: one slow host holds up no other
+                                   if d.user == self.workstation.user and d.state == "healthy" and d.log_path))
         self.post_message(DeploymentsLoaded(deployments, errors))
 
     # ---- model servers --------------------------------------------------------
