@@ -28,6 +28,7 @@ import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import clock
 from .errors import LabdeckError
 from .models import parse_time_lenient
 from .providers.base import Transport, detached_launcher
@@ -165,7 +166,7 @@ def countdown(state: dict | None, now: datetime | float | None = None) -> str:
         return "off"
     if isinstance(now, (int, float)):
         now = datetime.fromtimestamp(now, timezone.utc)
-    now = now or datetime.now(timezone.utc)
+    now = now or clock.now()
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     action = state.get("action") or "stop"

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import clock
 from .errors import LabdeckError
 from .models import parse_time
 
@@ -144,7 +145,7 @@ class Catalog:
                 price[region or "*"] = s.price_per_hour
             section[s.id] = {"gpus": s.gpus, "gpu": s.gpu, "vcpus": s.vcpus, "ram_gib": round(s.ram_mib / 1024, 1),
                              "price": price}
-        current["_refreshed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        current["_refreshed_at"] = clock.now().isoformat(timespec="seconds")
         self.user_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.user_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(current, indent=1, sort_keys=True), encoding="utf-8")
@@ -241,7 +242,7 @@ class Spend:
 
 def spend(records: Iterable[dict[str, Any]], user: str, now: datetime | None = None) -> Spend:
     """Burn rate and spend from instance records (every user's, as the team store holds them)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or clock.now()
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     out = Spend()
     for rec in records:
@@ -295,5 +296,5 @@ def close_interval(rec: dict[str, Any], at: str) -> dict[str, Any]:
 
 
 def hours_ago(hours: float, now: datetime | None = None) -> str:
-    now = now or datetime.now(timezone.utc)
+    now = now or clock.now()
     return (now - timedelta(hours=hours)).isoformat().replace("+00:00", "Z")

@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from . import clock
 from . import autostop
 from .catalog import Spend, check_budget, close_interval, spend
 from .errors import LabdeckError, ProviderError
@@ -354,7 +355,7 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
     events: list[str] = []
     seen = {i.labdeck_id: i for i in listing.instances if i.labdeck_id}
     now = utcnow()
-    now_dt = datetime.now(timezone.utc)
+    now_dt = clock.now()
     for rec in records(ws, team=False):
         p = ws.providers.get(rec.get("provider", ""))
         if rec.get("provider") not in answered or not isinstance(p, CloudProvider):
@@ -418,10 +419,6 @@ async def reconcile(ws, listing, answered: set[str]) -> list[str]:
     return events
 
 
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _mutate_billing(ws, rec_id: str, *, state: str, meter: bool, at: str, only_if_desired: str | None = None,
                     **fields: Any) -> dict[str, Any] | None:
     """Change a record from its current stored version (not a copy read before an await)."""
@@ -444,7 +441,7 @@ def _autostop_fired(ws, rec: dict[str, Any]) -> str | None:
     st = ws.autostop_states.get(rec.get("name", ""))
     fired = (st[1] or {}).get("fired_at") if st else None
     since = rec.get("running_since")
-    if fired and since and (parse_time_lenient(fired) or now_utc()) < (parse_time_lenient(since) or now_utc()):
+    if fired and since and (parse_time_lenient(fired) or clock.now()) < (parse_time_lenient(since) or clock.now()):
         return None
     return fired
 

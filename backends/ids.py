@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
+
+from . import clock
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
 _lock = threading.Lock()
@@ -27,7 +28,7 @@ def _encode(value: int, length: int) -> str:
 def new_id(now_ms: int | None = None) -> str:
     """A 26-character ULID string."""
     global _last_ms, _last_rand
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    ms = int(clock.wall() * 1000) if now_ms is None else now_ms
     with _lock:
         if ms <= _last_ms:
             ms = _last_ms

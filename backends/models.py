@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
+from . import clock
 from .errors import StateError
 from .ids import new_id
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, in the stored form (from the one clock seam, :mod:`backends.clock`)."""
+    return clock.iso()
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -228,7 +230,7 @@ class Run(Record):
         start = parse_time(self.started_at)
         if start is None:
             return None
-        end = parse_time(self.ended_at) or now or datetime.now(timezone.utc)
+        end = parse_time(self.ended_at) or now or clock.now()
         return max(0.0, (end - start).total_seconds())
 
     @property

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
+from . import clock
 from .errors import LabdeckError
 from .models import FINAL_STATES, Annotation, Edge, Run, RunState
 
@@ -593,7 +594,7 @@ class QueryContext:
 
     def current_time(self) -> datetime:
         if self.now is None:
-            self.now = datetime.now(timezone.utc)
+            self.now = clock.now()
         elif self.now.tzinfo is None:
             self.now = self.now.replace(tzinfo=timezone.utc)
         return self.now

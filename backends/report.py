@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import clock
 from .errors import LabdeckError
 from .metrics import lower_is_better
 from .models import Annotation, Run, parse_time
@@ -1111,7 +1112,7 @@ def build_report(path: list[Run], *, series: SeriesMap, code_diffs: Mapping[str,
     code_diffs = code_diffs or {}
     annotations = annotations or {}
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = clock.now()
     elif now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     target = path[-1]

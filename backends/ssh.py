@@ -28,11 +28,19 @@ import os
 import posixpath
 import shlex
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-import asyncssh
+from cryptography.utils import CryptographyDeprecationWarning
+
+# cryptography ≥ 43 deprecates DSA, and asyncssh's import names DSA types in five annotations: five
+# warnings on stderr before every command's output and the TUI's first frame. Only that category, only
+# from asyncssh's modules, is silenced; labdeck never offers or accepts DSA keys itself.
+warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh(\.|$)")
+
+import asyncssh  # noqa: E402
 
 from .errors import TransportError
 from .providers.base import CommandResult, FileChunk, PortForward, RelayForward, Transport, detached_launcher

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from backends import clock as _clock
 from backends.config import load_config
 from backends.paths import Paths
 from backends.workstation import Workstation
+
+
+@pytest.fixture(autouse=True)
+def _real_clock_after_each_test():
+    """Whatever a test (or the demo state it built) pinned, the next test starts on the real clock."""
+    before = _clock.pinned_source()
+    yield
+    _clock.pin(before)
 
 
 @pytest.fixture

@@ -24,6 +24,16 @@ def test_help(home: Path) -> None:
         assert cmd in res.stdout
 
 
+@pytest.mark.parametrize("args", [("--help",), ("ls",)], ids=["help", "ls"])
+def test_quiet_start(home: Path, args: tuple[str, ...]) -> None:
+    """Nothing on stderr before (or instead of) the output: cryptography ≥ 43 makes asyncssh's import
+    print five DSA deprecation warnings unless labdeck silences them at the source."""
+    res = labdeck(home, *args)
+    assert res.returncode == 0
+    assert res.stderr == ""
+    assert res.stdout.strip()
+
+
 def test_ls_shows_local(home: Path) -> None:
     res = labdeck(home, "ls")
     assert res.returncode == 0, res.stderr

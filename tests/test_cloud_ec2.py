@@ -6,6 +6,7 @@ instances made outside labdeck, and spot preemption with a relaunch from the las
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -255,20 +256,21 @@ async def test_credentials_from_the_aws_file_and_never_in_the_store(home, keypai
 
 
 async def test_budget_warns_then_refuses(home, aws_env, keypair) -> None:
-    with EC2Shim() as shim:
+    with EC2Shim() as shim, contextlib.ExitStack() as stack:
         ws = cloud_config(home, shim, key=keypair, budget=2.0)
         try:
-            # 3 hours today of a $0.50/h instance that is still running: $1.50 spent, burning 0.50/h
-            from datetime import datetime, timedelta, timezone
+            # 3 hours today of a $0.50/h instance that is still running: $1.50 spent, burning 0.50/h.
+            # The clock is pinned: measured to the wall clock, the spend grows while the test runs.
+            from datetime import datetime, timezone
 
-            now = datetime.now(timezone.utc)
-            start = max(now - timedelta(hours=3), now.replace(hour=0, minute=0, second=0, microsecond=0))
-            since = start.isoformat().replace("+00:00", "Z")
+            from backends import clock
+
+            stack.enter_context(clock.pinned(datetime(2026, 11, 26, 15, 0, tzinfo=timezone.utc)))
             ws.store.mine.put("instances", "01REC", {"id": "01REC", "name": "old", "provider": "aws", "created_by": ws.user,
-                                                    "price_per_hour": 0.5, "running_since": since, "billed": [],
-                                                    "state": "running", "desired": "running"})
+                                                    "price_per_hour": 0.5, "running_since": "2026-11-26T12:00:00Z",
+                                                    "billed": [], "state": "running", "desired": "running"})
             sp = clouds.current_spend(ws)
-            assert sp.burn_user == 0.5 and 0 < sp.today_user <= 1.5 + 1e-6
+            assert sp.burn_user == 0.5 and sp.today_user == pytest.approx(1.5, abs=1e-9)
             before = len(shim.actions)
             with pytest.raises(clouds.BudgetExceeded, match="Over budget") as err:
                 await clouds.up(ws, "aws", "gpu1", size="g4dn.xlarge")  # 0.526/h more: passes $2 within the hour
@@ -276,7 +278,6 @@ async def test_budget_warns_then_refuses(home, aws_env, keypair) -> None:
             assert not [a for a in shim.actions[before:] if a.startswith(("Create", "Run", "Import"))]
             from backends.catalog import check_budget
 
-            # (early in the UTC day less than 3 hours have passed: scale the budgets to what was spent)
             projected = sp.today_user + 0.5 + 0.526
             calm, near = check_budget(sp, projected / 0.7, 0.526), check_budget(sp, projected / 0.9, 0.526)
             assert calm.ok and not calm.warn

@@ -34,21 +34,32 @@ async def run_in_kernel(url: str, token: str, code: str) -> str:
     kernel = await asyncio.to_thread(post, "/api/kernels")
     ws_url = url.replace("http://", "ws://") + f"/api/kernels/{kernel['id']}/channels?token={token}"
     session = uuid.uuid4().hex
-    msg = {"header": {"msg_id": uuid.uuid4().hex, "username": "test", "session": session, "msg_type": "execute_request",
+    msg_id = uuid.uuid4().hex
+    msg = {"header": {"msg_id": msg_id, "username": "test", "session": session, "msg_type": "execute_request",
                       "version": "5.3", "date": ""},
            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                        "allow_stdin": False, "stop_on_error": True}}
+    # The output is complete when the kernel says it is idle again for this request (iopub), and the
+    # request has its execute_reply (shell). The two channels are not ordered with each other: under
+    # load the reply can come before the stream output, so the reply alone is not the end.
     out = []
+    replied = idle = False
     async with websockets.connect(ws_url, max_size=None) as sock:
         await sock.send(json.dumps(msg))
         async with asyncio.timeout(60):
-            while True:
+            while not (replied and idle):
                 reply = json.loads(await sock.recv())
-                if reply.get("msg_type") == "stream":
+                if (reply.get("parent_header") or {}).get("msg_id") != msg_id:
+                    continue
+                kind = reply.get("msg_type")
+                if kind == "stream":
                     out.append(reply["content"]["text"])
-                if reply.get("msg_type") == "execute_reply":
-                    return "".join(out)
+                elif kind == "execute_reply":
+                    replied = True
+                elif kind == "status" and reply["content"].get("execution_state") == "idle":
+                    idle = True
+    return "".join(out)
 
 
 def code_of(url: str, token: str | None) -> int:

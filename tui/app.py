@@ -14,8 +14,6 @@ import shlex
 import time
 import traceback
 from collections import deque
-from datetime import datetime, timezone
-from typing import Callable
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -23,6 +21,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from backends import clock
 from backends.errors import LabdeckError, StoreCorruptError
 from backends.lineage import TeamLineage, annotate
 from backends.models import Deployment, Run
@@ -67,10 +66,9 @@ class LabdeckApp(App[None]):
         Binding("q", "quit", "Quit", id="app.quit", tooltip="Leave labdeck; jobs keep running"),
     ]
 
-    def __init__(self, workstation: Workstation, *, now: Callable[[], datetime] | None = None, live: bool = True) -> None:
+    def __init__(self, workstation: Workstation, *, live: bool = True) -> None:
         super().__init__()
         self.workstation = workstation
-        self.now = now or (lambda: datetime.now(timezone.utc))
         self.live = live  # False: no timers, no agents, no following (tests and screenshots)
         self.idle: dict[str, float] = {}  # run id -> mean GPU % of a run flagged idle
         self.runs: list[Run] = []
@@ -167,7 +165,7 @@ class LabdeckApp(App[None]):
         ws.background_errors.clear()
         if clouds.cloud_providers(ws):
             await clouds.poll_autostop(ws, listing.instances)
-            sp = clouds.enrich(ws, listing.instances, now=self.now())
+            sp = clouds.enrich(ws, listing.instances, now=clock.now())
             daily = float(ws.config.get("budget", "daily_usd"))
             outside = sum(i.price_per_hour for i in listing.instances
                           if not i.managed and i.state == "running" and i.provider_type not in ("local", "ssh"))
@@ -716,7 +714,7 @@ class LabdeckApp(App[None]):
             self.notify('No cloud provider is configured: add one, e.g. [providers.aws] type = "ec2" '
                         f"in {ws.config.file}.", severity="warning", timeout=10)
             return
-        sp = clouds.current_spend(ws, now=self.now())
+        sp = clouds.current_spend(ws, now=clock.now())
         daily = float(ws.config.get("budget", "daily_usd"))
         line = (f"Today you spent ${sp.today_user:.2f}" + (f" of your ${daily:.2f} budget" if daily else "")
                 + f"; you burn ${sp.burn_user:.2f}/h now.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -17,7 +16,7 @@ from rich.table import Table
 from rich.markup import escape
 from rich.text import Text
 
-from backends import clouds
+from backends import clock, clouds
 from backends.config import load_config
 from backends.errors import LabdeckError
 from backends.paths import Paths
@@ -91,7 +90,7 @@ def ls_cmd() -> None:
     listing, sp = asyncio.run(listing_and_relaunches())
     for e in ws.background_errors:
         err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
-    now = datetime.now(timezone.utc)
+    now = clock.now()
     t = Table(title="instances", title_justify="left")
     rows = []
     for i in listing.instances:
@@ -299,7 +298,7 @@ def top_cmd(once: bool, interval: float) -> None:
         await ws.refresh_runs()
         runs, _ = ws.store.runs()
         active = [r for r in runs if r.run_state.is_active]
-        t = Table(title=f"labdeck top · {datetime.now().strftime('%H:%M:%S')}", title_justify="left")
+        t = Table(title=f"labdeck top · {clock.now().astimezone().strftime('%H:%M:%S')}", title_justify="left")
         rows: list[tuple[str, ...]] = []
         for inst in listing.instances:
             if inst.state != "running":

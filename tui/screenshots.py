@@ -17,6 +17,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from backends import clock
 from backends.config import load_config
 from backends.ids import _encode
 from backends.lineage import params_from_command
@@ -255,7 +256,8 @@ def demo_app(*, with_runs: bool = True, home: Path = DEMO_HOME):
     ws = demo_workstation(home, with_runs=with_runs)
     if with_runs:
         write_demo_monitoring(ws)
-    return LabdeckApp(ws, now=lambda: NOW, live=False)
+    clock.pin(NOW)  # cost so far, durations and countdowns are measured to the demo's time
+    return LabdeckApp(ws, live=False)
 
 
 async def settle(pilot) -> None:

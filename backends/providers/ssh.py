@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
+from .. import clock
 from ..config import Field
 from ..errors import LabdeckError, ProviderError
 from ..models import Instance
@@ -184,7 +185,7 @@ class SSHProvider(UnmanagedProvider):
                 await transport.run("true", timeout=self.pool.connect_timeout * 2)
                 latency = time.perf_counter() - t0
                 res = await transport.run(FACTS_SCRIPT, timeout=self.pool.connect_timeout * 2)
-                self._facts[instance] = (handle.generation, parse_facts(res.text(), datetime.now(timezone.utc)))
+                self._facts[instance] = (handle.generation, parse_facts(res.text(), clock.now()))
             else:
                 latency = time.perf_counter() - t0
         except LabdeckError as e:

@@ -169,9 +169,9 @@ class Probe:
             probe.reads.append((path, t, time.time(), len(part.data)))
             return part
 
-        def update(self) -> int:
+        def update(self, *args, **kwargs) -> int:
             t = time.time()
-            n = orig_update(self)
+            n = orig_update(self, *args, **kwargs)
             probe.updates.append((t, time.time(), n))
             return n
 

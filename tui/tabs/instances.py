@@ -7,6 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from backends import clock
 from backends.models import Instance, Run
 from backends.workstation import InstanceListing
 
@@ -118,7 +119,7 @@ class InstancesTab(TabView):
         self.rerender()
 
     def row(self, inst: Instance) -> tuple:
-        now = self.app.now()
+        now = clock.now()
         return (
             Text(inst.name, style="bold"), inst.provider, Text(inst.state, style=STATE_STYLE.get(inst.state, "")),
             f"{inst.latency_ms:.0f} ms" if inst.latency_ms is not None else "–",

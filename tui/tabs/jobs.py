@@ -7,6 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from backends import clock
 from backends.models import Run
 
 from ..format import STATE_STYLE, duration, short_id
@@ -53,7 +54,7 @@ class JobsTab(TabView):
         if idle is not None:
             state.append(f" ⚠ GPU {idle:.0f}%", style="bold yellow")
         return (short_id(r.id), r.display_name, state, r.instance,
-                r.user, duration(r.duration_seconds(self.app.now())), last)
+                r.user, duration(r.duration_seconds(clock.now())), last)
 
     def rerender(self) -> None:
         if not self.is_mounted:

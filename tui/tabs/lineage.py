@@ -20,6 +20,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static, Tree
 from textual_plotext import PlotextPlot
 
+from backends import clock
 from backends import lineage as lin
 from backends.metrics import lower_is_better
 from backends.models import Run
@@ -205,7 +206,7 @@ class LineageTab(TabView):
     # ---- the detail pane --------------------------------------------------
     def show_detail(self, r: Run) -> None:
         parent = self.runs.get(r.parent) if r.parent else None
-        now = self.app.now()
+        now = clock.now()
         t = Text()
         t.append(f"{r.display_name}", style="bold")
         t.append(f"  {short_id(r.id)} · {r.user} · ")

@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from backends import clock
 from backends.models import Deployment
 
 from ..format import STATE_STYLE, short_id, since
@@ -50,7 +51,7 @@ class ModelsTab(TabView):
     def rerender(self) -> None:
         if not self.is_mounted:
             return
-        now = self.app.now()
+        now = clock.now()
         urls = getattr(self.app, "model_urls", {})
         rows = []
         for d in self.deployments:
