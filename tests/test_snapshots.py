@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tui.screenshots import SHOTS, SIZE, demo_app, feed_monitor, settle
+from tui.screenshots import SHOTS, SIZE, demo_app, demo_lock, feed_monitor, settle
 
 
 @pytest.mark.parametrize("name, with_runs, keys", SHOTS, ids=[s[0] for s in SHOTS])
@@ -19,7 +19,8 @@ def test_snapshot(snap_compare, name: str, with_runs: bool, keys: list[str]) -> 
             await pilot.press(key)
             await settle(pilot)
 
-    assert snap_compare(demo_app(with_runs=with_runs), run_before=prepare, terminal_size=SIZE)
+    with demo_lock():
+        assert snap_compare(demo_app(with_runs=with_runs), run_before=prepare, terminal_size=SIZE)
 
 
 def _faketime() -> str:

@@ -230,9 +230,14 @@ async def test_link_to_the_jump_host_down_for_10s(ws, rig, tmp_path) -> None:
     n = 100_000
     run = await start_writer(ws, rig, tmp_path, n, 0.00015)
     seen: list[float] = []
-    task = ws.follower.start(run, lambda r, k: seen.append(time.monotonic()))
-    await asyncio.sleep(1.5)
-    assert seen, "the follower got nothing before the fault"
+    first = asyncio.Event()
+
+    def on_data(r, k) -> None:
+        seen.append(time.monotonic())
+        first.set()
+
+    task = ws.follower.start(run, on_data)
+    await asyncio.wait_for(first.wait(), 30)  # the follower has data before the fault (not: 1.5 s have passed)
     rig.link_down()
     await asyncio.sleep(10)
     rig.link_up()
@@ -247,8 +252,9 @@ async def test_link_to_the_jump_host_down_for_10s(ws, rig, tmp_path) -> None:
 async def test_sshd_restarted_mid_job(ws, rig, tmp_path) -> None:
     n = 20_000
     run = await start_writer(ws, rig, tmp_path, n, 0.0002)
-    task = ws.follower.start(run)
-    await asyncio.sleep(1.0)
+    first = asyncio.Event()
+    task = ws.follower.start(run, lambda r, k: first.set())
+    await asyncio.wait_for(first.wait(), 30)  # connected and following (not: 1 s has passed)
     node = rig.host("node1")
     node.restart_sshd()
     assert node.drop_ssh_sessions() >= 1  # labdeck's connection drops; the job runs on

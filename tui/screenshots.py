@@ -10,12 +10,16 @@ facts for ``local``, a fixed CPU/memory series, and a team of two users
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 
 from backends import clock
 from backends.config import load_config
@@ -36,6 +40,21 @@ FACTS = {
     "gpus": [{"index": 0, "name": "NVIDIA A100 80GB", "memory_total_mib": 81920}], "gpu_note": "",
     "started_at": "2026-11-24T08:00:00Z",
 }
+
+
+@contextmanager
+def demo_lock() -> Iterator[None]:
+    """Hold the demo home for as long as an app built on it runs. ``demo_workstation`` deletes and
+    rebuilds ``DEMO_HOME`` (its path is shown on screen, so it is the same for everyone); two processes
+    using it at once (two copies of the suite, or the suite and ``python3 -m tui.screenshots``) would
+    tear each other's state down mid-test without this lock."""
+    DEMO_HOME.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(DEMO_HOME) + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _iso(t: datetime) -> str:
@@ -300,16 +319,17 @@ async def take(outdir: Path) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, with_runs, keys in SHOTS:
-        app = demo_app(with_runs=with_runs)
-        async with app.run_test(size=SIZE) as pilot:
-            await settle(pilot)
-            feed_monitor(app)
-            for key in keys:
-                await pilot.press(key)
+        with demo_lock():
+            app = demo_app(with_runs=with_runs)
+            async with app.run_test(size=SIZE) as pilot:
                 await settle(pilot)
-            path = outdir / f"{name}.svg"
-            app.save_screenshot(path.name, str(outdir))
-            written.append(path)
+                feed_monitor(app)
+                for key in keys:
+                    await pilot.press(key)
+                    await settle(pilot)
+                path = outdir / f"{name}.svg"
+                app.save_screenshot(path.name, str(outdir))
+                written.append(path)
     return written
 
 
