@@ -196,7 +196,7 @@ def ensure_team_dir(team_dir: Path) -> None:
     (The path itself may be a link: it is your own configuration. Each user's directory in it is not.)"""
     try:
         st = os.stat(team_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file on the way: creating it says so)
         try:
             team_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(team_dir, 0o1777)
