@@ -52,3 +52,7 @@ class StateError(LabdeckError):
 
 class NotFoundError(LabdeckError):
     """No record with that id (or id prefix)."""
+
+
+class AmbiguousError(NotFoundError):
+    """A name or id prefix that matches records of several users (or several records): the user picks."""

@@ -297,9 +297,13 @@ async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.
 
 
 async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds: float = 10.0) -> Run:
-    """SIGTERM the run's process group, SIGKILL it after ``grace_seconds``, mark it cancelled."""
+    """SIGTERM the run's process group, SIGKILL it after ``grace_seconds``, mark it cancelled.
+
+    The pid killed is the one in your own store's record of the run: a teammate's record with the
+    same id (and a pid of their choosing) is never what acts."""
     if run.user != store.user:
         raise LabdeckError(f"Run {run.display_name} belongs to {run.user}.", "Only its owner can cancel it.")
+    run = store.own_run(run.id)
     if not run.run_state.is_active and run.run_state != RunState.LOST:
         raise LabdeckError(f"Run {run.display_name} is already {run.state}.")
     if run.pid:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from . import clock
 from .errors import StateError
-from .ids import new_id
+from .ids import is_stored_id, is_user_name, new_id
 
 
 def utcnow() -> str:
@@ -93,10 +93,143 @@ def check_transition(current: RunState | str, new: RunState | str) -> RunState:
     return nxt
 
 
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+# ---- checking records read from someone else's files ------------------------------------------
+#
+# A teammate's store is a file another user writes: any field may hold anything JSON can. Before a
+# record of theirs is built (and later shown, compared, formatted, used in a path), its fields are
+# checked against the dataclass: the declared JSON type, one level into lists and dicts, times that
+# parse (with a zone: naive and aware times cannot be subtracted), ids and user names by their
+# grammar (backends/ids.py), a run's state from the state machine. Cheap enough for 10,000 runs.
+
+_INT_BOUND = 1 << 63  # larger ints overflow float() (a price, a duration) and C-level formatting
+_NONE = type(None)
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                                       "dict": (dict,), "list": (list,), "None": (_NONE,)}
+_HEX = frozenset("0123456789abcdefABCDEF")
+# what to check beyond the JSON type (JSON gives exact types: a set lookup of type(value) is enough)
+_LIST_STR, _LIST_DICT, _DICT_STR, _DICT_DICT, _ID, _ID_REF, _USER, _TIME = range(1, 9)
+_ELEMENT_RULES = {"list[str]": _LIST_STR, "list[dict": _LIST_DICT, "dict[str, str]": _DICT_STR, "dict[str, dict": _DICT_DICT}
+
+
+def _rule_of(annotation: str) -> tuple[frozenset[type] | None, int]:
+    """(the JSON types allowed, or None for any; element rule) of an annotation as written (``dict[str, str] | None``)."""
+    allowed: set[type] = set()
+    rule = 0
+    for part in annotation.split("|"):
+        part = part.strip()
+        base = part.split("[", 1)[0]
+        if base not in _TYPES:
+            return None, 0  # Any and the like: anything JSON holds
+        allowed.update(_TYPES[base])
+        for prefix, r in _ELEMENT_RULES.items():
+            if part.startswith(prefix):
+                rule = r
+    return frozenset(allowed), rule
+
+
+def _time_ok(value: Any) -> bool:
+    if value is None or value == "":
+        return True
+    if type(value) is not str or len(value) > 40:
+        return False
+    try:
+        return parse_time(value).tzinfo is not None  # type: ignore[union-attr]
+    except (ValueError, TypeError):
+        return False
+
+
+def _check(spec: dict[str, tuple[frozenset[type] | None, int]], required: tuple[str, ...], data: Any) -> str | None:
+    """The first problem of ``data`` against ``spec`` (field -> (types, rule)), or None."""
+    if type(data) is not dict:
+        return "not an object"
+    for name in required:
+        if name not in data:
+            return f"{name} is missing"
+    for name, value in data.items():
+        rule = spec.get(name)
+        if rule is None:
+            continue  # a field this labdeck does not read
+        allowed, r = rule
+        t = type(value)
+        if allowed is not None and t not in allowed:
+            return f"{name} is a {t.__name__}"
+        if t is int and not -_INT_BOUND < value < _INT_BOUND:
+            return f"{name} is out of range"
+        if not r:
+            continue
+        if r == _TIME:
+            if not _time_ok(value):
+                return f"{name} is not a time"
+        elif r == _ID:
+            if not is_stored_id(value):
+                return f"{name} is not an id"
+        elif r == _ID_REF:
+            if value and not is_stored_id(value):
+                return f"{name} is not an id"
+        elif r == _USER:
+            if not is_user_name(value):
+                return f"{name} is not a user name"
+        elif value:
+            if r == _LIST_STR:
+                ok = all(type(x) is str for x in value)
+            elif r == _LIST_DICT:
+                ok = all(type(x) is dict for x in value)
+            elif r == _DICT_STR:
+                ok = all(type(x) is str for x in value.values())
+            else:
+                ok = all(type(x) is dict for x in value.values())
+            if not ok:
+                return f"{name} holds an item of the wrong type"
+    return None
+
+
+def _spec_of(fields: list[tuple[str, str]], id_fields: tuple[str, ...]) -> dict[str, tuple[frozenset[type] | None, int]]:
+    spec = {}
+    for name, annotation in fields:
+        allowed, rule = _rule_of(annotation)
+        if name == "id":
+            rule = _ID
+        elif name in id_fields:
+            rule = _ID_REF
+        elif name in ("user", "created_by"):
+            rule = _USER
+        elif name.endswith("_at") or name == "running_since":
+            rule = _TIME
+        spec[name] = (allowed, rule)
+    return spec
+
+
+_SPECS: dict[type, tuple[dict[str, tuple[frozenset[type] | None, int]], tuple[str, ...]]] = {}
+
+
+def record_problem(cls: type, data: Any) -> str | None:
+    """Why ``data`` (read from someone else's store) cannot be a ``cls`` record, or None if it can.
+
+    The message names fields, never echoes values (they are the untrusted part)."""
+    spec = _SPECS.get(cls)
+    if spec is None:
+        fields = dataclasses.fields(cls)
+        spec = _SPECS[cls] = (
+            _spec_of([(f.name, str(f.type)) for f in fields], cls.ID_FIELDS),
+            tuple(f.name for f in fields
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))  # type: ignore[misc]
+    return _check(*spec, data) or cls.extra_problem(data)
+
+
 class Record:
     """Mixin: dict round-trip that ignores unknown keys (newer writers) and fills defaults."""
 
     TABLE: ClassVar[str]
+    # fields that hold another record's id (checked like ``id`` when read from someone else's store)
+    ID_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def extra_problem(cls, data: dict[str, Any]) -> str | None:
+        """A record type's own checks beyond the field types (see :func:`record_problem`)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -111,9 +244,6 @@ class Record:
         if names is None:
             names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 
 @dataclass
@@ -218,6 +348,21 @@ class Run(Record):
     # local copy labdeck keeps so a preempted run can be relaunched from it
     checkpoint: dict[str, Any] = field(default_factory=dict)
 
+    ID_FIELDS: ClassVar[tuple[str, ...]] = ("parent",)
+
+    @classmethod
+    def extra_problem(cls, data: dict[str, Any]) -> str | None:
+        if data.get("state", RunState.QUEUED.value) not in _RUN_STATES:
+            return "state is not a run state"
+        code = data.get("code") or {}
+        commit = code.get("commit")
+        if commit not in (None, "") and not (isinstance(commit, str) and 4 <= len(commit) <= 64 and set(commit) <= _HEX):
+            return "code.commit is not a commit hash"  # it is handed to git: never an option
+        blob = code.get("diff_blob")
+        if blob not in (None, "") and not (isinstance(blob, str) and blob.endswith(".diff") and is_stored_id(blob[:-5])):
+            return "code.diff_blob is not a blob name"  # it names a file under the owner's blobs/
+        return None
+
     def cost(self, now: datetime | None = None) -> float:
         """$ spent: the instance's hourly price × the run's duration so far."""
         return self.price_per_hour * (self.duration_seconds(now) or 0.0) / 3600.0
@@ -258,6 +403,8 @@ class Deployment(Record):
     log_path: str = ""
     state_reason: str = ""
 
+    ID_FIELDS: ClassVar[tuple[str, ...]] = ("run_id",)
+
 
 @dataclass
 class Notebook(Record):
@@ -276,6 +423,8 @@ class Notebook(Record):
     started_at: str = field(default_factory=utcnow)
     stopped_at: str | None = None
 
+    ID_FIELDS: ClassVar[tuple[str, ...]] = ("run_id", "job_id")
+
 
 @dataclass
 class Edge(Record):
@@ -288,6 +437,8 @@ class Edge(Record):
     id: str = field(default_factory=new_id)
     user: str = field(default_factory=getpass.getuser)
     created_at: str = field(default_factory=utcnow)
+
+    ID_FIELDS: ClassVar[tuple[str, ...]] = ("parent", "child")
 
 
 @dataclass
@@ -304,5 +455,37 @@ class Annotation(Record):
     created_at: str = field(default_factory=utcnow)
     removed: bool = False  # a tag taken off again
 
+    ID_FIELDS: ClassVar[tuple[str, ...]] = ("run_id",)
+
 
 RECORD_TYPES: dict[str, type[Record]] = {t.TABLE: t for t in (Instance, Run, Deployment, Notebook, Edge, Annotation)}
+_RUN_STATES = frozenset(s.value for s in RunState)
+
+# The ``instances`` table holds labdeck's cloud records (backends/clouds.py), not Instance dataclasses:
+# their fields, as record_problem checks them (any other field is not read as more than text).
+_CLOUD_SPEC = _spec_of([
+    ("id", "str"), ("name", "str"), ("provider", "str"), ("provider_type", "str"), ("size", "str"),
+    ("region", "str"), ("spot", "bool"), ("image", "str"), ("price_per_hour", "float | None"),
+    ("price_source", "str"), ("created_by", "str"), ("created_at", "str | None"), ("state", "str"),
+    ("desired", "str"), ("running_since", "str | None"), ("billed", "list | None"),
+    ("autostop_minutes", "float | None"), ("autostop_action", "str"), ("note", "str"), ("cloud_id", "str"),
+    ("relaunch_runs", "list[str] | None"), ("preempted_at", "str | None"), ("ended_at", "str | None")], ())
+
+
+def cloud_record_problem(data: Any) -> str | None:
+    """:func:`record_problem` for a cloud instance record (table ``instances``)."""
+    problem = _check(_CLOUD_SPEC, ("id",), data)
+    if problem:
+        return problem
+    for pair in data.get("billed") or ():
+        if not (type(pair) is list and len(pair) == 2 and all(t and _time_ok(t) for t in pair)):
+            return "billed holds a bad interval"
+    return None
+
+
+def record_problem_in(table: str, data: Any) -> str | None:
+    """Why a document of ``table`` read from someone else's store cannot be used (None: it can)."""
+    if table == Instance.TABLE:
+        return cloud_record_problem(data)
+    cls = RECORD_TYPES.get(table)
+    return None if cls is None else record_problem(cls, data)

@@ -28,15 +28,28 @@ storage of its own:
   truncated. :func:`move_aside` renames it so a fresh store can start.
 * **Schema version + migrations.** ``_meta`` holds the schema version; older
   stores are migrated by the functions in :data:`MIGRATIONS` when loaded.
+* **A teammate's files are untrusted input.** Another user writes them, so
+  nothing in them is believed: a record's owner is the owner of the directory it
+  was read from (a directory must belong to the user it is named for, or to root
+  or you), records are checked field by field (:func:`models.record_problem`)
+  and one that fails is skipped and reported; files are opened without
+  following links and without blocking, must be regular files under a size cap
+  (:data:`TEAMMATE_FILE_CAP`), and a lock a teammate holds is waited on for a
+  moment only. What fails is one line in the per-user errors, never an
+  exception that hides everyone's runs. The team directory itself must be
+  sticky and belong to root or you (:func:`check_team_dir`).
 
 Metric points never go here: they are append-only per-run JSONL files.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import pwd
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -47,13 +60,29 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
 
-from .errors import NotFoundError, StoreCorruptError, StoreError
-from .models import RECORD_TYPES, Record, Run, RunState, check_transition, utcnow
+from .errors import AmbiguousError, NotFoundError, StoreCorruptError, StoreError
+from .ids import describe, is_stored_id, is_user_name
+from .models import RECORD_TYPES, Record, Run, RunState, check_transition, record_problem_in, utcnow
 
 SCHEMA_VERSION = 1
 META = "_meta"
 SNAPSHOT = "store.json"
 LOCK = ".lock"
+BLOBS = "blobs"
+
+# Reading a teammate's store costs at most this much per file (a snapshot, a journal) before parsing;
+# a larger file is skipped with an error line. (10,000 runs of a busy user are about 20 MiB.)
+TEAMMATE_FILE_CAP = 64 << 20
+BLOB_CAP = 8 << 20  # a code diff blob (code.MAX_DIFF_BYTES is 1 MiB)
+# How long a read waits for a teammate's writer to release their lock before reading without it
+# (their snapshot is replaced atomically and a torn journal tail is ignored, so that is safe).
+LOCK_WAIT_SECONDS = 0.25
+# Which field of a record names its owner; it is set from the directory the record was read from.
+OWNER_FIELD = {"runs": "user", "deployments": "user", "notebooks": "user", "edges": "user", "annotations": "user",
+               "instances": "created_by"}
+
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 # from_version -> function(tables) -> tables at from_version + 1
 MIGRATIONS: dict[int, Callable[[dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]] = {}
@@ -121,29 +150,126 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def ensure_team_dir(team_dir: Path) -> None:
-    """Create the team directory (sticky, world-writable, like /tmp) if missing."""
-    if team_dir.is_dir():
-        return
-    try:
-        team_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(team_dir, 0o1777)
-    except OSError as e:
+_names: dict[int, str] = {}
+
+
+def user_of_uid(uid: int) -> str:
+    """The login name of ``uid`` (``uid N`` when it has none)."""
+    name = _names.get(uid)
+    if name is None:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid {uid}"
+        _names[uid] = name
+    return name
+
+
+def _trusted_uid(uid: int) -> bool:
+    """Root and you could write anything of yours anyway: what they own is taken at its name."""
+    return uid in (0, os.geteuid())
+
+
+def check_team_dir(team_dir: Path, st: os.stat_result) -> None:
+    """Refuse a team directory in which others could rename or replace your store: one not owned
+    by root or you, or writable by others without the sticky bit (raises StoreError)."""
+    make = f"sudo install -d -m 1777 -o root {team_dir}"
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"The team directory {team_dir} is not a directory.",
+                         f"Create it as a shared directory: {make}")
+    if not _trusted_uid(st.st_uid):
         raise StoreError(
-            f"Cannot create the team directory {team_dir} ({e.strerror}).",
-            "Set [store] team_dir in the config (or LABDECK_TEAM_DIR) to a directory you can write.",
-        ) from None
+            f"The team directory {team_dir} belongs to {user_of_uid(st.st_uid)}, who could rename or replace "
+            "everyone's store in it; labdeck does not use it.",
+            f"Have it owned by root: {make} (an administrator moves the stores into it), "
+            "or set [store] team_dir (or LABDECK_TEAM_DIR) to another directory.")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise StoreError(
+            f"The team directory {team_dir} is writable by others but not sticky: anyone could rename or "
+            "remove everyone's store in it; labdeck does not use it.",
+            f"Make it sticky (chmod +t {team_dir}), or create it right: {make}")
+
+
+def ensure_team_dir(team_dir: Path) -> None:
+    """Create the team directory (sticky, world-writable, like /tmp) if missing; check it if not.
+
+    (The path itself may be a link: it is your own configuration. Each user's directory in it is not.)"""
+    try:
+        st = os.stat(team_dir)
+    except (FileNotFoundError, NotADirectoryError):  # (a file on the way: creating it says so)
+        try:
+            team_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(team_dir, 0o1777)
+        except OSError as e:
+            raise StoreError(
+                f"Cannot create the team directory {team_dir} ({e.strerror}).",
+                "Set [store] team_dir in the config (or LABDECK_TEAM_DIR) to a directory you can write.",
+            ) from None
+        return
+    except OSError as e:
+        raise StoreError(f"Cannot use the team directory {team_dir} ({e.strerror}).",
+                         "Set [store] team_dir in the config (or LABDECK_TEAM_DIR) to a directory you can read.") from None
+    check_team_dir(team_dir, st)
+
+
+def _open_regular(name: str | Path, *, dir_fd: int | None = None, cap: int | None = None, shown: Path) -> int | None:
+    """Open a store file for reading without following a link or blocking (a FIFO, a device):
+    the fd of a regular file of at most ``cap`` bytes, or None if it does not exist.
+    Anything else is a StoreCorruptError naming ``shown`` (the file as the user knows it)."""
+    try:
+        fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise StoreError(f"Cannot read {shown} (permission denied).", "Ask its owner to make it readable (0644).") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreCorruptError(shown, "it is a symbolic link, which labdeck does not follow") from None
+        raise StoreError(f"Cannot read {shown} ({e.strerror}).") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreCorruptError(shown, "it is not a regular file")
+        if cap is not None and st.st_size > cap:
+            raise StoreCorruptError(shown, f"{st.st_size:,} bytes, more than the {cap:,} labdeck reads of a teammate's file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_fd(fd: int, offset: int, cap: int | None, shown: Path) -> bytes:
+    """The bytes of ``fd`` from ``offset`` to its end (at most ``cap`` in all: it may grow meanwhile)."""
+    chunks = []
+    limit = None if cap is None else max(0, cap - offset) + 1
+    got = 0
+    while True:
+        want = 8 << 20 if limit is None else min(8 << 20, limit - got)
+        if want <= 0:
+            raise StoreCorruptError(shown, f"more than the {cap:,} bytes labdeck reads of a teammate's file")
+        b = os.pread(fd, want, offset + got)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+        got += len(b)
 
 
 class UserStore:
-    """One user's store files. Writable only by their owner; readable by all."""
+    """One user's store files. Writable only by their owner; readable by all.
 
-    def __init__(self, directory: Path, *, writable: bool, fsync: bool = True, compact_every: int = 2000) -> None:
+    A read-only store is someone else's: its files are read through a descriptor of its
+    directory (``owner_uid``: who must still own it), under :data:`TEAMMATE_FILE_CAP`, and
+    their lock is waited on for :data:`LOCK_WAIT_SECONDS` at most."""
+
+    def __init__(self, directory: Path, *, writable: bool, fsync: bool = True, compact_every: int = 2000,
+                 owner_uid: int | None = None, cap: int | None = None) -> None:
         self.dir = Path(directory)
         self.user = self.dir.name
         self.writable = writable
         self.fsync = fsync
         self.compact_every = compact_every
+        self.owner_uid = owner_uid
+        self.cap = None if writable else (TEAMMATE_FILE_CAP if cap is None else cap)
         self._data: dict[str, dict[str, Any]] = {}
         self._gen = 0
         self._schema = SCHEMA_VERSION
@@ -155,6 +281,8 @@ class UserStore:
         self._journal_fd_gen = -1
         self._pending: list[tuple[str, str]] | None = None
         self._lock_fd: int | None = None
+        self._dir_fd: int | None = None  # while a read-only store is read: its directory, opened without following links
+        self._verdicts: dict[str, dict[str, tuple[dict[str, Any], str | None]]] = {}  # see checked()
         self._mutex = threading.RLock()  # threads of one process share the in-memory state
         self._depth = 0
         self._exclusive = False
@@ -172,23 +300,94 @@ class UserStore:
         return self.dir / f"journal-{self._gen if gen is None else gen}.jsonl"
 
     def _prepare_dir(self) -> None:
+        """Create your directory, or check that the one there is really yours (a directory, not a
+        link, owned by you): someone may have made ``team/<you>`` first, or pointed it elsewhere."""
         ensure_team_dir(self.dir.parent)
+        not_writable = "Fix its permissions, or set [store] team_dir (or LABDECK_TEAM_DIR) to a directory you can write."
         try:
-            self.dir.mkdir(mode=0o755, exist_ok=True)
-            os.chmod(self.dir, 0o755)
-            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-            os.fchmod(fd, 0o644)
-            os.close(fd)
+            self.dir.mkdir(mode=0o755)
+        except FileExistsError:
+            pass
         except OSError as e:
-            raise StoreError(
-                f"The store directory {self.dir} is not writable ({e.strerror}).",
-                "Fix its permissions, or set [store] team_dir (or LABDECK_TEAM_DIR) to a directory you can write.",
-            ) from None
+            raise StoreError(f"The store directory {self.dir} is not writable ({e.strerror}).", not_writable) from None
+        try:
+            dfd = os.open(self.dir, _O_DIR)
+        except OSError as e:
+            self._refuse_dir(e)
+        try:
+            st = os.fstat(dfd)
+            if st.st_uid != os.geteuid():
+                owner = user_of_uid(st.st_uid)
+                raise StoreError(
+                    f"{self.dir} belongs to {owner}, not to you: labdeck keeps your store only in a directory of "
+                    "your own, and does not use this one.",
+                    f"Ask {owner} or an administrator to remove or rename it (sudo mv {self.dir} {self.dir}.old); "
+                    "labdeck then creates yours. Or set [store] team_dir (or LABDECK_TEAM_DIR) to another directory.")
+            os.fchmod(dfd, 0o755)
+            fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StoreError(f"{self.dir / LOCK} is not a regular file.", "Remove it; labdeck creates it again.")
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StoreError(f"The store directory {self.dir} is not writable ({e.strerror}).", not_writable) from None
+        finally:
+            os.close(dfd)
         if not os.access(self.dir, os.W_OK):
+            raise StoreError(f"The store directory {self.dir} is not writable.", not_writable)
+
+    def _refuse_dir(self, e: OSError) -> None:
+        """Your directory could not be opened as one: say what is there, whose it is, and what to do."""
+        try:
+            st = os.lstat(self.dir)
+            owner = user_of_uid(st.st_uid)
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        except OSError:
+            owner, what = "", e.strerror or "not usable"
+        if owner:
             raise StoreError(
-                f"The store directory {self.dir} is not writable.",
-                "Fix its permissions, or set [store] team_dir (or LABDECK_TEAM_DIR) to a directory you can write.",
-            )
+                f"{self.dir} is {what} (made by {owner}), not your store directory: labdeck does not use it.",
+                f"Ask {owner} or an administrator to remove it (sudo rm {self.dir}); labdeck then creates yours. "
+                "Or set [store] team_dir (or LABDECK_TEAM_DIR) to another directory.") from None
+        raise StoreError(f"The store directory {self.dir} cannot be used ({what}).",
+                         "Set [store] team_dir (or LABDECK_TEAM_DIR) to another directory.") from None
+
+    def _open_dir(self) -> None:
+        """A read-only store: open its directory (no link followed) and check it is still its owner's."""
+        try:
+            fd = os.open(self.dir, _O_DIR)
+        except FileNotFoundError:
+            return  # nothing written yet (or gone): an empty store
+        except OSError as e:
+            reason = "it is not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+            raise StoreError(f"Cannot read {self.dir} ({reason}).") from None
+        st = os.fstat(fd)
+        if self.owner_uid is not None and st.st_uid != self.owner_uid:
+            os.close(fd)
+            raise StoreError(f"{self.dir} changed owner (now {user_of_uid(st.st_uid)}): not read.")
+        self._dir_fd = fd
+
+    def _file(self, name: str, shown: Path) -> int | None:
+        """A store file opened for reading (see :func:`_open_regular`); None if missing."""
+        if self.writable:
+            return _open_regular(self.dir / name, shown=shown)
+        if self._dir_fd is None:
+            return None
+        return _open_regular(name, dir_fd=self._dir_fd, cap=self.cap, shown=shown)
+
+    def _lock_fd_for_read(self) -> int | None:
+        """A teammate's ``.lock`` for flock, or None: missing, or not a regular file (then it guards
+        nothing honest and is read past)."""
+        try:
+            fd = os.open(LOCK, _O_READ, dir_fd=self._dir_fd) if self._dir_fd is not None else None
+        except OSError:
+            return None
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return fd
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
@@ -205,15 +404,22 @@ class UserStore:
                 raise StoreError(f"The store of {self.user} is read-only to you.", "Each user writes only their own store.")
             fd = None
             try:
-                fd = os.open(self.dir / LOCK, os.O_RDWR if self.writable else os.O_RDONLY)
-            except FileNotFoundError:
-                if exclusive:
-                    raise
-            except PermissionError as e:
-                raise StoreError(f"Cannot open {self.dir / LOCK} ({e.strerror}).", "Check the team directory's permissions.") from None
-            try:
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                if self.writable:
+                    try:
+                        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        if exclusive:
+                            raise
+                    except PermissionError as e:
+                        raise StoreError(f"Cannot open {self.dir / LOCK} ({e.strerror}).", "Check the team directory's permissions.") from None
+                    if fd is not None:
+                        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                else:
+                    self._open_dir()
+                    fd = self._lock_fd_for_read()
+                    if fd is not None and not _flock_shared_briefly(fd):
+                        os.close(fd)  # a writer holds it (or a teammate keeps it): read without it
+                        fd = None
                 self._depth = 1
                 self._exclusive = exclusive
                 try:
@@ -224,40 +430,64 @@ class UserStore:
                     self._exclusive = True
                     self._snap_key = ("reload",)
                     self._catch_up()
+                except RecursionError:
+                    self._snap_key = ("unloaded",)
+                    raise StoreCorruptError(self.dir, "nested too deeply") from None
                 yield
             finally:
                 self._depth = 0
                 self._exclusive = False
                 if fd is not None:
                     os.close(fd)  # releases the flock
+                if self._dir_fd is not None:
+                    os.close(self._dir_fd)
+                    self._dir_fd = None
 
     # ---- reading -----------------------------------------------------------
     def _catch_up(self) -> None:
+        fd = self._file(SNAPSHOT, self.snapshot_path)
         try:
-            st = os.stat(self.snapshot_path)
-            key: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            key = None
-        except PermissionError:
-            raise StoreError(f"Cannot read {self.snapshot_path} (permission denied).", "Ask its owner to make it readable (0644).") from None
-        if key != self._snap_key:
-            self._load_snapshot(key)
+            if fd is None:
+                key: tuple | None = None
+            else:
+                st = os.fstat(fd)
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if key != self._snap_key:
+                self._load_snapshot(key, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
         self._replay_journal()
 
-    def _load_snapshot(self, key: tuple | None) -> None:
+    def _exists(self, name: str) -> bool:
+        try:
+            os.stat(name if self._dir_fd is not None else self.dir / name, dir_fd=self._dir_fd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+
+    def _load_snapshot(self, key: tuple | None, fd: int | None = None) -> None:
         if key is None:
             # A journal with no snapshot was written before stores got a snapshot on their
             # first commit (see _commit), i.e. at schema 1.
-            legacy = self.journal_path(0).exists()
+            legacy = self._exists(self.journal_path(0).name)
             self._data, self._gen, self._schema = {}, 0, 1 if legacy else SCHEMA_VERSION
         else:
+            own_fd = fd is None
+            if own_fd:
+                fd = self._file(SNAPSHOT, self.snapshot_path)
+                if fd is None:
+                    raise StoreError(f"{self.snapshot_path} vanished while it was read.", "Try again.")
             try:
-                raw = self.snapshot_path.read_bytes()
+                raw = _read_fd(fd, 0, self.cap, self.snapshot_path)
                 data = json.loads(raw)
-            except PermissionError:
-                raise StoreError(f"Cannot read {self.snapshot_path} (permission denied).", "Ask its owner to make it readable (0644).") from None
             except (ValueError, UnicodeDecodeError) as e:
                 raise StoreCorruptError(self.snapshot_path, str(e)) from None
+            except RecursionError:
+                raise StoreCorruptError(self.snapshot_path, "nested too deeply") from None
+            finally:
+                if own_fd:
+                    os.close(fd)
             if not isinstance(data, dict) or not all(
                 isinstance(t, dict) and all(isinstance(d, dict) for d in t.values()) for t in data.values()
             ):
@@ -266,7 +496,7 @@ class UserStore:
             try:
                 self._gen = int(meta.get("gen", 0))
                 self._schema = int(meta.get("schema", 0))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, AttributeError):
                 raise StoreCorruptError(self.snapshot_path, f"bad {META} record") from None
             if self._schema > SCHEMA_VERSION:
                 raise StoreError(
@@ -281,50 +511,56 @@ class UserStore:
 
     def _replay_journal(self) -> None:
         path = self.journal_path()
+        fd = self._file(path.name, path)
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
+            if fd is None:
+                ino, chunk = None, (None if self._journal_offset else b"")
+            else:
+                st = os.fstat(fd)
                 ino = st.st_ino
                 if self._journal_offset and (ino != self._journal_ino or st.st_size < self._journal_offset):
                     chunk = None  # not the file we read before (moved aside or replaced)
                 else:
-                    f.seek(self._journal_offset)
-                    chunk = f.read()
-        except FileNotFoundError:
-            ino, chunk = None, (None if self._journal_offset else b"")
-        except PermissionError:
-            raise StoreError(f"Cannot read {path} (permission denied).", "Ask its owner to make it readable (0644).") from None
-        if chunk is None:
-            # What we applied from the journal is no longer on disk: start over from the snapshot.
-            self._load_snapshot(self._snap_key)
-            self._replay_journal()
-            return
-        self._journal_ino = ino
-        if chunk:
-            end = chunk.rfind(b"\n") + 1  # a tail without newline is a torn, unacknowledged write
-            if end:
-                start_line = None
-                for i, line in enumerate(chunk[:end].splitlines()):
-                    try:
-                        entry = json.loads(line)
-                        table, doc_id, doc = entry["t"], entry["id"], entry["d"]
-                        if not (isinstance(table, str) and isinstance(doc_id, str) and (doc is None or isinstance(doc, dict))):
-                            raise TypeError("not a journal entry")
-                    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                        self._snap_key = ("unloaded",)  # lines before this one were applied: reload next time
-                        if start_line is None:
-                            with open(path, "rb") as f:
-                                start_line = f.read(self._journal_offset).count(b"\n")
-                        raise StoreCorruptError(path, f"line {start_line + i + 1}: {e}") from None
-                    tab = self._data.setdefault(table, {})
-                    if doc is None:
-                        tab.pop(doc_id, None)
-                    else:
-                        tab[doc_id] = doc
-                    self._journal_entries += 1
-                self._journal_offset += end
+                    chunk = _read_fd(fd, self._journal_offset, self.cap, path)
+            if chunk is None:
+                # What we applied from the journal is no longer on disk: start over from the snapshot.
+                self._load_snapshot(self._snap_key)
+                if fd is not None:
+                    os.close(fd)
+                    fd = None
+                self._replay_journal()
+                return
+            self._journal_ino = ino
+            if chunk:
+                self._apply_journal(chunk, fd, path)
+        finally:
+            if fd is not None:
+                os.close(fd)
         if self._schema < SCHEMA_VERSION:
             self._migrate()
+
+    def _apply_journal(self, chunk: bytes, fd: int | None, path: Path) -> None:
+        end = chunk.rfind(b"\n") + 1  # a tail without newline is a torn, unacknowledged write
+        if not end:
+            return
+        for i, line in enumerate(chunk[:end].splitlines()):
+            try:
+                entry = json.loads(line)
+                table, doc_id, doc = entry["t"], entry["id"], entry["d"]
+                if not (isinstance(table, str) and isinstance(doc_id, str) and (doc is None or isinstance(doc, dict))):
+                    raise TypeError("not a journal entry")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+                self._snap_key = ("unloaded",)  # lines before this one were applied: reload next time
+                start_line = os.pread(fd, self._journal_offset, 0).count(b"\n") if fd is not None else 0
+                detail = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                raise StoreCorruptError(path, f"line {start_line + i + 1}: {detail}") from None
+            tab = self._data.setdefault(table, {})
+            if doc is None:
+                tab.pop(doc_id, None)
+            else:
+                tab[doc_id] = doc
+            self._journal_entries += 1
+        self._journal_offset += end
 
     def _migrate(self) -> None:
         version = self._schema
@@ -436,6 +672,28 @@ class UserStore:
         with self._locked(False):
             return [dict(d) for d in self._data.get(table, {}).values()]
 
+    def checked(self, table: str, check: Callable[[str, dict[str, Any]], str | None]
+                ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Copies of the documents of ``table`` that ``check(key, doc)`` finds no problem with, and
+        ``(key, problem)`` of those it does. A document is checked once: the verdict is kept until
+        the document itself is replaced (so a refresh of 10,000 unchanged runs checks none)."""
+        with self._locked(False):
+            tab = self._data.get(table, {})
+            old = self._verdicts.get(table, {})
+            verdicts: dict[str, tuple[dict[str, Any], str | None]] = {}
+            good: list[dict[str, Any]] = []
+            bad: list[tuple[str, str]] = []
+            for key, doc in tab.items():
+                seen = old.get(key)
+                problem = seen[1] if seen is not None and seen[0] is doc else check(key, doc)
+                verdicts[key] = (doc, problem)
+                if problem is None:
+                    good.append(dict(doc))
+                else:
+                    bad.append((key, problem))
+            self._verdicts[table] = verdicts
+            return good, bad
+
     def get(self, table: str, doc_id: str) -> dict[str, Any] | None:
         with self._locked(False):
             doc = self._data.get(table, {}).get(doc_id)
@@ -511,6 +769,22 @@ class UserStore:
             self._journal_fd = None
 
 
+def _flock_shared_briefly(fd: int) -> bool:
+    """flock(LOCK_SH) on a teammate's lock, waiting :data:`LOCK_WAIT_SECONDS` at most (their
+    writer holds it for a commit; a hostile teammate may hold it for ever)."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        except OSError:
+            return False
+
+
 def _older_than(p: Path, seconds: float) -> bool:
     try:
         return time.time() - p.stat().st_mtime > seconds
@@ -563,10 +837,17 @@ def _aside_name(p: Path, stamp: str) -> Path:
 
 
 class Store:
-    """The store labdeck uses: this user's writable file set + read-only views of teammates'."""
+    """The store labdeck uses: this user's writable file set + read-only views of teammates'.
+
+    Who owns a record is where it was read from: ``<team_dir>/<user>/`` must belong to ``user``
+    (or to root, or to you), and every record read from it is ``user``'s (its ``user`` field is set
+    so; a record of an untrusted directory that claims someone else is skipped and reported)."""
 
     def __init__(self, team_dir: str | os.PathLike, user: str, *, fsync: bool = True, compact_every: int = 2000) -> None:
         self.team_dir = Path(team_dir).expanduser()
+        if not is_user_name(user):
+            raise StoreError(f"The user name {describe(user)} cannot name a store directory.",
+                             "labdeck takes it from your login (LOGNAME / USER): letters, digits, _ . - only.")
         self.user = user
         self._fsync = fsync
         self._compact_every = compact_every
@@ -578,38 +859,117 @@ class Store:
         return cls(config.team_dir, config.user, fsync=config.get("store", "fsync"), compact_every=config.get("store", "compact_every"))
 
     # ---- team --------------------------------------------------------------
-    def users(self) -> list[str]:
-        try:
-            names = sorted(p.name for p in self.team_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        except OSError:
-            names = []
-        if self.user not in names:
-            names.append(self.user)
-        return names
+    def _teammate_problem(self, name: str, st: os.stat_result) -> str | None:
+        """Why ``<team_dir>/<name>`` (lstat ``st``) is not read as ``name``'s store, or None."""
+        where = f"{self.team_dir}/{name if is_user_name(name) else describe(name)}"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{where} is a symbolic link (made by {user_of_uid(st.st_uid)}), not a store: skipped."
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{where} is not a directory: skipped."
+        if not is_user_name(name):
+            return f"{where} is not named for a user: skipped."
+        if not _trusted_uid(st.st_uid) and user_of_uid(st.st_uid) != name:
+            return (f"{where} belongs to {user_of_uid(st.st_uid)}, not to {name}: skipped (its records would pass "
+                    f"for {name}'s).")
+        return None
 
-    def _store_of(self, user: str) -> UserStore:
+    def _teammates(self) -> tuple[dict[str, int], dict[str, str]]:
+        """Teammates whose directories pass the checks (name -> owner uid), and one warning for
+        each directory that does not (keyed by its name, made printable)."""
+        ok: dict[str, int] = {}
+        skipped: dict[str, str] = {}
+        try:
+            entries = list(os.scandir(self.team_dir))
+        except OSError:
+            return ok, skipped
+        for e in entries:
+            name = e.name
+            if name.startswith(".") or name == self.user:
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                continue  # a stray file is nobody's store
+            problem = self._teammate_problem(name, st)
+            if problem:
+                skipped[name if is_user_name(name) else describe(name)] = problem
+            else:
+                ok[name] = st.st_uid
+        return dict(sorted(ok.items())), skipped
+
+    def users(self) -> list[str]:
+        """You and every teammate whose directory passes the checks."""
+        return sorted({*self._teammates()[0], self.user})
+
+    def _store_of(self, user: str, uid: int | None = None) -> UserStore:
         if user == self.user:
             return self.mine
-        st = self._others.get(user)
-        if st is None:
-            st = self._others[user] = UserStore(self.team_dir / user, writable=False)
-        return st
+        if uid is None:  # (callers that did not just list the team directory)
+            try:
+                st = os.lstat(self.team_dir / user) if is_user_name(user) else None
+            except OSError:
+                st = None
+            problem = "no such user" if st is None else self._teammate_problem(user, st)
+            if problem:
+                raise StoreError(f"{describe(user)}: {problem}" if st is None else problem)
+            uid = st.st_uid  # type: ignore[union-attr]
+        st_ = self._others.get(user)
+        if st_ is None or st_.owner_uid != uid:
+            st_ = self._others[user] = UserStore(self.team_dir / user, writable=False, owner_uid=uid)
+        return st_
+
+    def _own(self, table: str, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Your own documents, each saying it is yours (whatever an older labdeck wrote in it)."""
+        field = OWNER_FIELD.get(table)
+        if field:
+            for d in docs:
+                d[field] = self.user
+        return docs
 
     def team_records(self, table: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        """All users' documents of ``table`` and, per user whose store failed, the error."""
+        """All users' documents of ``table`` and, per user, one line on what was not read:
+        their store failing, their directory failing the checks, or their records that did
+        (:func:`models.record_problem_in`; a record claiming another owner among them)."""
         out: list[dict[str, Any]] = []
-        errors: dict[str, str] = {}
-        for user in self.users():
+        teammates, errors = self._teammates()
+        field = OWNER_FIELD.get(table)
+        for user in sorted({*teammates, self.user}):
+            if user == self.user:  # your own store failing is not a footnote: it raises, for the caller to show
+                out.extend(self._own(table, self.mine.all(table)))
+                continue
+            uid = teammates[user]
+            claims_checked = not _trusted_uid(uid)  # what root or you wrote is yours to believe
+
+            def check(key: str, d: dict[str, Any], user: str = user, claims_checked: bool = claims_checked) -> str | None:
+                problem = record_problem_in(table, d)
+                if problem is None and d["id"] != key:
+                    problem = "it is stored under another id"
+                if problem is None and claims_checked and d.get(field, user) != user:
+                    problem = f"it claims to be {d[field]}'s"
+                return problem
+
             try:
-                out.extend(self._store_of(user).all(table))
+                if field is None:  # a table of no record type: as stored
+                    out.extend(self._store_of(user, uid).all(table))
+                    continue
+                good, bad = self._store_of(user, uid).checked(table, check)
             except StoreError as e:
-                if user == self.user:
-                    raise  # your own store failing is not a footnote: the caller must show it
-                errors[user] = e.render()
+                errors[user] = _one_line(e)
+                continue
+            for d in good:
+                d[field] = user
+            out.extend(good)
+            if bad:
+                errors[user] = _skipped_line(user, table, bad)
         return out, errors
 
     # ---- runs --------------------------------------------------------------
     def add(self, record: Record) -> Record:
+        field = OWNER_FIELD.get(record.TABLE)
+        if field and hasattr(record, field):
+            setattr(record, field, self.user)  # what it says matches where it is (readers check that)
         self.mine.put(record.TABLE, record.id, record.to_dict())
         return record
 
@@ -617,27 +977,52 @@ class Store:
         if team:
             docs, errors = self.team_records("runs")
         else:
-            docs, errors = self.mine.all("runs"), {}
+            docs, errors = self._own("runs", self.mine.all("runs")), {}
         runs = [Run.from_dict(d) for d in docs]
         runs.sort(key=lambda r: r.id, reverse=True)
         return runs, errors
 
+    def own_run(self, run_id: str) -> Run:
+        """One of your runs, read from your own store only: what acts on a run (cancel, kill its
+        processes) uses this record, never a teammate's copy of the same id."""
+        doc = self.mine.get("runs", run_id)
+        if doc is None:
+            raise NotFoundError(f"No run {describe(run_id)} in your store.", "Only your own runs can be changed.")
+        return Run.from_dict(self._own("runs", [doc])[0])
+
     def find_run(self, ref: str) -> Run:
-        """A run by full id, unique id prefix or suffix (case-insensitive), or exact name (newest)."""
-        runs, _ = self.runs()
+        """A run by ``[user/]ref``: full id, unique id prefix or suffix (case-insensitive), or exact name
+        (the newest of that name).
+
+        An id of yours wins over a teammate's record of the same id. A prefix that matches several
+        runs, or a name that runs of several users have, raises :class:`AmbiguousError` naming them
+        (``user/id name``): prefix the user, or give the id, to pick one."""
+        owner, _, rest = ref.partition("/")
+        qualified = bool(rest) and is_user_name(owner) and owner in self.users()
+        if qualified:
+            ref = rest
+            runs, _ = self.runs(team=owner != self.user)
+            runs = [r for r in runs if r.user == owner]
+        else:
+            runs, _ = self.runs()
         ref_u = ref.upper()
         exact = [r for r in runs if r.id == ref_u]
         if exact:
-            return exact[0]
+            mine = [r for r in exact if r.user == self.user]
+            if mine or len(exact) == 1:
+                return (mine or exact)[0]
+            raise _ambiguous(ref, exact, "Give it as user/id.")
         matches = [r for r in runs if r.id.startswith(ref_u) or (len(ref) >= 4 and r.id.endswith(ref_u))]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise NotFoundError(f"{ref!r} matches {len(matches)} runs.", "Give more characters of the id.")
+            raise _ambiguous(ref, matches, "Give more characters of the id" + ("." if qualified else ", or user/id."))
         named = [r for r in runs if r.name == ref]
         if named:
-            return named[0]
-        raise NotFoundError(f"No run {ref!r}.", "`labdeck ps` lists runs.")
+            if len({r.user for r in named}) == 1:
+                return named[0]
+            raise _ambiguous(ref, named, "Give it as user/name (the newest of that user's runs of that name), or the id.")
+        raise NotFoundError(f"No run {describe(ref)}" + (f" of {owner}." if qualified else "."), "`labdeck ps` lists runs.")
 
     def transition(self, run_id: str, new_state: RunState | str, **fields: Any) -> Run:
         """Move one of this user's runs to ``new_state`` (checked by the state machine), atomically."""
@@ -650,7 +1035,7 @@ class Store:
             doc["state"] = state.value
             return doc
 
-        return Run.from_dict(self.mine.mutate("runs", run_id, change))
+        return Run.from_dict(self._own("runs", [self.mine.mutate("runs", run_id, change)])[0])
 
     def update_run(self, run_id: str, **fields: Any) -> Run:
         def change(doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -661,11 +1046,11 @@ class Store:
             doc.update(fields)
             return doc
 
-        return Run.from_dict(self.mine.mutate("runs", run_id, change))
+        return Run.from_dict(self._own("runs", [self.mine.mutate("runs", run_id, change)])[0])
 
     def records(self, table: str, *, team: bool = True) -> tuple[list[Record], dict[str, str]]:
         cls = RECORD_TYPES[table]
-        docs, errors = self.team_records(table) if team else (self.mine.all(table), {})
+        docs, errors = self.team_records(table) if team else (self._own(table, self.mine.all(table)), {})
         return [cls.from_dict(d) for d in docs], errors
 
     # ---- blobs: larger per-run texts (code diffs) kept beside the store, readable by the team ----
@@ -690,15 +1075,64 @@ class Store:
         return d / name
 
     def read_blob(self, user: str, name: str) -> bytes | None:
+        """``<team_dir>/<user>/blobs/<name>``, or None if there is none. ``user`` and ``name`` come
+        from a record: only a valid user's directory that passes the checks, a plain name, no link
+        followed on the way, a regular file of at most :data:`BLOB_CAP` bytes."""
+        if not is_user_name(user) or not isinstance(name, str) or "/" in name or "\0" in name or name.startswith("."):
+            return None
+        if user != self.user:
+            try:
+                self._store_of(user)  # the directory passes the checks
+            except StoreError:
+                return None
+        shown = self.team_dir / user / BLOBS / name
         try:
-            return (self.team_dir / user / "blobs" / name).read_bytes()
+            dfd = os.open(self.team_dir / user, _O_DIR)
+            try:
+                bfd = os.open(BLOBS, _O_DIR, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            try:
+                fd = _open_regular(name, dir_fd=bfd, cap=BLOB_CAP, shown=shown)
+            finally:
+                os.close(bfd)
         except FileNotFoundError:
             return None
+        except StoreCorruptError as e:
+            raise StoreError(f"Cannot read {user}'s {name}: {e.message.split('(', 1)[-1].rsplit(')', 1)[0]}.") from None
         except OSError as e:
             raise StoreError(f"Cannot read {user}'s {name} ({e.strerror}).") from None
+        if fd is None:
+            return None
+        try:
+            return _read_fd(fd, 0, BLOB_CAP, shown)
+        except StoreCorruptError:
+            raise StoreError(f"Cannot read {user}'s {name}: larger than {BLOB_CAP:,} bytes.") from None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self.mine.close()
         for st in self._others.values():
             st.close()
 
+
+def _one_line(e: StoreError) -> str:
+    """A teammate's store error as one line (the move-aside hint is for its owner, not for you)."""
+    return e.message if isinstance(e, StoreCorruptError) or not e.hint else f"{e.message} {e.hint}"
+
+
+def _skipped_line(user: str, table: str, bad: list[tuple[str, str]]) -> str:
+    """One line on the records of ``user``'s ``table`` that were not read, and why (the first few)."""
+    shown = "; ".join(f"{key if is_stored_id(key) else describe(key)}: {why}" for key, why in bad[:3])
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"{len(bad)} of {user}'s {table} records skipped ({shown}{more})."
+
+
+def _ambiguous(ref: str, runs: list[Run], how: str) -> AmbiguousError:
+    """Which runs ``ref`` matches, as ``user/id (name)``, and how to pick one."""
+    listed = ", ".join(f"{r.user}/{r.id} ({describe(r.name, 30) if r.name else 'no name'})" for r in runs[:6])
+    more = f" and {len(runs) - 6} more" if len(runs) > 6 else ""
+    users = sorted({r.user for r in runs})
+    whose = f" of {', '.join(users)}" if len(users) > 1 else ""
+    return AmbiguousError(f"{describe(ref)} matches {len(runs)} runs{whose}: {listed}{more}.", how)

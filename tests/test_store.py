@@ -592,6 +592,10 @@ def test_newer_schema_is_refused(team: Path) -> None:
     st.close()
 
 
+# (ids as labdeck writes them: a teammate's record with another id is skipped as hostile)
+R1, R2, R3, R9 = (ulid_at(T0 + k) for k in (1, 2, 3, 9))
+
+
 def _old_doc(i: str) -> dict:
     return {"command": i, "instance": "local", "id": i, "cmd_old": True}
 
@@ -603,17 +607,17 @@ def _write_schema1_store(team: Path, layout: str) -> tuple[Path, set[str]]:
     d = team / "alice"
     if layout == "legacy":
         Store(team, "alice").close()
-        lines = [{"t": "runs", "id": i, "d": _old_doc(i)} for i in ("r1", "r2")]
+        lines = [{"t": "runs", "id": i, "d": _old_doc(i)} for i in (R1, R2)]
         (d / "journal-0.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        return d, {"r1", "r2"}
+        return d, {R1, R2}
     st = Store(team, "alice", compact_every=10_000)
-    st.mine.put("runs", "r1", _old_doc("r1"))
-    st.mine.put("runs", "r2", _old_doc("r2"))
+    st.mine.put("runs", R1, _old_doc(R1))
+    st.mine.put("runs", R2, _old_doc(R2))
     if layout == "compacted":
         st.mine.compact()
-        st.mine.put("runs", "r3", _old_doc("r3"))
+        st.mine.put("runs", R3, _old_doc(R3))
     st.close()
-    return d, ({"r1", "r2", "r3"} if layout == "compacted" else {"r1", "r2"})
+    return d, ({R1, R2, R3} if layout == "compacted" else {R1, R2})
 
 
 def _v1_to_v2(tables):
@@ -658,10 +662,10 @@ def test_migration_applied_and_persisted(team: Path, monkeypatch: pytest.MonkeyP
     # writes after the migration are not migrated twice, and a new reader agrees
     calls = []
     monkeypatch.setitem(store_mod.MIGRATIONS, 1, lambda t: calls.append(1) or _v1_to_v2(t))
-    owner.mine.put("runs", "r9", {"command": "z", "instance": "local", "id": "r9", "migrated": "new"})
+    owner.mine.put("runs", R9, {"command": "z", "instance": "local", "id": R9, "migrated": "new"})
     fresh = Store(team, "alice")
-    assert fresh.mine.get("runs", "r9")["migrated"] == "new"
-    assert {x["id"] for x in fresh.mine.all("runs")} == ids | {"r9"}
+    assert fresh.mine.get("runs", R9)["migrated"] == "new"
+    assert {x["id"] for x in fresh.mine.all("runs")} == ids | {R9}
     assert calls == []
     owner.close()
     fresh.close()
