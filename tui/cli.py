@@ -753,13 +753,11 @@ def unserve_cmd(deployment: str, yes: bool) -> None:
 def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, port: int) -> None:
     """Write a Dockerfile and a Kubernetes Deployment + Service for the same model server."""
     from backends.export import export_k8s
-    from backends.ownership import safe_rel
     from backends.serving import pick_model
 
     ws = _workstation()
     r = ws.store.find_run(run)
     model, _ = pick_model(r, model, None)
-    model = safe_rel(model, "--model")  # read below the run directory only (links refused by read_file)
 
     async def fetch() -> bytes:
         t = await ws.transport(r.instance)
