@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import LabdeckError
 from .follow import MissingFile, mirror
-from .localfiles import confined, run_cache_path
+from .localfiles import RefusedFile, confined, run_cache_path
 from .metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
 from .models import Run
 from .providers.base import Transport, detached_launcher
@@ -323,7 +323,7 @@ class Monitor:
         transport = transport or await self.ws.transport(run.instance)
         try:
             await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path)
-        except MissingFile:
+        except (MissingFile, RefusedFile):  # none, or a link / FIFO: no metrics from it, never followed
             pass
         if time.monotonic() - m.tb_checked > TB_SCAN_EVERY or run.run_state.is_final:  # TensorBoard event files
             m.tb_checked = time.monotonic()
