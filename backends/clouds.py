@@ -507,7 +507,12 @@ async def relaunch(ws, rec: dict[str, Any], runs: list[Run], progress: Progress 
 
 
 async def resume(ws, run: Run, instance: str) -> Run:
-    """Start ``run`` again on ``instance`` as a ``resume`` child, with its last checkpoint (if any)."""
+    """Start ``run`` again on ``instance`` as a ``resume`` child, with its last checkpoint (if any).
+
+    Only your own runs: a resume runs the record's command with its environment, as you."""
+    if run.user != ws.user:
+        raise LabdeckError(f"{run.display_name} is {run.user}'s run: only its owner resumes it.",
+                           "Rerun it instead (labdeck shows the command and asks first).")
     env = dict(run.env)
     ck = run.checkpoint or {}
     local = Path(ck.get("local", "")) if ck.get("local") else None

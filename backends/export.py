@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import LabdeckError
 from .models import Run
+from .ownership import safe_rel
 from .serving import SERVE_SCRIPT, pick_model
 
 SERVE_PACKAGES = ("litserve", "numpy", "torch", "scikit-learn", "joblib", "fastapi", "uvicorn")
@@ -83,6 +84,8 @@ def export_k8s(run: Run, out_dir: str | os.PathLike, model_bytes: bytes | None, 
                api: str | None = None, port: int = 8000, image: str | None = None) -> list[Path]:
     """Write Dockerfile, deployment.yaml, service.yaml, README.md (and the model file) into ``out_dir``."""
     model, api = pick_model(run, model, api)
+    if model:
+        model = safe_rel(model, "--model")  # a name from a record: never a path out of the export directory
     if api:
         raise LabdeckError("Exporting a custom LitAPI needs its code in the image.",
                            "Copy your serve module next to labdeck_serve.py and set --api in the Dockerfile's CMD.")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LabdeckError, StoreError
+from .localfiles import RefusedFile, UnsafePath, open_private_append, run_cache_path
 from .models import Run
 
 CHUNK = 4 << 20
@@ -33,10 +34,14 @@ async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHU
     """Append to ``local_path`` whatever ``remote_path`` holds beyond the local file's size.
 
     The local size is the offset: a mirror interrupted at any point resumes exactly there.
-    Returns the bytes appended; raises MissingFile when the remote file does not exist."""
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(local_path, "ab") as out:
-        offset = out.tell()
+    Returns the bytes appended; raises MissingFile when the remote file does not exist.
+    The copy is created 0600 in 0700 directories and never written through a symlink
+    (:func:`backends.localfiles.open_private_append`): a teammate's log in your cache is yours to read.
+    A remote path with a ``..`` part is refused: run files are named below their run directory."""
+    if ".." in remote_path.split("/"):
+        raise RefusedFile(f"Refusing to copy {remote_path!r}: a run file's path has no '..'.")
+    with open(open_private_append(local_path), "ab") as out:
+        offset = out.seek(0, os.SEEK_END)
         total = 0
         while True:
             try:
@@ -66,12 +71,14 @@ class LogFollower:
         self._copies: dict[str, asyncio.Task] = {}  # run id -> its checkpoint being copied off
 
     def local_path(self, run: Run) -> Path:
-        return self.root / run.user / f"{run.id}.log"
+        """``<root>/<user>/<id>.log``, built from a validated user name and id and confined under
+        the root (:class:`backends.localfiles.UnsafePath` otherwise): the record is a teammate's file."""
+        return run_cache_path(self.root, run.user, run.id, ".log")
 
     def offset(self, run: Run) -> int:
         try:
             return self.local_path(run).stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, UnsafePath):
             return 0
 
     async def catch_up(self, run: Run, transport=None) -> int:
@@ -97,6 +104,8 @@ class LogFollower:
             run = store.find_run(run_id)
             try:
                 n = await self.step(run)
+            except (UnsafePath, RefusedFile):
+                raise  # a record naming a path labdeck refuses, a log that is a link: no retry makes it right
             except LabdeckError:
                 await asyncio.sleep(RETRY)
                 continue
@@ -111,6 +120,8 @@ class LogFollower:
                     n = await self.step(run)
                     if n and on_data:
                         on_data(run, n)
+                except (UnsafePath, RefusedFile):
+                    raise
                 except LabdeckError:
                     await asyncio.sleep(RETRY)
                     continue

@@ -3,8 +3,9 @@ everything needed to find them again.
 
 A run directory (``<runs root>/<run id>/``) holds::
 
-    env.sh       the job's environment (exports)
-    command.sh   the command (sources env.sh)
+    env.sh       the job's environment (exports; 0700, like the directory itself)
+    secrets.env  the values of the run's secrets (0600; sent on stdin, sourced and removed as the job starts)
+    command.sh   the command (sources env.sh, then secrets.env)
     environment.json  the job's Python version and packages, recorded at start
     run.sh       the wrapper: records pid, start/end time and exit code
     pid          the wrapper's pid == the job's process-group id
@@ -155,7 +156,8 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
                  runs_root: str, env: Mapping[str, str] | None = None, name: str = "", parent: str | None = None,
                  price_per_hour: float = 0.0, sync_code: bool = True, code_cache: Path | None = None,
                  max_concurrent: int = 1, progress: code.Progress | None = None, kind: str = "parent",
-                 instance_info: dict | None = None, run_kind: str = "job", params: dict | None = None) -> Run:
+                 instance_info: dict | None = None, run_kind: str = "job", params: dict | None = None,
+                 secrets: Mapping[str, str] | None = None) -> Run:
     """Record a run, snapshot and sync its code, and start it detached on the instance.
 
     With ``sync_code`` (the default) the code around ``workdir`` (its git repository, or the
@@ -163,7 +165,12 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
     the job runs in that copy, in the same relative directory. Without it, the job runs in
     ``workdir`` on the instance as it is. Returns the run: ``running`` if it started within
     a moment, else ``queued`` (waiting for a slot in the instance's FIFO queue).
+
+    ``secrets`` (name → value) reach the job's environment through a 0600 file in its 0700 run
+    directory, written from stdin (never argv); the record keeps their names only.
     """
+    secrets = dict(secrets or {})
+    check_secret_names(secrets, env)
     if not command.strip():
         raise LabdeckError("The command is empty.", "Give the command to run, e.g. `python train.py`.")
     if parent:
@@ -189,6 +196,7 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
     run.params = params_from_command(command, local_code) if params is None else dict(params)
     run.kind = run_kind
     run.instance_info = dict(instance_info or {})
+    run.secrets = sorted(secrets)
     store.add(run)
     if parent:
         store.add(Edge(parent=parent, child=run.id, kind=kind))
@@ -203,7 +211,8 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
             store.transition(run.id, RunState.QUEUED)
         # notebooks and other services do not wait in (or take a slot of) the jobs' FIFO queue
         queue = f"{root}/.queue" if run_kind == "job" else f"{root}/.queue-{run_kind}"
-        pid, started = await _submit(transport, run, job_dir, queue, max_concurrent if run_kind == "job" else 1_000_000)
+        pid, started = await _submit(transport, run, job_dir, queue, max_concurrent if run_kind == "job" else 1_000_000,
+                                     secrets)
     except LabdeckError as e:
         store.transition(run.id, RunState.FAILED, state_reason=f"could not start: {e}", ended_at=utcnow())
         raise
@@ -212,8 +221,30 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
     return store.update_run(run.id, pid=pid, state_reason="waiting for a free slot on the instance")
 
 
-async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, max_concurrent: int) -> tuple[int, str | None]:
-    """One round trip: write the run directory, start the wrapper detached, wait briefly to see it start."""
+def check_secret_names(secrets: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
+    """Secret names are shell identifiers, not labdeck's own variables, and not also given as --env."""
+    bad = [k for k in secrets if not isinstance(k, str) or not k.isidentifier() or k.startswith("LABDECK_")]
+    if bad:
+        raise LabdeckError(f"Invalid secret name(s): {', '.join(map(repr, bad))}.",
+                           "A secret is named like an environment variable (letters, digits, _), not LABDECK_*.")
+    both = sorted(set(secrets) & set(env or {}))
+    if both:
+        raise LabdeckError(f"{', '.join(both)} given both as --env and as a secret.",
+                           "Give a secret only with --secret: --env values are kept in the team store.")
+
+
+def secrets_file(secrets: Mapping[str, str]) -> bytes:
+    """The ``secrets.env`` the job sources: one quoted export per secret."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in secrets.items()).encode()
+
+
+async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, max_concurrent: int,
+                  secrets: Mapping[str, str] | None = None) -> tuple[int, str | None]:
+    """One round trip: write the run directory, start the wrapper detached, wait briefly to see it start.
+
+    The run directory is written under ``umask 077`` (the job itself gets the caller's umask back):
+    the directory is 0700, its scripts 0700, and the secrets file (read from this command's stdin,
+    so no value is ever in an argv) 0600."""
     full_env = {"LABDECK_RUN_ID": run.id, "LABDECK_RUN_DIR": run.run_dir,
                 "LABDECK_METRICS_FILE": f"{run.run_dir}/metrics.jsonl", **run.env}
     bad = [k for k in full_env if not k.isidentifier()]
@@ -233,13 +264,19 @@ async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, 
 
     launcher = shlex.join(detached_launcher(f"exec sh {run.run_dir}/run.sh", None))
     polls = int(SUBMIT_WAIT_SECONDS / 0.02)
-    script = (f"mkdir -p {d}/lib && {put('env.sh', exports)} && {put('command.sh', '. ' + shlex.quote(run.run_dir + '/env.sh') + chr(10) + run.command + chr(10))} && "
+    sec = shlex.quote(run.run_dir + "/secrets.env")
+    # the job sources its environment, then its secrets (and removes their file: it has them now)
+    command_sh = (f". {shlex.quote(run.run_dir + '/env.sh')}\n"
+                  f"if [ -f {sec} ]; then . {sec}; rm -f {sec}; fi\n{run.command}\n")
+    take_secrets = f"cat > {sec} && chmod 600 {sec} && " if secrets else ""
+    script = (f"u=$(umask); umask 077 && mkdir -p {d}/lib && chmod 700 {d} && {take_secrets}"
+              f"{put('env.sh', exports)} && {put('command.sh', command_sh)} && "
               f"{put('run.sh', wrapper)} && "
               f"{put('lib/labdeck.py', RUNTIME_MODULE.read_text())} && "
-              f"chmod 755 {d}/run.sh {d}/command.sh {d}/env.sh && {launcher} && "
+              f"chmod 700 {d}/run.sh {d}/command.sh {d}/env.sh && umask $u && {launcher} && "
               f"i=0; while [ ! -e {d}/started_at ] && [ ! -e {d}/queued ] && [ $i -lt {polls} ]; do sleep 0.02; i=$((i+1)); done; "
               f"cat {d}/started_at 2>/dev/null; true")
-    res = await transport.run(script, timeout=60)
+    res = await transport.run(script, timeout=60, input=secrets_file(secrets) if secrets else None)
     lines = res.text().split()
     if not res.ok or not lines or not lines[0].isdigit():
         raise LabdeckError(f"Could not start the job on {transport.instance}: "
@@ -319,3 +356,26 @@ async def read_log_tail(transport: Transport, run: Run, max_bytes: int = 64 * 10
     chunk = await transport.read_file(path, start, max_bytes)
     return chunk.data.decode("utf-8", "replace")
 
+
+
+def read_secrets(names, *, environ: Mapping[str, str] | None = None, prompt=None, interactive: bool | None = None) -> dict[str, str]:
+    """The values of the secrets ``names``: each from this process's environment variable of that
+    name, else asked for without echo when stdin is a terminal, else a clear error. Values are
+    never shown, logged or stored."""
+    import getpass
+    import sys
+
+    environ = os.environ if environ is None else environ
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    ask = prompt or (lambda name: getpass.getpass(f"Value of the secret {name} (not shown): "))
+    out: dict[str, str] = {}
+    for name in names:
+        check_secret_names({name: ""})
+        if name in environ:
+            out[name] = environ[name]
+        elif interactive:
+            out[name] = ask(name)
+        else:
+            raise LabdeckError(f"The secret {name} is not set in your environment, and there is no terminal to ask.",
+                               f"Set it first (e.g. `read -rs {name}; export {name}`), then run labdeck again.")
+    return out

@@ -347,6 +347,7 @@ class Run(Record):
     # the latest checkpoint the run declared (labdeck.checkpoint): path on the instance, step, and the
     # local copy labdeck keeps so a preempted run can be relaunched from it
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)  # names of the secrets the job got (never their values)
 
     ID_FIELDS: ClassVar[tuple[str, ...]] = ("parent",)
 

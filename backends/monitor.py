@@ -30,6 +30,7 @@ from typing import Any
 
 from .errors import LabdeckError
 from .follow import MissingFile, mirror
+from .localfiles import RefusedFile, confined, run_cache_path
 from .metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
 from .models import Run
 from .providers.base import Transport, detached_launcher
@@ -273,7 +274,14 @@ class Monitor:
         self.runs: dict[str, RunMonitor] = {}
 
     def metrics_path(self, run: Run) -> Path:
-        return self.root / "metrics" / run.user / f"{run.id}.jsonl"
+        """``<root>/metrics/<user>/<id>.jsonl`` from a validated user and id, confined under the root."""
+        return run_cache_path(self.root / "metrics", run.user, run.id, ".jsonl")
+
+    def tb_path(self, run: Run, remote: str) -> Path:
+        """The local copy of one of a run's TensorBoard event files: named by a hash of its remote
+        path (never by the path itself), under ``<root>/tb/<user>/<id>/``, confined."""
+        name = hashlib.sha1(remote.encode("utf-8", "surrogateescape")).hexdigest()[:16] + ".tfevents"
+        return confined(run_cache_path(self.root / "tb", run.user, run.id, ""), name)
 
     def instance(self, name: str) -> InstanceMonitor:
         m = self.instances.get(name)
@@ -315,7 +323,7 @@ class Monitor:
         transport = transport or await self.ws.transport(run.instance)
         try:
             await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path)
-        except MissingFile:
+        except (MissingFile, RefusedFile):  # none, or a link / FIFO: no metrics from it, never followed
             pass
         if time.monotonic() - m.tb_checked > TB_SCAN_EVERY or run.run_state.is_final:  # TensorBoard event files
             m.tb_checked = time.monotonic()
@@ -323,8 +331,7 @@ class Monitor:
                 res = await transport.run(remote_find_command(run.run_dir), timeout=30)
                 for remote in parse_find_output(res.text()):
                     if remote not in m.tb:
-                        name = hashlib.sha1(remote.encode()).hexdigest()[:16] + ".tfevents"
-                        m.tb[remote] = (_LineFile(self.root / "tb" / run.user / run.id / name), TFEventsParser())
+                        m.tb[remote] = (_LineFile(self.tb_path(run, remote)), TFEventsParser())
             except LabdeckError:
                 pass
         for remote, (local, _) in list(m.tb.items()):

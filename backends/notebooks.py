@@ -28,6 +28,7 @@ from typing import Callable
 from .errors import LabdeckError, NotFoundError
 from .models import Notebook, Run, utcnow
 from .providers.base import PortForward, Transport
+from .ownership import copy_code, is_own_run, own_python
 from .serving import free_port, http_status, save_secret, secret_path, ssh_line
 
 BOOTSTRAP_TIMEOUT = 900.0
@@ -78,14 +79,22 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
     transport = await ws.transport(target)
     runs_root = await transport.runs_root()
     base = os.path.dirname(runs_root.rstrip("/"))
-    root = (run.workdir if run is not None else workdir) or await transport.home_dir()
-    python = ((run.environment or {}).get("executable") if run is not None else None) or \
-        ("python3" if target != "local" else __import__("sys").executable)
-    env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
+    nb = Notebook(instance=target, run_id=run.id if run else None, root_dir="", port=0, user=ws.user)
+    if run is not None and not is_own_run(ws, run, runs_root):
+        # someone else's run: a copy of its code in a directory of yours, your interpreter, none of
+        # their environment (the record's executable and env are theirs to write)
+        say(f"{run.display_name} is {run.user}'s run: opening a copy of its code, with your Python")
+        root = await copy_code(transport, run, f"{base}/notebooks/{nb.id}")
+        python = own_python(target)
+        env = dict(env or {})
+    else:
+        root = (run.workdir if run is not None else workdir) or await transport.home_dir()
+        python = ((run.environment or {}).get("executable") if run is not None else None) or own_python(target)
+        env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
     py, module = await _jupyter(transport, python, f"{base}/venv", say, env or None)
     jport = await free_port(transport, py, port)
     token = secrets.token_hex(24)
-    nb = Notebook(instance=target, run_id=run.id if run else None, root_dir=root, port=jport, user=ws.user)
+    nb.root_dir, nb.port = root, jport
     tokenfile = f"{base}/notebooks/.{nb.id}.env"
     await transport.put_files({tokenfile: f"export JUPYTER_TOKEN={token}\n".encode()}, mode=0o600)
     idle = max(60, int(idle_minutes * 60))

@@ -26,6 +26,7 @@ from typing import Callable
 from .errors import LabdeckError, NotFoundError
 from .jobs import kill_group
 from .models import Deployment, Run, utcnow
+from .ownership import copy_code, copy_file, is_own_run, own_python, safe_rel
 from .providers.base import PortForward, Transport
 
 SERVE_SCRIPT = (Path(__file__).parent / "runtime" / "labdeck_serve.py").read_text()
@@ -70,19 +71,31 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
                            "Serving on another instance needs its artifacts there; serve it on its own instance.")
     transport: Transport = await ws.transport(target)
     model, api = pick_model(run, model, api)
-    workdir = run.workdir if api else run.run_dir
-    python = _python_of(run)
+    if model:
+        model = safe_rel(model, "--model")
+    own = is_own_run(ws, run, await transport.runs_root())
+    dep = Deployment(run_id=run.id, instance=target, name=name or (run.name or run.id[-8:].lower()), port=0,
+                     model=model or api or "", user=ws.user)
+    if own:  # your run: its own environment (env.sh: PYTHONPATH, CUDA_VISIBLE_DEVICES, …) and interpreter
+        home_dir, workdir, python = run.run_dir, (run.workdir if api else run.run_dir), _python_of(run)
+        source_env = f"[ -f {shlex.quote(run.run_dir + '/env.sh')} ] && . {shlex.quote(run.run_dir + '/env.sh')}; "
+    else:  # someone else's: a directory of yours with copies of its code and model, your interpreter, none of their env
+        home_dir = f"{(await transport.runs_root()).rstrip('/')}/{dep.id}"
+        workdir, python, source_env = home_dir, own_python(target), ""
     # everything that can be checked before starting anything
     if model:
-        if model.startswith("/") or ".." in Path(model).parts:
-            raise LabdeckError(f"--model {model!r} must be a path inside the run directory.")
         try:
             await transport.read_file(f"{run.run_dir}/{model}", 0, 0)
         except LabdeckError:
             raise LabdeckError(f"The model file {model} of {run.display_name} is not on {target} ({run.run_dir}/{model}).",
                                "Check the artifact's name with `labdeck show RUN`; nothing was started.") from None
-    env_sh = shlex.quote(run.run_dir + "/env.sh")
-    check = await transport.run(f"[ -f {env_sh} ] && . {env_sh}; {shlex.quote(python)} -c 'import litserve'", timeout=60)
+    if not own:
+        say(f"{run.display_name} is {run.user}'s run: serving copies of its files from {home_dir}, with {python}")
+        if api:
+            workdir = await copy_code(transport, run, home_dir)
+        if model:
+            model_path = await copy_file(transport, run, model, home_dir)
+    check = await transport.run(f"{source_env}{shlex.quote(python)} -c 'import litserve'", timeout=60)
     if not check.ok:
         raise LabdeckError(f"litserve does not import with {python} on {target}.",
                            "Install it there (pip install litserve) in the run's environment; nothing was started.")
@@ -90,17 +103,17 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     if remote_port != port:
         say(f"port {port} is taken on {target}: using {remote_port}")
     key = secrets.token_urlsafe(24)
-    dep = Deployment(run_id=run.id, instance=target, name=name or (run.name or run.id[-8:].lower()), port=remote_port,
-                     model=model or api or "", user=ws.user)
-    dep.log_path = f"{run.run_dir}/serve-{dep.id}.log"
-    envfile = f"{run.run_dir}/.serve-{dep.id}.env"
-    await transport.put_files({f"{run.run_dir}/labdeck_serve.py": SERVE_SCRIPT.encode(),
+    dep.port = remote_port
+    dep.log_path = f"{home_dir}/serve-{dep.id}.log"
+    envfile = f"{home_dir}/.serve-{dep.id}.env"
+    await transport.put_files({f"{home_dir}/labdeck_serve.py": SERVE_SCRIPT.encode(),
                                envfile: f"export LIT_SERVER_API_KEY={shlex.quote(key)}\n".encode()}, mode=0o600)
-    target_arg = f"--api {shlex.quote(api)}" if api else f"--model {shlex.quote(f'{run.run_dir}/{model}')}"
-    # the run's own environment (its env.sh: PYTHONPATH, CUDA_VISIBLE_DEVICES, …), then the key
-    command = (f"[ -f {shlex.quote(run.run_dir + '/env.sh')} ] && . {shlex.quote(run.run_dir + '/env.sh')}; "
-               f". {shlex.quote(envfile)}; rm -f {shlex.quote(envfile)}; "
-               f"exec {shlex.quote(python)} {shlex.quote(run.run_dir + '/labdeck_serve.py')} --port {remote_port} {target_arg}")
+    if model:
+        model_path = f"{run.run_dir}/{model}" if own else model_path
+    target_arg = f"--api {shlex.quote(api)}" if api else f"--model {shlex.quote(model_path)}"
+    # (your own run: its environment first), then the key
+    command = (f"{source_env}. {shlex.quote(envfile)}; rm -f {shlex.quote(envfile)}; "
+               f"exec {shlex.quote(python)} {shlex.quote(home_dir + '/labdeck_serve.py')} --port {remote_port} {target_arg}")
     say(f"starting litserve on {target}:{remote_port}")
     dep.pid = await transport.start_detached(command, cwd=workdir, log_path=dep.log_path)
     ws.store.add(dep)

@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import shlex
+import stat
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,7 @@ warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, modul
 import asyncssh  # noqa: E402
 
 from .errors import TransportError
+from .localfiles import MAX_READ, RefusedFile
 from .providers.base import CommandResult, FileChunk, PortForward, RelayForward, Transport, detached_launcher
 
 log = logging.getLogger("labdeck.ssh")
@@ -553,11 +555,23 @@ class SSHTransport(Transport):
                                  f"{res.stderr.decode(errors='replace').strip()}") from None
 
     async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
+        """Regular files only, never through a final symlink, at most ``MAX_READ`` bytes. SFTP has no
+        O_NOFOLLOW (nor O_NONBLOCK), so an lstat comes first and a link, a FIFO (its open would hang
+        the host's sftp-server) or a device is refused before it is opened. That costs one more
+        round trip per read; a swap between the two is the window left (the run directory is 0700,
+        so only its owner can make one)."""
+        if "\0" in path or ".." in path.split("/"):
+            raise RefusedFile(f"Refusing to read {path!r} on {self.instance}: a run file's path has no '..'.")
         sftp = await self.handle.sftp_client()
         try:
+            lst = await sftp.lstat(path)
+            if lst.type != asyncssh.FILEXFER_TYPE_REGULAR and not stat.S_ISREG(lst.permissions or 0):
+                raise RefusedFile(f"Refusing to read {path} on {self.instance}: "
+                                  + ("it is a symbolic link." if stat.S_ISLNK(lst.permissions or 0) else "not a regular file."))
             async with sftp.open(path, "rb") as f:
                 size = (await f.stat()).size or 0
-                data = await f.read(max_bytes, offset) if max_bytes else b""
+                n = max(0, min(int(max_bytes), MAX_READ))
+                data = await f.read(n, offset) if n else b""
         except asyncssh.SFTPNoSuchFile:
             raise TransportError(f"No file {path} on {self.instance}.") from None
         except (asyncssh.Error, OSError) as e:

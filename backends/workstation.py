@@ -187,8 +187,9 @@ class Workstation:
     async def launch(self, command: str, *, instance: str = "local", workdir: str | None = None,
                      env: dict[str, str] | None = None, name: str = "", parent: str | None = None,
                      sync_code: bool = True, progress=None, kind: str = "parent", run_kind: str = "job",
-                     params: dict | None = None) -> Run:
-        """Start ``command`` on ``instance`` (see :func:`backends.jobs.launch`)."""
+                     params: dict | None = None, secrets: dict[str, str] | None = None) -> Run:
+        """Start ``command`` on ``instance`` (see :func:`backends.jobs.launch`); ``secrets`` (name →
+        value) reach the job through a 0600 file, never the store."""
         provider = await self.provider_of(instance)
         transport = provider.transport(instance)
         inst = self._instances.get(instance)
@@ -203,7 +204,7 @@ class Workstation:
                                  env=env, name=name, parent=parent, price_per_hour=price, sync_code=sync_code,
                                  code_cache=self.config.paths.cache_dir / "hashes.json",
                                  max_concurrent=max_concurrent, progress=progress, kind=kind, instance_info=info,
-                                 run_kind=run_kind, params=params)
+                                 run_kind=run_kind, params=params, secrets=secrets)
 
     async def rerun(self, ref: str) -> Run:
         """Run a run's command again, from its recorded code, as a child of it in lineage."""

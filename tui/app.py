@@ -693,7 +693,7 @@ class LabdeckApp(App[None]):
 
         self.notify(f"Starting on {req.instance}…", timeout=2)
         run = await self.workstation.launch(req.command, instance=req.instance, workdir=req.workdir, env=req.env,
-                                            name=req.name, sync_code=req.sync_code, progress=progress)
+                                            name=req.name, sync_code=req.sync_code, progress=progress, secrets=req.secrets)
         self.post_message(RunLaunched(run))
 
     @work(group="launch", exit_on_error=False)

@@ -157,12 +157,16 @@ def store_move_aside(path: str) -> None:
 @click.option("--name", default="", help="A name for the run")
 @click.option("--parent", default=None, help="The run this one derives from (id, prefix or name)")
 @click.option("--workdir", default=None, help="Working directory on the instance (default: here)")
-@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable)")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE",
+              help="Environment variable for the job (repeatable; kept in the team store: not for secrets)")
+@click.option("--secret", "secret_names", multiple=True, metavar="NAME",
+              help="Pass your environment variable NAME to the job as a secret (asked for when unset; repeatable); "
+                   "only its name is recorded")
 @click.option("--no-sync", is_flag=True, help="Run in --workdir as it is on the instance (no code snapshot)")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @friendly
-def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...], no_sync: bool,
-            command: tuple[str, ...]) -> None:
+def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...],
+            secret_names: tuple[str, ...], no_sync: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND detached on an instance:  labdeck run -- python train.py --lr 3e-4
 
     The code around the working directory (its git repository, or the directory) is
@@ -176,6 +180,9 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
             raise LabdeckError(f"--env {item!r} is not KEY=VALUE.")
         k, v = item.split("=", 1)
         env[k] = v
+    from backends.jobs import read_secrets
+
+    secrets = read_secrets(dict.fromkeys(secret_names))  # before anything starts: a missing one stops here
     ws = _workstation()
     cmd = command[0] if len(command) == 1 else shlex.join(command)
     def progress(phase: str, done: int, total: int) -> None:
@@ -183,7 +190,7 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
             err_console.print(f"syncing code: {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="\r", highlight=False)
 
     run = asyncio.run(ws.launch(cmd, instance=instance, workdir=workdir, env=env, name=name, parent=parent,
-                                sync_code=not no_sync, progress=progress))
+                                sync_code=not no_sync, progress=progress, secrets=secrets))
     if run.code:
         c = run.code
         console.print(f"code: {c['files']} files"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -22,6 +22,27 @@ class LaunchRequest:
     env: dict[str, str]
     name: str
     sync_code: bool
+    secrets: dict[str, str] = field(default_factory=dict)  # name -> value, read from labdeck's environment
+
+
+def parse_secret_names(text: str, environ=None) -> dict[str, str]:
+    """``HF_TOKEN WANDB_API_KEY`` (names only) → their values from labdeck's own environment;
+    raises ValueError naming what is wrong (never the value). Only the names are ever recorded."""
+    from backends.jobs import check_secret_names
+
+    environ = os.environ if environ is None else environ
+    names = list(dict.fromkeys(text.replace(",", " ").split()))
+    bad = [n for n in names if "=" in n]
+    if bad:
+        raise ValueError("names only (the values come from labdeck's environment), not NAME=VALUE")
+    try:
+        check_secret_names(dict.fromkeys(names, ""))
+    except Exception as e:  # LabdeckError: its message names the bad name
+        raise ValueError(str(e).rstrip(".")) from None
+    missing = [n for n in names if n not in environ]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not set in labdeck's environment (export it, then start labdeck)")
+    return {n: environ[n] for n in names}
 
 
 def parse_env(text: str) -> dict[str, str]:
@@ -36,7 +57,14 @@ def parse_env(text: str) -> dict[str, str]:
 
 
 class LaunchScreen(ModalScreen[LaunchRequest | None]):
-    """Instance, command, working directory, environment, name; enter or ctrl+s starts it."""
+    """Instance, command, working directory, environment, secrets, name; enter or ctrl+s starts it."""
+
+    # fits an 80x24 terminal: never wider or taller than the screen (it scrolls inside instead)
+    DEFAULT_CSS = """
+    LaunchScreen #launch-dialog { max-width: 100%; max-height: 100%; overflow-y: auto; }
+    LaunchScreen #launch-env-row { height: auto; }
+    LaunchScreen #launch-env-row > Vertical { width: 1fr; height: auto; }
+    """
 
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", id="launch.cancel"),
@@ -60,8 +88,15 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
             yield Input(d["command"], placeholder="python train.py --lr 3e-4", id="launch-command")
             yield Label("Working directory (its git repository, or the directory, is snapshotted and synced)")
             yield Input(d["workdir"], id="launch-workdir")
-            yield Label("Environment (KEY=value …)")
-            yield Input(d["env"], placeholder="CUDA_VISIBLE_DEVICES=0 SEED=1", id="launch-env")
+            with Horizontal(id="launch-env-row"):
+                with Vertical():
+                    yield Label("Environment (KEY=value …)")
+                    yield Input(d["env"], placeholder="CUDA_VISIBLE_DEVICES=0 SEED=1", id="launch-env")
+                with Vertical():
+                    yield Label("Secrets (names; values from your env)")
+                    yield Input("", placeholder="HF_TOKEN WANDB_API_KEY", id="launch-secrets",
+                                tooltip="Names of labdeck's environment variables: the job gets their values "
+                                        "through a 0600 file; only the names are recorded")
             yield Label("Name (optional)")
             yield Input(d["name"], id="launch-name")
             yield Checkbox("Snapshot and sync the code (off: run in the directory as it is on the instance)", True,
@@ -90,6 +125,15 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
             self._error(f"Environment: {e}.")
             self.query_one("#launch-env", Input).focus()
             return
+        try:
+            secrets = parse_secret_names(self.query_one("#launch-secrets", Input).value)
+            overlap = sorted(set(secrets) & set(env))
+            if overlap:
+                raise ValueError(f"{', '.join(overlap)} also in Environment (kept in the team store): give it only here")
+        except ValueError as e:
+            self._error(f"Secrets: {e}.")
+            self.query_one("#launch-secrets", Input).focus()
+            return
         sync = self.query_one("#launch-sync", Checkbox).value
         if sync and not os.path.isdir(os.path.expanduser(workdir)):
             self._error(f"{workdir} is not a directory here (turn off syncing to use a directory on the instance).")
@@ -97,7 +141,7 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
             return
         self.dismiss(LaunchRequest(str(self.query_one("#launch-instance", Select).value), command,
                                    os.path.expanduser(workdir) if sync else workdir, env,
-                                   self.query_one("#launch-name", Input).value.strip(), sync))
+                                   self.query_one("#launch-name", Input).value.strip(), sync, secrets))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from ..config import Field
 from ..errors import ProviderError, TransportError
 from ..gpu import probe_gpus
+from ..localfiles import read_regular
 from ..models import Instance
 from .base import CommandResult, FileChunk, PortForward, RelayForward, Transport, UnmanagedProvider, detached_launcher
 
@@ -154,10 +155,9 @@ class LocalTransport(Transport):
 
     async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
         def read() -> FileChunk:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(offset)
-                data = f.read(max_bytes)
+            # regular files only, never through a final symlink, never blocking on a FIFO, bounded:
+            # a run directory may be a teammate's, and its output.log a link to a file of yours
+            data, size = read_regular(path, offset, max_bytes)
             return FileChunk(data, offset, offset + len(data), size)
 
         try:

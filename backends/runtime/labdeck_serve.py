@@ -13,7 +13,9 @@ Built-in loaders:
 
 A body that does not fit gets a 400 with what was expected; the server stays up. It binds
 127.0.0.1 only (labdeck forwards it through SSH). ``LIT_SERVER_API_KEY`` in the environment
-turns on key auth (litserve's own X-API-Key check).
+turns on key auth: litserve's own X-API-Key check guards ``/predict`` only, so :class:`RequireKey`
+asks for the same key on every other path too (``/docs``, ``/redoc``, ``/openapi.json``, ``/health``,
+``/info``): the schema of a private model is not public either.
 """
 
 from __future__ import annotations
@@ -42,6 +44,26 @@ def _matrix(request, dims=None):
     if x.ndim != 2 or (dims is not None and x.shape[1] != dims):
         raise HTTPException(400, f'"x" must have shape (n, {dims if dims is not None else "d"}), got {list(x.shape)}')
     return x
+
+
+class RequireKey:
+    """ASGI middleware: every HTTP request needs ``X-API-Key`` (compared in constant time) when a key is set."""
+
+    def __init__(self, app, key: str = "") -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        import hmac
+
+        if scope["type"] == "http" and self.key:
+            given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.key):
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"detail":"missing or wrong X-API-Key"}'})
+                return
+        await self.app(scope, receive, send)
 
 
 class NpzLogistic(ls.LitAPI):
@@ -149,7 +171,9 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.model or args.api):
         raise SystemExit("labdeck serve: give --model PATH or --api module:Class")
-    server = ls.LitServer(build(args.model, args.api), accelerator="auto", workers_per_device=1)
+    key = os.environ.get("LIT_SERVER_API_KEY", "")
+    server = ls.LitServer(build(args.model, args.api), accelerator="auto", workers_per_device=1,
+                          middlewares=[(RequireKey, {"key": key})] if key else None)
     server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)
 
 

@@ -1,0 +1,113 @@
+"""Local files whose names come from records: validated parts, confined under a root, no symlinks.
+
+A record in the team directory is a file a teammate wrote, so its ``user`` and ``id`` are
+untrusted text. Every local path labdeck derives from them (the log copy, the metrics copy,
+TensorBoard copies) is built here: each part must match its grammar, the result must stay
+under its root after resolving, and files are opened with ``O_NOFOLLOW`` and private modes,
+so a record can neither steer a write outside the cache nor make labdeck write through a link.
+Reads of run files on this machine (:func:`read_regular`) open regular files only, never
+through a symlink and never blocking on a FIFO, and read a bounded amount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+from .errors import LabdeckError, TransportError
+from .ids import is_id
+
+# A POSIX-portable login name (useradd's default NAME_REGEX, plus dots and capitals some sites use).
+# TODO(merge): backends/ids.py is getting a strict user-name grammar; use that one and drop this.
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
+
+MAX_READ = 64 << 20  # the most one read_file call returns, whatever the caller asks
+
+
+class UnsafePath(LabdeckError):
+    """A record names a local path labdeck refuses to build (bad user or id, or it leaves its root)."""
+
+
+class RefusedFile(TransportError):
+    """A run file that is a symlink, not a regular file, or named with ``..``: refused, not read."""
+
+
+def valid_user_name(name: object) -> bool:
+    """A user name that is safe as one path component: a login name, not ``..``, ``/x`` or empty."""
+    return isinstance(name, str) and bool(_USER.match(name)) and name not in (".", "..")
+
+
+def confined(root: Path, *parts: str) -> Path:
+    """``root / parts...``, refused unless the result, resolved, is still under ``root`` resolved.
+
+    The parts were checked by the caller's grammar already; this is the second lock: whatever a
+    part holds (``..``, an absolute path, a link planted in the tree), nothing lands outside."""
+    for p in parts:
+        if not p or "/" in p or "\0" in p or p in (".", ".."):
+            raise UnsafePath(f"Refusing the local path part {p!r}: not a plain file name.")
+    base = Path(root).resolve()
+    path = base.joinpath(*parts)
+    if not path.resolve().is_relative_to(base):
+        raise UnsafePath(f"Refusing {path}: it is outside {base}.")
+    return path
+
+
+def run_cache_path(root: Path, user: str, run_id: str, suffix: str) -> Path:
+    """``<root>/<user>/<run id><suffix>``, from a validated user name and id only."""
+    if not valid_user_name(user):
+        raise UnsafePath(f"Refusing a run whose user is {user!r}: not a user name.")
+    if not isinstance(run_id, str) or not is_id(run_id):
+        raise UnsafePath(f"Refusing a run whose id is {run_id!r}: not a labdeck id.")
+    return confined(root, user, run_id.upper() + suffix)
+
+
+def private_dirs(path: Path) -> None:
+    """Create ``path``'s missing parents 0700 (a cache of teammates' files is for you only)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def open_private_append(path: Path) -> int:
+    """An O_APPEND fd on ``path``, created 0600, never through a symlink; only a regular file of ours.
+
+    An existing copy with a looser mode (older labdeck) is tightened to 0600."""
+    private_dirs(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UnsafePath(f"Cannot open the local copy {path} ({e.strerror}); it may be a link.") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UnsafePath(f"Refusing the local copy {path}: not a regular file of yours.")
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def read_regular(path: str, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[bytes, int]:
+    """(at most ``max_bytes`` from ``offset``, size) of a regular file, opened without following a
+    final symlink and without blocking (a FIFO planted as ``output.log`` is refused, not waited on).
+
+    ``..`` in the path is refused too: a run file is named below its run directory, never above."""
+    if "\0" in path or ".." in path.split("/"):
+        raise RefusedFile(f"Refusing to read {path!r}: a run file's path has no '..'.")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # the last component is a symlink
+            raise RefusedFile(f"Refusing to read {path}: it is a symbolic link.") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedFile(f"Refusing to read {path}: not a regular file.")
+        n = max(0, min(int(max_bytes), MAX_READ))
+        data = os.pread(fd, n, max(0, int(offset))) if n else b""
+        return data, st.st_size
+    finally:
+        os.close(fd)
