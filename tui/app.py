@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import deque
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -26,9 +27,11 @@ from backends.errors import LabdeckError, StoreCorruptError
 from backends.lineage import TeamLineage, annotate
 from backends.models import Deployment, Run
 from backends.store import move_aside
+from backends.text import plain, plain_line
 from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
+from .format import rerun_plan
 from .forms import LaunchRequest, LaunchScreen
 from .messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunLaunched, RunsLoaded
 from .tabs import TabView
@@ -97,9 +100,9 @@ class LabdeckApp(App[None]):
         yield FilterBar()
         yield Footer()
 
-    def top_line(self) -> str:
+    def top_line(self) -> Text:
         ws = self.workstation
-        return f"labdeck · {ws.user} · providers: {', '.join(ws.providers)} · team: {ws.config.team_dir}"
+        return Text(f"labdeck · {ws.user} · providers: {', '.join(ws.providers)} · team: {ws.config.team_dir}")
 
     @property
     def instances_tab(self) -> InstancesTab:
@@ -140,6 +143,14 @@ class LabdeckApp(App[None]):
     def _mark_ready(self) -> None:
         self._first_frame_done = True
         self.active_tab().focus_main()
+
+    def notify(self, message, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every notification is plain text: the names, errors and hosts' words in them are never markup
+        (``[/]`` would crash, ``[@click=…]`` would run an action) nor terminal escapes."""
+        if not markup:
+            message, title = plain(message), plain_line(title)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def key_of(self, binding_id: str) -> str:
         """The key(s) bound to ``binding_id`` now (after remapping), for on-screen hints."""
@@ -696,8 +707,23 @@ class LabdeckApp(App[None]):
                                             name=req.name, sync_code=req.sync_code, progress=progress, secrets=req.secrets)
         self.post_message(RunLaunched(run))
 
+    def rerun(self, run: Run) -> None:
+        """Your own run reruns at once; someone else's shows what would run, where and from which code, and asks:
+        the command, its environment and its code were written by them, and would run as you."""
+        if run.user == self.workstation.user:
+            self._rerun(run)
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._rerun(run)
+
+        detail = "\n".join(f"{k}: {v}" for k, v in rerun_plan(run, self.workstation.user))
+        self.push_screen(ConfirmScreen(f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
+                                       detail, yes_label="Rerun"), answer)
+
     @work(group="launch", exit_on_error=False)
-    async def rerun(self, run: Run) -> None:
+    async def _rerun(self, run: Run) -> None:
         self.notify(f"Rerunning {run.display_name} on {run.instance}…", timeout=2)
         new = await self.workstation.rerun(run.id)
         self.post_message(RunLaunched(new))

@@ -21,11 +21,16 @@ from backends.config import load_config
 from backends.errors import LabdeckError
 from backends.paths import Paths
 from backends.store import move_aside
+from backends.text import plain, plain_line
 from backends.workstation import Workstation
 
 from .format import duration, money, short_id, since, state_markup
 
-from .cliutil import _log_file, _setup_logging, _workstation, console, err_console, fit_table, friendly  # noqa: E402,F401
+from .cliutil import (_log_file, _setup_logging, _workstation, console, err_console, esc, fit_table, friendly,  # noqa: E402,F401
+                      raw_output)
+
+RAW = click.option("--raw", is_flag=True, help="Print text from teammates, hosts and logs as it is (control "
+                                                "characters and escape sequences included)")
 
 
 def _check_keys(ws: Workstation) -> None:
@@ -61,8 +66,8 @@ def open_tui() -> None:
     if app.startup_error is not None:
         e = app.startup_error
         msg = e.render() if isinstance(e, LabdeckError) else f"{type(e).__name__}: {e}"
-        err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
-        err_console.print(f"[dim]Details are in {_log_file(ws.config.paths)}.[/]", highlight=False)
+        err_console.print(f"[bold red]error:[/] {esc(msg, lines=True)}", highlight=False)
+        err_console.print(f"[dim]Details are in {esc(_log_file(ws.config.paths))}.[/]", highlight=False)
         sys.exit(1)
 
 
@@ -89,17 +94,18 @@ def ls_cmd() -> None:
     clouded = bool(clouds.cloud_providers(ws))
     listing, sp = asyncio.run(listing_and_relaunches())
     for e in ws.background_errors:
-        err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
+        err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
     now = clock.now()
     t = Table(title="instances", title_justify="left")
     rows = []
     for i in listing.instances:
-        row = (i.name, i.provider, state_markup(i.state),
+        row = (esc(i.name), esc(i.provider), state_markup(i.state),
                f"{i.latency_ms:.0f} ms" if i.latency_ms is not None else "–",
-               (i.size + (" spot" if i.spot else "")) if i.size else (i.size_summary if i.vcpus else "–"),
-               i.gpu_summary, money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–", i.host)
+               esc((i.size + (" spot" if i.spot else "")) if i.size else (i.size_summary if i.vcpus else "–")),
+               esc(i.gpu_summary), money(i.price_per_hour), since(i.started_at, now) if i.state == "running" else "–",
+               esc(i.host))
         if clouded:
-            row += (f"${i.cost:.2f}" if i.cost is not None else "–", i.autostop or "–", i.created_by or "–")
+            row += (f"${i.cost:.2f}" if i.cost is not None else "–", esc(i.autostop or "–"), esc(i.created_by or "–"))
         rows.append(row)
     cols = ("name", "provider", "state", "ping", "size", "GPUs", "$/hr", "uptime", "host")
     if clouded:
@@ -113,12 +119,12 @@ def ls_cmd() -> None:
         console.print(f"[dim]burn: you {money(sp.burn_user)}/h · team {money(sp.burn_team)}/h · today you "
                       f"${sp.today_user:.2f}{f' of ${daily:.2f}' if daily else ''}[/]", highlight=False)
     for e in listing.events:
-        err_console.print(f"[yellow]•[/] {e}", highlight=False)
+        err_console.print(f"[yellow]•[/] {esc(e, lines=True)}", highlight=False)
     for e in listing.errors.values():
-        err_console.print(f"[bold red]⚠[/] {e}", highlight=False)
+        err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
     for i in listing.instances:
         if i.state == "unreachable":
-            err_console.print(f"[bold red]⚠[/] {i.name}: {i.note}", highlight=False)
+            err_console.print(f"[bold red]⚠[/] {esc(i.name)}: {esc(i.note, lines=True)}", highlight=False)
     if listing.errors:
         sys.exit(1)
 
@@ -134,7 +140,7 @@ def config_cmd() -> None:
     t.add_column("value", overflow="fold")
     t.add_column("from", style="dim", overflow="fold")
     for key, value, source in cfg.explain():
-        t.add_row(key, value, source)
+        t.add_row(Text(key), Text(str(value)), Text(str(source)))  # a value may hold [ ]: text, not markup
     console.print(t)
 
 
@@ -149,7 +155,7 @@ def store_group() -> None:
 def store_move_aside(path: str) -> None:
     """Rename a corrupt store file (nothing is deleted) so a fresh store can start."""
     target = move_aside(path)
-    console.print(f"Moved {path} to {target}. labdeck starts a fresh store; the old file is kept for recovery.")
+    console.print(f"Moved {esc(path)} to {esc(target)}. labdeck starts a fresh store; the old file is kept for recovery.")
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -197,7 +203,7 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
                       + (f" at {c['commit'][:10]}{' + uncommitted changes' if c['dirty'] else ''}" if c.get("commit") else "")
                       + f"; {c.get('synced_files', 0)} sent ({c.get('synced_bytes', 0) / 1e6:.2f} MB)", highlight=False)
     verb = "started" if run.state == "running" else "queued"
-    console.print(f"{verb} [bold]{run.id}[/] ({run.display_name}) on {run.instance}, pid {run.pid}")
+    console.print(f"{verb} [bold]{esc(run.id)}[/] ({esc(run.display_name)}) on {esc(run.instance)}, pid {run.pid}")
     console.print(f"[dim]labdeck logs {short_id(run.id)} -f   ·   labdeck cancel {short_id(run.id)}[/]")
 
 
@@ -207,27 +213,29 @@ def example_cmd() -> None:
     """Run the bundled example project (numpy training) on local."""
     ws = _workstation()
     run = asyncio.run(ws.launch_example())
-    console.print(f"started [bold]{run.id}[/] ({run.display_name}) on {run.instance}, pid {run.pid}")
+    console.print(f"started [bold]{esc(run.id)}[/] ({esc(run.display_name)}) on {esc(run.instance)}, pid {run.pid}")
 
 
 @cli.command("ps")
 @click.option("--all", "-a", "show_all", is_flag=True, help="Include finished runs")
 @click.option("--mine", is_flag=True, help="Only your runs")
+@RAW
 @friendly
-def ps_cmd(show_all: bool, mine: bool) -> None:
+def ps_cmd(show_all: bool, mine: bool, raw: bool) -> None:
     """List runs (active ones unless --all)."""
+    raw_output(raw)
     ws = _workstation()
     asyncio.run(ws.refresh_runs())
     runs, errors = ws.store.runs(team=not mine)
     if not show_all:
         runs = [r for r in runs if r.run_state.is_active or r.state == "lost"]
     t = Table(title_justify="left", title=f"{len(runs)} runs" + ("" if show_all else " active (--all for every run)"))
-    rows = [(short_id(r.id), r.display_name, state_markup(r.state), r.instance, r.user,
-             duration(r.duration_seconds()), escape(r.last_line[:100])) for r in runs]
+    rows = [(esc(short_id(r.id)), esc(r.display_name), state_markup(r.state), esc(r.instance), esc(r.user),
+             duration(r.duration_seconds()), esc(r.last_line[:100])) for r in runs]
     console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
                             flexible={"name", "last line"}))
     for user, e in errors.items():
-        err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {e}", highlight=False)
+        err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc(e, lines=True)}", highlight=False)
 
 
 @cli.command("cancel")
@@ -241,17 +249,49 @@ def cancel_cmd(run: str, yes: bool) -> None:
     if not yes:
         if not sys.stdin.isatty():
             raise LabdeckError(f"Cancelling {r.display_name} needs confirmation.", "Run it in a terminal, or pass --yes.")
-        click.confirm(f"Cancel run {r.display_name} ({r.command}) on {r.instance}?", abort=True)
+        click.confirm(plain_line(f"Cancel run {r.display_name} ({r.command}) on {r.instance}?"), abort=True)
     done = asyncio.run(ws.cancel(r.id))
-    console.print(f"cancelled {done.display_name}")
+    console.print(f"cancelled {esc(done.display_name)}")
+
+
+@cli.command("rerun")
+@click.argument("run")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
+@friendly
+def rerun_cmd(run: str, yes: bool) -> None:
+    """Run a run's command again, from its recorded code, as a child of it in lineage.
+
+    A teammate's run is shown first (command, instance, code, environment): they wrote it, and it
+    would run as you. It runs only after you say yes, or with --yes."""
+    from .format import rerun_plan
+
+    ws = _workstation()
+    r = ws.store.find_run(run)
+    if r.user != ws.user:
+        err_console.print(f"[bold]{esc(r.user)}'s run {esc(r.display_name)}[/] would run as you:", highlight=False)
+        for label, value in rerun_plan(r, ws.user):
+            err_console.print(f"  {label:<12} {esc(value, lines=True)}", highlight=False)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise LabdeckError(f"Rerunning {r.user}'s run {r.display_name} needs confirmation.",
+                                   "Read what it would run above; run it in a terminal, or pass --yes.")
+            click.confirm("Rerun it as you?", abort=True, err=True)
+    new = asyncio.run(ws.rerun(r.id))
+    verb = "started" if new.state == "running" else "queued"
+    console.print(f"{verb} [bold]{esc(new.id)}[/] ({esc(new.display_name)}) on {esc(new.instance)}, pid {new.pid}")
 
 
 @cli.command("logs")
 @click.argument("run")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the run ends")
+@click.option("--raw", is_flag=True, help="The log's bytes as they are (escape sequences and invalid UTF-8 included)")
 @friendly
-def logs_cmd(run: str, follow: bool) -> None:
-    """Print a run's combined stdout/stderr."""
+def logs_cmd(run: str, follow: bool, raw: bool) -> None:
+    """Print a run's combined stdout/stderr.
+
+    Without --raw, lines are printed as plain text: terminal escape sequences (colours, clear
+    screen, clipboard writes) are removed, a carriage-return rewritten line shows as it ended,
+    invalid UTF-8 becomes U+FFFD. A line still being written is printed once it ends."""
     ws = _workstation()
 
     async def go() -> None:
@@ -260,20 +300,31 @@ def logs_cmd(run: str, follow: bool) -> None:
         path = follower.local_path(r)
         out = sys.stdout.buffer
         printed = 0
+        pending = b""  # the start of a line not ended yet (without --raw)
 
-        def emit() -> None:
-            nonlocal printed
+        def emit(final: bool = False) -> None:
+            nonlocal printed, pending
             with open(path, "rb") as f:
                 f.seek(printed)
                 while data := f.read(1 << 20):
-                    out.write(data)
                     printed += len(data)
+                    if raw:
+                        out.write(data)
+                        continue
+                    pending += data
+                    cut = pending.rfind(b"\n") + 1 if len(pending) <= LOG_LINE_CAP else len(pending)
+                    if cut:
+                        out.write(plain(pending[:cut]).encode("utf-8"))
+                        pending = pending[cut:]
+            if final and pending:
+                out.write(plain(pending).encode("utf-8"))
+                pending = b""
             out.flush()
 
         if not follow:
             await follower.catch_up(r)
             if path.exists():
-                emit()
+                emit(final=True)
             return
         task = follower.start(r)
         while not task.done():
@@ -282,12 +333,15 @@ def logs_cmd(run: str, follow: bool) -> None:
             await asyncio.sleep(0.2)
         task.result()
         if path.exists():
-            emit()
+            emit(final=True)
 
     try:
         asyncio.run(go())
     except KeyboardInterrupt:
         pass
+
+
+LOG_LINE_CAP = 4 << 20  # a line longer than this is printed in pieces (it is not held in memory whole)
 
 
 @cli.command("top")
@@ -309,21 +363,22 @@ def top_cmd(once: bool, interval: float) -> None:
         rows: list[tuple[str, ...]] = []
         for inst in listing.instances:
             if inst.state != "running":
-                rows.append((inst.name, f"[red]{inst.state}[/]", "", "", "", "", "", "", escape(inst.note.splitlines()[0]) if inst.note else ""))
+                rows.append((esc(inst.name), f"[red]{esc(inst.state)}[/]", "", "", "", "", "", "",
+                             esc(inst.note.splitlines()[0]) if inst.note else ""))
                 continue
             try:
                 await ws.monitor.poll_instance(inst.name)
             except LabdeckError as e:
-                rows.append((inst.name, "[yellow]no agent[/]", "", "", "", "", "", "", escape(str(e))))
+                rows.append((esc(inst.name), "[yellow]no agent[/]", "", "", "", "", "", "", esc(str(e))))
                 continue
             m = ws.monitor.instance(inst.name)
             s = m.last or {}
-            gpus = " ".join(f"{g['index']}:{g.get('util', 0):.0f}% {g.get('mem_used', 0) / 1024:.0f}G" for g in s.get("gpus") or []) or "–"
+            gpus = esc(" ".join(f"{g['index']}:{g.get('util', 0):.0f}% {g.get('mem_used', 0) / 1024:.0f}G" for g in s.get("gpus") or []) or "–")
             mem = f"{s.get('mem_used', 0) / 1024:.1f}/{s.get('mem_total', 0) / 1024:.0f}G" if s else "…"
             here = [r for r in active if r.instance == inst.name] or [None]
             idle = ws.monitor.idle_runs()
             for k, r in enumerate(here):
-                head = (inst.name, f"{s.get('cpu', 0):.0f}%" if s else "…", mem, gpus) if k == 0 else ("", "", "", "")
+                head = (esc(inst.name), f"{s.get('cpu', 0):.0f}%" if s else "…", mem, gpus) if k == 0 else ("", "", "", "")
                 if r is None:
                     rows.append((*head, "–", "", "", "", ""))
                     continue
@@ -336,10 +391,10 @@ def top_cmd(once: bool, interval: float) -> None:
                     except LabdeckError:
                         pass
                     summ = ws.monitor.run(r).series.summary()
-                    latest = "  ".join(f"{k2}={v['last']:.4g}" for k2, v in sorted(summ.items())[:4])
+                    latest = "  ".join(f"{esc(k2)}={_fmt(v['last'])}" for k2, v in sorted(summ.items())[:4])
                 state = state_markup(r.state) + (f" [yellow]⚠ GPU {idle[r.id]:.0f}%[/]" if r.id in idle else "")
-                rows.append((*head, f"{r.display_name} ({r.user})", state, f"{rs.get('cpu', 0):.0f}%" if rs else "",
-                             f"{rs.get('gpu_mem', 0) / 1024:.1f}G" if rs.get("gpu_mem") else "", escape(latest)))
+                rows.append((*head, esc(f"{r.display_name} ({r.user})"), state, f"{rs.get('cpu', 0):.0f}%" if rs else "",
+                             f"{rs.get('gpu_mem', 0) / 1024:.1f}G" if rs.get("gpu_mem") else "", latest))
         return fit_table(t, ("instance", "CPU", "mem", "GPUs", "run", "state", "run CPU", "GPU mem", "latest metrics"),
                          rows, flexible={"GPUs", "run", "latest metrics"})
 
@@ -378,22 +433,26 @@ def _lineage(ws: Workstation):
 
 
 def _fmt(v) -> str:
+    """A param or metric value for markup: a number formatted, anything else escaped text (whoever ran the run
+    wrote it)."""
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return esc(v)
 
 
 @cli.command("runs")
 @click.argument("filter_text", required=False, default="", metavar="[FILTER]")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (newest first)")
+@RAW
 @friendly
-def runs_cmd(filter_text: str, limit: int) -> None:
+def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
     """The team's runs as a table, optionally filtered:
 
     labdeck runs 'user:alice lr>1e-3 tag:best state:succeeded metric.val_loss<0.3'"""
     from backends import lineage as lin
     from backends.query import QueryContext
 
+    raw_output(raw)
     ws = _workstation()
     tl = _lineage(ws)
     runs = sorted(tl.runs.values(), key=lambda r: r.id, reverse=True)
@@ -410,65 +469,68 @@ def runs_cmd(filter_text: str, limit: int) -> None:
         parent = tl.parent_of(r)
         pv = lin.metric_value(parent, key) if parent else None
         delta = f" ({v - pv:+.3g})" if v is not None and pv is not None else ""
-        rows.append((short_id(r.id), escape(r.display_name), r.user, state_markup(r.state),
-                     (f"{v:.4g}{delta}" if v is not None else "–"), f"${r.cost():.2f}" if r.price_per_hour else "–",
-                     escape(", ".join(tl.tags(r.id))), short_id(r.parent) if r.parent else "–"))
-    console.print(fit_table(t, ("run", "name", "user", "state", key or "metric", "cost", "tags", "parent"), rows,
+        rows.append((esc(short_id(r.id)), esc(r.display_name), esc(r.user), state_markup(r.state),
+                     (f"{_fmt(v)}{delta}" if v is not None else "–"), f"${r.cost():.2f}" if r.price_per_hour else "–",
+                     esc(", ".join(tl.tags(r.id))), esc(short_id(r.parent)) if r.parent else "–"))
+    console.print(fit_table(t, ("run", "name", "user", "state", esc(key or "metric"), "cost", "tags", "parent"), rows,
                             flexible={"name", "tags"}))
     for user, e in tl.errors.items():
-        err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {e.splitlines()[0]}", highlight=False)
+        err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc((e.splitlines() or [''])[0])}",
+                          highlight=False)
 
 
 @cli.command("show")
 @click.argument("run")
+@RAW
 @friendly
-def show_cmd(run: str) -> None:
+def show_cmd(run: str, raw: bool) -> None:
     """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
+    raw_output(raw)
     ws = _workstation()
     tl = _lineage(ws)
     r = ws.store.find_run(run)
-    lines = [f"[bold]{escape(r.display_name)}[/]  {r.id}",
-             f"user {r.user} on {r.origin_host} · state {r.state}" + (f" ({escape(r.state_reason)})" if r.state_reason else ""),
-             f"instance {r.instance} · {escape(str(r.instance_info or {}))}",
-             f"command  {escape(r.command)}",
-             f"created {r.created_at} · started {r.started_at or '–'} · ended {r.ended_at or '–'} · "
+    lines = [f"[bold]{esc(r.display_name)}[/]  {esc(r.id)}",
+             f"user {esc(r.user)} on {esc(r.origin_host)} · state {esc(r.state)}" + (f" ({esc(r.state_reason)})" if r.state_reason else ""),
+             f"instance {esc(r.instance)} · {esc(str(r.instance_info or {}))}",
+             f"command  {esc(r.command, lines=True)}",
+             f"created {esc(r.created_at)} · started {esc(r.started_at or '–')} · ended {esc(r.ended_at or '–')} · "
              f"duration {duration(r.duration_seconds())} · cost ${r.cost():.4f} (${r.price_per_hour:g}/h)"]
     if r.code:
         c = r.code
-        lines.append(f"code {c.get('files', 0)} files from {escape(str(c.get('root', '')))}"
-                     + (f" at {c['commit'][:12]}" if c.get("commit") else "") + (" + uncommitted changes" if c.get("dirty") else "")
+        lines.append(f"code {esc(c.get('files', 0))} files from {esc(str(c.get('root', '')))}"
+                     + (f" at {esc(str(c['commit'])[:12])}" if c.get("commit") else "") + (" + uncommitted changes" if c.get("dirty") else "")
                      + (f" · diff: labdeck diff {short_id(r.parent)} {short_id(r.id)}" if r.parent else ""))
     parent = tl.parent_of(r)
-    lines.append("parents  " + (", ".join(f"{short_id(p)} ({tl.runs[p].display_name if p in tl.runs else '?'})"
+    lines.append("parents  " + (", ".join(f"{esc(short_id(p))} ({esc(tl.runs[p].display_name) if p in tl.runs else '?'})"
                                           for p in sorted(tl.parents.get(r.id, ()))) or "– (a baseline)"))
     kids = tl.children.get(r.id, [])
-    lines.append("derived  " + (", ".join(f"{short_id(k)} ({tl.runs[k].display_name})" for k in kids if k in tl.runs) or "–"))
+    lines.append("derived  " + (", ".join(f"{esc(short_id(k))} ({esc(tl.runs[k].display_name)})" for k in kids if k in tl.runs) or "–"))
     console.print("\n".join(lines), highlight=False)
     if r.params:
         t = Table(title="params", title_justify="left")
-        rows = [(escape(k), escape(_fmt(v)), escape(_fmt(parent.params.get(k, "–"))) if parent else "") for k, v in sorted(r.params.items())]
+        rows = [(esc(k), _fmt(v), _fmt(parent.params.get(k, "–")) if parent else "") for k, v in sorted(r.params.items(), key=str)]
         console.print(fit_table(t, ("param", "value", "parent"), rows, flexible={"value", "parent"}))
     if r.metrics_summary:
         t = Table(title="metrics", title_justify="left")
-        rows = [(escape(k), _fmt(v.get("last")), _fmt(v.get("best")), _fmt(v.get("min")), _fmt(v.get("max")), str(v.get("count")))
-                for k, v in sorted(r.metrics_summary.items())]
+        rows = [(esc(k), _fmt(v.get("last")), _fmt(v.get("best")), _fmt(v.get("min")), _fmt(v.get("max")), _fmt(v.get("count")))
+                for k, v in sorted(r.metrics_summary.items(), key=str) if isinstance(v, dict)]
         console.print(fit_table(t, ("metric", "last", "best", "min", "max", "points"), rows, flexible=set()))
     if r.hardware:
-        console.print("hardware " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.hardware.items()), highlight=False)
+        console.print("hardware " + ", ".join(f"{esc(k)}={_fmt(v)}" for k, v in r.hardware.items()), highlight=False)
     if r.environment:
-        console.print(f"environment python {r.environment.get('python')} · {len(r.environment.get('packages', []))} packages",
+        console.print(f"environment python {esc(r.environment.get('python'))} · {len(r.environment.get('packages', []))} packages",
                       highlight=False)
     if r.artifacts:
         listing = asyncio.run(ws.list_instances())
         here = any(i.name == r.instance and i.state == "running" for i in listing.instances)
-        where = f"{r.instance}:{r.run_dir}/ (labdeck fetch {short_id(r.id)})" if here else \
-            f"unavailable: the instance {r.instance} is gone or unreachable"
-        console.print(f"artifacts ({where}) " + ", ".join(escape(a) for a in r.artifacts[:20]), highlight=False)
+        where = f"{esc(r.instance)}:{esc(r.run_dir)}/ (labdeck fetch {esc(short_id(r.id))})" if here else \
+            f"unavailable: the instance {esc(r.instance)} is gone or unreachable"
+        console.print(f"artifacts ({where}) " + ", ".join(esc(a) for a in r.artifacts[:20]), highlight=False)
     tags = tl.tags(r.id)
     if tags:
-        console.print("tags " + ", ".join(tags), highlight=False)
+        console.print("tags " + ", ".join(esc(t) for t in tags), highlight=False)
     for n in tl.notes(r.id):
-        console.print(f"[dim]{n.created_at[:16]} {n.user}:[/] {escape(n.text)}", highlight=False)
+        console.print(f"[dim]{esc(n.created_at[:16])} {esc(n.user)}:[/] {esc(n.text, lines=True)}", highlight=False)
 
 
 @cli.command("fetch")
@@ -515,21 +577,23 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
 @cli.command("diff")
 @click.argument("run_a")
 @click.argument("run_b")
+@RAW
 @friendly
-def diff_cmd(run_a: str, run_b: str) -> None:
+def diff_cmd(run_a: str, run_b: str, raw: bool) -> None:
     """Compare two runs: params, command, metrics and code."""
     from backends import lineage as lin
 
+    raw_output(raw)
     ws = _workstation()
     a, b = ws.store.find_run(run_a), ws.store.find_run(run_b)
-    console.print(f"[bold]{escape(a.display_name)}[/] {short_id(a.id)} → [bold]{escape(b.display_name)}[/] {short_id(b.id)}")
+    console.print(f"[bold]{esc(a.display_name)}[/] {esc(short_id(a.id))} → [bold]{esc(b.display_name)}[/] {esc(short_id(b.id))}")
     if a.command != b.command:
-        console.print(f"command: {escape(a.command)}\n      → {escape(b.command)}", highlight=False)
+        console.print(f"command: {esc(a.command)}\n      → {esc(b.command)}", highlight=False)
     changes = lin.params_diff(a.params, b.params)
     if changes:
         t = Table(title="params", title_justify="left")
-        console.print(fit_table(t, ("param", run_a, run_b), [(escape(k), escape(_fmt(x)) if x is not None else "–",
-                                                              escape(_fmt(y)) if y is not None else "–") for k, x, y in changes],
+        console.print(fit_table(t, ("param", esc(run_a), esc(run_b)), [(esc(k), _fmt(x) if x is not None else "–",
+                                                                        _fmt(y) if y is not None else "–") for k, x, y in changes],
                                 flexible=set()))
     else:
         console.print("params: the same")
@@ -538,11 +602,12 @@ def diff_cmd(run_a: str, run_b: str) -> None:
         rows = []
         for n in names:
             x, y = lin.metric_value(a, n), lin.metric_value(b, n)
-            rows.append((escape(n), _fmt(x) if x is not None else "–", _fmt(y) if y is not None else "–",
+            rows.append((esc(n), _fmt(x) if x is not None else "–", _fmt(y) if y is not None else "–",
                          f"{y - x:+.4g}" if x is not None and y is not None else ""))
-        console.print(fit_table(Table(title="metrics (last)", title_justify="left"), ("metric", run_a, run_b, "Δ"), rows, flexible=set()))
+        console.print(fit_table(Table(title="metrics (last)", title_justify="left"), ("metric", esc(run_a), esc(run_b), "Δ"), rows,
+                                flexible=set()))
     text = asyncio.run(ws.code_diff(a, b))
-    console.print(Text(text) if text else "code: no recorded difference")
+    console.print(Text(text if raw else plain(text)) if text else "code: no recorded difference")
 
 
 @cli.command("note")
@@ -555,7 +620,7 @@ def note_cmd(run: str, text: str) -> None:
 
     ws = _workstation()
     a = annotate(ws.store, run, "note", text)
-    console.print(f"noted on {short_id(a.run_id)} by {a.user}")
+    console.print(f"noted on {esc(short_id(a.run_id))} by {esc(a.user)}")
 
 
 @cli.command("tag")
@@ -625,7 +690,7 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
                             key_metric=metric)
     base = f"labdeck-report-{(run.name or short_id(run.id)).replace('/', '-').replace(' ', '_')}"
     md_path, html_path = write_report(Path(out_dir), base, md, html)
-    console.print(f"{len(path)} runs from {path[0].display_name} to {run.display_name}:\n  {md_path}\n  {html_path}")
+    console.print(f"{len(path)} runs from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")
 
 
 @cli.command("serve")
@@ -646,16 +711,16 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
 
     async def go() -> None:
         served = await serving.deploy(ws, run, instance=instance, port=port, name=name, model=model, api=api,
-                                      progress=lambda m: err_console.print(f"[dim]{escape(m)}[/]", highlight=False))
+                                      progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         d = served.deployment
-        console.print(f"[bold]{escape(d.name)}[/] is up: {d.url}/predict  (instance {d.instance}:{d.port})", highlight=False)
+        console.print(f"[bold]{esc(d.name)}[/] is up: {esc(d.url)}/predict  (instance {esc(d.instance)}:{d.port})", highlight=False)
         console.print(f"API key (shown once here; kept in a 0600 file of yours): {served.api_key}", highlight=False)
-        console.print(f"from a laptop:  {served.ssh_line}", highlight=False)
+        console.print(f"from a laptop:  {esc(served.ssh_line)}", highlight=False)
         console.print(f"""try it:  curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' """
                       f"""-d '{{"x": [[0.1, 0.2]]}}' {d.url}/predict""", highlight=False)
         if detach:
             await served.forward.close()
-            console.print(f"[dim]the forward is closed; the server keeps running (labdeck unserve {escape(d.name)})[/]")
+            console.print(f"[dim]the forward is closed; the server keeps running (labdeck unserve {esc(d.name)})[/]")
             return
         console.print("[dim]forwarding; ctrl+c closes the forward (the server keeps running)[/]")
         try:
@@ -686,10 +751,10 @@ def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None,
 
     async def go() -> None:
         opened = await notebooks.start(ws, instance=instance, run_ref=run_ref, workdir=workdir, port=port, idle_minutes=idle,
-                                       progress=lambda m: err_console.print(f"[dim]{escape(m)}[/]", highlight=False))
+                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         nb = opened.notebook
-        console.print(f"[bold]notebook[/] on {nb.instance} in {escape(nb.root_dir)}: {opened.url}", highlight=False)
-        console.print(f"from a laptop:  {opened.ssh_line}   then open http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}",
+        console.print(f"[bold]notebook[/] on {esc(nb.instance)} in {esc(nb.root_dir)}: {esc(opened.url)}", highlight=False)
+        console.print(f"from a laptop:  {esc(opened.ssh_line)}   then open http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}",
                       highlight=False)
         console.print(f"[dim]stop it: labdeck cancel {short_id(nb.job_id)} (it also stops itself after {idle:g} idle minutes)[/]")
         if detach:
@@ -716,12 +781,13 @@ def models_cmd() -> None:
 
     ws = _workstation()
     deps, errors = ws.store.records(Deployment.TABLE)
-    rows = [(escape(d.name), short_id(d.id), short_id(d.run_id), state_markup(d.state), d.instance,
-             str(d.port or "–"), d.user, escape(d.model)) for d in sorted(deps, key=lambda d: d.id, reverse=True)]
+    rows = [(esc(d.name), esc(short_id(d.id)), esc(short_id(str(d.run_id))), state_markup(d.state), esc(d.instance),
+             esc(d.port or "–"), esc(d.user), esc(d.model)) for d in sorted(deps, key=lambda d: d.id, reverse=True)]
     console.print(fit_table(Table(title=f"{len(rows)} deployments", title_justify="left"),
                             ("name", "id", "run", "state", "instance", "port", "user", "model"), rows, flexible={"model"}))
     for user, e in errors.items():
-        err_console.print(f"[bold red]⚠[/] {user}'s store is unreadable: {escape(e.splitlines()[0])}", highlight=False)
+        err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc((e.splitlines() or [''])[0])}",
+                          highlight=False)
 
 
 @cli.command("unserve")
@@ -737,9 +803,9 @@ def unserve_cmd(deployment: str, yes: bool) -> None:
     if not yes:
         if not sys.stdin.isatty():
             raise LabdeckError(f"Stopping {dep.name} needs confirmation.", "Run it in a terminal, or pass --yes.")
-        click.confirm(f"Stop the model server {dep.name} on {dep.instance}?", abort=True)
+        click.confirm(plain_line(f"Stop the model server {dep.name} on {dep.instance}?"), abort=True)
     done = asyncio.run(serving.stop(ws, dep.id))
-    console.print(f"stopped {escape(done.name)}")
+    console.print(f"stopped {esc(done.name)}")
 
 
 @cli.command("export")
@@ -774,7 +840,7 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
     except LabdeckError as e:
         raise LabdeckError(f"Cannot fetch {model} of {r.display_name}: {e}", "Is its instance reachable?") from None
     for p in export_k8s(r, k8s_dir, data, model=model, image=image, port=port):
-        console.print(str(p), highlight=False)
+        console.print(esc(p), highlight=False)
 
 
 from .cloudcli import COMMANDS as _CLOUD_COMMANDS  # noqa: E402

@@ -1,27 +1,83 @@
 """What every `labdeck` command shares: the consoles, logging to the log file, tables that fit,
-errors as one message (never a traceback), and opening the workstation."""
+errors as one message (never a traceback), and opening the workstation.
+
+Text from outside (teammates' stores, hosts, logs, providers) reaches the terminal as text: a value
+put into markup goes through :func:`esc` (escaped, and stripped of control characters and escape
+sequences by :func:`backends.text.plain`), and both consoles replace any control character left in
+what they print (a render hook), so no OSC 52, clear-screen or alternate-screen sequence gets out.
+``--raw`` (:func:`raw_output`) lets outside text through as it is (markup is still never parsed)."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderHook
 from rich.markup import escape
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
 from backends.config import load_config
 from backends.errors import LabdeckError
 from backends.paths import Paths
+from backends.text import plain, plain_line
 from backends.workstation import Workstation
 
 console = Console()
 err_console = Console(stderr=True)
+
+_raw = False  # --raw: outside text is printed as it is
+
+
+def raw_output(raw: bool) -> None:
+    """Let control characters and escape sequences in outside text through (``--raw``), or not."""
+    global _raw
+    _raw = raw
+
+
+def esc(value, *, lines: bool = False) -> str:
+    """Outside text for a markup string: never parsed as markup, and (unless ``--raw``) one line of plain
+    text (``lines``: newlines kept) with no control characters or escape sequences."""
+    if _raw:  # as it is, but for lone surrogates (from JSON "\udcff"): no terminal can be sent those
+        return escape(_SURROGATES.sub("\ufffd", value if isinstance(value, str) else str(value)))
+    return escape(plain(value) if lines else plain_line(value))
+
+
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class _Sanitized:
+    """A renderable whose text segments carry no control character (Rich's own control segments, such
+    as cursor moves of a live display, pass)."""
+
+    def __init__(self, renderable, unsafe: re.Pattern = _UNSAFE) -> None:
+        self.renderable = renderable
+        self.unsafe = unsafe
+
+    def __rich_console__(self, console: Console, options):
+        for seg in console.render(self.renderable, options):
+            if seg.control or not seg.text or self.unsafe.search(seg.text) is None:
+                yield seg
+            else:
+                yield Segment(self.unsafe.sub("\ufffd", seg.text), seg.style, seg.control)
+
+
+class _PlainOutput(RenderHook):
+    """The last line of defence: whatever a command prints, no escape sequence from outside text gets out."""
+
+    def process_renderables(self, renderables):
+        return [_Sanitized(r, _SURROGATES if _raw else _UNSAFE) for r in renderables]
+
+
+console.push_render_hook(_PlainOutput())
+err_console.push_render_hook(_PlainOutput())
 
 
 def _log_file(paths: Paths) -> Path:
@@ -59,9 +115,9 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LabdeckError as e:
-            err_console.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {esc(e.message, lines=True)}", highlight=False, markup=True)
             if e.hint:
-                err_console.print(f"[dim]{escape(e.hint)}[/]", highlight=False)
+                err_console.print(f"[dim]{esc(e.hint, lines=True)}[/]", highlight=False)
             sys.exit(1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
@@ -70,7 +126,7 @@ def friendly(fn):
             if not logging.getLogger("labdeck").handlers:
                 _setup_logging(paths)
             logging.getLogger("labdeck").error("unexpected error\n%s", traceback.format_exc())
-            err_console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False)
+            err_console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {esc(str(e), lines=True)}", highlight=False)
             err_console.print(f"[dim]Details are in {_log_file(paths)}. Please report it.[/]", highlight=False)
             sys.exit(2)
 

@@ -7,14 +7,15 @@ import sys
 import time
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from backends import clouds
 from backends.catalog import spend
 from backends.errors import LabdeckError
 
-from .cliutil import _workstation, console, err_console, fit_table, friendly
+from backends.text import plain_line
+
+from .cliutil import _workstation, console, err_console, esc, fit_table, friendly
 from .format import money
 
 
@@ -23,7 +24,7 @@ def _progress():
 
     def say(stage: str, detail: str) -> None:
         style = "yellow" if stage in ("budget", "cleanup") else "cyan"
-        console.print(f"[dim]{time.monotonic() - t0:6.1f}s[/] [{style}]{stage:>12}[/] {escape(detail)}", highlight=False)
+        console.print(f"[dim]{time.monotonic() - t0:6.1f}s[/] [{style}]{stage:>12}[/] {esc(detail)}", highlight=False)
 
     return say
 
@@ -52,8 +53,8 @@ def up_cmd(name: str, provider: str, size: str, image: str, spot: bool, autostop
             await ws.close()
 
     inst = asyncio.run(go())
-    console.print(f"[green]✓[/] {inst.name} is running at {inst.host} ({inst.size}, {money(inst.price_per_hour)}/h). "
-                  f"Run on it: labdeck run --on {inst.name} -- python train.py", highlight=False)
+    console.print(f"[green]✓[/] {esc(inst.name)} is running at {esc(inst.host)} ({esc(inst.size)}, {money(inst.price_per_hour)}/h). "
+                  f"Run on it: labdeck run --on {esc(inst.name)} -- python train.py", highlight=False)
 
 
 def _lifecycle(verb: str, name: str, force: bool, yes: bool, fn) -> None:
@@ -71,7 +72,8 @@ def _lifecycle(verb: str, name: str, force: bool, yes: bool, fn) -> None:
                 if not sys.stdin.isatty():
                     raise LabdeckError(f"Refusing to {verb} {name} without confirmation (no terminal to ask on).",
                                        "Add --yes.")
-                if not click.confirm(f"{verb.capitalize()} {name}{owner}, {inst.size} at {money(inst.price_per_hour)}/h?{outside}"):
+                if not click.confirm(plain_line(f"{verb.capitalize()} {name}{owner}, {inst.size} at "
+                                                f"{money(inst.price_per_hour)}/h?{outside}")):
                     raise click.Abort()
             return await fn(ws, name, force=force)
         finally:
@@ -88,10 +90,10 @@ def _lifecycle(verb: str, name: str, force: bool, yes: bool, fn) -> None:
 def stop_cmd(name: str, force: bool, yes: bool) -> None:
     """Stop a cloud instance (its disk stays; most providers stop billing compute)."""
     inst = _lifecycle("stop", name, force, yes, clouds.stop)
-    console.print(f"{name}: {inst.state}")
+    console.print(f"{esc(name)}: {esc(inst.state)}")
     if inst.provider_type in clouds.BILLS_WHEN_STOPPED:
-        err_console.print(f"[yellow]note:[/] {inst.provider_type} keeps billing a stopped machine; "
-                          f"`labdeck down {name}` stops the meter.", highlight=False)
+        err_console.print(f"[yellow]note:[/] {esc(inst.provider_type)} keeps billing a stopped machine; "
+                          f"`labdeck down {esc(name)}` stops the meter.", highlight=False)
 
 
 @click.command("start")
@@ -101,7 +103,7 @@ def stop_cmd(name: str, force: bool, yes: bool) -> None:
 def start_cmd(name: str, force: bool) -> None:
     """Start a stopped cloud instance."""
     inst = _lifecycle("start", name, force, True, clouds.start)
-    console.print(f"{name}: {inst.state}")
+    console.print(f"{esc(name)}: {esc(inst.state)}")
 
 
 @click.command("down")
@@ -112,7 +114,7 @@ def start_cmd(name: str, force: bool) -> None:
 def down_cmd(name: str, force: bool, yes: bool) -> None:
     """Terminate a cloud instance (its disk is deleted) and the firewall labdeck made for it."""
     _lifecycle("terminate", name, force, yes, clouds.terminate)
-    console.print(f"{name}: terminated")
+    console.print(f"{esc(name)}: terminated")
 
 
 @click.command("sizes")
@@ -134,12 +136,12 @@ def sizes_cmd(provider: str, gpu: bool, refresh: bool) -> None:
     sizes = asyncio.run(go())
     if refresh:
         path = p.catalog.write_user(p.type, sizes, p.region)
-        console.print(f"[dim]catalog updated: {path}[/]")
-    rows = [(s.id, s.gpu_summary, str(s.vcpus or "–"), f"{s.ram_mib / 1024:.0f} GiB" if s.ram_mib else "–",
-             money(s.price_per_hour) if s.price_per_hour is not None else "?", s.price_source)
+        console.print(f"[dim]catalog updated: {esc(path)}[/]")
+    rows = [(esc(s.id), esc(s.gpu_summary), esc(s.vcpus or "–"), f"{s.ram_mib / 1024:.0f} GiB" if s.ram_mib else "–",
+             money(s.price_per_hour) if s.price_per_hour is not None else "?", esc(s.price_source))
             for s in sizes if s.gpus or not gpu]
     rows.sort(key=lambda r: (r[1] == "no GPU", r[0]))
-    console.print(fit_table(Table(title=f"{provider} sizes in {p.region}", title_justify="left"),
+    console.print(fit_table(Table(title=f"{esc(provider)} sizes in {esc(p.region)}", title_justify="left"),
                             ("size", "GPUs", "vCPUs", "RAM", "$/hr", "price from"), rows, flexible={"price from"}))
 
 
@@ -163,10 +165,10 @@ def catalog_cmd(refresh: bool) -> None:
     for (name, p), res in zip(provs.items(), asyncio.run(go())):
         if isinstance(res, BaseException):
             failed = True
-            err_console.print(f"[bold red]⚠[/] {name}: {escape(str(res))}", highlight=False)
+            err_console.print(f"[bold red]⚠[/] {esc(name)}: {esc(str(res))}", highlight=False)
             continue
         path = p.catalog.write_user(p.type, res, p.region)
-        console.print(f"{name}: {len(res)} sizes → {path}")
+        console.print(f"{esc(name)}: {len(res)} sizes → {esc(path)}")
     if failed:
         sys.exit(1)
 
@@ -184,7 +186,7 @@ def spend_cmd() -> None:
     console.print(f"team: {money(sp.burn_team)}/h now, ${sp.today_team:.2f} today", highlight=False)
     recs = sorted(everyone, key=lambda r: r.get("created_at", ""), reverse=True)[:20]
     if recs:
-        rows = [(r.get("name", ""), r.get("created_by", ""), r.get("provider", ""), r.get("state", ""),
+        rows = [(esc(r.get("name", "")), esc(r.get("created_by", "")), esc(r.get("provider", "")), esc(r.get("state", "")),
                  money(r.get("price_per_hour") or 0), f"${sp.cost_so_far.get(r.get('id', ''), 0):.2f}")
                 for r in recs]
         console.print(fit_table(Table(title="instances labdeck launched", title_justify="left"),
@@ -208,7 +210,7 @@ def autostop_cmd(name: str, minutes: float, action: str | None) -> None:
             await ws.close()
 
     asyncio.run(go())
-    console.print(f"{name}: autostop " + (f"after {minutes:g} idle minutes" if minutes > 0 else "off"), highlight=False)
+    console.print(f"{esc(name)}: autostop " + (f"after {minutes:g} idle minutes" if minutes > 0 else "off"), highlight=False)
 
 
 COMMANDS = [autostop_cmd, up_cmd, stop_cmd, start_cmd, down_cmd, sizes_cmd, catalog_cmd, spend_cmd]

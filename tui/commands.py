@@ -1,10 +1,27 @@
-"""The Ctrl+P palette's labdeck provider: tabs, actions, and the runs on screen."""
+"""The Ctrl+P palette's labdeck provider: tabs, actions, and the runs on screen.
+
+Run names, users and commands come from teammates' stores: every prompt and help text is
+handed to the palette as :class:`~textual.content.Content` (plain text), never as markup."""
 
 from __future__ import annotations
 
 from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.content import Content
+from textual.fuzzy import Matcher
+
+from backends.text import plain_line
+
+
+def highlighted(matcher: Matcher, name: str) -> Content:
+    """``name`` as plain text with the matched characters styled (``Matcher.highlight`` parses markup)."""
+    content = Content(name)
+    _, offsets = matcher.fuzzy_search.match(matcher.query, name)
+    for offset in offsets:
+        if not name[offset].isspace():
+            content = content.stylize(matcher.match_style, offset, offset + 1)
+    return content
 
 
 class LabdeckCommands(Provider):
@@ -21,17 +38,17 @@ class LabdeckCommands(Provider):
         ]
         jobs = app.jobs_tab
         for run in jobs.runs[:200]:
-            out.append((f"Logs of {run.display_name} ({run.state}, {run.user})", run.command[:80],
+            out.append((plain_line(f"Logs of {run.display_name} ({run.state}, {run.user})"), plain_line(run.command[:200])[:80],
                         partial(app.open_log, run)))
         return out
 
     async def discover(self) -> Hits:
         for name, help_text, callback in self._commands()[:8]:
-            yield DiscoveryHit(name, callback, help=help_text)
+            yield DiscoveryHit(Content(name), callback, help=Content(help_text))
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         for name, help_text, callback in self._commands():
             score = matcher.match(name)
             if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+                yield Hit(score, highlighted(matcher, name), callback, text=name, help=Content(help_text))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
+from rich.text import Text
+
 from backends.models import parse_time
+from backends.text import plain, plain_line
 
 STATE_STYLE = {
     "queued": "grey70", "syncing": "cyan", "running": "bold green", "succeeded": "green",
@@ -32,7 +36,13 @@ def since(iso: str | None, now: datetime) -> str:
 
 
 def money(per_hour: float) -> str:
-    return f"${per_hour:,.3f}" if per_hour else "–"
+    """$/h; a price that is not a number (a hand-edited or hostile record) shows as "?"."""
+    if not per_hour:
+        return "–"
+    try:
+        return f"${float(per_hour):,.3f}"
+    except (TypeError, ValueError, OverflowError):
+        return "?"
 
 
 def short_id(run_id: str) -> str:
@@ -43,5 +53,52 @@ def state_markup(state: str) -> str:
     """A state as rich markup, coloured when it has a colour (and never an empty tag)."""
     from rich.markup import escape
 
-    style = STATE_STYLE.get(state)
-    return f"[{style}]{escape(state)}[/]" if style else escape(state)
+    style = STATE_STYLE.get(state) if isinstance(state, str) else None
+    shown = escape(plain_line(state))  # a state is read from a record: text, never markup
+    return f"[{style}]{shown}[/]" if style else shown
+
+
+# ---- text from outside: never markup, never a terminal control (see backends.text) ----
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def cell(value, style: str = "") -> Text:
+    """One line of outside text (a name, a user, a last log line) for a table cell or a label: plain
+    ``Text``, so ``[/]`` or ``[@click=…]`` is shown, not parsed, and escapes are gone."""
+    return Text(plain_line(value), style=style, end="")
+
+
+def text(value, style: str = "") -> Text:
+    """Outside text of several lines (a command, a note, an error) as plain ``Text``."""
+    return Text(plain(value), style=style, end="")
+
+
+def safe(value, *, lines: bool = False) -> Text:
+    """What a widget gets shown: a ``str`` is outside text (never markup; one line unless ``lines``); a
+    ``Text`` built by labdeck keeps its styles, with any control character left in it replaced one for
+    one (spans stay put)."""
+    if not isinstance(value, Text):
+        return text(value) if lines else cell(value)
+    if _UNSAFE.search(value.plain) is None:
+        return value
+    t = value.copy()
+    t.plain = _UNSAFE.sub("\ufffd", value.plain)
+    return t
+
+
+def rerun_plan(run, me: str) -> list[tuple[str, str]]:
+    """What a rerun of ``run`` would do, as (label, plain text) lines: the TUI and the CLI show these
+    before rerunning someone else's run (their command, environment and code would run as ``me``).
+    Mirrors :meth:`backends.workstation.Workstation.rerun`."""
+    code = run.code if isinstance(run.code, dict) else {}
+    root = code.get("root")
+    where = f"{root}/{code.get('subdir', '')}".rstrip("/") if root else (run.workdir or "–")
+    source = (f"{where} on this machine ({'synced to the instance' if code else 'used in place'})"
+              + (f" at commit {str(code['commit'])[:12]}" if code.get("commit") else "")
+              + (" + uncommitted changes" if code.get("dirty") else ""))
+    lines = [("command", plain(run.command)), ("instance", plain_line(run.instance)),
+             ("code", plain_line(source)), ("owner", f"{plain_line(run.user)} (it runs as you, {plain_line(me)})")]
+    env = run.env if isinstance(run.env, dict) else {}
+    if env:
+        lines.append(("environment", plain_line(" ".join(f"{k}={v}" for k, v in sorted(env.items(), key=str)))))
+    return lines

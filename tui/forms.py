@@ -6,12 +6,15 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
+
+from .format import cell, text as outside_text
 
 
 @dataclass
@@ -83,7 +86,7 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
         with Vertical(id="launch-dialog"):
             yield Label("Run a command on an instance", id="launch-title")
             yield Label("Instance")
-            yield Select([(i, i) for i in self.instances], value=d["instance"], allow_blank=False, id="launch-instance")
+            yield Select([(cell(i), i) for i in self.instances], value=d["instance"], allow_blank=False, id="launch-instance")
             yield Label("Command")
             yield Input(d["command"], placeholder="python train.py --lr 3e-4", id="launch-command")
             yield Label("Working directory (its git repository, or the directory, is snapshotted and synced)")
@@ -110,7 +113,7 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
         self.query_one("#launch-command", Input).focus()
 
     def _error(self, text: str) -> None:
-        self.query_one("#launch-error", Static).update(text)
+        self.query_one("#launch-error", Static).update(outside_text(text))  # errors quote names and providers
 
     def action_submit(self) -> None:
         command = self.query_one("#launch-command", Input).value.strip()
@@ -191,12 +194,12 @@ class UpScreen(ModalScreen[UpRequest | None]):
         with Vertical(id="launch-dialog"):
             yield Label("Launch a cloud instance", id="launch-title")
             yield Label("Provider")
-            yield Select([(f"{n} ({q.type}, {q.region})", n) for n, q in self.providers.items()], value=first,
+            yield Select([(cell(f"{n} ({q.type}, {q.region})"), n) for n, q in self.providers.items()], value=first,
                          allow_blank=False, id="up-provider")
             yield Label("Name (lowercase letters, digits, '-')")
             yield Input(self._free_name(), id="up-name")
             yield Label("Size")
-            yield Select([(str(p.options["size"]), str(p.options["size"]))], value=str(p.options["size"]),
+            yield Select([(cell(p.options["size"]), str(p.options["size"]))], value=str(p.options["size"]),
                          allow_blank=False, id="up-size")
             yield Label("Image ('' = the provider's GPU-ready default)")
             yield Input("", placeholder=str(p.options["image"]), id="up-image")
@@ -206,7 +209,7 @@ class UpScreen(ModalScreen[UpRequest | None]):
                 yield Input(f"{float(p.options['autostop_minutes']):g}", id="up-autostop", classes="short")
                 yield Select([("stop", "stop"), ("terminate", "terminate")], value=str(p.options["autostop_action"]),
                              allow_blank=False, id="up-action")
-            yield Static(self.budget_line, id="up-budget")
+            yield Static(Text(self.budget_line), id="up-budget")
             yield Static("", id="launch-error", classes="errors")
             with Horizontal(id="launch-buttons"):
                 yield Button("Launch (ctrl+s)", variant="primary", id="up-start")
@@ -241,8 +244,8 @@ class UpScreen(ModalScreen[UpRequest | None]):
             return
         gpu = [s for s in sizes if s.gpus] or sizes
         gpu.sort(key=lambda s: (s.price_per_hour is None, s.price_per_hour or 0, s.id))
-        options = [(f"{s.id} · {s.gpu_summary} · {s.vcpus} vCPU · {s.ram_mib / 1024:.0f} GiB · "
-                    + (f"${s.price_per_hour:.3f}/h" if s.price_per_hour is not None else "price ?"), s.id)
+        options = [(cell(f"{s.id} · {s.gpu_summary} · {s.vcpus} vCPU · {s.ram_mib / 1024:.0f} GiB · "
+                    + (f"${s.price_per_hour:.3f}/h" if s.price_per_hour is not None else "price ?")), s.id)
                    for s in gpu[:200]]
         sel = self.query_one("#up-size", Select)
         default = str(p.options["size"])
@@ -251,7 +254,7 @@ class UpScreen(ModalScreen[UpRequest | None]):
             sel.value = default
 
     def _error(self, text: str) -> None:
-        self.query_one("#launch-error", Static).update(text)
+        self.query_one("#launch-error", Static).update(outside_text(text))  # errors quote names and providers
 
     def action_submit(self) -> None:
         from backends.providers.cloud import NAME_RE

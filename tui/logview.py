@@ -49,6 +49,8 @@ from textual.reactive import var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from backends.text import ESCAPE_STARTS, ESCAPES
+
 __all__ = ["LineIndex", "LogView", "display_text", "BLOCK", "CAP_CHARS", "TAIL_BYTES", "SCAN_CHUNK", "POLL_S"]
 
 BLOCK = 1 << 16  # index granularity in bytes (newline positions inside a block fit in uint16)
@@ -63,13 +65,7 @@ Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes
 
 
 # ---- text ------------------------------------------------------------------
-_ESCAPES = re.compile(
-    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI (colours, cursor moves)
-    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]{0,4096}(?:\x07|\x1b\\|\x9c)?"  # OSC (titles, hyperlinks)
-    r"|\x1b[PX^_][^\x1b]{0,4096}(?:\x1b\\)?"  # DCS, SOS, PM, APC
-    r"|\x1b[ -/]*[0-~]"  # other escape sequences
-    r"|\x1b"  # a lone ESC
-)
+_ESCAPES = ESCAPES  # one definition of what a terminal escape is: backends.text
 # control characters made visible: C0 as control pictures (tab is expanded first), DEL, C1 as U+FFFD
 _CONTROLS = {c: 0x2400 + c for c in range(0x20)} | {0x7F: 0x2421} | {c: 0xFFFD for c in range(0x80, 0xA0)}
 
@@ -82,7 +78,7 @@ def display_text(raw: bytes, full_length: int | None = None) -> tuple[str, bool]
     tabs, makes other control characters visible and caps the length.
     """
     text = raw.decode("utf-8", "replace")
-    if "\x1b" in text or "\x9b" in text or "\x9d" in text:
+    if ESCAPE_STARTS.search(text):
         text = _ESCAPES.sub("", text)
     if "\r" in text:
         parts = [p for p in text.split("\r") if p]

@@ -18,6 +18,9 @@ from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
 from backends.errors import LabdeckError
 
+from backends.text import plain, plain_line
+
+from .format import safe
 from .logview import LogView
 
 
@@ -37,9 +40,9 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-dialog"):
-            yield Label(self.question, id="confirm-question")
+            yield Label(safe(self.question, lines=True), id="confirm-question")
             if self.detail:
-                yield Static(self.detail, id="confirm-detail")
+                yield Static(safe(self.detail, lines=True), id="confirm-detail")
             with Horizontal(id="confirm-buttons"):
                 yield Button(f"{self.yes_label} (y)", variant="error", id="yes")
                 yield Button("No (n)", variant="primary", id="no")
@@ -67,7 +70,7 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-dialog"):
-            yield Label(self.title_text, id="help-title")
+            yield Label(safe(self.title_text), id="help-title")
             for heading, rows in self.sections:
                 table = DataTable(show_cursor=False, zebra_stripes=True)
                 table.add_columns("key", "does", Text("binding id (remap under [keys])"))
@@ -157,7 +160,7 @@ class LogScreen(ModalScreen[None]):
         self._search.display = False
         self._status = Static("", id="log-status")
         with Vertical(id="log-dialog"):
-            yield Label(self.title_text, id="log-title")
+            yield Label(safe(self.title_text), id="log-title")
             yield self._view
             yield self._search
             yield self._status
@@ -228,7 +231,11 @@ class LogScreen(ModalScreen[None]):
 
 
 def sync_table(table: DataTable, rows: list[tuple[str, Sequence]]) -> None:
-    """Make ``table`` show ``rows`` (key, cells), touching only what changed and keeping the cursor."""
+    """Make ``table`` show ``rows`` (key, cells), touching only what changed and keeping the cursor.
+
+    A ``str`` cell is shown as plain text, never as markup (names, commands and log lines come from
+    teammates' stores and hosts: ``[/]`` would crash the table, ``[@click=…]`` would run an action)."""
+    rows = [(key, tuple(safe(c) for c in cells)) for key, cells in rows]
     current = [k.value for k in table.rows]
     keys = [k for k, _ in rows]
     if current == keys:
@@ -274,7 +281,7 @@ class TextPrompt(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="prompt-dialog"):
-            yield Label(self.title_text, id="prompt-title")
+            yield Label(safe(self.title_text), id="prompt-title")
             yield Input(placeholder=self.placeholder, id="prompt-input")
 
     def on_mount(self) -> None:
@@ -301,7 +308,7 @@ class CompareScreen(ModalScreen[None]):
         from textual_plotext import PlotextPlot
 
         with Vertical(id="compare-dialog"):
-            yield Label(f"{self.a.display_name}  ⟷  {self.b.display_name}", id="compare-title")
+            yield Label(safe(f"{self.a.display_name}  ⟷  {self.b.display_name}"), id="compare-title")
             with Horizontal(id="compare-columns"):
                 yield VerticalScroll(Static(self._column(self.a, self.b), id="compare-a"))
                 yield VerticalScroll(Static(self._column(self.b, self.a), id="compare-b"))
@@ -313,18 +320,19 @@ class CompareScreen(ModalScreen[None]):
         from backends import lineage as lin
 
         t = Text()
-        t.append(f"{r.display_name} {r.id[-8:].lower()}\n", style="bold")
-        t.append(f"{r.user} · {r.state} · {r.instance} · ${r.cost():.2f}\n$ {r.command}\n\n", style="dim")
+        t.append(f"{plain_line(r.display_name)} {r.id[-8:].lower()}\n", style="bold")
+        t.append(f"{plain_line(r.user)} · {plain_line(r.state)} · {plain_line(r.instance)} · ${r.cost():.2f}\n"
+                 f"$ {plain(r.command)}\n\n", style="dim")
         t.append("params\n", style="bold")
         for k in sorted(set(r.params) | set(other.params)):
             v = r.params.get(k, "–")
             differs = r.params.get(k) != other.params.get(k)
-            t.append(f"  {k} = {v}\n", style="yellow" if differs else "")
+            t.append(f"  {plain_line(k)} = {plain_line(v)}\n", style="yellow" if differs else "")
         t.append("\nmetrics (last)\n", style="bold")
         for n in sorted(set(r.metrics_summary) | set(other.metrics_summary)):
             v = lin.metric_value(r, n)
             o = lin.metric_value(other, n)
-            t.append(f"  {n} = {v if v is not None else '–'}\n",
+            t.append(f"  {plain_line(n)} = {v if v is not None else '–'}\n",
                      style="" if v is None or o is None or v == o else "yellow")
         return t
 
@@ -332,10 +340,10 @@ class CompareScreen(ModalScreen[None]):
         from backends import lineage as lin
 
         text = lin.code_diff(self.a, self.b, self.app.workstation.store.read_blob)
-        t = Text("code " + (f"{self.a.display_name} → {self.b.display_name}\n" if text else ": no recorded difference\n"),
-                 style="bold")
+        t = Text("code " + (f"{plain_line(self.a.display_name)} → {plain_line(self.b.display_name)}\n" if text
+                            else ": no recorded difference\n"), style="bold")
         for line in text.splitlines()[:400]:
-            t.append(line[:200] + "\n", style="green" if line.startswith("+") else "red" if line.startswith("-") else "")
+            t.append(plain_line(line[:200]) + "\n", style="green" if line.startswith("+") else "red" if line.startswith("-") else "")
         return t
 
     def on_mount(self) -> None:
@@ -380,7 +388,7 @@ class TryModelScreen(ModalScreen[None]):
         from textual.widgets import TextArea
 
         with Vertical(id="try-dialog"):
-            yield Label(f"Try {self.model_name} · POST {self.url}/predict · ctrl+s sends, escape closes", id="try-title")
+            yield Label(safe(f"Try {self.model_name} · POST {self.url}/predict · ctrl+s sends, escape closes"), id="try-title")
             yield TextArea(self.body, language=None, id="try-body")
             yield Static("", id="try-answer")
 
@@ -396,19 +404,19 @@ class TryModelScreen(ModalScreen[None]):
         try:
             body = json.loads(self.query_one("#try-body", TextArea).text)
         except ValueError as e:
-            answer.update(Text(f"The body is not JSON: {e}", style="bold red"))
+            answer.update(Text(plain(f"The body is not JSON: {e}"), style="bold red"))
             return
         try:
             status, reply, dt = await asyncio.to_thread(serving.predict, self.url, self.key, body)
         except OSError as e:
-            answer.update(Text(f"No answer from {self.url}: {e}", style="bold red"))
+            answer.update(Text(plain(f"No answer from {self.url}: {e}"), style="bold red"))
             return
         self.latencies.append(dt * 1000)
         self.app.record_model_latency(self.deployment_id, dt * 1000)
         t = Text()
         t.append(f"{status} ", style="bold green" if status == 200 else "bold red")
         t.append(f"in {dt * 1000:.1f} ms\n")
-        t.append(json.dumps(reply, indent=2)[:4000] if not isinstance(reply, str) else reply[:4000])
+        t.append(plain(json.dumps(reply, indent=2)[:4000] if not isinstance(reply, str) else reply[:4000]))
         answer.update(t)
 
 
@@ -423,5 +431,5 @@ class InfoScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="info-dialog"):
-            yield Label(self.title_text, id="info-title")
-            yield Static(Text(self.text), id="info-text")
+            yield Label(safe(self.title_text), id="info-title")
+            yield Static(safe(self.text, lines=True), id="info-text")

@@ -11,7 +11,7 @@ from backends import clock
 from backends.models import Instance, Run
 from backends.workstation import InstanceListing
 
-from ..format import STATE_STYLE, money, since
+from ..format import STATE_STYLE, cell, money, safe, since, text as outside_text
 from ..widgets import matches, sync_table
 from . import TabView
 
@@ -22,6 +22,7 @@ def short_autostop(text: str) -> Text:
     """The autostop countdown, short enough for its column: "in 12m", "busy", "off", "stopping…"."""
     if not text:
         return Text("–")
+    text = cell(text).plain  # written by the instance's autostop daemon: text only
     for verb in ("stops in ", "terminates in "):
         if text.startswith(verb):
             return Text(("✕ " if verb.startswith("term") else "") + "in " + text[len(verb):], style="yellow")
@@ -96,7 +97,7 @@ class InstancesTab(TabView):
     def show_progress(self, text: str) -> None:
         if self.is_mounted:
             w = self.query_one("#instances-progress", Static)
-            w.update(text)
+            w.update(safe(text))  # names and stages a provider reported
             w.display = bool(text)
 
     def compose(self) -> ComposeResult:
@@ -121,13 +122,13 @@ class InstancesTab(TabView):
     def row(self, inst: Instance) -> tuple:
         now = clock.now()
         return (
-            Text(inst.name, style="bold"), inst.provider, Text(inst.state, style=STATE_STYLE.get(inst.state, "")),
+            cell(inst.name, style="bold"), cell(inst.provider), cell(inst.state, style=STATE_STYLE.get(inst.state, "")),
             f"{inst.latency_ms:.0f} ms" if inst.latency_ms is not None else "–",
             (inst.size + (" spot" if inst.spot else "")) if inst.size else (inst.size_summary if inst.vcpus else "–"),
             inst.gpu_summary, money(inst.price_per_hour),
             f"${inst.cost:.2f}" if inst.cost is not None else "–", short_autostop(inst.autostop),
-            Text(inst.created_by or "–", style="" if inst.managed or inst.provider_type in ("local", "ssh") else "dim"),
-            since(inst.started_at, now) if inst.state == "running" else "–", inst.host,
+            cell(inst.created_by or "–", style="" if inst.managed or inst.provider_type in ("local", "ssh") else "dim"),
+            since(inst.started_at, now) if inst.state == "running" else "–", cell(inst.host),
         )
 
     def rerender(self) -> None:
@@ -139,10 +140,10 @@ class InstancesTab(TabView):
         problems = list(self.listing.errors.values()) + list(getattr(self.listing, "events", [])) + [
             f"{i.name}: {i.note.splitlines()[0]}" for i in self.listing.instances if i.state == "unreachable" and i.note]
         burn = self.query_one("#instances-burn", Static)
-        burn.update(self.burn_text)
+        burn.update(Text(self.burn_text))
         burn.display = bool(self.burn_text)
         errors = self.query_one("#instances-errors", Static)
-        errors.update("\n".join(f"⚠ {e}" for e in problems))
+        errors.update(outside_text("\n".join(f"⚠ {e}" for e in problems)))  # hosts' and providers' words
         errors.display = bool(problems)
         self.query_one("#welcome", Static).update(self.welcome_text())
 

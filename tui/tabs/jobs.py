@@ -10,7 +10,9 @@ from textual.widgets import DataTable, Static
 from backends import clock
 from backends.models import Run
 
-from ..format import STATE_STYLE, duration, short_id
+from backends.text import plain_line
+
+from ..format import STATE_STYLE, cell, duration, short_id
 from ..widgets import matches, sync_table
 from . import TabView
 
@@ -48,13 +50,14 @@ class JobsTab(TabView):
         self.rerender()
 
     def cells(self, r: Run) -> tuple:
-        last = r.last_line if len(r.last_line) <= 80 else r.last_line[:79] + "…"
-        state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        last = plain_line(r.last_line[:400])  # a log line, a teammate's name: text, never markup or escapes
+        last = last if len(last) <= 80 else last[:79] + "…"
+        state = cell(r.state, style=STATE_STYLE.get(r.state, ""))
         idle = getattr(self.app, "idle", {}).get(r.id)
         if idle is not None:
             state.append(f" ⚠ GPU {idle:.0f}%", style="bold yellow")
-        return (short_id(r.id), r.display_name, state, r.instance,
-                r.user, duration(r.duration_seconds(clock.now())), last)
+        return (short_id(r.id), cell(r.display_name), state, cell(r.instance),
+                cell(r.user), duration(r.duration_seconds(clock.now())), cell(last))
 
     def rerender(self) -> None:
         if not self.is_mounted:
@@ -78,7 +81,8 @@ class JobsTab(TabView):
             if total > len(rows):
                 status.append(f" · showing the newest {len(rows):,}: / to narrow")
         for user, err in self.errors.items():
-            status.append(f"\n⚠ {user}'s store is unreadable: {err.splitlines()[0]}", style="bold red")
+            status.append(f"\n⚠ {plain_line(user)}'s store is unreadable: {plain_line((err.splitlines() or [''])[0])}",
+                          style="bold red")
         self.query_one("#jobs-status", Static).update(status)
 
     def selected(self) -> Run | None:

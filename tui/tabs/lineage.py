@@ -24,6 +24,7 @@ from backends import clock
 from backends import lineage as lin
 from backends.metrics import lower_is_better
 from backends.models import Run
+from backends.text import plain, plain_line as pl
 
 from ..format import STATE_STYLE, duration, short_id
 from . import TabView
@@ -33,9 +34,10 @@ DIFF_LINES = 60
 
 
 def _fmt(v) -> str:
+    """A param or metric value as one line of plain text (it was written by whoever ran the run)."""
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return pl(v)
 
 
 class LineageTab(TabView):
@@ -123,12 +125,12 @@ class LineageTab(TabView):
     def label(self, r: Run) -> Text:
         t = Text()
         t.append("◆ " if r.id in self.marked else "", style="bold magenta")
-        t.append(r.display_name, style="bold")
-        t.append(f" {short_id(r.id)} · {r.user} · " if r.name else f" · {r.user} · ")
-        t.append(r.state, style=STATE_STYLE.get(r.state, ""))
+        t.append(pl(r.display_name), style="bold")
+        t.append(f" {short_id(r.id)} · {pl(r.user)} · " if r.name else f" · {pl(r.user)} · ")
+        t.append(pl(r.state), style=STATE_STYLE.get(r.state, ""))
         v = lin.metric_value(r, self.key)
         if v is not None:
-            t.append(f" · {self.key} {_fmt(v)}")
+            t.append(f" · {pl(self.key)} {_fmt(v)}")
             parent = self.runs.get(r.parent) if r.parent else None
             pv = lin.metric_value(parent, self.key) if parent else None
             if pv is not None:
@@ -139,7 +141,7 @@ class LineageTab(TabView):
             t.append(" ⚡ served", style="bold yellow")
         tags = self.view.tags(r.id) if self.view else []
         if tags:
-            t.append(" " + " ".join(f"#{x}" for x in tags), style="cyan")
+            t.append(" " + " ".join(f"#{pl(x)}" for x in tags), style="cyan")
         n = len(self.derived.get(r.id, []))
         if n:
             t.append(f" · {n} derived", style="dim")
@@ -208,28 +210,28 @@ class LineageTab(TabView):
         parent = self.runs.get(r.parent) if r.parent else None
         now = clock.now()
         t = Text()
-        t.append(f"{r.display_name}", style="bold")
-        t.append(f"  {short_id(r.id)} · {r.user} · ")
-        t.append(r.state, style=STATE_STYLE.get(r.state, ""))
-        t.append(f"\n{r.instance}" + (f" ({r.instance_info.get('gpus') or 'no GPU'})" if r.instance_info else "")
+        t.append(pl(r.display_name), style="bold")
+        t.append(f"  {short_id(r.id)} · {pl(r.user)} · ")
+        t.append(pl(r.state), style=STATE_STYLE.get(r.state, ""))
+        t.append(f"\n{pl(r.instance)}" + (f" ({pl(r.instance_info.get('gpus') or 'no GPU')})" if r.instance_info else "")
                  + f" · {duration(r.duration_seconds(now))} · ${r.cost(now):.2f}\n", style="dim")
-        t.append(f"$ {r.command}\n")
+        t.append(f"$ {plain(r.command)}\n")
         t.append("parent: ", style="dim")
-        t.append(f"{parent.display_name} {short_id(parent.id)}\n" if parent else "– (a baseline)\n")
+        t.append(f"{pl(parent.display_name)} {short_id(parent.id)}\n" if parent else "– (a baseline)\n")
         if r.code.get("commit"):
-            t.append(f"code: {r.code['commit'][:10]}" + (" + uncommitted changes" if r.code.get("dirty") else "") + "\n", style="dim")
+            t.append(f"code: {pl(r.code['commit'])[:10]}" + (" + uncommitted changes" if r.code.get("dirty") else "") + "\n", style="dim")
         changes = lin.params_diff(parent.params if parent else {}, r.params)
         if changes:
             t.append("\nparams" + (" vs parent" if parent else "") + "\n", style="bold")
             for k, old, new in changes[:40]:
                 if parent is None:
-                    t.append(f"  {k} = {_fmt(new)}\n")
+                    t.append(f"  {pl(k)} = {_fmt(new)}\n")
                 elif old is None:
-                    t.append(f"  + {k} = {_fmt(new)}\n", style="green")
+                    t.append(f"  + {pl(k)} = {_fmt(new)}\n", style="green")
                 elif new is None:
-                    t.append(f"  - {k} (was {_fmt(old)})\n", style="red")
+                    t.append(f"  - {pl(k)} (was {_fmt(old)})\n", style="red")
                 else:
-                    t.append(f"  {k}: {_fmt(old)} → {_fmt(new)}\n", style="yellow")
+                    t.append(f"  {pl(k)}: {_fmt(old)} → {_fmt(new)}\n", style="yellow")
         elif parent:
             t.append("\nparams: same as the parent\n", style="dim")
         if r.metrics_summary:
@@ -239,16 +241,16 @@ class LineageTab(TabView):
                 m = r.metrics_summary[n]
                 pv = lin.metric_value(parent, n) if parent else None
                 delta = f"  (parent {_fmt(pv)})" if pv is not None else ""
-                t.append(f"  {n}: {_fmt(m.get('last'))} / {_fmt(m.get('best'))}{delta}\n")
+                t.append(f"  {pl(n)}: {_fmt(m.get('last'))} / {_fmt(m.get('best'))}{delta}\n")
         if r.hardware.get("gpu_util_mean") is not None:
-            t.append(f"\nGPU utilization (mean): {r.hardware['gpu_util_mean']}%\n")
+            t.append(f"\nGPU utilization (mean): {_fmt(r.hardware['gpu_util_mean'])}%\n")
         if self.view:
             tags = self.view.tags(r.id)
             if tags:
-                t.append("\ntags: " + " ".join(f"#{x}" for x in tags) + "\n", style="cyan")
+                t.append("\ntags: " + " ".join(f"#{pl(x)}" for x in tags) + "\n", style="cyan")
             for n in self.view.notes(r.id):
-                t.append(f"\n{n.created_at[:16]} {n.user}: ", style="dim")
-                t.append(n.text)
+                t.append(f"\n{pl(n.created_at)[:16]} {pl(n.user)}: ", style="dim")
+                t.append(plain(n.text))
             pair = (parent.id if parent else None, r.id)  # a run's code never changes: each pair is diffed once
             if pair not in self._diffs:  # (a `git diff` and blob reads: not again on every cursor move)
                 self._diffs[pair] = lin.code_diff(parent, r, self.app.workstation.store.read_blob)
@@ -258,7 +260,7 @@ class LineageTab(TabView):
                 t.append("\n\ncode vs parent\n" if parent else "\n\ncode (uncommitted changes)\n", style="bold")
                 for line in lines[:DIFF_LINES]:
                     style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim" if line.startswith("#") else ""
-                    t.append(line[:200] + "\n", style=style)
+                    t.append(pl(line[:200]) + "\n", style=style)
                 if len(lines) > DIFF_LINES:
                     t.append(f"… {len(lines) - DIFF_LINES} more lines: labdeck diff {short_id(parent.id) if parent else ''} {short_id(r.id)}\n",
                              style="dim")
@@ -274,14 +276,14 @@ class LineageTab(TabView):
             rm.update()
             s = rm.series.get(self.key) if self.key else None
             if s is not None and len(s):
-                lines.append((run.display_name, s, color))
+                lines.append((pl(run.display_name), s, color))
         chart.display = bool(lines)
         if not lines:
             return
         plt = chart.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title(f"{self.key} by step")
+        plt.title(f"{pl(self.key)} by step")
         width = max(20, chart.size.width - 10)
         for label, s, color in lines:
             xs, lo, hi = s.view(width)
@@ -328,7 +330,7 @@ class LineageTab(TabView):
             msg.append(f"  showing the newest {MAX_ROOTS:,} of {total:,}: / to narrow")
         if self.view and self.view.errors:
             for user, err in self.view.errors.items():
-                msg.append(f"\n⚠ {user}'s store is unreadable: {err.splitlines()[0]}", style="bold red")
+                msg.append(f"\n⚠ {pl(user)}'s store is unreadable: {pl((err.splitlines() or [''])[0])}", style="bold red")
         if self.marked:
             msg.append(f"\n{len(self.marked)} marked" + (": c compares them" if len(self.marked) == 2 else ": mark one more"))
         status.update(Text("\n").join(line for line in msg.split("\n") if line.plain) if msg.plain else msg)

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 from backends import clock
 from backends.models import Deployment
 
-from ..format import STATE_STYLE, short_id, since
+from ..format import STATE_STYLE, cell, short_id, since
 from ..widgets import matches, sync_table
 from . import TabView
 
@@ -56,16 +56,16 @@ class ModelsTab(TabView):
         rows = []
         for d in self.deployments:
             reqs, p50 = self.stats.get(d.id, (None, None))
-            cells = (d.name, short_id(d.run_id), Text(d.state, style=STATE_STYLE.get(d.state, "")), d.instance, d.user,
-                     urls.get(d.id, "–"), "–" if reqs is None else str(reqs), "–" if p50 is None else f"{p50:.0f} ms",
+            cells = (cell(d.name), cell(short_id(str(d.run_id))), cell(d.state, style=STATE_STYLE.get(d.state, "")),
+                     cell(d.instance), cell(d.user), cell(urls.get(d.id, "–")), "–" if reqs is None else str(reqs), "–" if p50 is None else f"{p50:.0f} ms",
                      since(d.started_at, now) if d.state in ("starting", "healthy") else "–")
             if matches(self.filter_text, cells):
                 rows.append((d.id, cells))
         sync_table(self.query_one(DataTable), rows)
-        self.query_one("#models-status", Static).update(
+        self.query_one("#models-status", Static).update(Text(
             f"{len(rows)} deployments · t try it · l log · x stop · r redeploy" if self.deployments else
             "No models are served yet. Select a finished run in Jobs or Lineage and press S to serve its model "
-            "(or: labdeck serve RUN).")
+            "(or: labdeck serve RUN)."))
 
     def selected(self) -> Deployment | None:
         table = self.query_one(DataTable)

@@ -22,6 +22,8 @@ from textual_plotext import PlotextPlot
 
 from backends.models import Run
 
+from backends.text import plain_line as pl
+
 from ..format import STATE_STYLE
 from ..widgets import matches
 from . import TabView
@@ -121,9 +123,9 @@ class MonitorTab(TabView):
             t.append("● ", style=RICH.get(color, color))
         else:
             t.append("○ ", style="dim")
-        t.append(r.display_name[:22], style="bold")
-        t.append(f" {r.state}", style=STATE_STYLE.get(r.state, ""))
-        t.append(f" · {r.instance}", style="dim")
+        t.append(pl(r.display_name)[:22], style="bold")
+        t.append(f" {pl(r.state)}", style=STATE_STYLE.get(r.state, ""))
+        t.append(f" · {pl(r.instance)}", style="dim")
         if r.id in self.idle:
             t.append(f" ⚠ GPU {self.idle[r.id]:.0f}%", style="bold yellow")
         return t
@@ -182,13 +184,13 @@ class MonitorTab(TabView):
         inst = mon.instances.get(self.instance)
         last = inst.last if inst else {}
         summary = Text()
-        summary.append(self.instance, style="bold")
+        summary.append(pl(self.instance), style="bold")
         if last:
             summary.append(f" · CPU {last.get('cpu', 0):.0f}% of {last.get('ncpu', '?')} · memory "
-                           f"{last.get('mem_used', 0) / 1024:.1f}/{last.get('mem_total', 0) / 1024:.1f} GiB · load {last.get('load1', 0)}")
+                           f"{last.get('mem_used', 0) / 1024:.1f}/{last.get('mem_total', 0) / 1024:.1f} GiB · load {pl(last.get('load1', 0))}")
             gpus = last.get("gpus") or []
             for g in gpus:
-                summary.append(f" · GPU{g['index']} {g.get('util', 0):.0f}% {g.get('mem_used', 0):.0f}/{g.get('mem_total', 0):.0f} MiB"
+                summary.append(f" · GPU{pl(g['index'])} {g.get('util', 0):.0f}% {g.get('mem_used', 0):.0f}/{g.get('mem_total', 0):.0f} MiB"
                                f" {g.get('temp', 0):.0f}°C {g.get('power', 0):.0f} W")
             if not gpus:
                 summary.append(" · no NVIDIA GPU: host metrics only", style="dim")
@@ -199,11 +201,11 @@ class MonitorTab(TabView):
         cpu_chart = self.query_one("#cpu-chart", PlotextPlot)
         width = max(20, cpu_chart.size.width - 10)
         if inst:
-            self._draw(cpu_chart, f"{self.instance}: CPU / memory %",
+            self._draw(cpu_chart, f"{pl(self.instance)}: CPU / memory %",
                        [("cpu", inst.cpu, "cyan"), ("mem", inst.mem, "orange")], width, ylim=(0, 100))
             gpu_lines = [(f"gpu{i}", s, COLORS[k % len(COLORS)]) for k, (i, s) in enumerate(sorted(inst.gpu_util.items()))]
-            self._draw(self.query_one("#gpu-chart", PlotextPlot), f"{self.instance}: GPU utilization %" if gpu_lines
-                       else f"{self.instance}: no GPUs", gpu_lines, width, ylim=(0, 100))
+            self._draw(self.query_one("#gpu-chart", PlotextPlot), f"{pl(self.instance)}: GPU utilization %" if gpu_lines
+                       else f"{pl(self.instance)}: no GPUs", gpu_lines, width, ylim=(0, 100))
         metric_lines = []
         names = self.metric_names()
         if names and self.metric not in names:
@@ -213,17 +215,17 @@ class MonitorTab(TabView):
                 rm = mon.runs.get(run_id)
                 s = rm.series.get(self.metric) if rm else None
                 if s is not None and len(s):
-                    name = rm.run.display_name
+                    name = pl(rm.run.display_name)
                     metric_lines.append((name, s, COLORS[k % len(COLORS)]))
         mchart = self.query_one("#metric-chart", PlotextPlot)
-        title = (f"{self.metric} by step" if self.metric else "no metrics yet: log them with labdeck.log() or print key=value")
+        title = (f"{pl(self.metric)} by step" if self.metric else "no metrics yet: log them with labdeck.log() or print key=value")
         title += (" · log" if self.log_y else "") + (f" · smoothing {self.smoothing:g}" if self.smoothing else "")
         self._draw(mchart, title, metric_lines, max(20, mchart.size.width - 12), log_y=self.log_y, smoothing=self.smoothing)
-        status = Text(f"{len(self.selected)} run(s) overlaid · metrics: {', '.join(names[:8]) or '–'}"
+        status = Text(f"{len(self.selected)} run(s) overlaid · metrics: {', '.join(pl(n) for n in names[:8]) or '–'}"
                       + (" …" if len(names) > 8 else ""))
         warn = sum((mon.runs[r].warnings for r in self.selected if r in mon.runs), start=Counter())
         if warn:
-            status.append(" · skipped: " + ", ".join(f"{n} {k}" for k, n in warn.most_common(3)), style="yellow")
+            status.append(" · skipped: " + ", ".join(f"{n} {pl(k)}" for k, n in warn.most_common(3)), style="yellow")
         self.query_one("#monitor-status", Static).update(status)
 
     def _draw(self, widget: PlotextPlot, title: str, lines, width: int, *, ylim=None, log_y=False, smoothing=0.0) -> None:
