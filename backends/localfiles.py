@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from pathlib import Path
 
 from .errors import LabdeckError, TransportError
-from .ids import is_id
-
-# A POSIX-portable login name (useradd's default NAME_REGEX, plus dots and capitals some sites use).
-# TODO(merge): backends/ids.py is getting a strict user-name grammar; use that one and drop this.
-_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
+from .ids import describe, is_id, is_user_name
 
 MAX_READ = 64 << 20  # the most one read_file call returns, whatever the caller asks
 
@@ -33,11 +28,6 @@ class UnsafePath(LabdeckError):
 
 class RefusedFile(TransportError):
     """A run file that is a symlink, not a regular file, or named with ``..``: refused, not read."""
-
-
-def valid_user_name(name: object) -> bool:
-    """A user name that is safe as one path component: a login name, not ``..``, ``/x`` or empty."""
-    return isinstance(name, str) and bool(_USER.match(name)) and name not in (".", "..")
 
 
 def confined(root: Path, *parts: str) -> Path:
@@ -57,10 +47,10 @@ def confined(root: Path, *parts: str) -> Path:
 
 def run_cache_path(root: Path, user: str, run_id: str, suffix: str) -> Path:
     """``<root>/<user>/<run id><suffix>``, from a validated user name and id only."""
-    if not valid_user_name(user):
-        raise UnsafePath(f"Refusing a run whose user is {user!r}: not a user name.")
+    if not is_user_name(user):
+        raise UnsafePath(f"Refusing a run whose user is {describe(user)}: not a user name.")
     if not isinstance(run_id, str) or not is_id(run_id):
-        raise UnsafePath(f"Refusing a run whose id is {run_id!r}: not a labdeck id.")
+        raise UnsafePath(f"Refusing a run whose id is {describe(run_id)}: not a labdeck id.")
     return confined(root, user, run_id.upper() + suffix)
 
 

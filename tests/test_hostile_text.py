@@ -10,7 +10,6 @@ unless ``--raw`` asks for it.
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import re

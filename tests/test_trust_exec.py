@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
-import pwd
 import secrets as pysecrets
 import shutil
 import stat

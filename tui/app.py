@@ -298,8 +298,10 @@ class LabdeckApp(App[None]):
     @work(group="serve", exit_on_error=False)
     async def _open_model_log(self, d: Deployment) -> None:
         from backends.follow import mirror
+        from backends.localfiles import run_cache_path
 
-        local = self.workstation.config.paths.cache_dir / "serve-logs" / f"{d.id}.log"
+        # the deployment record may be a teammate's: its user and id are checked and the path confined
+        local = run_cache_path(self.workstation.config.paths.cache_dir / "serve-logs", d.user, d.id, ".log")
         t = await self.workstation.transport(d.instance)
         await mirror(t, d.log_path, local)
         self.push_screen(LogScreen(d.id, f"model server {d.name} · {d.instance}:{d.port}", path=local))

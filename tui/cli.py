@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 from rich.table import Table
-from rich.markup import escape
 from rich.text import Text
 
 from backends import clock, clouds

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import re
 import threading
 import time
 from array import array
