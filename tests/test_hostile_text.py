@@ -100,7 +100,8 @@ def plant(team_dir: Path, tmp: Path, *, me: str) -> dict[str, Run]:
                 metrics_summary={evil("metric"): {"last": evil("m"), "best": 1.0, "min": 0.0, "max": 2.0, "count": 3},
                                  "loss": {"last": 0.5, "best": 0.5, "min": 0.5, "max": 0.5, "count": 1}},
                 hardware={evil("hw"): evil("hwv")}, environment={"python": evil("py"), "packages": [evil("pkg")]},
-                artifacts=[evil("artifact")], code={"root": str(code), "commit": evil("commit")},
+                artifacts=[evil("artifact")],
+                code={"root": str(code), "commit": "0" * 40},  # (a commit is checked: not hex, the record is skipped)
                 instance_info={"gpus": evil("gpus"), "host": evil("ihost")},
                 created_at="2026-11-26T10:00:00Z", started_at="2026-11-26T10:00:00Z", ended_at="2026-11-26T10:05:00Z",
                 **kw)
