@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def teammate_run(ws: Workstation, tmp: Path, *, user: str = "mallory", rec_user: str | None = None,
                  run_id: str | None = None, **fields) -> tuple[Run, Path]:
-    """A run record in a teammate's store (written with the store's own API) and its run directory."""
+    """A run record put into a teammate's store as it stands (owner field and all) and its run directory."""
     run_dir = tmp / "mallory-runs" / (run_id if run_id and "/" not in run_id else new_id())
     run_dir.mkdir(parents=True)
     run = Run(command="python train.py", instance="local", user=rec_user or user, run_dir=str(run_dir),
@@ -47,7 +47,7 @@ def teammate_run(ws: Workstation, tmp: Path, *, user: str = "mallory", rec_user:
     if run_id:
         run.id = run_id
     theirs = Store(ws.store.team_dir, user)
-    theirs.add(run)
+    theirs.mine.put(Run.TABLE, run.id, run.to_dict())  # as written by hand (Store.add would set the owner)
     theirs.close()
     return run, run_dir
 
