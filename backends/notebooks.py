@@ -68,11 +68,11 @@ async def _jupyter(transport: Transport, python: str, venv: str, say, env=None) 
     return f"{venv}/bin/python", "jupyter_server"
 
 
-async def start(ws, *, instance: str | None = None, run_ref: str | None = None, workdir: str | None = None,
+async def start(ws, *, instance: str | None = None, run_ref: str | Run | None = None, workdir: str | None = None,
                 port: int = 8888, idle_minutes: float = 120.0, local_port: int = 0,
                 env: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Opened:
     say = progress or (lambda _m: None)
-    run = ws.store.find_run(run_ref) if run_ref else None
+    run = run_ref if isinstance(run_ref, Run) or run_ref is None else ws.store.find_run(run_ref)
     target = instance or (run.instance if run else "local")
     if run is not None and run.instance != target:
         raise LabdeckError(f"{run.display_name}'s code is on {run.instance}, not {target}.")
@@ -84,13 +84,22 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
         # someone else's run: a copy of its code in a directory of yours, your interpreter, none of
         # their environment (the record's executable and env are theirs to write)
         say(f"{run.display_name} is {run.user}'s run: opening a copy of its code, with your Python")
-        root = await copy_code(transport, run, f"{base}/notebooks/{nb.id}")
+        mine = f"{base}/notebooks/{nb.id}"
+        root = await copy_code(transport, run, mine)
         python = own_python(target)
-        env = dict(env or {})
+        # Jupyter starts in an empty directory of yours, not in their code: `python -m` puts the
+        # working directory first on sys.path, so a `jupyter_server/` or `asyncio.py` in their code
+        # would run as you before any notebook opens. PYTHONSAFEPATH (3.11+) keeps it off as well.
+        cwd = f"{mine}/start"
+        made = await transport.run(f"umask 077 && mkdir -p {shlex.quote(cwd)}", timeout=60)
+        if not made.ok:
+            raise LabdeckError(f"Could not make {cwd} on {target}: {made.text().strip()[:200]}")
+        env = {**(env or {}), "PYTHONSAFEPATH": "1"}
     else:
         root = (run.workdir if run is not None else workdir) or await transport.home_dir()
         python = ((run.environment or {}).get("executable") if run is not None else None) or own_python(target)
         env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
+        cwd = root
     py, module = await _jupyter(transport, python, f"{base}/venv", say, env or None)
     jport = await free_port(transport, py, port)
     token = secrets.token_hex(24)
@@ -104,7 +113,7 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
                f"--ServerApp.shutdown_no_activity_timeout={idle} --MappingKernelManager.cull_idle_timeout={idle} "
                f"--MappingKernelManager.cull_interval=60")
     say(f"starting {module} on {target}:{jport}")
-    job = await ws.launch(command, instance=target, workdir=root, sync_code=False, run_kind="notebook", env=env,
+    job = await ws.launch(command, instance=target, workdir=cwd, sync_code=False, run_kind="notebook", env=env,
                           name=f"notebook {run.display_name if run else os.path.basename(root.rstrip('/')) or '~'}",
                           parent=run.id if run else None, params={"jupyter": module, "root_dir": root})
     nb.job_id = job.id

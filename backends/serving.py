@@ -60,11 +60,11 @@ def pick_model(run: Run, model: str | None, api: str | None) -> tuple[str | None
     return candidates[0], None
 
 
-async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8000, name: str | None = None,
+async def deploy(ws, run_ref: str | Run, *, instance: str | None = None, port: int = 8000, name: str | None = None,
                  model: str | None = None, api: str | None = None, local_port: int = 0,
                  progress: Callable[[str], None] | None = None) -> Served:
     say = progress or (lambda _m: None)
-    run = ws.store.find_run(run_ref)
+    run = run_ref if isinstance(run_ref, Run) else ws.store.find_run(run_ref)  # a Run: the record the user saw
     target = instance or run.instance
     if target != run.instance:
         raise LabdeckError(f"{run.display_name}'s files are on {run.instance}, not {target}.",

@@ -19,8 +19,10 @@ from . import code, jobs, lineage
 from .config import Config, load_config
 from .errors import LabdeckError, NotFoundError
 from .follow import LogFollower
+from .ids import new_id
 from .monitor import UPDATE_SLICE, Monitor
 from .models import Edge, Instance, Run, RunState
+from .ownership import copy_code, is_own_run
 from .paths import Paths
 from .providers import Provider, Transport, build_providers
 from .store import Store
@@ -206,15 +208,26 @@ class Workstation:
                                  max_concurrent=max_concurrent, progress=progress, kind=kind, instance_info=info,
                                  run_kind=run_kind, params=params, secrets=secrets)
 
-    async def rerun(self, ref: str) -> Run:
-        """Run a run's command again, from its recorded code, as a child of it in lineage."""
-        old = self.store.find_run(ref)
+    async def rerun(self, ref: str | Run) -> Run:
+        """Run a run's command again, from its recorded code, as a child of it in lineage.
+
+        ``ref`` may be the Run a person was shown and said yes to: that record is what runs, not one
+        read again afterwards (its owner could have changed it meanwhile). Someone else's run is
+        rerun from a copy of its recorded code on its instance, in a directory of yours: no git
+        command runs in their tree (its config can name programs: filters, fsmonitor)."""
+        old = ref if isinstance(ref, Run) else self.store.find_run(ref)
+        name = old.name if old.name.endswith("(rerun)") else f"{old.name or old.id[-8:].lower()} (rerun)"
+        transport = await self.transport(old.instance)
+        if not is_own_run(self, old, await transport.runs_root()):
+            dest = f"{(await transport.runs_root()).rstrip('/')}/rerun-{new_id()}"
+            workdir = await copy_code(transport, old, dest)
+            return await self.launch(old.command, instance=old.instance, workdir=workdir, env=old.env, name=name,
+                                     parent=old.id, sync_code=False, kind="rerun")
         root = old.code.get("root")
         workdir = str(Path(root) / old.code.get("subdir", "")) if root else old.workdir
         if not Path(workdir).is_dir():
             raise LabdeckError(f"The code directory {workdir} of {old.display_name} is not on this machine.",
                                "Rerun it from the machine it was launched from.")
-        name = old.name if old.name.endswith("(rerun)") else f"{old.name or old.id[-8:].lower()} (rerun)"
         return await self.launch(old.command, instance=old.instance, workdir=workdir, env=old.env, name=name,
                                  parent=old.id, sync_code=bool(old.code), kind="rerun")
 

@@ -90,6 +90,8 @@ def plant(team_dir: Path, tmp: Path, *, me: str) -> dict[str, Run]:
     run_dir = tmp / "mallory-run"
     run_dir.mkdir(exist_ok=True)
     (run_dir / "output.log").write_bytes(LOG)
+    (run_dir / "code").mkdir(exist_ok=True)  # the run's recorded code copy: what a rerun of it copies
+    (run_dir / "code" / "train.py").write_text("print('hi')\n")
     runs: dict[str, Run] = {}
 
     def run(n: int, name: str, state: str = "succeeded", **kw) -> Run:
@@ -268,7 +270,7 @@ async def test_rerun_of_a_teammates_run_shows_it_and_asks(team) -> None:
         await settle(pilot)
         assert isinstance(app.screen, ConfirmScreen)
         shown = str(app.screen.query_one("#confirm-detail").render())
-        assert plain(target.command) in shown and "instance: local" in shown and str(target.workdir) in shown
+        assert plain(target.command) in shown and "instance: local" in shown and f"{target.run_dir}/code" in shown
         assert "mallory" in str(app.screen.query_one("#confirm-question").render())
         await pilot.press("n")
         await settle(pilot)
@@ -279,6 +281,9 @@ async def test_rerun_of_a_teammates_run_shows_it_and_asks(team) -> None:
         await settle(pilot)
         new = [r for r in ws.store.runs(team=False)[0] if r.parent == target.id]
         assert len(new) == 1 and new[0].command == target.command
+        # it ran in a copy of their recorded code, in a directory of ours, not in their tree
+        assert new[0].workdir.endswith("/code") and not new[0].workdir.startswith(str(target.workdir))
+        assert (Path(new[0].workdir) / "train.py").read_text() == "print('hi')\n"
 
 
 async def test_rerun_of_your_own_run_does_not_ask(team) -> None:

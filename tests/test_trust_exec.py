@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from backends import jobs
+from backends.config import load_config
+from backends.paths import Paths
 from backends.errors import LabdeckError
 from backends.ids import new_id
 from backends.models import Run
@@ -187,6 +189,13 @@ async def test_notebook_on_a_teammates_run_runs_nothing_of_theirs(workstation: W
     run, run_dir = teammate_run(workstation, tmp_path, code={"subdir": "src", "files": 1})
     (run_dir / "code" / "src").mkdir(parents=True)
     (run_dir / "code" / "src" / "train.py").write_text("print('theirs')\n")
+    # a module of theirs named like what Jupyter imports: `python -m jupyter_server` started in their code
+    # would import it first (the working directory leads sys.path)
+    shadow_marker = tmp_path / "shadowed-module-ran"
+    for where in (run_dir / "code", run_dir / "code" / "src"):
+        (where / "jupyter_server").mkdir()
+        for f in ("__init__.py", "__main__.py"):
+            (where / "jupyter_server" / f).write_text(f"open({str(shadow_marker)!r}, 'w').write('ran')\n")
     env_marker, exe_marker, exe = plant_traps(tmp_path, run_dir)
     theirs = Store(workstation.store.team_dir, "mallory")
     theirs.update_run(run.id, environment={"executable": exe}, env={"PYTHONSTARTUP": str(run_dir / "env.sh")})
@@ -195,6 +204,7 @@ async def test_notebook_on_a_teammates_run_runs_nothing_of_theirs(workstation: W
     nb = opened.notebook
     try:
         assert not env_marker.exists() and not exe_marker.exists()
+        assert not shadow_marker.exists(), "a module in their code ran as you when Jupyter started"
         assert not nb.root_dir.startswith(str(run_dir)) and nb.root_dir.endswith("/code/src")
         assert (Path(nb.root_dir) / "train.py").read_text() == "print('theirs')\n"  # a copy of their code, yours
         assert stat.S_IMODE(Path(nb.root_dir).parent.parent.stat().st_mode) == 0o700
@@ -322,3 +332,35 @@ async def test_no_file_labdeck_writes_for_a_run_gives_its_secret_to_a_third_user
         await ws.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_rerun_runs_the_record_that_was_shown(workstation: Workstation, tmp_path: Path) -> None:
+    """The owner changes their record between the confirmation and the launch: what runs is what was shown."""
+    run, run_dir = teammate_run(workstation, tmp_path, code={"files": 1})
+    (run_dir / "code").mkdir()
+    (run_dir / "code" / "train.py").write_text("print('theirs')\n")
+    theirs = Store(workstation.store.team_dir, "mallory")
+    theirs.update_run(run.id, command="echo shown")
+    shown = workstation.store.find_run(f"mallory/{run.id}")  # what the confirmation displayed
+    theirs.update_run(run.id, command=f"touch {tmp_path / 'swapped-in'}")  # changed while you read it
+    theirs.close()
+    new = await workstation.rerun(shown)
+    assert new.command == "echo shown" and new.parent == run.id
+    assert await wait_final(workstation, new.id)
+    assert not (tmp_path / "swapped-in").exists()
+
+
+def test_cli_serve_and_notebook_on_a_teammates_run_ask_first(home: Path, tmp_path: Path) -> None:
+    """No terminal and no --yes: refused after showing what would be loaded or opened; nothing starts."""
+    ws = Workstation(load_config(Paths.resolve(home)))
+    run, run_dir = teammate_run(ws, tmp_path, artifacts=["model.pkl"], code={"files": 1})
+    ws.store.close()
+    env = {**os.environ, "LABDECK_HOME": str(home)}
+    for args, says in ((["serve", run.id], "runs code when it is loaded"),
+                       (["notebook", "--run", run.id], "cells you run there execute it")):
+        res = subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, env=env,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        assert res.returncode == 1 and "needs confirmation" in res.stderr and "--yes" in res.stderr, res.stderr
+        assert "mallory's run" in res.stderr and "runs as" in res.stderr and says in " ".join(res.stderr.split())
+    assert not Store(ws.config.team_dir, ws.user).mine.all("deployments")
+    assert not Store(ws.config.team_dir, ws.user).mine.all("notebooks")

@@ -31,7 +31,7 @@ from backends.text import plain, plain_line
 from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
-from .format import rerun_plan
+from .format import rerun_plan, use_plan
 from .forms import LaunchRequest, LaunchScreen
 from .messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunLaunched, RunsLoaded
 from .tabs import TabView
@@ -227,9 +227,20 @@ class LabdeckApp(App[None]):
         """A "try it" request's latency, by deployment (the newest 1,000: the p50 the Models tab shows)."""
         self._model_latency.setdefault(deployment_id, deque(maxlen=1000)).append(ms)
 
+    def _ask_first(self, run: Run, title: str, plan: list[tuple[str, str]], yes_label: str, then) -> None:
+        """Someone else's run: show what would happen (their files, run or loaded as you) and ask."""
+        def answer(yes: bool | None) -> None:
+            if yes:
+                then()
+
+        detail = "\n".join(f"{k}: {v}" for k, v in plan)
+        self.push_screen(ConfirmScreen(title, detail, yes_label=yes_label), answer)
+
     def open_notebook(self, *, instance: str | None = None, run: Run | None = None) -> None:
         if run is not None and run.user != self.workstation.user:
-            self.notify(f"{run.display_name}'s code belongs to {run.user}.", severity="warning")
+            self._ask_first(run, f"Open {plain_line(run.user)}'s run {plain_line(run.display_name)} in Jupyter as you?",
+                            use_plan(run, self.workstation.user, "notebook"), "Open",
+                            lambda: self._open_notebook(instance, run))
             return
         self._open_notebook(instance, run)
 
@@ -239,7 +250,7 @@ class LabdeckApp(App[None]):
 
         where = run.display_name if run else instance
         self.notify(f"Starting Jupyter for {where}…", timeout=3)
-        opened = await notebooks.start(self.workstation, instance=instance, run_ref=run.id if run else None,
+        opened = await notebooks.start(self.workstation, instance=instance, run_ref=run,
                                        progress=lambda m: self.notify(m, timeout=3))
         self._forwards[opened.notebook.id] = opened.forward
         self.reload_runs()
@@ -250,7 +261,8 @@ class LabdeckApp(App[None]):
 
     def serve_run(self, run: Run, name: str | None = None) -> None:
         if run.user != self.workstation.user:
-            self.notify(f"{run.display_name} belongs to {run.user}: its files are theirs to serve.", severity="warning")
+            self._ask_first(run, f"Serve {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
+                            use_plan(run, self.workstation.user, "serve"), "Serve", lambda: self._serve(run, name))
             return
         self._serve(run, name)
 
@@ -259,7 +271,7 @@ class LabdeckApp(App[None]):
         from backends import serving
 
         self.notify(f"Deploying {run.display_name} on {run.instance}…", timeout=3)
-        served = await serving.deploy(self.workstation, run.id, name=name,
+        served = await serving.deploy(self.workstation, run, name=name,
                                       progress=lambda m: self.notify(m, timeout=2))
         d = served.deployment
         self._forwards[d.id] = served.forward
@@ -716,18 +728,13 @@ class LabdeckApp(App[None]):
             self._rerun(run)
             return
 
-        def answer(yes: bool | None) -> None:
-            if yes:
-                self._rerun(run)
-
-        detail = "\n".join(f"{k}: {v}" for k, v in rerun_plan(run, self.workstation.user))
-        self.push_screen(ConfirmScreen(f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
-                                       detail, yes_label="Rerun"), answer)
+        self._ask_first(run, f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
+                        rerun_plan(run, self.workstation.user), "Rerun", lambda: self._rerun(run))
 
     @work(group="launch", exit_on_error=False)
     async def _rerun(self, run: Run) -> None:
         self.notify(f"Rerunning {run.display_name} on {run.instance}…", timeout=2)
-        new = await self.workstation.rerun(run.id)
+        new = await self.workstation.rerun(run)  # the record shown is the one that runs
         self.post_message(RunLaunched(new))
 
     # ---- clouds ------------------------------------------------------------

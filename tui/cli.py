@@ -253,6 +253,19 @@ def cancel_cmd(run: str, yes: bool) -> None:
     console.print(f"cancelled {esc(done.display_name)}")
 
 
+def _ask_first(r, what: str, plan: list[tuple[str, str]], doing: str, question: str, yes: bool) -> None:
+    """Show what acting on someone else's run would do (to stderr) and ask; refuse with no terminal
+    unless --yes. Their files would be run or loaded as you."""
+    err_console.print(f"[bold]{esc(r.user)}'s run {esc(r.display_name)}[/] {what}:", highlight=False)
+    for label, value in plan:
+        err_console.print(f"  {label:<12} {esc(value, lines=True)}", highlight=False)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise LabdeckError(f"{doing} {r.user}'s run {r.display_name} needs confirmation.",
+                               "Read what it would do above; run it in a terminal, or pass --yes.")
+        click.confirm(question, abort=True, err=True)
+
+
 @cli.command("rerun")
 @click.argument("run")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
@@ -267,15 +280,8 @@ def rerun_cmd(run: str, yes: bool) -> None:
     ws = _workstation()
     r = ws.store.find_run(run)
     if r.user != ws.user:
-        err_console.print(f"[bold]{esc(r.user)}'s run {esc(r.display_name)}[/] would run as you:", highlight=False)
-        for label, value in rerun_plan(r, ws.user):
-            err_console.print(f"  {label:<12} {esc(value, lines=True)}", highlight=False)
-        if not yes:
-            if not sys.stdin.isatty():
-                raise LabdeckError(f"Rerunning {r.user}'s run {r.display_name} needs confirmation.",
-                                   "Read what it would run above; run it in a terminal, or pass --yes.")
-            click.confirm("Rerun it as you?", abort=True, err=True)
-    new = asyncio.run(ws.rerun(r.id))
+        _ask_first(r, "would run as you", rerun_plan(r, ws.user), "Rerunning", "Rerun it as you?", yes)
+    new = asyncio.run(ws.rerun(r))  # the record shown is the one that runs
     verb = "started" if new.state == "running" else "queued"
     console.print(f"{verb} [bold]{esc(new.id)}[/] ({esc(new.display_name)}) on {esc(new.instance)}, pid {new.pid}")
 
@@ -700,16 +706,25 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
 @click.option("--model", default=None, help="Model file inside the run directory (default: the run's model artifact)")
 @click.option("--api", default=None, metavar="MODULE:CLASS", help="Your litserve.LitAPI in the run's code instead")
 @click.option("--detach", is_flag=True, help="Return at once; reach the server with the printed ssh -L line")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
 @friendly
 def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model: str | None, api: str | None,
-              detach: bool) -> None:
-    """Put a run's model behind litserve on its instance, forwarded here, with an API key."""
+              detach: bool, yes: bool) -> None:
+    """Put a run's model behind litserve on its instance, forwarded here, with an API key.
+
+    On a teammate's run labdeck serves copies of its files with your Python, and asks first:
+    loading a pickled model runs code."""
     from backends import serving
 
+    from .format import use_plan
+
     ws = _workstation()
+    r = ws.store.find_run(run)
+    if r.user != ws.user:
+        _ask_first(r, "would be served by you", use_plan(r, ws.user, "serve"), "Serving", "Serve it as you?", yes)
 
     async def go() -> None:
-        served = await serving.deploy(ws, run, instance=instance, port=port, name=name, model=model, api=api,
+        served = await serving.deploy(ws, r, instance=instance, port=port, name=name, model=model, api=api,
                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         d = served.deployment
         console.print(f"[bold]{esc(d.name)}[/] is up: {esc(d.url)}/predict  (instance {esc(d.instance)}:{d.port})", highlight=False)
@@ -741,15 +756,23 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
 @click.option("--port", default=8888, show_default=True, help="Port on the instance (the next free one if taken)")
 @click.option("--idle", default=120.0, show_default=True, help="Minutes without activity after which Jupyter stops itself")
 @click.option("--detach", is_flag=True, help="Return at once; reach it with the printed ssh -L line")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
 @friendly
-def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None, port: int, idle: float, detach: bool) -> None:
+def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None, port: int, idle: float, detach: bool,
+                 yes: bool) -> None:
     """JupyterLab (or jupyter-server) on an instance, through the SSH chain, with a fresh token."""
     from backends import notebooks
 
+    from .format import use_plan
+
     ws = _workstation()
+    r = ws.store.find_run(run_ref) if run_ref else None
+    if r is not None and r.user != ws.user:
+        _ask_first(r, "would be opened by you", use_plan(r, ws.user, "notebook"), "Opening a notebook on",
+                   "Open it as you?", yes)
 
     async def go() -> None:
-        opened = await notebooks.start(ws, instance=instance, run_ref=run_ref, workdir=workdir, port=port, idle_minutes=idle,
+        opened = await notebooks.start(ws, instance=instance, run_ref=r, workdir=workdir, port=port, idle_minutes=idle,
                                        progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         nb = opened.notebook
         console.print(f"[bold]notebook[/] on {esc(nb.instance)} in {esc(nb.root_dir)}: {esc(opened.url)}", highlight=False)

@@ -86,16 +86,33 @@ def safe(value, *, lines: bool = False) -> Text:
     return t
 
 
-def rerun_plan(run, me: str) -> list[tuple[str, str]]:
-    """What a rerun of ``run`` would do, as (label, plain text) lines: the TUI and the CLI show these
-    before rerunning someone else's run (their command, environment and code would run as ``me``).
-    Mirrors :meth:`backends.workstation.Workstation.rerun`."""
+def use_plan(run, me: str, action: str) -> list[tuple[str, str]]:
+    """What serving (``action="serve"``) or opening a notebook on someone else's ``run`` would do, as
+    (label, plain text) lines, shown before it happens: their files, loaded or run by your Python."""
     code = run.code if isinstance(run.code, dict) else {}
-    root = code.get("root")
-    where = f"{root}/{code.get('subdir', '')}".rstrip("/") if root else (run.workdir or "–")
-    source = (f"{where} on this machine ({'synced to the instance' if code else 'used in place'})"
-              + (f" at commit {str(code['commit'])[:12]}" if code.get("commit") else "")
-              + (" + uncommitted changes" if code.get("dirty") else ""))
+    where = f"{run.run_dir}/code" if code else (run.workdir or "–")
+    lines = [("run", f"{plain_line(run.user)}'s {plain_line(run.display_name)} on {plain_line(run.instance)}")]
+    if action == "serve":
+        arts = [a for a in (run.artifacts if isinstance(run.artifacts, list) else []) if isinstance(a, str)]
+        lines.append(("model", plain_line(", ".join(arts[:3]) or "the run's model artifact")
+                      + " — copied into a directory of yours; a .pkl/.joblib/.pt file runs code when it is loaded"))
+    else:
+        lines.append(("code", f"a copy of {plain_line(where)}, made into a directory of yours; "
+                              "cells you run there execute it"))
+    lines.append(("runs as", f"you ({plain_line(me)}), with your Python, none of their environment"))
+    return lines
+
+
+def rerun_plan(run, me: str) -> list[tuple[str, str]]:
+    """What a rerun of someone else's ``run`` would do, as (label, plain text) lines: the TUI and the CLI
+    show these before rerunning it (their command, environment and code would run as ``me``).
+    Mirrors :meth:`backends.workstation.Workstation.rerun`: a copy of the run's recorded code on its
+    instance, in a directory of yours."""
+    code = run.code if isinstance(run.code, dict) else {}
+    where = f"{run.run_dir}/code" if code else (run.workdir or "–")
+    source = (f"a copy of {where} on {run.instance}, made into a directory of yours"
+              + (f" (recorded at commit {str(code['commit'])[:12]}" + (" + uncommitted changes)" if code.get("dirty") else ")")
+                 if code.get("commit") else ""))
     lines = [("command", plain(run.command)), ("instance", plain_line(run.instance)),
              ("code", plain_line(source)), ("owner", f"{plain_line(run.user)} (it runs as you, {plain_line(me)})")]
     env = run.env if isinstance(run.env, dict) else {}
