@@ -61,8 +61,21 @@ class Snapshot:
         return hashlib.sha1(f"{user}@{host}:{self.root}".encode()).hexdigest()[:16]
 
 
-def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=check)
+# A repository's own config can name programs that git runs: an external diff or textconv driver,
+# an fsmonitor hook, a pager, a transport for a lazy fetch of a partial clone. labdeck runs git to
+# read, in your trees and (for lineage diffs) in trees a teammate's record names, so every call
+# turns those off; command-line ``-c`` wins over any config file. (Clean/smudge filters run only
+# for work-tree files: labdeck never asks git about the work tree of a tree it does not own.)
+GIT_SAFE = ("-c", "core.fsmonitor=false", "-c", "core.pager=cat", "-c", "protocol.allow=never",
+            "-c", "diff.external=", "-c", "core.hooksPath=/dev/null")
+
+
+def git(root: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``git -C root ARGS`` with :data:`GIT_SAFE`; ``diff`` also without external drivers or textconv."""
+    if args and args[0] == "diff":
+        args = ("diff", "--no-ext-diff", "--no-textconv", *args[1:])
+    return subprocess.run(["git", *GIT_SAFE, "-C", str(root), *args], capture_output=True, check=check,
+                          stdin=subprocess.DEVNULL)
 
 
 class HashCache:
@@ -106,16 +119,16 @@ def snapshot(directory: str | os.PathLike, cache_path: Path | None = None) -> Sn
     if not directory.is_dir():
         raise LabdeckError(f"{directory} is not a directory.")
     cache = HashCache(cache_path)
-    top = _git(directory, "rev-parse", "--show-toplevel", check=False)
+    top = git(directory, "rev-parse", "--show-toplevel", check=False)
     if top.returncode == 0:
         root = Path(top.stdout.decode().strip())
-        listed = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout.decode("utf-8", "surrogateescape")
+        listed = git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout.decode("utf-8", "surrogateescape")
         names = sorted({n for n in listed.split("\0") if n})
-        untracked = [n for n in _git(root, "ls-files", "-z", "--others", "--exclude-standard").stdout.decode(
+        untracked = [n for n in git(root, "ls-files", "-z", "--others", "--exclude-standard").stdout.decode(
             "utf-8", "surrogateescape").split("\0") if n]
-        head = _git(root, "rev-parse", "HEAD", check=False)
+        head = git(root, "rev-parse", "HEAD", check=False)
         commit = head.stdout.decode().strip() if head.returncode == 0 else None
-        diff_bytes = _git(root, "diff", "HEAD", check=False).stdout if commit else b""
+        diff_bytes = git(root, "diff", "HEAD", check=False).stdout if commit else b""
         snap = Snapshot(root, {}, {}, commit=commit, untracked=untracked, is_git=True)
         snap.dirty = bool(diff_bytes) or bool(untracked)
         if len(diff_bytes) > MAX_DIFF_BYTES:

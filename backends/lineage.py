@@ -292,13 +292,14 @@ def metric_value(run: Run, name: str | None, which: str = "last") -> float | Non
 def code_diff(a: Run | None, b: Run, read_blob) -> str:
     """What changed in the code from run ``a`` to run ``b``: the commits between them (when the
     repository is on this machine) and each run's own uncommitted changes. ``read_blob(user, name)``."""
-    import subprocess
+    from .code import git
 
     parts: list[str] = []
     ca, cb = (a.code.get("commit") if a else None), b.code.get("commit")
     root = b.code.get("root")
-    if a is not None and ca and cb and ca != cb and root and Path(root).is_dir() and a.code.get("root") == root:
-        res = subprocess.run(["git", "-C", root, "diff", "--no-color", ca, cb], capture_output=True)
+    if a is not None and ca and cb and ca != cb and isinstance(root, str) and Path(root).is_dir() \
+            and a.code.get("root") == root:
+        res = git(root, "diff", "--no-color", ca, cb, check=False)  # (ext diff, textconv, fsmonitor off)
         if res.returncode == 0 and res.stdout:
             parts.append(f"# commits {ca[:10]} → {cb[:10]}\n" + res.stdout.decode("utf-8", "replace"))
     elif a is not None and ca != cb:

@@ -364,3 +364,37 @@ def test_cli_serve_and_notebook_on_a_teammates_run_ask_first(home: Path, tmp_pat
         assert "mallory's run" in res.stderr and "runs as" in res.stderr and says in " ".join(res.stderr.split())
     assert not Store(ws.config.team_dir, ws.user).mine.all("deployments")
     assert not Store(ws.config.team_dir, ws.user).mine.all("notebooks")
+
+
+def test_a_teammates_git_config_runs_nothing_in_a_lineage_diff(tmp_path: Path) -> None:
+    """The diff between two runs runs git in the tree their records name: that repository's config
+    (an external diff, a textconv, an fsmonitor hook) must not run anything."""
+    from backends.lineage import code_diff
+
+    repo, marker = tmp_path / "repo", tmp_path / "their-program-ran"
+
+    def g(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                              env={**os.environ, "GIT_AUTHOR_NAME": "m", "GIT_AUTHOR_EMAIL": "m@x",
+                                   "GIT_COMMITTER_NAME": "m", "GIT_COMMITTER_EMAIL": "m@x"}).stdout.strip()
+
+    repo.mkdir()
+    g("init", "-q")
+    (repo / "train.py").write_text("lr = 0.1\n")
+    g("add", "train.py")
+    g("commit", "-qm", "one")
+    first = g("rev-parse", "HEAD")
+    (repo / "train.py").write_text("lr = 0.3\n")
+    g("commit", "-qam", "two")
+    second = g("rev-parse", "HEAD")
+    trap = f"sh -c 'touch {marker}'"
+    g("config", "diff.external", trap)
+    g("config", "core.fsmonitor", trap)
+    g("config", "diff.evil.textconv", trap)
+    (repo / ".gitattributes").write_text("*.py diff=evil\n")
+    g("config", "core.pager", trap)
+    a = Run(id=new_id(), user="mallory", command="x", instance="local", code={"root": str(repo), "commit": first})
+    b = Run(id=new_id(), user="mallory", command="x", instance="local", code={"root": str(repo), "commit": second})
+    out = code_diff(a, b, lambda user, name: None)
+    assert "-lr = 0.1" in out and "+lr = 0.3" in out  # the real patch, by git itself
+    assert not marker.exists(), "the repository's config ran a program"
