@@ -935,9 +935,14 @@ class Store:
         out: list[dict[str, Any]] = []
         teammates, errors = self._teammates()
         field = OWNER_FIELD.get(table)
-        for user in sorted({*teammates, self.user}):
+        # Ids are unique across users (ULIDs), so a teammate's record with an id already read is a copy,
+        # not a record of its own: yours are read first and win, then teammates' in name order.
+        seen: set[str] = set()
+        for user in [self.user, *sorted(u for u in teammates if u != self.user)]:
             if user == self.user:  # your own store failing is not a footnote: it raises, for the caller to show
-                out.extend(self._own(table, self.mine.all(table)))
+                mine = self._own(table, self.mine.all(table))
+                seen.update(d["id"] for d in mine if isinstance(d.get("id"), str))
+                out.extend(mine)
                 continue
             uid = teammates[user]
             claims_checked = not _trusted_uid(uid)  # what root or you wrote is yours to believe
@@ -960,6 +965,10 @@ class Store:
                 continue
             for d in good:
                 d[field] = user
+            bad += [(d["id"], "another record has this id (yours, or a teammate's read first)")
+                    for d in good if d["id"] in seen]
+            good = [d for d in good if d["id"] not in seen]
+            seen.update(d["id"] for d in good)
             out.extend(good)
             if bad:
                 errors[user] = _skipped_line(user, table, bad)

@@ -398,3 +398,22 @@ def test_a_teammates_git_config_runs_nothing_in_a_lineage_diff(tmp_path: Path) -
     out = code_diff(a, b, lambda user, name: None)
     assert "-lr = 0.1" in out and "+lr = 0.3" in out  # the real patch, by git itself
     assert not marker.exists(), "the repository's config ran a program"
+
+
+async def test_a_teammates_copy_of_your_run_id_is_skipped(workstation: Workstation, tmp_path: Path) -> None:
+    """Ids are unique across users: a teammate's record reusing one of yours is a forgery. Your run stays
+    yours in every listing, lineage and lookup (by id, prefix or the short suffix labdeck prints)."""
+    from backends.lineage import TeamLineage
+
+    mine = await workstation.launch("true", workdir=str(tmp_path), sync_code=False, name="my-run")
+    await wait_final(workstation, mine.id)
+    forged = Run.from_dict({**mine.to_dict(), "user": "mallory", "name": "forged", "command": "echo forged"})
+    theirs = Store(workstation.store.team_dir, "mallory")
+    theirs.mine.put(Run.TABLE, mine.id, forged.to_dict())
+    theirs.close()
+    runs, errors = workstation.store.runs()
+    assert [(r.user, r.name) for r in runs if r.id == mine.id] == [(workstation.user, "my-run")]
+    assert "mallory" in errors and "another record has this id" in errors["mallory"]
+    assert TeamLineage(workstation.store).runs[mine.id].user == workstation.user
+    for ref in (mine.id, mine.id[:12], mine.id[-8:].lower()):
+        assert workstation.store.find_run(ref).name == "my-run"
