@@ -136,8 +136,11 @@ def _time_ok(value: Any) -> bool:
     if type(value) is not str or len(value) > 40:
         return False
     try:
-        return parse_time(value).tzinfo is not None  # type: ignore[union-attr]
-    except (ValueError, TypeError):
+        t = parse_time(value)
+        # and it must be a time UTC can hold: "0001-01-01T00:00+14:00" parses, then overflows in every
+        # comparison with a UTC time (filters, reports)
+        return t is not None and t.tzinfo is not None and t.astimezone(timezone.utc) is not None
+    except (ValueError, TypeError, OverflowError):
         return False
 
 
@@ -359,6 +362,17 @@ class Run(Record):
         commit = code.get("commit")
         if commit not in (None, "") and not (isinstance(commit, str) and 4 <= len(commit) <= 64 and set(commit) <= _HEX):
             return "code.commit is not a commit hash"  # it is handed to git: never an option
+        for key in ("root", "subdir"):
+            if code.get(key) is not None and not isinstance(code.get(key), str):
+                return f"code.{key} is not a path"
+        env = data.get("environment") or {}
+        if not isinstance(env, dict):
+            return "environment is not a mapping"
+        if env.get("executable") is not None and not isinstance(env.get("executable"), str):
+            return "environment.executable is not a path"
+        pkgs = env.get("packages")
+        if pkgs is not None and not (isinstance(pkgs, list) and all(isinstance(x, str) for x in pkgs)):
+            return "environment.packages is not a list of names"
         blob = code.get("diff_blob")
         if blob not in (None, "") and not (isinstance(blob, str) and blob.endswith(".diff") and is_stored_id(blob[:-5])):
             return "code.diff_blob is not a blob name"  # it names a file under the owner's blobs/

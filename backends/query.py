@@ -555,9 +555,9 @@ def _to_utc(value: str | None) -> datetime | None:
         return None
     try:
         t = datetime.fromisoformat(value)
-    except (ValueError, TypeError):
+        return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    except (ValueError, TypeError, OverflowError):  # (an offset that takes it past year 1 or 9999)
         return None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 # ---- the context ------------------------------------------------------------------------------

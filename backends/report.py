@@ -169,7 +169,10 @@ def _fmt_time(iso: str | None) -> str:
         return "—"
     if t.tzinfo is None:
         t = t.replace(tzinfo=timezone.utc)
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except OverflowError:  # an offset that takes it past year 1 or 9999
+        return _clean(iso)
 
 
 def _fmt_param(v: Any) -> str:

@@ -439,3 +439,24 @@ def test_id_and_user_name_grammar() -> None:
     for name in ("", ".", "..", "-x", "a/b", "/etc", "[/]", "a\x1b[2J", "x" * 33, "ålice", 7):
         assert not ids.is_user_name(name)
     assert ids.describe("[/]\x1b]52;c;x\x07") == "'\\x5b/\\x5d\\x1b\\x5d52;c;x\\x07'"
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("created_at", "0001-01-01T00:00:00+14:00", "created_at is not a time"),
+    ("ended_at", "9999-12-31T23:59:59-14:00", "ended_at is not a time"),
+    ("environment", {"packages": 5}, "environment.packages is not a list of names"),
+    ("environment", {"executable": ["x"]}, "environment.executable is not a path"),
+    ("code", {"root": 5, "commit": "ab12"}, "code.root is not a path"),
+    ("code", {"subdir": ["a"]}, "code.subdir is not a path"),
+])
+def test_fields_that_crashed_commands_are_checked(field: str, value, why: str) -> None:
+    """Values that passed the first checks and then crashed `show`, every time filter and reports
+    (OverflowError converting to UTC, TypeError on len() / Path())."""
+    from backends.ids import new_id
+    from backends.models import Run, record_problem
+    from backends.query import filter_runs
+
+    doc = {**Run(id=new_id(), user="bob", command="x", instance="local").to_dict(), field: value}
+    assert record_problem(Run, doc) == why
+    if field.endswith("_at"):  # your own store is not checked: the filter still does not crash on it
+        assert filter_runs(f"{field[:-3]}>2026-01-01", [Run.from_dict(doc)], {}, []) == []
