@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LabdeckError
+from .ids import describe
 from .models import Run
 from .ownership import safe_rel
 from .serving import SERVE_SCRIPT, pick_model
+from .text import plain_line
 
 SERVE_PACKAGES = ("litserve", "numpy", "torch", "scikit-learn", "joblib", "fastapi", "uvicorn")
 
@@ -69,8 +71,16 @@ def _k8s_name(text: str) -> str:
     return name or "model"
 
 
+# What a pin in requirements.txt may be: name==version, nothing else (a recorded "package" is text a
+# run's record holds — a teammate's, perhaps: "--extra-index-url …" or a newline must not get in).
+_PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a model file name as COPY and CMD see it
+
+
 def _pins(run: Run) -> list[str]:
-    pkgs = {p.split("==")[0].lower(): p for p in (run.environment or {}).get("packages", []) if "==" in p}
+    packages = (run.environment or {}).get("packages", []) if isinstance(run.environment, dict) else []
+    pkgs = {p.split("==")[0].lower(): p for p in (packages if isinstance(packages, list) else [])
+            if isinstance(p, str) and _PIN.fullmatch(p)}
     out = []
     for name in SERVE_PACKAGES:
         if name in pkgs:
@@ -94,6 +104,9 @@ def export_k8s(run: Run, out_dir: str | os.PathLike, model_bytes: bytes | None, 
     name = _k8s_name(run.name or f"run-{run.id[-8:]}")
     image = image or f"registry.example.com/models/{name}:{run.id[-8:].lower()}"
     model_file = Path(model).name
+    if not _FILE_NAME.fullmatch(model_file):  # it goes into the Dockerfile's COPY and CMD lines
+        raise LabdeckError(f"The model file name {describe(model_file)} cannot go into a Dockerfile as it is.",
+                           "Give --model a file whose name is letters, digits, '.', '_' and '-' only.")
     gpus = bool((run.instance_info or {}).get("gpus"))
     written = []
 
@@ -108,7 +121,7 @@ def export_k8s(run: Run, out_dir: str | os.PathLike, model_bytes: bytes | None, 
         write(model_file, model_bytes)
     write("labdeck_serve.py", SERVE_SCRIPT)
     write("requirements.txt", "\n".join(_pins(run)) + "\n")
-    write("Dockerfile", f"""# The model server of run {run.id} ({run.display_name}), exported by labdeck.
+    write("Dockerfile", f"""# The model server of run {run.id} ({plain_line(run.display_name)}), exported by labdeck.
 FROM python:3.11-slim
 WORKDIR /srv
 COPY requirements.txt .

