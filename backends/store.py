@@ -871,6 +871,9 @@ class Store:
         if not _trusted_uid(st.st_uid) and user_of_uid(st.st_uid) != name:
             return (f"{where} belongs to {user_of_uid(st.st_uid)}, not to {name}: skipped (its records would pass "
                     f"for {name}'s).")
+        if st.st_mode & 0o022:
+            return (f"{where} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): anyone could put records in "
+                    f"it that pass for {name}'s; skipped until {name} runs chmod go-w on it.")
         return None
 
     def _teammates(self) -> tuple[dict[str, int], dict[str, str]]:

@@ -434,3 +434,12 @@ def test_export_puts_no_teammate_text_into_the_dockerfile_or_requirements(tmp_pa
     assert (tmp_path / "out" / "requirements.txt").read_text().split() == ["litserve", "numpy==1.26.4"]
     with pytest.raises(LabdeckError, match="cannot go into a Dockerfile"):
         export_k8s(run, tmp_path / "out2", b"npz", model="evil\nRUN touch pwned #.npz")
+
+
+async def test_a_teammate_directory_others_can_write_is_skipped(workstation: Workstation, tmp_path: Path) -> None:
+    run, _ = teammate_run(workstation, tmp_path)
+    d = workstation.store.team_dir / "mallory"
+    assert any(r.id == run.id for r in workstation.store.runs()[0])
+    d.chmod(0o777)  # anyone could now drop a journal in it that passes for mallory's
+    runs, errors = workstation.store.runs()
+    assert not any(r.id == run.id for r in runs) and "writable by others" in errors.get("mallory", "")
