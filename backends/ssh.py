@@ -587,9 +587,10 @@ class SSHTransport(Transport):
                 if parent:
                     await sftp.makedirs(parent, exist_ok=True)
                 tmp = f"{parent}/.{posixpath.basename(path)}.tmp-{os.getpid()}"
-                async with sftp.open(tmp, "wb") as f:
+                # created with its final mode: a 0600 token is never readable by others for a moment
+                async with sftp.open(tmp, "wb", attrs=asyncssh.SFTPAttrs(permissions=mode & 0o777)) as f:
                     await f.write(content)
-                await sftp.chmod(tmp, mode)
+                await sftp.chmod(tmp, mode)  # (the server's umask may have taken bits off)
                 await sftp.posix_rename(tmp, path)
         except (asyncssh.Error, OSError) as e:
             raise self._fail("Writing files", e) from None

@@ -238,6 +238,16 @@ def _open_regular(name: str | Path, *, dir_fd: int | None = None, cap: int | Non
     return fd
 
 
+DENSE = "far more JSON objects and lists than records have: a file that would cost its readers memory"
+
+
+def _too_dense(raw: bytes) -> bool:
+    """More JSON containers than a store of real records holds. Parsed, each costs Python ~60–200
+    bytes while an empty one costs 2–3 bytes of file: a 30 MB file of ``{},`` took 825 MB to read.
+    Real records run one container per ~60 bytes (a 2 KB run has ~30); the bound allows one per 16."""
+    return raw.count(b"{") + raw.count(b"[") > len(raw) // 16 + 10_000
+
+
 def _read_fd(fd: int, offset: int, cap: int | None, shown: Path) -> bytes:
     """The bytes of ``fd`` from ``offset`` to its end (at most ``cap`` in all: it may grow meanwhile)."""
     chunks = []
@@ -480,6 +490,8 @@ class UserStore:
                     raise StoreError(f"{self.snapshot_path} vanished while it was read.", "Try again.")
             try:
                 raw = _read_fd(fd, 0, self.cap, self.snapshot_path)
+                if self.cap is not None and _too_dense(raw):
+                    raise StoreCorruptError(self.snapshot_path, DENSE)
                 data = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise StoreCorruptError(self.snapshot_path, str(e)) from None
@@ -503,6 +515,8 @@ class UserStore:
                     f"{self.snapshot_path} was written by a newer labdeck (schema {self._schema}; this one reads up to {SCHEMA_VERSION}).",
                     "Upgrade labdeck (pip install -U labdeck).",
                 )
+            if self.cap is not None:  # a teammate's: only the tables labdeck reads are kept in memory
+                data = {t: v for t, v in data.items() if t in OWNER_FIELD}
             self._data = data
         self._snap_key = key
         self._journal_offset = 0
@@ -543,6 +557,8 @@ class UserStore:
         end = chunk.rfind(b"\n") + 1  # a tail without newline is a torn, unacknowledged write
         if not end:
             return
+        if self.cap is not None and _too_dense(chunk[:end]):
+            raise StoreCorruptError(path, DENSE)
         for i, line in enumerate(chunk[:end].splitlines()):
             try:
                 entry = json.loads(line)
@@ -554,6 +570,8 @@ class UserStore:
                 start_line = os.pread(fd, self._journal_offset, 0).count(b"\n") if fd is not None else 0
                 detail = "nested too deeply" if isinstance(e, RecursionError) else str(e)
                 raise StoreCorruptError(path, f"line {start_line + i + 1}: {detail}") from None
+            if self.cap is not None and table not in OWNER_FIELD:
+                continue  # a teammate's table labdeck never reads: not kept
             tab = self._data.setdefault(table, {})
             if doc is None:
                 tab.pop(doc_id, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import secrets as pysecrets
 import shutil
@@ -443,3 +444,15 @@ async def test_a_teammate_directory_others_can_write_is_skipped(workstation: Wor
     d.chmod(0o777)  # anyone could now drop a journal in it that passes for mallory's
     runs, errors = workstation.store.runs()
     assert not any(r.id == run.id for r in runs) and "writable by others" in errors.get("mallory", "")
+
+
+async def test_a_teammate_store_built_to_cost_memory_is_refused(workstation: Workstation, tmp_path: Path) -> None:
+    """Small on disk, huge parsed: ``{},`` costs 3 bytes of file and ~100 of Python. Such a store is
+    refused before parsing, and tables labdeck never reads are not kept."""
+    run, _ = teammate_run(workstation, tmp_path)
+    snapshot = workstation.store.team_dir / "mallory" / "store.json"
+    doc = json.loads(snapshot.read_text())
+    doc["junk"] = {"1": {"a": [{}] * 400_000}}  # 1.2 MB of file
+    snapshot.write_text(json.dumps(doc))
+    runs, errors = workstation.store.runs()
+    assert "far more JSON objects" in errors.get("mallory", "") and not any(r.id == run.id for r in runs)

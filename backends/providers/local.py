@@ -8,6 +8,7 @@ destroyed: those calls raise a ProviderError saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from datetime import datetime, timezone
@@ -173,9 +174,13 @@ class LocalTransport(Transport):
                 p = Path(path)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-                with open(tmp, "wb") as f:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                # created with its final mode (a 0600 token is never 0644 for a moment), never through a link
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777)
+                with os.fdopen(fd, "wb") as f:
+                    os.fchmod(fd, mode)  # (the umask may have taken bits off; a wider mode is asked for)
                     f.write(content)
-                os.chmod(tmp, mode)
                 os.replace(tmp, p)
 
         try:
