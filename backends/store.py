@@ -515,8 +515,6 @@ class UserStore:
                     f"{self.snapshot_path} was written by a newer labdeck (schema {self._schema}; this one reads up to {SCHEMA_VERSION}).",
                     "Upgrade labdeck (pip install -U labdeck).",
                 )
-            if self.cap is not None:  # a teammate's: only the tables labdeck reads are kept in memory
-                data = {t: v for t, v in data.items() if t in OWNER_FIELD}
             self._data = data
         self._snap_key = key
         self._journal_offset = 0
@@ -570,8 +568,6 @@ class UserStore:
                 start_line = os.pread(fd, self._journal_offset, 0).count(b"\n") if fd is not None else 0
                 detail = "nested too deeply" if isinstance(e, RecursionError) else str(e)
                 raise StoreCorruptError(path, f"line {start_line + i + 1}: {detail}") from None
-            if self.cap is not None and table not in OWNER_FIELD:
-                continue  # a teammate's table labdeck never reads: not kept
             tab = self._data.setdefault(table, {})
             if doc is None:
                 tab.pop(doc_id, None)

@@ -448,7 +448,7 @@ async def test_a_teammate_directory_others_can_write_is_skipped(workstation: Wor
 
 async def test_a_teammate_store_built_to_cost_memory_is_refused(workstation: Workstation, tmp_path: Path) -> None:
     """Small on disk, huge parsed: ``{},`` costs 3 bytes of file and ~100 of Python. Such a store is
-    refused before parsing, and tables labdeck never reads are not kept."""
+    refused before parsing."""
     run, _ = teammate_run(workstation, tmp_path)
     snapshot = workstation.store.team_dir / "mallory" / "store.json"
     doc = json.loads(snapshot.read_text())
