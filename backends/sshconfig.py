@@ -368,7 +368,7 @@ class SSHConfig:
         return SSHHost(
             arg=arg, hostname=hostname, port=port, user=user, identity_files=tuple(ids), jump=jumps,
             proxy_command=pc, known_hosts_files=tuple(kh),
-            strict_host_key_checking=(one("stricthostkeychecking") or "").lower() or None,
+            strict_host_key_checking=_STRICT.get((one("stricthostkeychecking") or "").lower()),
             host_key_alias=alias, connect_timeout=_seconds(one("connecttimeout")),
             server_alive_interval=_seconds(one("serveraliveinterval")),
             identities_only=(one("identitiesonly") or "").lower() in ("yes", "true"),
@@ -380,11 +380,14 @@ class SSHConfig:
         from asyncssh.config import SSHClientConfig
 
         luser = _local()[0]
+        paths = [self.path] if os.path.exists(self.path) else []
         try:
-            cfg = SSHClientConfig.load(None, [self.path] if os.path.exists(self.path) else [], False, False, False,
-                                       luser, user or (), arg, port or ())
+            cfg = SSHClientConfig.load(None, paths, False, False, False, luser, user or (), arg, port or ())
+            if cfg.has_match_final():  # ssh reads the file a second time when a Match final/canonical is in it
+                cfg = SSHClientConfig.load(None, paths, False, True, True, luser, user or (), arg, port or ())
         except (ValueError, OSError) as e:
-            raise TransportError(f"Cannot read the SSH config {self.path}: {e}") from None
+            raise TransportError(f"Cannot read the SSH config {self.path}: {e}",
+                                 "Without OpenSSH installed, asyncssh reads it; `ssh -G` would say more.") from None
         opts: dict[str, list[str]] = {}
         for key in ("Hostname", "Port", "User", "ProxyJump", "ProxyCommand", "HostKeyAlias", "ConnectTimeout",
                     "ServerAliveInterval", "IdentitiesOnly", "StrictHostKeyChecking"):
@@ -393,10 +396,20 @@ class SSHConfig:
                 opts[key.lower()] = [("yes" if v else "no") if isinstance(v, bool) else str(v)]
         if hostname:
             opts["hostname"] = [hostname]
+        opts["hostname"] = [opts.get("hostname", [arg])[0].lower()]  # as ssh does
+        # ProxyJump and ProxyCommand exclude each other: the first one given wins (asyncssh keeps both;
+        # its options dict keeps the order they were read in)
+        order = [k.lower() for k in getattr(cfg, "_options", {})]
+        if "proxyjump" in order and "proxycommand" in order:
+            opts.pop("proxycommand" if order.index("proxyjump") < order.index("proxycommand") else "proxyjump", None)
+        first = split_jumps((opts.get("proxyjump") or [""])[0])
+        if first and parse_destination(first[0])[1] == arg:  # `Host *` with ProxyJump bastion, asked for bastion
+            opts.pop("proxyjump")
         for key in ("IdentityFile", "UserKnownHostsFile", "GlobalKnownHostsFile"):
             v = cfg.get(key)
             if v:
                 opts[key.lower()] = [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+        opts.setdefault("user", [user or luser])  # what ssh logs in as when nothing says otherwise
         if "userknownhostsfile" not in opts:
             opts["userknownhostsfile"] = ["~/.ssh/known_hosts", "~/.ssh/known_hosts2"]
         # asyncssh expanded IdentityFile and ProxyCommand already: only a literal % is left to keep
@@ -411,6 +424,9 @@ class SSHConfig:
         files = [self.path]
         return self._from_options(arg, opts, {}, tuple(notes)), files
 
+
+# ssh -G prints StrictHostKeyChecking yes/no as true/false
+_STRICT = {"yes": "yes", "true": "yes", "no": "no", "false": "no", "off": "no", "accept-new": "accept-new", "ask": "ask"}
 
 _CANON = {k.lower(): k for k in (
     "ForwardAgent", "ForwardX11", "LocalForward", "RemoteForward", "DynamicForward", "ControlMaster", "ControlPath",
