@@ -284,7 +284,9 @@ class SSHConfig:
         return p
 
     def _by_openssh(self, arg: str, user: str | None, port: int | None, hostname: str | None):
-        argv = [self.ssh, "-G", "-vvv", "-F", self.path]
+        # a config file that does not exist (yet) is an empty one, as for ssh itself without ~/.ssh/config
+        present = os.path.exists(self.path)
+        argv = [self.ssh, "-G", "-vvv", "-F", self.path if present else "/dev/null"]
         if user:
             argv += ["-l", user]
         if port:
@@ -300,7 +302,7 @@ class SSHConfig:
             raise TransportError(f"OpenSSH cannot resolve {arg} with {self.path}: {why or 'exit ' + str(p.returncode)}",
                                  "`ssh -G -F " + self.path + " " + arg + "` shows the same error.")
         opts = parse_g(p.stdout)
-        files, origin = provenance(p.stderr, self.path)
+        files, origin = provenance(p.stderr, self.path) if present else ([self.path], {})
         if hostname:
             origin["hostname"] = "labdeck config"
         if user:

@@ -279,3 +279,25 @@ async def test_the_home_directory_is_asked_once_per_host(ssh_server, ssh_client_
         assert sum('"$HOME"' in (c or "") for c in ssh_server.commands) == 1
     finally:
         await pool.close()
+
+
+def test_a_missing_ssh_config_is_an_empty_one(tmp_path: Path) -> None:
+    spec = resolve_host("gpu1", ssh_config=SSHConfig(tmp_path / "no-such-config"))
+    assert (spec.hostname, spec.port, spec.jump, spec.proxy_command) == ("gpu1", 22, (), None)
+
+
+def test_an_option_labdeck_cannot_honour_is_reported_once_with_its_line(tmp_path: Path, caplog) -> None:
+    p = tmp_path / "config"
+    p.write_text("Host gpu1\n  HostName 10.0.0.1\n\nHost *\n  ForwardAgent yes\n  LocalForward 8080 localhost:80\n"
+                 "  StrictHostKeyChecking no\n")
+    cfg = SSHConfig(p)
+    with caplog.at_level("WARNING", logger="labdeck.sshconfig"):
+        a = resolve_host("gpu1", ssh_config=cfg)
+        b = resolve_host("gpu2", ssh_config=cfg)
+    notes = " ".join(a.notes)
+    if cfg.authority == "ssh -G":
+        assert f"{p}:5: ForwardAgent yes is not honoured" in notes
+        assert f"{p}:6: LocalForward" in notes and f"{p}:7: StrictHostKeyChecking" in notes
+    assert b.notes == a.notes
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(set(warned)) == 3  # once each, not once per host
