@@ -1,9 +1,9 @@
 """SSH through jump hosts with asyncssh: one persistent connection per host.
 
 * **Hosts and chains.** A :class:`HostSpec` says how to reach a host; its
-  ``jump`` is a chain of further HostSpecs of any length. Specs come from
-  labdeck's config and from ``~/.ssh/config`` (Host, HostName, User, Port,
-  IdentityFile, ProxyJump), parsed here (first match wins, as in OpenSSH).
+  ``jump`` is a chain of further HostSpecs of any length (or a ProxyCommand).
+  Specs come from labdeck's config and from ``~/.ssh/config`` as OpenSSH itself
+  resolves it (``ssh -G``, see :mod:`backends.sshconfig`); labdeck's values win.
   Each hop is a real connection object tunnelled through the previous one, so
   every hop uses the same keys and known_hosts (asyncssh's ``tunnel="user@host"``
   string form would not).
@@ -14,14 +14,15 @@
 * **Host keys, OpenSSH semantics** (:class:`KnownHosts`): an unknown host is
   accepted and recorded in labdeck's own known_hosts (``accept-new``, the
   default) or refused (``strict``); a changed key is always refused, with an
-  error naming the host and both fingerprints. Agent forwarding is off.
+  error naming the host and both fingerprints. Keys in the user's own
+  known_hosts (UserKnownHostsFile) are trusted too, under HostKeyAlias when set;
+  StrictHostKeyChecking yes refuses unknown keys. Agent forwarding is off.
   Private keys are only ever referenced by path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import fcntl
 import logging
 import os
@@ -30,7 +31,7 @@ import shlex
 import stat
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -45,6 +46,7 @@ import asyncssh  # noqa: E402
 
 from .errors import TransportError
 from .localfiles import MAX_READ, RefusedFile
+from .sshconfig import SSHConfig, SSHHost, parse_destination  # noqa: F401 - parse_destination is part of this module's API
 from .providers.base import CommandResult, FileChunk, PortForward, RelayForward, Transport, detached_launcher
 
 log = logging.getLogger("labdeck.ssh")
@@ -59,7 +61,7 @@ BACKOFF_SILENT_MAX = 15.0  # after a timeout: each try costs connect_timeout
 
 @dataclass(frozen=True)
 class HostSpec:
-    """How to reach one host (and through which jump hosts)."""
+    """How to reach one host (and through which jump hosts, or which ProxyCommand)."""
 
     name: str
     hostname: str
@@ -67,132 +69,93 @@ class HostSpec:
     port: int = 22
     identity_files: tuple[str, ...] = ()
     jump: tuple["HostSpec", ...] = ()
+    proxy_command: str | None = None          # run as /bin/sh -c "exec ..." (as ssh does), instead of a TCP connect
+    host_key_alias: str | None = None         # the name its key is looked up and recorded under
+    known_hosts_files: tuple[str, ...] = ()   # the user's own known_hosts (read only): a key there is trusted
+    strict: bool = False                      # StrictHostKeyChecking yes: an unknown key is refused
+    connect_timeout: float | None = None      # ConnectTimeout (else the provider's)
+    keepalive_interval: float | None = None   # ServerAliveInterval (else labdeck's)
+    notes: tuple[str, ...] = ()               # ssh_config options labdeck cannot honour, with file:line
+    origin: tuple[tuple[str, str], ...] = ()  # option -> where its value came from
 
     @property
     def label(self) -> str:
         who = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port != 22 else ""
         chain = "".join(f" via {j.name}" for j in reversed(self.jump))
-        return f"{self.name} ({who}{self.hostname}{port}{chain})"
+        proxy = " via ProxyCommand" if self.proxy_command else ""
+        return f"{self.name} ({who}{self.hostname}{port}{chain}{proxy})"
 
     @property
     def key(self) -> str:
         """Identity of the connection (a pool key): the whole chain."""
         chain = "/".join(j.key for j in self.jump)
-        return f"{chain}>{self.user or ''}@{self.hostname}:{self.port}[{','.join(self.identity_files)}]"
+        proxy = f"|{self.proxy_command}" if self.proxy_command else ""
+        return f"{chain}>{self.user or ''}@{self.hostname}:{self.port}[{','.join(self.identity_files)}]{proxy}"
+
+    @property
+    def key_name(self) -> tuple[str, int]:
+        """(name, port) its host key is kept under: HostKeyAlias (with port 22, as OpenSSH) or the address."""
+        return (self.host_key_alias, 22) if self.host_key_alias else (self.hostname, self.port)
 
 
-# ---- ~/.ssh/config -------------------------------------------------------
+# ---- ~/.ssh/config: OpenSSH answers (backends/sshconfig.py) ----------------------------------------
 
-@dataclass
-class SSHConfigFile:
-    """The subset of OpenSSH client config labdeck needs: Host blocks with
-    HostName, User, Port, IdentityFile, ProxyJump (first value wins)."""
-
-    blocks: list[tuple[list[str], dict[str, list[str]]]] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike | None) -> "SSHConfigFile":
-        cfg = cls()
-        if not path:
-            return cfg
-        p = Path(path).expanduser()
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cfg
-        except OSError as e:
-            raise TransportError(f"Cannot read SSH config {p} ({e.strerror}).") from None
-        current: dict[str, list[str]] = {}
-        cfg.blocks.append((["*"], current))  # options before the first Host apply to all
-        for raw in text.splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if "=" in line.split(None, 1)[0]:
-                key, _, value = line.partition("=")
-            else:
-                parts = line.split(None, 1)
-                key, value = parts[0], parts[1] if len(parts) > 1 else ""
-            key, value = key.strip().lower(), value.strip().strip('"')
-            if key == "host":
-                current = {}
-                cfg.blocks.append((value.split(), current))
-            elif key == "match":
-                current = {}  # Match blocks are not supported: their options are ignored
-            else:
-                current.setdefault(key, []).append(value)
-        return cfg
-
-    def options(self, host: str) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for patterns, opts in self.blocks:
-            if _host_matches(host, patterns):
-                for k, v in opts.items():
-                    if k == "identityfile":
-                        out.setdefault(k, []).extend(v)
-                    else:
-                        out.setdefault(k, v[:1])
-        return out
+def _is_alias(r: SSHHost) -> bool:
+    """Whether ssh_config turns this name into something else (so `host = "gpu1"` means `ssh gpu1`)."""
+    return r.hostname != r.arg or bool(r.jump) or bool(r.proxy_command)
 
 
-def _host_matches(host: str, patterns: list[str]) -> bool:
-    matched = False
-    for pat in patterns:
-        if pat.startswith("!"):
-            if fnmatch.fnmatch(host, pat[1:]):
-                return False
-        elif fnmatch.fnmatch(host, pat):
-            matched = True
-    return matched
-
-
-def parse_destination(dest: str) -> tuple[str | None, str, int | None]:
-    """``[user@]host[:port]`` → (user, host, port)."""
-    user = None
-    if "@" in dest:
-        user, dest = dest.rsplit("@", 1)
-    port = None
-    if dest.startswith("["):
-        host, _, rest = dest[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif dest.count(":") == 1:
-        host, p = dest.split(":")
-        port = int(p)
-    else:
-        host = dest
-    return user, host, port
-
-
-def resolve_host(name: str, *, known: Mapping[str, HostSpec] | None = None, ssh_config: SSHConfigFile | None = None,
+def resolve_host(name: str, *, known: Mapping[str, HostSpec] | None = None, ssh_config: SSHConfig | None = None,
                  user: str | None = None, hostname: str | None = None, port: int | None = None,
                  identity_files: tuple[str, ...] = (), jump: tuple[str, ...] | None = None,
                  _depth: int = 0) -> HostSpec:
-    """Build a HostSpec for ``name`` from explicit values, labdeck's hosts and ~/.ssh/config (in that order)."""
+    """A HostSpec for ``name``: labdeck's explicit values win, and the rest is what ``ssh name`` would use.
+
+    ``name`` may be ``[user@]host[:port]`` or ``ssh://user@host:port``. ``hostname`` is labdeck's
+    ``host =``: when ssh_config has it as an alias (a HostName, ProxyJump or ProxyCommand of its
+    own), it is resolved as ``ssh HOSTNAME`` would be; otherwise it is the address, with ``name``'s
+    Host blocks applying to the rest (``ssh -o HostName=HOSTNAME name``). Each hop of a jump chain is
+    resolved the same way; later hops are reached through the earlier ones (their own ProxyJump or
+    ProxyCommand is not used, as with ``ssh -J``)."""
     if _depth > 10:
         raise TransportError(f"The jump chain for {name} is longer than 10 hops (a loop?).")
     known = known or {}
     if name in known and hostname is None:
         return known[name]
-    ssh_config = ssh_config or SSHConfigFile()
+    cfg = ssh_config or SSHConfig()
     d_user, d_host, d_port = parse_destination(name)
-    opts = ssh_config.options(d_host)
-    host = hostname or (opts.get("hostname", [d_host])[0])
-    spec_user = user or d_user or (opts.get("user", [None])[0])
-    spec_port = port or d_port or int(opts.get("port", ["22"])[0])
-    keys = identity_files or tuple(opts.get("identityfile", []))
+    u, p = user or d_user, port or d_port
+    r = None
+    if hostname:
+        r = cfg.resolve(hostname, user=u, port=p)
+        if not _is_alias(r):
+            r = cfg.resolve(d_host, user=u, port=p, hostname=hostname)
+    else:
+        r = cfg.resolve(d_host, user=u, port=p)
+    origin = dict(r.origin)
+    proxy = r.proxy_command
     if jump is None:
-        pj = opts.get("proxyjump", ["none"])[0]
-        jump = () if pj.lower() == "none" else tuple(j.strip() for j in pj.split(","))
+        jump = r.jump
+    else:
+        proxy = None  # labdeck's jump wins over the config's ProxyJump and ProxyCommand alike
+        origin["proxyjump"] = "labdeck config"
+    keys = tuple(identity_files) or r.identity_files
+    if identity_files:
+        origin["identityfile"] = "labdeck config"
+    # warm the cache: every hop that ssh_config answers for, at once
+    cfg.resolve_many([(h, hu, hp, None) for j in jump if j not in known for hu, h, hp in [parse_destination(j)]])
     chain: list[HostSpec] = []
     for j in jump:
-        hop = resolve_host(j, known=known, ssh_config=ssh_config, _depth=_depth + 1)
+        hop = resolve_host(j, known=known, ssh_config=cfg, _depth=_depth + 1)
         if chain:  # later hops are reached through the earlier ones (their own ProxyJump is not used)
-            hop = replace(hop, jump=tuple(chain))
+            hop = replace(hop, jump=tuple(chain), proxy_command=None)
         chain = [*hop.jump, hop]
     display = d_host if ("@" in name or ":" in name) else name
-    return HostSpec(display, host, spec_user, spec_port, tuple(os.path.expanduser(k) for k in keys), tuple(chain))
+    return HostSpec(display, r.hostname, r.user, r.port, tuple(os.path.expanduser(k) for k in keys), tuple(chain),
+                    proxy_command=proxy, host_key_alias=r.host_key_alias, known_hosts_files=r.known_hosts_files,
+                    strict=r.strict_host_key_checking == "yes", connect_timeout=r.connect_timeout,
+                    keepalive_interval=r.server_alive_interval, notes=r.notes, origin=tuple(sorted(origin.items())))
 
 
 # ---- ciphers -------------------------------------------------------------------
@@ -308,6 +271,27 @@ class KnownHosts:
             os.close(fd)
 
 
+def _user_known_keys(spec: HostSpec, addr: str) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+    """(trusted, revoked) keys for ``spec`` in the user's own known_hosts files (UserKnownHostsFile,
+    GlobalKnownHostsFile from ssh_config), hashed entries included; read, never written."""
+    files = [f for f in spec.known_hosts_files if os.path.isfile(f)]
+    if not files:
+        return [], []
+    name, port = spec.key_name
+    trusted: list[asyncssh.SSHKey] = []
+    revoked: list[asyncssh.SSHKey] = []
+    for f in files:
+        try:
+            kh = asyncssh.read_known_hosts(f)
+            res = kh.match(name, "" if spec.host_key_alias else addr, None if port == 22 else port)
+        except (OSError, ValueError, asyncssh.Error) as e:
+            log.warning("cannot read %s: %s", f, e)
+            continue
+        trusted += list(res[0])
+        revoked += list(res[2])
+    return trusted, revoked
+
+
 class _Silent(TransportError):
     """A host (or a hop on the way) that did not answer at all within the timeout."""
 
@@ -323,22 +307,32 @@ class _Client(asyncssh.SSHClient):
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         offered = key.get_fingerprint("sha256")
-        stored = self.known.keys_for(self.spec.hostname, self.spec.port)
+        kname, kport = self.spec.key_name
+        mine = self.known.keys_for(kname, kport)
+        theirs, revoked = _user_known_keys(self.spec, addr)
+        if any(k == key for k in revoked):
+            self.problem = (f"The host key of {self.spec.label} ({offered}) is marked @revoked in "
+                            f"{', '.join(self.spec.known_hosts_files)}. Refusing to connect.", "")
+            return False
+        stored = mine + theirs
         if stored:
             if any(k == key for k in stored):
                 return True
+            where = self.known.path if mine else ", ".join(self.spec.known_hosts_files)
             self.problem = (
                 f"The host key of {self.spec.label} has CHANGED: labdeck knows "
                 f"{', '.join(k.get_fingerprint('sha256') for k in stored)}, the host now offers {offered}. "
                 f"Refusing to connect: this can be a machine-in-the-middle attack."
             ), (f"If the change is expected (the host was reinstalled), delete the line for "
-                f"{_host_entry(self.spec.hostname, self.spec.port)} in {self.known.path} and connect again.")
+                f"{_host_entry(kname, kport)} in {where} and connect again.")
             return False
-        if self.known.policy == "strict":
-            self.problem = (f"The host key of {self.spec.label} is unknown ({offered}) and the host key policy is strict.",
+        if self.known.policy == "strict" or self.spec.strict:
+            why = "the host key policy is strict" if self.known.policy == "strict" else \
+                "StrictHostKeyChecking is yes in ssh_config"
+            self.problem = (f"The host key of {self.spec.label} is unknown ({offered}) and {why}.",
                             f"Add the host's key to {self.known.path}, or set host_key_policy = \"accept-new\".")
             return False
-        self.known.add(self.spec.hostname, self.spec.port, key)
+        self.known.add(kname, kport, key)
         log.info("accepted new host key for %s: %s", self.spec.label, offered)
         return True
 
@@ -408,13 +402,15 @@ class _Conn:
             hop = spec.jump[-1]
             tunnel = await self.pool.connection(hop)
         client = _Client(spec, self.pool.known_hosts, self._lost)
+        timeout = spec.connect_timeout or self.pool.connect_timeout
         kwargs = dict(
             host=spec.hostname, port=spec.port, username=spec.user or self.pool.default_user,
             known_hosts=lambda h, a, p: ([], [], []),  # every key goes through _Client.validate_host_public_key
             client_factory=lambda: client, agent_forwarding=False, x11_forwarding=False,
-            keepalive_interval=self.pool.keepalive_interval, keepalive_count_max=KEEPALIVE_COUNT_MAX,
-            connect_timeout=self.pool.connect_timeout, login_timeout=self.pool.connect_timeout,
-            config=(),  # labdeck resolves ~/.ssh/config itself (resolve_host)
+            keepalive_interval=spec.keepalive_interval or self.pool.keepalive_interval,
+            keepalive_count_max=KEEPALIVE_COUNT_MAX,
+            connect_timeout=timeout, login_timeout=timeout,
+            config=(),  # ~/.ssh/config was resolved by OpenSSH already (resolve_host, backends/sshconfig.py)
             encryption_algs=encryption_algs(),
         )
         if spec.identity_files:
@@ -431,6 +427,9 @@ class _Conn:
             kwargs["client_keys"] = keys
         if tunnel is not None:
             kwargs["tunnel"] = tunnel
+        elif spec.proxy_command:
+            # as ssh runs it: through the shell, with exec, its stdin/stdout carrying the connection
+            kwargs["proxy_command"] = ["/bin/sh", "-c", "exec " + spec.proxy_command]
         try:
             conn = await asyncssh.connect(**kwargs)
             drop_chaff(conn)
@@ -442,13 +441,13 @@ class _Conn:
             raise TransportError(f"{spec.label} refused the SSH key (permission denied for user {kwargs['username']}).",
                                  "Check the user and identity_file, and that your public key is in the host's authorized_keys.") from None
         except (asyncio.TimeoutError, TimeoutError):
-            raise _Silent(f"{spec.label} did not answer within {self.pool.connect_timeout:g}s.",
+            raise _Silent(f"{spec.label} did not answer within {timeout:g}s.",
                           "Is the host up, and is the network path to it (and its jump hosts) working?") from None
         except asyncssh.ConnectionLost as e:
             if client.problem:
                 raise TransportError(*client.problem) from None
             if "Login timeout" in str(e):  # TCP connected, but no SSH conversation in time
-                raise _Silent(f"{spec.label} did not answer within {self.pool.connect_timeout:g}s (no SSH handshake).",
+                raise _Silent(f"{spec.label} did not answer within {timeout:g}s (no SSH handshake).",
                               "Is sshd running and healthy there (and on its jump hosts)?") from None
             raise TransportError(f"Cannot connect to {spec.label}: {e.reason or e}.") from None
         except (OSError, asyncssh.Error) as e:

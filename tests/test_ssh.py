@@ -328,3 +328,47 @@ async def test_a_forward_heals_after_the_link_comes_back(ws, rig) -> None:
         if fwd:
             await fwd.close()
         await (await ws.transport("node1")).run(f"kill -TERM -{pid}")
+
+
+def rig_ssh_config(rig, d: Path) -> Path:
+    """A user's ~/.ssh/config for the rig: the jump host in an Included snippet, node1 behind a
+    ProxyCommand (``ssh -W %h:%p bastion``, OpenSSH's own client as the pipe), node2 behind ProxyJump."""
+    (d / "jump.d").mkdir(parents=True)
+    cfg = d / "config"
+    (d / "jump.d" / "bastion.conf").write_text(
+        f"Host bastion\n  HostName {rig.jump.addr}\n  Port = {rig.jump.port}\n  User {rig.jump.user} # ops\n")
+    n1, n2 = rig.nodes[:2]
+    cfg.write_text(
+        f"Include {d}/jump.d/*.conf\n\n"
+        f"Host gpu-a\n  HostName {n1.addr}\n  User {n1.user}\n  Port {n1.port}\n"
+        f"  ProxyCommand ssh -F {cfg} -W %h:%p bastion\n\n"
+        f"Host gpu-b\n  HostName {n2.addr}\n  User {n2.user}\n  Port {n2.port}\n  ProxyJump bastion\n\n"
+        f"Host *\n  IdentityFile {rig.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
+        f"  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking accept-new\n  BatchMode yes\n  ConnectTimeout 5\n")
+    return cfg
+
+
+async def test_proxycommand_and_an_included_jump_host(home, fresh_rig, tmp_path) -> None:
+    """labdeck hosts named by ssh_config aliases (``host = "gpu-a"``): one reached through a ProxyCommand
+    running OpenSSH's ``ssh -W``, one through a jump host defined in an Included file."""
+    rig = fresh_rig
+    cfg = rig_ssh_config(rig, tmp_path / "dot-ssh")
+    (home / "config.toml").write_text(
+        f'[providers.lab]\ntype = "ssh"\nssh_config = "{cfg}"\nconnect_timeout = 5\n\n'
+        f'[providers.lab.hosts.a]\nhost = "gpu-a"\n\n[providers.lab.hosts.b]\nhost = "gpu-b"\n')
+    ws = Workstation(load_config(Paths.resolve(home)))
+    n1, n2 = rig.nodes[:2]
+    try:
+        specs = ws.providers["lab"].specs
+        assert specs["a"].proxy_command == f"ssh -F {cfg} -W {n1.addr}:{n1.port} bastion"
+        assert specs["a"].jump == ()
+        assert [(j.hostname, j.user) for j in specs["b"].jump] == [(rig.jump.addr, rig.jump.user)]
+        assert dict(specs["b"].jump[0].origin)["hostname"] == f"{tmp_path / 'dot-ssh' / 'jump.d' / 'bastion.conf'}:2"
+        for name, node in (("a", n1), ("b", n2)):
+            t = await ws.transport(name)
+            res = await t.run("id -un; hostname -I")
+            assert res.exit_code == 0, res.stderr
+            assert res.stdout.decode().split()[0] == node.user
+        # (the nodes have no route from here but through the jump host: a direct connect could not have worked)
+    finally:
+        await ws.close()

@@ -13,7 +13,7 @@ from backends.errors import TransportError
 from backends.ssh import (
     HostSpec,
     KnownHosts,
-    SSHConfigFile,
+    SSHConfig,
     SSHPool,
     SSHTransport,
     encryption_algs,
@@ -27,7 +27,8 @@ Host bastion
     HostName bastion.example.org
     User ops
     Port 2222
-    IdentityFile ~/.ssh/ops_key
+    IdentityFile KEYDIR/ops_key
+    IdentityFile KEYDIR/absent_key
 
 Host inner
     HostName 10.1.0.5
@@ -46,10 +47,11 @@ Host *
 """
 
 
-def cfg(tmp_path: Path) -> SSHConfigFile:
+def cfg(tmp_path: Path) -> SSHConfig:
     p = tmp_path / "config"
-    p.write_text(SSH_CONFIG)
-    return SSHConfigFile.load(p)
+    p.write_text(SSH_CONFIG.replace("KEYDIR", str(tmp_path)))
+    (tmp_path / "ops_key").write_text("")
+    return SSHConfig.load(p)
 
 
 def test_destinations() -> None:
@@ -65,7 +67,7 @@ def test_ssh_config_first_value_wins_and_chains(tmp_path: Path) -> None:
     assert [h.name for h in spec.jump] == ["bastion", "inner"]
     bastion, inner = spec.jump
     assert (bastion.hostname, bastion.user, bastion.port) == ("bastion.example.org", "ops", 2222)
-    assert bastion.identity_files == (str(Path("~/.ssh/ops_key").expanduser()),)
+    assert bastion.identity_files == (str(tmp_path / "ops_key"),)  # only keys that exist, as ssh offers them
     assert inner.jump == (bastion,)  # each hop goes through the ones before it
     assert "via inner via bastion" in spec.label
 
@@ -75,7 +77,7 @@ def test_explicit_values_win_and_unknown_hosts_use_defaults(tmp_path: Path) -> N
     spec = resolve_host("box", ssh_config=c, hostname="192.0.2.9", port=2200, jump=("ops@bastion.example.org:2222",))
     assert (spec.hostname, spec.port, spec.user) == ("192.0.2.9", 2200, "default-user")
     assert spec.jump[0].user == "ops" and spec.jump[0].port == 2222
-    plain = resolve_host("other", ssh_config=SSHConfigFile())
+    plain = resolve_host("other", ssh_config=SSHConfig())
     assert (plain.hostname, plain.user, plain.port, plain.jump) == ("other", None, 22, ())
 
 
@@ -83,7 +85,7 @@ def test_jump_loop_is_an_error(tmp_path: Path) -> None:
     p = tmp_path / "c"
     p.write_text("Host a\n ProxyJump b\nHost b\n ProxyJump a\n")
     with pytest.raises(TransportError, match="longer than 10 hops"):
-        resolve_host("a", ssh_config=SSHConfigFile.load(p))
+        resolve_host("a", ssh_config=SSHConfig.load(p))
 
 
 def spec_for(server, key: str) -> HostSpec:
@@ -277,3 +279,25 @@ async def test_the_home_directory_is_asked_once_per_host(ssh_server, ssh_client_
         assert sum('"$HOME"' in (c or "") for c in ssh_server.commands) == 1
     finally:
         await pool.close()
+
+
+def test_a_missing_ssh_config_is_an_empty_one(tmp_path: Path) -> None:
+    spec = resolve_host("gpu1", ssh_config=SSHConfig(tmp_path / "no-such-config"))
+    assert (spec.hostname, spec.port, spec.jump, spec.proxy_command) == ("gpu1", 22, (), None)
+
+
+def test_an_option_labdeck_cannot_honour_is_reported_once_with_its_line(tmp_path: Path, caplog) -> None:
+    p = tmp_path / "config"
+    p.write_text("Host gpu1\n  HostName 10.0.0.1\n\nHost *\n  ForwardAgent yes\n  LocalForward 8080 localhost:80\n"
+                 "  StrictHostKeyChecking no\n")
+    cfg = SSHConfig(p)
+    with caplog.at_level("WARNING", logger="labdeck.sshconfig"):
+        a = resolve_host("gpu1", ssh_config=cfg)
+        b = resolve_host("gpu2", ssh_config=cfg)
+    notes = " ".join(a.notes)
+    if cfg.authority == "ssh -G":
+        assert f"{p}:5: ForwardAgent yes is not honoured" in notes
+        assert f"{p}:6: LocalForward" in notes and f"{p}:7: StrictHostKeyChecking" in notes
+    assert b.notes == a.notes
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(set(warned)) == 3  # once each, not once per host

@@ -41,7 +41,7 @@ from ..catalog import Catalog, SizeInfo, ec2_shape
 from ..config import Field
 from ..errors import LabdeckError, ProviderError
 from ..models import Instance
-from ..ssh import HostSpec, SSHConfigFile, SSHPool, SSHTransport, resolve_host
+from ..ssh import HostSpec, SSHConfig, SSHPool, SSHTransport, resolve_host
 from .base import InstanceSpec, Provider, Transport
 
 TAG_OWNER, TAG_ID, TAG_NAME = "labdeck-owner", "labdeck-id", "labdeck-name"
@@ -729,13 +729,13 @@ class CloudProvider(Provider):
 
     def __init__(self, name: str, options: Mapping[str, object], *, ptype: str, pool: SSHPool,
                  catalog: Catalog | None = None, env: Mapping[str, str] | None = None,
-                 ssh_config: SSHConfigFile | None = None) -> None:
+                 ssh_config: SSHConfig | None = None) -> None:
         super().__init__(name, options)
         self.type = ptype
         self.api: CloudAPI = APIS[ptype](name, self.options, os.environ if env is None else env)
         self.pool = pool
         self.catalog = catalog or Catalog.load()
-        self.ssh_config = ssh_config if ssh_config is not None else SSHConfigFile.load(self.options.get("ssh_config") or None)
+        self.ssh_config = ssh_config if ssh_config is not None else SSHConfig.load(self.options.get("ssh_config") or None)
         self.region = str(self.options["region"])
         self._nodes: dict[str, Any] = {}  # instance name -> last libcloud Node
         self._instances: dict[str, Instance] = {}

@@ -2,11 +2,12 @@
 
     [providers.lab]
     type = "ssh"
-    ssh_config = "~/.ssh/config"        # also read for HostName/User/Port/IdentityFile/ProxyJump
+    ssh_config = "~/.ssh/config"        # resolved by OpenSSH itself (ssh -G): HostName, User, Port, IdentityFile,
+                                        # ProxyJump, ProxyCommand, host-key settings, Include, Match, tokens
     host_key_policy = "accept-new"      # or "strict"
 
     [providers.lab.hosts.gpu1]
-    host = "10.0.0.7"                   # default: the name, resolved through ~/.ssh/config
+    host = "10.0.0.7"                   # default: the name, resolved through ~/.ssh/config (an alias there works too)
     user = "alice"
     jump = ["bastion"]                  # a chain of any length: names here, ~/.ssh/config aliases, user@host:port
     identity_file = "~/.ssh/id_ed25519"
@@ -33,7 +34,7 @@ from .. import clock
 from ..config import Field
 from ..errors import LabdeckError, ProviderError
 from ..models import Instance
-from ..ssh import HostSpec, KnownHosts, SSHConfigFile, SSHPool, SSHTransport, resolve_host
+from ..ssh import HostSpec, KnownHosts, SSHConfig, SSHPool, SSHTransport, resolve_host
 from .base import Transport, UnmanagedProvider
 
 
@@ -114,17 +115,18 @@ class SSHProvider(UnmanagedProvider):
     type = "ssh"
 
     def __init__(self, name: str, options: Mapping[str, object], *, pool: SSHPool | None = None,
-                 known_hosts_path: Path | None = None, ssh_config: SSHConfigFile | None = None) -> None:
+                 known_hosts_path: Path | None = None, ssh_config: SSHConfig | None = None) -> None:
         super().__init__(name, options)
         hosts: dict[str, dict[str, Any]] = dict(options.get("hosts") or {})  # type: ignore[arg-type]
         self.hosts = hosts
-        self.ssh_config = ssh_config if ssh_config is not None else SSHConfigFile.load(options.get("ssh_config") or None)
+        self.ssh_config = ssh_config if ssh_config is not None else SSHConfig.load(options.get("ssh_config") or None)
         if pool is None:
             known = KnownHosts(known_hosts_path or Path("~/.labdeck/known_hosts").expanduser(),
                                str(options.get("host_key_policy", "accept-new")))
             pool = SSHPool(known, connect_timeout=float(options.get("connect_timeout", 5.0)))  # type: ignore[arg-type]
         self.pool = pool
         self.specs: dict[str, HostSpec] = {}
+        self._warm()
         for hname in hosts:
             self.specs[hname] = self._spec(hname)
         self._facts: dict[str, tuple[int, dict[str, Any]]] = {}  # host -> (connection generation, facts)
@@ -141,6 +143,17 @@ class SSHProvider(UnmanagedProvider):
                             hostname=h["host"] or None, port=h["port"] or None,
                             identity_files=(h["identity_file"],) if h["identity_file"] else (),
                             jump=tuple(h["jump"]) if h["jump"] else None)
+
+    def _warm(self) -> None:
+        """Ask ssh_config about every host at once (``ssh -G`` runs concurrently), before the specs
+        are built one by one from the cache: first each ``host =`` (is it an alias?), then each entry."""
+        cfg = self.ssh_config
+        if cfg.authority == "none":
+            return
+        ask = lambda hn, h, hostname: (hn, h["user"] or None, h["port"] or None, hostname)  # noqa: E731
+        first = cfg.resolve_many([ask(h["host"] or hn, h, None) for hn, h in self.hosts.items()])
+        cfg.resolve_many([ask(hn, h, h["host"]) for (hn, h), r in zip(self.hosts.items(), first)
+                          if h["host"] and r.hostname == r.arg and not r.jump and not r.proxy_command])
 
     def _host(self, instance: str) -> dict[str, Any]:
         h = self.hosts.get(instance)
@@ -197,6 +210,8 @@ class SSHProvider(UnmanagedProvider):
             setattr(inst, k, v)
         inst.state = "running"
         inst.latency_ms = latency * 1000
+        if spec.notes and not inst.note:
+            inst.note = " ".join(spec.notes)
         return inst
 
     def _apply_cached(self, inst: Instance, instance: str) -> None:
