@@ -29,7 +29,7 @@ from .errors import LabdeckError, NotFoundError
 from .models import Notebook, Run, utcnow
 from .providers.base import PortForward, Transport
 from .ownership import copy_code, is_own_run, own_python
-from .serving import free_port, http_status, save_secret, secret_path, ssh_line
+from .serving import free_port, http_status, run_python, save_secret, secret_path, ssh_line
 
 BOOTSTRAP_TIMEOUT = 900.0
 START_TIMEOUT = 120.0
@@ -89,7 +89,7 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
         env = dict(env or {})
     else:
         root = (run.workdir if run is not None else workdir) or await transport.home_dir()
-        python = ((run.environment or {}).get("executable") if run is not None else None) or own_python(target)
+        python = await run_python(transport, run) if run is not None else own_python(target)
         env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
     py, module = await _jupyter(transport, python, f"{base}/venv", say, env or None)
     jport = await free_port(transport, py, port)

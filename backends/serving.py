@@ -42,9 +42,19 @@ class Served:
     ssh_line: str
 
 
-def _python_of(run: Run) -> str:
+async def run_python(transport: Transport, run: Run) -> str:
+    """The interpreter one of your runs ran with: its record's ``environment.executable`` (what the
+    job's ``import labdeck`` or its command's own interpreter recorded); for a run still going, the
+    ``environment.json`` in its run directory; else your own (:func:`own_python`). Only for your
+    own runs: someone else's record names a program of their choosing."""
     exe = (run.environment or {}).get("executable")
-    return exe or "python3"
+    if not exe and run.run_dir:
+        try:
+            raw = await transport.read_file(f"{run.run_dir}/environment.json", 0, 1 << 20)
+            exe = json.loads(raw.data or b"{}").get("executable")
+        except (LabdeckError, ValueError, AttributeError):
+            exe = None
+    return exe if isinstance(exe, str) and exe.startswith("/") else own_python(run.instance)
 
 
 def pick_model(run: Run, model: str | None, api: str | None) -> tuple[str | None, str | None]:
@@ -77,7 +87,7 @@ async def deploy(ws, run_ref: str, *, instance: str | None = None, port: int = 8
     dep = Deployment(run_id=run.id, instance=target, name=name or (run.name or run.id[-8:].lower()), port=0,
                      model=model or api or "", user=ws.user)
     if own:  # your run: its own environment (env.sh: PYTHONPATH, CUDA_VISIBLE_DEVICES, …) and interpreter
-        home_dir, workdir, python = run.run_dir, (run.workdir if api else run.run_dir), _python_of(run)
+        home_dir, workdir, python = run.run_dir, (run.workdir if api else run.run_dir), await run_python(transport, run)
         source_env = f"[ -f {shlex.quote(run.run_dir + '/env.sh')} ] && . {shlex.quote(run.run_dir + '/env.sh')}; "
     else:  # someone else's: a directory of yours with copies of its code and model, your interpreter, none of their env
         home_dir = f"{(await transport.runs_root()).rstrip('/')}/{dep.id}"
