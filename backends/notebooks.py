@@ -29,7 +29,7 @@ from .errors import LabdeckError, NotFoundError
 from .models import Notebook, Run, utcnow
 from .providers.base import PortForward, Transport
 from .ownership import copy_code, is_own_run, own_python
-from .serving import free_port, http_status, run_python, save_secret, secret_path, ssh_line
+from .serving import free_port, http_status, laptop_hop, run_python, save_secret, secret_path, ssh_line
 
 BOOTSTRAP_TIMEOUT = 900.0
 START_TIMEOUT = 120.0
@@ -139,7 +139,7 @@ async def start(ws, *, instance: str | None = None, run_ref: str | None = None, 
     nb.state = "running"
     ws.store.mine.put(Notebook.TABLE, nb.id, nb.to_dict())
     return Opened(nb, ws.store.find_run(job.id), token, forward, f"{nb.url}/?token={token}",
-                  ssh_line(transport, forward.local_port, jport))
+                  ssh_line(transport, forward.local_port, jport, laptop_hop(ws.config, ws.user)))
 
 
 def status(url: str, token: str) -> dict:

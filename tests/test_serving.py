@@ -267,6 +267,7 @@ async def test_serve_a_run_whose_venv_is_on_no_path(workstation: Workstation, tm
     venv_python = make_venv(tmp_path / "venv")
     decoy = decoy_python3(tmp_path / "decoy", bare)
     monkeypatch.setenv("PATH", f"{decoy}:{os.environ['PATH']}")
+    monkeypatch.setenv("SSH_CONNECTION", "198.51.100.7 50000 203.0.113.5 2222")  # labdeck on a jump host, SSHed into
     run = await workstation.launch(f"{venv_python} train.py --steps 100", workdir=str(examples_dir() / "quickstart"),
                                    name="venv-example")
     done = await wait_final(workstation, run.id, 90)
@@ -278,6 +279,9 @@ async def test_serve_a_run_whose_venv_is_on_no_path(workstation: Workstation, tm
         status, body, _ = await asyncio.to_thread(serving.predict, served.deployment.url, served.api_key,
                                                   {"x": [[0.0] * 16]})
         assert status == 200 and len(body["prob"]) == 1
+        # the line a teammate pastes on a laptop reaches this machine as the laptop did
+        assert served.ssh_line == (f"ssh -N -L {served.forward.local_port}:127.0.0.1:{served.deployment.port} "
+                                   f"-p 2222 {workstation.user}@203.0.113.5")
         assert Path(f"/proc/{served.deployment.pid}/cmdline").read_bytes().split(b"\0")[0] == str(venv_python).encode()
     finally:
         await served.forward.close()
