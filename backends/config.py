@@ -97,6 +97,22 @@ SCHEMA["budget"] = {
                            lambda v: None if 0 < v <= 1 else "must be between 0 and 1"),
 }
 
+def _hop(v: Any) -> str | None:
+    """``[user@]host[:port]``, as ssh's -J takes it ('' = not set)."""
+    if not v:
+        return None
+    ok = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_.-]{0,31}@)?([A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?", v)
+    return None if ok else "must be [user@]host[:port], e.g. bastion.example.org or alice@203.0.113.5:2222"
+
+
+SCHEMA["team"] = {
+    # labdeck on a jump host prints, for serving and notebooks, the `ssh -N -L …` line a teammate pastes
+    # on a laptop; the laptop reaches the nodes only through this machine, so the line goes -J through it
+    "jump_host": Field(str, "", "The jump host as laptops reach it ([user@]host[:port]), for the `ssh -N -L …` line "
+                                "printed for serving and notebooks ('' = the address this SSH session came in on, "
+                                "from SSH_CONNECTION; none outside an SSH session)", _hop),
+}
+
 ENV_OVERRIDES = {"LABDECK_TEAM_DIR": ("store", "team_dir")}
 
 TOP_LEVEL = set(SCHEMA) | {"providers", "keys"}

@@ -4,7 +4,12 @@ The local copy (``<cache dir>/logs/<user>/<run id>.log``) is the follower's
 memory: its size is the offset of the next read, so a follower that is killed
 and started again (labdeck restarted, SSH reconnected, jump host back) resumes
 exactly where it stopped: nothing lost, nothing shown twice. The offset is also
-written to the run record now and then (``log_offset``), for the record.
+written now and then (``log_offset``), for the record: to the run's status file while it
+runs (:meth:`backends.store.Store.set_status`, no journal commit), to the record at its end.
+
+What the run reported (its metrics summary, hardware, parameters) goes into the record while it
+runs at growing intervals (:data:`RECORD_FIRST`, doubling up to :data:`RECORD_EVERY`), and in
+full at its end: a run that logs all day adds a record to the journal a minute, not per line.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ CHUNK = 4 << 20
 POLL_ACTIVE = 0.1  # seconds between reads while the run writes
 POLL_IDLE = 0.5  # a job that logs every few seconds still shows within ~0.6 s
 RETRY = 0.25  # after a transport error (the connection pool reconnects on the next call)
-SAVE_OFFSET_EVERY = 5.0
+SAVE_OFFSET_EVERY = 5.0  # the log offset into the status file (not the journal)
+RECORD_FIRST = 5.0  # the first interim record of what a run reported (its parameters show early) ...
+RECORD_EVERY = 60.0  # ... then at doubling intervals up to this (a journal commit each)
 
 
 class MissingFile(LabdeckError):
@@ -98,7 +105,8 @@ class LogFollower:
     async def follow(self, run_id: str, on_data: Callable[[Run, int], None] | None = None) -> Run:
         """Keep the local copy current until the run ends (and its last bytes are in). Survives disconnects."""
         store = self.ws.store
-        last_save = time.monotonic()
+        last_save = last_record = time.monotonic()
+        record_every = min(RECORD_FIRST, RECORD_EVERY)
         delay = POLL_ACTIVE
         while True:
             run = store.find_run(run_id)
@@ -112,9 +120,12 @@ class LogFollower:
             if n and on_data:
                 on_data(run, n)
             if n and time.monotonic() - last_save > SAVE_OFFSET_EVERY and run.user == store.user:
-                self._save_offset(run)
-                await self._record(run, final=False)
+                self._save_offset(run, final=False)
                 last_save = time.monotonic()
+            if n and time.monotonic() - last_record > record_every and run.user == store.user:
+                await self._record(run, final=False)
+                last_record = time.monotonic()
+                record_every = min(record_every * 2, RECORD_EVERY)
             if run.run_state.is_final:
                 try:  # the job may have written its last lines just before it ended
                     n = await self.step(run)
@@ -129,7 +140,7 @@ class LogFollower:
                 if copy is not None:  # its last checkpoint is in before the follow ends
                     await copy
                 if run.user == store.user:
-                    self._save_offset(run)
+                    self._save_offset(run, final=True)
                     run = await self._record(run, final=True)
                 return run
             if not n and run.user == store.user:
@@ -185,9 +196,13 @@ class LogFollower:
         except (LabdeckError, StoreError):
             return run
 
-    def _save_offset(self, run: Run) -> None:
+    def _save_offset(self, run: Run, final: bool) -> None:
+        """The offset followed so far: into the run's status file while it runs, into its record at the end."""
         try:
-            self.ws.store.update_run(run.id, log_offset=self.offset(run))
+            if final:
+                self.ws.store.update_run(run.id, log_offset=self.offset(run))
+            else:
+                self.ws.store.set_status(run.id, log_offset=self.offset(run))
         except (StoreError, LabdeckError):
             pass
 

@@ -6,7 +6,9 @@ A run directory (``<runs root>/<run id>/``) holds::
     env.sh       the job's environment (exports; 0700, like the directory itself)
     secrets.env  the values of the run's secrets (0600; sent on stdin, sourced and removed as the job starts)
     command.sh   the command (sources env.sh, then secrets.env)
-    environment.json  the job's Python version and packages, recorded at start
+    environment.json  the job's Python (interpreter, version, packages), recorded at start: by the
+                 job itself when it imports labdeck (its sys.executable), else by the wrapper
+                 with the command's own interpreter (:func:`job_python`, found on the job's PATH)
     run.sh       the wrapper: records pid, start/end time and exit code
     pid          the wrapper's pid == the job's process-group id
     started_at   ended_at   exit_code     (UTC times; exit code written atomically)
@@ -16,7 +18,8 @@ A run directory (``<runs root>/<run id>/``) holds::
 
 The job runs in its own session with stdin closed, so it survives labdeck, the
 SSH connection and the jump host. ``refresh`` reads the run directories back
-(in one command per instance) and moves runs through the state machine.
+(in one command per instance) and moves runs through the state machine; a running run's
+new last line goes to its status file (:meth:`Store.set_status`), not the journal.
 Everything here goes through the Transport contract, so it is the same on
 ``local`` and on a remote host.
 """
@@ -27,6 +30,7 @@ import asyncio
 import base64
 import os
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +58,14 @@ D={run_dir}
 Q={queue_dir}
 ID={run_id}
 MAX={max_concurrent}
+PY={python}
 ENVPY='import json, sys, platform
 try:
     import importlib.metadata as m
     pk = sorted({"%s==%s" % (d.metadata["Name"], d.version) for d in m.distributions() if d.metadata["Name"]})
 except Exception:
     pk = []
-json.dump({"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(), "packages": pk[:3000]}, sys.stdout)'
+json.dump({"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(), "packages": pk[:3000], "recorded_by": "command"}, sys.stdout)'
 """ + ALIVE_FN + r"""
 echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
 : >> "$D/metrics.jsonl"  # where labdeck.log() appends metric points (JSON lines)
@@ -81,9 +86,11 @@ date -u +%Y-%m-%dT%H:%M:%SZ > "$D/started_at.tmp" && mv "$D/started_at.tmp" "$D/
 # SIGTERM/SIGINT/SIGHUP to the process group stop the job; the wrapper stays to record how it ended.
 trap ':' TERM INT HUP
 if cd {workdir}; then
-  # the job's Python environment, for the record (in the background; never delays or breaks the job)
-  ( . "$D/env.sh"; python3 -c "$ENVPY" > "$D/environment.json.tmp" && mv "$D/environment.json.tmp" "$D/environment.json" ) \
-    </dev/null >/dev/null 2>&1 &
+  # the job's Python environment, for the record (in the background; never delays or breaks the job):
+  # the command's interpreter as the job finds it (its env.sh: its PATH, in its directory); linked in
+  # only if the job's own `import labdeck` has not recorded its sys.executable first
+  ( . "$D/env.sh"; P=$(command -v "$PY") || P=$(command -v python3) || exit 0; T="$D/lib/.environment.json.$$"
+    "$P" -c "$ENVPY" > "$T" && ln "$T" "$D/environment.json"; rm -f "$T" ) </dev/null >/dev/null 2>&1 &
   sh "$D/command.sh" >> "$D/output.log" 2>&1 < /dev/null
   code=$?
 else
@@ -149,6 +156,25 @@ async def read_statuses(transport: Transport, run_dirs: list[str]) -> dict[str, 
 
 
 RUNTIME_MODULE = Path(__file__).parent / "runtime" / "labdeck.py"
+_PYTHON_NAME = re.compile(r"python[0-9.]*")
+_PREFIXES = {"exec", "env", "nohup", "time", "command"}
+
+
+def job_python(command: str) -> str:
+    """The interpreter a command runs, as written: its first word when that is a Python
+    (``/opt/venv/bin/python``, ``.venv/bin/python3``, ``python3.11``), past ``NAME=value``
+    assignments and ``exec``/``env``/``nohup``/``time``; else ``python3``. The wrapper looks it
+    up with the job's own PATH, in its directory. (A command that starts Python some other way,
+    e.g. ``torchrun`` or a shell script, is recorded exactly when its script imports labdeck.)"""
+    try:
+        words = shlex.split(command.strip().splitlines()[0]) if command.strip() else []
+    except ValueError:
+        return "python3"
+    for word in words:
+        if word in _PREFIXES or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", word, re.S) or word.startswith("-"):
+            continue  # (`env -i`, `time -p`: their options)
+        return word if _PYTHON_NAME.fullmatch(posixpath.basename(word)) else "python3"
+    return "python3"
 SUBMIT_WAIT_SECONDS = 2.0  # how long submit waits to see the job start (it may be queued behind others)
 
 
@@ -255,7 +281,8 @@ async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, 
     exports += f'export PYTHONPATH={shlex.quote(run.run_dir + "/lib")}"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
     wrapper = WRAPPER
     for key, value in {"run_id": run.id, "run_dir": shlex.quote(run.run_dir), "workdir": shlex.quote(job_dir),
-                       "queue_dir": shlex.quote(queue_dir), "max_concurrent": str(max(1, int(max_concurrent)))}.items():
+                       "queue_dir": shlex.quote(queue_dir), "max_concurrent": str(max(1, int(max_concurrent))),
+                       "python": shlex.quote(job_python(run.command))}.items():
         wrapper = wrapper.replace("{" + key + "}", value)  # (not str.format: the shell code has braces)
     d = shlex.quote(run.run_dir)
 
@@ -290,8 +317,8 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
     ``mine``: this user's runs if the caller already loaded them."""
     if mine is None:
         mine, _ = store.runs(team=False)
-    active = [r for r in mine if r.instance == instance and r.run_dir and r.pid
-              and r.run_state in (RunState.QUEUED, RunState.RUNNING, RunState.LOST)]
+    active = store.with_status([r for r in mine if r.instance == instance and r.run_dir and r.pid
+                                and r.run_state in (RunState.QUEUED, RunState.RUNNING, RunState.LOST)])
     statuses = await read_statuses(transport, [r.run_dir for r in active])
     changed: list[Run] = []
     for run in active:
@@ -317,7 +344,10 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
             changed.append(store.transition(run.id, RunState.FAILED, ended_at=utcnow(), last_line=st.last_line,
                                             state_reason="the job's process ended without an exit code (killed?)"))
         elif st.last_line and st.last_line != run.last_line:
-            changed.append(store.update_run(run.id, last_line=st.last_line))
+            # a new log line is status, not history: its status file, not a journal commit
+            store.set_status(run.id, last_line=st.last_line)
+            run.last_line = st.last_line
+            changed.append(run)
     return changed
 
 

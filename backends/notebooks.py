@@ -29,7 +29,7 @@ from .errors import LabdeckError, NotFoundError
 from .models import Notebook, Run, utcnow
 from .providers.base import PortForward, Transport
 from .ownership import copy_code, is_own_run, own_python
-from .serving import free_port, http_status, save_secret, secret_path, ssh_line
+from .serving import free_port, http_status, laptop_hop, run_python, save_secret, secret_path, ssh_line
 
 BOOTSTRAP_TIMEOUT = 900.0
 START_TIMEOUT = 120.0
@@ -97,7 +97,7 @@ async def start(ws, *, instance: str | None = None, run_ref: str | Run | None = 
         env = {**(env or {}), "PYTHONSAFEPATH": "1"}
     else:
         root = (run.workdir if run is not None else workdir) or await transport.home_dir()
-        python = ((run.environment or {}).get("executable") if run is not None else None) or own_python(target)
+        python = await run_python(transport, run) if run is not None else own_python(target)
         env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
         cwd = root
     py, module = await _jupyter(transport, python, f"{base}/venv", say, env or None)
@@ -148,7 +148,7 @@ async def start(ws, *, instance: str | None = None, run_ref: str | Run | None = 
     nb.state = "running"
     ws.store.mine.put(Notebook.TABLE, nb.id, nb.to_dict())
     return Opened(nb, ws.store.find_run(job.id), token, forward, f"{nb.url}/?token={token}",
-                  ssh_line(transport, forward.local_port, jport))
+                  ssh_line(transport, forward.local_port, jport, laptop_hop(ws.config, ws.user)))
 
 
 def status(url: str, token: str) -> dict:

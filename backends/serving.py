@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shlex
 import time
@@ -42,9 +44,19 @@ class Served:
     ssh_line: str
 
 
-def _python_of(run: Run) -> str:
+async def run_python(transport: Transport, run: Run) -> str:
+    """The interpreter one of your runs ran with: its record's ``environment.executable`` (what the
+    job's ``import labdeck`` or its command's own interpreter recorded); for a run still going, the
+    ``environment.json`` in its run directory; else your own (:func:`own_python`). Only for your
+    own runs: someone else's record names a program of their choosing."""
     exe = (run.environment or {}).get("executable")
-    return exe or "python3"
+    if not exe and run.run_dir:
+        try:
+            raw = await transport.read_file(f"{run.run_dir}/environment.json", 0, 1 << 20)
+            exe = json.loads(raw.data or b"{}").get("executable")
+        except (LabdeckError, ValueError, AttributeError):
+            exe = None
+    return exe if isinstance(exe, str) and exe.startswith("/") else own_python(run.instance)
 
 
 def pick_model(run: Run, model: str | None, api: str | None) -> tuple[str | None, str | None]:
@@ -77,7 +89,7 @@ async def deploy(ws, run_ref: str | Run, *, instance: str | None = None, port: i
     dep = Deployment(run_id=run.id, instance=target, name=name or (run.name or run.id[-8:].lower()), port=0,
                      model=model or api or "", user=ws.user)
     if own:  # your run: its own environment (env.sh: PYTHONPATH, CUDA_VISIBLE_DEVICES, …) and interpreter
-        home_dir, workdir, python = run.run_dir, (run.workdir if api else run.run_dir), _python_of(run)
+        home_dir, workdir, python = run.run_dir, (run.workdir if api else run.run_dir), await run_python(transport, run)
         source_env = f"[ -f {shlex.quote(run.run_dir + '/env.sh')} ] && . {shlex.quote(run.run_dir + '/env.sh')}; "
     else:  # someone else's: a directory of yours with copies of its code and model, your interpreter, none of their env
         home_dir = f"{(await transport.runs_root()).rstrip('/')}/{dep.id}"
@@ -133,7 +145,7 @@ async def deploy(ws, run_ref: str | Run, *, instance: str | None = None, port: i
         raise
     dep.state = "healthy"
     ws.store.mine.put(Deployment.TABLE, dep.id, dep.to_dict())
-    return Served(dep, key, forward, ssh_line(transport, forward.local_port, remote_port))
+    return Served(dep, key, forward, ssh_line(transport, forward.local_port, remote_port, laptop_hop(ws.config, ws.user)))
 
 
 async def free_port(transport: Transport, python: str, port: int) -> int:
@@ -246,22 +258,65 @@ def api_key(ws, dep_id: str) -> str | None:
     return read_secret(ws, dep_id)
 
 
-def ssh_line(transport: Transport, local_port: int, remote_port: int) -> str:
+def _hop_text(user: str | None, host: str, port: int) -> str:
+    """One ``-J`` hop: ``user@host:port`` (an IPv6 address in brackets, as -J needs it)."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{user + '@' if user else ''}{shown}{':' + str(port) if port != 22 else ''}"
+
+
+def laptop_hop(config, user: str, environ=None) -> tuple[str, str, int] | None:
+    """How a laptop reaches the machine labdeck runs on, as (user, host, port), when labdeck runs
+    in an SSH session (on a jump host): ``[team] jump_host`` if set, else the address and port
+    this session came in on (``SSH_CONNECTION``: ``client_ip client_port server_ip server_port``),
+    as ``user``. None outside an SSH session: the laptop is this machine, or on its network."""
+    environ = os.environ if environ is None else environ
+    try:
+        configured = config.get("team", "jump_host") if config is not None else ""
+    except KeyError:
+        configured = ""
+    if configured:
+        who, at, rest = configured.rpartition("@")
+        host, port = rest, 22
+        m = re.fullmatch(r"(\[[^]]+\]|[^:]+)(?::([0-9]+))?", rest)
+        if m:
+            host, port = m.group(1).strip("[]"), int(m.group(2) or 22)
+        return (who if at else user), host, port
+    parts = (environ.get("SSH_CONNECTION") or "").split()
+    if len(parts) != 4:
+        return None
+    try:
+        address = ipaddress.ip_address(parts[2].split("%")[0])
+        port = int(parts[3])
+    except ValueError:
+        return None
+    if address.is_loopback or not 0 < port < 65536:
+        return None  # a session from this machine itself says nothing about laptops
+    return user, str(address), port
+
+
+def ssh_line(transport: Transport, local_port: int, remote_port: int,
+             via: tuple[str, str, int] | None = None) -> str:
     """The command a teammate runs on a laptop to reach the server through the same chain.
+
+    ``via`` (:func:`laptop_hop`): labdeck itself runs on a machine the laptop reaches over SSH
+    (a jump host), so the line starts there: ``-J user@that-address`` before the host's own chain,
+    or straight to that machine when the server runs on it.
 
     Plain OpenSSH, so it works anywhere. Through a jump host it is slower than labdeck's own forward:
     with no session on the jump connection (``-J`` cannot run one) OpenSSH leaves Nagle's algorithm
     on there, and a client that writes headers and body separately waits ~40 ms for a delayed ACK on
     some requests (measured on the rig: p50 1.2 ms, p99 45 ms, one client; tests/benchmarks/bench_serving.py)."""
+    forward = f"ssh -N -L {local_port}:127.0.0.1:{remote_port}"
     spec = getattr(transport, "spec", None)  # SSH hosts and cloud instances: the host and its jump chain
     if spec is None:  # this machine (or a jump host itself): forward to it directly
-        host = os.uname().nodename
-        return f"ssh -N -L {local_port}:127.0.0.1:{remote_port} {host}"
-    jumps = ",".join(f"{j.user + '@' if j.user else ''}{j.hostname}{':' + str(j.port) if j.port != 22 else ''}"
-                     for j in spec.jump)
+        if via is None:
+            return f"{forward} {os.uname().nodename}"
+        user, host, port = via
+        return f"{forward}{f' -p {port}' if port != 22 else ''} {user + '@' if user else ''}{host}"
+    hops = ([_hop_text(*via)] if via is not None else []) + [_hop_text(j.user, j.hostname, j.port) for j in spec.jump]
     dest = f"{spec.user + '@' if spec.user else ''}{spec.hostname}"
     port = f" -p {spec.port}" if spec.port != 22 else ""
-    return f"ssh -N -L {local_port}:127.0.0.1:{remote_port}" + (f" -J {jumps}" if jumps else "") + f"{port} {dest}"
+    return forward + (f" -J {','.join(hops)}" if hops else "") + f"{port} {dest}"
 
 
 def predict(url: str, key: str | None, body: dict, timeout: float = 30) -> tuple[int, dict | str, float]:

@@ -39,7 +39,11 @@ storage of its own:
   exception that hides everyone's runs. The team directory itself must be
   sticky and belong to root or you (:func:`check_team_dir`).
 
-Metric points never go here: they are append-only per-run JSONL files.
+Metric points never go here: they are append-only per-run JSONL files. Nor does a running
+run's fast-changing status (its last log line, the log offset followed so far): that is one small
+file per active run, ``<team_dir>/<user>/status/<run id>.json``, replaced atomically without an
+fsync and read over the record by :meth:`Store.runs` while the run is not final. The journal grows
+with state changes, not with log lines; the final transition journals the last line once.
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ META = "_meta"
 SNAPSHOT = "store.json"
 LOCK = ".lock"
 BLOBS = "blobs"
+STATUS = "status"
+# The fast-changing fields of an active run that live in its status file, not in the journal.
+STATUS_FIELDS: dict[str, type] = {"last_line": str, "log_offset": int}
+STATUS_CAP = 16 << 10  # a status file holds a 300-character line and a number
 
 # Reading a teammate's store costs at most this much per file (a snapshot, a journal) before parsing;
 # a larger file is skipped with an error line. (10,000 runs of a busy user are about 20 MiB.)
@@ -1004,7 +1012,7 @@ class Store:
             docs, errors = self.team_records("runs")
         else:
             docs, errors = self._own("runs", self.mine.all("runs")), {}
-        runs = [Run.from_dict(d) for d in docs]
+        runs = self.with_status([Run.from_dict(d) for d in docs])
         runs.sort(key=lambda r: r.id, reverse=True)
         return runs, errors
 
@@ -1051,17 +1059,33 @@ class Store:
         raise NotFoundError(f"No run {describe(ref)}" + (f" of {owner}." if qualified else "."), "`labdeck ps` lists runs.")
 
     def transition(self, run_id: str, new_state: RunState | str, **fields: Any) -> Run:
-        """Move one of this user's runs to ``new_state`` (checked by the state machine), atomically."""
+        """Move one of this user's runs to ``new_state`` (checked by the state machine), atomically.
+
+        A final state ends the run's status file: what it said is in the record from then on
+        (the caller passes the last line with the final transition; a status field it does not
+        pass is carried into the record here)."""
+        try:
+            final = RunState(new_state).is_final
+        except ValueError:
+            final = False  # (check_transition below says what is wrong with it)
+        status = self._read_status(self.user, [run_id]).get(run_id, {}) if final else {}
 
         def change(doc: dict[str, Any] | None) -> dict[str, Any]:
             if doc is None:
                 raise NotFoundError(f"No run {run_id} in your store.", "Only your own runs can change state.")
             state = check_transition(doc["state"], new_state)
+            doc.update(status)
             doc.update(fields)
             doc["state"] = state.value
             return doc
 
-        return Run.from_dict(self._own("runs", [self.mine.mutate("runs", run_id, change)])[0])
+        run = Run.from_dict(self._own("runs", [self.mine.mutate("runs", run_id, change)])[0])
+        if final:
+            try:
+                os.unlink(self.mine.dir / STATUS / f"{run_id}.json")
+            except OSError:
+                pass
+        return run
 
     def update_run(self, run_id: str, **fields: Any) -> Run:
         def change(doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -1073,6 +1097,109 @@ class Store:
             return doc
 
         return Run.from_dict(self._own("runs", [self.mine.mutate("runs", run_id, change)])[0])
+
+    # ---- status: an active run's fast-changing fields, beside the journal ------------------
+    def set_status(self, run_id: str, **fields: Any) -> None:
+        """Record fast-changing status of one of your active runs (:data:`STATUS_FIELDS`: its last
+        log line, the log offset followed) in ``<your dir>/status/<id>.json``, not in the journal.
+
+        The file is replaced atomically (readers see the old or the new one, never half) and not
+        fsynced: it is current news, not history; after a crash the record's last journaled value
+        shows until the next poll. Two writers of the same run (the TUI and a CLI command) may
+        drop each other's field for one poll; each writes again on its next one."""
+        bad = sorted(k for k, v in fields.items() if not isinstance(v, STATUS_FIELDS.get(k, ())) or isinstance(v, bool))
+        if bad or not is_stored_id(run_id):
+            raise StoreError(f"Not a run status: {describe(run_id)} {', '.join(map(describe, bad))}.")
+        doc = {**self._read_status(self.user, [run_id]).get(run_id, {}), **fields}
+        d = self.mine.dir / STATUS
+        tmp = d / f".{run_id}.tmp-{os.getpid()}"
+        try:
+            try:
+                d.mkdir(mode=0o755)
+                os.chmod(d, 0o755)  # (past the umask: teammates read it)
+            except FileExistsError:
+                pass
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                os.fchmod(fd, 0o644)
+                _write_all(fd, json.dumps(doc, separators=(",", ":")).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, d / f"{run_id}.json")
+        except OSError as e:
+            raise StoreError(f"Cannot write {d / run_id}.json ({e.strerror}).", "Check free disk space and permissions.") from None
+
+    def with_status(self, runs: list[Run]) -> list[Run]:
+        """``runs`` with each non-final run's status file (its owner's) read over its record.
+
+        A teammate's file is read like the rest of their store: their checked directory, no link
+        followed, a regular file under :data:`STATUS_CAP`, only the known fields of the right
+        types. A file that fails any of that is ignored: the record's own value shows."""
+        by_user: dict[str, list[str]] = {}
+        for r in runs:
+            if not r.run_state.is_final:
+                by_user.setdefault(r.user, []).append(r.id)
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for user, ids in by_user.items():
+            for run_id, doc in self._read_status(user, ids).items():
+                found[(user, run_id)] = doc
+        for r in runs:
+            doc = found.get((r.user, r.id))
+            if doc:
+                for k, v in doc.items():
+                    setattr(r, k, v)
+        return runs
+
+    def _read_status(self, user: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The status files of ``user``'s runs ``ids`` that exist and pass the checks."""
+        if not is_user_name(user):
+            return {}
+        try:
+            if user != self.user:
+                owner = self._store_of(user).owner_uid  # the directory passes the checks
+            else:
+                owner = os.geteuid()
+            dfd = os.open(self.team_dir / user, _O_DIR)
+        except (OSError, StoreError):
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            st = os.fstat(dfd)
+            if owner is not None and st.st_uid != owner:
+                return {}
+            try:
+                sfd = os.open(STATUS, _O_DIR, dir_fd=dfd)
+            except OSError:
+                return {}
+            try:
+                if os.fstat(sfd).st_uid != st.st_uid:
+                    return {}
+                for run_id in ids:
+                    if not is_stored_id(run_id):
+                        continue
+                    shown = self.team_dir / user / STATUS / f"{run_id}.json"
+                    try:
+                        fd = _open_regular(f"{run_id}.json", dir_fd=sfd, cap=STATUS_CAP, shown=shown)
+                        if fd is None:
+                            continue
+                        try:
+                            doc = json.loads(_read_fd(fd, 0, STATUS_CAP, shown))
+                        finally:
+                            os.close(fd)
+                    except (StoreError, ValueError, OSError):
+                        continue
+                    if isinstance(doc, dict):
+                        good = {k: v for k, v in doc.items() if k in STATUS_FIELDS and isinstance(v, STATUS_FIELDS[k])
+                                and not isinstance(v, bool)}
+                        if isinstance(good.get("last_line"), str):
+                            good["last_line"] = good["last_line"][:1000]
+                        if good:
+                            out[run_id] = good
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(dfd)
+        return out
 
     def records(self, table: str, *, team: bool = True) -> tuple[list[Record], dict[str, str]]:
         cls = RECORD_TYPES[table]

@@ -306,6 +306,9 @@ class Workstation:
                 f"! -name '*.sh' ! -name 'pid' ! -name 'exit_code' ! -name '*_at' ! -name 'queued' ! -name 'output.log' "
                 f"! -name 'metrics.jsonl' ! -name 'environment.json' 2>/dev/null | head -500", timeout=30)
             fields["artifacts"] = sorted(line[2:] for line in res.text().splitlines() if line.startswith("./"))
+        fields = {k: v for k, v in fields.items() if getattr(run, k, None) != v}
+        if not fields:  # nothing new: no journal commit
+            return run
         return self.store.update_run(run.id, **fields)
 
     async def code_diff(self, a: Run | None, b: Run, max_bytes: int = 2 << 20) -> str:

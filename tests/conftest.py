@@ -30,6 +30,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPat
     h = tmp_path_factory.mktemp("labdeck-home")
     monkeypatch.setenv("LABDECK_HOME", str(h))
     monkeypatch.delenv("LABDECK_TEAM_DIR", raising=False)
+    monkeypatch.delenv("SSH_CONNECTION", raising=False)  # (the teammate's line: as if not in an SSH session)
     yield h
     stop_local_agent(h)
 

@@ -280,3 +280,109 @@ async def test_runs_on_an_instance_that_no_longer_exists_become_lost(home: Path,
         assert r.state == "lost" and "no longer exists" in r.state_reason
     finally:
         os.killpg(run.pid, 9)
+
+
+def make_venv(where: Path) -> Path:
+    """A venv off this interpreter (its packages visible), not on anyone's PATH; its ``bin/python``."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(where)], check=True,
+                   timeout=120)
+    return where / "bin" / "python"
+
+
+def decoy_python3(where: Path, target: str = sys.executable) -> Path:
+    """A directory whose ``python3`` is another interpreter (a link: its sys.executable is the link)."""
+    where.mkdir()
+    (where / "python3").symlink_to(target)
+    return where
+
+
+# waits for the record the wrapper (or the job) writes at its start, so the run's end reads it
+WAIT_ENV = ("import json, os, time\n"
+            "p = os.environ['LABDECK_RUN_DIR'] + '/environment.json'\n"
+            "while not os.path.exists(p) or WANT not in open(p).read():\n"
+            "    time.sleep(0.02)\n")
+
+
+async def test_the_recorded_interpreter_is_the_one_the_command_ran(workstation: Workstation, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """environment.json names the interpreter the job ran, not whatever `python3` is first on labdeck's
+    PATH: the command's own first word, found with the job's own PATH; or, when the job imports
+    labdeck, its sys.executable (here under `sh -c`, where the command line names no Python)."""
+    venv_python = make_venv(tmp_path / "venv")
+    decoy = decoy_python3(tmp_path / "decoy")
+    monkeypatch.setenv("PATH", f"{decoy}:{os.environ['PATH']}")  # labdeck's PATH: python3 is not the venv's
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "wait.py").write_text(WAIT_ENV.replace("WANT", "'\"executable\"'"))
+    (job / "imports.py").write_text("import labdeck\n" + WAIT_ENV.replace("WANT", "'\"job\"'"))
+
+    # the command's first word, a venv that is on no PATH
+    run = await workstation.launch(f"{venv_python} wait.py", workdir=str(job), sync_code=False)
+    env = (await wait_final(workstation, run.id)).environment
+    assert env["executable"] == str(venv_python) and env["recorded_by"] == "command"
+    # `python` found with the job's own PATH (--env), not labdeck's
+    run = await workstation.launch("python wait.py", workdir=str(job), sync_code=False,
+                                   env={"PATH": f"{venv_python.parent}:{os.environ['PATH']}"})
+    assert (await wait_final(workstation, run.id)).environment["executable"] == str(venv_python)
+    # the job says itself: `import labdeck` records sys.executable, and the wrapper's guess does not overwrite it
+    run = await workstation.launch(f"sh -c 'exec {venv_python} imports.py'", workdir=str(job), sync_code=False)
+    done = await wait_final(workstation, run.id)
+    assert done.state == "succeeded", done.last_line
+    assert done.environment["executable"] == str(venv_python) and done.environment["recorded_by"] == "job"
+    assert done.environment["packages"] and "environment.json" not in done.artifacts
+    assert not [a for a in done.artifacts if "environment" in a]  # no temp file left behind
+
+
+def test_job_python_reads_the_commands_interpreter() -> None:
+    assert jobs.job_python("/opt/venv/bin/python train.py") == "/opt/venv/bin/python"
+    assert jobs.job_python("CUDA_VISIBLE_DEVICES=0 exec .venv/bin/python3.11 -u t.py") == ".venv/bin/python3.11"
+    assert jobs.job_python("env -i PATH=/x python t.py --lr 1") == "python"
+    for command in ("torchrun t.py", "bash run.sh", "cd x && python t.py", "", "python 'unbalanced", "pythonista"):
+        assert jobs.job_python(command) == "python3", command
+
+
+async def test_new_log_lines_do_not_commit_to_the_journal(workstation: Workstation, tmp_path: Path, monkeypatch) -> None:
+    """A running run's new last lines and the follower's log offset go to its status file: the
+    journal does not grow while the job logs, yet the Jobs tab (Store.runs) and a teammate see the
+    current line; the final transition journals the last line once."""
+    from backends import follow
+    from backends.store import Store
+
+    monkeypatch.setattr(follow, "SAVE_OFFSET_EVERY", 0.0)  # the follower saves its offset on every read
+    monkeypatch.setattr(follow, "RECORD_FIRST", 3600.0, raising=False)
+    job = ("for i in 1 2 3 4 5; do echo \"line $i\"; while [ ! -e go$i ]; do sleep 0.02; done; done; echo last")
+    run = await workstation.launch(job, workdir=str(tmp_path), sync_code=False)
+    task = workstation.follower.start(run)
+    store_dir = workstation.store.mine.dir
+
+    async def shows(line: str) -> None:
+        for _ in range(500):
+            await workstation.refresh_runs()
+            if workstation.store.find_run(run.id).last_line == line:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"never showed {line!r}: {workstation.store.find_run(run.id).last_line!r}")
+
+    await shows("line 1")
+    before = {p.name: p.read_bytes() for p in store_dir.glob("journal-*.jsonl")}
+    teammate = Store(workstation.config.team_dir, "teammate")
+    for i in range(2, 6):
+        (tmp_path / f"go{i - 1}").touch()
+        await shows(f"line {i}")
+        assert teammate.find_run(run.id).last_line == f"line {i}"
+    while workstation.follower.offset(run) < len("line 1\nline 2\nline 3\nline 4\nline 5\n"):
+        await asyncio.sleep(0.02)
+    for _ in range(100):  # the follower's offset in the status file (read over the record)
+        if workstation.store.find_run(run.id).log_offset:
+            break
+        await asyncio.sleep(0.02)
+    assert workstation.store.find_run(run.id).log_offset > 0
+    assert {p.name: p.read_bytes() for p in store_dir.glob("journal-*.jsonl")} == before  # no commit at all
+    (tmp_path / "go5").touch()
+    done = await asyncio.wait_for(task, 30)
+    assert done.state == "succeeded"
+    record = workstation.store.mine.get("runs", run.id)
+    assert record["last_line"] == "last" and record["log_offset"] == len("line 1\nline 2\nline 3\nline 4\nline 5\nlast\n")
+    assert not (store_dir / "status" / f"{run.id}.json").exists()

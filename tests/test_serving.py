@@ -248,3 +248,41 @@ async def test_a_forward_that_fails_leaves_no_server_running(workstation: Workst
     assert len(deps) == 1 and deps[0].state == "failed" and "link dropped" in deps[0].state_reason
     await asyncio.sleep(0.3)
     assert live_group_members(deps[0].pid) == []
+
+
+async def test_serve_a_run_whose_venv_is_on_no_path(workstation: Workstation, tmp_path: Path, monkeypatch) -> None:
+    """The bundled example run with a venv's interpreter that is on no PATH, while `python3` on
+    labdeck's PATH is one without litserve: the run's record names the venv's interpreter, and
+    serving it uses that (before: "litserve does not import with …python3")."""
+    import os
+    import subprocess
+
+    from backends.workstation import examples_dir
+
+    from .test_local import decoy_python3, make_venv
+
+    bare = "/usr/bin/python3"
+    if not os.path.exists(bare) or subprocess.run([bare, "-c", "import litserve"], capture_output=True).returncode == 0:
+        pytest.skip(f"needs a {bare} without litserve")
+    venv_python = make_venv(tmp_path / "venv")
+    decoy = decoy_python3(tmp_path / "decoy", bare)
+    monkeypatch.setenv("PATH", f"{decoy}:{os.environ['PATH']}")
+    monkeypatch.setenv("SSH_CONNECTION", "198.51.100.7 50000 203.0.113.5 2222")  # labdeck on a jump host, SSHed into
+    run = await workstation.launch(f"{venv_python} train.py --steps 100", workdir=str(examples_dir() / "quickstart"),
+                                   name="venv-example")
+    done = await wait_final(workstation, run.id, 90)
+    assert done.state == "succeeded" and "model.npz" in done.artifacts
+    assert done.environment["executable"] == str(venv_python)
+    assert "litserve" in " ".join(done.environment["packages"]).lower()  # what `labdeck show` and export report
+    served = await serving.deploy(workstation, run.id)
+    try:
+        status, body, _ = await asyncio.to_thread(serving.predict, served.deployment.url, served.api_key,
+                                                  {"x": [[0.0] * 16]})
+        assert status == 200 and len(body["prob"]) == 1
+        # the line a teammate pastes on a laptop reaches this machine as the laptop did
+        assert served.ssh_line == (f"ssh -N -L {served.forward.local_port}:127.0.0.1:{served.deployment.port} "
+                                   f"-p 2222 {workstation.user}@203.0.113.5")
+        assert Path(f"/proc/{served.deployment.pid}/cmdline").read_bytes().split(b"\0")[0] == str(venv_python).encode()
+    finally:
+        await served.forward.close()
+        await serving.stop(workstation, served.deployment.id)

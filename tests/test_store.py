@@ -930,3 +930,74 @@ def test_teammate_can_read_but_not_write(shared_dir: Path, other_user) -> None:
     assert errors == {} and {r.id for r in team_runs} == {r.id for r in runs} | {out["their_run"]}
     assert alice.find_run("theirs").id == out["their_run"]
     alice.close()
+
+
+# ---- status files: an active run's fast-changing fields, out of the journal -------------------
+
+
+def test_status_is_read_over_the_record_without_a_journal_commit(team: Path) -> None:
+    st = Store(team, "alice")
+    run = st.add(make_run(1, name="r"))
+    st.transition(run.id, RunState.RUNNING)
+    before = [p.read_bytes() for p in journals(team / "alice")]
+    for i in range(50):
+        st.set_status(run.id, last_line=f"step {i}", log_offset=i * 100)
+    assert [p.read_bytes() for p in journals(team / "alice")] == before  # not one commit
+    shown = st.find_run(run.id)
+    assert (shown.last_line, shown.log_offset) == ("step 49", 4900)
+    assert st.runs(team=False)[0][0].last_line == "step 49"
+    assert st.mine.get("runs", run.id)["last_line"] == ""  # the record itself is unchanged
+    st.set_status(run.id, last_line="step 50")  # one field: the other one stays
+    assert st.find_run(run.id).log_offset == 4900
+    status = team / "alice" / "status" / f"{run.id}.json"
+    assert _mode(status) == 0o644 and _mode(status.parent) == 0o755
+    assert [p.name for p in status.parent.iterdir()] == [status.name]  # no temp file left
+    # a teammate reads it too
+    bob = Store(team, "bob")
+    assert bob.find_run(run.id).last_line == "step 50"
+    # the final transition puts what it said into the record, once, and ends the file
+    done = st.transition(run.id, RunState.SUCCEEDED, exit_code=0)
+    assert (done.last_line, done.log_offset) == ("step 50", 4900)
+    assert st.mine.get("runs", run.id)["last_line"] == "step 50" and not status.exists()
+    assert bob.find_run(run.id).last_line == "step 50"
+    with pytest.raises(StoreError):
+        st.set_status(run.id, state="succeeded")  # only the status fields
+    with pytest.raises(StoreError):
+        st.set_status(run.id, log_offset="12")
+
+
+def test_a_teammates_bad_status_file_is_ignored(team: Path) -> None:
+    """A status file is a teammate's: a link, a FIFO, an oversized file, a field of the wrong
+    type or an unknown one is not believed; a final run's leftover file is not read over its record."""
+    carol = Store(team, "carol")
+    runs = [carol.add(make_run(k, name=f"c{k}", state="running", last_line="from the record")) for k in range(6)]
+    d = team / "carol" / "status"
+    d.mkdir()
+    secret = team.parent / "secret.json"
+    secret.write_text(json.dumps({"last_line": "read through a link"}))
+    (d / f"{runs[0].id}.json").symlink_to(secret)
+    os.mkfifo(d / f"{runs[1].id}.json")
+    (d / f"{runs[2].id}.json").write_text(json.dumps({"last_line": "x" * (store_mod.STATUS_CAP + 10)}))
+    (d / f"{runs[3].id}.json").write_text(json.dumps({"last_line": ["a"], "log_offset": True, "state": "failed"}))
+    (d / f"{runs[4].id}.json").write_text(json.dumps({"last_line": "current", "log_offset": 7}))
+    carol.transition(runs[5].id, RunState.SUCCEEDED)
+    (d / f"{runs[5].id}.json").write_text(json.dumps({"last_line": "stale"}))
+    seen = {r.id: r for r in Store(team, "dave").runs()[0]}
+    assert [seen[r.id].last_line for r in runs] == ["from the record"] * 4 + ["current", "from the record"]
+    assert seen[runs[4].id].log_offset == 7 and seen[runs[3].id].state == "running"
+
+
+def test_a_teammate_sees_the_current_last_line_as_another_user(shared_dir: Path, other_user) -> None:
+    team = shared_dir / "team"
+    alice = Store(team, "alice")
+    run = alice.add(make_run(1, name="r", state="running"))
+    old = os.umask(0o077)  # a private umask does not hide the status from the team
+    try:
+        alice.set_status(run.id, last_line="epoch 3 loss 0.1")
+    finally:
+        os.umask(old)
+    out = run_as(other_user, f"""
+        st = S.Store(team, {other_user.pw_name!r})
+        out["line"] = st.find_run({run.id!r}).last_line
+    """, team)
+    assert out["line"] == "epoch 3 loss 0.1"

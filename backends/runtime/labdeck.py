@@ -67,6 +67,10 @@ any Python signal handler, it runs when the main thread next executes Python
 code: a main thread stuck inside a C call dies at labdeck's SIGKILL, 10 s
 after the SIGTERM of a cancel, rather than at the SIGTERM.)
 
+Inside a labdeck run, importing the module also records the job's Python (``sys.executable``,
+its version and packages) in ``$LABDECK_RUN_DIR/environment.json``, from a daemon thread: what
+labdeck serves, opens notebooks and exports with is the interpreter the job really ran.
+
 Standard library only; Python 3.8+.
 """
 
@@ -672,3 +676,53 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---- the interpreter the job runs, for the record ---------------------------------------
+def _record_environment(run_dir):
+    """Write ``<run dir>/environment.json`` as this process sees it: the interpreter the job really
+    runs (``sys.executable``: a venv's, whatever the command line or PATH said), its version and
+    its packages. The wrapper's own guess (the command's first word) is only linked in where this
+    has not written first; a later importer of the same run (a subprocess) leaves the first one's."""
+    target = os.path.join(run_dir, "environment.json")
+    tmp = os.path.join(run_dir, "lib", ".environment.json.%d" % os.getpid())
+    try:
+        try:
+            with open(target, encoding="utf-8") as f:
+                if json.load(f).get("recorded_by") == "job":
+                    return
+        except Exception:
+            pass
+        import platform
+
+        try:
+            import importlib.metadata as md
+
+            pk = sorted({"%s==%s" % (d.metadata["Name"], d.version) for d in md.distributions() if d.metadata["Name"]})
+        except Exception:
+            pk = []
+        doc = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
+               "packages": pk[:3000], "recorded_by": "job"}
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        os.replace(tmp, target)
+    except Exception:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _start_environment_record():
+    """At import, inside a labdeck run (its run directory has the ``lib/`` this file came in): record
+    the environment in a daemon thread, off the job's main thread."""
+    run_dir = os.environ.get("LABDECK_RUN_DIR")
+    if not run_dir or not sys.executable or not os.path.isdir(os.path.join(run_dir, "lib")):
+        return
+    try:
+        threading.Thread(target=_record_environment, args=(run_dir,), name="labdeck-environment", daemon=True).start()
+    except Exception:
+        pass
+
+
+_start_environment_record()
