@@ -116,3 +116,26 @@ def test_unknown_run_and_instance(home: Path) -> None:
     assert res.returncode == 1 and "No run 'ZZZZ'" in res.stderr
     res = labdeck(home, "run", "--on", "gpu-9", "--", "true")
     assert res.returncode == 1 and "No instance 'gpu-9'" in res.stderr
+
+
+def test_config_shows_where_each_ssh_host_value_came_from(home: Path, tmp_path: Path) -> None:
+    """Per SSH host: labdeck's own settings, ssh_config as OpenSSH resolved it (file:line), or OpenSSH's default."""
+    import shutil
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh (the authority on ssh_config)")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host gpu-a\n  HostName 198.18.9.9\n  Port 2201\n  User bob\n  ProxyJump bastion\n"
+                   "Host bastion\n  HostName 198.18.9.1\n")
+    (home / "config.toml").write_text(
+        f'[providers.lab]\ntype = "ssh"\nssh_config = "{cfg}"\n\n[providers.lab.hosts.gpu1]\nhost = "gpu-a"\n\n'
+        '[providers.lab.hosts.gpu2]\nhost = "198.18.9.10"\nuser = "alice"\njump = ["gpu1"]\n')
+    res = labdeck(home, "config")
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(c.strip() for c in line.split("│")[1:5]) for line in res.stdout.splitlines() if line.count("│") >= 5}
+    assert ("lab.gpu1", "hostname", "198.18.9.9", f"{cfg}:2") in rows
+    assert ("lab.gpu1", "port", "2201", f"{cfg}:3") in rows
+    assert ("lab.gpu1", "proxyjump", "bastion", f"{cfg}:5") in rows
+    assert ("lab.gpu2", "user", "alice", "labdeck config") in rows
+    assert ("lab.gpu2", "proxyjump", "bastion → gpu1", "labdeck config") in rows
+    assert ("lab.gpu2", "port", "22", "OpenSSH default") in rows

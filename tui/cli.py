@@ -141,6 +141,41 @@ def config_cmd() -> None:
     for key, value, source in cfg.explain():
         t.add_row(Text(key), Text(str(value)), Text(str(source)))  # a value may hold [ ]: text, not markup
     console.print(t)
+    _print_ssh_hosts(cfg)
+
+
+def _print_ssh_hosts(cfg) -> None:
+    """Per SSH host, what labdeck will connect with and where each value came from: labdeck's own
+    config, or ssh_config as OpenSSH resolved it (file:line), or OpenSSH's default."""
+    from backends.providers import build_providers
+
+    try:
+        providers = build_providers(cfg)
+    except LabdeckError as e:
+        err_console.print(f"ssh hosts: {esc(e.render())}", highlight=False)
+        return
+    rows = []
+    for pname, prov in providers.items():
+        for hname, spec in sorted((getattr(prov, "specs", None) or {}).items()):
+            origin = dict(spec.origin)
+            chain = " → ".join(h.name for h in spec.jump)
+            for key, value in (("hostname", spec.hostname), ("port", spec.port), ("user", spec.user),
+                               ("identityfile", ", ".join(spec.identity_files)), ("proxyjump", chain),
+                               ("proxycommand", spec.proxy_command or "")):
+                if value in ("", None) and key in ("identityfile", "proxyjump", "proxycommand"):
+                    continue
+                rows.append((f"{pname}.{hname}", key, str(value), origin.get(key, "OpenSSH default")))
+            rows += [(f"{pname}.{hname}", "note", n, "") for n in spec.notes]
+    if not rows:
+        return
+    t = Table(title="ssh hosts (as labdeck connects to them)", title_justify="left")
+    t.add_column("host", style="bold", no_wrap=True)
+    t.add_column("option", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_column("from", style="dim", overflow="fold")
+    for row in rows:
+        t.add_row(*(Text(plain_line(c)) for c in row))
+    console.print(t)
 
 
 @cli.group("store")
