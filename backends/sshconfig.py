@@ -21,14 +21,17 @@ decide, and a second implementation drifts from it.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import getpass
 import hashlib
+import json
 import logging
 import os
 import pwd
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -196,17 +199,22 @@ class SSHConfig:
     ``SSHConfig()`` (or a path of ``""``) is no config at all: every destination is taken literally."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, ssh: str | None = "auto",
-                 timeout: float = RESOLVE_TIMEOUT) -> None:
+                 timeout: float = RESOLVE_TIMEOUT, cache_file: str | os.PathLike | None = None) -> None:
         self.path = str(Path(path).expanduser().absolute()) if path else None
         self.ssh = shutil.which("ssh") if ssh == "auto" else ssh
         self.timeout = timeout
         self._cache: dict[tuple, tuple[dict[str, float | None], SSHHost]] = {}
         self._lock = threading.Lock()
         self._baseline: dict[str, list[str]] | None = None
+        # Answers kept between labdeck processes (a file of yours, 0600), valid while the stamps hold:
+        # the mtimes of every file and folder ssh read, ~/.ssh (a new key there) and the ssh binary.
+        self._disk_path = Path(cache_file) if cache_file and self.ssh and self.path else None
+        self._disk: dict[str, dict] | None = None
+        self._disk_dirty = False
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None) -> "SSHConfig":
-        return cls(path or None)
+    def load(cls, path: str | os.PathLike | None, *, cache_file: str | os.PathLike | None = None) -> "SSHConfig":
+        return cls(path or None, cache_file=cache_file)
 
     @property
     def authority(self) -> str:
@@ -240,6 +248,7 @@ class SSHConfig:
                 with concurrent.futures.ThreadPoolExecutor(min(MAX_WORKERS, len(todo))) as ex:
                     for i, res in zip(todo, ex.map(lambda i: self._resolve_now(reqs[i]), todo)):
                         out[i] = res
+            self._save_disk()
         return out  # type: ignore[return-value]
 
     # -- cache
@@ -248,11 +257,50 @@ class SSHConfig:
         with self._lock:
             hit = self._cache.get(req)
         if hit is None:
-            return None
+            hit = self._from_disk(req)
+            if hit is None:
+                return None
         stamps, host = hit
         if any(_mtime(p) != m for p, m in stamps.items()):
             return None
+        with self._lock:
+            self._cache[req] = hit
         return host
+
+    def _disk_key(self, req: tuple) -> str:
+        return json.dumps([self.ssh, self.path, *req])
+
+    def _from_disk(self, req: tuple) -> tuple[dict[str, float | None], SSHHost] | None:
+        if self._disk_path is None:
+            return None
+        with self._lock:
+            if self._disk is None:
+                self._disk = _read_cache(self._disk_path)
+            entry = self._disk.get(self._disk_key(req))
+        if not isinstance(entry, dict):
+            return None
+        try:
+            d = dict(entry["host"])
+            host = SSHHost(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+            return dict(entry["stamps"]), host
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _save_disk(self) -> None:
+        if self._disk_path is None or not self._disk_dirty:
+            return
+        with self._lock:
+            entries = dict(list((self._disk or {}).items())[-DISK_ENTRIES:])
+            self._disk_dirty = False
+        try:
+            self._disk_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._disk_path.with_name(f".{self._disk_path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f)
+            os.replace(tmp, self._disk_path)
+        except OSError as e:  # a cache: losing it costs time, never correctness
+            log.debug("cannot write the ssh -G cache %s: %s", self._disk_path, e)
 
     def _resolve_now(self, req: tuple) -> SSHHost:
         arg, user, port, hostname = req
@@ -266,8 +314,18 @@ class SSHConfig:
         for f in files:
             stamps[f] = _mtime(f)
             stamps[os.path.dirname(f)] = _mtime(os.path.dirname(f))
+        if self._disk_path is not None:  # (what a later process must also check before reusing it)
+            for d in {os.path.expanduser("~/.ssh"), *(os.path.dirname(k) for k in host.identity_files)}:
+                stamps[d] = _mtime(d)
+            stamps[self.ssh] = _mtime(self.ssh)
         with self._lock:
             self._cache[req] = (stamps, host)
+            if self._disk_path is not None:
+                if self._disk is None:
+                    self._disk = _read_cache(self._disk_path)
+                self._disk.pop(self._disk_key(req), None)
+                self._disk[self._disk_key(req)] = {"stamps": stamps, "host": dataclasses.asdict(host)}
+                self._disk_dirty = True
         return host
 
     # -- OpenSSH
@@ -453,6 +511,28 @@ def _seconds(v: str | None) -> float | None:
     except ValueError:
         return None
     return s if s > 0 else None
+
+
+DISK_ENTRIES = 2000  # answers kept in the on-disk cache (the newest)
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """The on-disk ``ssh -G`` cache: only a regular file of yours, else empty."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 16 << 20:
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = json.loads(f.read())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    finally:
+        os.close(fd)
 
 
 def _mtime(p: str) -> float | None:

@@ -301,3 +301,37 @@ def test_an_option_labdeck_cannot_honour_is_reported_once_with_its_line(tmp_path
     assert b.notes == a.notes
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == len(set(warned)) == 3  # once each, not once per host
+
+
+def test_ssh_g_answers_are_reused_by_the_next_process_until_a_file_changes(tmp_path, tmp_path_factory,
+                                                                             monkeypatch) -> None:
+    """The on-disk cache: a new SSHConfig (the next labdeck command) runs no ssh -G while every file ssh
+    read keeps its mtime; an edit to the config (or a file it Includes) makes it ask OpenSSH again."""
+    import os
+    import shutil
+    import subprocess as sp
+
+    import backends.sshconfig as sc
+    from backends.sshconfig import SSHConfig
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "jump").write_text("Host bastion\n  HostName 198.18.7.1\n")
+    cfg = tmp_path / "config"
+    cfg.write_text(f"Include {tmp_path}/conf.d/*\nHost gpu\n  HostName 198.18.7.2\n  ProxyJump bastion\n")
+    cache = tmp_path_factory.mktemp("cache") / "ssh-G.json"  # (not in the config's folder: ssh's folders are stamped)
+    calls = []
+    real = sp.run
+    # (resolutions only: ssh -G -vvv; the defaults baseline is asked once per process when needed)
+    monkeypatch.setattr(sc.subprocess, "run",
+                        lambda argv, **kw: ("-vvv" in argv and calls.append(argv)) or real(argv, **kw))
+    first = SSHConfig(cfg, cache_file=cache).resolve_many([("gpu", None, None, None), ("bastion", None, None, None)])
+    assert len(calls) == 2 and oct(cache.stat().st_mode & 0o777) == "0o600"
+    calls.clear()
+    again = SSHConfig(cfg, cache_file=cache).resolve_many([("gpu", None, None, None), ("bastion", None, None, None)])
+    assert again == first and calls == []
+    (tmp_path / "conf.d" / "jump").write_text("Host bastion\n  HostName 198.18.7.9\n")
+    os.utime(tmp_path / "conf.d" / "jump", ns=(1, 1))  # a different mtime whatever the clock's resolution
+    changed = SSHConfig(cfg, cache_file=cache).resolve("bastion")
+    assert changed.hostname == "198.18.7.9" and len(calls) == 1

@@ -44,7 +44,7 @@ def build_providers(config: "Config") -> dict[str, Provider]:
             key = (pc.options["host_key_policy"], float(pc.options["connect_timeout"]))
             if key not in pools:  # one connection per host, shared by providers with the same settings
                 pools[key] = SSHPool(KnownHosts(config.paths.data_dir / "known_hosts", key[0]), connect_timeout=key[1])
-            out[name] = SSHProvider(name, pc.options, pool=pools[key])
+            out[name] = SSHProvider(name, pc.options, pool=pools[key], ssh_cache=config.paths.cache_dir / "ssh-G.json")
         elif pc.type in CLOUD_TYPES:
             from ..catalog import Catalog
             from .cloud import CloudProvider

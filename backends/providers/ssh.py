@@ -115,11 +115,13 @@ class SSHProvider(UnmanagedProvider):
     type = "ssh"
 
     def __init__(self, name: str, options: Mapping[str, object], *, pool: SSHPool | None = None,
-                 known_hosts_path: Path | None = None, ssh_config: SSHConfig | None = None) -> None:
+                 known_hosts_path: Path | None = None, ssh_config: SSHConfig | None = None,
+                 ssh_cache: Path | None = None) -> None:
         super().__init__(name, options)
         hosts: dict[str, dict[str, Any]] = dict(options.get("hosts") or {})  # type: ignore[arg-type]
         self.hosts = hosts
-        self.ssh_config = ssh_config if ssh_config is not None else SSHConfig.load(options.get("ssh_config") or None)
+        self.ssh_config = ssh_config if ssh_config is not None else SSHConfig.load(options.get("ssh_config") or None,
+                                                                                   cache_file=ssh_cache)
         if pool is None:
             known = KnownHosts(known_hosts_path or Path("~/.labdeck/known_hosts").expanduser(),
                                str(options.get("host_key_policy", "accept-new")))
