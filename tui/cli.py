@@ -10,26 +10,29 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-from backends import clock, clouds
-from backends.config import load_config
+from backends import clock
 from backends.errors import LabdeckError
 from backends.paths import Paths
-from backends.store import move_aside
 from backends.text import plain, plain_line
-from backends.workstation import Workstation
 
-from .format import duration, money, short_id, since, state_markup
+from .format import duration, money, plural, short_id, since, slug, state_markup
 
-from .cliutil import (_log_file, _setup_logging, _workstation, console, err_console, esc, fit_table, friendly,  # noqa: E402,F401
-                      raw_output)
+from .cliutil import (PIPE_CLOSED_STATUS, _log_file, _setup_logging, _workstation, console, err_console, esc,  # noqa: E402,F401
+                      fit_table, friendly, pipe_closed, print_json, raw_output)
+
+if TYPE_CHECKING:
+    from backends.workstation import Workstation
 
 RAW = click.option("--raw", is_flag=True, help="Print text from teammates, hosts and logs as it is (control "
                                                 "characters and escape sequences included)")
+JSON = click.option("--json", "as_json", is_flag=True,
+                    help="Print one JSON document (field names in the README's \"JSON output\" section) instead of a table")
 
 
 def _check_keys(ws: Workstation) -> None:
@@ -71,17 +74,20 @@ def open_tui() -> None:
 
 
 @cli.command("ls")
+@JSON
 @friendly
-def ls_cmd() -> None:
+def ls_cmd(as_json: bool) -> None:
     """List the instances of every configured provider."""
+    from backends import clouds
+
     ws = _workstation(starts_relaunches=True)
 
     async def listing_and_relaunches():
         try:
             listing = await ws.list_instances()
             await ws.wait_background(lambda n: err_console.print(
-                f"[yellow]•[/] waiting for {n} relaunch(es) after a preemption (Ctrl-C leaves them for next time)…",
-                highlight=False))
+                f"[yellow]•[/] waiting for {plural(n, 'relaunch', 'relaunches')} after a preemption "
+                "(Ctrl-C leaves them for next time)…", highlight=False))
             sp = None
             if clouded:  # the autostop countdowns, over the same connections (one event loop)
                 await clouds.poll_autostop(ws, listing.instances, max_age=0)
@@ -95,6 +101,30 @@ def ls_cmd() -> None:
     for e in ws.background_errors:
         err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
     now = clock.now()
+    if as_json:
+        from backends.models import parse_time_lenient
+
+        from . import clijson
+
+        def uptime(i) -> float | None:
+            t0 = parse_time_lenient(i.started_at) if i.state == "running" else None
+            return round((now - t0).total_seconds(), 3) if t0 else None
+
+        print_json([clijson.instance(i, uptime(i)) for i in listing.instances])
+    else:
+        _print_instances(ws, listing, sp, clouded, now)
+    for e in listing.events:
+        err_console.print(f"[yellow]•[/] {esc(e, lines=True)}", highlight=False)
+    for e in listing.errors.values():
+        err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
+    for i in listing.instances:
+        if i.state == "unreachable":
+            err_console.print(f"[bold red]⚠[/] {esc(i.name)}: {esc(i.note, lines=True)}", highlight=False)
+    if listing.errors:
+        sys.exit(1)
+
+
+def _print_instances(ws: Workstation, listing, sp, clouded: bool, now) -> None:
     t = Table(title="instances", title_justify="left")
     rows = []
     for i in listing.instances:
@@ -117,21 +147,14 @@ def ls_cmd() -> None:
         daily = float(ws.config.get("budget", "daily_usd"))
         console.print(f"[dim]burn: you {money(sp.burn_user)}/h · team {money(sp.burn_team)}/h · today you "
                       f"${sp.today_user:.2f}{f' of ${daily:.2f}' if daily else ''}[/]", highlight=False)
-    for e in listing.events:
-        err_console.print(f"[yellow]•[/] {esc(e, lines=True)}", highlight=False)
-    for e in listing.errors.values():
-        err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
-    for i in listing.instances:
-        if i.state == "unreachable":
-            err_console.print(f"[bold red]⚠[/] {esc(i.name)}: {esc(i.note, lines=True)}", highlight=False)
-    if listing.errors:
-        sys.exit(1)
 
 
 @cli.command("config")
 @friendly
 def config_cmd() -> None:
     """Print the effective configuration and where each value came from."""
+    from backends.config import load_config
+
     paths = Paths.resolve()
     cfg = load_config(paths)
     t = Table(title=f"labdeck configuration ({cfg.file})", title_justify="left")
@@ -153,11 +176,26 @@ def store_group() -> None:
 @friendly
 def store_move_aside(path: str) -> None:
     """Rename a corrupt store file (nothing is deleted) so a fresh store can start."""
+    from backends.store import move_aside
+
     target = move_aside(path)
     console.print(f"Moved {esc(path)} to {esc(target)}. labdeck starts a fresh store; the old file is kept for recovery.")
 
 
-@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+class _RunCommand(click.Command):
+    """`labdeck run`: labdeck's options, then the command. An option labdeck does not know, before the
+    command starts, is refused (a typo of --on must not launch the whole line on local)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            e.message += (". labdeck run's own options come first; the command goes after -- "
+                          "(labdeck run --on gpu1 -- python train.py --lr 3e-4)")
+            raise
+
+
+@cli.command("run", cls=_RunCommand, context_settings={"allow_interspersed_args": False})
 @click.option("--on", "instance", default="local", show_default=True, help="Instance to run on")
 @click.option("--name", default="", help="A name for the run")
 @click.option("--parent", default=None, help="The run this one derives from (id, prefix or name)")
@@ -172,7 +210,11 @@ def store_move_aside(path: str) -> None:
 @friendly
 def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...],
             secret_names: tuple[str, ...], no_sync: bool, command: tuple[str, ...]) -> None:
-    """Run COMMAND detached on an instance:  labdeck run -- python train.py --lr 3e-4
+    """Run COMMAND detached on an instance:  labdeck run --on gpu1 -- python train.py --lr 3e-4
+
+    labdeck's options end at `--` (or at the first word that is not an option: `labdeck run python
+    train.py --lr 3e-4` works too); everything after is the command, options included. An unknown
+    option before that is refused.
 
     The code around the working directory (its git repository, or the directory) is
     snapshotted, synced to the instance (only what changed travels) and copied for the
@@ -219,8 +261,9 @@ def example_cmd() -> None:
 @click.option("--all", "-a", "show_all", is_flag=True, help="Include finished runs")
 @click.option("--mine", is_flag=True, help="Only your runs")
 @RAW
+@JSON
 @friendly
-def ps_cmd(show_all: bool, mine: bool, raw: bool) -> None:
+def ps_cmd(show_all: bool, mine: bool, raw: bool, as_json: bool) -> None:
     """List runs (active ones unless --all)."""
     raw_output(raw)
     ws = _workstation()
@@ -228,11 +271,16 @@ def ps_cmd(show_all: bool, mine: bool, raw: bool) -> None:
     runs, errors = ws.store.runs(team=not mine)
     if not show_all:
         runs = [r for r in runs if r.run_state.is_active or r.state == "lost"]
-    t = Table(title_justify="left", title=f"{len(runs)} runs" + ("" if show_all else " active (--all for every run)"))
-    rows = [(esc(short_id(r.id)), esc(r.display_name), state_markup(r.state), esc(r.instance), esc(r.user),
-             duration(r.duration_seconds()), esc(r.last_line[:100])) for r in runs]
-    console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
-                            flexible={"name", "last line"}))
+    if as_json:
+        from .clijson import run_summary
+
+        print_json([run_summary(r) for r in runs])
+    else:
+        t = Table(title_justify="left", title=plural(len(runs), "run") + ("" if show_all else " active (--all for every run)"))
+        rows = [(esc(short_id(r.id)), esc(r.display_name), state_markup(r.state), esc(r.instance), esc(r.user),
+                 duration(r.duration_seconds()), esc(r.last_line[:100])) for r in runs]
+        console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
+                                flexible={"name", "last line"}))
     for user, e in errors.items():
         err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc(e, lines=True)}", highlight=False)
 
@@ -443,8 +491,9 @@ def _fmt(v) -> str:
 @click.argument("filter_text", required=False, default="", metavar="[FILTER]")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (newest first)")
 @RAW
+@JSON
 @friendly
-def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
+def runs_cmd(filter_text: str, limit: int, raw: bool, as_json: bool) -> None:
     """The team's runs as a table, optionally filtered:
 
     labdeck runs 'user:alice lr>1e-3 tag:best state:succeeded metric.val_loss<0.3'"""
@@ -459,9 +508,15 @@ def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
         q = _parse_filter(filter_text)
         ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
         runs = [r for r in runs if q.matches(r, ctx)]
+    if as_json:
+        from .clijson import run_with_lineage
+
+        print_json([run_with_lineage(r, tl) for r in runs[:limit]])
+        _unreadable(tl.errors)
+        return
     key = lin.key_metric(list(tl.runs.values()))
-    t = Table(title=f"{len(runs)} runs" + (f" matching {filter_text}" if filter_text else "") + (f" · key metric {key}" if key else ""),
-              title_justify="left")
+    t = Table(title=plural(len(runs), "run") + (f" matching {esc(filter_text)}" if filter_text else "")
+              + (f" · key metric {esc(key)}" if key else ""), title_justify="left")
     rows = []
     for r in runs[:limit]:
         v = lin.metric_value(r, key)
@@ -473,7 +528,12 @@ def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
                      esc(", ".join(tl.tags(r.id))), esc(short_id(r.parent)) if r.parent else "–"))
     console.print(fit_table(t, ("run", "name", "user", "state", esc(key or "metric"), "cost", "tags", "parent"), rows,
                             flexible={"name", "tags"}))
-    for user, e in tl.errors.items():
+    _unreadable(tl.errors)
+
+
+def _unreadable(errors: dict[str, str]) -> None:
+    """One line on stderr per teammate whose store could not be read."""
+    for user, e in errors.items():
         err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc((e.splitlines() or [''])[0])}",
                           highlight=False)
 
@@ -481,16 +541,22 @@ def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
 @cli.command("show")
 @click.argument("run")
 @RAW
+@JSON
 @friendly
-def show_cmd(run: str, raw: bool) -> None:
+def show_cmd(run: str, raw: bool, as_json: bool) -> None:
     """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
     raw_output(raw)
     ws = _workstation()
     tl = _lineage(ws)
     r = ws.store.find_run(run)
+    if as_json:
+        from .clijson import run_detail
+
+        print_json(run_detail(r, tl))
+        return
     lines = [f"[bold]{esc(r.display_name)}[/]  {esc(r.id)}",
              f"user {esc(r.user)} on {esc(r.origin_host)} · state {esc(r.state)}" + (f" ({esc(r.state_reason)})" if r.state_reason else ""),
-             f"instance {esc(r.instance)} · {esc(str(r.instance_info or {}))}",
+             "instance " + " · ".join(_instance_facts(r)),
              f"command  {esc(r.command, lines=True)}",
              f"created {esc(r.created_at)} · started {esc(r.started_at or '–')} · ended {esc(r.ended_at or '–')} · "
              f"duration {duration(r.duration_seconds())} · cost ${r.cost():.4f} (${r.price_per_hour:g}/h)"]
@@ -517,8 +583,9 @@ def show_cmd(run: str, raw: bool) -> None:
     if r.hardware:
         console.print("hardware " + ", ".join(f"{esc(k)}={_fmt(v)}" for k, v in r.hardware.items()), highlight=False)
     if r.environment:
-        console.print(f"environment python {esc(r.environment.get('python'))} · {len(r.environment.get('packages', []))} packages",
-                      highlight=False)
+        packages = r.environment.get("packages")
+        console.print(f"environment python {esc(r.environment.get('python'))} · "
+                      f"{plural(len(packages) if isinstance(packages, list) else 0, 'package')}", highlight=False)
     if r.artifacts:
         listing = asyncio.run(ws.list_instances())
         here = any(i.name == r.instance and i.state == "running" for i in listing.instances)
@@ -530,6 +597,28 @@ def show_cmd(run: str, raw: bool) -> None:
         console.print("tags " + ", ".join(esc(t) for t in tags), highlight=False)
     for n in tl.notes(r.id):
         console.print(f"[dim]{esc(n.created_at[:16])} {esc(n.user)}:[/] {esc(n.text, lines=True)}", highlight=False)
+
+
+def _instance_facts(r) -> list[str]:
+    """What the run recorded about its instance, as markup pieces: "gpu1", "provider do (digitalocean)",
+    "8 vCPU", "32 GiB", "1× H100", "host 10.0.0.5"; anything else it recorded as "key value"."""
+    info = dict(r.instance_info) if isinstance(r.instance_info, dict) else {}
+    out = [esc(r.instance)]
+    provider, ptype = info.pop("provider", None), info.pop("provider_type", None)
+    if provider:
+        out.append(f"provider {esc(provider)}" + (f" ({esc(ptype)})" if ptype and ptype != provider else ""))
+    vcpus, mem = info.pop("vcpus", None), info.pop("memory_mib", None)
+    if vcpus:
+        out.append(f"{esc(vcpus)} vCPU")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+        out.append(f"{mem / 1024:.0f} GiB")
+    gpus = info.pop("gpus", None)
+    out.append(esc(gpus) if gpus else "no GPU")
+    host = info.pop("host", None)
+    if host:
+        out.append(f"host {esc(host)}")
+    out += [f"{esc(k)} {esc(v)}" for k, v in sorted(info.items(), key=str) if v not in (None, "", [], {})]
+    return out
 
 
 @cli.command("fetch")
@@ -687,9 +776,9 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     diffs = asyncio.run(all_diffs())
     md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
                             key_metric=metric)
-    base = f"labdeck-report-{(run.name or short_id(run.id)).replace('/', '-').replace(' ', '_')}"
+    base = "-".join(p for p in ("labdeck-report", slug(run.name), short_id(run.id)) if p)
     md_path, html_path = write_report(Path(out_dir), base, md, html)
-    console.print(f"{len(path)} runs from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")
+    console.print(f"{plural(len(path), 'run')} from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")
 
 
 @cli.command("serve")
@@ -773,20 +862,25 @@ def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None,
 
 
 @cli.command("models")
+@JSON
 @friendly
-def models_cmd() -> None:
+def models_cmd(as_json: bool) -> None:
     """The team's model deployments."""
     from backends.models import Deployment
 
     ws = _workstation()
     deps, errors = ws.store.records(Deployment.TABLE)
+    if as_json:
+        from .clijson import deployment
+
+        print_json([deployment(d) for d in sorted(deps, key=lambda d: d.id, reverse=True)])
+        _unreadable(errors)
+        return
     rows = [(esc(d.name), esc(short_id(d.id)), esc(short_id(str(d.run_id))), state_markup(d.state), esc(d.instance),
              esc(d.port or "–"), esc(d.user), esc(d.model)) for d in sorted(deps, key=lambda d: d.id, reverse=True)]
-    console.print(fit_table(Table(title=f"{len(rows)} deployments", title_justify="left"),
+    console.print(fit_table(Table(title=plural(len(rows), "deployment"), title_justify="left"),
                             ("name", "id", "run", "state", "instance", "port", "user", "model"), rows, flexible={"model"}))
-    for user, e in errors.items():
-        err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc((e.splitlines() or [''])[0])}",
-                          highlight=False)
+    _unreadable(errors)
 
 
 @cli.command("unserve")
@@ -849,7 +943,17 @@ for _command in _CLOUD_COMMANDS:  # up, stop, start, down, sizes, catalog, spend
 
 
 def main() -> None:
-    cli(prog_name="labdeck")
+    try:
+        cli(prog_name="labdeck")
+    except SystemExit as e:
+        # click's own output (--help, a usage error) met a closed pipe: it exits 1; say it as commands do
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+            sys.exit(PIPE_CLOSED_STATUS)
+        try:
+            sys.stdout.flush()  # what a command printed before sys.exit (e.g. `ls` with errors)
+        except BrokenPipeError:
+            pipe_closed()
+        raise e
 
 
 if __name__ == "__main__":
