@@ -240,7 +240,7 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
                                 sync_code=not no_sync, progress=progress, secrets=secrets))
     if run.code:
         c = run.code
-        console.print(f"code: {c['files']} files"
+        console.print(f"code: {plural(c['files'], 'file')}"
                       + (f" at {c['commit'][:10]}{' + uncommitted changes' if c['dirty'] else ''}" if c.get("commit") else "")
                       + f"; {c.get('synced_files', 0)} sent ({c.get('synced_bytes', 0) / 1e6:.2f} MB)", highlight=False)
     verb = "started" if run.state == "running" else "queued"
@@ -292,7 +292,7 @@ def ps_cmd(show_all: bool, mine: bool, raw: bool, as_json: bool) -> None:
 def cancel_cmd(run: str, yes: bool) -> None:
     """Cancel a run: SIGTERM its process group, SIGKILL after the grace period."""
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     if not yes:
         if not sys.stdin.isatty():
             raise LabdeckError(f"Cancelling {r.display_name} needs confirmation.", "Run it in a terminal, or pass --yes.")
@@ -313,7 +313,7 @@ def rerun_cmd(run: str, yes: bool) -> None:
     from .format import rerun_plan
 
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     if r.user != ws.user:
         err_console.print(f"[bold]{esc(r.user)}'s run {esc(r.display_name)}[/] would run as you:", highlight=False)
         for label, value in rerun_plan(r, ws.user):
@@ -342,7 +342,7 @@ def logs_cmd(run: str, follow: bool, raw: bool) -> None:
     ws = _workstation()
 
     async def go() -> None:
-        r = ws.store.find_run(run)
+        r = _find_run(ws, run)
         follower = ws.follower
         path = follower.local_path(r)
         out = sys.stdout.buffer
@@ -462,6 +462,21 @@ def top_cmd(once: bool, interval: float) -> None:
         pass
 
 
+def _find_run(ws: Workstation, ref: str):
+    """The run ``ref`` names (:meth:`backends.store.Store.find_run`: a name several users have, or an id
+    prefix several runs share, is an error listing them). A name that several runs of one user have
+    means the newest of them; that is said on stderr, with the others' ids, so it is never silent."""
+    r = ws.store.find_run(ref)
+    if r.name and ref in (r.name, f"{r.user}/{r.name}"):
+        runs, _ = ws.store.runs(team=r.user != ws.user)
+        same = sorted((x for x in runs if x.user == r.user and x.name == r.name), key=lambda x: x.id, reverse=True)
+        if len(same) > 1:
+            others = ", ".join(short_id(x.id) for x in same if x.id != r.id)
+            err_console.print(f"[dim]{esc(ref)}: the newest of {len(same)} runs of that name ({esc(short_id(r.id))}); "
+                              f"the other{'s' if len(same) > 2 else ''}: {esc(others)}[/]", highlight=False)
+    return r
+
+
 def _parse_filter(text: str):
     """The query, or a LabdeckError that draws a caret under the problem."""
     from backends.query import FilterError, parse
@@ -548,7 +563,7 @@ def show_cmd(run: str, raw: bool, as_json: bool) -> None:
     raw_output(raw)
     ws = _workstation()
     tl = _lineage(ws)
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     if as_json:
         from .clijson import run_detail
 
@@ -562,7 +577,8 @@ def show_cmd(run: str, raw: bool, as_json: bool) -> None:
              f"duration {duration(r.duration_seconds())} · cost ${r.cost():.4f} (${r.price_per_hour:g}/h)"]
     if r.code:
         c = r.code
-        lines.append(f"code {esc(c.get('files', 0))} files from {esc(str(c.get('root', '')))}"
+        files = c.get("files", 0)
+        lines.append(f"code {esc(files)} file{'' if files == 1 else 's'} from {esc(str(c.get('root', '')))}"
                      + (f" at {esc(str(c['commit'])[:12])}" if c.get("commit") else "") + (" + uncommitted changes" if c.get("dirty") else "")
                      + (f" · diff: labdeck diff {short_id(r.parent)} {short_id(r.id)}" if r.parent else ""))
     parent = tl.parent_of(r)
@@ -629,7 +645,7 @@ def _instance_facts(r) -> list[str]:
 def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
     """Copy a run's artifacts (all, or the PATHS named) from its instance to OUT."""
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     wanted = list(paths) or r.artifacts
     if not wanted:
         raise LabdeckError(f"{r.display_name} recorded no artifacts.", "Name a path inside its run directory.")
@@ -659,7 +675,7 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
         return done
 
     for p in asyncio.run(go()):
-        console.print(f"{p} ({p.stat().st_size:,} bytes)", highlight=False)
+        console.print(f"{esc(p)} ({plural(p.stat().st_size, 'byte')})", highlight=False)
 
 
 @cli.command("diff")
@@ -673,7 +689,7 @@ def diff_cmd(run_a: str, run_b: str, raw: bool) -> None:
 
     raw_output(raw)
     ws = _workstation()
-    a, b = ws.store.find_run(run_a), ws.store.find_run(run_b)
+    a, b = _find_run(ws, run_a), _find_run(ws, run_b)
     console.print(f"[bold]{esc(a.display_name)}[/] {esc(short_id(a.id))} → [bold]{esc(b.display_name)}[/] {esc(short_id(b.id))}")
     if a.command != b.command:
         console.print(f"command: {esc(a.command)}\n      → {esc(b.command)}", highlight=False)
@@ -747,7 +763,7 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     ws = _workstation()
     tl = _lineage(ws)
     try:
-        run = ws.store.find_run(target)
+        run = _find_run(ws, target)
     except NotFoundError:
         q = _parse_filter(target)
         ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
@@ -915,7 +931,7 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
     from backends.serving import pick_model
 
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     model, _ = pick_model(r, model, None)
 
     async def fetch() -> bytes:
