@@ -190,8 +190,8 @@ class _RunCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as e:
-            e.message += (". labdeck run's own options come first; the command goes after -- "
-                          "(labdeck run --on gpu1 -- python train.py --lr 3e-4)")
+            e.message = (e.message.rstrip(".") + ". labdeck run's own options come first, and the command "
+                         "goes after -- (labdeck run --on gpu1 -- python train.py --lr 3e-4).")
             raise
 
 
