@@ -27,8 +27,9 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 def _run(home: Path, tmp_path: Path, name: str, *command: str) -> str:
     res = labdeck(home, "run", "--no-sync", "--workdir", str(tmp_path), "--name", name, "--", *command)
     assert res.returncode == 0, res.stderr
-    assert labdeck(home, "logs", name, "-f").returncode == 0  # ended
-    return json.loads(labdeck(home, "show", name, "--json").stdout)["id"]
+    run_id = re.search(r"started (\w{26}) ", res.stdout).group(1)
+    assert labdeck(home, "logs", run_id, "-f").returncode == 0  # ended
+    return run_id
 
 
 def readme_fields() -> dict[str, set[str]]:
