@@ -755,7 +755,7 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     """Write the path from the baseline to a run (or to the best run a filter matches) as
     Markdown and as a self-contained HTML page with the metric plots as SVG."""
     from backends import lineage as lin
-    from backends.errors import NotFoundError
+    from backends.errors import AmbiguousError, NotFoundError
     from backends.metrics import lower_is_better
     from backends.query import QueryContext
     from backends.report import build_report, write_report
@@ -764,6 +764,8 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     tl = _lineage(ws)
     try:
         run = _find_run(ws, target)
+    except AmbiguousError:
+        raise  # a name or prefix of several runs: the error lists them (it is not a filter)
     except NotFoundError:
         q = _parse_filter(target)
         ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
