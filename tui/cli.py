@@ -963,7 +963,7 @@ for _command in _CLOUD_COMMANDS:  # up, stop, start, down, sizes, catalog, spend
 def main() -> None:
     try:
         cli(prog_name="labdeck")
-    except SystemExit as e:
+    except SystemExit:
         # click's own output (--help, a usage error) met a closed pipe: it exits 1; say it as commands do
         if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
             sys.exit(PIPE_CLOSED_STATUS)
@@ -971,7 +971,7 @@ def main() -> None:
             sys.stdout.flush()  # what a command printed before sys.exit (e.g. `ls` with errors)
         except BrokenPipeError:
             pipe_closed()
-        raise e
+        raise
 
 
 if __name__ == "__main__":
