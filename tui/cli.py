@@ -23,8 +23,8 @@ from backends.text import plain, plain_line
 
 from .format import duration, money, plural, short_id, since, slug, state_markup
 
-from .cliutil import (PIPE_CLOSED_STATUS, _log_file, _setup_logging, _workstation, console, err_console, esc,  # noqa: E402,F401
-                      fit_table, friendly, pipe_closed, print_json, raw_output)
+from .cliutil import (PIPE_CLOSED_STATUS, _log_file, _setup_logging, _store, _workstation, console, err_console,  # noqa: F401
+                      esc, fit_table, friendly, pipe_closed, print_json, raw_output)
 
 if TYPE_CHECKING:
     from backends.workstation import Workstation
@@ -488,10 +488,10 @@ def _parse_filter(text: str):
                            "Terms: user:NAME state:S tag:T name:X lr>1e-3 metric.loss<0.3 ancestors:RUN, with OR, NOT, ( ).") from None
 
 
-def _lineage(ws: Workstation):
+def _lineage(store):
     from backends.lineage import TeamLineage
 
-    return TeamLineage(ws.store)
+    return TeamLineage(store)
 
 
 def _fmt(v) -> str:
@@ -516,8 +516,7 @@ def runs_cmd(filter_text: str, limit: int, raw: bool, as_json: bool) -> None:
     from backends.query import QueryContext
 
     raw_output(raw)
-    ws = _workstation()
-    tl = _lineage(ws)
+    tl = _lineage(_store())  # records only: no providers, transports or monitor to set up
     runs = sorted(tl.runs.values(), key=lambda r: r.id, reverse=True)
     if filter_text.strip():
         q = _parse_filter(filter_text)
@@ -562,7 +561,7 @@ def show_cmd(run: str, raw: bool, as_json: bool) -> None:
     """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
     raw_output(raw)
     ws = _workstation()
-    tl = _lineage(ws)
+    tl = _lineage(ws.store)
     r = _find_run(ws, run)
     if as_json:
         from .clijson import run_detail
@@ -761,7 +760,7 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     from backends.report import build_report, write_report
 
     ws = _workstation()
-    tl = _lineage(ws)
+    tl = _lineage(ws.store)
     try:
         run = _find_run(ws, target)
     except AmbiguousError:
@@ -886,8 +885,7 @@ def models_cmd(as_json: bool) -> None:
     """The team's model deployments."""
     from backends.models import Deployment
 
-    ws = _workstation()
-    deps, errors = ws.store.records(Deployment.TABLE)
+    deps, errors = _store().records(Deployment.TABLE)
     if as_json:
         from .clijson import deployment
 

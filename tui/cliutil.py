@@ -221,6 +221,17 @@ def _finite(v: Any) -> Any:
     return v
 
 
+def _store():
+    """The team store alone, for a command that only reads records (`runs`, `models`): it starts
+    without the Workstation's providers, transports and monitor (and their imports)."""
+    from backends.config import load_config
+    from backends.store import Store
+
+    paths = Paths.resolve()
+    _setup_logging(paths)
+    return Store.from_config(load_config(paths))
+
+
 def _workstation(*, starts_relaunches: bool = False) -> Workstation:
     """The Workstation of a command; only the TUI and `ls` start relaunches after a preemption (they let
     them finish), so other commands that list instances never begin one they would cancel on exit."""
