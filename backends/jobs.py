@@ -363,6 +363,10 @@ async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.
     await transport.run(script, timeout=grace_seconds + 30)
 
 
+_ENDED = {"succeeded": "has already succeeded", "failed": "has already failed", "cancelled": "is already cancelled",
+          "preempted": "was already preempted"}  # "is already succeeded" is not English
+
+
 async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds: float = 10.0) -> Run:
     """SIGTERM the run's process group, SIGKILL it after ``grace_seconds``, mark it cancelled.
 
@@ -372,7 +376,7 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
         raise LabdeckError(f"Run {run.display_name} belongs to {run.user}.", "Only its owner can cancel it.")
     run = store.own_run(run.id)
     if not run.run_state.is_active and run.run_state != RunState.LOST:
-        raise LabdeckError(f"Run {run.display_name} is already {run.state}.")
+        raise LabdeckError(f"Run {run.display_name} {_ENDED.get(run.state, f'has already ended ({run.state})')}.")
     if run.pid:
         await kill_group(transport, int(run.pid), grace_seconds)
     return store.transition(run.id, RunState.CANCELLED, ended_at=utcnow(), state_reason="cancelled by " + store.user)

@@ -214,7 +214,7 @@ async def stop(ws, ref: str) -> Deployment:
     if dep.user != ws.user:
         raise LabdeckError(f"The deployment {dep.name} belongs to {dep.user}.", "Only its owner can stop it.")
     if dep.state in ("stopped", "failed"):
-        raise LabdeckError(f"The deployment {dep.name} is already {dep.state}.")
+        raise LabdeckError(f"The deployment {dep.name} " + ("has already failed." if dep.state == "failed" else "is already stopped."))
     transport = await ws.transport(dep.instance)
     await _kill_group(transport, dep.pid)
     ws.store.mine.put(Deployment.TABLE, dep.id, {**dep.to_dict(), "state": "stopped", "stopped_at": utcnow()})

@@ -82,3 +82,26 @@ def test_an_ec2_size_outside_the_catalog_has_its_shape() -> None:
 
     info = Catalog().describe("ec2", "p3.2xlarge", "us-east-1")
     assert (info.vcpus, info.ram_mib, info.gpus) == (8, 61 * 1024, 1)
+
+
+def test_sizes_spend_and_ls_as_json_and_a_missing_provider_named(home, do) -> None:
+    """`--json` for the cloud listings (field names: README, "JSON output"); a command missing its
+    provider lists the configured ones instead of click's bare "Missing argument"."""
+    from tests.test_cli_output import readme_fields
+
+    fields = readme_fields()
+    res = run(home, do, "sizes", "do", "--gpu", "--json")
+    assert res.returncode == 0, res.stderr
+    sizes = json.loads(res.stdout)
+    assert sizes and all(set(s) == fields["sizes"] and s["gpus"] > 0 for s in sizes)
+    h100 = next(s for s in sizes if s["id"] == "gpu-h100x1-80gb")
+    assert (h100["provider"], h100["region"], h100["price_per_hour"], h100["price_source"]) == ("do", "nyc2", 3.39, "provider API")
+    res = run(home, do, "spend", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["daily_budget_usd"] == 100.0
+    res = run(home, do, "ls", "--json")
+    assert res.returncode == 0, res.stderr
+    assert [i["name"] for i in json.loads(res.stdout)] == ["local"]  # no droplet yet
+    for args, usage in ((("sizes",), "labdeck sizes do"), (("up", "gpu1"), "labdeck up gpu1 --provider do")):
+        res = run(home, do, *args)
+        assert res.returncode == 1 and "Missing argument" not in res.stderr
+        assert f"Which cloud provider? Give one: {usage}" in res.stderr and "Configured cloud providers: do." in res.stderr

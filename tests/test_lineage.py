@@ -133,6 +133,7 @@ import tui.cli, backends.query, backends.lineage, backends.report, backends.moni
 # This interpreter lives under /root (0700): import everything that is imported lazily before dropping root.
 import io, asyncio, rich.table, rich.markup, rich._emoji_codes, rich.live, encodings.idna, concurrent.futures.thread
 import backends.providers.ssh, backends.providers.local, backends.code, backends.follow, backends.jobs, tomllib, shlex, base64
+import backends.workstation, backends.clouds, tui.clijson, unicodedata  # tui.cli imports these when a command needs them
 import psutil, backends.gpu, platformdirs
 backends.gpu.probe_gpus()
 from rich.console import Console

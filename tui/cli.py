@@ -10,26 +10,29 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-from backends import clock, clouds
-from backends.config import load_config
+from backends import clock
 from backends.errors import LabdeckError
 from backends.paths import Paths
-from backends.store import move_aside
 from backends.text import plain, plain_line
-from backends.workstation import Workstation
 
-from .format import duration, money, short_id, since, state_markup
+from .format import duration, money, plural, short_id, since, slug, state_markup
 
-from .cliutil import (_log_file, _setup_logging, _workstation, console, err_console, esc, fit_table, friendly,  # noqa: E402,F401
-                      raw_output)
+from .cliutil import (PIPE_CLOSED_STATUS, _log_file, _setup_logging, _store, _workstation, console, err_console,  # noqa: F401
+                      esc, fit_table, friendly, pipe_closed, print_json, raw_output)
+
+if TYPE_CHECKING:
+    from backends.workstation import Workstation
 
 RAW = click.option("--raw", is_flag=True, help="Print text from teammates, hosts and logs as it is (control "
                                                 "characters and escape sequences included)")
+JSON = click.option("--json", "as_json", is_flag=True,
+                    help="Print one JSON document (field names in the README's \"JSON output\" section) instead of a table")
 
 
 def _check_keys(ws: Workstation) -> None:
@@ -71,17 +74,20 @@ def open_tui() -> None:
 
 
 @cli.command("ls")
+@JSON
 @friendly
-def ls_cmd() -> None:
+def ls_cmd(as_json: bool) -> None:
     """List the instances of every configured provider."""
+    from backends import clouds
+
     ws = _workstation(starts_relaunches=True)
 
     async def listing_and_relaunches():
         try:
             listing = await ws.list_instances()
             await ws.wait_background(lambda n: err_console.print(
-                f"[yellow]•[/] waiting for {n} relaunch(es) after a preemption (Ctrl-C leaves them for next time)…",
-                highlight=False))
+                f"[yellow]•[/] waiting for {plural(n, 'relaunch', 'relaunches')} after a preemption "
+                "(Ctrl-C leaves them for next time)…", highlight=False))
             sp = None
             if clouded:  # the autostop countdowns, over the same connections (one event loop)
                 await clouds.poll_autostop(ws, listing.instances, max_age=0)
@@ -95,6 +101,30 @@ def ls_cmd() -> None:
     for e in ws.background_errors:
         err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
     now = clock.now()
+    if as_json:
+        from backends.models import parse_time_lenient
+
+        from . import clijson
+
+        def uptime(i) -> float | None:
+            t0 = parse_time_lenient(i.started_at) if i.state == "running" else None
+            return round((now - t0).total_seconds(), 3) if t0 else None
+
+        print_json([clijson.instance(i, uptime(i)) for i in listing.instances])
+    else:
+        _print_instances(ws, listing, sp, clouded, now)
+    for e in listing.events:
+        err_console.print(f"[yellow]•[/] {esc(e, lines=True)}", highlight=False)
+    for e in listing.errors.values():
+        err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
+    for i in listing.instances:
+        if i.state == "unreachable":
+            err_console.print(f"[bold red]⚠[/] {esc(i.name)}: {esc(i.note, lines=True)}", highlight=False)
+    if listing.errors:
+        sys.exit(1)
+
+
+def _print_instances(ws: Workstation, listing, sp, clouded: bool, now) -> None:
     t = Table(title="instances", title_justify="left")
     rows = []
     for i in listing.instances:
@@ -117,21 +147,14 @@ def ls_cmd() -> None:
         daily = float(ws.config.get("budget", "daily_usd"))
         console.print(f"[dim]burn: you {money(sp.burn_user)}/h · team {money(sp.burn_team)}/h · today you "
                       f"${sp.today_user:.2f}{f' of ${daily:.2f}' if daily else ''}[/]", highlight=False)
-    for e in listing.events:
-        err_console.print(f"[yellow]•[/] {esc(e, lines=True)}", highlight=False)
-    for e in listing.errors.values():
-        err_console.print(f"[bold red]⚠[/] {esc(e, lines=True)}", highlight=False)
-    for i in listing.instances:
-        if i.state == "unreachable":
-            err_console.print(f"[bold red]⚠[/] {esc(i.name)}: {esc(i.note, lines=True)}", highlight=False)
-    if listing.errors:
-        sys.exit(1)
 
 
 @cli.command("config")
 @friendly
 def config_cmd() -> None:
     """Print the effective configuration and where each value came from."""
+    from backends.config import load_config
+
     paths = Paths.resolve()
     cfg = load_config(paths)
     t = Table(title=f"labdeck configuration ({cfg.file})", title_justify="left")
@@ -188,11 +211,26 @@ def store_group() -> None:
 @friendly
 def store_move_aside(path: str) -> None:
     """Rename a corrupt store file (nothing is deleted) so a fresh store can start."""
+    from backends.store import move_aside
+
     target = move_aside(path)
     console.print(f"Moved {esc(path)} to {esc(target)}. labdeck starts a fresh store; the old file is kept for recovery.")
 
 
-@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+class _RunCommand(click.Command):
+    """`labdeck run`: labdeck's options, then the command. An option labdeck does not know, before the
+    command starts, is refused (a typo of --on must not launch the whole line on local)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            e.message = (e.message.rstrip(".") + ". labdeck run's own options come first, and the command "
+                         "goes after -- (labdeck run --on gpu1 -- python train.py --lr 3e-4).")
+            raise
+
+
+@cli.command("run", cls=_RunCommand, context_settings={"allow_interspersed_args": False})
 @click.option("--on", "instance", default="local", show_default=True, help="Instance to run on")
 @click.option("--name", default="", help="A name for the run")
 @click.option("--parent", default=None, help="The run this one derives from (id, prefix or name)")
@@ -207,7 +245,11 @@ def store_move_aside(path: str) -> None:
 @friendly
 def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, envs: tuple[str, ...],
             secret_names: tuple[str, ...], no_sync: bool, command: tuple[str, ...]) -> None:
-    """Run COMMAND detached on an instance:  labdeck run -- python train.py --lr 3e-4
+    """Run COMMAND detached on an instance:  labdeck run --on gpu1 -- python train.py --lr 3e-4
+
+    labdeck's options end at `--` (or at the first word that is not an option: `labdeck run python
+    train.py --lr 3e-4` works too); everything after is the command, options included. An unknown
+    option before that is refused.
 
     The code around the working directory (its git repository, or the directory) is
     snapshotted, synced to the instance (only what changed travels) and copied for the
@@ -233,7 +275,7 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
                                 sync_code=not no_sync, progress=progress, secrets=secrets))
     if run.code:
         c = run.code
-        console.print(f"code: {c['files']} files"
+        console.print(f"code: {plural(c['files'], 'file')}"
                       + (f" at {c['commit'][:10]}{' + uncommitted changes' if c['dirty'] else ''}" if c.get("commit") else "")
                       + f"; {c.get('synced_files', 0)} sent ({c.get('synced_bytes', 0) / 1e6:.2f} MB)", highlight=False)
     verb = "started" if run.state == "running" else "queued"
@@ -254,8 +296,9 @@ def example_cmd() -> None:
 @click.option("--all", "-a", "show_all", is_flag=True, help="Include finished runs")
 @click.option("--mine", is_flag=True, help="Only your runs")
 @RAW
+@JSON
 @friendly
-def ps_cmd(show_all: bool, mine: bool, raw: bool) -> None:
+def ps_cmd(show_all: bool, mine: bool, raw: bool, as_json: bool) -> None:
     """List runs (active ones unless --all)."""
     raw_output(raw)
     ws = _workstation()
@@ -263,11 +306,16 @@ def ps_cmd(show_all: bool, mine: bool, raw: bool) -> None:
     runs, errors = ws.store.runs(team=not mine)
     if not show_all:
         runs = [r for r in runs if r.run_state.is_active or r.state == "lost"]
-    t = Table(title_justify="left", title=f"{len(runs)} runs" + ("" if show_all else " active (--all for every run)"))
-    rows = [(esc(short_id(r.id)), esc(r.display_name), state_markup(r.state), esc(r.instance), esc(r.user),
-             duration(r.duration_seconds()), esc(r.last_line[:100])) for r in runs]
-    console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
-                            flexible={"name", "last line"}))
+    if as_json:
+        from .clijson import run_summary
+
+        print_json([run_summary(r) for r in runs])
+    else:
+        t = Table(title_justify="left", title=plural(len(runs), "run") + ("" if show_all else " active (--all for every run)"))
+        rows = [(esc(short_id(r.id)), esc(r.display_name), state_markup(r.state), esc(r.instance), esc(r.user),
+                 duration(r.duration_seconds()), esc(r.last_line[:100])) for r in runs]
+        console.print(fit_table(t, ("run", "name", "state", "instance", "user", "duration", "last line"), rows,
+                                flexible={"name", "last line"}))
     for user, e in errors.items():
         err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc(e, lines=True)}", highlight=False)
 
@@ -279,7 +327,7 @@ def ps_cmd(show_all: bool, mine: bool, raw: bool) -> None:
 def cancel_cmd(run: str, yes: bool) -> None:
     """Cancel a run: SIGTERM its process group, SIGKILL after the grace period."""
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     if not yes:
         if not sys.stdin.isatty():
             raise LabdeckError(f"Cancelling {r.display_name} needs confirmation.", "Run it in a terminal, or pass --yes.")
@@ -313,7 +361,7 @@ def rerun_cmd(run: str, yes: bool) -> None:
     from .format import rerun_plan
 
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     if r.user != ws.user:
         _ask_first(r, "would run as you", rerun_plan(r, ws.user), "Rerunning", "Rerun it as you?", yes)
     new = asyncio.run(ws.rerun(r))  # the record shown is the one that runs
@@ -335,7 +383,7 @@ def logs_cmd(run: str, follow: bool, raw: bool) -> None:
     ws = _workstation()
 
     async def go() -> None:
-        r = ws.store.find_run(run)
+        r = _find_run(ws, run)
         follower = ws.follower
         path = follower.local_path(r)
         out = sys.stdout.buffer
@@ -455,6 +503,21 @@ def top_cmd(once: bool, interval: float) -> None:
         pass
 
 
+def _find_run(ws: Workstation, ref: str):
+    """The run ``ref`` names (:meth:`backends.store.Store.find_run`: a name several users have, or an id
+    prefix several runs share, is an error listing them). A name that several runs of one user have
+    means the newest of them; that is said on stderr, with the others' ids, so it is never silent."""
+    r = ws.store.find_run(ref)
+    if r.name and ref in (r.name, f"{r.user}/{r.name}"):
+        runs, _ = ws.store.runs(team=r.user != ws.user)
+        same = sorted((x for x in runs if x.user == r.user and x.name == r.name), key=lambda x: x.id, reverse=True)
+        if len(same) > 1:
+            others = ", ".join(short_id(x.id) for x in same if x.id != r.id)
+            err_console.print(f"[dim]{esc(ref)}: the newest of {len(same)} runs of that name ({esc(short_id(r.id))}); "
+                              f"the other{'s' if len(same) > 2 else ''}: {esc(others)}[/]", highlight=False)
+    return r
+
+
 def _parse_filter(text: str):
     """The query, or a LabdeckError that draws a caret under the problem."""
     from backends.query import FilterError, parse
@@ -466,10 +529,10 @@ def _parse_filter(text: str):
                            "Terms: user:NAME state:S tag:T name:X lr>1e-3 metric.loss<0.3 ancestors:RUN, with OR, NOT, ( ).") from None
 
 
-def _lineage(ws: Workstation):
+def _lineage(store):
     from backends.lineage import TeamLineage
 
-    return TeamLineage(ws.store)
+    return TeamLineage(store)
 
 
 def _fmt(v) -> str:
@@ -484,8 +547,9 @@ def _fmt(v) -> str:
 @click.argument("filter_text", required=False, default="", metavar="[FILTER]")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (newest first)")
 @RAW
+@JSON
 @friendly
-def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
+def runs_cmd(filter_text: str, limit: int, raw: bool, as_json: bool) -> None:
     """The team's runs as a table, optionally filtered:
 
     labdeck runs 'user:alice lr>1e-3 tag:best state:succeeded metric.val_loss<0.3'"""
@@ -493,16 +557,21 @@ def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
     from backends.query import QueryContext
 
     raw_output(raw)
-    ws = _workstation()
-    tl = _lineage(ws)
+    tl = _lineage(_store())  # records only: no providers, transports or monitor to set up
     runs = sorted(tl.runs.values(), key=lambda r: r.id, reverse=True)
     if filter_text.strip():
         q = _parse_filter(filter_text)
         ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
         runs = [r for r in runs if q.matches(r, ctx)]
+    if as_json:
+        from .clijson import run_with_lineage
+
+        print_json([run_with_lineage(r, tl) for r in runs[:limit]])
+        _unreadable(tl.errors)
+        return
     key = lin.key_metric(list(tl.runs.values()))
-    t = Table(title=f"{len(runs)} runs" + (f" matching {filter_text}" if filter_text else "") + (f" · key metric {key}" if key else ""),
-              title_justify="left")
+    t = Table(title=plural(len(runs), "run") + (f" matching {esc(filter_text)}" if filter_text else "")
+              + (f" · key metric {esc(key)}" if key else ""), title_justify="left")
     rows = []
     for r in runs[:limit]:
         v = lin.metric_value(r, key)
@@ -514,7 +583,12 @@ def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
                      esc(", ".join(tl.tags(r.id))), esc(short_id(r.parent)) if r.parent else "–"))
     console.print(fit_table(t, ("run", "name", "user", "state", esc(key or "metric"), "cost", "tags", "parent"), rows,
                             flexible={"name", "tags"}))
-    for user, e in tl.errors.items():
+    _unreadable(tl.errors)
+
+
+def _unreadable(errors: dict[str, str]) -> None:
+    """One line on stderr per teammate whose store could not be read."""
+    for user, e in errors.items():
         err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc((e.splitlines() or [''])[0])}",
                           highlight=False)
 
@@ -522,22 +596,29 @@ def runs_cmd(filter_text: str, limit: int, raw: bool) -> None:
 @cli.command("show")
 @click.argument("run")
 @RAW
+@JSON
 @friendly
-def show_cmd(run: str, raw: bool) -> None:
+def show_cmd(run: str, raw: bool, as_json: bool) -> None:
     """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
     raw_output(raw)
     ws = _workstation()
-    tl = _lineage(ws)
-    r = ws.store.find_run(run)
+    tl = _lineage(ws.store)
+    r = _find_run(ws, run)
+    if as_json:
+        from .clijson import run_detail
+
+        print_json(run_detail(r, tl))
+        return
     lines = [f"[bold]{esc(r.display_name)}[/]  {esc(r.id)}",
              f"user {esc(r.user)} on {esc(r.origin_host)} · state {esc(r.state)}" + (f" ({esc(r.state_reason)})" if r.state_reason else ""),
-             f"instance {esc(r.instance)} · {esc(str(r.instance_info or {}))}",
+             "instance " + " · ".join(_instance_facts(r)),
              f"command  {esc(r.command, lines=True)}",
              f"created {esc(r.created_at)} · started {esc(r.started_at or '–')} · ended {esc(r.ended_at or '–')} · "
              f"duration {duration(r.duration_seconds())} · cost ${r.cost():.4f} (${r.price_per_hour:g}/h)"]
     if r.code:
         c = r.code
-        lines.append(f"code {esc(c.get('files', 0))} files from {esc(str(c.get('root', '')))}"
+        files = c.get("files", 0)
+        lines.append(f"code {esc(files)} file{'' if files == 1 else 's'} from {esc(str(c.get('root', '')))}"
                      + (f" at {esc(str(c['commit'])[:12])}" if c.get("commit") else "") + (" + uncommitted changes" if c.get("dirty") else "")
                      + (f" · diff: labdeck diff {short_id(r.parent)} {short_id(r.id)}" if r.parent else ""))
     parent = tl.parent_of(r)
@@ -558,8 +639,9 @@ def show_cmd(run: str, raw: bool) -> None:
     if r.hardware:
         console.print("hardware " + ", ".join(f"{esc(k)}={_fmt(v)}" for k, v in r.hardware.items()), highlight=False)
     if r.environment:
-        console.print(f"environment python {esc(r.environment.get('python'))} · {len(r.environment.get('packages', []))} packages",
-                      highlight=False)
+        packages = r.environment.get("packages")
+        console.print(f"environment python {esc(r.environment.get('python'))} · "
+                      f"{plural(len(packages) if isinstance(packages, list) else 0, 'package')}", highlight=False)
     if r.artifacts:
         listing = asyncio.run(ws.list_instances())
         here = any(i.name == r.instance and i.state == "running" for i in listing.instances)
@@ -573,6 +655,28 @@ def show_cmd(run: str, raw: bool) -> None:
         console.print(f"[dim]{esc(n.created_at[:16])} {esc(n.user)}:[/] {esc(n.text, lines=True)}", highlight=False)
 
 
+def _instance_facts(r) -> list[str]:
+    """What the run recorded about its instance, as markup pieces: "gpu1", "provider do (digitalocean)",
+    "8 vCPU", "32 GiB", "1× H100", "host 10.0.0.5"; anything else it recorded as "key value"."""
+    info = dict(r.instance_info) if isinstance(r.instance_info, dict) else {}
+    out = [esc(r.instance)]
+    provider, ptype = info.pop("provider", None), info.pop("provider_type", None)
+    if provider:
+        out.append(f"provider {esc(provider)}" + (f" ({esc(ptype)})" if ptype and ptype != provider else ""))
+    vcpus, mem = info.pop("vcpus", None), info.pop("memory_mib", None)
+    if vcpus:
+        out.append(f"{esc(vcpus)} vCPU")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+        out.append(f"{mem / 1024:.0f} GiB")
+    gpus = info.pop("gpus", None)
+    out.append(esc(gpus) if gpus else "no GPU")
+    host = info.pop("host", None)
+    if host:
+        out.append(f"host {esc(host)}")
+    out += [f"{esc(k)} {esc(v)}" for k, v in sorted(info.items(), key=str) if v not in (None, "", [], {})]
+    return out
+
+
 @cli.command("fetch")
 @click.argument("run")
 @click.argument("paths", nargs=-1)
@@ -581,7 +685,7 @@ def show_cmd(run: str, raw: bool) -> None:
 def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
     """Copy a run's artifacts (all, or the PATHS named) from its instance to OUT."""
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     wanted = list(paths) or r.artifacts
     if not wanted:
         raise LabdeckError(f"{r.display_name} recorded no artifacts.", "Name a path inside its run directory.")
@@ -611,7 +715,7 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
         return done
 
     for p in asyncio.run(go()):
-        console.print(f"{p} ({p.stat().st_size:,} bytes)", highlight=False)
+        console.print(f"{esc(p)} ({plural(p.stat().st_size, 'byte')})", highlight=False)
 
 
 @cli.command("diff")
@@ -625,7 +729,7 @@ def diff_cmd(run_a: str, run_b: str, raw: bool) -> None:
 
     raw_output(raw)
     ws = _workstation()
-    a, b = ws.store.find_run(run_a), ws.store.find_run(run_b)
+    a, b = _find_run(ws, run_a), _find_run(ws, run_b)
     console.print(f"[bold]{esc(a.display_name)}[/] {esc(short_id(a.id))} → [bold]{esc(b.display_name)}[/] {esc(short_id(b.id))}")
     if a.command != b.command:
         console.print(f"command: {esc(a.command)}\n      → {esc(b.command)}", highlight=False)
@@ -691,15 +795,17 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     """Write the path from the baseline to a run (or to the best run a filter matches) as
     Markdown and as a self-contained HTML page with the metric plots as SVG."""
     from backends import lineage as lin
-    from backends.errors import NotFoundError
+    from backends.errors import AmbiguousError, NotFoundError
     from backends.metrics import lower_is_better
     from backends.query import QueryContext
     from backends.report import build_report, write_report
 
     ws = _workstation()
-    tl = _lineage(ws)
+    tl = _lineage(ws.store)
     try:
-        run = ws.store.find_run(target)
+        run = _find_run(ws, target)
+    except AmbiguousError:
+        raise  # a name or prefix of several runs: the error lists them (it is not a filter)
     except NotFoundError:
         q = _parse_filter(target)
         ctx = QueryContext(runs=tl.runs, annotations=tl.annotations, edges=tl.edges)
@@ -728,9 +834,9 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
     diffs = asyncio.run(all_diffs())
     md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
                             key_metric=metric)
-    base = f"labdeck-report-{(run.name or short_id(run.id)).replace('/', '-').replace(' ', '_')}"
+    base = "-".join(p for p in ("labdeck-report", slug(run.name), short_id(run.id)) if p)
     md_path, html_path = write_report(Path(out_dir), base, md, html)
-    console.print(f"{len(path)} runs from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")
+    console.print(f"{plural(len(path), 'run')} from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")
 
 
 @cli.command("serve")
@@ -831,20 +937,24 @@ def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None,
 
 
 @cli.command("models")
+@JSON
 @friendly
-def models_cmd() -> None:
+def models_cmd(as_json: bool) -> None:
     """The team's model deployments."""
     from backends.models import Deployment
 
-    ws = _workstation()
-    deps, errors = ws.store.records(Deployment.TABLE)
+    deps, errors = _store().records(Deployment.TABLE)
+    if as_json:
+        from .clijson import deployment
+
+        print_json([deployment(d) for d in sorted(deps, key=lambda d: d.id, reverse=True)])
+        _unreadable(errors)
+        return
     rows = [(esc(d.name), esc(short_id(d.id)), esc(short_id(str(d.run_id))), state_markup(d.state), esc(d.instance),
              esc(d.port or "–"), esc(d.user), esc(d.model)) for d in sorted(deps, key=lambda d: d.id, reverse=True)]
-    console.print(fit_table(Table(title=f"{len(rows)} deployments", title_justify="left"),
+    console.print(fit_table(Table(title=plural(len(rows), "deployment"), title_justify="left"),
                             ("name", "id", "run", "state", "instance", "port", "user", "model"), rows, flexible={"model"}))
-    for user, e in errors.items():
-        err_console.print(f"[bold red]⚠[/] {esc(user)}'s store is unreadable: {esc((e.splitlines() or [''])[0])}",
-                          highlight=False)
+    _unreadable(errors)
 
 
 @cli.command("unserve")
@@ -879,7 +989,7 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
     from backends.serving import pick_model
 
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _find_run(ws, run)
     model, _ = pick_model(r, model, None)
 
     async def fetch() -> bytes:
@@ -907,7 +1017,17 @@ for _command in _CLOUD_COMMANDS:  # up, stop, start, down, sizes, catalog, spend
 
 
 def main() -> None:
-    cli(prog_name="labdeck")
+    try:
+        cli(prog_name="labdeck")
+    except SystemExit:
+        # click's own output (--help, a usage error) met a closed pipe: it exits 1; say it as commands do
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+            sys.exit(PIPE_CLOSED_STATUS)
+        try:
+            sys.stdout.flush()  # what a command printed before sys.exit (e.g. `ls` with errors)
+        except BrokenPipeError:
+            pipe_closed()
+        raise
 
 
 if __name__ == "__main__":

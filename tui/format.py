@@ -45,6 +45,21 @@ def money(per_hour: float) -> str:
         return "?"
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """"1 run", "2 runs", "0 runs" (``words`` for an irregular plural, e.g. "1 match", "2 matches")."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"
+
+
+def slug(value, limit: int = 48) -> str:
+    """A file-name piece from outside text: lower-case ASCII letters, digits, ``.`` ``_`` and single
+    ``-`` ("Wider model (rerun)" → "wider-model-rerun"); "" when nothing of it is left."""
+    import unicodedata
+
+    ascii_ = unicodedata.normalize("NFKD", plain_line(value)).encode("ascii", "ignore").decode()  # é → e
+    s = re.sub(r"[^a-z0-9._]+", "-", ascii_.lower())
+    return re.sub(r"-{2,}", "-", s)[:limit].strip("-._")
+
+
 def short_id(run_id: str) -> str:
     return run_id[-8:].lower()
 

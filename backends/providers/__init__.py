@@ -10,6 +10,7 @@ from .base import CommandResult, FileChunk, InstanceSpec, PortForward, Provider,
 
 if TYPE_CHECKING:
     from ..config import Config, Field
+    from ..ssh import SSHPool
 
 # type name -> module holding a Provider subclass and CONFIG_FIELDS
 PROVIDER_TYPES: dict[str, str] = {"local": "backends.providers.local", "ssh": "backends.providers.ssh",
@@ -28,25 +29,30 @@ def provider_schema(ptype: str) -> "dict[str, Field] | None":
 
 
 def build_providers(config: "Config") -> dict[str, Provider]:
-    """One Provider per configured provider section (``local`` by default)."""
-    from ..ssh import KnownHosts, SSHPool
-    from .local import LocalProvider
-    from .ssh import SSHProvider
+    """One Provider per configured provider section (``local`` by default).
 
+    Each kind's module (asyncssh for SSH and clouds, libcloud later still) is imported only when a
+    provider of that kind is configured: a `labdeck ps` on a local-only setup starts without them."""
     out: dict[str, Provider] = {}
     pools: dict[tuple, SSHPool] = {}
     names: dict[str, str] = {}
     catalog = None
     for name, pc in config.providers.items():
         if pc.type == "local":
+            from .local import LocalProvider
+
             out[name] = LocalProvider(name, pc.options, runs_root=Path(config.paths.runs_dir))
         elif pc.type == "ssh":
+            from ..ssh import KnownHosts, SSHPool
+            from .ssh import SSHProvider
+
             key = (pc.options["host_key_policy"], float(pc.options["connect_timeout"]))
             if key not in pools:  # one connection per host, shared by providers with the same settings
                 pools[key] = SSHPool(KnownHosts(config.paths.data_dir / "known_hosts", key[0]), connect_timeout=key[1])
             out[name] = SSHProvider(name, pc.options, pool=pools[key], ssh_cache=config.paths.cache_dir / "ssh-G.json")
         elif pc.type in CLOUD_TYPES:
             from ..catalog import Catalog
+            from ..ssh import KnownHosts, SSHPool
             from .cloud import CloudProvider
 
             key = ("accept-new", float(pc.options["connect_timeout"]))
