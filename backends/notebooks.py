@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shlex
 import time
@@ -33,6 +34,12 @@ from .serving import free_port, http_status, laptop_hop, run_python, save_secret
 
 BOOTSTRAP_TIMEOUT = 900.0
 START_TIMEOUT = 120.0
+PORT_TRIES = 3
+_PORT_TAKEN = re.compile(r"port \d+ is not available|is already in use")
+
+
+class _PortTaken(Exception):
+    """Jupyter exited because its port was taken after labdeck found it free."""
 
 
 @dataclass
@@ -101,50 +108,62 @@ async def start(ws, *, instance: str | None = None, run_ref: str | Run | None = 
         env = dict(env or (run.env if run is not None else {}) or {})  # a run's notebook sees the run's environment
         cwd = root
     py, module = await _jupyter(transport, python, f"{base}/venv", say, env or None)
-    jport = await free_port(transport, py, port)
     token = secrets.token_hex(24)
-    nb.root_dir, nb.port = root, jport
-    tokenfile = f"{base}/notebooks/.{nb.id}.env"
-    await transport.put_files({tokenfile: f"export JUPYTER_TOKEN={token}\n".encode()}, mode=0o600)
     idle = max(60, int(idle_minutes * 60))
-    command = (f". {shlex.quote(tokenfile)}; rm -f {shlex.quote(tokenfile)}; exec {shlex.quote(py)} -m {module} "
-               f"--ServerApp.ip=127.0.0.1 --ServerApp.port={jport} --ServerApp.port_retries=0 "
-               f"--ServerApp.open_browser=False --ServerApp.root_dir={shlex.quote(root)} --ServerApp.allow_root=True "
-               f"--ServerApp.shutdown_no_activity_timeout={idle} --MappingKernelManager.cull_idle_timeout={idle} "
-               f"--MappingKernelManager.cull_interval=60")
-    say(f"starting {module} on {target}:{jport}")
-    job = await ws.launch(command, instance=target, workdir=cwd, sync_code=False, run_kind="notebook", env=env,
-                          name=f"notebook {run.display_name if run else os.path.basename(root.rstrip('/')) or '~'}",
-                          parent=run.id if run else None, params={"jupyter": module, "root_dir": root})
-    nb.job_id = job.id
-    ws.store.add(nb)
-    save_secret(ws, f"notebook-{nb.id}", token)
-    forward: PortForward | None = None
-    try:
-        forward = await transport.forward_port(jport, local_port=local_port)
-        nb.url = f"http://127.0.0.1:{forward.local_port}"
-        t0 = time.monotonic()
-        while True:
-            try:
-                if await asyncio.to_thread(http_status, f"{nb.url}/api/status",
-                                           {"Authorization": f"token {token}"}, 3) == 200:
-                    break
-            except OSError:
-                pass
-            await ws.refresh_runs(only=[job.id])
-            j = ws.store.find_run(job.id)
-            if j.run_state.is_final or time.monotonic() - t0 > START_TIMEOUT:
-                tail = await ws.log_tail(job.id, 2000)
-                raise LabdeckError(f"Jupyter did not start on {target}:\n{tail.strip()[-1500:]}")
-            await asyncio.sleep(0.3)
-    except LabdeckError:  # the forward or Jupyter failed: nothing keeps running, the record says so
-        if forward is not None:
-            await forward.close()
-        with contextlib.suppress(LabdeckError):
-            if not ws.store.find_run(job.id).run_state.is_final:
-                await ws.cancel(job.id)
-        ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "failed", "stopped_at": utcnow()})
-        raise
+    name = f"notebook {run.display_name if run else os.path.basename(root.rstrip('/')) or '~'}"
+    nb.root_dir = root
+    jport = port
+    # A port found free can be taken before Jupyter binds it (a teammate starting one at the same
+    # moment on a shared host): Jupyter then exits at once saying so, and the next free port is tried.
+    for attempt in range(PORT_TRIES):
+        jport = await free_port(transport, py, jport if attempt == 0 else jport + 1)
+        nb.port = jport
+        tokenfile = f"{base}/notebooks/.{nb.id}.env"
+        await transport.put_files({tokenfile: f"export JUPYTER_TOKEN={token}\n".encode()}, mode=0o600)
+        command = (f". {shlex.quote(tokenfile)}; rm -f {shlex.quote(tokenfile)}; exec {shlex.quote(py)} -m {module} "
+                   f"--ServerApp.ip=127.0.0.1 --ServerApp.port={jport} --ServerApp.port_retries=0 "
+                   f"--ServerApp.open_browser=False --ServerApp.root_dir={shlex.quote(root)} --ServerApp.allow_root=True "
+                   f"--ServerApp.shutdown_no_activity_timeout={idle} --MappingKernelManager.cull_idle_timeout={idle} "
+                   f"--MappingKernelManager.cull_interval=60")
+        say(f"starting {module} on {target}:{jport}")
+        job = await ws.launch(command, instance=target, workdir=cwd, sync_code=False, run_kind="notebook", env=env,
+                              name=name, parent=run.id if run else None, params={"jupyter": module, "root_dir": root})
+        nb.job_id = job.id
+        ws.store.add(nb)
+        if attempt == 0:
+            save_secret(ws, f"notebook-{nb.id}", token)
+        forward: PortForward | None = None
+        try:
+            forward = await transport.forward_port(jport, local_port=local_port)
+            nb.url = f"http://127.0.0.1:{forward.local_port}"
+            t0 = time.monotonic()
+            while True:
+                try:
+                    if await asyncio.to_thread(http_status, f"{nb.url}/api/status",
+                                               {"Authorization": f"token {token}"}, 3) == 200:
+                        break
+                except OSError:
+                    pass
+                await ws.refresh_runs(only=[job.id])
+                j = ws.store.find_run(job.id)
+                if j.run_state.is_final or time.monotonic() - t0 > START_TIMEOUT:
+                    tail = await ws.log_tail(job.id, 2000)
+                    if j.run_state.is_final and attempt + 1 < PORT_TRIES and _PORT_TAKEN.search(tail):
+                        raise _PortTaken()
+                    raise LabdeckError(f"Jupyter did not start on {target}:\n{tail.strip()[-1500:]}")
+                await asyncio.sleep(0.3)
+        except (LabdeckError, _PortTaken) as e:  # the forward or Jupyter failed: nothing keeps running
+            if forward is not None:
+                await forward.close()
+            with contextlib.suppress(LabdeckError):
+                if not ws.store.find_run(job.id).run_state.is_final:
+                    await ws.cancel(job.id)
+            if isinstance(e, _PortTaken):
+                say(f"port {jport} was taken meanwhile on {target}; trying the next free one")
+                continue
+            ws.store.mine.put(Notebook.TABLE, nb.id, {**nb.to_dict(), "state": "failed", "stopped_at": utcnow()})
+            raise
+        break
     nb.state = "running"
     ws.store.mine.put(Notebook.TABLE, nb.id, nb.to_dict())
     return Opened(nb, ws.store.find_run(job.id), token, forward, f"{nb.url}/?token={token}",

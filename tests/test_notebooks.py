@@ -200,3 +200,32 @@ async def test_one_key_from_instances_and_stop_from_jobs(workstation: Workstatio
     job = workstation.store.find_run(nb.job_id)
     await asyncio.sleep(0.5)
     assert job.state == "cancelled" and live_group_members(job.pid) == []
+
+
+async def test_a_port_taken_after_it_was_found_free_is_retried(workstation: Workstation, tmp_path: Path, monkeypatch) -> None:
+    """On a shared host a teammate's Jupyter can take the port between labdeck's check and Jupyter's bind:
+    Jupyter exits saying so, and labdeck tries the next free port instead of failing."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    taken_port = taken.getsockname()[1]
+    real, asked = notebooks.free_port, []
+
+    async def racy_free_port(transport, python, port):
+        asked.append(port)
+        return taken_port if len(asked) == 1 else await real(transport, python, port)
+
+    monkeypatch.setattr(notebooks, "free_port", racy_free_port)
+    (tmp_path / "ws").mkdir()
+    try:
+        opened = await notebooks.start(workstation, workdir=str(tmp_path / "ws"), port=18950)
+    finally:
+        taken.close()
+    try:
+        assert opened.notebook.port != taken_port and len(asked) == 2
+        assert await asyncio.to_thread(code_of, f"{opened.notebook.url}/api/status", opened.token) == 200
+    finally:
+        await opened.forward.close()
+        await notebooks.stop(workstation, opened.notebook.id)

@@ -286,20 +286,31 @@ def test_a_missing_ssh_config_is_an_empty_one(tmp_path: Path) -> None:
     assert (spec.hostname, spec.port, spec.jump, spec.proxy_command) == ("gpu1", 22, (), None)
 
 
-def test_an_option_labdeck_cannot_honour_is_reported_once_with_its_line(tmp_path: Path, caplog) -> None:
+def test_an_option_labdeck_cannot_honour_is_reported_once_with_its_line(tmp_path: Path) -> None:
     p = tmp_path / "config"
     p.write_text("Host gpu1\n  HostName 10.0.0.1\n\nHost *\n  ForwardAgent yes\n  LocalForward 8080 localhost:80\n"
                  "  StrictHostKeyChecking no\n")
+    import logging
+
     cfg = SSHConfig(p)
-    with caplog.at_level("WARNING", logger="labdeck.sshconfig"):
+    # a handler on the logger itself: an earlier test may have set up labdeck's logging (propagate off),
+    # which hides records from caplog's root handler
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("labdeck.sshconfig")
+    logger.addHandler(handler)
+    try:
         a = resolve_host("gpu1", ssh_config=cfg)
         b = resolve_host("gpu2", ssh_config=cfg)
+    finally:
+        logger.removeHandler(handler)
     notes = " ".join(a.notes)
     if cfg.authority == "ssh -G":
         assert f"{p}:5: ForwardAgent yes is not honoured" in notes
         assert f"{p}:6: LocalForward" in notes and f"{p}:7: StrictHostKeyChecking" in notes
     assert b.notes == a.notes
-    warned = [r.getMessage() for r in caplog.records]
+    warned = [r.getMessage() for r in records]
     assert len(warned) == len(set(warned)) == 3  # once each, not once per host
 
 

@@ -439,7 +439,7 @@ async def measure_requests(ws, rig, run, root: Path, local_script: Path, node_sc
     warm = 5 if quick else WARMUP_PER_CLIENT
     rounds = len(ORDERS) if quick else ROUNDS
     transport = await ws.transport("node1")
-    python = serving._python_of(ws.store.find_run(run.id))  # the python deploy starts litserve with
+    python = await serving.run_python(transport, ws.store.find_run(run.id))  # the python deploy starts litserve with
     served = await serving.deploy(ws, run.id)
     dep, key = served.deployment, served.api_key
     pgid = dep.pid
@@ -535,7 +535,7 @@ async def measure_bare(ws, rig, run, local_script: Path, node_script: str, quick
     n = 80 if quick else BARE_REQUESTS
     warm = 5 if quick else WARMUP_PER_CLIENT
     transport = await ws.transport("node1")
-    python = serving._python_of(ws.store.find_run(run.id))
+    python = await serving.run_python(transport, ws.store.find_run(run.id))
     served = await serving.deploy(ws, run.id)
     dep, key = served.deployment, served.api_key
     out: dict[str, Any] = {"port": dep.port, "requests": n}
@@ -605,7 +605,7 @@ async def measure_starts(ws, rig, run, site: Path, node_starter: str, quick: boo
 
     starts = 2 if quick else STARTS
     transport = await ws.transport("node1")
-    python = serving._python_of(ws.store.find_run(run.id))
+    python = await serving.run_python(transport, ws.store.find_run(run.id))
     serve_script = f"{run.run_dir}/labdeck_serve.py"  # shipped there by the part 1 deploy
     model = f"{run.run_dir}/model.npz"
     log = f"{run.run_dir}/bench-own-start.log"
