@@ -3,7 +3,9 @@ from __future__ import annotations
 pytest_plugins = ["tests.rig_fixtures"]
 
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,17 @@ def provider_toml(name: str, values: dict) -> str:
     return f"[providers.{name}]\n" + "".join(
         f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(v)}\n" for k, v in values.items())
 
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can traverse (pytest's tmp_path lives under a 0700 dir)."""
+    d = Path(tempfile.mkdtemp(prefix="ldtest-store-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        for p in d.rglob("*"):  # make sure a read-only dir cannot stop the cleanup
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(d, ignore_errors=True)
+        assert not d.exists()

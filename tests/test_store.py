@@ -16,7 +16,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -765,21 +764,6 @@ def other_user():
             pass
         else:  # pragma: no cover - cleanup failed, say so loudly
             raise RuntimeError(f"could not delete test user {name}")
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory every user can traverse (pytest's tmp_path lives under a 0700 dir)."""
-    d = Path(tempfile.mkdtemp(prefix="ldtest-store-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        for p in d.rglob("*"):  # make sure a read-only dir cannot stop the cleanup
-            if p.is_dir() and not p.is_symlink():
-                os.chmod(p, 0o755)
-        shutil.rmtree(d, ignore_errors=True)
-        assert not d.exists()
 
 
 _PRELUDE = """

@@ -20,7 +20,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -67,20 +66,9 @@ def people():
                 pass
 
 
-@pytest.fixture
-def base():
-    """A directory every user can traverse (pytest's tmp_path is under a 0700 directory)."""
-    d = Path(tempfile.mkdtemp(prefix="ldtrust-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def shared_team(base: Path) -> Path:
+def shared_team(shared_dir: Path) -> Path:
     """The team directory as an administrator makes it: install -d -m 1777 -o root."""
-    team = base / "team"
+    team = shared_dir / "team"
     team.mkdir()
     os.chmod(team, 0o1777)
     return team
@@ -143,8 +131,8 @@ LIST = """
 # ---- impersonation ----------------------------------------------------------------------------
 
 
-def test_a_record_claiming_another_user_is_refused_not_listed_as_theirs(people, base) -> None:
-    team = shared_team(base)
+def test_a_record_claiming_another_user_is_refused_not_listed_as_theirs(people, shared_dir) -> None:
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"].pw_name, people["mallory"].pw_name
     write_runs(people["alice"], team, [run_doc(1, name="mine")])
     write_runs(people["mallory"], team, [run_doc(2, name="forged", user=alice), run_doc(3, name="honest")])
@@ -155,10 +143,10 @@ def test_a_record_claiming_another_user_is_refused_not_listed_as_theirs(people, 
     assert "\n" not in err and "claims to be" in err and ulid_at(T0 + 2, 7) in err
 
 
-def test_a_directory_named_for_someone_else_is_skipped(people, base) -> None:
+def test_a_directory_named_for_someone_else_is_skipped(people, shared_dir) -> None:
     """mallory makes team/<alice's name> before alice ever ran labdeck, and team/<a third name>:
     neither is read as that user's store (root views, as a third user)."""
-    team = shared_team(base)
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     for name in (alice.pw_name, "carol"):
         as_user(mallory, team, f"""
@@ -173,11 +161,11 @@ def test_a_directory_named_for_someone_else_is_skipped(people, base) -> None:
         assert f"belongs to {mallory.pw_name}, not to {name}" in out["errors"][name]
 
 
-def test_cancel_kills_only_the_pid_in_your_own_record(people, base) -> None:
+def test_cancel_kills_only_the_pid_in_your_own_record(people, shared_dir) -> None:
     """mallory copies the id of alice's running run into her store, with a pid of another process
     group of alice's: alice's cancel (by id, by name, or with mallory's Run object in hand) signals
     the pid of alice's own record only."""
-    team = shared_team(base)
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     rid = ulid_at(T0 + 9, 9)
     write_runs(alice, team, [run_doc(9, id=rid, name="train", state="running", pid=424242)])
@@ -201,8 +189,8 @@ def test_cancel_kills_only_the_pid_in_your_own_record(people, base) -> None:
     assert out["state"] == "cancelled"
 
 
-def test_a_name_several_users_have_asks_which(people, base) -> None:
-    team = shared_team(base)
+def test_a_name_several_users_have_asks_which(people, shared_dir) -> None:
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     a_id, m_id = ulid_at(T0 + 20, 1), ulid_at(T0 + 21, 2)  # mallory's is newer
     write_runs(alice, team, [run_doc(20, id=a_id, name="sweep")])
@@ -240,10 +228,10 @@ HOSTILE = ["missing-fields", "wrong-types", "bad-id", "deep-nesting", "fifo-snap
 
 
 @pytest.mark.parametrize("kind", HOSTILE)
-def test_hostile_files_of_a_teammate_are_one_error_line(people, base, kind: str) -> None:
+def test_hostile_files_of_a_teammate_are_one_error_line(people, shared_dir, kind: str) -> None:
     """Whatever mallory's files hold, alice's own runs are listed, mallory's store (or the bad
     record) is skipped with one line, and nothing blocks, eats memory or raises."""
-    team = shared_team(base)
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     write_runs(alice, team, [run_doc(1, name="mine")])
     write_runs(mallory, team, [run_doc(2, name="fine")])
@@ -301,8 +289,8 @@ def test_hostile_files_of_a_teammate_are_one_error_line(people, base, kind: str)
         assert expect in err.lower() if kind == "invalid-utf8" else expect in err
 
 
-def test_a_lock_held_for_ever_does_not_hang_the_reader(people, base) -> None:
-    team = shared_team(base)
+def test_a_lock_held_for_ever_does_not_hang_the_reader(people, shared_dir) -> None:
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     write_runs(mallory, team, [run_doc(2, name="fine")])
     fd = os.open(team / mallory.pw_name / ".lock", os.O_RDONLY)
@@ -314,11 +302,11 @@ def test_a_lock_held_for_ever_does_not_hang_the_reader(people, base) -> None:
     assert [r[2] for r in out["runs"]] == ["fine"] and out["errors"] == {}
 
 
-def test_a_teammates_blob_is_read_only_inside_their_directory(people, base) -> None:
-    team = shared_team(base)
+def test_a_teammates_blob_is_read_only_inside_their_directory(people, shared_dir) -> None:
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     write_runs(mallory, team, [run_doc(2)])
-    secret = base / "secret"
+    secret = shared_dir / "secret"
     secret.write_text("alice's secret")
     blobs = team / mallory.pw_name / "blobs"
     blobs.mkdir()
@@ -347,8 +335,8 @@ def test_a_teammates_blob_is_read_only_inside_their_directory(people, base) -> N
 # ---- the directories themselves -----------------------------------------------------------------
 
 
-def test_a_team_directory_someone_else_owns_is_refused(people, base) -> None:
-    team = base / "team"
+def test_a_team_directory_someone_else_owns_is_refused(people, shared_dir) -> None:
+    team = shared_dir / "team"
     team.mkdir()
     os.chmod(team, 0o1777)
     os.chown(team, people["mallory"].pw_uid, -1)  # the first user to run labdeck made it
@@ -364,8 +352,8 @@ def test_a_team_directory_someone_else_owns_is_refused(people, base) -> None:
     assert not (team / people["alice"].pw_name).exists()
 
 
-def test_a_team_directory_that_is_not_sticky_is_refused(people, base) -> None:
-    team = base / "team"
+def test_a_team_directory_that_is_not_sticky_is_refused(people, shared_dir) -> None:
+    team = shared_dir / "team"
     team.mkdir()
     os.chmod(team, 0o777)
     out = as_user(people["alice"], team, """
@@ -378,8 +366,8 @@ def test_a_team_directory_that_is_not_sticky_is_refused(people, base) -> None:
     assert not (team / people["alice"].pw_name).exists()
 
 
-def test_your_directory_made_by_someone_else_is_a_clear_error(people, base) -> None:
-    team = shared_team(base)
+def test_your_directory_made_by_someone_else_is_a_clear_error(people, shared_dir) -> None:
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     as_user(mallory, team, f"os.mkdir(team / {alice.pw_name!r}, 0o777)")
     out = as_user(alice, team, """
@@ -393,12 +381,12 @@ def test_your_directory_made_by_someone_else_is_a_clear_error(people, base) -> N
     assert "sudo mv" in e["hint"] and "team_dir" in e["hint"]
 
 
-def test_your_directory_as_a_link_is_never_followed(people, base) -> None:
+def test_your_directory_as_a_link_is_never_followed(people, shared_dir) -> None:
     """mallory points team/<alice> at alice's ~/.ssh: alice's labdeck refuses it, and neither
     chmods the target nor creates anything in it."""
-    team = shared_team(base)
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
-    ssh = base / "alice-home" / ".ssh"
+    ssh = shared_dir / "alice-home" / ".ssh"
     ssh.mkdir(parents=True)
     for p in (ssh.parent, ssh):
         os.chown(p, alice.pw_uid, alice.pw_gid)
@@ -416,10 +404,10 @@ def test_your_directory_as_a_link_is_never_followed(people, base) -> None:
     assert stat.S_IMODE(ssh.stat().st_mode) == 0o700 and list(ssh.iterdir()) == []
 
 
-def test_a_teammate_directory_that_is_a_link_is_skipped(people, base) -> None:
+def test_a_teammate_directory_that_is_a_link_is_skipped(people, shared_dir) -> None:
     """mallory replaces her directory by a link to alice's: alice's runs are not listed again as
     mallory's, and the link is one warning."""
-    team = shared_team(base)
+    team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     write_runs(alice, team, [run_doc(1, name="mine")])
     as_user(mallory, team, f"os.symlink(team / {alice.pw_name!r}, team / me)")
