@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import code
-from .errors import LabdeckError
+from .errors import LabdeckError, StateError
 from .lineage import params_from_command
 from .models import Edge, Run, RunState, utcnow
 from .providers.base import Transport, detached_launcher
@@ -326,23 +326,28 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
         if st is None:
             continue
         state = run.run_state
+        cancelling = run.state_reason == CANCELLING  # (its exit is the cancel's SIGTERM/SIGKILL)
         if not st.exists:
             if state != RunState.LOST:
                 changed.append(store.transition(run.id, RunState.LOST, state_reason="run directory is gone from the instance"))
             continue
         if st.started_at and state in (RunState.QUEUED, RunState.LOST) and (st.alive or st.exit_code is not None):
             # it started (or came back): running first, so the final step below is a legal one
-            run = store.transition(run.id, RunState.RUNNING, started_at=st.started_at, state_reason="")
+            run = store.transition(run.id, RunState.RUNNING, started_at=st.started_at,
+                                   state_reason=CANCELLING if cancelling else "")
             state = RunState.RUNNING
             changed.append(run)
         if st.exit_code is not None:
-            final = RunState.SUCCEEDED if st.exit_code == 0 else RunState.FAILED
-            reason = "" if st.exit_code == 0 else f"exit code {st.exit_code}"
+            final = RunState.SUCCEEDED if st.exit_code == 0 else RunState.CANCELLED if cancelling else RunState.FAILED
+            reason = ("" if st.exit_code == 0 else "cancelled by " + store.user if cancelling
+                      else f"exit code {st.exit_code}")
             changed.append(store.transition(run.id, final, exit_code=st.exit_code, ended_at=st.ended_at or utcnow(),
                                             last_line=st.last_line or run.last_line, state_reason=reason))
         elif not st.alive and st.pid is not None:
-            changed.append(store.transition(run.id, RunState.FAILED, ended_at=utcnow(), last_line=st.last_line,
-                                            state_reason="the job's process ended without an exit code (killed?)"))
+            changed.append(store.transition(
+                run.id, RunState.CANCELLED if cancelling else RunState.FAILED, ended_at=utcnow(), last_line=st.last_line,
+                state_reason="cancelled by " + store.user if cancelling
+                else "the job's process ended without an exit code (killed?)"))
         elif st.last_line and st.last_line != run.last_line:
             # a new log line is status, not history: its status file, not a journal commit
             store.set_status(run.id, last_line=st.last_line)
@@ -363,6 +368,7 @@ async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.
     await transport.run(script, timeout=grace_seconds + 30)
 
 
+CANCELLING = "cancelling"  # a run's state_reason while labdeck's cancel is ending its processes
 _ENDED = {"succeeded": "has already succeeded", "failed": "has already failed", "cancelled": "is already cancelled",
           "preempted": "was already preempted"}  # "is already succeeded" is not English
 
@@ -377,9 +383,18 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
     run = store.own_run(run.id)
     if not run.run_state.is_active and run.run_state != RunState.LOST:
         raise LabdeckError(f"Run {run.display_name} {_ENDED.get(run.state, f'has already ended ({run.state})')}.")
+    # Said first, so that whoever sees the job end meanwhile (a refresh, the follower) records it as
+    # cancelled, not as failed by the signal, and this transition does not find it already final.
+    store.update_run(run.id, state_reason=CANCELLING)
     if run.pid:
         await kill_group(transport, int(run.pid), grace_seconds)
-    return store.transition(run.id, RunState.CANCELLED, ended_at=utcnow(), state_reason="cancelled by " + store.user)
+    try:
+        return store.transition(run.id, RunState.CANCELLED, ended_at=utcnow(), state_reason="cancelled by " + store.user)
+    except StateError:
+        now = store.own_run(run.id)
+        if now.run_state.is_final:
+            return now  # recorded as it ended meanwhile
+        raise
 
 
 async def read_log_tail(transport: Transport, run: Run, max_bytes: int = 64 * 1024) -> str:

@@ -386,3 +386,24 @@ async def test_new_log_lines_do_not_commit_to_the_journal(workstation: Workstati
     record = workstation.store.mine.get("runs", run.id)
     assert record["last_line"] == "last" and record["log_offset"] == len("line 1\nline 2\nline 3\nline 4\nline 5\nlast\n")
     assert not (store_dir / "status" / f"{run.id}.json").exists()
+
+
+async def test_a_refresh_between_the_kill_and_the_record_keeps_it_cancelled(workstation: Workstation, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """The follower or a refresh can see the job end (killed by cancel's signal) before cancel records it:
+    the run is cancelled, not failed by the signal, and cancel does not trip over a final state."""
+    from backends import jobs
+
+    run = await workstation.launch("sleep 60", workdir=str(tmp_path), sync_code=False)
+    real_kill = jobs.kill_group
+    seen = []
+
+    async def kill_then_refresh(transport, pgid, grace_seconds=10.0):
+        await real_kill(transport, pgid, grace_seconds)
+        seen.extend(await workstation.refresh_runs())  # what a concurrent refresh would record
+
+    monkeypatch.setattr(jobs, "kill_group", kill_then_refresh)
+    done = await workstation.cancel(run.id)
+    assert done.state == "cancelled" and done.state_reason.startswith("cancelled by")
+    assert [r.state for r in seen if r.id == run.id] == ["cancelled"]  # the refresh saw it end, as cancelled
+    assert workstation.store.find_run(run.id).state == "cancelled"
