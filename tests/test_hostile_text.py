@@ -74,6 +74,14 @@ def test_log_viewer_lines_carry_no_escape() -> None:
         assert "\x1b" not in text and not re.search("[\x80-\x9f]", text)
 
 
+async def jobs_table(app, pilot) -> DataTable:
+    """The Jobs tab's table, once everything has loaded."""
+    await settle(pilot)
+    await pilot.press("2")
+    await settle(pilot)
+    return app.query_one("#jobs-table", DataTable)
+
+
 # ---- a team directory with a hostile teammate -------------------------------------------------
 HOST_FACTS = {
     "host": evil("host"), "vcpus": 4, "cpu_model": evil("cpu"), "memory_mib": 8192,
@@ -239,10 +247,7 @@ async def test_clicking_a_name_runs_nothing(tmp_path: Path) -> None:
     ws = Workstation(config, store=Store(config.team_dir, "alice"))
     app = LabdeckApp(ws, live=False)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        await pilot.press("2")
-        await settle(pilot)
-        table = app.query_one("#jobs-table", DataTable)
+        table = await jobs_table(app, pilot)
         name = table.get_row_at(0)[1]
         assert isinstance(name, Text) and name.plain == CLICK  # shown as written: no link, no action in it
         cols = list(table.columns.values())
@@ -260,10 +265,7 @@ async def test_rerun_of_a_teammates_run_shows_it_and_asks(team) -> None:
     target = runs[EVIL]
     app = LabdeckApp(ws, live=False)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        await pilot.press("2")
-        await settle(pilot)
-        table = app.query_one("#jobs-table", DataTable)
+        table = await jobs_table(app, pilot)
         keys = [k.value for k in table.rows]
         table.move_cursor(row=keys.index(target.id))
         await pilot.press("r")
@@ -290,10 +292,7 @@ async def test_rerun_of_your_own_run_does_not_ask(team) -> None:
     ws, runs = team
     app = LabdeckApp(ws, live=False)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        await pilot.press("2")
-        await settle(pilot)
-        table = app.query_one("#jobs-table", DataTable)
+        table = await jobs_table(app, pilot)
         table.move_cursor(row=[k.value for k in table.rows].index(runs["mine"].id))
         await pilot.press("r")
         await settle(pilot)

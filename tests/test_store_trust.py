@@ -120,6 +120,14 @@ def run_doc(k: int, **kw) -> dict:
     return d
 
 
+# Open the store as the user; a StoreError (the team or own directory refused) goes into out["error"].
+OPEN_OWN_STORE = """
+    try:
+        S.Store(team, me)
+    except StoreError as e:
+        out["error"] = err(e)
+"""
+
 LIST = """
     st = S.Store(team, me)
     runs, errors = st.runs()
@@ -340,12 +348,7 @@ def test_a_team_directory_someone_else_owns_is_refused(people, shared_dir) -> No
     team.mkdir()
     os.chmod(team, 0o1777)
     os.chown(team, people["mallory"].pw_uid, -1)  # the first user to run labdeck made it
-    out = as_user(people["alice"], team, """
-        try:
-            S.Store(team, me)
-        except StoreError as e:
-            out["error"] = err(e)
-    """)
+    out = as_user(people["alice"], team, OPEN_OWN_STORE)
     e = out["error"]
     assert f"belongs to {people['mallory'].pw_name}" in e["message"]
     assert f"install -d -m 1777 -o root {team}" in e["hint"]
@@ -356,12 +359,7 @@ def test_a_team_directory_that_is_not_sticky_is_refused(people, shared_dir) -> N
     team = shared_dir / "team"
     team.mkdir()
     os.chmod(team, 0o777)
-    out = as_user(people["alice"], team, """
-        try:
-            S.Store(team, me)
-        except StoreError as e:
-            out["error"] = err(e)
-    """)
+    out = as_user(people["alice"], team, OPEN_OWN_STORE)
     assert "not sticky" in out["error"]["message"] and "install -d -m 1777 -o root" in out["error"]["hint"]
     assert not (team / people["alice"].pw_name).exists()
 
@@ -370,12 +368,7 @@ def test_your_directory_made_by_someone_else_is_a_clear_error(people, shared_dir
     team = shared_team(shared_dir)
     alice, mallory = people["alice"], people["mallory"]
     as_user(mallory, team, f"os.mkdir(team / {alice.pw_name!r}, 0o777)")
-    out = as_user(alice, team, """
-        try:
-            S.Store(team, me)
-        except StoreError as e:
-            out["error"] = err(e)
-    """)
+    out = as_user(alice, team, OPEN_OWN_STORE)
     e = out["error"]
     assert f"belongs to {mallory.pw_name}, not to you" in e["message"] and str(team / alice.pw_name) in e["message"]
     assert "sudo mv" in e["hint"] and "team_dir" in e["hint"]
@@ -393,12 +386,7 @@ def test_your_directory_as_a_link_is_never_followed(people, shared_dir) -> None:
     os.chmod(ssh.parent, 0o755)
     os.chmod(ssh, 0o700)
     as_user(mallory, team, f"os.symlink({str(ssh)!r}, team / {alice.pw_name!r})")
-    out = as_user(alice, team, """
-        try:
-            S.Store(team, me)
-        except StoreError as e:
-            out["error"] = err(e)
-    """)
+    out = as_user(alice, team, OPEN_OWN_STORE)
     e = out["error"]
     assert "symbolic link" in e["message"] and mallory.pw_name in e["message"]
     assert stat.S_IMODE(ssh.stat().st_mode) == 0o700 and list(ssh.iterdir()) == []

@@ -101,11 +101,15 @@ def safe(value, *, lines: bool = False) -> Text:
     return t
 
 
+def _recorded_code(run) -> str:
+    """Where a run's recorded code is on its instance: what :func:`backends.ownership.copy_code` copies."""
+    return f"{run.run_dir}/code" if isinstance(run.code, dict) and run.code else (run.workdir or "–")
+
+
 def use_plan(run, me: str, action: str) -> list[tuple[str, str]]:
     """What serving (``action="serve"``) or opening a notebook on someone else's ``run`` would do, as
     (label, plain text) lines, shown before it happens: their files, loaded or run by your Python."""
-    code = run.code if isinstance(run.code, dict) else {}
-    where = f"{run.run_dir}/code" if code else (run.workdir or "–")
+    where = _recorded_code(run)
     lines = [("run", f"{plain_line(run.user)}'s {plain_line(run.display_name)} on {plain_line(run.instance)}")]
     if action == "serve":
         arts = [a for a in (run.artifacts if isinstance(run.artifacts, list) else []) if isinstance(a, str)]
@@ -124,7 +128,7 @@ def rerun_plan(run, me: str) -> list[tuple[str, str]]:
     Mirrors :meth:`backends.workstation.Workstation.rerun`: a copy of the run's recorded code on its
     instance, in a directory of yours."""
     code = run.code if isinstance(run.code, dict) else {}
-    where = f"{run.run_dir}/code" if code else (run.workdir or "–")
+    where = _recorded_code(run)
     source = (f"a copy of {where} on {run.instance}, made into a directory of yours"
               + (f" (recorded at commit {str(code['commit'])[:12]}" + (" + uncommitted changes)" if code.get("dirty") else ")")
                  if code.get("commit") else ""))
