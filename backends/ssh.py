@@ -8,9 +8,21 @@
   every hop uses the same keys and known_hosts (asyncssh's ``tunnel="user@host"``
   string form would not).
 * **One connection per host** (:class:`SSHPool`), multiplexing commands, SFTP,
-  log tails and port forwards. Keepalives notice a dead link; the next use
-  reconnects, with a capped backoff per host, so a host that is down answers
-  "unreachable" at once and never blocks the others.
+  log tails and port forwards. Keepalives (every :data:`KEEPALIVE_INTERVAL` s of
+  silence, :data:`KEEPALIVE_COUNT_MAX` unanswered ones end it) notice a dead link
+  within ~3 s, a node behind a live jump host included (its connection is
+  tunnelled, with keepalives of its own); the next use reconnects, with a capped
+  backoff per host, so a host that is down answers "unreachable" at once and
+  never blocks the others. Each connection keeps its health (:meth:`SSHPool.health`:
+  down since when, and why) and tells the pool's listeners when it changes.
+* **A channel budget per connection** (:class:`ChannelBudget`): OpenSSH's sshd
+  allows ``MaxSessions`` (10 by default) session channels per connection: every
+  command and the SFTP session is one; port forwards (direct-tcpip) and the
+  connections tunnelled through a jump host are not. labdeck opens at most
+  ``max_sessions`` (default :data:`MAX_SESSIONS`, per host in the config) at once;
+  more work waits its turn, in order. A session the server still refuses
+  ("open failed", administratively prohibited) lowers that connection's budget
+  and is tried again: it is never an error, nor a sign that the host is down.
 * **Host keys, OpenSSH semantics** (:class:`KnownHosts`): an unknown host is
   accepted and recorded in labdeck's own known_hosts (``accept-new``, the
   default) or refused (``strict``); a changed key is always refused, with an
@@ -23,6 +35,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import logging
 import os
@@ -44,6 +57,7 @@ warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, modul
 
 import asyncssh  # noqa: E402
 
+from . import clock
 from .errors import TransportError
 from .localfiles import MAX_READ, RefusedFile
 from .sshconfig import SSHConfig, SSHHost, parse_destination  # noqa: F401 - parse_destination is part of this module's API
@@ -52,8 +66,11 @@ from .providers.base import CommandResult, FileChunk, PortForward, RelayForward,
 log = logging.getLogger("labdeck.ssh")
 
 CONNECT_TIMEOUT = 5.0
-KEEPALIVE_INTERVAL = 2.0
-KEEPALIVE_COUNT_MAX = 3
+KEEPALIVE_INTERVAL = 1.0  # a keepalive after each second with nothing from the host ...
+KEEPALIVE_COUNT_MAX = 2   # ... and the third unanswered one ends the connection: a dead link shows within ~3 s
+MAX_SESSIONS = 8  # session channels open at once per connection (OpenSSH's MaxSessions defaults to 10)
+SESSION_RETRIES = 8  # a refused session: the budget shrinks and the call waits for a slot, this many times
+REGROW_AFTER = 64  # sessions opened without a refusal before a shrunk budget grows by one again
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 0.5  # after a refusal or an unreachable route: the link may be back in a moment
 BACKOFF_SILENT_MAX = 15.0  # after a timeout: each try costs connect_timeout
@@ -75,6 +92,7 @@ class HostSpec:
     strict: bool = False                      # StrictHostKeyChecking yes: an unknown key is refused
     connect_timeout: float | None = None      # ConnectTimeout (else the provider's)
     keepalive_interval: float | None = None   # ServerAliveInterval (else labdeck's)
+    max_sessions: int | None = None           # session channels at once on its connection (else MAX_SESSIONS)
     notes: tuple[str, ...] = ()               # ssh_config options labdeck cannot honour, with file:line
     origin: tuple[tuple[str, str], ...] = ()  # option -> where its value came from
 
@@ -337,11 +355,83 @@ class _Client(asyncssh.SSHClient):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.on_lost()
+        self.on_lost(self, exc)
+
+
+class ChannelBudget:
+    """At most ``limit`` session channels open at once on one connection, handed out in order.
+
+    A slot is held while a command runs (or, for the SFTP session, while the connection lives).
+    :meth:`refused` is told when the server turned a session down although the budget allowed it:
+    the server's limit is lower (or it still counts a session just closed), so the budget drops
+    to what was open then; after :data:`REGROW_AFTER` sessions without a refusal it grows by one
+    again, up to the configured maximum."""
+
+    def __init__(self, limit: int) -> None:
+        self.max = self.limit = max(1, int(limit))
+        self.used = 0
+        self.refusals = 0
+        self.peak = 0  # the most slots held at once (for tests and the benchmark)
+        self._ok = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self) -> None:
+        if self.used < self.limit and not self._waiters:
+            self._take()
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # release() hands its slot straight to the first waiter
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # given a slot just as it was cancelled: pass it on
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def _take(self) -> None:
+        self.used += 1
+        self.peak = max(self.peak, self.used)
+
+    def release(self) -> None:
+        self.used = max(0, self.used - 1)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._take()
+                fut.set_result(None)
+
+    def opened(self) -> None:
+        self._ok += 1
+        if self.limit < self.max and self._ok >= REGROW_AFTER:
+            self.limit += 1
+            self._ok = 0
+            self._wake()
+
+    def refused(self) -> None:
+        """The server refused a session while ``used`` slots (the refused one included) were held."""
+        self.refusals += 1
+        self._ok = 0
+        self.limit = max(1, min(self.limit, self.used - 1))
+
+
+def _refused_session(e: BaseException) -> bool:
+    """A session channel the server turned down ("open failed": sshd's MaxSessions, or a session it
+    still counts), as opposed to a connection that is gone."""
+    return isinstance(e, asyncssh.ChannelOpenError) and e.code in (
+        asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, asyncssh.OPEN_RESOURCE_SHORTAGE)
 
 
 class _Conn:
-    """One host's connection, reconnected on demand with a capped backoff."""
+    """One host's connection, reconnected on demand with a capped backoff, with its health and
+    its channel budget."""
 
     def __init__(self, pool: "SSHPool", spec: HostSpec) -> None:
         self.pool = pool
@@ -354,14 +444,54 @@ class _Conn:
         self.last_error: TransportError | None = None
         self.generation = 0  # bumps on every new connection (forwards and tails use it)
         self.home: str | None = None  # the user's home there, once asked (every transport to the host shares it)
+        self.budget = ChannelBudget(spec.max_sessions or pool.max_sessions)
+        self.down_since: float | None = None  # clock.wall() when it was found unreachable; None: fine (or not tried)
+        self.down_reason = ""
+        self._client: _Client | None = None
+        self._connecting: asyncio.Future | None = None
+        self._sftp_lock = asyncio.Lock()
+        self._closing = False
 
-    def _lost(self) -> None:
+    # -- health
+    def _mark_down(self, reason: str) -> None:
+        if self.down_since is None or reason != self.down_reason:
+            if self.down_since is None:
+                self.down_since = clock.wall()
+            self.down_reason = reason
+            self.pool._changed(self)
+
+    def _mark_up(self) -> None:
+        if self.down_since is not None:
+            self.down_since = None
+            self.down_reason = ""
+            self.pool._changed(self)
+
+    def _lost(self, client: "_Client | None" = None, exc: BaseException | None = None) -> None:
+        if client is not None and client is not self._client:
+            return  # an older connection of this host, already replaced
+        was = self.conn
         self.conn = None
         self.sftp = None
+        self._client = None
+        self.budget = ChannelBudget(self.budget.max)  # a new connection: a new budget (slots of the old one are void)
+        if was is not None and not self._closing:
+            text = str(getattr(exc, "reason", "") or exc or "the connection closed")
+            if "keepalive" in text:
+                text = "no answer to keepalives"
+            self._mark_down(text)
 
     async def get(self) -> asyncssh.SSHClientConnection:
         if self.conn is not None:
             return self.conn
+        # one connect at a time, in a task of its own: a caller whose deadline passes (or that is
+        # cancelled) stops waiting, the connect goes on for the next caller
+        task = self._connecting
+        if task is None or task.done():
+            task = self._connecting = asyncio.ensure_future(self._get())
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        return await asyncio.shield(task)
+
+    async def _get(self) -> asyncssh.SSHClientConnection:
         async with self.lock:
             if self.conn is not None:
                 return self.conn
@@ -382,18 +512,72 @@ class _Conn:
                     delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
                 self.retry_at = time.monotonic() + delay
                 self.last_error = e
+                self._mark_down((str(e).splitlines() or ["cannot connect"])[0])
                 raise
+            self.budget = ChannelBudget(self.budget.max)
             try:
                 # OpenSSH's sshd turns TCP_NODELAY on only when a session starts on a connection; a jump
                 # host that only forwards would otherwise hold small packets ~40 ms for delayed ACKs.
-                await asyncio.wait_for(conn.run("true", check=False), self.pool.connect_timeout)
+                await self.budget.acquire()
+                try:
+                    await asyncio.wait_for(conn.run("true", check=False), self.pool.connect_timeout)
+                finally:
+                    self.budget.release()
             except (asyncio.TimeoutError, asyncssh.Error, OSError):
                 pass  # a host that refuses commands (ForceCommand, no shell) still forwards
             self.conn = conn
             self.failures = 0
             self.last_error = None
             self.generation += 1
+            self._mark_up()
             return self.conn
+
+    async def session(self, open_session, what: str, timeout: float | None = None):
+        """``await open_session(conn)`` with a slot of the channel budget held while it runs; a
+        session the server refuses shrinks the budget and is tried again when a slot is free.
+        ``timeout`` bounds the wait for a slot (the caller's own deadline)."""
+        for attempt in range(SESSION_RETRIES + 1):
+            conn = await self.get()
+            budget = self.budget
+            try:
+                await (asyncio.wait_for(budget.acquire(), timeout) if timeout else budget.acquire())
+            except asyncio.TimeoutError:
+                raise TransportError(f"{what} on {self.spec.label} waited {timeout:g}s for a free channel "
+                                     f"({budget.used} of {budget.limit} in use) and was not started.") from None
+            try:
+                result = await open_session(conn)
+            except asyncssh.ChannelOpenError as e:
+                if not _refused_session(e) or attempt == SESSION_RETRIES:
+                    raise
+                budget.refused()
+                log.info("%s refused a session (%s) with %d open: budget now %d", self.spec.label, e.reason,
+                         budget.used, budget.limit)
+                await asyncio.sleep(0.02 * (attempt + 1))  # a session it is still closing: a moment
+                continue
+            finally:
+                budget.release()
+            budget.opened()
+            return result
+        raise AssertionError("unreachable")
+
+    async def hold(self, open_session, what: str):
+        """Open a long-lived session (SFTP): its slot stays taken for the life of the connection."""
+        for attempt in range(SESSION_RETRIES + 1):
+            conn = await self.get()
+            budget = self.budget
+            await budget.acquire()
+            try:
+                result = await open_session(conn)
+            except BaseException as e:
+                budget.release()
+                if isinstance(e, asyncssh.ChannelOpenError) and _refused_session(e) and attempt < SESSION_RETRIES:
+                    budget.refused()
+                    await asyncio.sleep(0.02 * (attempt + 1))
+                    continue
+                raise
+            budget.opened()
+            return result
+        raise AssertionError("unreachable")
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         spec = self.spec
@@ -402,13 +586,14 @@ class _Conn:
             hop = spec.jump[-1]
             tunnel = await self.pool.connection(hop)
         client = _Client(spec, self.pool.known_hosts, self._lost)
+        self._client = client
         timeout = spec.connect_timeout or self.pool.connect_timeout
         kwargs = dict(
             host=spec.hostname, port=spec.port, username=spec.user or self.pool.default_user,
             known_hosts=lambda h, a, p: ([], [], []),  # every key goes through _Client.validate_host_public_key
             client_factory=lambda: client, agent_forwarding=False, x11_forwarding=False,
             keepalive_interval=spec.keepalive_interval or self.pool.keepalive_interval,
-            keepalive_count_max=KEEPALIVE_COUNT_MAX,
+            keepalive_count_max=self.pool.keepalive_count_max,
             connect_timeout=timeout, login_timeout=timeout,
             config=(),  # ~/.ssh/config was resolved by OpenSSH already (resolve_host, backends/sshconfig.py)
             encryption_algs=encryption_algs(),
@@ -457,35 +642,66 @@ class _Conn:
             raise TransportError(f"Cannot connect to {spec.label}: {reason}.") from None
 
     async def sftp_client(self) -> asyncssh.SFTPClient:
-        conn = await self.get()
+        await self.get()
         if self.sftp is None:
-            try:
-                self.sftp = await conn.start_sftp_client()
-            except (asyncssh.Error, OSError) as e:
-                raise TransportError(f"Cannot open SFTP to {self.spec.label}: {e}") from None
+            async with self._sftp_lock:  # one SFTP session per connection, however many ask at once
+                if self.sftp is None:
+                    try:
+                        self.sftp = await self.hold(lambda conn: conn.start_sftp_client(), "SFTP")
+                    except (asyncssh.Error, OSError) as e:
+                        if isinstance(e, (asyncssh.ConnectionLost, asyncssh.DisconnectError)):
+                            self._lost(None, e)
+                        raise TransportError(f"Cannot open SFTP to {self.spec.label}: {getattr(e, 'reason', '') or e}") from None
         return self.sftp
 
     async def close(self) -> None:
         if self.conn is not None:
-            self.conn.close()
+            self._closing = True
             try:
-                await asyncio.wait_for(self.conn.wait_closed(), 2)
-            except (asyncio.TimeoutError, Exception):
-                pass
+                self.conn.close()
+                try:
+                    await asyncio.wait_for(self.conn.wait_closed(), 2)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+            finally:
+                self._closing = False
             self.conn = None
             self.sftp = None
+            self._client = None
 
 
 class SSHPool:
     """Every SSH connection of one labdeck process, keyed by the host's whole chain."""
 
     def __init__(self, known_hosts: KnownHosts, *, default_user: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT, keepalive_interval: float = KEEPALIVE_INTERVAL) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, keepalive_interval: float = KEEPALIVE_INTERVAL,
+                 keepalive_count_max: int = KEEPALIVE_COUNT_MAX, max_sessions: int = MAX_SESSIONS) -> None:
         self.known_hosts = known_hosts
         self.default_user = default_user or os.environ.get("USER") or None
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
+        self.keepalive_count_max = keepalive_count_max
+        self.max_sessions = max_sessions
         self._conns: dict[str, _Conn] = {}
+        self.listeners: list = []  # called with no arguments when a connection's health changes
+
+    def _changed(self, conn: _Conn) -> None:
+        for cb in list(self.listeners):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a listener's bug must not break the connection
+                log.exception("health listener failed")
+
+    def health(self, spec: HostSpec) -> tuple[float, str] | None:
+        """``(down since (clock.wall()), why)`` when ``spec`` cannot be reached now: its own connection
+        or one of the jump hosts on the way was lost or could not be made; None when it is fine (or
+        was never tried). A jump host that is down is named as the cause."""
+        for hop in (*spec.jump, spec):
+            c = self._conns.get(hop.key)
+            if c is not None and c.down_since is not None:
+                why = c.down_reason if hop is spec else f"its jump host {hop.name}: {c.down_reason}"
+                return c.down_since, why
+        return None
 
     def handle(self, spec: HostSpec) -> _Conn:
         c = self._conns.get(spec.key)
@@ -527,15 +743,22 @@ class SSHTransport(Transport):
         return self.pool.handle(self.spec)
 
     def _fail(self, what: str, e: BaseException) -> TransportError:
-        self.handle._lost() if isinstance(e, (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError)) else None
+        if isinstance(e, (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError)):
+            self.handle._lost(None, e)
         reason = getattr(e, "reason", None) or str(e) or type(e).__name__
         return TransportError(f"{what} on {self.spec.label} failed: {reason}")
 
     async def run(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None,
                   timeout: float | None = 60.0, input: bytes | None = None) -> CommandResult:
-        conn = await self.handle.get()
+        line = _prefix(cwd, env) + command
+        t0 = time.monotonic()
+
+        async def run(conn: asyncssh.SSHClientConnection):
+            left = None if timeout is None else max(0.1, timeout - (time.monotonic() - t0))
+            return await conn.run(line, input=input, encoding=None, check=False, timeout=left)
+
         try:
-            res = await conn.run(_prefix(cwd, env) + command, input=input, encoding=None, check=False, timeout=timeout)
+            res = await self.handle.session(run, "A command", timeout)
         except asyncssh.TimeoutError:
             raise TransportError(f"A command on {self.spec.label} took longer than {timeout:g}s and was stopped: {command[:80]}") from None
         except (asyncssh.Error, OSError) as e:
@@ -605,7 +828,7 @@ class SSHTransport(Transport):
                 return await conn.open_connection(remote_host, remote_port)
             except (asyncssh.Error, OSError) as e:
                 if isinstance(e, (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError)):
-                    self.handle._lost()
+                    self.handle._lost(None, e)
                 raise
 
         fwd = RelayForward(dial, remote_host, remote_port)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import code, jobs, lineage
 from .config import Config, load_config
-from .errors import LabdeckError, NotFoundError
+from .errors import LabdeckError, NotFoundError, TransportError
+from .health import HealthMap
 from .follow import LogFollower
 from .ids import new_id
 from .monitor import UPDATE_SLICE, Monitor
@@ -35,6 +36,9 @@ def examples_dir() -> Path:
         if candidate.is_dir():
             return candidate
     raise LabdeckError("The bundled examples are missing from this installation.", "Reinstall labdeck.")
+
+
+HOST_DEADLINE = 3.0  # seconds a host has to answer a round of status reads (unless its provider says otherwise)
 
 
 @dataclass
@@ -61,6 +65,12 @@ class Workstation:
         # waits for them); a one-shot command would cancel one half-way when it closes
         self.starts_relaunches = True
         self.background_errors: list[str] = []
+        self.health = HealthMap()  # which hosts cannot be reached now, since when, why (backends/health.py)
+        self._rounds: dict[str, asyncio.Task] = {}  # instance -> its round of status reads under way
+        for p in self.providers.values():
+            watch = getattr(p, "watch_health", None)
+            if watch is not None:
+                watch(self.health)
         self.follower = LogFollower(self, config.paths.cache_dir / "logs")
         self.monitor = Monitor(self, config.paths.cache_dir, pattern=config.get("monitor", "log_pattern") or None,
                                gpu_source=config.get("monitor", "gpu_source"))
@@ -238,41 +248,106 @@ class Workstation:
         return await self.launch(f"{python} train.py --steps 300", instance=instance, workdir=str(project),
                                  name="quickstart-example")
 
-    async def refresh_runs(self, only: list[str] | None = None) -> list[Run]:
-        """Move this user's active runs on every reachable instance through their states.
+    def host_deadline(self, instance: str) -> float:
+        """Seconds ``instance`` has to answer one round of status reads (its provider's ``host_deadline``)."""
+        name = self._instance_provider.get(instance)
+        p = self.providers.get(name) if name else None
+        return float(getattr(p, "host_deadline", None) or HOST_DEADLINE)
 
-        Instances are asked concurrently; one that cannot be reached is skipped this round;
-        runs on an instance that no longer exists in any provider become ``lost``."""
-        if only is not None:  # a follower asking about its own run: read just that, not all 10,000
-            mine = [Run.from_dict(d) for d in (self.store.mine.get("runs", i) for i in only) if d is not None]
-        else:
-            mine, _ = await asyncio.to_thread(self.store.runs, team=False)
+    async def refresh_hosts(self, *, deadline: float | None = None):
+        """Each host's round of status reads, yielded as ``(instance, changed runs)`` as soon as that
+        host has answered: every host on its own clock, so one that is slow or gone delays no other.
+
+        A host gets ``deadline`` seconds (else its provider's ``host_deadline``); one that has not
+        answered by then is skipped this time (nothing is yielded for it) and shown unreachable in
+        :attr:`health` until it answers. Its round goes on in the background (the connection's
+        keepalives and timeouts bound it) and what it changed comes with the next call. A host whose
+        round is still under way from an earlier call is not asked again meanwhile. Runs on an
+        instance that no longer exists in any provider become ``lost``; a run is never moved to
+        ``lost`` because its host cannot be reached for a while."""
+        mine, _ = await asyncio.to_thread(self.store.runs, team=False)
         instances = sorted({r.instance for r in mine if r.run_state.is_active or r.state == "lost"})
+        waits: list[asyncio.Task] = []
+        for inst in instances:
+            t = self._rounds.get(inst)
+            carried: list[Run] = []
+            if t is not None and not t.done():
+                continue  # still being asked (an earlier call waited its deadline for it)
+            if t is not None:
+                carried = self._collect_round(inst, t)
+            t = self._rounds[inst] = asyncio.ensure_future(self._host_round(inst, mine))
+            t.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            waits.append(asyncio.ensure_future(self._wait_round(inst, t, carried, deadline)))
+        try:
+            for fut in asyncio.as_completed(waits):
+                yield await fut
+        finally:
+            for w in waits:  # a caller that stops early: the rounds go on, the waiting stops
+                w.cancel()
 
-        async def one(inst: str) -> list[Run]:
-            try:
-                transport = await self.transport(inst)
-            except NotFoundError:
-                return [self.store.transition(r.id, RunState.LOST, state_reason=f"the instance {inst} no longer exists")
-                        for r in mine if r.instance == inst and r.run_state.is_active]
-            except LabdeckError:  # e.g. a stopped cloud instance: nothing to ask this round
-                return []
-            try:
-                return await jobs.refresh(self.store, transport, inst, mine)
-            except LabdeckError:
-                return []
+    async def _wait_round(self, inst: str, t: asyncio.Task, carried: list[Run], deadline: float | None):
+        d = deadline if deadline is not None else self.host_deadline(inst)
+        try:
+            await asyncio.wait_for(asyncio.shield(t), d)
+        except asyncio.TimeoutError:
+            self.health.mark_down(inst, f"no answer within {d:g}s", source="round")
+            return inst, carried
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - collected (and dropped) below
+            pass
+        return inst, carried + self._collect_round(inst, t)
 
-        changed: list[Run] = []
-        for part in await asyncio.gather(*(one(i) for i in instances)):
-            changed.extend(part)
+    def _collect_round(self, inst: str, t: asyncio.Task) -> list[Run]:
+        if self._rounds.get(inst) is t:
+            del self._rounds[inst]
+        if t.cancelled() or t.exception() is not None:
+            return []
+        return t.result()
+
+    async def _host_round(self, inst: str, mine: list[Run]) -> list[Run]:
+        """One host's round: its runs' states read and moved, then what the runs that ended reported."""
+        try:
+            transport = await self.transport(inst)
+        except NotFoundError:
+            return [self.store.transition(r.id, RunState.LOST, state_reason=f"the instance {inst} no longer exists")
+                    for r in mine if r.instance == inst and r.run_state.is_active]
+        except LabdeckError:  # e.g. a stopped cloud instance: nothing to ask this round
+            return []
+        try:
+            changed = await jobs.refresh(self.store, transport, inst, mine)
+        except TransportError as e:
+            self.health.mark_down(inst, (str(e).splitlines() or ["no answer"])[0], source="round")
+            return []
+        except LabdeckError:
+            return []
+        self.health.mark_up(inst, source="round")
         for run in changed:  # a run that just ended: its metrics, environment and artifacts into the record
             if run.run_state.is_final and run.user == self.user and run.id not in self.follower.tasks:
                 try:
-                    transport = await self.transport(run.instance)
                     await self.monitor.poll_run(run, transport)
                     await self.record_results(run, final=True)
                 except LabdeckError:
                     pass
+        return changed
+
+    async def refresh_runs(self, only: list[str] | None = None) -> list[Run]:
+        """Move this user's active runs on every reachable instance through their states.
+
+        Instances are asked concurrently, each within its own deadline (:meth:`refresh_hosts`); one
+        that cannot be reached is skipped this round; runs on an instance that no longer exists in
+        any provider become ``lost``. ``only``: just these runs (a follower asking about its own)."""
+        if only is None:
+            changed: list[Run] = []
+            async for _inst, part in self.refresh_hosts():
+                changed.extend(part)
+            return changed
+        # a follower asking about its own run: read just that, not all 10,000
+        mine = [Run.from_dict(d) for d in (self.store.mine.get("runs", i) for i in only) if d is not None]
+        instances = sorted({r.instance for r in mine if r.run_state.is_active or r.state == "lost"})
+        changed = []
+        for part in await asyncio.gather(*(self._host_round(i, mine) for i in instances)):
+            changed.extend(part)
         return changed
 
     async def record_results(self, run: Run, *, final: bool = False) -> Run:
@@ -362,7 +437,7 @@ class Workstation:
         return await jobs.read_log_tail(await self.transport(run.instance), run, max_bytes)
 
     async def close(self) -> None:
-        for t in list(self._background):
+        for t in [*self._background, *self._rounds.values()]:
             t.cancel()
         await self.follower.stop_all()
         for p in self.providers.values():

@@ -121,6 +121,7 @@ class LabdeckApp(App[None]):
             self.set_keymap(dict(self.workstation.config.keys))
         self.query_one(CommandBar).display = False
         self.query_one(FilterBar).display = False
+        self.workstation.health.subscribe(self._host_health_changed)
         self.load_instances()
         self.load_runs()
         self.load_deployments()
@@ -187,15 +188,35 @@ class LabdeckApp(App[None]):
                 + f" · team ${sp.today_team:.2f}")
         self.post_message(InstancesLoaded(listing))
 
-    @work(exclusive=True, group="runs", exit_on_error=False)
+    @work(group="runs", exit_on_error=False)
     async def load_runs(self) -> None:
+        """Each host's changes are shown as soon as that host answers: every host on its own clock
+        (:meth:`backends.workstation.Workstation.refresh_hosts`). Not exclusive: a tick that comes
+        while a slow host is still being waited for starts the other hosts' next round anyway (a
+        host already being asked is not asked twice), so one dead host never slows the others' rows."""
         ws = self.workstation
         if not self._runs_shown:  # show what the store holds first, then ask the instances
             self.post_message(await self._read_team())
             self._runs_shown = True
-        if await ws.refresh_runs() or self._runs_stale:
+        async for _inst, changed in ws.refresh_hosts():
+            if changed or self._runs_stale:
+                self._runs_stale = False
+                self.post_message(await self._read_team())
+        if self._runs_stale:
             self._runs_stale = False
             self.post_message(await self._read_team())
+        elif ws.health.unreachable():  # "node2 unreachable for 12 s": the count goes on
+            self.jobs_tab.rerender()
+            self.instances_tab.rerender()
+
+    def _host_health_changed(self, name: str) -> None:
+        """A host became unreachable (or came back): its runs' rows say so now, not at the next refresh."""
+        if self.is_running:
+            self.call_later(self._rerender_health)
+
+    def _rerender_health(self) -> None:
+        self.jobs_tab.rerender()
+        self.instances_tab.rerender()
 
     async def _read_team(self) -> RunsLoaded:
         view = await asyncio.to_thread(TeamLineage, self.workstation.store)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,10 +35,11 @@ from .. import clock
 from ..config import Field
 from ..errors import LabdeckError, ProviderError
 from ..models import Instance
-from ..ssh import HostSpec, KnownHosts, SSHConfig, SSHPool, SSHTransport, resolve_host
+from ..ssh import MAX_SESSIONS, HostSpec, KnownHosts, SSHConfig, SSHPool, SSHTransport, resolve_host
 from .base import Transport, UnmanagedProvider
 
 
+HOST_DEADLINE = 3.0  # seconds one host has to answer a round of the listing or of status reads
 DESCRIBE_WAIT = 0.8  # seconds a listing waits for a host it starts connecting to
 
 
@@ -68,6 +70,9 @@ HOST_FIELDS: dict[str, Field] = {
     "runs_dir": Field(str, "~/.labdeck/runs", "Where run directories go on the host"),
     "max_concurrent": Field(int, 1, "Jobs run at once on this host (the rest queue)", lambda v: None if v >= 1 else "must be 1 or more"),
     "listed": Field(bool, True, "Show as an instance (false: only a jump host)"),
+    "max_sessions": Field(int, MAX_SESSIONS, "Commands and SFTP open at once on the connection to this host; keep it "
+                          "below its sshd's MaxSessions (10 unless changed). More work waits its turn",
+                          lambda v: None if v >= 1 else "must be 1 or more"),
 }
 
 CONFIG_FIELDS: dict[str, Field] = {
@@ -76,6 +81,9 @@ CONFIG_FIELDS: dict[str, Field] = {
                              lambda v: None if v in ("accept-new", "strict") else "must be accept-new or strict"),
     "connect_timeout": Field((int, float), 5.0, "Seconds to wait for a host (and each jump) to answer",
                              lambda v: None if v > 0 else "must be greater than 0"),
+    "host_deadline": Field((int, float), HOST_DEADLINE, "Seconds a host has to answer one round (listing, status "
+                           "reads); one that does not is skipped that round and shown unreachable",
+                           lambda v: None if v > 0 else "must be greater than 0"),
     "hosts": Field(dict, {}, "The machines, one [providers.NAME.hosts.HOST] table each", entries=HOST_FIELDS),
 }
 
@@ -127,10 +135,14 @@ class SSHProvider(UnmanagedProvider):
                                str(options.get("host_key_policy", "accept-new")))
             pool = SSHPool(known, connect_timeout=float(options.get("connect_timeout", 5.0)))  # type: ignore[arg-type]
         self.pool = pool
+        self.host_deadline = float(options.get("host_deadline", HOST_DEADLINE))  # type: ignore[arg-type]
         self.specs: dict[str, HostSpec] = {}
         self._warm()
         for hname in hosts:
             self.specs[hname] = self._spec(hname)
+        for hname, h in hosts.items():
+            if h.get("max_sessions"):
+                self.specs[hname] = replace(self.specs[hname], max_sessions=int(h["max_sessions"]))
         self._facts: dict[str, tuple[int, dict[str, Any]]] = {}  # host -> (connection generation, facts)
         self._connecting: dict[str, asyncio.Future] = {}
 
@@ -167,8 +179,41 @@ class SSHProvider(UnmanagedProvider):
         names = [n for n, h in self.hosts.items() if h["listed"]]
         return list(await asyncio.gather(*(self.describe(n) for n in names)))
 
+    def watch_health(self, health) -> None:
+        """Keep ``health`` (a :class:`backends.health.HealthMap`) told which hosts the pool cannot reach
+        (a lost connection, keepalives unanswered, a failed connect, a jump host down on the way)."""
+        def sync() -> None:
+            for name, spec in self.specs.items():
+                if not self.hosts[name]["listed"]:
+                    continue
+                down = self.pool.health(spec)
+                if down is None:
+                    health.mark_up(name, source="ssh")
+                else:
+                    health.mark_down(name, down[1], since=down[0], source="ssh")
+
+        self.pool.listeners.append(sync)
+        self._health = health
+
     async def describe(self, instance: str) -> Instance:
-        """Never raises for an unreachable host: it comes back with state ``unreachable`` and why."""
+        """Never raises for an unreachable host: it comes back with state ``unreachable`` and why,
+        within the provider's ``host_deadline`` (a host that does not answer in time is skipped)."""
+        try:
+            return await asyncio.wait_for(self._describe(instance), self.host_deadline)
+        except asyncio.TimeoutError:
+            h = self._host(instance)
+            spec = self.specs[instance]
+            inst = Instance(id=f"{self.name}/{instance}", name=instance, provider=self.name, provider_type=self.type,
+                            host=spec.hostname, price_per_hour=float(h["price_per_hour"]), tags=dict(h["tags"]))
+            inst.state = "unreachable"
+            inst.note = f"{spec.label} did not answer within {self.host_deadline:g}s"
+            health = getattr(self, "_health", None)
+            if health is not None:
+                health.mark_down(instance, f"no answer within {self.host_deadline:g}s", source="listing")
+            self._apply_cached(inst, instance)
+            return inst
+
+    async def _describe(self, instance: str) -> Instance:
         h = self._host(instance)
         spec = self.specs[instance]
         inst = Instance(id=f"{self.name}/{instance}", name=instance, provider=self.name, provider_type=self.type,
@@ -210,6 +255,9 @@ class SSHProvider(UnmanagedProvider):
             return inst
         for k, v in self._facts[instance][1].items():
             setattr(inst, k, v)
+        health = getattr(self, "_health", None)
+        if health is not None:
+            health.mark_up(instance, source="listing")
         inst.state = "running"
         inst.latency_ms = latency * 1000
         if spec.notes and not inst.note:

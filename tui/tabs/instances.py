@@ -119,10 +119,21 @@ class InstancesTab(TabView):
         self.runs = runs
         self.rerender()
 
+    def health(self, inst: Instance):
+        """What this labdeck knows of the host since the listing was read: unreachable (and since when)
+        as soon as its connection is lost or a round of it went unanswered, not at the next listing."""
+        ws = getattr(self.app, "workstation", None)
+        if ws is None:
+            return None
+        h = ws.health.get(inst.name)
+        return None if h.reachable else h
+
     def row(self, inst: Instance) -> tuple:
         now = clock.now()
+        down = self.health(inst)
+        state = "unreachable" if down is not None and inst.state in ("running", "connecting") else inst.state
         return (
-            cell(inst.name, style="bold"), cell(inst.provider), cell(inst.state, style=STATE_STYLE.get(inst.state, "")),
+            cell(inst.name, style="bold"), cell(inst.provider), cell(state, style=STATE_STYLE.get(state, "")),
             f"{inst.latency_ms:.0f} ms" if inst.latency_ms is not None else "–",
             (inst.size + (" spot" if inst.spot else "")) if inst.size else (inst.size_summary if inst.vcpus else "–"),
             inst.gpu_summary, money(inst.price_per_hour),
@@ -137,8 +148,13 @@ class InstancesTab(TabView):
         rows = [(i.name, self.row(i)) for i in self.listing.instances]
         rows = [(k, cells) for k, cells in rows if matches(self.filter_text, cells)]
         sync_table(self.query_one(DataTable), rows)
-        problems = list(self.listing.errors.values()) + list(getattr(self.listing, "events", [])) + [
-            f"{i.name}: {i.note.splitlines()[0]}" for i in self.listing.instances if i.state == "unreachable" and i.note]
+        problems = list(self.listing.errors.values()) + list(getattr(self.listing, "events", []))
+        for i in self.listing.instances:
+            down = self.health(i)
+            if down is not None:
+                problems.append(down.text())
+            elif i.state == "unreachable" and i.note:
+                problems.append(f"{i.name}: {i.note.splitlines()[0]}")
         burn = self.query_one("#instances-burn", Static)
         burn.update(Text(self.burn_text))
         burn.display = bool(self.burn_text)

@@ -49,15 +49,30 @@ class JobsTab(TabView):
         self.runs, self.errors = runs, errors
         self.rerender()
 
+    def host_down(self, r: Run):
+        """The health of ``r``'s host when this labdeck cannot reach it and ``r`` is an active run of
+        ours (its record is what we last read from there); None otherwise. A teammate's record is
+        written by their own labdeck: our link says nothing about it."""
+        ws = getattr(self.app, "workstation", None)
+        if ws is None or r.user != ws.user or not (r.run_state.is_active or r.state == "lost"):
+            return None
+        h = ws.health.get(r.instance)
+        return None if h.reachable else h
+
     def cells(self, r: Run) -> tuple:
-        last = plain_line(r.last_line[:400])  # a log line, a teammate's name: text, never markup or escapes
+        down = self.host_down(r)
+        last = plain_line((down.text() if down is not None else r.last_line)[:400])  # text, never markup or escapes
         last = last if len(last) <= 80 else last[:79] + "…"
-        state = cell(r.state, style=STATE_STYLE.get(r.state, ""))
+        if down is not None:  # what we last saw, marked as such: not a frozen "running"
+            state = cell(f"{r.state}?", style="yellow")
+        else:
+            state = cell(r.state, style=STATE_STYLE.get(r.state, ""))
         idle = getattr(self.app, "idle", {}).get(r.id)
         if idle is not None:
             state.append(f" ⚠ GPU {idle:.0f}%", style="bold yellow")
+        took = duration(r.duration_seconds(clock.now()))
         return (short_id(r.id), cell(r.display_name), state, cell(r.instance),
-                cell(r.user), duration(r.duration_seconds(clock.now())), cell(last))
+                cell(r.user), f"{took}?" if down is not None else took, cell(last, style="yellow" if down is not None else ""))
 
     def rerender(self) -> None:
         if not self.is_mounted:
