@@ -70,7 +70,7 @@ KEEPALIVE_INTERVAL = 1.0  # a keepalive after each second with nothing from the 
 KEEPALIVE_COUNT_MAX = 2   # ... and the third unanswered one ends the connection: a dead link shows within ~3 s
 MAX_SESSIONS = 8  # session channels open at once per connection (OpenSSH's MaxSessions defaults to 10)
 SESSION_RETRIES = 8  # a refused session: the budget shrinks and the call waits for a slot, this many times
-REGROW_AFTER = 64  # sessions opened without a refusal before a shrunk budget grows by one again
+REGROW_AFTER = 16  # sessions opened without a refusal before a shrunk budget grows by one again
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 0.5  # after a refusal or an unreachable route: the link may be back in a moment
 BACKOFF_SILENT_MAX = 15.0  # after a timeout: each try costs connect_timeout
@@ -361,15 +361,18 @@ class _Client(asyncssh.SSHClient):
 class ChannelBudget:
     """At most ``limit`` session channels open at once on one connection, handed out in order.
 
-    A slot is held while a command runs (or, for the SFTP session, while the connection lives).
-    :meth:`refused` is told when the server turned a session down although the budget allowed it:
-    the server's limit is lower (or it still counts a session just closed), so the budget drops
-    to what was open then; after :data:`REGROW_AFTER` sessions without a refusal it grows by one
-    again, up to the configured maximum."""
+    A slot is held from before a session is asked for until its channel is closed (for the SFTP
+    session: while the connection lives). :meth:`refused` is told when the server turned a session
+    down although the budget allowed it: the server allows no more than the sessions of ours that
+    were open then (``established``; fewer if it still counts one just closed), so the budget drops
+    to that; after :data:`REGROW_AFTER` sessions without a refusal it grows by one again, up to the
+    configured maximum."""
 
     def __init__(self, limit: int) -> None:
         self.max = self.limit = max(1, int(limit))
-        self.used = 0
+        self.used = 0  # slots held: sessions open or being opened
+        self.established = 0  # sessions the server accepted and that are still open
+        self.kept = 0  # of those, the ones open for the life of the connection (SFTP)
         self.refusals = 0
         self.peak = 0  # the most slots held at once (for tests and the benchmark)
         self._ok = 0
@@ -393,6 +396,11 @@ class ChannelBudget:
                     pass
             raise
 
+    @property
+    def contended(self) -> bool:
+        """Whether a slot given back now goes straight to another session."""
+        return bool(self._waiters) or self.used >= self.limit
+
     def _take(self) -> None:
         self.used += 1
         self.peak = max(self.peak, self.used)
@@ -409,24 +417,82 @@ class ChannelBudget:
                 fut.set_result(None)
 
     def opened(self) -> None:
+        self.established += 1
         self._ok += 1
         if self.limit < self.max and self._ok >= REGROW_AFTER:
             self.limit += 1
             self._ok = 0
             self._wake()
 
+    def closed(self) -> None:
+        self.established = max(0, self.established - 1)
+
     def refused(self) -> None:
-        """The server refused a session while ``used`` slots (the refused one included) were held."""
+        """The server refused a session while ``established`` of ours were open. One slot beyond the
+        long-lived sessions always stays, or commands would wait for ever behind the SFTP session."""
         self.refusals += 1
         self._ok = 0
-        self.limit = max(1, min(self.limit, self.used - 1))
+        self.limit = max(self.kept + 1, min(self.limit, self.established))
+
+
+async def _keep(chan):
+    return chan
+
+
+async def _caught_up(conn: asyncssh.SSHClientConnection) -> None:
+    """One round trip (an OpenSSH keepalive request) after a session closed, before its slot goes
+    to the next one waiting. sshd frees a session only after it has read our CHANNEL_CLOSE, in the
+    next turn of its loop; a CHANNEL_OPEN read in the same turn still finds the closed one counted
+    and is refused ("no more sessions"). Its answer to a request sent after the close means that
+    turn is over. asyncssh has no public call for it; without one this waits a moment instead."""
+    request = getattr(conn, "_make_global_request", None)
+    try:
+        if request is None:
+            await asyncio.sleep(0.05)
+        else:
+            await asyncio.wait_for(request(b"keepalive@openssh.com"), 2)
+    except (asyncio.TimeoutError, asyncssh.Error, OSError):
+        pass
+
+
+_closing: set[asyncio.Task] = set()
+
+
+def _close_later(chan, budget: ChannelBudget, limit: float = 300.0) -> None:
+    """Close a session left early and give its slot back once the server has closed it too."""
+    try:
+        chan.close()
+    except Exception:  # noqa: BLE001 - a connection already gone
+        pass
+
+    async def wait() -> None:
+        try:
+            await asyncio.wait_for(chan.wait_closed(), limit)
+        except BaseException:  # noqa: BLE001 - given back below whatever happened
+            pass
+        finally:
+            budget.closed()
+            budget.release()
+
+    try:
+        task = asyncio.get_running_loop().create_task(wait())
+    except RuntimeError:  # no loop (shutting down): nothing waits for it any more
+        budget.closed()
+        budget.release()
+        return
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _refused_session(e: BaseException) -> bool:
-    """A session channel the server turned down ("open failed": sshd's MaxSessions, or a session it
-    still counts), as opposed to a connection that is gone."""
-    return isinstance(e, asyncssh.ChannelOpenError) and e.code in (
-        asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, asyncssh.OPEN_RESOURCE_SHORTAGE)
+    """A session channel the server turned down (sshd's MaxSessions, or a session it still counts),
+    as opposed to a connection that is gone. OpenSSH answers a session it will not open with
+    SSH_OPEN_CONNECT_FAILED and the words "open failed" (and logs "no more sessions"); other servers
+    say administratively prohibited or resource shortage."""
+    if not isinstance(e, asyncssh.ChannelOpenError):
+        return False
+    return (e.code in (asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, asyncssh.OPEN_RESOURCE_SHORTAGE)
+            or (e.code == asyncssh.OPEN_CONNECT_FAILED and e.reason == "open failed"))
 
 
 class _Conn:
@@ -532,10 +598,14 @@ class _Conn:
             self._mark_up()
             return self.conn
 
-    async def session(self, open_session, what: str, timeout: float | None = None):
-        """``await open_session(conn)`` with a slot of the channel budget held while it runs; a
-        session the server refuses shrinks the budget and is tried again when a slot is free.
-        ``timeout`` bounds the wait for a slot (the caller's own deadline)."""
+    async def session(self, open_session, use_session, what: str, timeout: float | None = None, *, keep: bool = False):
+        """Open a session channel with ``await open_session(conn)`` and ``await use_session(chan)``,
+        holding a slot of the channel budget from before it is asked for until its channel is
+        closed. A session the server refuses shrinks the budget and is asked for again when a slot
+        is free. ``timeout`` bounds the wait for a slot (the caller's own deadline). A session left
+        early (a timeout, a caller's deadline) is closed, and its slot stays taken until the server
+        has closed it too: sshd counts it until then. ``keep``: the session stays open after
+        ``use_session`` (SFTP), its slot taken for the life of the connection."""
         for attempt in range(SESSION_RETRIES + 1):
             conn = await self.get()
             budget = self.budget
@@ -545,39 +615,37 @@ class _Conn:
                 raise TransportError(f"{what} on {self.spec.label} waited {timeout:g}s for a free channel "
                                      f"({budget.used} of {budget.limit} in use) and was not started.") from None
             try:
-                result = await open_session(conn)
-            except asyncssh.ChannelOpenError as e:
-                if not _refused_session(e) or attempt == SESSION_RETRIES:
-                    raise
-                budget.refused()
-                log.info("%s refused a session (%s) with %d open: budget now %d", self.spec.label, e.reason,
-                         budget.used, budget.limit)
-                await asyncio.sleep(0.02 * (attempt + 1))  # a session it is still closing: a moment
-                continue
-            finally:
-                budget.release()
-            budget.opened()
-            return result
-        raise AssertionError("unreachable")
-
-    async def hold(self, open_session, what: str):
-        """Open a long-lived session (SFTP): its slot stays taken for the life of the connection."""
-        for attempt in range(SESSION_RETRIES + 1):
-            conn = await self.get()
-            budget = self.budget
-            await budget.acquire()
-            try:
-                result = await open_session(conn)
+                chan = await open_session(conn)
             except BaseException as e:
                 budget.release()
                 if isinstance(e, asyncssh.ChannelOpenError) and _refused_session(e) and attempt < SESSION_RETRIES:
                     budget.refused()
-                    await asyncio.sleep(0.02 * (attempt + 1))
+                    log.info("%s refused a session (%s) with %d open: budget now %d", self.spec.label, e.reason,
+                             budget.established, budget.limit)
+                    await asyncio.sleep(0.02 * (attempt + 1))  # a session it is still closing: a moment
                     continue
                 raise
             budget.opened()
-            return result
+            done = False
+            try:
+                result = await use_session(chan)
+                done = True
+                return result
+            finally:
+                if done and keep:
+                    budget.kept += 1
+                elif done:
+                    budget.closed()
+                    if budget.contended:
+                        await _caught_up(conn)
+                    budget.release()
+                else:
+                    _close_later(chan, budget)
         raise AssertionError("unreachable")
+
+    async def hold(self, open_session, what: str):
+        """Open a long-lived session (SFTP): its slot stays taken for the life of the connection."""
+        return await self.session(open_session, _keep, what, keep=True)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         spec = self.spec
@@ -753,12 +821,15 @@ class SSHTransport(Transport):
         line = _prefix(cwd, env) + command
         t0 = time.monotonic()
 
-        async def run(conn: asyncssh.SSHClientConnection):
+        async def start(conn: asyncssh.SSHClientConnection):
+            return await conn.create_process(line, input=input, encoding=None)
+
+        async def finish(proc):
             left = None if timeout is None else max(0.1, timeout - (time.monotonic() - t0))
-            return await conn.run(line, input=input, encoding=None, check=False, timeout=left)
+            return await proc.wait(check=False, timeout=left)
 
         try:
-            res = await self.handle.session(run, "A command", timeout)
+            res = await self.handle.session(start, finish, "A command", timeout)
         except asyncssh.TimeoutError:
             raise TransportError(f"A command on {self.spec.label} took longer than {timeout:g}s and was stopped: {command[:80]}") from None
         except (asyncssh.Error, OSError) as e:

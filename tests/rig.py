@@ -434,6 +434,7 @@ class Host:
     home: Path
     dir: Path  # sshd config, host key, log
     port: int = 22
+    max_sessions: int = 64  # sshd's MaxSessions (see set_max_sessions)
     reapers: list[subprocess.Popen] = field(default_factory=list, repr=False)
     _sshd: tuple[int, int | None] | None = field(default=None, repr=False)  # (pid, starttime)
 
@@ -506,7 +507,7 @@ PrintMotd no
 PrintLastLog no
 UseDNS no
 MaxStartups 64:30:128
-MaxSessions 64
+MaxSessions {self.max_sessions}
 LoginGraceTime 20
 LogLevel VERBOSE
 Subsystem sftp internal-sftp
@@ -578,6 +579,13 @@ Subsystem sftp internal-sftp
         if kill_sessions:
             self.kill_user_processes()
         self.reaper_pids  # noqa: B018 - reap subreapers that are done
+
+    def set_max_sessions(self, n: int) -> None:
+        """sshd's ``MaxSessions`` (the rig's default is 64; OpenSSH's own is 10), with a restart of the
+        listening sshd so new connections get it; :meth:`Rig.reset` puts 64 back."""
+        if n != self.max_sessions:
+            self.max_sessions = n
+            self.restart_sshd(kill_sessions=True)
 
     def restart_sshd(self, *, kill_sessions: bool = False) -> None:
         self.stop_sshd(kill_sessions=kill_sessions)
@@ -903,6 +911,9 @@ class Rig:
         for h in self.nodes:
             h.link_up()
         for h in self.hosts:
+            if h.max_sessions != 64:
+                h.max_sessions = 64
+                h.stop_sshd()
             h.kill_user_processes()
             h.reset_home()
             h.start_sshd()
