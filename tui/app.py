@@ -215,6 +215,8 @@ class LabdeckApp(App[None]):
             self.call_later(self._rerender_health)
 
     def _rerender_health(self) -> None:
+        if not self.query(JobsTab):  # closing
+            return
         self.jobs_tab.rerender()
         self.instances_tab.rerender()
 
@@ -422,6 +424,13 @@ class LabdeckApp(App[None]):
         self.reload_runs()
 
     # ---- messages --------------------------------------------------------
+    def check_message_enabled(self, message) -> bool:
+        """A backend round that ends while the app is closing (its tabs already gone) is dropped,
+        not shown on a screen that no longer has them (NoMatches at exit)."""
+        if isinstance(message, (InstancesLoaded, RunsLoaded, DeploymentsLoaded, MonitorUpdated)) and not self.query(TabbedContent):
+            return False
+        return super().check_message_enabled(message)
+
     def on_instances_loaded(self, message: InstancesLoaded) -> None:
         self.instances_tab.show_instances(message.listing)
         if message.partial:
