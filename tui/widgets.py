@@ -243,7 +243,7 @@ def sync_table(table: DataTable, rows: list[tuple[str, Sequence]]) -> None:
             old = table.get_row(key)
             for col_key, new, prev in zip(table.columns, cells, old):
                 if str(new) != str(prev):
-                    table.update_cell(key, col_key, new)
+                    table.update_cell(key, col_key, new, update_width=True)  # "running?", a longer last line
         return
     cursor_key = None
     if table.row_count and 0 <= table.cursor_row < table.row_count:
