@@ -172,6 +172,14 @@ class Workstation:
     async def provider_of(self, instance: str) -> Provider:
         listing = None
         if instance not in self._instance_provider:
+            # a provider whose instances are in the config (local, the team's SSH hosts) answers by name:
+            # `labdeck run --on gpu1` neither resolves nor connects to every other host first
+            for pname, p in self.providers.items():
+                has = getattr(p, "has_instance", None)
+                if has is not None and has(instance):
+                    self._instance_provider[instance] = pname
+                    break
+        if instance not in self._instance_provider:
             listing = await self.list_instances()
         name = self._instance_provider.get(instance)
         if name is None and listing is not None and listing.errors:

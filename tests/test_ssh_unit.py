@@ -346,3 +346,65 @@ def test_ssh_g_answers_are_reused_by_the_next_process_until_a_file_changes(tmp_p
     os.utime(tmp_path / "conf.d" / "jump", ns=(1, 1))  # a different mtime whatever the clock's resolution
     changed = SSHConfig(cfg, cache_file=cache).resolve("bastion")
     assert changed.hostname == "198.18.7.9" and len(calls) == 1
+
+
+def test_a_command_on_one_host_resolves_that_host_and_its_chain_only(tmp_path, tmp_path_factory,
+                                                                     monkeypatch) -> None:
+    """An ssh provider of many hosts asks OpenSSH nothing until a host is used; then only about that
+    host and its jump chain (the jump host prefetched beside it: one round of ssh -G, not two). A
+    listing resolves the rest, each host's answer as exact as one asked alone."""
+    import shutil
+    import subprocess as sp
+
+    import backends.sshconfig as sc
+    from backends.providers.ssh import HOST_FIELDS, SSHProvider
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    conf = tmp_path / "config"
+    conf.write_text("Host bastion\n  HostName 198.18.7.1\n  Port 2222\n"
+                    + "".join(f"Host gpu{i}\n  HostName 198.18.8.{i + 1}\n" for i in range(12))
+                    + "Host gpu*\n  ProxyJump bastion\n")
+    hosts = {f"gpu{i}": {k: f.default for k, f in HOST_FIELDS.items()} for i in range(12)}
+    opts = {"ssh_config": str(conf), "host_key_policy": "accept-new", "connect_timeout": 5.0, "hosts": hosts}
+    cache = tmp_path_factory.mktemp("cache") / "ssh-G.json"
+    asked: list[str] = []
+    real = sp.run
+    monkeypatch.setattr(sc.subprocess, "run",
+                        lambda argv, **kw: ("-vvv" in argv and asked.append(argv[-1])) or real(argv, **kw))
+    p = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")), ssh_cache=cache)
+    assert asked == []  # building the provider (every command does) asks nothing
+    spec = p.spec("gpu3")
+    assert sorted(asked) == ["bastion", "gpu3"]
+    assert (spec.hostname, [(j.hostname, j.port) for j in spec.jump]) == ("198.18.8.4", [("198.18.7.1", 2222)])
+    everything = p.resolve_all()
+    assert sorted(asked) == sorted(["bastion", *hosts])  # each once: gpu3 and bastion are not asked again
+    alone = {n: resolve_host(n, ssh_config=SSHConfig(conf)) for n in hosts}
+    assert everything == alone
+    asked.clear()  # the next command: every answer from the on-disk cache
+    again = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")), ssh_cache=cache)
+    assert again.resolve_all() == alone and asked == []
+
+
+async def test_a_host_openssh_cannot_resolve_is_one_unreachable_row(tmp_path) -> None:
+    """A host whose ssh_config answer labdeck cannot use is listed as unreachable, saying why; the
+    provider, the other hosts and the listing are not held up by it."""
+    import shutil
+
+    from backends.providers.ssh import HOST_FIELDS, SSHProvider
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    conf = tmp_path / "config"
+    conf.write_text("Host bad\n  IdentityFile ~/.ssh/id_%Q\n")
+    base = {k: f.default for k, f in HOST_FIELDS.items()}
+    opts = {"ssh_config": str(conf), "host_key_policy": "accept-new", "connect_timeout": 5.0,
+            "hosts": {"bad": dict(base)}}
+    p = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")))
+    try:
+        (inst,) = await p.list_instances()
+        assert inst.state == "unreachable" and "unknown token %Q" in inst.note
+        with pytest.raises(TransportError, match="unknown token %Q"):
+            p.transport("bad")
+    finally:
+        await p.close()

@@ -179,7 +179,11 @@ def _print_ssh_hosts(cfg) -> None:
         return
     rows = []
     for pname, prov in providers.items():
-        for hname, spec in sorted((getattr(prov, "specs", None) or {}).items()):
+        resolve_all = getattr(prov, "resolve_all", None)  # (every host's ssh -G at once; each error on its row)
+        for hname, spec in sorted((resolve_all() if resolve_all else {}).items()):
+            if isinstance(spec, LabdeckError):
+                rows.append((f"{pname}.{hname}", "error", spec.render(), ""))
+                continue
             origin = dict(spec.origin)
             chain = " → ".join(h.name for h in spec.jump)
             for key, value in (("hostname", spec.hostname), ("port", spec.port), ("user", spec.user),
