@@ -255,8 +255,9 @@ class SSHConfig:
                 todo.append(i)
         if todo:
             jobs = [lambda i=i: self._resolve_shared(reqs[i]) for i in todo]
-            if self.path and self.ssh and self._baseline is None and self._baseline_from_disk() is None:
-                jobs.append(self.baseline)
+            if (self.path and self.ssh and self._baseline is None and mentions_any([self.path], UNHONOURED)
+                    and self._baseline_from_disk() is None):
+                jobs.append(self.baseline)  # (needed: see _unhonoured; an Included file naming one asks later)
             if prefetch and self.path:
                 asked = {reqs[i] for i in todo}
                 for hop in self.likely_hops([reqs[i] for i in todo]):
@@ -465,7 +466,7 @@ class SSHConfig:
             origin["user"] = "labdeck config"
         if port:
             origin["port"] = "labdeck config"
-        notes = self._unhonoured(opts, origin)
+        notes = self._unhonoured(opts, origin, files if present else [])
         return self._from_options(arg, opts, origin, notes), files
 
     def baseline(self) -> dict[str, list[str]]:
@@ -507,12 +508,15 @@ class SSHConfig:
             pass
         return None
 
-    def _unhonoured(self, opts: dict[str, list[str]], origin: Mapping[str, str]) -> tuple[str, ...]:
-        base = self.baseline()
+    def _unhonoured(self, opts: dict[str, list[str]], origin: Mapping[str, str], files: list[str]) -> tuple[str, ...]:
         notes = []
-        for key, why in UNHONOURED.items():
-            if key in opts and opts[key] != base.get(key):
-                notes.append(self._note(key, " ".join(opts[key]), why, origin))
+        # An option no file ssh read names has OpenSSH's default: only when one does is the answer
+        # compared with the defaults (one more ssh -G, kept on disk), so most configs never ask them.
+        if mentions_any(files, UNHONOURED):
+            base = self.baseline()
+            for key, why in UNHONOURED.items():
+                if key in opts and opts[key] != base.get(key):
+                    notes.append(self._note(key, " ".join(opts[key]), why, origin))
         shk = (opts.get("stricthostkeychecking") or [""])[0].lower()
         if shk in STRICT_OFF:
             notes.append(self._note("stricthostkeychecking", shk,
@@ -690,7 +694,30 @@ _PROXYJUMP = re.compile(r"^[ \t]*ProxyJump(?:[ \t]*=[ \t]*|[ \t]+)([^\s#]+)", re
 _READING = re.compile(r"^debug1: Reading configuration data (.+)$")
 _INCLUDING = re.compile(r"^debug3: (.+) line (\d+): Including file (.+) depth \d+$")
 _APPLYING = re.compile(r"^debug1: (.+) line (\d+): Applying options for ")
-_KEYWORD = re.compile(r"^\s*([A-Za-z]+)\s*(?:=|\s|$)")
+_KEYWORD = re.compile(r'^\s*"?([A-Za-z]+)"?\s*(?:=|\s|$)')  # (OpenSSH takes a quoted keyword too)
+
+
+def mentions_any(files: Iterable[str], keys: Iterable[str]) -> bool:
+    """Whether any of ``files`` has a line whose keyword is one of ``keys`` (lower-case), in any
+    block, commented-out lines aside. A superset of what can apply (no rule of the grammar decided
+    here): False means none of these options can be set by these files."""
+    keys = set(keys)
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_READ + 1)
+        except OSError:
+            return True  # cannot tell: ask
+        if len(data) > MAX_CONFIG_READ:
+            return True
+        for raw in data.decode("utf-8", "replace").splitlines():
+            m = _ANY_KEYWORD.match(raw)
+            if m and m.group(1).lower() in keys:
+                return True
+    return False
+
+
+_ANY_KEYWORD = re.compile(r'^\s*"?([A-Za-z0-9]+)"?\s*(?:=|\s|$)')
 
 
 def provenance(log_text: str, main: str) -> tuple[list[str], dict[str, str]]:

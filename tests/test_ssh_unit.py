@@ -408,3 +408,27 @@ async def test_a_host_openssh_cannot_resolve_is_one_unreachable_row(tmp_path) ->
             p.transport("bad")
     finally:
         await p.close()
+
+
+def test_the_defaults_are_asked_only_where_a_file_names_an_option_labdeck_cannot_honour(tmp_path, monkeypatch) -> None:
+    """OpenSSH's defaults (what a not-honoured option is compared with) cost one more ssh -G: asked only
+    where a file ssh read names such an option, an Included one too, and then it is still reported."""
+    import shutil
+    import subprocess as sp
+
+    import backends.sshconfig as sc
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    defaults = []
+    real = sp.run
+    monkeypatch.setattr(sc.subprocess, "run",
+                        lambda argv, **kw: ("/dev/null" in argv and defaults.append(argv)) or real(argv, **kw))
+    plain = tmp_path / "plain"
+    plain.write_text("Host gpu\n  HostName 198.18.7.2\n  User bob\n")
+    assert SSHConfig(plain).resolve("gpu").notes == () and defaults == []
+    (tmp_path / "extra.conf").write_text('Host gpu\n  "ForwardAgent" yes\n')  # (a quoted keyword: OpenSSH takes it)
+    included = tmp_path / "included"
+    included.write_text(f"Include {tmp_path}/extra.conf\nHost gpu\n  HostName 198.18.7.2\n")
+    notes = SSHConfig(included).resolve("gpu").notes
+    assert len(defaults) == 1 and any(f"{tmp_path}/extra.conf:2: ForwardAgent yes" in n for n in notes), notes
