@@ -45,13 +45,14 @@ def stop_local_agent(home: Path) -> None:
 
     if not (home / "data" / "agent").exists():
         return  # no agent was ever started here
-    needle = str(home / "data" / "agent" / "agent.py").encode()
+    needle = str(home / "data" / "agent").encode() + b"/"  # <agents dir>/<host id>/agent.py
     for attempt in range(2):
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                if needle in (proc / "cmdline").read_bytes():
+                cmd = (proc / "cmdline").read_bytes()
+                if needle in cmd and b"/agent.py\0" in cmd:
                     os.kill(int(proc.name), signal.SIGTERM)
             except (OSError, ProcessLookupError):
                 continue
