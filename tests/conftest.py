@@ -144,3 +144,11 @@ def shared_dir():
                 os.chmod(p, 0o755)
         shutil.rmtree(d, ignore_errors=True)
         assert not d.exists()
+
+
+def node_host_id(node) -> str:
+    """The host id (backends/hostid.py) of a rig host, as worked out there by its own user, without SSH."""
+    from backends.hostid import HOST_ID_FN, check_host_id
+
+    res = node.run_as_user(HOST_ID_FN + "hostid", check=True)
+    return check_host_id(res.stdout.strip(), node.name)

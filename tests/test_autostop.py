@@ -24,6 +24,7 @@ from backends import autostop
 from backends.runtime import autostop as daemon
 
 from . import rig as rigmod
+from .conftest import node_host_id
 from .test_ssh import make_ws
 
 WINDOW_MIN = 0.05  # 3 s
@@ -34,7 +35,8 @@ INTERVAL = 0.3
 # ---- helpers -----------------------------------------------------------------------
 
 def _dir(node) -> Path:
-    return node.home / ".labdeck" / "autostop"
+    """The node's autostop directory: ``~/.labdeck/autostop/<host id>`` (the id as the node works it out)."""
+    return node.home / ".labdeck" / "autostop" / node_host_id(node)
 
 
 def _state(node) -> dict | None:
@@ -249,7 +251,8 @@ async def test_garbage_state_single_daemon_disable_and_exit(home, fresh_rig) -> 
                                     gpu_source="none", python=rig.python)
         assert st2["pid"] == pid and _daemons(node.uid) == [pid]
         # a second start by hand exits at once (the lock), leaving the one daemon
-        res = node.run_as_user(f"{rig.python} .labdeck/autostop/autostop.py --dir .labdeck/autostop; echo rc=$?")
+        rel = _dir(node).relative_to(node.home)
+        res = node.run_as_user(f"{rig.python} {rel}/autostop.py --dir {rel}; echo rc=$?")
         assert "rc=0" in res.stdout and _daemons(node.uid) == [pid]
         # another script version running: ensure() replaces it, still one daemon
         (_dir(node) / "daemon.version").write_text("0ld\n")
