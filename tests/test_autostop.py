@@ -331,6 +331,39 @@ def test_job_dirs_tickets_and_reused_pids(tmp_path: Path) -> None:
     assert daemon.job_activity([str(root)]) == (["job 01WAIT (queued)"], {})
 
 
+def test_only_this_hosts_runs_and_tickets_count_in_a_shared_home(tmp_path: Path) -> None:
+    """A home several hosts share: run directories and per-host queues of other hosts (or of an
+    earlier boot) keep nothing busy, even with a pid that is alive here."""
+    me, boot, other = "0123456789abcdef", "boot-1", "fedcba9876543210"
+    root = tmp_path / "runs"
+    mine, theirs, old = root / "01MINE", root / "01THEIRS", root / "01OLD"
+    for d in (mine, theirs, old):
+        d.mkdir(parents=True)
+        (d / "pid").write_text(str(os.getpid()))
+        (d / "started_at").write_text("x")
+    (mine / "host").write_text(f"{me} {boot}\n")
+    (theirs / "host").write_text(f"{other} {boot}\n")
+    # (01OLD: no host file, a run from before per-host state: its pid alone, as before)
+    assert daemon.job_activity([str(root)], me, boot) == (["job 01MINE", "job 01OLD"], {})
+    assert daemon.job_activity([str(root)], me, "boot-2") == (["job 01OLD"], {})  # after a reboot
+    assert daemon.job_activity([str(root)]) == (["job 01MINE", "job 01OLD", "job 01THEIRS"], {})  # an old config
+    for d in (mine, theirs, old):
+        (d / "exit_code").write_text("0")
+    q_me, q_other = root / ".hosts" / me, root / ".hosts" / other
+    for q in (q_me, q_other):
+        (q / "queue").mkdir(parents=True)
+        (q / "queue-notebook").mkdir()
+    (q_me / "queue" / "01WAIT").write_text(f"{os.getpid()} {me} {boot}\n")
+    (q_me / "queue" / "01ELSE").write_text(f"{os.getpid()} {other} {boot}\n")  # in my queue, but not mine
+    (q_other / "queue" / "01THEIRQ").write_text(f"{os.getpid()} {other} {boot}\n")
+    nb = root / "01NB"
+    nb.mkdir()
+    (nb / "pid").write_text(str(os.getpid()))
+    (nb / "host").write_text(f"{me} {boot}\n")
+    (q_me / "queue-notebook" / "01NB").write_text(f"{os.getpid()} {me} {boot}\n")
+    assert daemon.job_activity([str(root)], me, boot) == (["job 01WAIT (queued)"], {os.getpid(): "01NB"})
+
+
 class _FakeJupyter(http.server.BaseHTTPRequestHandler):
     last_activity = ""
     kernels: ClassVar[list] = []
