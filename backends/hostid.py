@@ -14,7 +14,7 @@ The host id is computed *on the host* by one shell function (:data:`HOST_ID_FN`)
 the programs labdeck starts there (the wrapper's ``HID``, the agent's ``--out``, autostop's
 ``config.json``): none of them works it out for itself. It is the first 16 hex digits of the
 SHA-256 of the machine id (``/etc/machine-id``), the network-namespace and pid-namespace inodes
-of the shell (``/proc/self/ns/{net,pid}``), and only where none of those exists, the host name:
+of the shell (``/proc/$$/ns/{net,pid}``), and only where none of those exists, the host name:
 
 * not the name labdeck reaches the host by (two aliases of one host are one host);
 * stable for as long as the machine (or container) is up, and across reboots;
@@ -38,17 +38,20 @@ import re
 from .errors import LabdeckError
 from .providers.base import Transport
 
-# Defines `hostid` (prints the id) and `bootid` (prints this kernel's boot id, or the boot time).
-HOST_ID_FN = r"""hostid() {
-  _hm=$(cat /etc/machine-id 2>/dev/null || cat /var/lib/dbus/machine-id 2>/dev/null)
-  _hn=$(readlink /proc/self/ns/net 2>/dev/null); _hp=$(readlink /proc/self/ns/pid 2>/dev/null)
-  [ -n "$_hm$_hn$_hp" ] || _hm=$(uname -n)
-  printf '%s\n%s\n%s\n' "$_hm" "$_hn" "$_hp" | { sha256sum 2>/dev/null || shasum -a 256; } | cut -c1-16
+# Defines `hostids` (sets HID, this host's id, and BOOT, this kernel's boot id -- in the calling
+# shell: no command substitution, few processes, as it runs in every status read) and `hostid`
+# (prints HID). The namespace inodes are the shell's own (/proc/$$).
+HOST_ID_FN = r"""hostids() {
+  _hm=; read -r _hm 2>/dev/null < /etc/machine-id || read -r _hm 2>/dev/null < /var/lib/dbus/machine-id
+  _hn=$(stat -L -c %i /proc/$$/ns/net /proc/$$/ns/pid 2>/dev/null)
+  [ -n "$_hm$_hn" ] || _hm=$(uname -n)
+  HID=$(printf '%s\n%s\n' "$_hm" "$_hn" | { sha256sum 2>/dev/null || shasum -a 256; })
+  HID=${HID%"${HID#????????????????}"}
+  BOOT=; read -r BOOT 2>/dev/null < /proc/sys/kernel/random/boot_id || BOOT=$(sysctl -n kern.boottime 2>/dev/null)
+  case $BOOT in *[!0-9a-zA-Z-]*) BOOT=$(printf %s "$BOOT" | tr -dc 0-9);; esac
+  [ -n "$BOOT" ] && [ ${#BOOT} -le 64 ] || BOOT=unknown
 }
-bootid() {
-  _hb=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null) || _hb=$(sysctl -n kern.boottime 2>/dev/null | tr -dc 0-9)
-  printf '%s' "${_hb:-unknown}" | tr -dc '0-9a-zA-Z-' | cut -c1-64
-}
+hostid() { hostids; printf '%s\n' "$HID"; }
 """
 
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -71,7 +74,7 @@ def check_boot_id(text: str) -> str:
 
 async def host_id(transport: Transport) -> tuple[str, str]:
     """(host id, boot id) of the host ``transport`` reaches: one round trip."""
-    res = await transport.run("sh -c " + _q(HOST_ID_FN + "hostid; bootid"), timeout=30)
+    res = await transport.run("sh -c " + _q(HOST_ID_FN + 'hostids; printf "%s\\n%s\\n" "$HID" "$BOOT"'), timeout=30)
     lines = res.text().split()
     if not res.ok or len(lines) < 2:
         raise LabdeckError(f"Could not work out the host id of {transport.instance}: "

@@ -128,7 +128,7 @@ rm -f "$Q/$ID"
 # where (``here``: its host file names this host; ``other``: another host's; ``-``: no host file, a
 # run from before per-host state, whose pid is checked alone). Alive is (host id, boot id, pid).
 STATUS_SCRIPT = ALIVE_FN + HOST_ID_FN + r"""
-HID=$(hostid); BOOT=$(bootid)
+hostids  # (sets HID and BOOT)
 for d in "$@"; do
   pid=$(cat "$d/pid" 2>/dev/null)
   alive=0; where=-
@@ -341,7 +341,7 @@ async def _submit(transport: Transport, run: Run, job_dir: str, hosts_dir: str, 
     command_sh = (f". {shlex.quote(run.run_dir + '/env.sh')}\n"
                   f"if [ -f {sec} ]; then . {sec}; rm -f {sec}; fi\n{run.command}\n")
     take_secrets = f"cat > {sec} && chmod 600 {sec} && " if secrets else ""
-    script = (f"{HOST_ID_FN}H=$(hostid) && LABDECK_HOST_ID=$H && LABDECK_BOOT_ID=$(bootid) && "
+    script = (f"{HOST_ID_FN}hostids && H=$HID && LABDECK_HOST_ID=$HID && LABDECK_BOOT_ID=$BOOT && "
               f"export LABDECK_HOST_ID LABDECK_BOOT_ID && "
               f"u=$(umask); umask 077 && mkdir -p {d}/lib && chmod 700 {d} && {take_secrets}"
               f"{put('env.sh', exports)} && {put('command.sh', command_sh)} && "
@@ -427,9 +427,9 @@ async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.
     guard = ""
     if run_dir:
         hf = shlex.quote(run_dir + "/host")
-        guard = (f"{HOST_ID_FN}if [ -r {hf} ]; then h= b=; read h b < {hf}; "
-                 f"[ \"$h\" = \"$(hostid)\" ] || {{ echo 'other host'; exit 0; }}; "
-                 f"[ \"$b\" = \"$(bootid)\" ] || {{ echo 'other boot'; exit 0; }}; fi; ")
+        guard = (f"{HOST_ID_FN}if [ -r {hf} ]; then hostids; h= b=; read h b < {hf}; "
+                 f"[ \"$h\" = \"$HID\" ] || {{ echo 'other host'; exit 0; }}; "
+                 f"[ \"$b\" = \"$BOOT\" ] || {{ echo 'other boot'; exit 0; }}; fi; ")
     script = (f"{guard}kill -TERM -{pgid} 2>/dev/null || exit 0; i=0; "
               f"while {alive} && [ $i -lt {int(grace_seconds * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
               f"kill -KILL -{pgid} 2>/dev/null; exit 0")

@@ -69,12 +69,12 @@ def test_host_ids_are_checked_before_they_become_paths() -> None:
 def test_the_id_changes_with_the_namespaces_not_with_the_name() -> None:
     """Computed from the machine id and the net and pid namespaces: the same in two shells of one
     host, different in another network namespace of the same machine (unshare -n, as root)."""
-    one = subprocess.run(["sh", "-c", HOST_ID_FN + "hostid; bootid"], capture_output=True, text=True, check=True).stdout
-    two = subprocess.run(["sh", "-c", HOST_ID_FN + "hostid; bootid"], capture_output=True, text=True, check=True).stdout
+    one = subprocess.run(["sh", "-c", HOST_ID_FN + "hostids; echo $HID $BOOT"], capture_output=True, text=True, check=True).stdout
+    two = subprocess.run(["sh", "-c", HOST_ID_FN + "hostids; echo $HID $BOOT"], capture_output=True, text=True, check=True).stdout
     assert one == two and check_host_id(one.split()[0]) and check_boot_id(one.split()[1]) != "unknown"
     if os.geteuid() != 0 or not Path("/usr/bin/unshare").exists():
         pytest.skip("another network namespace needs root and unshare")
-    other = subprocess.run(["unshare", "-n", "sh", "-c", HOST_ID_FN + "hostid; bootid"], capture_output=True, text=True)
+    other = subprocess.run(["unshare", "-n", "sh", "-c", HOST_ID_FN + "hostids; echo $HID $BOOT"], capture_output=True, text=True)
     if other.returncode != 0:
         pytest.skip(f"unshare -n: {other.stderr.strip()}")
     assert other.stdout.split()[0] != one.split()[0]  # another namespace: another host
