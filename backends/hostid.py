@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shlex
 
 from .errors import LabdeckError
 from .providers.base import Transport
@@ -74,7 +75,7 @@ def check_boot_id(text: str) -> str:
 
 async def host_id(transport: Transport) -> tuple[str, str]:
     """(host id, boot id) of the host ``transport`` reaches: one round trip."""
-    res = await transport.run("sh -c " + _q(HOST_ID_FN + 'hostids; printf "%s\\n%s\\n" "$HID" "$BOOT"'), timeout=30)
+    res = await transport.run("sh -c " + shlex.quote(HOST_ID_FN + 'hostids; printf "%s\\n%s\\n" "$HID" "$BOOT"'), timeout=30)
     lines = res.text().split()
     if not res.ok or len(lines) < 2:
         raise LabdeckError(f"Could not work out the host id of {transport.instance}: "
@@ -90,9 +91,3 @@ def host_state_dir(runs_root: str, hid: str) -> str:
 def queue_name(run_kind: str) -> str:
     """``queue`` for jobs (the FIFO with slots); ``queue-<kind>`` for services, which take no slot."""
     return "queue" if run_kind == "job" else f"queue-{run_kind}"
-
-
-def _q(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)

@@ -274,6 +274,31 @@ async def test_garbage_state_single_daemon_disable_and_exit(home, fresh_rig) -> 
         await ws.close()
 
 
+
+async def test_a_daemon_of_the_layout_before_is_replaced_not_doubled(home, fresh_rig) -> None:
+    """A daemon started by an older labdeck in ~/.labdeck/autostop (one directory for every host
+    sharing the home) is stopped when this host's own is ensured: never two deciding at once."""
+    rig, node = fresh_rig, fresh_rig.host("node1")
+    ws = make_ws(home, rig)
+    try:
+        old = node.home / ".labdeck" / "autostop"
+        old.mkdir(parents=True)
+        (old / "autostop.py").write_bytes(autostop.SCRIPT_SOURCE)
+        (old / "config.json").write_text(json.dumps({"idle_minutes": 60, "enabled": False, "interval": INTERVAL,
+                                                     "runs_root": str(node.home / ".labdeck" / "runs"),
+                                                     "gpu_source": "none", "command": ["true"]}))
+        for p in (node.home / ".labdeck", old, old / "autostop.py", old / "config.json"):
+            os.chown(p, node.uid, -1)
+        node.run_as_user(f"setsid {rig.python} .labdeck/autostop/autostop.py --dir \"$HOME/.labdeck/autostop\" "
+                         "</dev/null >/dev/null 2>&1 &", check=True)
+        (old_pid,) = await _wait(lambda: _daemons(node.uid), 5, "the old-layout daemon")
+        t, st = await _ensure(ws, rig, node)
+        await _wait(lambda: _daemons(node.uid) == [st["pid"]], 5, "the old daemon to stop, leaving the new one")
+        assert st["pid"] != old_pid and (_dir(node) / "config.json").exists()
+    finally:
+        await ws.close()
+
+
 # ---- the daemon's parts, in this process -------------------------------------------
 
 def test_countdown_texts() -> None:

@@ -15,9 +15,7 @@ import asyncio
 import os
 import posixpath
 import shlex
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
