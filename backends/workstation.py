@@ -311,7 +311,7 @@ class Workstation:
                 pass
             res = await transport.run(
                 f"cd {shlex.quote(run.run_dir)} 2>/dev/null && find . -type f ! -path './code/*' ! -path './lib/*' "
-                f"! -name '*.sh' ! -name 'pid' ! -name 'exit_code' ! -name '*_at' ! -name 'queued' ! -name 'output.log' "
+                f"! -name '*.sh' ! -name 'pid' ! -name 'host' ! -name 'exit_code' ! -name '*_at' ! -name 'queued' ! -name 'output.log' "
                 f"! -name 'metrics.jsonl' ! -name 'environment.json' 2>/dev/null | head -500", timeout=30)
             fields["artifacts"] = sorted(line[2:] for line in res.text().splitlines() if line.startswith("./"))
         fields = {k: v for k, v in fields.items() if getattr(run, k, None) != v}

@@ -398,9 +398,10 @@ async def test_a_refresh_between_the_kill_and_the_record_keeps_it_cancelled(work
     real_kill = jobs.kill_group
     seen = []
 
-    async def kill_then_refresh(transport, pgid, grace_seconds=10.0):
-        await real_kill(transport, pgid, grace_seconds)
+    async def kill_then_refresh(transport, pgid, grace_seconds=10.0, **kw):
+        where = await real_kill(transport, pgid, grace_seconds, **kw)
         seen.extend(await workstation.refresh_runs())  # what a concurrent refresh would record
+        return where
 
     monkeypatch.setattr(jobs, "kill_group", kill_then_refresh)
     done = await workstation.cancel(run.id)
