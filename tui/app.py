@@ -40,8 +40,8 @@ from .tabs.jobs import JobsTab
 from .tabs.lineage import LineageTab
 from .tabs.models import ModelsTab
 from .tabs.monitor import MonitorTab
-from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, TextPrompt,
-                      TryModelScreen, error_text)
+from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, SortTable,
+                      TextPrompt, TryModelScreen, error_text)
 
 log = logging.getLogger("labdeck.tui")
 
@@ -537,6 +537,8 @@ class LabdeckApp(App[None]):
         sections = []
         if tab.BINDINGS:
             sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
+        if tab.query(SortTable):
+            sections.append(("The table", list(rows(SortTable.BINDINGS))))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
         self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
 
@@ -847,7 +849,9 @@ class LabdeckApp(App[None]):
             self.notify(f"{run.display_name} belongs to {run.user}; only its owner can cancel it.", severity="warning")
             return
         if not (run.run_state.is_active or run.state == "lost"):
-            self.notify(f"{run.display_name} is already {run.state}.", severity="warning")
+            from backends.jobs import already_ended
+
+            self.notify(f"{run.display_name} {already_ended(run.state)}: there is nothing to cancel.", severity="warning")
             return
 
         def answer(yes: bool | None) -> None:
@@ -869,7 +873,7 @@ def all_binding_ids() -> set[str]:
     from .widgets import CompareScreen
 
     for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
-                CompareScreen, TryModelScreen, InfoScreen, UpScreen):
+                CompareScreen, TryModelScreen, InfoScreen, UpScreen, SortTable):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)
