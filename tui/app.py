@@ -535,9 +535,13 @@ class LabdeckApp(App[None]):
                            b.tooltip or b.description, b.id or "")
 
         sections = []
-        if tab.BINDINGS:
+        if isinstance(self.screen, LogScreen):  # the log's own keys first (wrap, sideways scroll, search)
+            from .logview import LogView
+
+            sections.append(("Log", list(rows(LogScreen.BINDINGS)) + list(rows(b for b in LogView.BINDINGS if b.id))))
+        elif tab.BINDINGS:
             sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
-        if tab.query(SortTable):
+        if tab.query(SortTable) and not isinstance(self.screen, LogScreen):
             sections.append(("The table", list(rows(SortTable.BINDINGS))))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
         self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
@@ -872,7 +876,9 @@ def all_binding_ids() -> set[str]:
     from .forms import UpScreen
     from .widgets import CompareScreen
 
-    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
+    from .logview import LogView
+
+    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LogView, LaunchScreen, TextPrompt,
                 CompareScreen, TryModelScreen, InfoScreen, UpScreen, SortTable):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:

@@ -122,6 +122,7 @@ class LogScreen(ModalScreen[None]):
         Binding("slash", "search", "Search", id="log.search", tooltip="Find text in the whole log (ignores case)"),
         Binding("n", "next", "Next", id="log.next", tooltip="Next match"),
         Binding("N", "prev", "Prev", id="log.prev", tooltip="Previous match"),
+        Binding("w", "wrap", "Wrap", id="log.wrap", tooltip="Wrap long lines (off: ←/→ or h/l scroll them)"),
     ]
 
     DEFAULT_CSS = """
@@ -223,6 +224,9 @@ class LogScreen(ModalScreen[None]):
 
     def action_prev(self) -> None:
         self.view.search_previous()
+
+    def action_wrap(self) -> None:
+        self.view.wrap = not self.view.wrap
 
     def action_end(self) -> None:
         self.view.scroll_to_end()
