@@ -295,7 +295,7 @@ class SortTable(DataTable):
         return self.labels[self.sort_column] + SORT_ARROWS[self.sort_reverse]
 
     def order(self, rows: list[tuple[str, Sequence]], values: dict[str, Sequence] | None) -> list[tuple[str, Sequence]]:
-        """``rows`` in the chosen sort order (stable: equal values keep the tab's order; missing ones last)."""
+        """``rows`` in the chosen sort order (equal values by row key; missing values last, newest first)."""
         col = self.sort_column
         if col is None:
             return rows
@@ -310,8 +310,9 @@ class SortTable(DataTable):
 
         keyed = [(value(r), r) for r in rows]
         present = [(v, r) for v, r in keyed if v is not None]
-        present.sort(key=lambda p: p[0], reverse=self.sort_reverse)
-        return [r for _, r in present] + [r for v, r in keyed if v is None]
+        # ties by row key (ids are time-ordered): the same order whatever order a refresh reads the rows in
+        present.sort(key=lambda p: (p[0], p[1][0]), reverse=self.sort_reverse)
+        return [r for _, r in present] + sorted((r for v, r in keyed if v is None), key=lambda r: r[0], reverse=True)
 
     def _resort(self) -> None:
         self._show_arrow()

@@ -28,6 +28,8 @@ class JobsTab(TabView):
         Binding("n", "new", "New run", id="jobs.new", tooltip="Run a command on an instance"),
         Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
         Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
+        Binding("R", "rerun_changes", "Rerun with changes", id="jobs.rerun_changes",
+                tooltip="Edit its parameters, command, instance or environment, then run it as a child"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
@@ -125,6 +127,13 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.rerun(run)
+
+    def action_rerun_changes(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.rerun_with_changes(run)
 
     def action_serve(self) -> None:
         run = self.selected()
