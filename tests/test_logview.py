@@ -371,7 +371,7 @@ async def test_without_a_path_the_workstation_tail_is_followed() -> None:
 
 def test_binding_ids() -> None:
     ids = {b.id for b in LogScreen.BINDINGS}
-    assert ids == {"log.close", "log.end", "log.home", "log.search", "log.next", "log.prev", "log.wrap"}
+    assert ids == {"log.close", "log.end", "log.home", "log.search", "log.next", "log.prev", "log.wrap", "log.help"}
     assert all(b.tooltip for b in LogScreen.BINDINGS)
 
 

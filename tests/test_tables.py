@@ -302,3 +302,23 @@ def test_cli_rerun_set_and_new_command(home: Path) -> None:
     assert res.returncode == 2 and "No such option '--bogus'" in res.stderr and "goes after --" in res.stderr
     ps = json.loads(labdeck(home, "ps", "-a", "--json").stdout)
     assert len(ps) == 3  # nothing refused was started
+
+
+# ---- snapshots -------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(120, 34), (80, 24)], ids=["120x34", "80x24"])
+@pytest.mark.parametrize("name, keys", [
+    ("jobs-sorted-by-duration", ["2", *[">"] * 6]),
+    ("rerun-form", ["2", "R"]),
+], ids=["jobs-sorted", "rerun-form"])
+def test_snapshot_tables(snap_compare, name: str, keys: list[str], size: tuple[int, int]) -> None:
+    from tui.screenshots import demo_lock, feed_monitor
+
+    async def prepare(pilot) -> None:
+        await settle(pilot)
+        feed_monitor(pilot.app)
+        for key in keys:
+            await pilot.press(key)
+            await settle(pilot)
+
+    with demo_lock():
+        assert snap_compare(demo_app(), run_before=prepare, terminal_size=size)

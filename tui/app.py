@@ -544,7 +544,7 @@ class LabdeckApp(App[None]):
         if tab.query(SortTable) and not isinstance(self.screen, LogScreen):
             sections.append(("The table", list(rows(SortTable.BINDINGS))))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
-        self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
+        self.push_screen(HelpScreen(f"Keys · {'the log' if isinstance(self.screen, LogScreen) else tab.TITLE}", sections))
 
     def action_filter(self) -> None:
         bar = self.query_one(FilterBar)

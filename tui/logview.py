@@ -701,8 +701,9 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
     def _wrap_layout(self) -> list[tuple[int, int]]:
         """(line, first cell) of each screen row with wrap on: from the top line down; while following the end,
         from the last line up, so that the end is on screen however long the last lines are."""
-        width = max(1, self.size.width)
-        height = max(1, self.size.height)
+        region = self.scrollable_content_region  # without the scrollbar: no text hides under it
+        width = max(1, region.width)
+        height = max(1, region.height)
         count = self._line_count
         top = int(self.scroll_y)
 
@@ -730,7 +731,7 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         width = self.size.width
         base_style = self.rich_style
         if self.wrap:
-            layout_key = (scroll_y, self.size, self._line_count, self.following)
+            layout_key = (scroll_y, self.scrollable_content_region.size, self._line_count, self.following)
             if self._layout is None or layout_key != self._layout_key:
                 self._layout, self._layout_key = self._wrap_layout(), layout_key
             if y >= len(self._layout):

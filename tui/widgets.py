@@ -123,6 +123,7 @@ class LogScreen(ModalScreen[None]):
         Binding("n", "next", "Next", id="log.next", tooltip="Next match"),
         Binding("N", "prev", "Prev", id="log.prev", tooltip="Previous match"),
         Binding("w", "wrap", "Wrap", id="log.wrap", tooltip="Wrap long lines (off: ←/→ or h/l scroll them)"),
+        Binding("question_mark,f1", "app.help", "Help", id="log.help", tooltip="The log's keys"),
     ]
 
     DEFAULT_CSS = """

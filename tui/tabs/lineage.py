@@ -52,7 +52,7 @@ class LineageTab(TabView):
         Binding("j", "jobs", "In Jobs", id="lineage.jobs", tooltip="Show this run in Jobs"),
         Binding("M", "monitor", "In Monitor", id="lineage.monitor", tooltip="Chart this run in Monitor"),
         Binding("S", "serve", "Serve", id="lineage.serve", tooltip="Serve this run's model (litserve)"),
-        Binding("R", "rerun_changes", "Rerun with changes", id="lineage.rerun_changes",
+        Binding("R", "rerun_changes", "Rerun…", id="lineage.rerun_changes",
                 tooltip="Edit this run's parameters, command, instance or environment, then run it as its child"),
     ]
 
