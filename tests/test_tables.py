@@ -322,3 +322,27 @@ def test_snapshot_tables(snap_compare, name: str, keys: list[str], size: tuple[i
 
     with demo_lock():
         assert snap_compare(demo_app(), run_before=prepare, terminal_size=size)
+
+
+def test_labdeck_config_applies_a_reruns_changes_in_place(tmp_path: Path) -> None:
+    """The in-job side of --set for keys not on the command line: $LABDECK_PARAMS, applied by labdeck.config()."""
+    import os
+    import subprocess
+
+    runtime = Path(__file__).resolve().parents[1] / "backends" / "runtime"
+    script = ("import json, labdeck\n"
+              "cfg = {'lr': 0.1, 'layers': 3, 'model': {'width': 64, 'act': 'relu'}, 'flag': False, 'a.b': 1}\n"
+              "out = labdeck.config(cfg)\n"
+              "print(json.dumps([out is cfg, cfg]))\n")
+    env = {**os.environ, "PYTHONPATH": str(runtime), "LABDECK_METRICS_FILE": str(tmp_path / "m.jsonl"),
+           "LABDECK_PARAMS": json.dumps({"lr": 3, "model.width": "128", "flag": "true", "a.b": 2, "new": "x"})}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    same, cfg = json.loads(res.stdout)
+    assert same and cfg == {"lr": 3.0, "layers": 3, "model": {"width": 128, "act": "relu"}, "flag": True, "a.b": 2,
+                            "new": "x"}
+    recorded = [json.loads(line)["config"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert recorded == [cfg]  # what is recorded is what the job got
+    env["LABDECK_PARAMS"] = "not json"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(res.stdout)[1]["lr"] == 0.1  # a broken value changes nothing and never raises
