@@ -117,7 +117,7 @@ class RerunScreen(ModalScreen[RerunRequest | None]):
             yield Label("Instance")
             yield Select([(cell(i), i) for i in self.instances], value=r.instance, allow_blank=False, id="rerun-instance")
             yield Label("Environment (KEY=value …)")
-            yield Input(env_line(self.env), placeholder="CUDA_VISIBLE_DEVICES=0", id="rerun-env")
+            yield Input(env_line(self.env), placeholder="none yet: KEY=value …", id="rerun-env")
             yield Label("Name")
             yield Input(plain_line(r.name if r.name.endswith("(rerun)") else f"{r.name or short_id(r.id)} (rerun)"),
                         id="rerun-name")
