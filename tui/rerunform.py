@@ -8,6 +8,7 @@ How a changed parameter reaches the job is :func:`backends.lineage.set_params`'s
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ from backends.text import plain, plain_line
 
 from .format import cell, short_id, text as outside_text
 from .forms import parse_env
+
+
+PARAM_NAME = re.compile(r"[A-Za-z_][\w.\-/]*")  # what backends.lineage.set_params accepts
 
 
 @dataclass
@@ -52,8 +56,8 @@ def params_line(params: dict) -> str:
     """``lr=0.1 steps=300 …``: the run's scalar parameters, as one editable line."""
     items = []
     for k, v in sorted(params.items(), key=lambda kv: str(kv[0])):
-        if isinstance(v, (dict, list)):
-            continue
+        if isinstance(v, (dict, list)) or not isinstance(k, str) or not PARAM_NAME.fullmatch(k):
+            continue  # a teammate's odd key ("a b", "x;y") could not be --set anyway
         items.append(f"{plain_line(k)}={shlex.quote(param_text(v))}")
     return " ".join(items)
 
