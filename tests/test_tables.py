@@ -284,6 +284,9 @@ def test_cli_rerun_set_and_new_command(home: Path) -> None:
     res = labdeck(home, "rerun", "base", "--set", "lr=3e-4", "--set", "steps=12", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
+    from .test_cli_output import readme_fields
+
+    assert set(doc) == readme_fields()["rerun"]  # the README's "JSON output" table
     assert doc["command"].endswith("train.py --steps 12 --lr 3e-4 --sleep 0")
     assert {c["key"]: (c["old"], c["new"], c["where"]) for c in doc["changes"]} == {
         "lr": (0.1, 0.0003, "command"), "steps": (10, 12, "command")}
