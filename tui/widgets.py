@@ -376,14 +376,18 @@ class SortTable(DataTable):
         cut.truncate(limit, overflow="ellipsis")
         return cut
 
-    def _fit(self) -> None:
-        """Every column as wide as its widest cell or header (up to its maximum): grows and shrinks with the rows."""
+    def _fit(self, rows: Iterable[Sequence] | None = None) -> None:
+        """Every column as wide as its widest cell or header (up to its maximum): grows and shrinks with the rows.
+        ``rows``: the cells on show (they are already cut to the maximums), else read back from the table."""
         columns = list(self.columns.values())
         widths = [c.label.cell_len for c in columns]
-        for row_key in self.rows:
-            for i, v in enumerate(self.get_row(row_key)):
+        if rows is None:
+            rows = (self.get_row(k) for k in self.rows)
+        n = len(widths)
+        for cells in rows:
+            for i, v in enumerate(cells[:n]):
                 w = v.cell_len if isinstance(v, Text) else len(str(v))
-                if i < len(widths) and w > widths[i]:
+                if w > widths[i]:
                     widths[i] = w
         changed = False
         for column, w in zip(columns, widths):
@@ -427,7 +431,7 @@ def sync_table(table: DataTable, rows: list[tuple[str, Sequence]], values: dict[
         if cursor_key in keys:
             table.move_cursor(row=keys.index(cursor_key), animate=False)
     if sortable:
-        table._fit()
+        table._fit(cells for _, cells in rows)
 
 
 def matches(filter_text: str, cells: Iterable) -> bool:
