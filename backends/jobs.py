@@ -444,6 +444,11 @@ _ENDED = {"succeeded": "has already succeeded", "failed": "has already failed", 
           "preempted": "was already preempted"}  # "is already succeeded" is not English
 
 
+def already_ended(state: str) -> str:
+    """How a finished run's state reads after its name: "has already succeeded", "is already cancelled"."""
+    return _ENDED.get(state, f"has already ended ({state})")
+
+
 async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds: float = 10.0) -> Run:
     """SIGTERM the run's process group, SIGKILL it after ``grace_seconds``, mark it cancelled.
 
@@ -453,7 +458,7 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
         raise LabdeckError(f"Run {run.display_name} belongs to {run.user}.", "Only its owner can cancel it.")
     run = store.own_run(run.id)
     if not run.run_state.is_active and run.run_state != RunState.LOST:
-        raise LabdeckError(f"Run {run.display_name} {_ENDED.get(run.state, f'has already ended ({run.state})')}.")
+        raise LabdeckError(f"Run {run.display_name} {already_ended(run.state)}.")
     # Said first, so that whoever sees the job end meanwhile (a refresh, the follower) records it as
     # cancelled, not as failed by the signal, and this transition does not find it already final.
     store.update_run(run.id, state_reason=CANCELLING)

@@ -40,8 +40,8 @@ from .tabs.jobs import JobsTab
 from .tabs.lineage import LineageTab
 from .tabs.models import ModelsTab
 from .tabs.monitor import MonitorTab
-from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, TextPrompt,
-                      TryModelScreen, error_text)
+from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, SortTable,
+                      TextPrompt, TryModelScreen, error_text)
 
 log = logging.getLogger("labdeck.tui")
 
@@ -535,10 +535,16 @@ class LabdeckApp(App[None]):
                            b.tooltip or b.description, b.id or "")
 
         sections = []
-        if tab.BINDINGS:
+        if isinstance(self.screen, LogScreen):  # the log's own keys first (wrap, sideways scroll, search)
+            from .logview import LogView
+
+            sections.append(("Log", list(rows(LogScreen.BINDINGS)) + list(rows(b for b in LogView.BINDINGS if b.id))))
+        elif tab.BINDINGS:
             sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
+        if tab.query(SortTable) and not isinstance(self.screen, LogScreen):
+            sections.append(("The table", list(rows(SortTable.BINDINGS))))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
-        self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
+        self.push_screen(HelpScreen(f"Keys · {'the log' if isinstance(self.screen, LogScreen) else tab.TITLE}", sections))
 
     def action_filter(self) -> None:
         bar = self.query_one(FilterBar)
@@ -731,10 +737,40 @@ class LabdeckApp(App[None]):
         self._ask_first(run, f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
                         rerun_plan(run, self.workstation.user), "Rerun", lambda: self._rerun(run))
 
+    def rerun_with_changes(self, run: Run) -> None:
+        """`R`: the run's command, instance, environment and parameters in a form; what is started is a child of
+        the run (kind "rerun") whose changed parameters lineage shows. Someone else's run is still shown and
+        asked about first, with the command and environment that would run."""
+        from .rerunform import RerunRequest, RerunScreen
+
+        instances = [i.name for i in self.instances_tab.listing.instances if i.state == "running"]
+
+        def answer(req: RerunRequest | None) -> None:
+            if req is None:
+                return
+            if run.user == self.workstation.user:
+                self._rerun(run, req)
+                return
+            try:
+                plan = self.workstation.rerun_plan(run, command=req.command, env=req.env, sets=req.sets)
+            except LabdeckError as e:
+                self.show_error(e)
+                return
+            self._ask_first(run, f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you, with changes?",
+                            rerun_plan(run, self.workstation.user, command=plan.command, env=plan.env), "Rerun",
+                            lambda: self._rerun(run, req))
+
+        self.push_screen(RerunScreen(run, instances, self.workstation.rerun_plan), answer)
+
     @work(group="launch", exit_on_error=False)
-    async def _rerun(self, run: Run) -> None:
-        self.notify(f"Rerunning {run.display_name} on {run.instance}…", timeout=2)
-        new = await self.workstation.rerun(run)  # the record shown is the one that runs
+    async def _rerun(self, run: Run, req=None) -> None:
+        where = req.instance if req is not None else run.instance
+        self.notify(f"Rerunning {run.display_name} on {where}…", timeout=2)
+        if req is None:
+            new = await self.workstation.rerun(run)  # the record shown is the one that runs
+        else:
+            new = await self.workstation.rerun(run, command=req.command, instance=req.instance, env=req.env,
+                                               name=req.name, sets=req.sets)
         self.post_message(RunLaunched(new))
 
     # ---- clouds ------------------------------------------------------------
@@ -847,7 +883,9 @@ class LabdeckApp(App[None]):
             self.notify(f"{run.display_name} belongs to {run.user}; only its owner can cancel it.", severity="warning")
             return
         if not (run.run_state.is_active or run.state == "lost"):
-            self.notify(f"{run.display_name} is already {run.state}.", severity="warning")
+            from backends.jobs import already_ended
+
+            self.notify(f"{run.display_name} {already_ended(run.state)}: there is nothing to cancel.", severity="warning")
             return
 
         def answer(yes: bool | None) -> None:
@@ -868,8 +906,11 @@ def all_binding_ids() -> set[str]:
     from .forms import UpScreen
     from .widgets import CompareScreen
 
-    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
-                CompareScreen, TryModelScreen, InfoScreen, UpScreen):
+    from .logview import LogView
+    from .rerunform import RerunScreen
+
+    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LogView, LaunchScreen, TextPrompt,
+                CompareScreen, TryModelScreen, InfoScreen, UpScreen, SortTable, RerunScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

@@ -353,24 +353,85 @@ def _ask_first(r, what: str, plan: list[tuple[str, str]], doing: str, question: 
         click.confirm(question, abort=True, err=True)
 
 
-@cli.command("rerun")
+class _RerunCommand(click.Command):
+    """`labdeck rerun`: an unknown option is refused, with where a new command goes."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            e.message = (e.message.rstrip(".") + ". A new command goes after -- "
+                         "(labdeck rerun RUN -- python train.py --lr 3e-4); a parameter: --set lr=3e-4.")
+            raise
+
+
+@cli.command("rerun", cls=_RerunCommand)
 @click.argument("run")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Change a parameter (repeatable): rewritten in the command where it is written there "
+                   "(--lr 0.1, --lr=0.1, lr=0.1), else given to labdeck.config() through $LABDECK_PARAMS")
+@click.option("--on", "instance", default=None, help="Another instance (default: the run's)")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE",
+              help="Set an environment variable for the job (repeatable; the run's others are kept)")
+@click.option("--name", default=None, help="A name for the new run (default: the run's, with \"(rerun)\")")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
+@JSON
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @friendly
-def rerun_cmd(run: str, yes: bool) -> None:
-    """Run a run's command again, from its recorded code, as a child of it in lineage.
+def rerun_cmd(run: str, sets: tuple[str, ...], instance: str | None, envs: tuple[str, ...], name: str | None,
+              yes: bool, as_json: bool, command: tuple[str, ...]) -> None:
+    """Run a run again, from its recorded code, as a child of it in lineage; with changes if asked.
+
+    \b
+      labdeck rerun a1b2c3d4                       the same again
+      labdeck rerun a1b2c3d4 --set lr=3e-4         the same, but lr=3e-4
+      labdeck rerun a1b2c3d4 -- python train.py --lr 3e-4 --steps 900
+
+    --set rewrites the value where the command line has it (--lr 0.1, --lr=0.1 or lr=0.1; nothing else
+    in the command changes). A key the run recorded only through labdeck.config() (or a config file)
+    reaches the job in $LABDECK_PARAMS, which labdeck.config() applies to the dict it is given. Any
+    other key is refused: it would change nothing. Lineage shows the changes as the child's diff.
 
     A teammate's run is shown first (command, instance, code, environment): they wrote it, and it
     would run as you. It runs only after you say yes, or with --yes."""
+    import shlex
+
     from .format import rerun_plan
 
+    changes: dict[str, str] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LabdeckError(f"--set {item!r} is not KEY=VALUE.", "e.g. --set lr=3e-4")
+        changes[key.strip()] = value
     ws = _workstation()
     r = _find_run(ws, run)
+    env = dict(r.env if isinstance(r.env, dict) else {})
+    for item in envs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise LabdeckError(f"--env {item!r} is not KEY=VALUE.")
+        env[key] = value
+    cmd = None if not command else command[0] if len(command) == 1 else shlex.join(command)
+    plan = ws.rerun_plan(r, command=cmd, env=env, sets=changes)  # a --set that changes nothing stops here
     if r.user != ws.user:
-        _ask_first(r, "would run as you", rerun_plan(r, ws.user), "Rerunning", "Rerun it as you?", yes)
-    new = asyncio.run(ws.rerun(r))  # the record shown is the one that runs
+        _ask_first(r, "would run as you", rerun_plan(r, ws.user, command=plan.command, env=plan.env),
+                   "Rerunning", "Rerun it as you?", yes)
+    new = asyncio.run(ws.rerun(r, command=cmd, instance=instance, env=env, name=name, sets=changes))
+    if as_json:
+        from .clijson import run_summary
+
+        print_json({**run_summary(new), "changes": [{"key": k, "old": o, "new": n, "where": w}
+                                                    for k, o, n, w in plan.params]})
+        return
+    for k, o, n, w in plan.params:
+        where = "in the command" if w == "command" else f"through ${w} (for labdeck.config())"
+        console.print(f"{esc(k)}: {esc(str(o))} → {esc(str(n))}  [dim]{where}[/]", highlight=False)
+    if cmd is not None or plan.command != r.command:
+        console.print(f"[dim]$ {esc(plan.command)}[/]", highlight=False)
     verb = "started" if new.state == "running" else "queued"
-    console.print(f"{verb} [bold]{esc(new.id)}[/] ({esc(new.display_name)}) on {esc(new.instance)}, pid {new.pid}")
+    console.print(f"{verb} [bold]{esc(new.id)}[/] ({esc(new.display_name)}) on {esc(new.instance)}, pid {new.pid}, "
+                  f"a child of {esc(r.display_name)}")
 
 
 @cli.command("logs")

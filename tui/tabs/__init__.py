@@ -16,6 +16,10 @@ class TabView(Vertical):
         self.filter_text = text
         self.rerender()
 
+    def on_sort_table_sort_changed(self, event) -> None:
+        event.stop()
+        self.rerender()
+
     def rerender(self) -> None:
         """Redraw from the data the tab already holds (after a filter change)."""
 

@@ -8,14 +8,20 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from backends import clock
-from backends.models import Instance, Run
+from backends.models import Instance, Run, parse_time
 from backends.workstation import InstanceListing
 
 from ..format import STATE_STYLE, cell, money, safe, since, text as outside_text
-from ..widgets import matches, sync_table
+from ..widgets import SortTable, matches, sync_table
 from . import TabView
 
 COLUMNS = ("Name", "Provider", "State", "Ping", "Size", "GPUs", "$/hr", "Cost", "Autostop", "Owner", "Uptime", "Host")
+MAX_WIDTHS = {"Name": 24, "Provider": 16, "Size": 24, "GPUs": 24, "Autostop": 16, "Owner": 16, "Host": 32}
+
+
+def _age(iso, now) -> float | None:
+    t = parse_time(iso)
+    return (now - t).total_seconds() if t else None
 
 
 def short_autostop(text: str) -> Text:
@@ -102,13 +108,10 @@ class InstancesTab(TabView):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="instances-burn")
-        yield DataTable(id="instances-table", cursor_type="row", zebra_stripes=True)
+        yield SortTable(COLUMNS, id="instances-table", max_widths=MAX_WIDTHS, descending=("$/hr", "Cost", "Uptime"))
         yield Static("", id="instances-progress")
         yield Static("", id="instances-errors", classes="errors")
         yield Static("Looking for instances…", id="welcome", classes="welcome")
-
-    def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns(*COLUMNS)
 
     def show_instances(self, listing: InstanceListing) -> None:
         self.listing = listing
@@ -131,12 +134,22 @@ class InstancesTab(TabView):
             since(inst.started_at, now) if inst.state == "running" else "–", cell(inst.host),
         )
 
+    @staticmethod
+    def sort_values(inst: Instance) -> tuple:
+        """What each column sorts by: milliseconds, dollars, seconds up; text for the rest."""
+        now = clock.now()
+        return (inst.name, inst.provider, inst.state, inst.latency_ms, inst.size or inst.size_summary,
+                len(inst.gpus) if isinstance(inst.gpus, list) and inst.gpus else None, inst.price_per_hour or None,
+                inst.cost, inst.autostop, inst.created_by, _age(inst.started_at, now) if inst.state == "running" else None,
+                inst.host)
+
     def rerender(self) -> None:
         if not self.is_mounted:
             return
         rows = [(i.name, self.row(i)) for i in self.listing.instances]
         rows = [(k, cells) for k, cells in rows if matches(self.filter_text, cells)]
-        sync_table(self.query_one(DataTable), rows)
+        values = {i.name: self.sort_values(i) for i in self.listing.instances}
+        sync_table(self.query_one(SortTable), rows, values)
         problems = list(self.listing.errors.values()) + list(getattr(self.listing, "events", [])) + [
             f"{i.name}: {i.note.splitlines()[0]}" for i in self.listing.instances if i.state == "unreachable" and i.note]
         burn = self.query_one("#instances-burn", Static)

@@ -52,6 +52,8 @@ class LineageTab(TabView):
         Binding("j", "jobs", "In Jobs", id="lineage.jobs", tooltip="Show this run in Jobs"),
         Binding("M", "monitor", "In Monitor", id="lineage.monitor", tooltip="Chart this run in Monitor"),
         Binding("S", "serve", "Serve", id="lineage.serve", tooltip="Serve this run's model (litserve)"),
+        Binding("R", "rerun_changes", "Rerun…", id="lineage.rerun_changes",
+                tooltip="Edit this run's parameters, command, instance or environment, then run it as its child"),
     ]
 
     def __init__(self) -> None:
@@ -374,6 +376,11 @@ class LineageTab(TabView):
         r = self.selected_run()
         if r:
             self.app.serve_run(r)
+
+    def action_rerun_changes(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.rerun_with_changes(r)
 
     def focus_main(self) -> None:
         self.query_one(Tree).focus()
