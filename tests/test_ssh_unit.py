@@ -406,6 +406,7 @@ async def test_a_host_openssh_cannot_resolve_is_one_unreachable_row(tmp_path) ->
         assert inst.state == "unreachable" and "unknown token %Q" in inst.note
         with pytest.raises(TransportError, match="unknown token %Q"):
             p.transport("bad")
+        assert "bad" in p.specs and "nope" not in p.specs  # (membership asks the config, not OpenSSH)
     finally:
         await p.close()
 
