@@ -134,7 +134,9 @@ async def read_state(transport: Transport) -> dict | None:
     ``fired_at``, ``error``, ``attempts``, ``forward_check``. None when there is none or it cannot
     be parsed (never raises for its content; a transport failure does raise)."""
     base = await autostop_base(transport)
-    res = await transport.run(f"{HOST_ID_FN}hostids; cat {shlex.quote(base)}/\"$HID\"/state.json 2>/dev/null; true", timeout=15)
+    # (no host id: no directory; the base itself holds the state of the layout before)
+    res = await transport.run(f"{HOST_ID_FN}hostids; [ ${{#HID}} -eq 16 ] && "
+                              f"cat {shlex.quote(base)}/\"$HID\"/state.json 2>/dev/null; true", timeout=15)
     try:
         state = json.loads(res.stdout.decode("utf-8", "replace"))
     except ValueError:

@@ -287,7 +287,7 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
     info = {**run.instance_info, "host_id": hid}
     if started:
         return store.transition(run.id, RunState.RUNNING, pid=pid, started_at=started, instance_info=info)
-    return store.update_run(run.id, pid=pid, state_reason="waiting for a free slot on the instance", instance_info=info)
+    return store.update_run(run.id, pid=pid, state_reason=WAITING, instance_info=info)
 
 
 def check_secret_names(secrets: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
@@ -382,12 +382,21 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
             continue
         if st.elsewhere and st.exit_code is None:
             # its directory (in a home shared between hosts) says it runs on another host than the one
-            # `instance` reaches now: its pid cannot be judged from here (and is never signalled from here)
-            if state != RunState.LOST:
+            # `instance` reaches now: its pid cannot be judged from here (and is never signalled from here).
+            # A queued run keeps waiting, saying why (lost could not go back to queued: read from its
+            # own host again, it would have stayed lost until it started).
+            if state == RunState.QUEUED:
+                if run.state_reason != ELSEWHERE:
+                    changed.append(store.update_run(run.id, state_reason=ELSEWHERE))
+            elif state != RunState.LOST:
                 changed.append(store.transition(run.id, RunState.LOST, state_reason=ELSEWHERE))
             elif run.state_reason != ELSEWHERE:
                 changed.append(store.update_run(run.id, state_reason=ELSEWHERE))
             continue
+        if (state == RunState.QUEUED and run.state_reason == ELSEWHERE and st.alive and not st.started_at
+                and st.exit_code is None):  # read from its own host again: still waiting there
+            run = store.update_run(run.id, state_reason=WAITING)
+            changed.append(run)
         if st.started_at and state in (RunState.QUEUED, RunState.LOST) and (st.alive or st.exit_code is not None):
             # it started (or came back): running first, so the final step below is a legal one
             run = store.transition(run.id, RunState.RUNNING, started_at=st.started_at,
@@ -439,6 +448,7 @@ async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.
 
 
 CANCELLING = "cancelling"  # a run's state_reason while labdeck's cancel is ending its processes
+WAITING = "waiting for a free slot on the instance"  # a queued run's state_reason
 ELSEWHERE = "its run directory belongs to another host than the instance reaches now"
 _ENDED = {"succeeded": "has already succeeded", "failed": "has already failed", "cancelled": "is already cancelled",
           "preempted": "was already preempted"}  # "is already succeeded" is not English

@@ -60,7 +60,9 @@ def agent_dir(runs_root: str, host_id: str) -> str:
 async def stop_agent(transport: Transport) -> None:
     """Stop this user's agent on the host the instance reaches (it also stops by itself when nobody reads)."""
     base = shlex.quote(agents_dir(await transport.runs_root()))
-    await transport.run(f"{HOST_ID_FN}hostids; d={base}/$HID; p=$(cat \"$d/agent.lock\" 2>/dev/null); "
+    # (no id, no directory: the base's lock is an agent of the layout before, maybe another host's pid)
+    await transport.run(f"{HOST_ID_FN}hostids; [ ${{#HID}} -eq 16 ] || exit 0; d={base}/$HID; "
+                        f"p=$(cat \"$d/agent.lock\" 2>/dev/null); "
                         f"[ -n \"$p\" ] && kill $p 2>/dev/null; true", timeout=15)
 
 
@@ -92,7 +94,9 @@ async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python
         f'exec >> "$D/bootstrap.log" 2>&1; {python} -m venv "$D/venv" && "$D/venv/bin/pip" install -q '
         f"--disable-pip-version-check --retries 1 --timeout 20 {BOOTSTRAP_PACKAGES}", None))
     script = (
-        f"{HOST_ID_FN}hostids; H=$HID; D={shlex.quote(base)}/$H; export H D; echo \"dir=$D\"; "
+        f"{HOST_ID_FN}hostids; H=$HID; [ ${{#H}} -eq 16 ] || {{ echo 'labdeck: cannot work out the host id "
+        f"(it needs sha256sum or shasum there)' >&2; exit 3; }}; "
+        f"D={shlex.quote(base)}/$H; export H D; echo \"dir=$D\"; "
         f"mkdir -p {qd} && touch {qd}/reader && "
         # which Python: the private venv once it has nvitop
         f"PY={shlex.quote(python)}; NV=0; if [ -x \"{venv_py}\" ] && \"{venv_py}\" -c 'import nvitop' 2>/dev/null; "

@@ -35,6 +35,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -44,6 +45,7 @@ from .errors import TransportError
 log = logging.getLogger("labdeck.sshconfig")
 
 RESOLVE_TIMEOUT = 5.0
+FAILED_FOR = 30.0  # seconds an ssh -G failure answers for itself (while the config file and ssh are unchanged)
 MAX_CONFIG_READ = 1 << 20  # bytes of one config file scanned for where an option came from
 MAX_WORKERS = 16
 
@@ -215,6 +217,10 @@ class SSHConfig:
         self._disk_dirty = False
         self._inflight: dict[tuple, threading.Event] = {}  # requests being resolved now (by another thread)
         self._held = 0                                      # batches open: the disk cache is written when the last ends
+        # requests OpenSSH failed on (a timeout, a config error): (stamps, when, message, hint). One
+        # command asks about a host several times (a prefetch round, its spec, a host jumping through
+        # it, a thread that waited for another's answer): without this, each would wait a timeout again.
+        self._failed: dict[tuple, tuple[dict[str, float | None], float, str, str]] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike | None, *, cache_file: str | os.PathLike | None = None) -> "SSHConfig":
@@ -402,6 +408,29 @@ class SSHConfig:
             log.debug("cannot write the ssh -G cache %s: %s", self._disk_path, e)
 
     def _resolve_now(self, req: tuple) -> SSHHost:
+        with self._lock:
+            failed = self._failed.get(req)
+        if failed is not None:
+            stamps, when, message, hint = failed
+            if time.monotonic() - when < FAILED_FOR and self._failure_stamps() == stamps:
+                raise TransportError(message, hint)
+        try:
+            host = self._resolve_uncached(req)
+        except TransportError as e:
+            with self._lock:
+                self._failed[req] = (self._failure_stamps(), time.monotonic(), e.message, e.hint)
+            raise
+        with self._lock:
+            self._failed.pop(req, None)
+        return host
+
+    def _failure_stamps(self) -> dict[str, float | None]:
+        """What a remembered failure is valid for: the config file, its folder and the ssh binary
+        (a change of an Included file only is seen when FAILED_FOR has passed)."""
+        paths = [self.path, os.path.dirname(self.path)] if self.path else []
+        return {p: _mtime(p) for p in [*paths, *([self.ssh] if self.ssh else [])]}
+
+    def _resolve_uncached(self, req: tuple) -> SSHHost:
         arg, user, port, hostname = req
         if not self.path:
             host, files = SSHHost(arg, hostname or arg, port or 22, user), []

@@ -153,6 +153,78 @@ async def test_status_judges_a_pid_only_on_its_own_host_and_boot(workstation: Wo
         (tmp_path / "go").touch()
 
 
+async def test_a_queued_run_read_through_another_host_stays_queued(workstation: Workstation, tmp_path: Path) -> None:
+    """A run waiting in its host's queue, read through an instance name that reaches another host of
+    the shared home (an alias of several login nodes, say), cannot be judged from there: it keeps
+    waiting (queued, saying why), and read from its own host again it says it waits for a slot. It
+    did go lost, and lost cannot go back to queued: it stayed lost, with that reason, until it started."""
+    ws = workstation
+    t = await ws.transport("local")
+    hid, boot = await host_id(t)
+    queue = Path(host_state_dir(await t.runs_root(), hid)) / queue_name("job")
+    queue.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)  # holds the one slot
+    try:
+        (queue / "00000000000000000000000001").write_text(f"{sleeper.pid} {hid} {boot}\n")
+        run = await ws.launch("true", workdir=str(tmp_path), sync_code=False)
+        assert run.state == "queued"
+        host = Path(run.run_dir, "host")
+        host.write_text(f"{'e' * 16} {boot}\n")  # as the other host reads it: not its own
+        await ws.refresh_runs()
+        seen = ws.store.find_run(run.id)
+        assert (seen.state, seen.state_reason) == ("queued", jobs.ELSEWHERE)
+        host.write_text(f"{hid} {boot}\n")  # its own host again
+        await ws.refresh_runs()
+        seen = ws.store.find_run(run.id)
+        assert (seen.state, seen.state_reason) == ("queued", jobs.WAITING)
+        sleeper.kill()
+        sleeper.wait()
+        assert (await wait_final(ws, run.id)).state == "succeeded"
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+async def test_a_host_without_an_id_gets_no_agent_and_no_kill(workstation: Workstation, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """Where the host id cannot be worked out (no sha256sum nor shasum), the agent's directory would
+    be the agents' base, whose lock (an agent of the layout before, maybe another host's in a shared
+    home) names a pid that is not ours to kill: labdeck says so and signals nothing."""
+    from backends.autostop import autostop_base, read_state
+    from backends.monitor import ensure_agent
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # (autostop lives in the home on `local` too)
+    t = await workstation.transport("local")
+    old_autostop = Path(await autostop_base(t))
+    assert old_autostop.is_relative_to(tmp_path)  # the autostop state of the layout before: not this host's
+    old_autostop.mkdir(parents=True)
+    (old_autostop / "state.json").write_text('{"pid": 1, "enabled": true}\n')
+    base = Path(agents_dir(await t.runs_root()))
+    base.mkdir(parents=True)
+    bin_dir = tmp_path / "bin"  # this PATH has every program but the two hash ones
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(":"):
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if name not in ("sha256sum", "shasum") and not (bin_dir / name).exists():
+                    (bin_dir / name).symlink_to(os.path.join(d, name))
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (base / "agent.lock").write_text(f"{sleeper.pid}\n")
+        with monkeypatch.context() as m:
+            m.setenv("PATH", str(bin_dir))
+            await stop_agent(t)
+            with pytest.raises(LabdeckError, match="host id"):
+                await ensure_agent(t)
+            assert await read_state(t) is None
+        assert sleeper.poll() is None  # not signalled
+        assert not (base / "agent.py").exists() and not (base / "reader").exists()  # nothing set up there
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # ---- one home on two nodes (the rig) ------------------------------------------------------------
 
 

@@ -406,6 +406,7 @@ async def test_a_host_openssh_cannot_resolve_is_one_unreachable_row(tmp_path) ->
         assert inst.state == "unreachable" and "unknown token %Q" in inst.note
         with pytest.raises(TransportError, match="unknown token %Q"):
             p.transport("bad")
+        assert "bad" in p.specs and "nope" not in p.specs  # (membership asks the config, not OpenSSH)
     finally:
         await p.close()
 
@@ -432,3 +433,56 @@ def test_the_defaults_are_asked_only_where_a_file_names_an_option_labdeck_cannot
     included.write_text(f"Include {tmp_path}/extra.conf\nHost gpu\n  HostName 198.18.7.2\n")
     notes = SSHConfig(included).resolve("gpu").notes
     assert len(defaults) == 1 and any(f"{tmp_path}/extra.conf:2: ForwardAgent yes" in n for n in notes), notes
+
+
+def test_a_host_whose_ssh_g_hangs_costs_one_timeout_not_one_per_asker(tmp_path, monkeypatch) -> None:
+    """ssh -G that does not answer (a config read from a hung mount, say) is asked once: the spec's
+    prefetch round, its own resolution, a host that jumps through it and a thread that waited for it
+    get the same error, not a timeout each; a change of the config file asks again."""
+    import shutil
+    import subprocess as sp
+    import threading
+
+    import backends.sshconfig as sc
+    from backends.providers.ssh import HOST_FIELDS, SSHProvider
+
+    real_ssh = shutil.which("ssh")
+    if real_ssh is None:
+        pytest.skip("needs OpenSSH's ssh")
+    fake = tmp_path / "ssh"  # OpenSSH's own ssh, except that it hangs for the host "slow"
+    fake.write_text(f'#!/bin/sh\nfor a; do last=$a; done\n[ "$last" = slow ] && exec sleep 30\nexec {real_ssh} "$@"\n')
+    fake.chmod(0o755)
+    conf = tmp_path / "config"
+    conf.write_text("Host slow\n  HostName 198.18.9.1\nHost fast\n  HostName 198.18.9.2\n")
+    base = {k: f.default for k, f in HOST_FIELDS.items()}
+    opts = {"ssh_config": str(conf), "host_key_policy": "accept-new", "connect_timeout": 5.0,
+            "hosts": {"slow": dict(base), "fast": dict(base), "viaslow": {**base, "jump": ["slow"]}}}
+    asked: list[str] = []
+    real = sp.run
+    monkeypatch.setattr(sc.subprocess, "run", lambda argv, **kw: (asked.append(argv[-1]), real(argv, **kw))[1])
+    p = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")))
+    p.ssh_config.ssh, p.ssh_config.timeout = str(fake), 0.5
+    with pytest.raises(TransportError, match="did not answer"):
+        p.spec("slow")
+    assert asked.count("slow") == 1, asked
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            p.spec("slow")
+        except TransportError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    with pytest.raises(TransportError, match="did not answer"):
+        p.spec("viaslow")
+    assert len(errors) == 3 and asked.count("slow") == 1, asked
+    assert p.spec("fast").hostname == "198.18.9.2"
+    os.utime(conf, ns=(1, 1))  # the config changed: asked again
+    with pytest.raises(TransportError, match="did not answer"):
+        p.spec("slow")
+    assert asked.count("slow") == 2, asked

@@ -332,6 +332,9 @@ class _Specs(Mapping[str, HostSpec]):
             raise KeyError(name)
         return self._p.spec(name)
 
+    def __contains__(self, name: object) -> bool:  # (from the config alone: Mapping's would resolve it, and raise)
+        return name in self._p.hosts
+
     def __iter__(self):
         return iter(self._p.hosts)
 
