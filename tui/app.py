@@ -19,7 +19,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from backends import clock
@@ -32,6 +32,7 @@ from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
 from .format import rerun_plan, use_plan
+from .footer import LabdeckFooter
 from .forms import LaunchRequest, LaunchScreen
 from .messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunLaunched, RunsLoaded
 from .tabs import TabView
@@ -98,7 +99,7 @@ class LabdeckApp(App[None]):
                     yield cls()
         yield CommandBar()
         yield FilterBar()
-        yield Footer()
+        yield LabdeckFooter()
 
     def top_line(self) -> Text:
         ws = self.workstation
@@ -157,7 +158,7 @@ class LabdeckApp(App[None]):
         keymap = self._keymap if hasattr(self, "_keymap") else {}
         if binding_id in keymap:
             return keymap[binding_id].split(",")[0]
-        for b in self.BINDINGS:
+        for b in [*self.BINDINGS, *(b for cls in TAB_CLASSES for b in cls.BINDINGS)]:  # the app's and the tabs'
             if isinstance(b, Binding) and b.id == binding_id:
                 return self.get_key_display(Binding(b.key.split(",")[0], b.action))
         return "?"
@@ -535,15 +536,16 @@ class LabdeckApp(App[None]):
                            b.tooltip or b.description, b.id or "")
 
         sections = []
-        if tab.BINDINGS:
-            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
+        if tab.BINDINGS or tab.HELP_NOTES:
+            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS)) + [(k, d, "") for k, d in tab.HELP_NOTES]))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
-        self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
+        self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections, notes=tab.HELP_TEXT))
 
     def action_filter(self) -> None:
         bar = self.query_one(FilterBar)
         self.query_one(CommandBar).display = False
         bar.value = self.active_tab().filter_text
+        bar.placeholder = f"/filter: {self.active_tab().FILTER_HINT} (enter keeps it, escape clears)"
         bar.display = True
         bar.focus()
 

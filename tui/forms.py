@@ -10,7 +10,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
@@ -59,12 +59,17 @@ def parse_env(text: str) -> dict[str, str]:
     return env
 
 
+FORM_CSS = """
+#launch-dialog { max-width: 100%; max-height: 100%; height: auto; overflow-y: auto; }
+"""
+
+
 class LaunchScreen(ModalScreen[LaunchRequest | None]):
     """Instance, command, working directory, environment, secrets, name; enter or ctrl+s starts it."""
 
-    # fits an 80x24 terminal: never wider or taller than the screen (it scrolls inside instead)
-    DEFAULT_CSS = """
-    LaunchScreen #launch-dialog { max-width: 100%; max-height: 100%; overflow-y: auto; }
+    # fits an 80x24 terminal: never wider or taller than the screen; it scrolls inside instead, and a
+    # focused field (Tab, or an error sending focus back) is scrolled into view (FORM_CSS)
+    DEFAULT_CSS = FORM_CSS + """
     LaunchScreen #launch-env-row { height: auto; }
     LaunchScreen #launch-env-row > Vertical { width: 1fr; height: auto; }
     """
@@ -83,7 +88,7 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
 
     def compose(self) -> ComposeResult:
         d = self.defaults
-        with Vertical(id="launch-dialog"):
+        with VerticalScroll(id="launch-dialog"):
             yield Label("Run a command on an instance", id="launch-title")
             yield Label("Instance")
             yield Select([(cell(i), i) for i in self.instances], value=d["instance"], allow_blank=False, id="launch-instance")
@@ -176,6 +181,8 @@ class UpRequest:
 class UpScreen(ModalScreen[UpRequest | None]):
     """Launch a cloud instance: provider, name, size (GPUs, $/hr), image, spot, autostop (Instances, `u`)."""
 
+    DEFAULT_CSS = FORM_CSS
+
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", id="up.cancel"),
         Binding("ctrl+s", "submit", "Launch", id="up.submit", tooltip="Launch the instance"),
@@ -191,7 +198,7 @@ class UpScreen(ModalScreen[UpRequest | None]):
     def compose(self) -> ComposeResult:
         first = next(iter(self.providers))
         p = self.providers[first]
-        with Vertical(id="launch-dialog"):
+        with VerticalScroll(id="launch-dialog"):
             yield Label("Launch a cloud instance", id="launch-title")
             yield Label("Provider")
             yield Select([(cell(f"{n} ({q.type}, {q.region})"), n) for n, q in self.providers.items()], value=first,

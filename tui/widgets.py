@@ -63,21 +63,24 @@ class HelpScreen(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,q,question_mark,f1", "app.pop_screen", "Close", id="help.close")]
 
-    def __init__(self, title: str, sections: Sequence[tuple[str, Iterable[tuple[str, str, str]]]]) -> None:
+    def __init__(self, title: str, sections: Sequence[tuple[str, Iterable[tuple[str, str, str]]]], notes: str = "") -> None:
         super().__init__()
         self.title_text = title
         self.sections = sections
+        self.notes = notes  # a paragraph under the first section (a tab's filter syntax), wrapped to the width
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-dialog"):
             yield Label(safe(self.title_text), id="help-title")
-            for heading, rows in self.sections:
+            for n, (heading, rows) in enumerate(self.sections):
                 table = DataTable(show_cursor=False, zebra_stripes=True)
-                table.add_columns("key", "does", Text("binding id (remap under [keys])"))
+                table.add_columns("key", "does", Text("binding id"))  # the foot says how to remap one
                 for key, desc, bid in rows:
                     table.add_row(Text(key, style="bold"), desc, bid)
                 yield Label(heading, classes="help-heading")
                 yield table
+                if n == 0 and self.notes:
+                    yield Static(Text(self.notes), classes="help-notes")
             yield Static(Text('Remap any key in the config file, e.g.  [keys]  "jobs.cancel" = "ctrl+k"'), classes="help-foot")
 
 
