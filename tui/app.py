@@ -101,6 +101,13 @@ class LabdeckApp(App[None]):
         yield FilterBar()
         yield LabdeckFooter()
 
+    def get_system_commands(self, screen):
+        """Textual's palette commands, less its "Keys" panel: labdeck's own "Show keys" (`?`) lists this
+        tab's keys with their binding ids; two entries for one need were confusing."""
+        for command in super().get_system_commands(screen):
+            if command.title != "Keys":
+                yield command
+
     def top_line(self) -> Text:
         ws = self.workstation
         return Text(f"labdeck · {ws.user} · providers: {', '.join(ws.providers)} · team: {ws.config.team_dir}")
