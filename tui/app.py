@@ -308,8 +308,17 @@ class LabdeckApp(App[None]):
             self.notify(f"{d.name} is {d.state}.", severity="warning")
             return
         url = await self._model_url(d)
+        from backends.modelshape import example_body
+
         key = serving.api_key(self.workstation, d.id) if d.user == self.workstation.user else None
-        body = '{"x": [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]}'
+        width = None
+        run = next((r for r in self.runs if r.id == d.run_id), None)
+        if run is not None and run.user == d.user and run.run_dir and d.model.endswith(".npz") and "/" not in d.model:
+            # the model's real input width, read from its file's header (nothing loaded); unknown: the server's
+            # answer to a one-feature row says what it expects
+            width = await serving.model_input_width(await self.workstation.transport(d.instance),
+                                                    f"{run.run_dir}/{d.model}")
+        body = example_body(width) or '{"x": [[0.0]]}'
         self.push_screen(TryModelScreen(d.name, url, key, body, d.id))
 
     def open_model_log(self, d: Deployment) -> None:

@@ -868,16 +868,12 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
         served = await serving.deploy(ws, r, instance=instance, port=port, name=name, model=model, api=api,
                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         d = served.deployment
-        console.print(f"[bold]{esc(d.name)}[/] is up: {esc(d.url)}/predict  (instance {esc(d.instance)}:{d.port})", highlight=False)
-        console.print(f"API key (shown once here; kept in a 0600 file of yours): {served.api_key}", highlight=False)
-        console.print(f"from a laptop:  {esc(served.ssh_line)}", highlight=False)
-        console.print(f"""try it:  curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' """
-                      f"""-d '{{"x": [[0.1, 0.2]]}}' {d.url}/predict""", highlight=False)
+        lines = serving.usage_lines(served, detached=detach, local=await serving.is_this_machine(ws, d.instance))
+        for label, text in lines:
+            console.print(f"{label}{esc(text)}" if label else esc(text), highlight=False, soft_wrap=True)
         if detach:
             await served.forward.close()
-            console.print(f"[dim]the forward is closed; the server keeps running (labdeck unserve {esc(d.name)})[/]")
             return
-        console.print("[dim]forwarding; ctrl+c closes the forward (the server keeps running)[/]")
         try:
             while True:
                 await asyncio.sleep(3600)
