@@ -267,6 +267,30 @@ class LabdeckApp(App[None]):
                                     f"http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}\n\n"
                                     f"It shows in Jobs (x stops it) and stops by itself when idle."))
 
+    @work(group="info", exit_on_error=False)
+    async def show_run_info(self, run: Run) -> None:
+        """Jobs `i`: a notebook's URL, token and ssh line (shown once when it started, here again);
+        for a job, where it ran and what it ran."""
+        from backends import notebooks
+
+        if run.kind == "notebook":
+            acc = await notebooks.access(self.workstation, run)
+            here = self._forwards.get(acc.notebook.id)
+            lines = acc.lines()
+            if here is not None and acc.token:
+                lines.insert(1, f"Open here: http://127.0.0.1:{here.local_port}/?token={acc.token}")
+            self.push_screen(InfoScreen(f"Jupyter on {acc.notebook.instance}", "\n".join(lines)))
+            return
+        facts = [f"{run.display_name} · {run.id} · {run.user} · {run.state}"
+                 + (f" ({run.state_reason})" if run.state_reason else ""),
+                 f"on {run.instance} · run directory {run.run_dir or '–'}",
+                 f"$ {run.command}"]
+        if run.params:
+            facts.append("params: " + ", ".join(f"{k}={v}" for k, v in list(run.params.items())[:30]))
+        if run.parent:
+            facts.append(f"parent: {run.parent}")
+        self.push_screen(InfoScreen(f"Run {run.display_name}", "\n".join(facts)))
+
     def serve_run(self, run: Run, name: str | None = None) -> None:
         if run.user != self.workstation.user:
             self._ask_first(run, f"Serve {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
@@ -648,7 +672,9 @@ class LabdeckApp(App[None]):
         path = follower.local_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
-        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}",
+        from backends.notebooks import shown_command
+
+        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {shown_command(run)}",
                                    path=path))
 
     def ask_annotation(self, run: Run, kind: str) -> None:
@@ -872,8 +898,10 @@ class LabdeckApp(App[None]):
             if yes:
                 self.cancel_run(run)
 
+        from backends.notebooks import shown_command
+
         self.push_screen(ConfirmScreen(f"Cancel run {run.display_name}?",
-                                       f"{run.command}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
+                                       f"{shown_command(run)}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
                                        f"{self.workstation.config.get('jobs', 'cancel_grace_seconds'):g}s",
                                        yes_label="Cancel run"), answer)
 

@@ -30,6 +30,8 @@ class JobsTab(TabView):
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
+        Binding("i", "info", "Info", id="jobs.info",
+                tooltip="The selected run's facts; a notebook's URL, token and ssh line again"),
     ]
 
     def __init__(self) -> None:
@@ -129,3 +131,10 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.open_notebook(run=run)
+
+    def action_info(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.show_run_info(run)
