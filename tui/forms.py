@@ -61,6 +61,7 @@ def parse_env(text: str) -> dict[str, str]:
 
 FORM_CSS = """
 #launch-dialog { max-width: 100%; max-height: 100%; height: auto; overflow-y: auto; }
+#launch-dialog Checkbox { max-width: 100%; }
 """
 
 
@@ -107,8 +108,8 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
                                         "through a 0600 file; only the names are recorded")
             yield Label("Name (optional)")
             yield Input(d["name"], id="launch-name")
-            yield Checkbox("Snapshot and sync the code (off: run in the directory as it is on the instance)", True,
-                           id="launch-sync")
+            yield Checkbox("Snapshot and sync the code (off: use the directory as is there)", True, id="launch-sync",
+                           tooltip="Off: run in the working directory as it is on the instance, with nothing synced")
             yield Static("", id="launch-error", classes="errors")
             with Horizontal(id="launch-buttons"):
                 yield Button("Start (ctrl+s)", variant="primary", id="launch-start")
@@ -212,7 +213,7 @@ class UpScreen(ModalScreen[UpRequest | None]):
             yield Input("", placeholder=str(p.options["image"]), id="up-image")
             with Horizontal(id="up-row"):
                 yield Checkbox("Spot (EC2)", False, id="up-spot", tooltip="Cheaper; the provider can take it back")
-                yield Label("  Autostop after idle minutes ")
+                yield Label(" Autostop (idle min) ")
                 yield Input(f"{float(p.options['autostop_minutes']):g}", id="up-autostop", classes="short")
                 yield Select([("stop", "stop"), ("terminate", "terminate")], value=str(p.options["autostop_action"]),
                              allow_blank=False, id="up-action")

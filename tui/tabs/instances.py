@@ -134,6 +134,7 @@ class InstancesTab(TabView):
         self.listing = listing
         self.loaded = True
         self.rerender()
+        self.refresh_bindings()  # the selected row may now be (or no longer be) an instance that refuses stop/start
 
     def show_runs(self, runs: list[Run]) -> None:
         self.runs = runs
