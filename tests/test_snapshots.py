@@ -85,7 +85,8 @@ SMALL_SHOTS = [
 
 
 @pytest.mark.parametrize("name, with_runs, keys", SMALL_SHOTS, ids=[s[0] for s in SMALL_SHOTS])
-def test_snapshot_80x24(snap_compare, name: str, with_runs: bool, keys: list[str]) -> None:
+def test_snapshot_80x24(snap_compare, monkeypatch, name: str, with_runs: bool, keys: list[str]) -> None:
+    monkeypatch.chdir("/")  # the run form's working directory defaults to the current one: the same in every checkout
     async def prepare(pilot) -> None:
         await settle(pilot)
         feed_monitor(pilot.app)

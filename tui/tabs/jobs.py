@@ -30,8 +30,7 @@ class JobsTab(TabView):
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
-        Binding("i", "info", "Info", id="jobs.info",
-                tooltip="The selected run's facts; a notebook's URL, token and ssh line again"),
+        Binding("i", "info", "Info", id="jobs.info", tooltip="Its details; a notebook's URL and token again"),
     ]
 
     def __init__(self) -> None:
