@@ -301,8 +301,7 @@ def usage_lines(served: Served, *, detached: bool, local: bool) -> list[tuple[st
         out.append(("URL here (labdeck's forward, while this runs):  ", f"{d.url}/predict"))
     out.append(("API key (shown once here; kept in a 0600 file of yours):  ", served.api_key))
     out.append(("from a laptop:  ", served.ssh_line))
-    if detached and not local:
-        out.append(("", "then, where that ssh line runs (labdeck's own forward closes as it exits):"))
+    out.append(("  then, where that ssh line runs:  ", f"http://127.0.0.1:{local_port}/predict"))
     data = body if body is not None else '{"x": [[...]]}'
     out.append(("try it here:  " if detached and local else "try it:  ", f"curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' "
                              f"-d '{data}' {url}/predict"))

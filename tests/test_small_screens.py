@@ -153,6 +153,13 @@ async def test_palette_finds_tab_actions_and_lists_keys_once(demo) -> None:
         found = [str(o.prompt) for o in app.screen.query_one("CommandList", OptionList)._options]
         assert any("Jobs: Serve (S)" in f for f in found), found
         await pilot.press("escape")
+        await settle(pilot)
+        await pilot.press("ctrl+p", *"jobs: new run")  # choosing one runs the tab's action
+        await settle(pilot)
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, LaunchScreen)
 
 
 async def test_instances_footer_offers_no_lifecycle_for_local(demo) -> None:
