@@ -19,7 +19,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from backends import clock
@@ -32,6 +32,7 @@ from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
 from .format import rerun_plan, use_plan
+from .footer import LabdeckFooter
 from .forms import LaunchRequest, LaunchScreen
 from .messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunLaunched, RunsLoaded
 from .tabs import TabView
@@ -98,7 +99,14 @@ class LabdeckApp(App[None]):
                     yield cls()
         yield CommandBar()
         yield FilterBar()
-        yield Footer()
+        yield LabdeckFooter()
+
+    def get_system_commands(self, screen):
+        """Textual's palette commands, less its "Keys" panel: labdeck's own "Show keys" (`?`) lists this
+        tab's keys with their binding ids; two entries for one need were confusing."""
+        for command in super().get_system_commands(screen):
+            if command.title != "Keys":
+                yield command
 
     def top_line(self) -> Text:
         ws = self.workstation
@@ -157,7 +165,7 @@ class LabdeckApp(App[None]):
         keymap = self._keymap if hasattr(self, "_keymap") else {}
         if binding_id in keymap:
             return keymap[binding_id].split(",")[0]
-        for b in self.BINDINGS:
+        for b in [*self.BINDINGS, *(b for cls in TAB_CLASSES for b in cls.BINDINGS)]:  # the app's and the tabs'
             if isinstance(b, Binding) and b.id == binding_id:
                 return self.get_key_display(Binding(b.key.split(",")[0], b.action))
         return "?"
@@ -259,6 +267,30 @@ class LabdeckApp(App[None]):
                                     f"http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}\n\n"
                                     f"It shows in Jobs (x stops it) and stops by itself when idle."))
 
+    @work(group="info", exit_on_error=False)
+    async def show_run_info(self, run: Run) -> None:
+        """Jobs `i`: a notebook's URL, token and ssh line (shown once when it started, here again);
+        for a job, where it ran and what it ran."""
+        from backends import notebooks
+
+        if run.kind == "notebook":
+            acc = await notebooks.access(self.workstation, run)
+            here = self._forwards.get(acc.notebook.id)
+            lines = acc.lines()
+            if here is not None and acc.token:
+                lines.insert(1, f"Open here: http://127.0.0.1:{here.local_port}/?token={acc.token}")
+            self.push_screen(InfoScreen(f"Jupyter on {acc.notebook.instance}", "\n".join(lines)))
+            return
+        facts = [f"{run.display_name} · {run.id} · {run.user} · {run.state}"
+                 + (f" ({run.state_reason})" if run.state_reason else ""),
+                 f"on {run.instance} · run directory {run.run_dir or '–'}",
+                 f"$ {run.command}"]
+        if run.params:
+            facts.append("params: " + ", ".join(f"{k}={v}" for k, v in list(run.params.items())[:30]))
+        if run.parent:
+            facts.append(f"parent: {run.parent}")
+        self.push_screen(InfoScreen(f"Run {run.display_name}", "\n".join(facts)))
+
     def serve_run(self, run: Run, name: str | None = None) -> None:
         if run.user != self.workstation.user:
             self._ask_first(run, f"Serve {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
@@ -300,8 +332,17 @@ class LabdeckApp(App[None]):
             self.notify(f"{d.name} is {d.state}.", severity="warning")
             return
         url = await self._model_url(d)
+        from backends.modelshape import example_body
+
         key = serving.api_key(self.workstation, d.id) if d.user == self.workstation.user else None
-        body = '{"x": [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]}'
+        width = None
+        run = next((r for r in self.runs if r.id == d.run_id), None)
+        if run is not None and run.user == d.user and run.run_dir and d.model.endswith(".npz") and "/" not in d.model:
+            # the model's real input width, read from its file's header (nothing loaded); unknown: the server's
+            # answer to a one-feature row says what it expects
+            width = await serving.model_input_width(await self.workstation.transport(d.instance),
+                                                    f"{run.run_dir}/{d.model}")
+        body = example_body(width) or '{"x": [[0.0]]}'
         self.push_screen(TryModelScreen(d.name, url, key, body, d.id))
 
     def open_model_log(self, d: Deployment) -> None:
@@ -535,21 +576,24 @@ class LabdeckApp(App[None]):
                            b.tooltip or b.description, b.id or "")
 
         sections = []
-        if isinstance(self.screen, LogScreen):  # the log's own keys first (wrap, sideways scroll, search)
+        log_open = isinstance(self.screen, LogScreen)
+        if log_open:  # the log's own keys first (wrap, sideways scroll, search)
             from .logview import LogView
 
             sections.append(("Log", list(rows(LogScreen.BINDINGS)) + list(rows(b for b in LogView.BINDINGS if b.id))))
-        elif tab.BINDINGS:
-            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
-        if tab.query(SortTable) and not isinstance(self.screen, LogScreen):
+        elif tab.BINDINGS or tab.HELP_NOTES:
+            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS)) + [(k, d, "") for k, d in tab.HELP_NOTES]))
+        if tab.query(SortTable) and not log_open:
             sections.append(("The table", list(rows(SortTable.BINDINGS))))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
-        self.push_screen(HelpScreen(f"Keys · {'the log' if isinstance(self.screen, LogScreen) else tab.TITLE}", sections))
+        self.push_screen(HelpScreen(f"Keys · {'the log' if log_open else tab.TITLE}", sections,
+                                    notes="" if log_open else tab.HELP_TEXT))
 
     def action_filter(self) -> None:
         bar = self.query_one(FilterBar)
         self.query_one(CommandBar).display = False
         bar.value = self.active_tab().filter_text
+        bar.placeholder = f"/filter: {self.active_tab().FILTER_HINT} (enter keeps it, escape clears)"
         bar.display = True
         bar.focus()
 
@@ -636,7 +680,9 @@ class LabdeckApp(App[None]):
         path = follower.local_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
-        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}",
+        from backends.notebooks import shown_command
+
+        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {shown_command(run)}",
                                    path=path))
 
     def ask_annotation(self, run: Run, kind: str) -> None:
@@ -892,8 +938,10 @@ class LabdeckApp(App[None]):
             if yes:
                 self.cancel_run(run)
 
+        from backends.notebooks import shown_command
+
         self.push_screen(ConfirmScreen(f"Cancel run {run.display_name}?",
-                                       f"{run.command}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
+                                       f"{shown_command(run)}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
                                        f"{self.workstation.config.get('jobs', 'cancel_grace_seconds'):g}s",
                                        yes_label="Cancel run"), answer)
 

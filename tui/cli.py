@@ -335,7 +335,9 @@ def cancel_cmd(run: str, yes: bool) -> None:
     if not yes:
         if not sys.stdin.isatty():
             raise LabdeckError(f"Cancelling {r.display_name} needs confirmation.", "Run it in a terminal, or pass --yes.")
-        click.confirm(plain_line(f"Cancel run {r.display_name} ({r.command}) on {r.instance}?"), abort=True)
+        from backends.notebooks import shown_command
+
+        click.confirm(plain_line(f"Cancel run {r.display_name} ({shown_command(r)}) on {r.instance}?"), abort=True)
     done = asyncio.run(ws.cancel(r.id))
     console.print(f"cancelled {esc(done.display_name)}")
 
@@ -933,16 +935,12 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
         served = await serving.deploy(ws, r, instance=instance, port=port, name=name, model=model, api=api,
                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         d = served.deployment
-        console.print(f"[bold]{esc(d.name)}[/] is up: {esc(d.url)}/predict  (instance {esc(d.instance)}:{d.port})", highlight=False)
-        console.print(f"API key (shown once here; kept in a 0600 file of yours): {served.api_key}", highlight=False)
-        console.print(f"from a laptop:  {esc(served.ssh_line)}", highlight=False)
-        console.print(f"""try it:  curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' """
-                      f"""-d '{{"x": [[0.1, 0.2]]}}' {d.url}/predict""", highlight=False)
+        lines = serving.usage_lines(served, detached=detach, local=await serving.is_this_machine(ws, d.instance))
+        for label, text in lines:
+            console.print(f"{label}{esc(text)}" if label else esc(text), highlight=False, soft_wrap=True)
         if detach:
             await served.forward.close()
-            console.print(f"[dim]the forward is closed; the server keeps running (labdeck unserve {esc(d.name)})[/]")
             return
-        console.print("[dim]forwarding; ctrl+c closes the forward (the server keeps running)[/]")
         try:
             while True:
                 await asyncio.sleep(3600)
@@ -963,15 +961,30 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
 @click.option("--idle", default=120.0, show_default=True, help="Minutes without activity after which Jupyter stops itself")
 @click.option("--detach", is_flag=True, help="Return at once; reach it with the printed ssh -L line")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
+@click.option("--show", "show", default=None, metavar="NOTEBOOK",
+              help="Start nothing: show a notebook's URL, token and ssh line again (its run's id, suffix or name)")
+@JSON
 @friendly
 def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None, port: int, idle: float, detach: bool,
-                 yes: bool) -> None:
-    """JupyterLab (or jupyter-server) on an instance, through the SSH chain, with a fresh token."""
+                 yes: bool, show: str | None, as_json: bool) -> None:
+    """JupyterLab (or jupyter-server) on an instance, through the SSH chain, with a fresh token.
+
+    --show NOTEBOOK prints how to reach one that is running again (with --json: one object)."""
     from backends import notebooks
 
     from .format import use_plan
 
     ws = _workstation()
+    if show is not None:
+        acc = asyncio.run(notebooks.access(ws, show))
+        if as_json:
+            print_json(acc.to_dict())
+        else:
+            for line in acc.lines():
+                console.print(esc(line), highlight=False, soft_wrap=True)
+        return
+    if as_json:
+        raise click.UsageError("--json goes with --show (starting a notebook prints lines to read, not JSON)")
     r = ws.store.find_run(run_ref) if run_ref else None
     if r is not None and r.user != ws.user:
         _ask_first(r, "would be opened by you", use_plan(r, ws.user, "notebook"), "Opening a notebook on",

@@ -64,21 +64,24 @@ class HelpScreen(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,q,question_mark,f1", "app.pop_screen", "Close", id="help.close")]
 
-    def __init__(self, title: str, sections: Sequence[tuple[str, Iterable[tuple[str, str, str]]]]) -> None:
+    def __init__(self, title: str, sections: Sequence[tuple[str, Iterable[tuple[str, str, str]]]], notes: str = "") -> None:
         super().__init__()
         self.title_text = title
         self.sections = sections
+        self.notes = notes  # a paragraph under the first section (a tab's filter syntax), wrapped to the width
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-dialog"):
             yield Label(safe(self.title_text), id="help-title")
-            for heading, rows in self.sections:
+            for n, (heading, rows) in enumerate(self.sections):
                 table = DataTable(show_cursor=False, zebra_stripes=True)
-                table.add_columns("key", "does", Text("binding id (remap under [keys])"))
+                table.add_columns("key", "does", Text("binding id"))  # the foot says how to remap one
                 for key, desc, bid in rows:
                     table.add_row(Text(key, style="bold"), desc, bid)
                 yield Label(heading, classes="help-heading")
                 yield table
+                if n == 0 and self.notes:
+                    yield Static(Text(self.notes), classes="help-notes")
             yield Static(Text('Remap any key in the config file, e.g.  [keys]  "jobs.cancel" = "ctrl+k"'), classes="help-foot")
 
 
@@ -474,6 +477,14 @@ class TextPrompt(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+def compare_value(v) -> str:
+    """A param or metric value for Compare: floats to 4 significant digits (0.997802734375 → 0.9978),
+    anything else as one line of plain text (a teammate wrote it)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return plain_line(v)[:80]
+
+
 class CompareScreen(ModalScreen[None]):
     """Two runs side by side: params, metrics, code, and the key metric's curves overlaid."""
 
@@ -488,32 +499,45 @@ class CompareScreen(ModalScreen[None]):
 
         with Vertical(id="compare-dialog"):
             yield Label(safe(f"{self.a.display_name}  ⟷  {self.b.display_name}"), id="compare-title")
-            with Horizontal(id="compare-columns"):
-                yield VerticalScroll(Static(self._column(self.a, self.b), id="compare-a"))
-                yield VerticalScroll(Static(self._column(self.b, self.a), id="compare-b"))
+            with Horizontal(id="compare-heads"):  # who ran each, where, what it cost, its command
+                yield Static(self._head(self.a, "cyan"), id="compare-a")
+                yield Static(self._head(self.b, "dark_orange"), id="compare-b")
+            yield self._table()
             yield PlotextPlot(id="compare-chart")
             with VerticalScroll(id="compare-code"):
                 yield Static(self._code(), id="compare-diff")
 
-    def _column(self, r, other) -> Text:
+    @staticmethod
+    def _head(r, color: str) -> Text:
+        t = Text()
+        t.append(f"{plain_line(r.display_name)} {r.id[-8:].lower()}\n", style=f"bold {color}")
+        t.append(f"{plain_line(r.user)} · {plain_line(r.state)} · {plain_line(r.instance)} · ${r.cost():.2f}\n"
+                 f"$ {plain_line(r.command)[:300]}", style="dim")
+        return t
+
+    def _table(self) -> DataTable:
+        """Metrics, then params, as rows with one column per run: both runs' values side by side, above
+        the fold, whatever the number of params; a value that differs is yellow."""
         from backends import lineage as lin
 
-        t = Text()
-        t.append(f"{plain_line(r.display_name)} {r.id[-8:].lower()}\n", style="bold")
-        t.append(f"{plain_line(r.user)} · {plain_line(r.state)} · {plain_line(r.instance)} · ${r.cost():.2f}\n"
-                 f"$ {plain(r.command)}\n\n", style="dim")
-        t.append("params\n", style="bold")
-        for k in sorted(set(r.params) | set(other.params)):
-            v = r.params.get(k, "–")
-            differs = r.params.get(k) != other.params.get(k)
-            t.append(f"  {plain_line(k)} = {plain_line(v)}\n", style="yellow" if differs else "")
-        t.append("\nmetrics (last)\n", style="bold")
-        for n in sorted(set(r.metrics_summary) | set(other.metrics_summary)):
-            v = lin.metric_value(r, n)
-            o = lin.metric_value(other, n)
-            t.append(f"  {plain_line(n)} = {v if v is not None else '–'}\n",
-                     style="" if v is None or o is None or v == o else "yellow")
-        return t
+        a, b = self.a, self.b
+        table = DataTable(id="compare-table", show_cursor=False, zebra_stripes=True)
+        table.add_column("", key="what")
+        table.add_column(Text(plain_line(a.display_name)[:40], style="bold cyan"), key="a")
+        table.add_column(Text(plain_line(b.display_name)[:40], style="bold dark_orange"), key="b")
+
+        def row(label: str, va, vb) -> None:
+            differs = va != vb
+            table.add_row(Text(plain_line(label)[:60]), *(Text("–" if v is None else compare_value(v),
+                                                                 style="yellow" if differs else "") for v in (va, vb)))
+
+        for n in sorted(set(a.metrics_summary) | set(b.metrics_summary))[:100]:
+            row(f"metric {n}", lin.metric_value(a, n), lin.metric_value(b, n))
+        for k in sorted(set(a.params) | set(b.params))[:200]:
+            row(f"param {k}", a.params.get(k), b.params.get(k))
+        if not table.row_count:
+            table.add_row(Text("no metrics or params recorded", style="dim"), Text(""), Text(""))
+        return table
 
     def _code(self) -> Text:
         from backends import lineage as lin

@@ -51,6 +51,26 @@ class InstancesTab(TabView):
         Binding("a", "autostop", "Autostop", id="instances.autostop", tooltip="Idle minutes before it stops itself"),
     ]
 
+    LIFECYCLE_ACTIONS = ("stop", "start", "terminate", "autostop")
+
+    def refuses_lifecycle(self, inst: Instance | None) -> bool:
+        """Whether the selected instance's provider refuses stop/start/terminate/autostop (``local``, the
+        team's SSH hosts: an UnmanagedProvider): the footer then does not offer them."""
+        from backends.providers.base import UnmanagedProvider
+
+        if inst is None:
+            return False
+        provider = self.app.workstation.providers.get(inst.provider)
+        return isinstance(provider, UnmanagedProvider) if provider is not None else inst.provider_type in ("local", "ssh")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.LIFECYCLE_ACTIONS and self.is_mounted and self.refuses_lifecycle(self.selected()):
+            return False  # hidden from the footer, and the key does nothing (it would only be refused)
+        return True
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.refresh_bindings()  # the footer's stop/start/… follow the selected instance
+
     def action_autostop(self) -> None:
         inst = self.selected()
         if inst is None or not inst.managed or inst.state != "running":
@@ -117,6 +137,7 @@ class InstancesTab(TabView):
         self.listing = listing
         self.loaded = True
         self.rerender()
+        self.refresh_bindings()  # the selected row may now be (or no longer be) an instance that refuses stop/start
 
     def show_runs(self, runs: list[Run]) -> None:
         self.runs = runs

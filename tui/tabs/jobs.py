@@ -33,6 +33,7 @@ class JobsTab(TabView):
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
+        Binding("i", "info", "Info", id="jobs.info", tooltip="Its details; a notebook's URL and token again"),
     ]
 
     def __init__(self) -> None:
@@ -148,3 +149,10 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.open_notebook(run=run)
+
+    def action_info(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.show_run_info(run)
