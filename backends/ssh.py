@@ -519,10 +519,10 @@ class _Conn:
         self._closing = False
 
     # -- health
-    def _mark_down(self, reason: str) -> None:
+    def _mark_down(self, reason: str, *, silent_for: float = 0.0) -> None:
         if self.down_since is None or reason != self.down_reason:
             if self.down_since is None:
-                self.down_since = clock.wall()
+                self.down_since = clock.wall() - silent_for
             self.down_reason = reason
             self.pool._changed(self)
 
@@ -542,9 +542,14 @@ class _Conn:
         self.budget = ChannelBudget(self.budget.max)  # a new connection: a new budget (slots of the old one are void)
         if was is not None and not self._closing:
             text = str(getattr(exc, "reason", "") or exc or "the connection closed")
+            silent = 0.0
             if "keepalive" in text:
                 text = "no answer to keepalives"
-            self._mark_down(text)
+                # asyncssh gives up after count_max + 1 keepalive intervals without an answer (a
+                # healthy link answers each within a round trip): silent since about then
+                interval = self.spec.keepalive_interval or self.pool.keepalive_interval
+                silent = interval * (self.pool.keepalive_count_max + 1)
+            self._mark_down(text, silent_for=silent)
 
     async def get(self) -> asyncssh.SSHClientConnection:
         if self.conn is not None:

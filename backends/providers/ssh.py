@@ -170,7 +170,7 @@ class SSHProvider(UnmanagedProvider):
                             hostname=h["host"] or None, port=h["port"] or None,
                             identity_files=(h["identity_file"],) if h["identity_file"] else (),
                             jump=tuple(h["jump"]) if h["jump"] else None)
-        if h.get("max_sessions"):  # its channel budget (the pool's default otherwise)
+        if h.get("max_sessions") and int(h["max_sessions"]) != MAX_SESSIONS:  # its own channel budget
             spec = replace(spec, max_sessions=int(h["max_sessions"]))
         return spec
 
