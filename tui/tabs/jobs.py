@@ -29,7 +29,7 @@ class JobsTab(TabView):
         Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
         Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
         Binding("R", "rerun_changes", "Rerun…", id="jobs.rerun_changes",
-                tooltip="Edit its parameters, command, instance or environment, then run it as a child"),
+                tooltip="Rerun with changes: edit parameters, command, env first"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
