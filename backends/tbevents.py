@@ -48,6 +48,15 @@ Never raises on bad input. Counted in ``warnings`` (by kind):
   event has no wall time, or 0.0, proto3's default);
 * counted but KEPT, as in :mod:`backends.metrics`: "non-finite value".
 
+Series are keyed by (TensorBoard run, tag), as TensorBoard keys them: the run is the event
+file's directory relative to the run's TensorBoard base directory (:func:`event_base`, the
+shallowest directory holding an event file when they are first found; :func:`event_run`), so
+``add_scalars("pair", {"train": …, "val": …})``, which writes tag "pair" into the
+subdirectories ``pair/train/`` and ``pair/val/``, gives two series, "pair/train/pair" and
+"pair/val/pair" (:func:`series_name`), never one that mixes them. Files in the base
+directory keep their bare tags. Steps stay integers (int64, exactly: 2**53 + 1 and
+2**63 − 1 are not rounded through a float).
+
 Also :data:`EVENT_FILE_GLOB`, :func:`remote_find_command` (a POSIX shell command
 listing a run directory's event files) and :func:`parse_find_output`.
 
@@ -57,6 +66,7 @@ Stdlib only.
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import shlex
 import struct
@@ -66,7 +76,7 @@ from .metrics import MAX_NAME_LEN, Point
 
 __all__ = [
     "TFEventsParser", "EVENT_FILE_GLOB", "remote_find_command", "parse_find_output",
-    "crc32c", "masked_crc32c",
+    "crc32c", "masked_crc32c", "series_name", "event_base", "event_run",
 ]
 
 #: The file names TensorFlow, PyTorch and tensorboardX give event files.
@@ -370,8 +380,9 @@ class TFEventsParser:
 
     _MAX_TAGS = 50_000  # remembered decoded tags / tag plugins (beyond: decoded each time)
 
-    def __init__(self, *, max_record: int = 16 << 20) -> None:
+    def __init__(self, *, max_record: int = 16 << 20, run: str = "") -> None:
         self.max_record = max_record
+        self.run = run  # the TensorBoard "run" (subdirectory) of this file: "" for the base directory
         self.warnings: Counter = Counter()
         self.records = 0
         self.bytes = 0
@@ -559,7 +570,6 @@ class TFEventsParser:
             if wall:
                 self.warnings["invalid time"] += 1
             wall = None  # 0.0 is proto3's "not set"
-        fstep = float(step)
         pts: list[Point] = []
         for i, end in summaries:  # Summary: value = 1 (repeated)
             while i < end:
@@ -578,14 +588,14 @@ class TFEventsParser:
                     i += ln
                     if i > end:
                         raise _Malformed("value past the end")
-                    self._decode_value(b, s, i, fstep, wall, pts)
+                    self._decode_value(b, s, i, step, wall, pts)
                 else:
                     i = _skip(b, i, k & 7, end)
             if i != end:
                 raise _Malformed("summary overrun")
         return pts
 
-    def _decode_value(self, b: bytes, i: int, end: int, step: float, wall: float | None,
+    def _decode_value(self, b: bytes, i: int, end: int, step: int, wall: float | None,
                       pts: list[Point]) -> None:
         tag = b""
         simple = None
@@ -668,12 +678,45 @@ class TFEventsParser:
         except UnicodeDecodeError:
             self.warnings["invalid UTF-8"] += 1
             name = tag.decode("utf-8", "replace")
+        if name and self.run:
+            name = series_name(self.run, name)
         if not name or len(name) > MAX_NAME_LEN:
             self.warnings["invalid metric name"] += 1
             name = None
         if len(tags) < self._MAX_TAGS:
             tags[tag] = name
         return name
+
+
+# ---- TensorBoard runs ---------------------------------------------------------------------
+def series_name(run: str, tag: str) -> str:
+    """The metric name of ``tag`` in TensorBoard run ``run``: the bare tag for the base run
+    ("" or "."), else ``run/tag`` (what TensorBoard shows as the run and the chart's tag)."""
+    return tag if run in ("", ".") else f"{run}/{tag}"
+
+
+def _dirname(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
+def event_base(paths: list[str]) -> str | None:
+    """The TensorBoard base directory of a run's event files: the shallowest directory holding
+    one (the first in sorted order among equals); None when there are none. Chosen once, when
+    event files are first found, so names do not change as more files appear."""
+    dirs = sorted({_dirname(p) for p in paths}, key=lambda d: (d.rstrip("/").count("/"), d))
+    return dirs[0] if dirs else None
+
+
+def event_run(path: str, base: str | None) -> str:
+    """The TensorBoard run of the event file ``path`` relative to ``base`` (see :func:`event_base`):
+    "" for a file in ``base`` itself, else the relative directory ("pair/train"; "../other"
+    for a directory outside ``base``, kept apart rather than merged)."""
+    d = _dirname(path)
+    if base is None or d == base:
+        return ""
+    if d.startswith(base.rstrip("/") + "/"):
+        return d[len(base.rstrip("/")) + 1:]
+    return posixpath.relpath(d, base)
 
 
 # ---- finding event files on an instance --------------------------------------------------

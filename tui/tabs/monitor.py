@@ -25,6 +25,7 @@ from backends.models import Run
 from backends.text import plain_line as pl
 
 from ..format import STATE_STYLE
+from ..steps import step_ticks
 from ..widgets import matches
 from . import TabView
 
@@ -234,10 +235,12 @@ class MonitorTab(TabView):
         plt.clear_figure()
         plt.title(title)
         drawn = False
+        x_range: list[float] = []
         for label, series, color in lines:
             xs, lo, hi = series.view(width, log_y=log_y, smoothing=smoothing)
             if not xs:
                 continue
+            x_range += (min(xs), max(xs))
             plt.plot(xs, hi, label=label if len(lines) > 1 else None, color=color, marker="braille")
             if lo != hi:
                 plt.plot(xs, lo, color=color, marker="braille")
@@ -247,6 +250,8 @@ class MonitorTab(TabView):
         if log_y and drawn:
             plt.yscale("log")
         plt.xlabel("step" if widget.id == "metric-chart" else "sample (1/s)")
+        if widget.id == "metric-chart" and x_range:  # integer step labels, never "1000.0" or "9.2e+18"
+            plt.xticks(*step_ticks(min(x_range), max(x_range)))
         widget.refresh()
 
     def shown(self) -> None:

@@ -1,0 +1,142 @@
+"""labdeck's TensorBoard reader held against TensorBoard's own ``EventAccumulator``.
+
+Real files from a real writer (tensorboardX, the code PyTorch's SummaryWriter derives from) hold
+scalars written with ``add_scalar`` and ``add_scalars`` (which writes one subdirectory per key,
+the same tag in each), images, histograms and text, at steps up to 2**63 - 1. labdeck must see
+the same series TensorBoard sees, keyed the way TensorBoard keys them (run subdirectory, tag),
+step by step, with the steps exact.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backends.metrics import RunSeries
+from backends.tbevents import TFEventsParser, event_base, event_run, parse_find_output, remote_find_command, series_name
+
+np = pytest.importorskip("numpy")
+tensorboardX = pytest.importorskip("tensorboardX", reason="tensorboardX writes the real event files (test extra)")
+event_multiplexer = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_multiplexer",
+    reason="TensorBoard's EventAccumulator is the oracle (pip install tensorboard; in the test extra)")
+
+BIG_STEPS = [2**53 + 1, 2**53 + 2, 2**62 + 3, 2**63 - 1]
+
+
+def write_mixed(logdir: Path) -> None:
+    """What a PyTorch training script typically writes, plus the int64 edge steps."""
+    from tensorboardX import SummaryWriter
+
+    w = SummaryWriter(str(logdir))
+    rnd = np.random.default_rng(3)
+    for i in range(40):
+        w.add_scalar("loss", 1.0 / (i + 1), i)
+        w.add_scalars("pair", {"train": i * 2.0, "val": i * 3.0 + 0.5}, i)
+        w.add_scalars("acc/by_split", {"train": i / 40, "test": i / 50}, i)  # a '/' in the main tag
+        if i % 10 == 0:
+            w.add_image("samples", rnd.integers(0, 255, (3, 8, 8), dtype=np.uint8), i)
+            w.add_histogram("weights", rnd.normal(0, 1, 200), i)
+            w.add_text("notes", f"epoch {i}", i)
+    for s in BIG_STEPS:
+        w.add_scalar("big", float(s % 1000), s)
+    w.add_scalar("negative", 1.5, -7)
+    w.close()
+
+
+def tensorboard_scalars(logdir: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    m = event_multiplexer.EventMultiplexer()
+    m.AddRunsFromDirectory(str(logdir))
+    m.Reload()
+    out = {}
+    for run, tags in m.Runs().items():
+        acc = m.GetAccumulator(run)
+        for tag in tags["scalars"]:
+            out[(run, tag)] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return out
+
+
+def labdeck_files(logdir: Path) -> list[str]:
+    res = subprocess.run(["sh", "-c", remote_find_command(str(logdir))], capture_output=True, text=True,
+                         timeout=30, env=dict(os.environ))
+    return parse_find_output(res.stdout)
+
+
+def test_scalars_agree_with_event_accumulator_run_by_run_and_step_by_step(tmp_path: Path) -> None:
+    write_mixed(tmp_path)
+    want = tensorboard_scalars(tmp_path)
+    # TensorBoard sees add_scalars' keys as runs of their own: pair/train, pair/val, acc_by_split/...
+    assert ("pair/train", "pair") in want and ("pair/val", "pair") in want
+    assert want[(".", "big")] == [(s, float(s % 1000)) for s in BIG_STEPS]
+
+    files = labdeck_files(tmp_path)
+    base = event_base(files)
+    assert base == str(tmp_path)
+    got: dict[str, list[tuple[int, float]]] = {}
+    series = RunSeries()
+    for path in files:
+        p = TFEventsParser(run=event_run(path, base))
+        pts = p.feed(Path(path).read_bytes()) + p.flush()
+        assert not p.warnings, (path, p.warnings)
+        for q in pts:
+            assert type(q.step) is int
+            got.setdefault(q.name, []).append((q.step, q.value))
+        series.ingest(pts)
+    expected = {series_name(run, tag): pts for (run, tag), pts in want.items()}
+    assert sorted(got) == sorted(expected)
+    for name, pts in expected.items():
+        assert got[name] == pts, name  # exact: steps as ints, values as the float32 written
+    assert len(expected) == 7  # loss, big, negative, pair ×2, acc/by_split ×2, and nothing else
+    # the series keep train and val apart, and keep the steps exact
+    summary = series.summary()
+    assert summary["pair/train/pair"]["count"] == 40 and summary["pair/train/pair"]["last"] == 78.0
+    assert summary["pair/val/pair"]["count"] == 40 and summary["pair/val/pair"]["last"] == 117.5
+    assert summary["big"]["last_step"] == 2**63 - 1 and type(summary["big"]["last_step"]) is int
+    steps, _ = series.series("big").recent_points()
+    assert steps == BIG_STEPS
+
+
+def test_event_base_and_runs_for_the_usual_layouts() -> None:
+    r = "/home/a/runs/01HX"
+    files = [f"{r}/runs/Dec05_host/events.out.tfevents.1.h", f"{r}/runs/Dec05_host/pair/train/events.out.tfevents.2.h",
+             f"{r}/runs/Dec05_host/pair/val/events.out.tfevents.3.h"]
+    base = event_base(files)
+    assert base == f"{r}/runs/Dec05_host"
+    assert [event_run(f, base) for f in files] == ["", "pair/train", "pair/val"]
+    assert series_name("", "loss") == "loss" and series_name(".", "loss") == "loss"
+    assert series_name("pair/train", "pair") == "pair/train/pair"
+    # two writers side by side, no file above them: each keeps its own series
+    two = [f"{r}/tb/a/events.out.tfevents.1.h", f"{r}/tb/b/events.out.tfevents.1.h"]
+    base = event_base(two)
+    assert [event_run(f, base) for f in two] == ["", "../b"]
+    assert event_base([]) is None
+
+
+def test_a_run_name_too_long_for_a_metric_name_is_counted_not_kept() -> None:
+    import struct
+
+    from backends.tbevents import masked_crc32c
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            b = n & 0x7F
+            n >>= 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def fb(field: int, data: bytes) -> bytes:
+        return varint(field << 3 | 2) + varint(len(data)) + data
+
+    value = fb(1, b"loss") + varint(2 << 3 | 5) + struct.pack("<f", 1.0)
+    ev = varint(2 << 3) + varint(5) + fb(5, fb(1, value))
+    header = struct.pack("<Q", len(ev))
+    rec = header + struct.pack("<I", masked_crc32c(header)) + ev + struct.pack("<I", masked_crc32c(ev))
+    p = TFEventsParser(run="r" * 300)
+    assert p.feed(rec) == [] and p.warnings["invalid metric name"] == 1
+    p = TFEventsParser(run="pair/val")
+    assert [(q.name, q.step) for q in p.feed(rec)] == [("pair/val/loss", 5)]
