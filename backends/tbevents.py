@@ -71,12 +71,13 @@ import re
 import shlex
 import struct
 from collections import Counter
+from dataclasses import dataclass
 
 from .metrics import MAX_NAME_LEN, Point
 
 __all__ = [
     "TFEventsParser", "EVENT_FILE_GLOB", "remote_find_command", "parse_find_output",
-    "crc32c", "masked_crc32c", "series_name", "event_base", "event_run",
+    "crc32c", "masked_crc32c", "series_name", "event_base", "event_run", "TBMedia",
 ]
 
 #: The file names TensorFlow, PyTorch and tensorboardX give event files.
@@ -367,6 +368,109 @@ def _plugin_name(b: bytes) -> str:
     return name
 
 
+# ---- media: images, histograms, text --------------------------------------------------------
+@dataclass(slots=True)
+class TBMedia:
+    """An image (``data``: {"png"/"encoded": bytes, "w", "h", "channels"}), a histogram ({"edges",
+    "counts", "n", "min", "max", "sum"}, TensorBoard's buckets: ``edges`` has one more item than
+    ``counts``) or a text ({"text": str}) read from an event file."""
+
+    name: str
+    step: int
+    kind: str
+    data: dict
+    t: float | None = None
+
+    @property
+    def size(self) -> int:
+        d = self.data
+        if self.kind == "image":
+            return len(d["encoded"]) + 64
+        if self.kind == "text":
+            return len(d["text"]) + 64
+        return 16 * len(d["counts"]) + 64
+
+
+def _image_proto(b: bytes) -> dict:
+    """Summary.Image: height = 1, width = 2, colorspace = 3, encoded_image_string = 4."""
+    out = {"h": 0, "w": 0, "channels": 0, "encoded": b""}
+    n = len(b)
+    i = 0
+    while i < n:
+        k, i = _key(b, i)
+        if k in (0x08, 0x10, 0x18):
+            v, i = _varint(b, i)
+            out[{0x08: "h", 0x10: "w", 0x18: "channels"}[k]] = _signed(v, 32)
+        elif k == 0x22:
+            s, i = _bytes_field(b, i)
+            out["encoded"] = bytes(b[s:i])
+        else:
+            i = _skip(b, i, k & 7)
+    return out
+
+
+def _doubles(b: bytes, i: int, k: int, into: list) -> int:
+    if k & 7 == 2:  # packed
+        s, e = _bytes_field(b, i)
+        if (e - s) % 8:
+            raise _Malformed("packed doubles")
+        into += struct.unpack_from(f"<{(e - s) // 8}d", b, s)
+        return e
+    if i + 8 > len(b):
+        raise _Malformed("double past the end")
+    into.append(_F64.unpack_from(b, i)[0])
+    return i + 8
+
+
+def _histo_proto(b: bytes) -> dict:
+    """HistogramProto: min = 1, max = 2, num = 3, sum = 4, sum_squares = 5, bucket_limit = 6,
+    bucket = 7. TensorBoard's bucket i holds (limit[i-1], limit[i]]; the first starts at min."""
+    vals = {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}
+    limits: list[float] = []
+    counts: list[float] = []
+    n = len(b)
+    i = 0
+    while i < n:
+        k, i = _key(b, i)
+        f = k >> 3
+        if f in vals and k & 7 == 1:
+            if i + 8 > n:
+                raise _Malformed("double past the end")
+            vals[f] = _F64.unpack_from(b, i)[0]
+            i += 8
+        elif f == 6 and k & 7 in (1, 2):
+            i = _doubles(b, i, k, limits)
+        elif f == 7 and k & 7 in (1, 2):
+            i = _doubles(b, i, k, counts)
+        else:
+            i = _skip(b, i, k & 7)
+    if len(limits) != len(counts):
+        raise _Malformed("histogram limits and buckets differ in number")
+    lo, hi = vals[1], vals[2]
+    edges = [lo] + [x if _isfinite(x) else hi for x in limits]  # as written (the last is often DBL_MAX)
+    return {"edges": edges, "counts": counts, "n": vals[3], "min": lo, "max": hi, "sum": vals[4]}
+
+
+def _string_tensor(b: bytes) -> dict | None:
+    """The text of a DT_STRING TensorProto (string_val = 8; several are joined by newlines)."""
+    n = len(b)
+    i = 0
+    dtype = 0
+    parts: list[str] = []
+    while i < n:
+        k, i = _key(b, i)
+        if k == 0x08:
+            dtype, i = _varint(b, i)
+        elif k == 0x42:
+            s, i = _bytes_field(b, i)
+            parts.append(b[s:i].decode("utf-8", "replace"))
+        else:
+            i = _skip(b, i, k & 7)
+    if dtype != 7:
+        return None
+    return {"text": "\n".join(parts)}
+
+
 # ---- the parser --------------------------------------------------------------------------
 class TFEventsParser:
     """Scalar points from one TensorBoard event file, fed in byte chunks (see the module docstring).
@@ -380,8 +484,15 @@ class TFEventsParser:
 
     _MAX_TAGS = 50_000  # remembered decoded tags / tag plugins (beyond: decoded each time)
 
-    def __init__(self, *, max_record: int = 16 << 20, run: str = "") -> None:
+    def __init__(self, *, max_record: int = 16 << 20, run: str = "", media: bool = False,
+                 max_media: int = 5000, max_media_bytes: int = 256 << 20) -> None:
         self.max_record = max_record
+        #: with ``media=True``: the images, histograms and text of the file (:class:`TBMedia`), oldest
+        #: first, at most ``max_media`` items and ``max_media_bytes`` bytes (past that the oldest go)
+        self.media: list[TBMedia] | None = [] if media else None
+        self.media_bytes = 0
+        self.max_media = max_media
+        self.max_media_bytes = max_media_bytes
         self.run = run  # the TensorBoard "run" (subdirectory) of this file: "" for the base directory
         self.warnings: Counter = Counter()
         self.records = 0
@@ -601,6 +712,7 @@ class TFEventsParser:
         simple = None
         tensor = None
         plugin = None
+        other = None  # (key, start, end) of an image or histogram, when media are collected
         while i < end:
             k = b[i]
             if k < 0x80:
@@ -635,12 +747,21 @@ class TFEventsParser:
                 plugin = _plugin_name(b[s:i])
             elif k in (0x1A, 0x22, 0x2A, 0x32):  # histogram, image, histo, audio (the oneof value)
                 simple = tensor = None
+                if self.media is not None and k in (0x22, 0x2A):
+                    other = (k, s, i)
         if i != end:
             raise _Malformed("value overrun")
         if plugin is not None and tag:
             plugins = self._plugins
             if plugins.get(tag) != plugin and (tag in plugins or len(plugins) < self._MAX_TAGS):
                 plugins[tag] = plugin
+        if self.media is not None:
+            if other is not None:
+                self._media_value(tag, step, wall, other[0], b[other[1]:other[2]])
+                return
+            if tensor is not None and (plugin or self._plugins.get(tag)) == "text":
+                self._media_value(tag, step, wall, 0x42, b[tensor[0]:tensor[1]])
+                return
         if simple is not None:
             value = simple
         elif tensor is not None:
@@ -666,6 +787,37 @@ class TFEventsParser:
         if not _isfinite(value):
             self.warnings["non-finite value"] += 1
         pts.append(Point(name, step, value, wall))
+
+    def _media_value(self, tag: bytes, step: int, wall: float | None, k: int, body: bytes) -> None:
+        """Collect an image (Value.image), a histogram (Value.histo) or a text tensor (plugin "text")."""
+        name = self._tags.get(tag) or self._name(tag)
+        if name is None:
+            return
+        try:
+            if k == 0x22:
+                item = TBMedia(name, step, "image", _image_proto(body), wall)
+            elif k == 0x2A:
+                item = TBMedia(name, step, "histogram", _histo_proto(body), wall)
+            else:
+                text = _string_tensor(body)
+                if text is None:
+                    return
+                item = TBMedia(name, step, "text", text, wall)
+        except (_Malformed, IndexError, ValueError, struct.error, OverflowError):
+            self.warnings["invalid media"] += 1
+            return
+        media = self.media
+        assert media is not None
+        size = item.size
+        if size > self.max_media_bytes:
+            self.warnings["media item too large (skipped)"] += 1
+            return
+        media.append(item)
+        self.media_bytes += size
+        while self.media_bytes > self.max_media_bytes or len(media) > self.max_media:
+            old = media.pop(0)  # the oldest go first: a bound, and said in the warnings
+            self.media_bytes -= old.size
+            self.warnings["media dropped (over the cap)"] += 1
 
     def _name(self, tag: bytes) -> str | None:
         """The metric name of a tag not yet in ``_tags`` (or an invalid one: None, counted)."""

@@ -140,3 +140,39 @@ def test_a_run_name_too_long_for_a_metric_name_is_counted_not_kept() -> None:
     assert p.feed(rec) == [] and p.warnings["invalid metric name"] == 1
     p = TFEventsParser(run="pair/val")
     assert [(q.name, q.step) for q in p.feed(rec)] == [("pair/val/loss", 5)]
+
+
+def test_media_agree_with_event_accumulator(tmp_path: Path) -> None:
+    """Images (the encoded PNG, byte for byte), histograms (bucket counts and limits) and text, as
+    TensorBoard reads them, by run, tag and step."""
+    from backends.media import histogram_doc, tensorboard_media
+
+    write_mixed(tmp_path)
+    m = event_multiplexer.EventMultiplexer(size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    m.AddRunsFromDirectory(str(tmp_path))
+    m.Reload()
+    acc = m.GetAccumulator(".")
+    files = labdeck_files(tmp_path)
+    base = event_base(files)
+    entries, warnings = tensorboard_media([(Path(f), event_run(f, base)) for f in files])
+    assert not warnings
+    got = {(e.key, e.step): e for e in entries}
+    images = acc.Images("samples")
+    assert [e.step for e in images] == [0, 10, 20, 30]
+    for ev in images:
+        e = got.pop(("samples", ev.step))
+        assert e.kind == "image" and e.inline == ev.encoded_image_string and (e.w, e.h) == (ev.width, ev.height)
+    hists = acc.Histograms("weights")
+    assert len(hists) == 4
+    for ev in hists:
+        e = got.pop(("weights", ev.step))
+        h = histogram_doc(e.inline)
+        hv = ev.histogram_value
+        assert h["counts"] == list(hv.bucket) and h["n"] == hv.num
+        assert h["edges"][0] == hv.min and h["edges"][1:] == list(hv.bucket_limit)
+    texts = acc.Tensors("notes/text_summary")
+    assert len(texts) == 4
+    for ev in texts:
+        e = got.pop(("notes/text_summary", ev.step))
+        assert e.kind == "text" and e.inline == ev.tensor_proto.string_val[0].decode()
+    assert not got  # nothing TensorBoard does not have
