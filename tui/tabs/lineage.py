@@ -52,6 +52,7 @@ class LineageTab(TabView):
         Binding("j", "jobs", "In Jobs", id="lineage.jobs", tooltip="Show this run in Jobs"),
         Binding("M", "monitor", "In Monitor", id="lineage.monitor", tooltip="Chart this run in Monitor"),
         Binding("S", "serve", "Serve", id="lineage.serve", tooltip="Serve this run's model (litserve)"),
+        Binding("v", "media", "Media", id="lineage.media", tooltip="This run's media beside its parent's"),
     ]
 
     def __init__(self) -> None:
@@ -354,6 +355,13 @@ class LineageTab(TabView):
         r = self.selected_run()
         if r:
             self.app.ask_annotation(r, "tag")
+
+    def action_media(self) -> None:
+        r = self.selected_run()
+        if r:
+            from ..mediaview import open_media
+
+            open_media(self.app, r, self.runs.get(r.parent) if r.parent else None)
 
     def action_logs(self) -> None:
         r = self.selected_run()

@@ -44,6 +44,7 @@ class MonitorTab(TabView):
         Binding("L", "toggle_log", "Log scale", id="monitor.log", tooltip="Logarithmic y axis for metrics"),
         Binding("s", "next_smoothing", "Smooth", id="monitor.smooth", tooltip="Cycle EMA smoothing: off, 0.6, 0.9"),
         Binding("space", "toggle_run", "Overlay", id="monitor.overlay", tooltip="Add/remove the highlighted run"),
+        Binding("v", "media", "Media", id="monitor.media", tooltip="The highlighted run's images, tables, histograms"),
     ]
 
     def __init__(self) -> None:
@@ -132,6 +133,17 @@ class MonitorTab(TabView):
         return t
 
     # ---- actions -----------------------------------------------------------
+    def action_media(self) -> None:
+        ol = self.query_one(OptionList)
+        if ol.highlighted is None or ol.highlighted >= len(self._listed):
+            self.app.notify("No run highlighted.", severity="warning")
+            return
+        run = next((r for r in self.app.runs if r.id == self._listed[ol.highlighted]), None)
+        if run is not None:
+            from ..mediaview import open_media
+
+            open_media(self.app, run)
+
     def action_toggle_run(self) -> None:
         ol = self.query_one(OptionList)
         if ol.highlighted is None or ol.highlighted >= len(self._listed):

@@ -1,0 +1,543 @@
+"""The Media view: a run's images, tables, histograms, confusion matrices and text, step by step.
+
+Opened with ``v`` on a run in Jobs, Monitor (the highlighted run) and Lineage (beside its parent,
+when it has one), and from Compare (the two runs side by side). Keys: ``↑``/``↓`` pick a key in
+the list, ``←``/``→`` step back and forth through its steps (``home``/``end``: first and last),
+``r`` refreshes, ``escape`` closes. The other run's pane shows the same key at the same step, or
+the nearest one it has; tables and confusion matrices show what differs.
+
+Drawing, all deterministic:
+
+* images: Unicode half blocks (``▀``, the upper pixel as the foreground, the lower as the
+  background), nearest-neighbour scaled to the pane (:func:`halfblock`) from PNGs decoded with
+  :func:`backends.media.decode_png`;
+* tables: a ``DataTable`` (cells that differ from the other run's table in yellow);
+* histograms: horizontal bars over equal bins (:func:`histogram_text`);
+* confusion matrices: a heat map of row-normalised counts, and the difference to the other run
+  (:func:`confusion_text`);
+* text: as plain text.
+
+Everything that came from the run (keys, captions, table cells, labels, text) is shown as plain
+text (:mod:`tui.format`), never as markup. Media are fetched only when shown
+(:class:`backends.media.RunMedia`); decoded images and drawn panes are cached, so stepping back
+to a step seen before costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict
+from typing import Any
+
+from rich.color import Color
+from rich.style import Style
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Label, OptionList, Static
+from textual.widgets.option_list import Option
+
+from backends.errors import LabdeckError
+from backends.media import (MediaEntry, MediaError, Pixels, RunMedia, confusion_doc, decode_png, histogram_doc,
+                            table_doc, tensorboard_media, text_doc)
+from backends.text import plain_line
+
+from .format import cell, safe, text
+
+__all__ = ["MediaScreen", "halfblock", "histogram_text", "confusion_text", "open_media"]
+
+_STYLE_CACHE: dict[tuple[int, int, int, int, int, int], Style] = {}
+
+
+def _style(top: tuple[int, int, int], bottom: tuple[int, int, int]) -> Style:
+    k = top + bottom
+    s = _STYLE_CACHE.get(k)
+    if s is None:
+        if len(_STYLE_CACHE) > 65536:
+            _STYLE_CACHE.clear()
+        s = _STYLE_CACHE[k] = Style(color=Color.from_rgb(*top), bgcolor=Color.from_rgb(*bottom))
+    return s
+
+
+def halfblock(px: Pixels, cols: int, rows: int, *, upscale: int = 4) -> Text:
+    """``px`` drawn in at most ``cols`` × ``rows`` cells with ``▀`` half blocks (two pixels a cell),
+    nearest-neighbour scaled to fit, aspect kept, enlarged at most ``upscale`` times."""
+    cols, rows = max(1, cols), max(1, rows)
+    scale = min(cols / px.w, 2 * rows / px.h, float(upscale))
+    ow = max(1, min(cols, int(px.w * scale)))
+    oh = max(1, min(2 * rows, int(px.h * scale)))
+    xs = [min(px.w - 1, int((x + 0.5) * px.w / ow)) for x in range(ow)]
+    ys = [min(px.h - 1, int((y + 0.5) * px.h / oh)) for y in range(oh)]
+    rgb = px.rgb
+    stride = px.w * 3
+    out = Text(no_wrap=True, end="")
+    for r in range(0, oh, 2):
+        top_row = ys[r] * stride
+        bot_row = ys[r + 1] * stride if r + 1 < oh else None
+        run_style = None
+        run_len = 0
+        for x in xs:
+            i = top_row + 3 * x
+            top = (rgb[i], rgb[i + 1], rgb[i + 2])
+            if bot_row is None:
+                bottom = (0, 0, 0)
+            else:
+                j = bot_row + 3 * x
+                bottom = (rgb[j], rgb[j + 1], rgb[j + 2])
+            st = _style(top, bottom)
+            if st is run_style:
+                run_len += 1
+                continue
+            if run_len:
+                out.append("▀" * run_len, run_style)
+            run_style, run_len = st, 1
+        if run_len:
+            out.append("▀" * run_len, run_style)
+        if r + 2 < oh:
+            out.append("\n")
+    return out
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    a = abs(v)
+    return f"{v:.3g}" if 1e-3 <= a < 1e5 else f"{v:.2e}"
+
+
+def histogram_text(doc: dict, cols: int, rows: int) -> Text:
+    """Horizontal bars: the histogram rebinned to at most ``rows`` equal bins over its range (a
+    bucket counts in the bin of its centre, clamped to the range, as TensorBoard's distributions do)."""
+    edges, counts = doc["edges"], doc["counts"]
+    out = Text(end="")
+    if not counts or not sum(counts):
+        out.append("(an empty histogram)", style="dim")
+        return out
+    lo = edges[0]
+    hi = max(e for e, c in zip(edges[1:], counts) if c) if any(counts) else edges[-1]
+    hi = min(hi, max(edges[:-1] + [lo]) if len(edges) > 2 and edges[-1] > 1e300 else hi)
+    first = next(i for i, c in enumerate(counts) if c)
+    lo = min(lo, edges[first])
+    nb = max(1, min(rows, 40, len(counts)))
+    bins = [0.0] * nb
+    width = (hi - lo) / nb if hi > lo else 0.0
+    for i, c in enumerate(counts):
+        if not c:
+            continue
+        a, b = edges[i], min(edges[i + 1], hi) if edges[i + 1] > 1e300 else edges[i + 1]
+        mid = a * 0.5 + b * 0.5
+        k = 0 if width == 0 or not math.isfinite(mid) else int((mid - lo) / width)
+        bins[min(max(k, 0), nb - 1)] += c
+    top = max(bins)
+    label_w = 23
+    bar_w = max(4, cols - label_w - 10)
+    for k, c in enumerate(bins):
+        a = lo + k * width
+        b = lo + (k + 1) * width if width else hi
+        out.append(f"{_fmt(a):>10} – {_fmt(b):<9} ", style="dim")
+        n = int(round(c / top * bar_w)) if top else 0
+        out.append("█" * n, style="cyan")
+        out.append(f" {c:g}\n" if k < nb - 1 else f" {c:g}")
+    return out
+
+
+_HEAT = [(24, 24, 32), (30, 50, 90), (40, 80, 140), (50, 120, 180), (70, 160, 200), (120, 200, 200),
+         (190, 230, 180), (250, 250, 160)]
+
+
+def confusion_text(labels: list[str], m: list[list[int]], other: tuple[list[str], list[list[int]]] | None = None,
+                   *, cols: int = 80) -> Text:
+    """A heat map of the matrix (rows: true class, columns: predicted; shade: the row's share), and
+    when ``other`` has the same labels, the difference (this − other) in green/red."""
+    n = len(labels)
+    out = Text(end="")
+    if not n:
+        out.append("(no classes)", style="dim")
+        return out
+    widest = max([len(str(v)) for r in m for v in r] + [len(plain_line(x)) for x in labels])
+    cw = max(5, min(12, widest + 2))
+    lw = min(16, max(len(plain_line(x)) for x in labels) + 1)
+    shown = max(1, min(n, (cols - lw - 2) // cw))
+
+    def head() -> None:
+        out.append(" " * lw + "│", style="dim")
+        for j in range(shown):
+            out.append(plain_line(labels[j])[:cw - 1].rjust(cw - 1) + " ", style="bold")
+        out.append("  (predicted →)" if shown == n else f"  … {n - shown} more", style="dim")
+        out.append("\n")
+
+    head()
+    for i in range(n):
+        out.append(plain_line(labels[i])[:lw - 1].ljust(lw), style="bold")
+        out.append("│", style="dim")
+        total = sum(m[i]) or 1
+        for j in range(shown):
+            share = m[i][j] / total
+            bg = _HEAT[min(len(_HEAT) - 1, int(share * (len(_HEAT) - 1) + 0.5))]
+            fg = (0, 0, 0) if share > 0.6 else (230, 230, 230)
+            st = Style(color=Color.from_rgb(*fg), bgcolor=Color.from_rgb(*bg), bold=(i == j))
+            out.append(str(m[i][j]).rjust(cw - 1) + " ", st)
+        out.append("\n" if i < n - 1 else "")
+    if other is not None:
+        olabels, om = other
+        out.append("\n\n")
+        if olabels != labels:
+            out.append("the other run's classes differ: no difference shown", style="dim")
+            return out
+        out.append("difference (this − other)\n", style="bold")
+        head()
+        for i in range(n):
+            out.append(plain_line(labels[i])[:lw - 1].ljust(lw), style="bold")
+            out.append("│", style="dim")
+            for j in range(shown):
+                d = m[i][j] - om[i][j]
+                good = (d > 0) == (i == j)
+                st = "dim" if d == 0 else ("green" if good else "red")
+                out.append((f"{d:+d}" if d else "·").rjust(cw - 1) + " ", style=st)
+            out.append("\n" if i < n - 1 else "")
+    return out
+
+
+# ---- where a run's media come from -----------------------------------------------------------
+class MediaSource:
+    """One run's media for the view: the labdeck index over the run's transport, plus the
+    TensorBoard media of the event files the monitor mirrors. ``transport`` and ``tb_files`` may
+    be given (tests); by default they come from the workstation."""
+
+    def __init__(self, run, workstation=None, *, transport=None, cache_root=None, tb_files=None) -> None:
+        from pathlib import Path
+
+        self.run = run
+        self.ws = workstation
+        self._transport = transport
+        root = Path(cache_root) if cache_root is not None else Path(workstation.config.paths.data_dir) / "media"
+        self.media = RunMedia(run, root)
+        self._tb_files = tb_files
+        self._tb_seen: dict[str, int] = {}
+        self.note = ""
+
+    async def transport(self):
+        if self._transport is None:
+            self._transport = await self.ws.transport(self.run.instance)
+        return self._transport
+
+    async def refresh(self) -> int:
+        n = 0
+        try:
+            n += await self.media.refresh(await self.transport())
+        except LabdeckError as e:
+            self.note = f"media index: {e}"
+        n += await asyncio.to_thread(self._tensorboard)
+        return n
+
+    def _tensorboard(self) -> int:
+        files = self._tb_files
+        if files is None and self.ws is not None:
+            from backends.tbevents import event_run
+
+            rm = getattr(self.ws.monitor, "runs", {}).get(self.run.id)
+            files = []
+            if rm is not None:
+                for remote, (local, _) in list(rm.tb.items()):
+                    files.append((local.path, event_run(remote, getattr(rm, "tb_base", None))))
+        changed = [(p, r) for p, r in files or () if p.exists() and self._tb_seen.get(str(p)) != p.stat().st_size]
+        if not changed:
+            return 0
+        entries, _ = tensorboard_media(changed)
+        for p, _r in changed:
+            self._tb_seen[str(p)] = p.stat().st_size
+        self.media.add_tensorboard(entries)
+        return len(entries)
+
+    async def load(self, entry: MediaEntry) -> bytes | Any:
+        if entry.inline is not None:
+            return entry.inline
+        got = self.media.cached(entry)
+        if got is not None:
+            return got
+        return await self.media.load(await self.transport(), entry)
+
+
+# ---- the screen -------------------------------------------------------------------------------
+class MediaPane(Vertical):
+    """One run's side: a caption line, and the item drawn (a Static, or a DataTable for tables)."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(id=pid, classes="media-pane")
+
+    def compose(self) -> ComposeResult:
+        yield Static("", classes="media-caption")
+        with VerticalScroll(classes="media-scroll"):
+            yield Static("", classes="media-body")
+        yield DataTable(classes="media-table", zebra_stripes=True, cursor_type="row")
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).display = False
+
+
+class MediaScreen(Screen[None]):
+    """A run's media (and, beside it, another run's: its parent, or the run it is compared with)."""
+
+    DEFAULT_CSS = """
+    MediaScreen #media-top { height: 1; padding: 0 1; background: $boost; }
+    MediaScreen #media-status { height: 1; padding: 0 1; }
+    MediaScreen #media-keys { width: 28; max-width: 35%; height: 1fr; }
+    MediaScreen #media-panes { height: 1fr; }
+    MediaScreen .media-pane { width: 1fr; height: 1fr; padding: 0 1; }
+    MediaScreen .media-caption { height: auto; max-height: 2; color: $text-muted; }
+    MediaScreen .media-scroll { height: 1fr; }
+    MediaScreen .media-table { height: 1fr; }
+    """
+
+    BINDINGS = [
+        Binding("escape,q", "app.pop_screen", "Close", id="media.close"),
+        Binding("left", "step(-1)", "Step back", id="media.prev", tooltip="The previous step of this key"),
+        Binding("right", "step(1)", "Step on", id="media.next", tooltip="The next step of this key"),
+        Binding("home", "edge(0)", "First", show=False, id="media.first", priority=True),
+        Binding("end", "edge(1)", "Last", show=False, id="media.last", priority=True),
+        Binding("r", "reload", "Refresh", id="media.refresh", tooltip="Look for new media now"),
+    ]
+
+    def __init__(self, run, other=None, *, workstation=None, sources: tuple | None = None,
+                 other_label: str = "parent") -> None:
+        super().__init__()
+        self.run, self.other = run, other
+        self.other_label = other_label
+        if sources is not None:
+            self.src, self.osrc = sources[0], (sources[1] if len(sources) > 1 else None)
+        else:
+            self.src = MediaSource(run, workstation)
+            self.osrc = MediaSource(other, workstation) if other is not None else None
+        self.keys: list[str] = []
+        self.key: str | None = None
+        self.step_i = -1  # index into the key's steps; -1: the last
+        self._decoded: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step) -> decoded item
+        self._drawn: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step, w, h) -> renderable
+        self._loading = 0
+
+    def compose(self) -> ComposeResult:
+        title = Text("Media · ", style="bold")
+        title.append(plain_line(self.run.display_name))
+        title.append(f" {self.run.id[-8:].lower()}", style="dim")
+        if self.other is not None:
+            title.append(f"   ⟷   {self.other_label} ", style="dim")
+            title.append(plain_line(self.other.display_name))
+            title.append(f" {self.other.id[-8:].lower()}", style="dim")
+        yield Label(safe(title), id="media-top")
+        yield Static("looking for media…", id="media-status")
+        with Horizontal():
+            yield OptionList(id="media-keys")
+            with Horizontal(id="media-panes"):
+                yield MediaPane("media-a")
+                if self.other is not None:
+                    yield MediaPane("media-b")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#media-keys", OptionList).focus()
+        self.reload()
+        if self.run.run_state.is_active:
+            self.set_interval(5.0, self.reload)
+
+    # -- data
+    def action_reload(self) -> None:
+        self.reload()
+
+    @work(group="media-refresh", exclusive=True, exit_on_error=False)
+    async def reload(self) -> None:
+        notes = []
+        for s in (self.src, self.osrc):
+            if s is None:
+                continue
+            await s.refresh()
+            if s.note:
+                notes.append(s.note)
+        keys = self.src.media.index.keys()
+        if self.osrc is not None:
+            keys += [k for k in self.osrc.media.index.keys() if k not in keys]
+        if keys != self.keys:
+            self.keys = keys
+            ol = self.query_one("#media-keys", OptionList)
+            ol.clear_options()
+            ol.add_options([Option(cell(k), id=str(i)) for i, k in enumerate(keys)])
+            if self.key not in keys:
+                self.key = keys[0] if keys else None
+                self.step_i = -1
+            if self.key is not None:
+                ol.highlighted = keys.index(self.key)
+        if not keys:
+            msg = "no media logged yet: labdeck.log({'samples': labdeck.Image(array)}) or TensorBoard images"
+            self.query_one("#media-status", Static).update(text(msg + (f" ({'; '.join(notes)})" if notes else "")))
+            return
+        await self.show()
+
+    def steps(self) -> list[int]:
+        idx = self.src.media.index
+        s = idx.steps(self.key) if self.key else []
+        if not s and self.osrc is not None and self.key:
+            s = self.osrc.media.index.steps(self.key)
+        return s
+
+    def current_step(self) -> int | None:
+        s = self.steps()
+        if not s:
+            return None
+        i = self.step_i if 0 <= self.step_i < len(s) else len(s) - 1
+        return s[i]
+
+    # -- keys
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        if event.option_list.id != "media-keys" or event.option.id is None:
+            return
+        k = self.keys[int(event.option.id)]
+        if k != self.key:
+            cur = self.current_step()
+            self.key = k
+            s = self.steps()
+            # keep the step where the new key has it (or the nearest)
+            from backends.media import nearest_step
+
+            near = nearest_step(s, cur) if cur is not None else None
+            self.step_i = s.index(near) if near is not None else -1
+            self.run_worker(self.show(), group="media-show", exclusive=True)
+
+    def action_step(self, delta: int) -> None:
+        s = self.steps()
+        if not s:
+            return
+        i = self.step_i if 0 <= self.step_i < len(s) else len(s) - 1
+        self.step_i = min(len(s) - 1, max(0, i + delta))
+        self.run_worker(self.show(), group="media-show", exclusive=True)
+
+    def action_edge(self, last: int) -> None:
+        s = self.steps()
+        if s:
+            self.step_i = len(s) - 1 if last else 0
+            self.run_worker(self.show(), group="media-show", exclusive=True)
+
+    # -- drawing
+    async def show(self) -> None:
+        step = self.current_step()
+        s = self.steps()
+        if self.key is None or step is None:
+            return
+        i = s.index(step)
+        entry = self.src.media.index.get(self.key, step)
+        st = Text()
+        st.append(plain_line(self.key), style="bold")
+        st.append(f" · step {step} ({i + 1} of {len(s)})")
+        kind = entry.kind if entry else None
+        if entry is None and self.osrc is not None:
+            o = self.osrc.media.index.get(self.key, step)
+            kind = o.kind if o else None
+        if kind:
+            st.append(f" · {kind}", style="dim")
+        if entry is not None and entry.source == "tensorboard":
+            st.append(" · from TensorBoard", style="dim")
+        st.append("   ←/→ step · ↑/↓ key", style="dim")
+        self.query_one("#media-status", Static).update(safe(st))
+        oentry = other_doc = None
+        if self.osrc is not None:
+            oentry = self.osrc.media.index.nearest(self.key, step)
+            other_doc = await self._decode(self.osrc, oentry) if oentry is not None else None
+        doc = await self._decode(self.src, entry) if entry is not None else None
+        same = entry is not None and oentry is not None and entry.kind == oentry.kind
+        ok = not isinstance(doc, LabdeckError) and not isinstance(other_doc, LabdeckError)
+        await self._paint("#media-a", self.run, entry, doc, other_doc if same and ok else None, None)
+        if self.osrc is not None:
+            await self._paint("#media-b", self.other, oentry, other_doc, doc if same and ok else None, step)
+
+    async def _decode(self, src: MediaSource, entry: MediaEntry) -> Any:
+        k = (src.run.id, entry.key, entry.step, entry.file)
+        got = self._decoded.get(k)
+        if got is not None:
+            self._decoded.move_to_end(k)
+            return got
+        try:
+            data = await src.load(entry)
+            if entry.kind == "image":
+                if not isinstance(data, bytes) or data[:8] != b"\x89PNG\r\n\x1a\n":
+                    raise MediaError("Not a PNG (JPEG and GIF are listed, not drawn, here).")
+                got = await asyncio.to_thread(decode_png, data)
+            elif entry.kind == "table":
+                got = table_doc(data)
+            elif entry.kind == "histogram":
+                got = histogram_doc(data)
+            elif entry.kind == "confusion":
+                got = confusion_doc(data)
+            else:
+                got = text_doc(data)
+        except LabdeckError as e:
+            got = e
+        self._decoded[k] = got
+        while len(self._decoded) > 256:
+            self._decoded.popitem(last=False)
+        return got
+
+    async def _paint(self, pane_id: str, run, entry: MediaEntry | None, doc: Any, other: Any,
+                     wanted: int | None) -> None:
+        pane = self.query_one(pane_id, MediaPane)
+        caption = self.query_one(f"{pane_id} .media-caption", Static)
+        body = self.query_one(f"{pane_id} .media-body", Static)
+        table = self.query_one(f"{pane_id} DataTable", DataTable)
+        scroll = self.query_one(f"{pane_id} .media-scroll", VerticalScroll)
+        cap = Text()
+        if self.other is not None:
+            cap.append(plain_line(run.display_name), style="bold")
+            cap.append(" · ")
+        if entry is None:
+            cap.append("nothing at this key", style="dim")
+            caption.update(safe(cap))
+            body.update("")
+            table.display, scroll.display = False, True
+            return
+        cap.append(f"step {entry.step}")
+        if wanted is not None and entry.step != wanted:
+            cap.append(" (nearest)", style="yellow")
+        if entry.caption:
+            cap.append(" · " + plain_line(entry.caption))
+        caption.update(safe(cap))
+        if isinstance(doc, LabdeckError):
+            table.display, scroll.display = False, True
+            body.update(text(f"cannot show it: {doc}"))
+            return
+        w = max(10, pane.size.width - 2)
+        h = max(4, pane.size.height - 3)
+        if entry.kind == "table":
+            cols, rows = doc
+            ocols, orows = other if other is not None else (None, None)
+            table.display, scroll.display = True, False
+            table.clear(columns=True)
+            table.add_columns(*[cell(c) for c in cols])
+            for ri, r in enumerate(rows):
+                cells = []
+                for ci, v in enumerate(r):
+                    diff = ocols == cols and orows is not None and (ri >= len(orows) or orows[ri][ci] != v)
+                    cells.append(cell("–" if v is None else v, "yellow" if diff else ""))
+                table.add_row(*cells)
+            return
+        table.display, scroll.display = False, True
+        key = (run.id, entry.key, entry.step, entry.file, w, h, id(other) if entry.kind == "confusion" else 0)
+        r = self._drawn.get(key)
+        if r is None:
+            if entry.kind == "image":
+                r = halfblock(doc, w, h)
+            elif entry.kind == "histogram":
+                r = histogram_text(doc, w, h)
+            elif entry.kind == "confusion":
+                r = confusion_text(doc[0], doc[1], other if pane_id == "#media-a" else None, cols=w)
+            else:
+                r = text(doc)
+            self._drawn[key] = r
+            while len(self._drawn) > 128:
+                self._drawn.popitem(last=False)
+        body.update(r)
+
+
+def open_media(app, run, other=None, *, other_label: str = "parent") -> None:
+    """Push the Media view for ``run`` (beside ``other`` when given)."""
+    app.push_screen(MediaScreen(run, other, workstation=app.workstation, other_label=other_label))
