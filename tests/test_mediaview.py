@@ -98,7 +98,8 @@ async def test_keys_and_steps_side_by_side(runs) -> None:
         assert "baseline · step 20 (nearest)" in cap_b  # the parent has no step 30: its nearest
         cap_a = str(app.screen.query_one("#media-a .media-caption", Static).render())
         assert "fake <b>[red]wider[/red]</b>" in cap_a  # shown as text, never as markup
-        assert "▀" in str(body(app))
+        image = app.screen.query_one("#media-a HalfBlockImage")
+        assert image.display and image.strips and "▀" in image.strips[0].text
         await pilot.press("left")
         await settle(pilot)
         assert "step 15 (3 of 4)" in status(app)
@@ -171,3 +172,40 @@ def test_histogram_and_confusion_text() -> None:
     c = confusion_text(["[red]a[/red]", "b"], [[3, 1], [0, 4]], (["[red]a[/red]", "b"], [[2, 2], [0, 4]]))
     assert "[red]a[/red]" in c.plain and "difference" in c.plain and "+1" in c.plain
     assert "classes differ" in confusion_text(["a"], [[1]], (["z"], [[1]])).plain
+
+
+async def test_v_opens_the_media_of_a_real_run_from_jobs_and_monitor(home: Path, tmp_path: Path) -> None:
+    """The whole path: a job logs media through the SDK, the app reads them over the run's transport."""
+    from backends.config import load_config
+    from backends.paths import Paths
+    from backends.workstation import Workstation
+    from tests.test_monitor import follow_to_end
+    from tui.app import LabdeckApp
+    from tui.screenshots import settle as app_settle
+
+    ws = Workstation(load_config(Paths.resolve(home)))
+    (tmp_path / "job.py").write_text(
+        "import labdeck\n"
+        "for s in (1, 2):\n"
+        "    labdeck.log({'loss': 1 / s, 'grid': labdeck.Image([[0.0, 1.0], [1.0, 0.0]]),"
+        " 'cm': labdeck.Confusion([0, 1], [0, s % 2], labels=['a', 'b'])}, step=s)\n")
+    run = await ws.launch(f"{sys.executable} job.py", workdir=str(tmp_path), name="media-job")
+    assert (await follow_to_end(ws, run.id)).state == "succeeded"
+    app = LabdeckApp(ws, live=False)
+    async with app.run_test(size=(120, 34)) as pilot:
+        await app_settle(pilot)
+        await pilot.press("2")
+        await app_settle(pilot)
+        await pilot.press("v")
+        await settle(pilot)
+        assert isinstance(app.screen, MediaScreen)
+        assert status(app).startswith("grid · step 2 (2 of 2) · image")
+        await pilot.press("down")
+        await settle(pilot)
+        assert "2 of 2" in status(app) and "cm" in status(app)
+        await pilot.press("escape")
+        await pilot.press("3")
+        await app_settle(pilot)
+        await pilot.press("v")
+        await settle(pilot)
+        assert isinstance(app.screen, MediaScreen) and app.screen.run.id == run.id

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from typing import Any
 
 from rich.color import Color
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import work
@@ -38,6 +39,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
+from textual.strip import Strip
+from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
@@ -48,7 +51,8 @@ from backends.text import plain_line
 
 from .format import cell, safe, text
 
-__all__ = ["MediaScreen", "halfblock", "histogram_text", "confusion_text", "open_media"]
+__all__ = ["MediaScreen", "MediaSource", "HalfBlockImage", "halfblock", "halfblock_strips", "histogram_text",
+           "confusion_text", "open_media"]
 
 _STYLE_CACHE: dict[tuple[int, int, int, int, int, int], Style] = {}
 
@@ -63,9 +67,8 @@ def _style(top: tuple[int, int, int], bottom: tuple[int, int, int]) -> Style:
     return s
 
 
-def halfblock(px: Pixels, cols: int, rows: int, *, upscale: int = 4) -> Text:
-    """``px`` drawn in at most ``cols`` × ``rows`` cells with ``▀`` half blocks (two pixels a cell),
-    nearest-neighbour scaled to fit, aspect kept, enlarged at most ``upscale`` times."""
+def _halfblock_runs(px: Pixels, cols: int, rows: int, upscale: int) -> list[list[tuple[int, Style]]]:
+    """Per terminal line, runs of (cells, style) of ``▀`` half blocks (see :func:`halfblock`)."""
     cols, rows = max(1, cols), max(1, rows)
     scale = min(cols / px.w, 2 * rows / px.h, float(upscale))
     ow = max(1, min(cols, int(px.w * scale)))
@@ -74,8 +77,10 @@ def halfblock(px: Pixels, cols: int, rows: int, *, upscale: int = 4) -> Text:
     ys = [min(px.h - 1, int((y + 0.5) * px.h / oh)) for y in range(oh)]
     rgb = px.rgb
     stride = px.w * 3
-    out = Text(no_wrap=True, end="")
+    lines: list[list[tuple[int, Style]]] = []
     for r in range(0, oh, 2):
+        line: list[tuple[int, Style]] = []
+        lines.append(line)
         top_row = ys[r] * stride
         bot_row = ys[r + 1] * stride if r + 1 < oh else None
         run_style = None
@@ -93,13 +98,51 @@ def halfblock(px: Pixels, cols: int, rows: int, *, upscale: int = 4) -> Text:
                 run_len += 1
                 continue
             if run_len:
-                out.append("▀" * run_len, run_style)
+                line.append((run_len, run_style))
             run_style, run_len = st, 1
         if run_len:
-            out.append("▀" * run_len, run_style)
-        if r + 2 < oh:
+            line.append((run_len, run_style))
+    return lines
+
+
+def halfblock(px: Pixels, cols: int, rows: int, *, upscale: int = 4) -> Text:
+    """``px`` drawn in at most ``cols`` × ``rows`` cells with ``▀`` half blocks (two pixels a cell:
+    the upper one the foreground, the lower one the background), nearest-neighbour scaled to fit,
+    aspect kept, enlarged at most ``upscale`` times."""
+    out = Text(no_wrap=True, end="")
+    lines = _halfblock_runs(px, cols, rows, upscale)
+    for i, line in enumerate(lines):
+        for n, st in line:
+            out.append("▀" * n, st)
+        if i < len(lines) - 1:
             out.append("\n")
     return out
+
+
+def halfblock_strips(px: Pixels, cols: int, rows: int, *, upscale: int = 4) -> list[Strip]:
+    """The same drawing as :func:`halfblock`, as Textual strips (one per line) for :class:`HalfBlockImage`."""
+    return [Strip([Segment("▀" * n, st) for n, st in line], sum(n for n, _ in line))
+            for line in _halfblock_runs(px, cols, rows, upscale)]
+
+
+class HalfBlockImage(Widget):
+    """An image drawn with the Line API from precomputed strips: a step change to an image drawn
+    before is a list swap and a repaint, with no layout and no markup parsing."""
+
+    DEFAULT_CSS = "HalfBlockImage { height: 1fr; width: 1fr; }"
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.strips: list[Strip] = []
+
+    def show(self, strips: list[Strip]) -> None:
+        self.strips = strips
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        if y < len(self.strips):
+            return self.strips[y]
+        return Strip.blank(0)
 
 
 def _fmt(v: float) -> str:
@@ -273,10 +316,20 @@ class MediaPane(Vertical):
         yield Static("", classes="media-caption")
         with VerticalScroll(classes="media-scroll"):
             yield Static("", classes="media-body")
+        yield HalfBlockImage(classes="media-image")
         yield DataTable(classes="media-table", zebra_stripes=True, cursor_type="row")
 
     def on_mount(self) -> None:
         self.query_one(DataTable).display = False
+        self.query_one(HalfBlockImage).display = False
+
+    def showing(self, which: str) -> None:
+        """Make ``which`` ("text", "image" or "table") the visible part (a layout only when it changes)."""
+        for w, name in ((self.query_one(VerticalScroll), "text"), (self.query_one(HalfBlockImage), "image"),
+                        (self.query_one(DataTable), "table")):
+            want = name == which
+            if w.display != want:
+                w.display = want
 
 
 class MediaScreen(Screen[None]):
@@ -288,7 +341,7 @@ class MediaScreen(Screen[None]):
     MediaScreen #media-keys { width: 28; max-width: 35%; height: 1fr; }
     MediaScreen #media-panes { height: 1fr; }
     MediaScreen .media-pane { width: 1fr; height: 1fr; padding: 0 1; }
-    MediaScreen .media-caption { height: auto; max-height: 2; color: $text-muted; }
+    MediaScreen .media-caption { height: 1; color: $text-muted; }
     MediaScreen .media-scroll { height: 1fr; }
     MediaScreen .media-table { height: 1fr; }
     """
@@ -439,7 +492,7 @@ class MediaScreen(Screen[None]):
         if entry is not None and entry.source == "tensorboard":
             st.append(" · from TensorBoard", style="dim")
         st.append("   ←/→ step · ↑/↓ key", style="dim")
-        self.query_one("#media-status", Static).update(safe(st))
+        self.query_one("#media-status", Static).update(safe(st), layout=False)
         oentry = other_doc = None
         if self.osrc is not None:
             oentry = self.osrc.media.index.nearest(self.key, step)
@@ -481,36 +534,35 @@ class MediaScreen(Screen[None]):
     async def _paint(self, pane_id: str, run, entry: MediaEntry | None, doc: Any, other: Any,
                      wanted: int | None) -> None:
         pane = self.query_one(pane_id, MediaPane)
-        caption = self.query_one(f"{pane_id} .media-caption", Static)
-        body = self.query_one(f"{pane_id} .media-body", Static)
-        table = self.query_one(f"{pane_id} DataTable", DataTable)
-        scroll = self.query_one(f"{pane_id} .media-scroll", VerticalScroll)
-        cap = Text()
+        caption = pane.query_one(".media-caption", Static)
+        body = pane.query_one(".media-body", Static)
+        cap = Text(no_wrap=True, overflow="ellipsis")
         if self.other is not None:
             cap.append(plain_line(run.display_name), style="bold")
             cap.append(" · ")
         if entry is None:
             cap.append("nothing at this key", style="dim")
-            caption.update(safe(cap))
+            caption.update(safe(cap), layout=False)
+            pane.showing("text")
             body.update("")
-            table.display, scroll.display = False, True
             return
         cap.append(f"step {entry.step}")
         if wanted is not None and entry.step != wanted:
             cap.append(" (nearest)", style="yellow")
         if entry.caption:
             cap.append(" · " + plain_line(entry.caption))
-        caption.update(safe(cap))
+        caption.update(safe(cap), layout=False)
         if isinstance(doc, LabdeckError):
-            table.display, scroll.display = False, True
+            pane.showing("text")
             body.update(text(f"cannot show it: {doc}"))
             return
         w = max(10, pane.size.width - 2)
-        h = max(4, pane.size.height - 3)
+        h = max(4, pane.size.height - 2)
         if entry.kind == "table":
+            table = pane.query_one(DataTable)
             cols, rows = doc
             ocols, orows = other if other is not None else (None, None)
-            table.display, scroll.display = True, False
+            pane.showing("table")
             table.clear(columns=True)
             table.add_columns(*[cell(c) for c in cols])
             for ri, r in enumerate(rows):
@@ -520,12 +572,11 @@ class MediaScreen(Screen[None]):
                     cells.append(cell("–" if v is None else v, "yellow" if diff else ""))
                 table.add_row(*cells)
             return
-        table.display, scroll.display = False, True
         key = (run.id, entry.key, entry.step, entry.file, w, h, id(other) if entry.kind == "confusion" else 0)
         r = self._drawn.get(key)
         if r is None:
             if entry.kind == "image":
-                r = halfblock(doc, w, h)
+                r = halfblock_strips(doc, w, h)
             elif entry.kind == "histogram":
                 r = histogram_text(doc, w, h)
             elif entry.kind == "confusion":
@@ -535,7 +586,14 @@ class MediaScreen(Screen[None]):
             self._drawn[key] = r
             while len(self._drawn) > 128:
                 self._drawn.popitem(last=False)
-        body.update(r)
+        else:
+            self._drawn.move_to_end(key)
+        if entry.kind == "image":
+            pane.showing("image")
+            pane.query_one(HalfBlockImage).show(r)
+        else:
+            pane.showing("text")
+            body.update(r)
 
 
 def open_media(app, run, other=None, *, other_label: str = "parent") -> None:
