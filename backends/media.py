@@ -45,7 +45,8 @@ from .errors import LabdeckError
 from .localfiles import confined, private_dirs, run_cache_path
 
 __all__ = ["KINDS", "MediaEntry", "MediaIndex", "RunMedia", "decode_png", "table_doc", "histogram_doc",
-           "confusion_doc", "text_doc", "nearest_step", "tensorboard_media", "MediaError", "MAX_ITEM_BYTES"]
+           "confusion_doc", "text_doc", "nearest_step", "tensorboard_media", "MediaError", "MAX_ITEM_BYTES",
+           "ReportMedia", "report_item", "report_media", "image_mime", "rebin_histogram"]
 
 KINDS = ("image", "table", "histogram", "confusion", "text")
 MAX_LINE = 64 << 10  # an index line longer than this is skipped
@@ -635,3 +636,105 @@ def text_doc(data: bytes | str) -> str:
     if isinstance(data, str):
         return data[:1 << 20]
     return data[:1 << 20].decode("utf-8", "replace")
+
+
+# ---- for the stakeholder report ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ReportMedia:
+    """One media item as the report embeds it: ``data`` is the image file's bytes (PNG/JPEG/GIF),
+    ``(columns, rows)`` of a table, ``(labels, matrix)`` of a confusion matrix, a histogram's
+    ``{"edges", "counts", "n"}`` or a text's str (all validated by the ``*_doc`` functions)."""
+
+    key: str
+    step: int
+    kind: str
+    data: Any
+    caption: str | None = None
+
+
+def report_item(entry: MediaEntry, raw: Any) -> ReportMedia:
+    """A :class:`ReportMedia` from an entry and its bytes (MediaError if they do not validate)."""
+    k = entry.kind
+    if k == "image":
+        if not isinstance(raw, bytes) or image_mime(raw) is None:
+            raise MediaError("Not a PNG, JPEG or GIF image.")
+        data: Any = raw
+    elif k == "table":
+        data = table_doc(raw)
+    elif k == "confusion":
+        data = confusion_doc(raw)
+    elif k == "histogram":
+        data = histogram_doc(raw)
+    else:
+        data = text_doc(raw)
+    return ReportMedia(entry.key, entry.step, k, data, entry.caption)
+
+
+def image_mime(data: bytes) -> str | None:
+    """The MIME type of an image from its first bytes (PNG, JPEG, GIF), else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+async def report_media(runs: Iterable, keys: Iterable[str], transport_of, cache_root: Path, *,
+                       step: int | None = None) -> tuple[dict[str, list[ReportMedia]], list[str]]:
+    """The chosen ``keys`` of each run (its latest step, or the one nearest ``step``), fetched over
+    ``await transport_of(run)``: ``({run id: [ReportMedia]}, problems)``. A run or item that cannot
+    be read is left out and said in ``problems``; the report is written anyway."""
+    out: dict[str, list[ReportMedia]] = {}
+    problems: list[str] = []
+    keys = list(keys)
+    for run in runs:
+        try:
+            transport = await transport_of(run)
+            rm = RunMedia(run, cache_root)
+            await rm.refresh(transport)
+        except LabdeckError as e:
+            problems.append(f"{run.display_name}: {e}")
+            continue
+        items = []
+        for k in keys:
+            entry = rm.index.latest(k) if step is None else rm.index.nearest(k, step)
+            if entry is None:
+                continue
+            try:
+                items.append(report_item(entry, await rm.load(transport, entry)))
+            except LabdeckError as e:
+                problems.append(f"{run.display_name} {k} step {entry.step}: {e}")
+        if items:
+            out[run.id] = items
+    return out, problems
+
+
+def rebin_histogram(doc: dict, bins: int) -> tuple[float, float, list[float]]:
+    """(low, high, counts) of a histogram over at most ``bins`` equal bins of its occupied range
+    (a bucket counts in the bin of its centre; TensorBoard's open-ended last limit, DBL_MAX, is
+    clamped to the largest limit below it)."""
+    edges, counts = doc["edges"], doc["counts"]
+    occupied = [i for i, c in enumerate(counts) if c]
+    if not occupied:
+        return 0.0, 0.0, []
+    finite_top = [e for e in edges if abs(e) < 1e300]
+    cap_hi = max(finite_top) if finite_top else 0.0
+    cap_lo = min(finite_top) if finite_top else 0.0
+
+    def clamp(x: float) -> float:
+        return min(max(x, cap_lo), cap_hi)
+
+    lo = clamp(edges[occupied[0]])
+    hi = clamp(edges[occupied[-1] + 1])
+    if hi < lo:
+        lo, hi = hi, lo
+    n = max(1, min(bins, len(counts)))
+    out = [0.0] * n
+    width = (hi - lo) / n
+    for i in occupied:
+        mid = clamp(edges[i]) * 0.5 + clamp(edges[i + 1]) * 0.5
+        k = int((mid - lo) / width) if width > 0 else 0
+        out[min(max(k, 0), n - 1)] += counts[i]
+    return lo, hi, out

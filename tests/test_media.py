@@ -228,3 +228,66 @@ def test_entry_equality_ignores_inline_payloads() -> None:
     a = MediaEntry("k", 1, "text", inline="x")
     b = MediaEntry("k", 1, "text", inline="y")
     assert a == b
+
+
+# ---- the stakeholder report -----------------------------------------------------------------------
+def test_report_embeds_media_escaped_and_self_contained() -> None:
+    import base64
+    from datetime import datetime, timezone
+
+    from backends.media import ReportMedia
+    from backends.models import Run
+    from backends.report import build_report
+
+    PIL = pytest.importorskip("PIL.Image")
+    buf = io.BytesIO()
+    PIL.new("RGB", (4, 4), (200, 10, 10)).save(buf, "PNG")
+    png = buf.getvalue()
+    evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+    a = Run(command="python train.py", instance="local", id="01HX0000000000000000000001", name="base",
+            state="succeeded")
+    b = Run(command="python train.py --wide", instance="local", id="01HX0000000000000000000002", name="wide",
+            state="succeeded", parent=a.id)
+    media = {
+        a.id: [ReportMedia("cm", 10, "confusion", (["cat", evil], [[5, 1], [2, 7]]))],
+        b.id: [ReportMedia(evil, 20, "image", png, caption=evil),
+               ReportMedia("per_class", 20, "table", (["class", evil], [["cat", 0.91], [evil, None]])),
+               ReportMedia("cm", 20, "confusion", (["cat", evil], [[6, 0], [1, 8]])),
+               ReportMedia("w", 20, "histogram", {"edges": [0.0, 1.0, 2.0], "counts": [3.0, 1.0], "n": 4.0}),
+               ReportMedia("notes", 20, "text", evil + "\nline two"),
+               ReportMedia("gif?", 20, "image", b"not an image")],
+    }
+    md, page = build_report([a, b], series={}, code_diffs={b.id: ""}, annotations={},
+                            now=datetime(2026, 1, 2, tzinfo=timezone.utc), media=media)
+    assert "<script" not in page and "onerror=alert" not in page.replace("onerror=alert(2)&gt;", "")
+    assert "&lt;script&gt;" in page
+    assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page  # the image inline
+    assert page.count('<svg class="confusion"') == 2 and '<svg class="histogram"' in page
+    assert "<td>cat</td>" in page and '<td class=num>0.91</td>' in page
+    assert "Not an image labdeck embeds." in page
+    assert "default-src 'none'" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "#### Media" in md and "embedded in the HTML report" in md
+    assert "\\<script\\>" in md  # outside code spans, escaped (inside them it is shown as code)
+    assert "| cat | 5 | 1 |" in md  # the parent's confusion matrix as a Markdown table
+
+
+async def test_report_cli_embeds_a_real_runs_media(workstation, home: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.test_cli import labdeck
+    from tests.test_monitor import follow_to_end
+
+    (tmp_path / "job.py").write_text(
+        "import labdeck\n"
+        "labdeck.log({'acc': 0.5, 'img': labdeck.Image([[0.0, 1.0], [1.0, 0.0]], caption='grid'),"
+        " 'cm': labdeck.Confusion([0, 1, 1], [0, 1, 0], labels=['no', 'yes'])}, step=3)\n")
+    run = await workstation.launch(f"{sys.executable} job.py", workdir=str(tmp_path), name="media-report")
+    assert (await follow_to_end(workstation, run.id)).state == "succeeded"
+    out = tmp_path / "out"
+    res = await asyncio.to_thread(labdeck, home, "report", run.id, "--media", "img", "--media", "cm",
+                                  "--media", "nope", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    page = next(out.glob("*.html")).read_text()
+    assert "data:image/png;base64," in page and '<svg class="confusion"' in page and "img · step 3 · grid" in page
+    res = await asyncio.to_thread(labdeck, home, "report", run.id, "--media", "nope", "-o", str(out))
+    assert res.returncode == 0 and "no run of the path has logged nope" in res.stderr

@@ -790,10 +790,13 @@ def tag_cmd(run: str, tags: tuple[str, ...], remove: bool) -> None:
 @click.option("--out", "-o", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the .md and .html files")
 @click.option("--metric", default=None, help="Key metric (default: the project's loss)")
+@click.option("--media", "media_keys", multiple=True, metavar="KEY",
+              help="Embed this logged media key (its latest step) for every run of the path; repeatable")
 @friendly
-def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
+def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[str, ...]) -> None:
     """Write the path from the baseline to a run (or to the best run a filter matches) as
-    Markdown and as a self-contained HTML page with the metric plots as SVG."""
+    Markdown and as a self-contained HTML page with the metric plots as SVG (and, with --media,
+    the chosen images, tables, confusion matrices and histograms of each run)."""
     from backends import lineage as lin
     from backends.errors import AmbiguousError, NotFoundError
     from backends.metrics import lower_is_better
@@ -832,8 +835,21 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
         return {r.id: await ws.code_diff(prev, r) for prev, r in zip([None, *path[:-1]], path)}
 
     diffs = asyncio.run(all_diffs())
+    media = None
+    if media_keys:
+        from backends.media import report_media
+
+        async def transport_of(r):
+            return await ws.transport(r.instance)
+
+        media, problems = asyncio.run(report_media(path, media_keys, transport_of,
+                                                   Path(ws.config.paths.data_dir) / "media"))
+        for p in problems:
+            err_console.print(f"media left out: {esc(p)}", highlight=False)
+        if not media:
+            err_console.print(f"no run of the path has logged {', '.join(esc(k) for k in media_keys)}", highlight=False)
     md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
-                            key_metric=metric)
+                            key_metric=metric, media=media)
     base = "-".join(p for p in ("labdeck-report", slug(run.name), short_id(run.id)) if p)
     md_path, html_path = write_report(Path(out_dir), base, md, html)
     console.print(f"{plural(len(path), 'run')} from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")

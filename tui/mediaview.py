@@ -46,7 +46,7 @@ from textual.widgets.option_list import Option
 
 from backends.errors import LabdeckError
 from backends.media import (MediaEntry, MediaError, Pixels, RunMedia, confusion_doc, decode_png, histogram_doc,
-                            table_doc, tensorboard_media, text_doc)
+                            rebin_histogram, table_doc, tensorboard_media, text_doc)
 from backends.text import plain_line
 
 from .format import cell, safe, text
@@ -153,38 +153,22 @@ def _fmt(v: float) -> str:
 
 
 def histogram_text(doc: dict, cols: int, rows: int) -> Text:
-    """Horizontal bars: the histogram rebinned to at most ``rows`` equal bins over its range (a
-    bucket counts in the bin of its centre, clamped to the range, as TensorBoard's distributions do)."""
-    edges, counts = doc["edges"], doc["counts"]
+    """Horizontal bars: the histogram rebinned to at most ``rows`` (≤ 40) equal bins over its
+    occupied range (:func:`backends.media.rebin_histogram`)."""
     out = Text(end="")
-    if not counts or not sum(counts):
+    lo, hi, bins = rebin_histogram(doc, min(rows, 40))
+    if not bins or not sum(bins):
         out.append("(an empty histogram)", style="dim")
         return out
-    lo = edges[0]
-    hi = max(e for e, c in zip(edges[1:], counts) if c) if any(counts) else edges[-1]
-    hi = min(hi, max(edges[:-1] + [lo]) if len(edges) > 2 and edges[-1] > 1e300 else hi)
-    first = next(i for i, c in enumerate(counts) if c)
-    lo = min(lo, edges[first])
-    nb = max(1, min(rows, 40, len(counts)))
-    bins = [0.0] * nb
-    width = (hi - lo) / nb if hi > lo else 0.0
-    for i, c in enumerate(counts):
-        if not c:
-            continue
-        a, b = edges[i], min(edges[i + 1], hi) if edges[i + 1] > 1e300 else edges[i + 1]
-        mid = a * 0.5 + b * 0.5
-        k = 0 if width == 0 or not math.isfinite(mid) else int((mid - lo) / width)
-        bins[min(max(k, 0), nb - 1)] += c
     top = max(bins)
-    label_w = 23
-    bar_w = max(4, cols - label_w - 10)
+    width = (hi - lo) / len(bins)
+    bar_w = max(4, cols - 33)
     for k, c in enumerate(bins):
         a = lo + k * width
-        b = lo + (k + 1) * width if width else hi
+        b = lo + (k + 1) * width
         out.append(f"{_fmt(a):>10} – {_fmt(b):<9} ", style="dim")
-        n = int(round(c / top * bar_w)) if top else 0
-        out.append("█" * n, style="cyan")
-        out.append(f" {c:g}\n" if k < nb - 1 else f" {c:g}")
+        out.append("█" * int(round(c / top * bar_w)), style="cyan")
+        out.append(f" {c:g}\n" if k < len(bins) - 1 else f" {c:g}")
     return out
 
 
