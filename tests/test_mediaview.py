@@ -209,3 +209,34 @@ async def test_v_opens_the_media_of_a_real_run_from_jobs_and_monitor(home: Path,
         await pilot.press("v")
         await settle(pilot)
         assert isinstance(app.screen, MediaScreen) and app.screen.run.id == run.id
+
+
+async def test_tensorboard_media_of_a_real_run_need_no_change_to_the_script(workstation, tmp_path: Path) -> None:
+    """A script that logs with tensorboardX only: its images, histograms and text are media keys."""
+    pytest.importorskip("tensorboardX")
+    from backends.media import decode_png
+    from tests.test_monitor import follow_to_end
+
+    (tmp_path / "tbjob.py").write_text(
+        "import numpy as np\nfrom tensorboardX import SummaryWriter\n"
+        "w = SummaryWriter('tb')\n"
+        "for s in (0, 5):\n"
+        "    w.add_image('samples', np.full((3, 4, 4), 0.5 + s / 20), s)\n"
+        "    w.add_histogram('weights', np.arange(10.0) + s, s)\n"
+        "    w.add_text('notes', f'epoch {s}', s)\n"
+        "    w.add_scalars('pair', {'train': s, 'val': 2 * s}, s)\n"
+        "w.close()\n")
+    run = await workstation.launch(f"{sys.executable} tbjob.py", workdir=str(tmp_path), name="tb-media")
+    done = await follow_to_end(workstation, run.id)
+    assert done.state == "succeeded"
+    workstation.monitor.runs.pop(run.id, None)  # as in a later session: nothing mirrored yet
+    src = MediaSource(done, workstation)
+    await src.refresh()
+    idx = src.media.index
+    assert sorted(idx.keys()) == ["notes/text_summary", "samples", "weights"]
+    e = idx.get("samples", 5)
+    assert e.source == "tensorboard" and idx.steps("samples") == [0, 5]
+    px = decode_png(await src.load(e))
+    assert (px.w, px.h) == (4, 4) and px.rgb[:3] == bytes([191, 191, 191])
+    assert await src.load(idx.get("notes/text_summary", 5)) == "epoch 5"
+    assert await src.refresh() == 0  # nothing new: the event files are not parsed again

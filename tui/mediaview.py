@@ -255,9 +255,13 @@ class MediaSource:
     async def refresh(self) -> int:
         n = 0
         try:
-            n += await self.media.refresh(await self.transport())
+            transport = await self.transport()
+            n += await self.media.refresh(transport)
+            if self._tb_files is None and self.ws is not None and self.run.id not in self.ws.monitor.runs:
+                # not followed in this session: mirror its TensorBoard event files (and metrics) once
+                await self.ws.monitor.poll_run(self.run, transport)
         except LabdeckError as e:
-            self.note = f"media index: {e}"
+            self.note = f"media: {e}"
         n += await asyncio.to_thread(self._tensorboard)
         return n
 
@@ -322,7 +326,7 @@ class MediaScreen(Screen[None]):
     DEFAULT_CSS = """
     MediaScreen #media-top { height: 1; padding: 0 1; background: $boost; }
     MediaScreen #media-status { height: 1; padding: 0 1; }
-    MediaScreen #media-keys { width: 28; max-width: 35%; height: 1fr; }
+    MediaScreen #media-keys { width: 26; max-width: 25%; height: 1fr; }
     MediaScreen #media-panes { height: 1fr; }
     MediaScreen .media-pane { width: 1fr; height: 1fr; padding: 0 1; }
     MediaScreen .media-caption { height: 1; color: $text-muted; }
@@ -425,6 +429,10 @@ class MediaScreen(Screen[None]):
             return None
         i = self.step_i if 0 <= self.step_i < len(s) else len(s) - 1
         return s[i]
+
+    def on_resize(self) -> None:
+        if self.key is not None:  # drawn again for the new size (the drawings are cached by size)
+            self.run_worker(self.show(), group="media-show", exclusive=True)
 
     # -- keys
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
