@@ -291,3 +291,19 @@ async def test_report_cli_embeds_a_real_runs_media(workstation, home: Path, tmp_
     assert "data:image/png;base64," in page and '<svg class="confusion"' in page and "img · step 3 · grid" in page
     res = await asyncio.to_thread(labdeck, home, "report", run.id, "--media", "nope", "-o", str(out))
     assert res.returncode == 0 and "no run of the path has logged nope" in res.stderr
+
+
+def test_a_jpeg_file_becomes_a_png_where_pillow_is_importable(tmp_path: Path) -> None:
+    PIL = pytest.importorskip("PIL.Image")
+    jpg = tmp_path / "photo.jpg"
+    PIL.new("RGB", (6, 4), (0, 0, 255)).save(jpg, "JPEG")
+    res = run_job(tmp_path, f"""
+        import labdeck
+        labdeck.log({{"photo": labdeck.Image({str(jpg)!r})}}, step=1)
+        labdeck.flush()
+    """)
+    assert res.returncode == 0, res.stderr
+    e = index_of(tmp_path / "run").get("photo", 1)
+    assert e.file == "photo/1.png" and (e.w, e.h) == (6, 4)
+    px = decode_png((tmp_path / "run" / "media" / e.file).read_bytes())
+    assert px.rgb[2] > 200 and px.rgb[0] < 50  # blue, through JPEG's loss

