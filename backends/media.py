@@ -46,7 +46,7 @@ from .localfiles import confined, private_dirs, run_cache_path
 
 __all__ = ["KINDS", "MediaEntry", "MediaIndex", "RunMedia", "decode_png", "table_doc", "histogram_doc",
            "confusion_doc", "text_doc", "nearest_step", "tensorboard_media", "MediaError", "MAX_ITEM_BYTES",
-           "ReportMedia", "report_item", "report_media", "image_mime", "rebin_histogram"]
+           "ReportMedia", "report_item", "report_media", "image_mime", "rebin_histogram", "load_run_media"]
 
 KINDS = ("image", "table", "histogram", "confusion", "text")
 MAX_LINE = 64 << 10  # an index line longer than this is skipped
@@ -738,3 +738,22 @@ def rebin_histogram(doc: dict, bins: int) -> tuple[float, float, list[float]]:
         k = int((mid - lo) / width) if width > 0 else 0
         out[min(max(k, 0), n - 1)] += counts[i]
     return lo, hi, out
+
+
+async def load_run_media(monitor, run, transport, cache_root: Path) -> RunMedia:
+    """A run's media from both sources, ready to list: the labdeck index (mirrored over
+    ``transport``) and the TensorBoard media of its event files (mirrored by ``monitor``, which
+    polls the run once if it has not followed it yet)."""
+    from .tbevents import event_run
+
+    rm = RunMedia(run, cache_root)
+    await rm.refresh(transport)
+    m = monitor.runs.get(run.id)
+    if m is None:
+        await monitor.poll_run(run, transport)
+        m = monitor.runs.get(run.id)
+    if m is not None and m.tb:
+        files = [(local.path, event_run(remote, m.tb_base)) for remote, (local, _) in list(m.tb.items())]
+        entries, _ = tensorboard_media(files)
+        rm.add_tensorboard(entries)
+    return rm

@@ -292,6 +292,21 @@ async def test_report_cli_embeds_a_real_runs_media(workstation, home: Path, tmp_
     res = await asyncio.to_thread(labdeck, home, "report", run.id, "--media", "nope", "-o", str(out))
     assert res.returncode == 0 and "no run of the path has logged nope" in res.stderr
 
+    # labdeck media: the keys, one key's steps, as tables and as JSON
+    res = await asyncio.to_thread(labdeck, home, "media", run.id, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [
+        {"key": "img", "kind": "image", "source": "labdeck", "count": 1, "first_step": 3, "last_step": 3},
+        {"key": "cm", "kind": "confusion", "source": "labdeck", "count": 1, "first_step": 3, "last_step": 3}]
+    res = await asyncio.to_thread(labdeck, home, "media", run.id, "img", "--json")
+    (item,) = json.loads(res.stdout)
+    assert (item["step"], item["width"], item["height"], item["caption"], item["file"]) == (3, 2, 2, "grid", "img/3.png")
+    res = await asyncio.to_thread(labdeck, home, "media", run.id)
+    assert res.returncode == 0 and "img" in res.stdout and "confusion" in res.stdout
+    res = await asyncio.to_thread(labdeck, home, "media", run.id, "[red]nope")
+    assert res.returncode != 0 and "has logged no media under '[red]nope'" in res.stderr
+    assert "Traceback" not in res.stderr
+
 
 def test_a_jpeg_file_becomes_a_png_where_pillow_is_importable(tmp_path: Path) -> None:
     PIL = pytest.importorskip("PIL.Image")

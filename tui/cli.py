@@ -718,6 +718,64 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
         console.print(f"{esc(p)} ({plural(p.stat().st_size, 'byte')})", highlight=False)
 
 
+@cli.command("media")
+@click.argument("run")
+@click.argument("key", required=False)
+@JSON
+@friendly
+def media_cmd(run: str, key: str | None, as_json: bool) -> None:
+    """A run's logged media (labdeck.Image/Table/Histogram/Confusion/Text, and TensorBoard images,
+    histograms and text): each key with its kind and steps, or every step of KEY. The TUI's Media
+    view (v on a run) shows them."""
+    from backends.media import load_run_media
+
+    ws = _workstation()
+    r = _find_run(ws, run)
+
+    async def go():
+        try:
+            transport = await ws.transport(r.instance)
+        except LabdeckError as e:
+            raise LabdeckError(f"The media of {r.display_name} are unavailable: {e}") from None
+        return await load_run_media(ws.monitor, r, transport, Path(ws.config.paths.data_dir) / "media")
+
+    idx = asyncio.run(go()).index
+    if key is not None:
+        steps = idx.steps(key)
+        if not steps:
+            raise LabdeckError(f"{r.display_name} has logged no media under {key!r}.",
+                               f"`labdeck media {short_id(r.id)}` lists its keys.")
+        items = [idx.get(key, s) for s in steps]
+        if as_json:
+            print_json([{"key": e.key, "step": e.step, "kind": e.kind, "source": e.source, "file": e.file,
+                         "size": e.size, "caption": e.caption, "width": e.w, "height": e.h} for e in items])
+            return
+        t = Table(title=f"{esc(key)} of {esc(r.display_name)}", title_justify="left")
+        rows = [(str(e.step), e.kind, e.source, "–" if not e.size else plural(e.size, "byte"),
+                 f"{e.w}×{e.h}" if e.w and e.h else "", esc(e.caption or "")) for e in items]
+        console.print(fit_table(t, ("step", "kind", "source", "size", "pixels", "caption"), rows,
+                                flexible={"caption"}))
+        return
+    keys = idx.keys()
+    docs = []
+    for k in keys:
+        steps = idx.steps(k)
+        last = idx.get(k, steps[-1])
+        docs.append({"key": k, "kind": last.kind, "source": last.source, "count": len(steps),
+                     "first_step": steps[0], "last_step": steps[-1]})
+    if as_json:
+        print_json(docs)
+        return
+    if not docs:
+        console.print(f"{esc(r.display_name)} has logged no media (labdeck.log({{'samples': labdeck.Image(array)}}) "
+                      "or TensorBoard images).", highlight=False)
+        return
+    t = Table(title=f"media of {esc(r.display_name)}", title_justify="left")
+    rows = [(esc(d["key"]), d["kind"], d["source"], str(d["count"]), str(d["first_step"]), str(d["last_step"]))
+            for d in docs]
+    console.print(fit_table(t, ("key", "kind", "source", "steps", "first", "last"), rows, flexible={"key"}))
+
+
 @cli.command("diff")
 @click.argument("run_a")
 @click.argument("run_b")
