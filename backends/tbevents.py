@@ -451,6 +451,90 @@ def _histo_proto(b: bytes) -> dict:
     return {"edges": edges, "counts": counts, "n": vals[3], "min": lo, "max": hi, "sum": vals[4]}
 
 
+#: the TF2 summary plugins whose tensors are media
+_TENSOR_MEDIA = {"text": "text", "images": "images", "histograms": "histograms"}
+
+
+def _tensor_fields(b: bytes) -> tuple[int, list[int], bytes | None, list[bytes], list[float]]:
+    """(dtype, dims, tensor_content, string_val, double_val) of a TensorProto."""
+    n = len(b)
+    i = 0
+    dtype = 0
+    dims: list[int] = []
+    content = None
+    strings: list[bytes] = []
+    doubles: list[float] = []
+    while i < n:
+        k, i = _key(b, i)
+        if k == 0x08:
+            dtype, i = _varint(b, i)
+        elif k == 0x12:  # tensor_shape
+            s, e = _bytes_field(b, i)
+            i = e
+            j = s
+            while j < e:
+                dk, j = _key(b, j)
+                if dk == 0x12:
+                    ds, de = _bytes_field(b, j)
+                    j = de
+                    size = 0
+                    q = ds
+                    while q < de:
+                        sk, q = _key(b, q)
+                        if sk == 0x08:
+                            size, q = _varint(b, q)
+                        else:
+                            q = _skip(b, q, sk & 7, de)
+                    dims.append(_signed(size, 64))
+                else:
+                    j = _skip(b, j, dk & 7, e)
+        elif k == 0x22:
+            s, i = _bytes_field(b, i)
+            content = bytes(b[s:i])
+        elif k == 0x42:
+            s, i = _bytes_field(b, i)
+            strings.append(bytes(b[s:i]))
+        elif k >> 3 == 6 and k & 7 in (1, 2):
+            i = _doubles(b, i, k, doubles)
+        else:
+            i = _skip(b, i, k & 7)
+    return dtype, dims, content, strings, doubles
+
+
+def _images_tensor(b: bytes) -> dict | None:
+    """TF2's image summary: a DT_STRING tensor [width, height, encoded image, …]; the first image."""
+    dtype, _, _, strings, _ = _tensor_fields(b)
+    if dtype != 7 or len(strings) < 3:
+        return None
+    try:
+        w, h = int(strings[0]), int(strings[1])
+    except ValueError:
+        w = h = 0
+    return {"w": w, "h": h, "channels": 0, "encoded": strings[2]}
+
+
+def _histograms_tensor(b: bytes) -> dict | None:
+    """TF2's histogram summary: a DT_DOUBLE (or DT_FLOAT) k×3 tensor of (left, right, count)."""
+    dtype, dims, content, _, doubles = _tensor_fields(b)
+    if dtype not in (_DT_DOUBLE, _DT_FLOAT) or len(dims) != 2 or dims[1] != 3:
+        return None
+    if content:
+        fmt = "d" if dtype == _DT_DOUBLE else "f"
+        if len(content) % struct.calcsize(fmt):
+            raise _Malformed("tensor_content size")
+        vals = list(struct.unpack(f"<{len(content) // struct.calcsize(fmt)}{fmt}", content))
+    else:
+        vals = doubles
+    if len(vals) != dims[0] * 3:
+        raise _Malformed("histogram tensor size")
+    rows = [vals[i:i + 3] for i in range(0, len(vals), 3)]
+    if not rows:
+        return {"edges": [], "counts": [], "n": 0.0, "min": 0.0, "max": 0.0, "sum": 0.0}
+    edges = [rows[0][0]] + [r[1] for r in rows]
+    counts = [r[2] for r in rows]
+    return {"edges": edges, "counts": counts, "n": sum(counts), "min": rows[0][0], "max": rows[-1][1], "sum": 0.0}
+
+
 def _string_tensor(b: bytes) -> dict | None:
     """The text of a DT_STRING TensorProto (string_val = 8; several are joined by newlines)."""
     n = len(b)
@@ -759,9 +843,11 @@ class TFEventsParser:
             if other is not None:
                 self._media_value(tag, step, wall, other[0], b[other[1]:other[2]])
                 return
-            if tensor is not None and (plugin or self._plugins.get(tag)) == "text":
-                self._media_value(tag, step, wall, 0x42, b[tensor[0]:tensor[1]])
-                return
+            if tensor is not None:
+                kind = _TENSOR_MEDIA.get(plugin or self._plugins.get(tag) or "")
+                if kind is not None:
+                    self._media_value(tag, step, wall, kind, b[tensor[0]:tensor[1]])
+                    return
         if simple is not None:
             value = simple
         elif tensor is not None:
@@ -799,10 +885,11 @@ class TFEventsParser:
             elif k == 0x2A:
                 item = TBMedia(name, step, "histogram", _histo_proto(body), wall)
             else:
-                text = _string_tensor(body)
-                if text is None:
+                doc = {"text": _string_tensor, "images": _images_tensor, "histograms": _histograms_tensor}[k](body)
+                if doc is None:
                     return
-                item = TBMedia(name, step, "text", text, wall)
+                item = TBMedia(name, step, {"text": "text", "images": "image", "histograms": "histogram"}[k],
+                               doc, wall)
         except (_Malformed, IndexError, ValueError, struct.error, OverflowError):
             self.warnings["invalid media"] += 1
             return

@@ -176,3 +176,60 @@ def test_media_agree_with_event_accumulator(tmp_path: Path) -> None:
         e = got.pop(("notes/text_summary", ev.step))
         assert e.kind == "text" and e.inline == ev.tensor_proto.string_val[0].decode()
     assert not got  # nothing TensorBoard does not have
+
+
+def test_tf2_style_image_and_histogram_tensors_agree_with_event_accumulator(tmp_path: Path) -> None:
+    """TF2's tf.summary.image / .histogram write tensors (plugins "images", "histograms"), here with the
+    real protobuf classes and record writer; TensorBoard's accumulator and labdeck read the same."""
+    import io
+    import struct
+
+    from tensorboard.util import tensor_util
+    from tensorboardX import SummaryWriter
+    from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
+
+    from backends.media import histogram_doc, tensorboard_media
+
+    PIL = pytest.importorskip("PIL.Image")
+    buf = io.BytesIO()
+    PIL.new("RGB", (3, 2), (9, 99, 199)).save(buf, "PNG")
+    png = buf.getvalue()
+
+    def shape(*dims):
+        return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+
+    def meta(plugin):
+        return summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+
+    w = SummaryWriter(str(tmp_path))
+    fw = w._get_file_writer()
+    for step in (1, 2):
+        img = tensor_pb2.TensorProto(dtype="DT_STRING", string_val=[b"3", b"2", png], tensor_shape=shape(3))
+        rows = [[0.0, 1.0, 2.0 * step], [1.0, 2.5, 1.0], [2.5, 4.0, 3.0]]
+        flat = [x for r in rows for x in r]
+        hist_c = tensor_pb2.TensorProto(dtype="DT_DOUBLE", tensor_content=struct.pack(f"<{len(flat)}d", *flat),
+                                        tensor_shape=shape(3, 3))
+        hist_v = tensor_pb2.TensorProto(dtype="DT_DOUBLE", double_val=flat, tensor_shape=shape(3, 3))
+        fw.add_summary(summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag="gen", tensor=img, metadata=meta("images")),
+            summary_pb2.Summary.Value(tag="h_content", tensor=hist_c, metadata=meta("histograms")),
+            summary_pb2.Summary.Value(tag="h_vals", tensor=hist_v, metadata=meta("histograms") if step == 1 else None),
+        ]), step, walltime=100.0 + step)
+    w.close()
+    m = event_multiplexer.EventMultiplexer(size_guidance={"tensors": 0})
+    m.AddRunsFromDirectory(str(tmp_path))
+    m.Reload()
+    acc = m.GetAccumulator(".")
+    entries, warnings = tensorboard_media([(Path(f), "") for f in labdeck_files(tmp_path)])
+    assert not warnings
+    got = {(e.key, e.step): e for e in entries}
+    assert sorted(got) == [("gen", 1), ("gen", 2), ("h_content", 1), ("h_content", 2), ("h_vals", 1), ("h_vals", 2)]
+    for ev in acc.Tensors("gen"):
+        want = tensor_util.make_ndarray(ev.tensor_proto)
+        e = got[("gen", ev.step)]
+        assert e.kind == "image" and e.inline == want[2] == png and (e.w, e.h) == (3, 2)
+    for tag in ("h_content", "h_vals"):
+        for ev in acc.Tensors(tag):
+            arr = tensor_util.make_ndarray(ev.tensor_proto)
+            h = histogram_doc(got[(tag, ev.step)].inline)
+            assert h["counts"] == list(arr[:, 2]) and h["edges"] == [arr[0, 0], *arr[:, 1]]
