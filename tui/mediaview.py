@@ -432,7 +432,7 @@ class MediaScreen(Screen[None]):
 
     def on_resize(self) -> None:
         if self.key is not None:  # drawn again for the new size (the drawings are cached by size)
-            self.run_worker(self.show(), group="media-show", exclusive=True)
+            self.run_worker(self.show(), group="media-show", exclusive=True, exit_on_error=False)
 
     # -- keys
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
@@ -448,7 +448,7 @@ class MediaScreen(Screen[None]):
 
             near = nearest_step(s, cur) if cur is not None else None
             self.step_i = s.index(near) if near is not None else -1
-            self.run_worker(self.show(), group="media-show", exclusive=True)
+            self.run_worker(self.show(), group="media-show", exclusive=True, exit_on_error=False)
 
     def action_step(self, delta: int) -> None:
         s = self.steps()
@@ -456,13 +456,13 @@ class MediaScreen(Screen[None]):
             return
         i = self.step_i if 0 <= self.step_i < len(s) else len(s) - 1
         self.step_i = min(len(s) - 1, max(0, i + delta))
-        self.run_worker(self.show(), group="media-show", exclusive=True)
+        self.run_worker(self.show(), group="media-show", exclusive=True, exit_on_error=False)
 
     def action_edge(self, last: int) -> None:
         s = self.steps()
         if s:
             self.step_i = len(s) - 1 if last else 0
-            self.run_worker(self.show(), group="media-show", exclusive=True)
+            self.run_worker(self.show(), group="media-show", exclusive=True, exit_on_error=False)
 
     # -- drawing
     async def show(self) -> None:
@@ -589,5 +589,11 @@ class MediaScreen(Screen[None]):
 
 
 def open_media(app, run, other=None, *, other_label: str = "parent") -> None:
-    """Push the Media view for ``run`` (beside ``other`` when given)."""
-    app.push_screen(MediaScreen(run, other, workstation=app.workstation, other_label=other_label))
+    """Push the Media view for ``run`` (beside ``other`` when given); a record labdeck refuses to
+    build a cache path from (a malformed user or id in a teammate's store) is a notification."""
+    try:
+        screen = MediaScreen(run, other, workstation=app.workstation, other_label=other_label)
+    except LabdeckError as e:
+        app.notify(f"Cannot show the media of {plain_line(run.display_name)}: {e}", severity="error")
+        return
+    app.push_screen(screen)
