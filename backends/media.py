@@ -46,7 +46,8 @@ from .localfiles import confined, private_dirs, run_cache_path
 
 __all__ = ["KINDS", "MediaEntry", "MediaIndex", "RunMedia", "decode_png", "table_doc", "histogram_doc",
            "confusion_doc", "text_doc", "nearest_step", "tensorboard_media", "MediaError", "MAX_ITEM_BYTES",
-           "ReportMedia", "report_item", "report_media", "image_mime", "rebin_histogram", "load_run_media"]
+           "ReportMedia", "report_item", "report_media", "image_mime", "rebin_histogram", "load_run_media",
+           "TensorBoardMedia"]
 
 KINDS = ("image", "table", "histogram", "confusion", "text")
 MAX_LINE = 64 << 10  # an index line longer than this is skipped
@@ -238,39 +239,77 @@ def nearest_step(steps: list[int], step: int) -> int | None:
 
 
 # ---- TensorBoard ---------------------------------------------------------------------------
+class TensorBoardMedia:
+    """Follows local copies of event files for their media, reading only what each file gained since
+    the last :meth:`update` (a parser per file). At most ``max_bytes`` of payloads in all: past that
+    further items are left out and counted ("media dropped (over the cap)")."""
+
+    def __init__(self, *, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.warnings: Counter = Counter()
+        self._files: dict[str, tuple[int, Any]] = {}  # path -> (offset read, parser)
+
+    def update(self, files: Iterable[tuple[Path, str]]) -> list[MediaEntry]:
+        """The new media of ``files`` ((local path, TensorBoard run) pairs)."""
+        from .tbevents import TFEventsParser
+
+        out: list[MediaEntry] = []
+        for path, run in files:
+            key = str(path)
+            offset, p = self._files.get(key, (0, None))
+            if p is None:
+                p = TFEventsParser(run=run, media=True, max_media_bytes=self.max_bytes)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    while True:
+                        chunk = f.read(1 << 20)
+                        if not chunk:
+                            break
+                        offset += len(chunk)
+                        p.feed(chunk)
+            except OSError:
+                self.warnings["event file unreadable"] += 1
+                continue
+            self._files[key] = (offset, p)
+            for m in p.media or ():
+                e = _tb_entry(m)
+                if self.bytes + e.size > self.max_bytes:
+                    self.warnings["media dropped (over the cap)"] += 1
+                    continue
+                self.bytes += e.size
+                out.append(e)
+            if p.media:
+                p.media.clear()
+                p.media_bytes = 0
+        return out
+
+    def parser_warnings(self) -> Counter:
+        out = Counter(self.warnings)
+        for _, p in self._files.values():
+            out += p.warnings
+        return out
+
+
+def _tb_entry(m) -> MediaEntry:
+    if m.kind == "image":
+        enc = m.data["encoded"]
+        return MediaEntry(m.name, m.step, "image", None, len(enc), None, m.data["w"] or None, m.data["h"] or None,
+                          m.t, "tensorboard", enc)
+    if m.kind == "histogram":
+        return MediaEntry(m.name, m.step, "histogram", None, 16 * len(m.data["counts"]), None, None, None, m.t,
+                          "tensorboard", m.data)
+    return MediaEntry(m.name, m.step, "text", None, len(m.data["text"]), None, None, None, m.t, "tensorboard",
+                      m.data["text"])
+
+
 def tensorboard_media(files: Iterable[tuple[Path, str]], *, max_bytes: int = 256 << 20) -> tuple[list[MediaEntry], Counter]:
     """The media of local copies of event files: ``files`` are (local path, TensorBoard run) pairs.
     Keys are named as the scalars are (:func:`backends.tbevents.series_name`)."""
-    from .tbevents import TFEventsParser
-
-    out: list[MediaEntry] = []
-    warnings: Counter = Counter()
-    for path, run in files:
-        p = TFEventsParser(run=run, media=True, max_media_bytes=max_bytes)
-        try:
-            with open(path, "rb") as f:
-                while True:
-                    chunk = f.read(1 << 20)
-                    if not chunk:
-                        break
-                    p.feed(chunk)
-        except OSError:
-            warnings["event file unreadable"] += 1
-            continue
-        p.flush()
-        warnings += p.warnings
-        for m in p.media or ():
-            if m.kind == "image":
-                enc = m.data["encoded"]
-                out.append(MediaEntry(m.name, m.step, "image", None, len(enc), None, m.data["w"] or None,
-                                      m.data["h"] or None, m.t, "tensorboard", enc))
-            elif m.kind == "histogram":
-                out.append(MediaEntry(m.name, m.step, "histogram", None, 0, None, None, None, m.t, "tensorboard",
-                                      m.data))
-            else:
-                out.append(MediaEntry(m.name, m.step, "text", None, len(m.data["text"]), None, None, None, m.t,
-                                      "tensorboard", m.data["text"]))
-    return out, warnings
+    tb = TensorBoardMedia(max_bytes=max_bytes)
+    entries = tb.update(files)
+    return entries, tb.parser_warnings()
 
 
 # ---- fetching over the run's transport -------------------------------------------------------

@@ -233,3 +233,31 @@ def test_tf2_style_image_and_histogram_tensors_agree_with_event_accumulator(tmp_
             arr = tensor_util.make_ndarray(ev.tensor_proto)
             h = histogram_doc(got[(tag, ev.step)].inline)
             assert h["counts"] == list(arr[:, 2]) and h["edges"] == [arr[0, 0], *arr[:, 1]]
+
+
+def test_tensorboard_media_are_followed_incrementally(tmp_path: Path) -> None:
+    """Only what an event file gained is read: the copy grows in pieces (as the monitor's mirror of a
+    file being written does), cut inside records, and each item comes once."""
+    from tensorboardX import SummaryWriter
+
+    from backends.media import TensorBoardMedia
+
+    w = SummaryWriter(str(tmp_path / "tb"))
+    img = np.zeros((3, 4, 4), dtype=np.uint8)
+    for step in range(3):
+        w.add_image("img", img, step)
+        w.add_text("t", f"text {step}", step)
+    w.close()
+    (path,) = labdeck_files(tmp_path / "tb")
+    data = Path(path).read_bytes()
+    copy = tmp_path / "copy.tfevents"
+    tb = TensorBoardMedia()
+    seen = []
+    cuts = [0, 45, len(data) // 3, len(data) // 3 + 1, 2 * len(data) // 3, len(data) - 5, len(data)]
+    for a, b in zip(cuts, cuts[1:]):
+        with open(copy, "ab") as f:
+            f.write(data[a:b])
+        seen += [(e.key, e.step) for e in tb.update([(copy, "")])]
+    assert seen == [(k, s) for s in range(3) for k in ("img", "t/text_summary")]
+    assert tb.update([(copy, "")]) == []
+    assert not tb.parser_warnings()

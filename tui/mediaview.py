@@ -46,7 +46,7 @@ from textual.widgets.option_list import Option
 
 from backends.errors import LabdeckError
 from backends.media import (MediaEntry, MediaError, Pixels, RunMedia, confusion_doc, decode_png, histogram_doc,
-                            rebin_histogram, table_doc, tensorboard_media, text_doc)
+                            TensorBoardMedia, rebin_histogram, table_doc, text_doc)
 from backends.text import plain_line
 
 from .format import cell, safe, text
@@ -244,7 +244,7 @@ class MediaSource:
         root = Path(cache_root) if cache_root is not None else Path(workstation.config.paths.data_dir) / "media"
         self.media = RunMedia(run, root)
         self._tb_files = tb_files
-        self._tb_seen: dict[str, int] = {}
+        self._tb = TensorBoardMedia()  # reads only what the event files gained
         self.note = ""
 
     async def transport(self):
@@ -275,12 +275,7 @@ class MediaSource:
             if rm is not None:
                 for remote, (local, _) in list(rm.tb.items()):
                     files.append((local.path, event_run(remote, getattr(rm, "tb_base", None))))
-        changed = [(p, r) for p, r in files or () if p.exists() and self._tb_seen.get(str(p)) != p.stat().st_size]
-        if not changed:
-            return 0
-        entries, _ = tensorboard_media(changed)
-        for p, _r in changed:
-            self._tb_seen[str(p)] = p.stat().st_size
+        entries = self._tb.update(files or ())
         self.media.add_tensorboard(entries)
         return len(entries)
 
