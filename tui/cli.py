@@ -785,6 +785,64 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
         console.print(f"{esc(p)} ({plural(p.stat().st_size, 'byte')})", highlight=False)
 
 
+@cli.command("media")
+@click.argument("run")
+@click.argument("key", required=False)
+@JSON
+@friendly
+def media_cmd(run: str, key: str | None, as_json: bool) -> None:
+    """A run's logged media (labdeck.Image/Table/Histogram/Confusion/Text, and TensorBoard images,
+    histograms and text): each key with its kind and steps, or every step of KEY. The TUI's Media
+    view (v on a run) shows them."""
+    from backends.media import load_run_media
+
+    ws = _workstation()
+    r = _find_run(ws, run)
+
+    async def go():
+        try:
+            transport = await ws.transport(r.instance)
+        except LabdeckError as e:
+            raise LabdeckError(f"The media of {r.display_name} are unavailable: {e}") from None
+        return await load_run_media(ws.monitor, r, transport, Path(ws.config.paths.data_dir) / "media")
+
+    idx = asyncio.run(go()).index
+    if key is not None:
+        steps = idx.steps(key)
+        if not steps:
+            raise LabdeckError(f"{r.display_name} has logged no media under {key!r}.",
+                               f"`labdeck media {short_id(r.id)}` lists its keys.")
+        items = [idx.get(key, s) for s in steps]
+        if as_json:
+            print_json([{"key": e.key, "step": e.step, "kind": e.kind, "source": e.source, "file": e.file,
+                         "size": e.size, "caption": e.caption, "width": e.w, "height": e.h} for e in items])
+            return
+        t = Table(title=f"{esc(key)} of {esc(r.display_name)}", title_justify="left")
+        rows = [(str(e.step), e.kind, e.source, "–" if not e.size else plural(e.size, "byte"),
+                 f"{e.w}×{e.h}" if e.w and e.h else "", esc(e.caption or "")) for e in items]
+        console.print(fit_table(t, ("step", "kind", "source", "size", "pixels", "caption"), rows,
+                                flexible={"caption"}))
+        return
+    keys = idx.keys()
+    docs = []
+    for k in keys:
+        steps = idx.steps(k)
+        last = idx.get(k, steps[-1])
+        docs.append({"key": k, "kind": last.kind, "source": last.source, "count": len(steps),
+                     "first_step": steps[0], "last_step": steps[-1]})
+    if as_json:
+        print_json(docs)
+        return
+    if not docs:
+        console.print(f"{esc(r.display_name)} has logged no media (labdeck.log({{'samples': labdeck.Image(array)}}) "
+                      "or TensorBoard images).", highlight=False)
+        return
+    t = Table(title=f"media of {esc(r.display_name)}", title_justify="left")
+    rows = [(esc(d["key"]), d["kind"], d["source"], str(d["count"]), str(d["first_step"]), str(d["last_step"]))
+            for d in docs]
+    console.print(fit_table(t, ("key", "kind", "source", "steps", "first", "last"), rows, flexible={"key"}))
+
+
 @cli.command("diff")
 @click.argument("run_a")
 @click.argument("run_b")
@@ -857,10 +915,13 @@ def tag_cmd(run: str, tags: tuple[str, ...], remove: bool) -> None:
 @click.option("--out", "-o", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the .md and .html files")
 @click.option("--metric", default=None, help="Key metric (default: the project's loss)")
+@click.option("--media", "media_keys", multiple=True, metavar="KEY",
+              help="Embed this logged media key (its latest step) for every run of the path; repeatable")
 @friendly
-def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
+def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[str, ...]) -> None:
     """Write the path from the baseline to a run (or to the best run a filter matches) as
-    Markdown and as a self-contained HTML page with the metric plots as SVG."""
+    Markdown and as a self-contained HTML page with the metric plots as SVG (and, with --media,
+    the chosen images, tables, confusion matrices and histograms of each run)."""
     from backends import lineage as lin
     from backends.errors import AmbiguousError, NotFoundError
     from backends.metrics import lower_is_better
@@ -899,8 +960,21 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
         return {r.id: await ws.code_diff(prev, r) for prev, r in zip([None, *path[:-1]], path)}
 
     diffs = asyncio.run(all_diffs())
+    media = None
+    if media_keys:
+        from backends.media import report_media
+
+        async def transport_of(r):
+            return await ws.transport(r.instance)
+
+        media, problems = asyncio.run(report_media(path, media_keys, transport_of,
+                                                   Path(ws.config.paths.data_dir) / "media"))
+        for p in problems:
+            err_console.print(f"media left out: {esc(p)}", highlight=False)
+        if not media:
+            err_console.print(f"no run of the path has logged {', '.join(esc(k) for k in media_keys)}", highlight=False)
     md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
-                            key_metric=metric)
+                            key_metric=metric, media=media)
     base = "-".join(p for p in ("labdeck-report", slug(run.name), short_id(run.id)) if p)
     md_path, html_path = write_report(Path(out_dir), base, md, html)
     console.print(f"{plural(len(path), 'run')} from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")

@@ -34,6 +34,7 @@ class JobsTab(TabView):
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
         Binding("i", "info", "Info", id="jobs.info", tooltip="Its details; a notebook's URL and token again"),
+        Binding("v", "media", "Media", id="jobs.media", tooltip="The selected run's images, tables, histograms"),
     ]
 
     def __init__(self) -> None:
@@ -104,6 +105,15 @@ class JobsTab(TabView):
             return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         return next((r for r in self.runs if r.id == key), None)
+
+    def action_media(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        from ..mediaview import open_media
+
+        open_media(self.app, run)
 
     def action_logs(self) -> None:
         run = self.selected()
