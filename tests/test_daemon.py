@@ -280,3 +280,63 @@ def test_a_teammate_sees_succeeded_through_the_jump_host(team, fresh_rig) -> Non
     log = (alice.home / "data" / "daemon" / "daemon.log").read_text()
     assert f"following {got['run']}" in log
     kill_user_processes(alice.pw.pw_uid)
+
+
+def test_a_dead_model_server_is_marked_failed_and_then_it_leaves(with_daemon, workstation, monkeypatch) -> None:
+    """A `healthy` deployment whose server process is gone: the follower marks it failed (nobody is
+    sent to a dead endpoint) and, nothing else being active, exits."""
+    from backends.models import Deployment
+
+    paths = with_daemon
+    monkeypatch.setenv("LABDECK_DAEMON_GRACE", "1")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = workstation.store.add(Deployment(run_id="01M94000000000000000000000", instance="local", name="dead",
+                                                state="healthy", pid=gone.pid, port=8000))
+        up = workstation.store.add(Deployment(run_id="01M94000000000000000000001", instance="local", name="up",
+                                              state="healthy", pid=live.pid, port=8001))
+        pid = daemon.ensure_running(paths)
+
+        def state(dep):
+            return Store.from_config(load_config(paths)).mine.get(Deployment.TABLE, dep.id)
+
+        doc = wait_for(lambda: state(dead) if state(dead)["state"] != "healthy" else None, 30, what="the check")
+        assert doc["state"] == "failed" and doc["state_reason"] == "the server process ended" and doc["stopped_at"]
+        assert state(up)["state"] == "healthy" and alive(pid)  # a live server keeps it (and is left alone)
+        live.kill()
+        live.wait()
+        wait_for(lambda: state(up)["state"] == "failed", 30, what="the second server's end")
+        wait_for(lambda: not alive(pid), 30, what="the follower to leave")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_doctor_reads_logind_the_way_logind_does(tmp_path) -> None:
+    etc, linger = tmp_path / "systemd", tmp_path / "linger"
+    (etc / "logind.conf.d").mkdir(parents=True)
+    linger.mkdir()
+    assert daemon.logind_kills_processes("alice", etc, linger) == (False, False)  # nothing there: the default (no)
+    (etc / "logind.conf").write_text("[Login]\n#KillUserProcesses=yes\nKillUserProcesses=yes\n")
+    assert daemon.logind_kills_processes("alice", etc, linger) == (True, False)
+    (etc / "logind.conf.d" / "50-keep.conf").write_text("[Login]\nKillUserProcesses=no\n")
+    assert daemon.logind_kills_processes("alice", etc, linger) == (False, False)  # a drop-in overrides
+    (etc / "logind.conf.d" / "90-kill.conf").write_text("[Other]\nKillUserProcesses=no\n[Login]\nKillUserProcesses=1\n")
+    assert daemon.logind_kills_processes("alice", etc, linger) == (True, False)  # the last one, in [Login], wins
+    (linger / "alice").touch()
+    assert daemon.logind_kills_processes("alice", etc, linger) == (True, True)
+    assert daemon.logind_kills_processes("../alice", etc, linger)[1] is False
+
+
+def test_doctor_says_how_to_keep_the_follower(monkeypatch, home) -> None:
+    monkeypatch.setattr(daemon, "logind_kills_processes", lambda user=None: (True, False))
+    from click.testing import CliRunner
+
+    from tui.cli import cli as labdeck
+
+    res = CliRunner().invoke(labdeck, ["doctor"])
+    assert res.exit_code == 0, res.output
+    assert "KillUserProcesses=yes" in res.output and "loginctl enable-linger" in res.output
+    assert "background follower: not running" in res.output
