@@ -260,6 +260,7 @@ class Daemon:
         self._lock_ino: tuple[int, int] | None = None
         self._given_up: set[str] = set()  # runs whose follow failed for good (a refused path): not retried
         self._following: list[str] | None = None
+        self._states: dict[str, str] = {}  # run id -> the state last logged
 
     def take_lock(self) -> bool:
         fd = _open_lock(self.files)
@@ -334,7 +335,9 @@ class Daemon:
         try:
             changed = await asyncio.wait_for(self.ws.refresh_runs(), REFRESH_DEADLINE)
             for r in changed:
-                log.info("%s is %s", r.id, r.state)
+                if self._states.get(r.id) != r.state:
+                    self._states[r.id] = r.state
+                    log.info("%s is %s", r.id, r.state)
         except asyncio.TimeoutError:
             log.warning("a full refresh took over %g s; cut", REFRESH_DEADLINE)
         except LabdeckError as e:

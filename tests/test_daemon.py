@@ -340,3 +340,54 @@ def test_doctor_says_how_to_keep_the_follower(monkeypatch, home) -> None:
     assert res.exit_code == 0, res.output
     assert "KillUserProcesses=yes" in res.output and "loginctl enable-linger" in res.output
     assert "background follower: not running" in res.output
+
+
+def test_show_asks_about_an_active_run_first_and_a_silent_host_costs_it_3_s(home, workstation, tmp_path) -> None:
+    """With no follower running: `show` right after a job ended says it ended (no `ps` needed);
+    a host that accepts the connection and never answers holds `show` up for the deadline only."""
+    import socket
+
+    from backends.models import Run
+
+    run = asyncio.run(launch(workstation, tmp_path, "echo bye"))
+    wait_for(lambda: Path(run.run_dir, "ended_at").exists(), 30, what="the job's end")
+    assert workstation.store.own_run(run.id).state == "running"  # nobody has looked yet
+    res = cli("show", run.id, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["state"] == "succeeded" and doc["exit_code"] == 0
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        (home / "config.toml").write_text(
+            f'[providers.lab]\ntype = "ssh"\nssh_config = ""\nconnect_timeout = 30\n\n'
+            f'[providers.lab.hosts.silent]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\nuser = "nobody"\n')
+        stuck = workstation.store.add(Run(command="train", instance="silent", run_dir="/home/nobody/.labdeck/runs/x", pid=4242,
+                                          state="running", name="stuck"))
+        t0 = time.monotonic()
+        res = cli("show", stuck.id, "--json")
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["state"] == "running"
+        baseline = time.monotonic()
+        cli("show", run.id, "--json")  # the same command on a finished run: nothing to ask
+        startup = time.monotonic() - baseline
+        assert took < startup + 3 + 2, (took, startup)  # the 3 s deadline (and the connections' closing)
+        # where the host is known and its status read itself hangs (30 s connect timeout), the deadline cuts it
+        from backends.workstation import Workstation
+        from tui.cli import _refresh_one
+
+        ws = Workstation(load_config(Paths.resolve(home)))
+
+        async def known_then_refreshed() -> float:
+            await ws.list_instances()
+            t0 = time.monotonic()
+            await _refresh_one(ws, ws.store.own_run(stuck.id))
+            return time.monotonic() - t0
+
+        took = asyncio.run(known_then_refreshed())
+        assert ws.store.own_run(stuck.id).state == "running" and 2.9 <= took < 8, took
+        ws.store.close()
+    finally:
+        silent.close()

@@ -536,9 +536,7 @@ def _refreshed(ws: Workstation, r):
 
     async def go() -> None:
         try:
-            await asyncio.wait_for(ws.refresh_runs(only=[r.id]), REFRESH_DEADLINE)
-        except (asyncio.TimeoutError, LabdeckError):
-            pass
+            await _refresh_one(ws, r)
         finally:  # the connections belong to this event loop; the command's next one opens its own
             for p in ws.providers.values():
                 try:
@@ -551,6 +549,14 @@ def _refreshed(ws: Workstation, r):
         return ws.store.with_status([ws.store.own_run(r.id)])[0]
     except LabdeckError:
         return r
+
+
+async def _refresh_one(ws: Workstation, r) -> None:
+    """``refresh_runs(only=[r])`` cut at :data:`REFRESH_DEADLINE` (a host that does not answer)."""
+    try:
+        await asyncio.wait_for(ws.refresh_runs(only=[r.id]), REFRESH_DEADLINE)
+    except (asyncio.TimeoutError, LabdeckError):
+        pass
 
 
 def _follow_in_background(ws: Workstation) -> None:
