@@ -38,10 +38,8 @@ import asyncio
 import fcntl
 import json
 import logging
-import logging.handlers
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -206,6 +204,8 @@ def ensure_running(paths: Paths | None = None, *, force: bool = False) -> int | 
                 env["LABDECK_HOME"] = str(paths.data_dir.parent)  # (the home these paths came from)
             here = str(Path(__file__).resolve().parents[1])  # this labdeck, whatever the working directory
             env["PYTHONPATH"] = os.pathsep.join(p for p in [here, os.environ.get("PYTHONPATH", "")] if p)
+            import subprocess
+
             proc = subprocess.Popen([sys.executable, "-m", "backends.daemon"], start_new_session=True,
                                     stdin=subprocess.DEVNULL, stdout=out_fd, stderr=out_fd, close_fds=True,
                                     cwd="/", env=env)
@@ -453,6 +453,8 @@ class Daemon:
 
 
 def _setup_log(files: DaemonFiles) -> None:
+    import logging.handlers
+
     handler = logging.handlers.RotatingFileHandler(files.log, maxBytes=LOG_MAX, backupCount=1)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
     root = logging.getLogger("labdeck")

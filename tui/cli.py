@@ -562,6 +562,10 @@ async def _refresh_one(ws: Workstation, r) -> None:
 def _follow_in_background(ws: Workstation) -> None:
     """Make sure your background follower runs (it keeps your runs' state, logs and results current
     with labdeck closed, and exits when nothing is active); LABDECK_NO_DAEMON=1 turns this off."""
+    import os
+
+    if os.environ.get("LABDECK_NO_DAEMON") == "1":
+        return
     from backends import daemon
 
     daemon.ensure_running(ws.config.paths)
