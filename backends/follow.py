@@ -163,6 +163,27 @@ class LogFollower:
             finally:
                 os.close(fd)
 
+    def _finished_here(self, run: Run, fd: int) -> bool:
+        """Whether the lease's last holder followed the run to its end (and recorded it): it wrote
+        ``done <bytes>`` into the lease file then, and the copy still has that many bytes. (The
+        record's ``log_offset`` cannot tell: the final transition copies the status file's into it.)"""
+        try:
+            mark = os.pread(fd, 64, 0)
+        except OSError:
+            return False
+        return mark.startswith(b"done ") and mark[5:].strip() == str(self.offset(run)).encode()
+
+    def _mark_finished(self, run: Run) -> None:
+        fd = self._leases.get(run.id)
+        if fd is None:
+            return
+        try:
+            mark = b"done %d\n" % self.offset(run)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, mark, 0)
+        except OSError:
+            pass
+
     def _release(self, run_id: str) -> None:
         fd = self._leases.pop(run_id, None)
         if fd is not None:
@@ -211,7 +232,7 @@ class LogFollower:
         fd = self._try_lease(run)
         if fd is not None:
             self._leases[run.id] = fd
-            if run.run_state.is_final and run.user == store.user and run.log_offset == self.offset(run):
+            if run.run_state.is_final and self._finished_here(run, fd):
                 return run  # another process followed it to its end and recorded it meanwhile
             return None
         self.attached.add(run.id)
@@ -234,7 +255,7 @@ class LogFollower:
                 if fd is None:
                     continue
                 self._leases[run.id] = fd
-                if run.run_state.is_final and (run.user != store.user or run.log_offset == self.offset(run)):
+                if run.run_state.is_final and self._finished_here(run, fd):
                     n = self._ingest(run)  # its holder followed it to the end and recorded it
                     if n and on_data:
                         on_data(run, n)
@@ -302,7 +323,8 @@ class LogFollower:
                     await copy
                 if run.user == store.user:
                     run = await self._record(run, final=True)
-                    self._save_offset(run, final=True)  # last: a follower attached to this one reads it as "done"
+                    self._save_offset(run, final=True)
+                self._mark_finished(run)  # last: a follower attached to this one takes the run as done
                 return run
             if not n and run.user == store.user:
                 try:  # nothing new: is it still running?

@@ -391,3 +391,33 @@ def test_show_asks_about_an_active_run_first_and_a_silent_host_costs_it_3_s(home
         ws.store.close()
     finally:
         silent.close()
+
+
+async def test_the_tui_starts_the_follower_and_hands_its_runs_over_when_it_closes(with_daemon, workstation, tmp_path,
+                                                                                   monkeypatch) -> None:
+    """A live TUI with an active run of yours starts the background follower; one of the two writes
+    the run's log copy, the other attaches; after the TUI closes the follower finishes the run alone."""
+    from tui.app import LabdeckApp
+
+    paths = with_daemon
+    monkeypatch.setenv("LABDECK_DAEMON_GRACE", "2")
+    run = await launch(workstation, tmp_path, "for i in $(seq 1 30); do echo tick $i; sleep 0.1; done; sleep 1")
+    app = LabdeckApp(workstation, live=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        for _ in range(300):
+            await pilot.pause(0.05)
+            if daemon.status(paths)["running"] and run.id in workstation.follower.tasks:
+                break
+        assert daemon.status(paths)["running"], "the TUI did not start the background follower"
+        task = workstation.follower.tasks[run.id]
+        assert not task.done() and (workstation.follower.holds(run.id) or run.id in workstation.follower.attached)
+    pid = daemon.status(paths)["pid"]
+
+    def ended():  # followed to its end: the log copy's size is in the record
+        r = Store.from_config(load_config(paths)).own_run(run.id)
+        return r if r.state == "succeeded" and r.log_offset == workstation.follower.offset(r) else None
+
+    r = wait_for(ended, 60, what="the follower to finish the run after the TUI closed")
+    copy = workstation.follower.local_path(r).read_bytes()
+    assert copy == b"".join(b"tick %d\n" % i for i in range(1, 31)) and r.log_offset == len(copy)
+    wait_for(lambda: not alive(pid), 30, what="the follower to leave")

@@ -411,6 +411,8 @@ class LabdeckApp(App[None]):
         self.query_one(MonitorTab).show_instances([i.name for i in message.listing.instances if i.state == "running"])
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
+        if not self.query(JobsTab):  # a refresh that came back while the app closes: its tabs are gone
+            return
         if self.live:  # re-attach: follow every active run of ours from the byte its local copy ends at
             me = self.workstation.user
             mine = [r for r in message.runs if r.user == me and r.run_dir and (r.run_state.is_active or r.state == "lost")]
