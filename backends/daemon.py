@@ -58,6 +58,7 @@ REFRESH_DEADLINE = 20.0  # a full refresh that takes longer is cut (a dead host 
 LOG_MAX = 1 << 20
 NO_DAEMON_ENV = "LABDECK_NO_DAEMON"
 GRACE_ENV = "LABDECK_DAEMON_GRACE"
+CLOUD_EVERY_ENV = "LABDECK_DAEMON_CLOUD_EVERY"  # (tests: a preemption found sooner)
 
 log = logging.getLogger("labdeck.daemon")
 
@@ -249,8 +250,9 @@ def logind_kills_processes(user: str | None = None, etc: Path = Path("/etc/syste
 
 
 class Daemon:
-    def __init__(self, paths: Paths, *, grace: float = GRACE, tick: float = TICK) -> None:
+    def __init__(self, paths: Paths, *, grace: float = GRACE, tick: float = TICK, cloud_every: float = CLOUD_EVERY) -> None:
         self.paths = paths
+        self.cloud_every = cloud_every
         self.files = DaemonFiles.of(paths)
         self.grace = grace
         self.tick = tick
@@ -421,7 +423,7 @@ class Daemon:
                     last_full = now
                     await self._full_refresh()
                 clouded = [r for r in active if (r.instance_info or {}).get("provider_type") not in (None, "local", "ssh")]
-                if clouded and now - last_cloud >= CLOUD_EVERY:
+                if clouded and now - last_cloud >= self.cloud_every:
                     last_cloud = now
                     await self._clouds()
                 if now - last_servers >= SERVERS_EVERY:
@@ -465,11 +467,14 @@ def _setup_log(files: DaemonFiles) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     paths = Paths.resolve()
-    try:
-        grace = float(os.environ.get(GRACE_ENV) or GRACE)
-    except ValueError:
-        grace = GRACE
-    d = Daemon(paths, grace=grace)
+    def seconds(env: str, default: float) -> float:
+        try:
+            v = float(os.environ.get(env) or default)
+        except ValueError:
+            return default
+        return v if v > 0 else default
+
+    d = Daemon(paths, grace=seconds(GRACE_ENV, GRACE), cloud_every=seconds(CLOUD_EVERY_ENV, CLOUD_EVERY))
     try:
         if not d.take_lock():
             return 0  # one runs already

@@ -45,6 +45,7 @@ SAVE_OFFSET_EVERY = 5.0  # the log offset into the status file (not the journal)
 RECORD_FIRST = 5.0  # the first interim record of what a run reported (its parameters show early) ...
 RECORD_EVERY = 60.0  # ... then at doubling intervals up to this (a journal commit each)
 POLL_ATTACHED = 0.2  # attached (another process holds the lease): how often the local copy's size is looked at
+FINAL_TRIES = 20  # reads of an ended run's last bytes that may fail (RETRY apart) before the follow ends without them
 LEASE_RETRY = 1.0  # attached: how often the lease is tried again (the holder may have died)
 
 
@@ -290,6 +291,7 @@ class LogFollower:
         last_save = last_record = time.monotonic()
         record_every = min(RECORD_FIRST, RECORD_EVERY)
         delay = POLL_ACTIVE
+        gone = 0  # failed reads of a run that has ended (its instance may be gone for good: preempted, lost)
         while True:
             run = store.find_run(run_id)
             try:
@@ -297,6 +299,10 @@ class LogFollower:
             except (UnsafePath, RefusedFile):
                 raise  # a record naming a path labdeck refuses, a log that is a link: no retry makes it right
             except LabdeckError:
+                if run.run_state.is_final:
+                    gone += 1
+                    if gone >= FINAL_TRIES:  # what it wrote last cannot be read any more: end with what is here
+                        return await self._finish(run)
                 await asyncio.sleep(RETRY)
                 continue
             if n and on_data:
@@ -316,16 +322,11 @@ class LogFollower:
                 except (UnsafePath, RefusedFile):
                     raise
                 except LabdeckError:
-                    await asyncio.sleep(RETRY)
-                    continue
-                copy = self._copies.pop(run.id, None)
-                if copy is not None:  # its last checkpoint is in before the follow ends
-                    await copy
-                if run.user == store.user:
-                    run = await self._record(run, final=True)
-                    self._save_offset(run, final=True)
-                self._mark_finished(run)  # last: a follower attached to this one takes the run as done
-                return run
+                    gone += 1
+                    if gone < FINAL_TRIES:
+                        await asyncio.sleep(RETRY)
+                        continue
+                return await self._finish(run)
             if not n and run.user == store.user:
                 try:  # nothing new: is it still running?
                     await self.ws.refresh_runs(only=[run.id])
@@ -333,6 +334,16 @@ class LogFollower:
                     pass
             delay = POLL_ACTIVE if n else min(POLL_IDLE, delay * 1.5)
             await asyncio.sleep(delay)
+
+    async def _finish(self, run: Run) -> Run:
+        copy = self._copies.pop(run.id, None)
+        if copy is not None:  # its last checkpoint is in before the follow ends
+            await copy
+        if run.user == self.ws.store.user:
+            run = await self._record(run, final=True)
+            self._save_offset(run, final=True)
+        self._mark_finished(run)  # last: a follower attached to this one takes the run as done
+        return run
 
     async def step(self, run: Run) -> int:
         """One round of a follow task (which holds the lease): the log's new bytes, then the run's

@@ -421,3 +421,54 @@ async def test_the_tui_starts_the_follower_and_hands_its_runs_over_when_it_close
     copy = workstation.follower.local_path(r).read_bytes()
     assert copy == b"".join(b"tick %d\n" % i for i in range(1, 31)) and r.log_offset == len(copy)
     wait_for(lambda: not alive(pid), 30, what="the follower to leave")
+
+
+async def test_a_spot_preemption_is_found_and_relaunched_by_the_follower_alone(with_daemon, home, fresh_rig, aws_env,
+                                                                               tmp_path, monkeypatch) -> None:
+    """The spot instance is taken back while no labdeck is open: the background follower, which
+    copied the checkpoint off as it was declared, finds the preemption, relaunches the run from it
+    on a new instance and follows the child to its end."""
+    from backends import clouds
+    from tests.ec2shim import EC2Shim
+
+    from .test_cloud_ec2 import TRAIN, cloud_config
+
+    paths = with_daemon
+    monkeypatch.setenv("LABDECK_DAEMON_CLOUD_EVERY", "1")
+    monkeypatch.setenv("LABDECK_DAEMON_GRACE", "2")
+    rig = fresh_rig
+    with EC2Shim((rig.host("node1").addr, rig.host("node2").addr)) as shim:
+        ws = cloud_config(home, shim, rig=rig, names={"gpu1": "node1", "gpu1-r1": "node2"},
+                          spot_relaunch=True, autostop_minutes=0)
+        try:
+            inst = await clouds.up(ws, "aws", "gpu1", size="g4dn.xlarge", spot=True)
+            proj = tmp_path / "proj"
+            proj.mkdir()
+            (proj / "train.py").write_text(TRAIN)
+            run = await ws.launch(f"{rig.python} train.py", instance="gpu1", workdir=str(proj), name="spotty")
+        finally:
+            await ws.close()  # nothing of labdeck's is open from here on but the follower
+        pid = daemon.ensure_running(paths)
+        assert pid
+
+        def mine():
+            return Store.from_config(load_config(paths)).runs(team=False)[0]
+
+        def checkpointed():
+            r = next(r for r in mine() if r.id == run.id)
+            return r if r.checkpoint.get("local") and (r.checkpoint.get("step") or 0) >= 10 else None
+
+        run = wait_for(checkpointed, 60, what="the follower to copy a checkpoint off the instance")
+        shim.boto3().terminate_instances(InstanceIds=[inst.cloud_id])
+
+        def child_done():
+            runs = mine()
+            child = next((r for r in runs if r.parent == run.id), None)
+            return child if child is not None and child.state == "succeeded" else None
+
+        child = wait_for(child_done, 120, poll=0.2, what="the relaunched run to finish")
+        assert next(r for r in mine() if r.id == run.id).state == "preempted"
+        assert child.instance == "gpu1-r1" and child.name == "spotty (resumed)"
+        log = (paths.data_dir / "daemon" / "daemon.log").read_text()
+        assert "taken by the provider" in log and f"following {child.id}" in log
+        wait_for(lambda: not alive(pid), 60, what="the follower to leave")
