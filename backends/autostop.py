@@ -1,7 +1,9 @@
 """Autostop: the instance stops itself when idle, with labdeck closed and no cloud credentials on it.
 
 labdeck ships ``backends/runtime/autostop.py`` (stdlib only, Python 3.8+) to
-``~/.labdeck/autostop/`` on the instance, writes its ``config.json`` and starts it detached; from
+``~/.labdeck/autostop/<host id>/`` on the instance (one directory per host: a home may be shared by
+several hosts, :mod:`backends.hostid`; a daemon of the layout before, in ``~/.labdeck/autostop``, is
+stopped when the new one starts), writes its ``config.json`` and starts it detached; from
 then on the instance decides by itself (see that module for what "idle" means: no labdeck job
 running or queued, every GPU under the threshold, no notebook activity, no ``ssh -L`` forward in
 use) and runs the action's command when the idle window has passed. labdeck only reads
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from . import clock
 from .errors import LabdeckError
+from .hostid import HOST_ID_FN, host_id
 from .models import parse_time_lenient
 from .providers.base import Transport, detached_launcher
 
@@ -45,10 +48,15 @@ STALE_FLOOR_SECONDS = 10.0  # "stale" needs at least this much silence (clock sk
 START_WAIT_SECONDS = 3.0  # how long ensure() waits for a new daemon's first state
 
 
-async def autostop_dir(transport: Transport) -> str:
-    """``AUTOSTOP_DIR`` resolved on the instance (an absolute path)."""
+async def autostop_base(transport: Transport) -> str:
+    """``AUTOSTOP_DIR`` resolved on the instance (an absolute path): the hosts' directories are in it."""
     home = (await transport.home_dir()).rstrip("/") or "/"
     return posixpath.join(home, AUTOSTOP_DIR[2:])
+
+
+async def autostop_dir(transport: Transport, hid: str | None = None) -> str:
+    """This host's autostop directory, ``<AUTOSTOP_DIR>/<host id>`` (an absolute path)."""
+    return posixpath.join(await autostop_base(transport), hid or (await host_id(transport))[0])
 
 
 def default_command(action: str) -> list[str]:
@@ -68,11 +76,13 @@ async def ensure(transport: Transport, *, idle_minutes: float, action: str = "st
     its ``pid`` and ``"starting": True``."""
     if action not in ACTIONS:
         raise LabdeckError(f"Unknown autostop action {action!r}.", f"Use one of: {', '.join(ACTIONS)}.")
-    d = await autostop_dir(transport)
+    hid, boot = await host_id(transport)
+    old = await autostop_base(transport)
+    d = await autostop_dir(transport, hid)
     cmd = list(command) if command else default_command(action)
     config = {"idle_minutes": float(idle_minutes), "enabled": idle_minutes > 0, "action": action, "command": cmd,
               "interval": float(interval), "runs_root": await transport.runs_root(), "gpu_threshold": 5,
-              "gpu_source": gpu_source}
+              "gpu_source": gpu_source, "host_id": hid, "boot_id": boot}
     await transport.put_files({f"{d}/autostop.py": SCRIPT_SOURCE,
                                f"{d}/config.json": (json.dumps(config, indent=1) + "\n").encode()})
     qd = shlex.quote(d)
@@ -85,6 +95,9 @@ async def ensure(transport: Transport, *, idle_minutes: float, action: str = "st
         f"D={qd}; "
         "alive() { [ -n \"$1\" ] && [ -r /proc/$1/stat ] && [ \"$(sed 's/^.*) //' /proc/$1/stat | cut -d' ' -f1)\" != Z ] "
         "&& tr '\\0' ' ' < /proc/$1/cmdline 2>/dev/null | grep -q autostop.py; }; "
+        # a daemon of the layout before per-host directories (its --dir is the base): stopped, on this host only
+        f"O={shlex.quote(old)}; p=$(cat \"$O/lock\" 2>/dev/null); "
+        "if alive \"$p\" && tr '\\0' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qxF \"$O\"; then kill \"$p\" 2>/dev/null; fi; "
         "p=$(cat \"$D/lock\" 2>/dev/null); "
         f"if alive \"$p\" && [ \"$(cat \"$D/daemon.version\" 2>/dev/null)\" != {SCRIPT_VERSION} ]; then "
         "kill \"$p\" 2>/dev/null; i=0; while alive \"$p\" && [ $i -lt 50 ]; do sleep 0.05; i=$((i+1)); done; fi; "
@@ -120,8 +133,10 @@ async def read_state(transport: Transport) -> dict | None:
     (reasons, e.g. ``"job 01H…"``, ``"gpu 0: 37%"``, ``"notebook :8888"``, ``"forward :8080"``),
     ``fired_at``, ``error``, ``attempts``, ``forward_check``. None when there is none or it cannot
     be parsed (never raises for its content; a transport failure does raise)."""
-    d = await autostop_dir(transport)
-    res = await transport.run(f"cat {shlex.quote(d + '/state.json')} 2>/dev/null; true", timeout=15)
+    base = await autostop_base(transport)
+    # (no host id: no directory; the base itself holds the state of the layout before)
+    res = await transport.run(f"{HOST_ID_FN}hostids; [ ${{#HID}} -eq 16 ] && "
+                              f"cat {shlex.quote(base)}/\"$HID\"/state.json 2>/dev/null; true", timeout=15)
     try:
         state = json.loads(res.stdout.decode("utf-8", "replace"))
     except ValueError:

@@ -157,7 +157,13 @@ def snapshot(directory: str | os.PathLike, cache_path: Path | None = None) -> Sn
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        snap.files[name] = (cache.sha(p, st), st.st_mode & 0o777)
+        try:
+            digest = cache.sha(p, st)
+        except (FileNotFoundError, NotADirectoryError):  # removed while the snapshot was taken (a shared /tmp)
+            continue
+        except PermissionError:  # another user's file in the directory: it could not be copied either
+            continue
+        snap.files[name] = (digest, st.st_mode & 0o777)
         snap.sizes[name] = st.st_size
     cache.save()
     return snap
@@ -215,11 +221,16 @@ async def sync(snap: Snapshot, transport: Transport, mirror: str, progress: Prog
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for n in batch:
-                info = tar.gettarinfo(str(snap.root / n), arcname=n)
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                with open(snap.root / n, "rb") as f:
-                    tar.addfile(info, f)
+                try:
+                    info = tar.gettarinfo(str(snap.root / n), arcname=n)
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    with open(snap.root / n, "rb") as f:
+                        tar.addfile(info, f)
+                except OSError as e:
+                    raise LabdeckError(f"{n} changed while its code was being copied ({e.strerror or e}).",
+                                       "Start the run again; run from the project's own directory, "
+                                       "not a shared one such as /tmp.") from None
         await _check(transport, f"tar -x -f - -C {qm} --no-same-owner -m", "unpack files into the code mirror",
                      input=buf.getvalue())
         sent += batch_bytes

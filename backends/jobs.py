@@ -10,11 +10,18 @@ A run directory (``<runs root>/<run id>/``) holds::
                  job itself when it imports labdeck (its sys.executable), else by the wrapper
                  with the command's own interpreter (:func:`job_python`, found on the job's PATH)
     run.sh       the wrapper: records pid, start/end time and exit code
+    host         ``<host id> <boot id>`` of the host it runs on (:mod:`backends.hostid`), written before
+                 ``pid``: the pid is judged alive only there (a home may be shared by several hosts)
     pid          the wrapper's pid == the job's process-group id
     started_at   ended_at   exit_code     (UTC times; exit code written atomically)
     output.log   stdout and stderr, combined
     metrics.jsonl  metric points the job logs ($LABDECK_METRICS_FILE)
     queued       present while the job waited for a slot in the instance's FIFO queue
+
+The queue is this user's on one host: ``<runs root>/.hosts/<host id>/queue`` (jobs; tickets
+``<pid> <host id> <boot id>``) and ``.../queue-<kind>`` (notebooks and other services: no slots).
+Runs started before per-host state have no ``host`` file and waited in ``<runs root>/.queue``;
+they are read back as before (their pid checked alone).
 
 The job runs in its own session with stdin closed, so it survives labdeck, the
 SSH connection and the jump host. ``refresh`` reads the run directories back
@@ -38,6 +45,7 @@ from typing import Mapping
 
 from . import code
 from .errors import LabdeckError, StateError
+from .hostid import HOST_ID_FN, check_host_id, queue_name
 from .lineage import params_from_command
 from .models import Edge, Run, RunState, utcnow
 from .providers.base import Transport, detached_launcher
@@ -52,11 +60,17 @@ ALIVE_FN = r"""alive() {
 """
 
 WRAPPER = r"""#!/bin/sh
-# labdeck run wrapper (run {run_id}): waits for a slot in this user's FIFO queue on the
-# instance, then runs the job and records pid, times and exit code next to its log.
+# labdeck run wrapper (run {run_id}): waits for a slot in this user's FIFO queue on this host,
+# then runs the job and records pid, times and exit code next to its log. The host id and boot
+# id come from labdeck's submit command ($LABDECK_HOST_ID, $LABDECK_BOOT_ID: backends/hostid.py);
+# a home shared by several hosts (NFS) has one queue per host, and a pid counts as alive only
+# with this host's id and boot id beside it.
 D={run_dir}
-Q={queue_dir}
 ID={run_id}
+HID=$LABDECK_HOST_ID
+BOOT=$LABDECK_BOOT_ID
+case "$HID" in ????????????????) ;; *) echo "labdeck: no host id given to the wrapper" >> "$D/output.log"; exit 127;; esac
+Q={hosts_dir}/$HID/{queue_name}
 MAX={max_concurrent}
 PY={python}
 ENVPY='import json, sys, platform
@@ -67,15 +81,23 @@ except Exception:
     pk = []
 json.dump({"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(), "packages": pk[:3000], "recorded_by": "command"}, sys.stdout)'
 """ + ALIVE_FN + r"""
+# where the pid means something: written before the pid (a reader that finds a pid and no
+# host file has a run of the layout before per-host state, whose pid was checked alone)
+echo "$HID $BOOT" > "$D/host.tmp" && mv "$D/host.tmp" "$D/host"
 echo $$ > "$D/pid.tmp" && mv "$D/pid.tmp" "$D/pid"
 : >> "$D/metrics.jsonl"  # where labdeck.log() appends metric points (JSON lines)
-mkdir -p "$Q" && echo $$ > "$Q/$ID"
+mkdir -p "$Q" && echo "$$ $HID $BOOT" > "$Q/$ID.tmp" && mv "$Q/$ID.tmp" "$Q/$ID"
 # FIFO: run ids sort by creation; start when fewer than MAX live tickets are ahead of ours.
+# A ticket is "<pid> <host id> <boot id>": one of another host (a machine id cloned onto a host
+# sharing this home) or of another boot of this one is neither counted nor removed here.
 while :; do
   ahead=0
   for t in $(ls "$Q" 2>/dev/null | sort); do
     [ "$t" = "$ID" ] && break
-    p=$(cat "$Q/$t" 2>/dev/null)
+    case "$t" in *.tmp) continue;; esac
+    p= h= b=
+    read p h b 2>/dev/null < "$Q/$t"
+    [ "$h" = "$HID" ] && [ "$b" = "$BOOT" ] || continue
     if [ -n "$p" ] && alive "$p"; then ahead=$((ahead+1)); else rm -f "$Q/$t"; fi
   done
   [ "$ahead" -lt "$MAX" ] && break
@@ -102,17 +124,30 @@ echo $code > "$D/exit_code.tmp" && mv "$D/exit_code.tmp" "$D/exit_code"
 rm -f "$Q/$ID"
 """
 
-# One command reports every run directory: id, exit code, pid, alive, started, last line (base64).
-STATUS_SCRIPT = ALIVE_FN + r"""
+# One command reports every run directory: id, exit code, pid, alive, started, last line (base64),
+# where (``here``: its host file names this host; ``other``: another host's; ``-``: no host file, a
+# run from before per-host state, whose pid is checked alone). Alive is (host id, boot id, pid).
+STATUS_SCRIPT = ALIVE_FN + HOST_ID_FN + r"""
+hostids  # (sets HID and BOOT)
 for d in "$@"; do
   pid=$(cat "$d/pid" 2>/dev/null)
-  alive=0
-  [ -n "$pid" ] && alive "$pid" && alive=1
+  alive=0; where=-
+  if [ -r "$d/host" ]; then
+    h= b=; read h b < "$d/host"
+    if [ "$h" = "$HID" ]; then
+      where=here
+      [ "$b" = "$BOOT" ] && [ -n "$pid" ] && alive "$pid" && alive=1
+    else
+      where=other
+    fi
+  else
+    [ -n "$pid" ] && alive "$pid" && alive=1
+  fi
   ec=$(cat "$d/exit_code" 2>/dev/null)  # read after the liveness check: a job that ended in between has it
   st=$(cat "$d/started_at" 2>/dev/null); en=$(cat "$d/ended_at" 2>/dev/null)
   last=$(tail -c 4096 "$d/output.log" 2>/dev/null | tr '\r' '\n' | grep -av '^[[:space:]]*$' | tail -n 1 | cut -c1-300 | base64 | tr -d '\n')
   [ -d "$d" ] && ex=1 || ex=0
-  printf '%s %s %s %s %s %s %s %s\n' "$d" "$ex" "${ec:--}" "${pid:--}" "$alive" "${st:--}" "${en:--}" "${last:--}"
+  printf '%s %s %s %s %s %s %s %s %s\n' "$d" "$ex" "${ec:--}" "${pid:--}" "$alive" "${st:--}" "${en:--}" "${last:--}" "$where"
 done
 """
 
@@ -127,6 +162,12 @@ class RunStatus:
     started_at: str | None
     ended_at: str | None
     last_line: str
+    where: str = ""  # "here": the run's host file names the host reached; "other": another host's; "": no host file
+
+    @property
+    def elsewhere(self) -> bool:
+        """The run directory is another host's (a home shared between hosts): its pid means nothing here."""
+        return self.where == "other"
 
 
 def _opt(v: str) -> str | None:
@@ -141,9 +182,9 @@ async def read_statuses(transport: Transport, run_dirs: list[str]) -> dict[str, 
     out: dict[str, RunStatus] = {}
     for line in res.stdout.decode("utf-8", "replace").splitlines():
         parts = line.split(" ")
-        if len(parts) != 8:
+        if len(parts) != 9:
             continue
-        d, ex, ec, pid, alive, st, en, last = parts
+        d, ex, ec, pid, alive, st, en, last, where = parts
         try:
             text = base64.b64decode(last).decode("utf-8", "replace").strip() if last != "-" else ""
         except ValueError:
@@ -151,6 +192,7 @@ async def read_statuses(transport: Transport, run_dirs: list[str]) -> dict[str, 
         out[d] = RunStatus(
             d, ex == "1", int(ec) if _opt(ec) and ec.lstrip("-").isdigit() else None,
             int(pid) if _opt(pid) and pid.isdigit() else None, alive == "1", _opt(st), _opt(en), text,
+            where if where in ("here", "other") else "",
         )
     return out
 
@@ -235,16 +277,17 @@ async def launch(store: Store, transport: Transport, *, instance: str, command: 
             store.update_run(run.id, code={**run.code, "synced_files": result.uploaded_files,
                                            "synced_bytes": result.uploaded_bytes, "mirror": mirror})
             store.transition(run.id, RunState.QUEUED)
+        # one queue per host under the runs root (<root>/.hosts/<host id>/queue: the home may be shared);
         # notebooks and other services do not wait in (or take a slot of) the jobs' FIFO queue
-        queue = f"{root}/.queue" if run_kind == "job" else f"{root}/.queue-{run_kind}"
-        pid, started = await _submit(transport, run, job_dir, queue, max_concurrent if run_kind == "job" else 1_000_000,
-                                     secrets)
+        pid, started, hid = await _submit(transport, run, job_dir, f"{root}/.hosts", queue_name(run_kind),
+                                          max_concurrent if run_kind == "job" else 1_000_000, secrets)
     except LabdeckError as e:
         store.transition(run.id, RunState.FAILED, state_reason=f"could not start: {e}", ended_at=utcnow())
         raise
+    info = {**run.instance_info, "host_id": hid}
     if started:
-        return store.transition(run.id, RunState.RUNNING, pid=pid, started_at=started)
-    return store.update_run(run.id, pid=pid, state_reason="waiting for a free slot on the instance")
+        return store.transition(run.id, RunState.RUNNING, pid=pid, started_at=started, instance_info=info)
+    return store.update_run(run.id, pid=pid, state_reason=WAITING, instance_info=info)
 
 
 def check_secret_names(secrets: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
@@ -264,9 +307,11 @@ def secrets_file(secrets: Mapping[str, str]) -> bytes:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in secrets.items()).encode()
 
 
-async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, max_concurrent: int,
-                  secrets: Mapping[str, str] | None = None) -> tuple[int, str | None]:
-    """One round trip: write the run directory, start the wrapper detached, wait briefly to see it start.
+async def _submit(transport: Transport, run: Run, job_dir: str, hosts_dir: str, queue: str, max_concurrent: int,
+                  secrets: Mapping[str, str] | None = None) -> tuple[int, str | None, str]:
+    """One round trip: work out the host id, write the run directory, start the wrapper detached
+    (the host id and boot id in its environment: it waits in ``<hosts_dir>/<host id>/<queue>``),
+    wait briefly to see it start. Returns (pid, started_at or None, host id).
 
     The run directory is written under ``umask 077`` (the job itself gets the caller's umask back):
     the directory is 0700, its scripts 0700, and the secrets file (read from this command's stdin,
@@ -281,7 +326,7 @@ async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, 
     exports += f'export PYTHONPATH={shlex.quote(run.run_dir + "/lib")}"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
     wrapper = WRAPPER
     for key, value in {"run_id": run.id, "run_dir": shlex.quote(run.run_dir), "workdir": shlex.quote(job_dir),
-                       "queue_dir": shlex.quote(queue_dir), "max_concurrent": str(max(1, int(max_concurrent))),
+                       "hosts_dir": shlex.quote(hosts_dir), "queue_name": queue, "max_concurrent": str(max(1, int(max_concurrent))),
                        "python": shlex.quote(job_python(run.command))}.items():
         wrapper = wrapper.replace("{" + key + "}", value)  # (not str.format: the shell code has braces)
     d = shlex.quote(run.run_dir)
@@ -296,19 +341,23 @@ async def _submit(transport: Transport, run: Run, job_dir: str, queue_dir: str, 
     command_sh = (f". {shlex.quote(run.run_dir + '/env.sh')}\n"
                   f"if [ -f {sec} ]; then . {sec}; rm -f {sec}; fi\n{run.command}\n")
     take_secrets = f"cat > {sec} && chmod 600 {sec} && " if secrets else ""
-    script = (f"u=$(umask); umask 077 && mkdir -p {d}/lib && chmod 700 {d} && {take_secrets}"
+    script = (f"{HOST_ID_FN}hostids && H=$HID && LABDECK_HOST_ID=$HID && LABDECK_BOOT_ID=$BOOT && "
+              f"export LABDECK_HOST_ID LABDECK_BOOT_ID && "
+              f"u=$(umask); umask 077 && mkdir -p {d}/lib && chmod 700 {d} && {take_secrets}"
               f"{put('env.sh', exports)} && {put('command.sh', command_sh)} && "
               f"{put('run.sh', wrapper)} && "
               f"{put('lib/labdeck.py', RUNTIME_MODULE.read_text())} && "
               f"chmod 700 {d}/run.sh {d}/command.sh {d}/env.sh && umask $u && {launcher} && "
               f"i=0; while [ ! -e {d}/started_at ] && [ ! -e {d}/queued ] && [ $i -lt {polls} ]; do sleep 0.02; i=$((i+1)); done; "
-              f"cat {d}/started_at 2>/dev/null; true")
+              f"cat {d}/started_at 2>/dev/null; echo \"host=$H\"; true")
     res = await transport.run(script, timeout=60, input=secrets_file(secrets) if secrets else None)
     lines = res.text().split()
-    if not res.ok or not lines or not lines[0].isdigit():
+    hosts = [w[5:] for w in lines if w.startswith("host=")]
+    lines = [w for w in lines if not w.startswith("host=")]
+    if not res.ok or not lines or not lines[0].isdigit() or not hosts:
         raise LabdeckError(f"Could not start the job on {transport.instance}: "
                            f"{res.stderr.decode(errors='replace').strip()[:300] or res.text()[:300]}")
-    return int(lines[0]), (lines[1] if len(lines) > 1 else None)
+    return int(lines[0]), (lines[1] if len(lines) > 1 else None), check_host_id(hosts[0], transport.instance)
 
 
 async def refresh(store: Store, transport: Transport, instance: str, mine: list[Run] | None = None) -> list[Run]:
@@ -331,6 +380,23 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
             if state != RunState.LOST:
                 changed.append(store.transition(run.id, RunState.LOST, state_reason="run directory is gone from the instance"))
             continue
+        if st.elsewhere and st.exit_code is None:
+            # its directory (in a home shared between hosts) says it runs on another host than the one
+            # `instance` reaches now: its pid cannot be judged from here (and is never signalled from here).
+            # A queued run keeps waiting, saying why (lost could not go back to queued: read from its
+            # own host again, it would have stayed lost until it started).
+            if state == RunState.QUEUED:
+                if run.state_reason != ELSEWHERE:
+                    changed.append(store.update_run(run.id, state_reason=ELSEWHERE))
+            elif state != RunState.LOST:
+                changed.append(store.transition(run.id, RunState.LOST, state_reason=ELSEWHERE))
+            elif run.state_reason != ELSEWHERE:
+                changed.append(store.update_run(run.id, state_reason=ELSEWHERE))
+            continue
+        if (state == RunState.QUEUED and run.state_reason == ELSEWHERE and st.alive and not st.started_at
+                and st.exit_code is None):  # read from its own host again: still waiting there
+            run = store.update_run(run.id, state_reason=WAITING)
+            changed.append(run)
         if st.started_at and state in (RunState.QUEUED, RunState.LOST) and (st.alive or st.exit_code is not None):
             # it started (or came back): running first, so the final step below is a legal one
             run = store.transition(run.id, RunState.RUNNING, started_at=st.started_at,
@@ -356,21 +422,41 @@ async def refresh(store: Store, transport: Transport, instance: str, mine: list[
     return changed
 
 
-async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.0) -> None:
-    """SIGTERM a process group, wait up to ``grace_seconds`` for it to go, then SIGKILL what is left."""
+async def kill_group(transport: Transport, pgid: int, grace_seconds: float = 10.0, *, run_dir: str | None = None) -> str:
+    """SIGTERM a process group, wait up to ``grace_seconds`` for it to go, then SIGKILL what is left.
+
+    With ``run_dir``, only where that run directory's ``host`` file names this host and boot (a home
+    shared between hosts holds other hosts' runs; a pid from before a reboot is someone else's now).
+    Returns ``""`` when it signalled (or there was no host file), ``"other host"`` or ``"other boot"``
+    when it left the pid alone."""
     # (dash's kill takes no `--`: a negative pid after the signal names the group.)
     # A member "lives" unless it is a zombie: zombies wait for init, not for us.
     alive = (f"awk '{{sub(/^.*\\) /, \"\"); if ($3 == {pgid} && $1 != \"Z\") found = 1}} END {{exit !found}}' "
              f"/proc/[0-9]*/stat 2>/dev/null")
-    script = (f"kill -TERM -{pgid} 2>/dev/null || exit 0; i=0; "
+    guard = ""
+    if run_dir:
+        hf = shlex.quote(run_dir + "/host")
+        guard = (f"{HOST_ID_FN}if [ -r {hf} ]; then hostids; h= b=; read h b < {hf}; "
+                 f"[ \"$h\" = \"$HID\" ] || {{ echo 'other host'; exit 0; }}; "
+                 f"[ \"$b\" = \"$BOOT\" ] || {{ echo 'other boot'; exit 0; }}; fi; ")
+    script = (f"{guard}kill -TERM -{pgid} 2>/dev/null || exit 0; i=0; "
               f"while {alive} && [ $i -lt {int(grace_seconds * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
               f"kill -KILL -{pgid} 2>/dev/null; exit 0")
-    await transport.run(script, timeout=grace_seconds + 30)
+    res = await transport.run(script, timeout=grace_seconds + 30)
+    said = res.text().strip()
+    return said if said in ("other host", "other boot") else ""
 
 
 CANCELLING = "cancelling"  # a run's state_reason while labdeck's cancel is ending its processes
+WAITING = "waiting for a free slot on the instance"  # a queued run's state_reason
+ELSEWHERE = "its run directory belongs to another host than the instance reaches now"
 _ENDED = {"succeeded": "has already succeeded", "failed": "has already failed", "cancelled": "is already cancelled",
           "preempted": "was already preempted"}  # "is already succeeded" is not English
+
+
+def already_ended(state: str) -> str:
+    """How a finished run's state reads after its name: "has already succeeded", "is already cancelled"."""
+    return _ENDED.get(state, f"has already ended ({state})")
 
 
 async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds: float = 10.0) -> Run:
@@ -382,12 +468,17 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
         raise LabdeckError(f"Run {run.display_name} belongs to {run.user}.", "Only its owner can cancel it.")
     run = store.own_run(run.id)
     if not run.run_state.is_active and run.run_state != RunState.LOST:
-        raise LabdeckError(f"Run {run.display_name} {_ENDED.get(run.state, f'has already ended ({run.state})')}.")
+        raise LabdeckError(f"Run {run.display_name} {already_ended(run.state)}.")
     # Said first, so that whoever sees the job end meanwhile (a refresh, the follower) records it as
     # cancelled, not as failed by the signal, and this transition does not find it already final.
     store.update_run(run.id, state_reason=CANCELLING)
     if run.pid:
-        await kill_group(transport, int(run.pid), grace_seconds)
+        where = await kill_group(transport, int(run.pid), grace_seconds, run_dir=run.run_dir)
+        if where == "other host":
+            store.update_run(run.id, state_reason=run.state_reason)
+            raise LabdeckError(f"Run {run.display_name} runs on another host than the one {run.instance} reaches now "
+                               f"(its run directory, in a home several hosts share, says so): nothing was signalled.",
+                               "Point the instance back at the host the run was started on, then cancel it.")
     try:
         return store.transition(run.id, RunState.CANCELLED, ended_at=utcnow(), state_reason="cancelled by " + store.user)
     except StateError:

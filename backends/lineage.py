@@ -310,3 +310,50 @@ def code_diff(a: Run | None, b: Run, read_blob) -> str:
             if blob:
                 parts.append(f"# uncommitted changes ({label}: {run.display_name})\n" + blob.decode("utf-8", "replace"))
     return "\n".join(parts)
+
+
+# ---- rerun with changes -------------------------------------------------------------
+PARAMS_ENV = "LABDECK_PARAMS"  # JSON object: parameters a rerun changed that are not on the command line
+
+
+def _arg_patterns(key: str) -> list[re.Pattern]:
+    """Where ``key`` sits in a command line, the value as group 1: ``--key=V``, ``--key V``, ``key=V`` (Hydra,
+    also ``+key=V``). A value is one shell word: quoted, or up to the next blank or shell operator."""
+    k = re.escape(key)
+    val = r"('[^']*'|\"(?:[^\"\\]|\\.)*\"|[^\s;&|<>()]+)"
+    return [re.compile(rf"(?<!\S)--{k}={val}"), re.compile(rf"(?<!\S)--{k}\s+(?!-[^\d.])" + val),
+            re.compile(rf"(?<![\S])\+*{k}={val}")]
+
+
+def set_params(command: str, recorded: dict[str, Any], sets: dict[str, str]) -> tuple[str, dict[str, Any], list[tuple[str, Any, Any, str]]]:
+    """Apply ``sets`` (key → new value, as typed) to a run's ``command``: (new command, parameters for
+    :data:`PARAMS_ENV`, and one (key, old, new, how) line per change).
+
+    A key written in the command (``--lr 0.1``, ``--lr=0.1``, ``lr=0.1``) gets its value rewritten
+    there, in place (the rest of the command is left byte for byte); a key the run recorded only through
+    ``labdeck.config()`` or a config file goes to the job in ``$LABDECK_PARAMS``, which ``labdeck.config()``
+    applies to the dict it is given. Any other key is refused: it would silently change nothing."""
+    out_cmd = command
+    env_params: dict[str, Any] = {}
+    changes: list[tuple[str, Any, Any, str]] = []
+    for key, raw in sets.items():
+        if not re.fullmatch(r"[A-Za-z_][\w.\-/]*", key or ""):
+            raise LabdeckError(f"--set {key}={raw}: {key!r} is not a parameter name.",
+                               "Give KEY=VALUE, e.g. --set lr=3e-4 (dotted keys for nested config: model.layers=12).")
+        new = _value(raw)
+        for pat in _arg_patterns(key):
+            m = pat.search(out_cmd)
+            if m:
+                old = m.group(1)
+                out_cmd = out_cmd[:m.start(1)] + shlex.quote(str(raw)) + out_cmd[m.end(1):]
+                changes.append((key, _value(old.strip("'\"")), new, "command"))
+                break
+        else:
+            if key not in recorded:
+                known = ", ".join(sorted(map(str, recorded))[:12]) or "none"
+                raise LabdeckError(
+                    f"--set {key}: {key} is neither in the command nor a parameter the run recorded (its parameters: {known}).",
+                    "Change the command itself with: labdeck rerun RUN -- NEW COMMAND")
+            env_params[key] = new
+            changes.append((key, recorded.get(key), new, PARAMS_ENV))
+    return out_cmd, env_params, changes

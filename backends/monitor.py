@@ -2,8 +2,9 @@
 
 Everything arrives as files read from byte offsets (see :mod:`backends.follow`):
 
-* ``~/.labdeck/agent/samples.jsonl`` on each instance, written by the agent at 1 Hz
-  (started here when missing; it stops by itself when nobody reads);
+* ``~/.labdeck/agent/<host id>/samples.jsonl`` on each instance, written by the agent at 1 Hz
+  (started here when missing; it stops by itself when nobody reads). One directory per host
+  (:mod:`backends.hostid`): a home shared by several hosts holds one agent of each;
 * ``<run dir>/metrics.jsonl`` of each run (``labdeck.log()`` in the training code);
 * ``<run dir>/output.log`` (zero-code capture: JSON objects and ``key=value`` numbers).
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LabdeckError
+from .hostid import HOST_ID_FN, check_host_id
 from .follow import MissingFile, mirror
 from .localfiles import RefusedFile, confined, run_cache_path
 from .metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
@@ -44,23 +46,34 @@ TB_SCAN_EVERY = 5.0  # seconds between looks for new TensorBoard event files in 
 UPDATE_SLICE = 1 << 20  # bytes of a local copy parsed per step (~10k lines: tens of ms)
 
 
-def agent_dir(runs_root: str) -> str:
-    """The agent lives beside the runs directory (``~/.labdeck/agent`` on SSH hosts)."""
+def agents_dir(runs_root: str) -> str:
+    """The agents live beside the runs directory (``~/.labdeck/agent`` on SSH hosts), one
+    directory per host below it (:func:`agent_dir`)."""
     return posixpath.join(posixpath.dirname(runs_root.rstrip("/")), "agent")
 
 
+def agent_dir(runs_root: str, host_id: str) -> str:
+    """One host's agent: ``<agents dir>/<host id>`` (a home may be shared by several hosts)."""
+    return posixpath.join(agents_dir(runs_root), check_host_id(host_id))
+
+
 async def stop_agent(transport: Transport) -> None:
-    """Stop this user's agent on the instance (it also stops by itself when nobody reads)."""
-    d = shlex.quote(agent_dir(await transport.runs_root()))
-    await transport.run(f"p=$(cat {d}/agent.lock 2>/dev/null); [ -n \"$p\" ] && kill $p 2>/dev/null; true", timeout=15)
+    """Stop this user's agent on the host the instance reaches (it also stops by itself when nobody reads)."""
+    base = shlex.quote(agents_dir(await transport.runs_root()))
+    # (no id, no directory: the base's lock is an agent of the layout before, maybe another host's pid)
+    await transport.run(f"{HOST_ID_FN}hostids; [ ${{#HID}} -eq 16 ] || exit 0; d={base}/$HID; "
+                        f"p=$(cat \"$d/agent.lock\" 2>/dev/null); "
+                        f"[ -n \"$p\" ] && kill $p 2>/dev/null; true", timeout=15)
 
 
 BOOTSTRAP_PACKAGES = "nvitop psutil"
 
 
 async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python: str = "python3") -> str:
-    """Install (if its version changed) and start (if not running) the agent; touch its reader
-    file so it keeps sampling. One round trip. Returns the agent directory on the instance.
+    """Install (if its version changed) and start (if not running) the agent of the host the
+    instance reaches; touch its reader file so it keeps sampling. One round trip (which works out
+    the host id: the agent gets its directory and ``--host-id`` from here). Returns the agent
+    directory on the instance (``<agents dir>/<host id>``).
 
     On a GPU host (``nvidia-smi`` present) whose Python lacks nvitop, a private venv
     (``<agent dir>/venv``) gets nvitop and psutil installed once, in the background; the agent
@@ -68,20 +81,26 @@ async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python
     nvidia-smi). Where pip cannot reach an index the attempt fails quietly (see bootstrap.log)
     and is retried after a day."""
     home = await transport.home_dir()
-    d = agent_dir(await transport.runs_root())
-    qd = shlex.quote(d)
+    base = agents_dir(await transport.runs_root())
+    # $D: this host's agent directory, worked out on the host (exported: the launchers' shells use it)
+    d = "$D"
+    qd = '"$D"'
     b64 = base64.b64encode(AGENT_SOURCE).decode()
     venv_py = f"{d}/venv/bin/python"
     launcher = shlex.join(detached_launcher(
-        f'exec "$PY" {d}/agent.py --out {d} --gpu-source {shlex.quote(gpu_source)} --disk-path {shlex.quote(home)}', None))
+        f'exec "$PY" "$D/agent.py" --out "$D" --host-id "$H" --gpu-source {shlex.quote(gpu_source)} '
+        f'--disk-path {shlex.quote(home)}', None))
     bootstrap = shlex.join(detached_launcher(
-        f"{python} -m venv {d}/venv && {d}/venv/bin/pip install -q --disable-pip-version-check --retries 1 --timeout 20 "
-        f"{BOOTSTRAP_PACKAGES}", f"{d}/bootstrap.log"))
+        f'exec >> "$D/bootstrap.log" 2>&1; {python} -m venv "$D/venv" && "$D/venv/bin/pip" install -q '
+        f"--disable-pip-version-check --retries 1 --timeout 20 {BOOTSTRAP_PACKAGES}", None))
     script = (
+        f"{HOST_ID_FN}hostids; H=$HID; [ ${{#H}} -eq 16 ] || {{ echo 'labdeck: cannot work out the host id "
+        f"(it needs sha256sum or shasum there)' >&2; exit 3; }}; "
+        f"D={shlex.quote(base)}/$H; export H D; echo \"dir=$D\"; "
         f"mkdir -p {qd} && touch {qd}/reader && "
         # which Python: the private venv once it has nvitop
-        f"PY={shlex.quote(python)}; NV=0; if [ -x {shlex.quote(venv_py)} ] && {shlex.quote(venv_py)} -c 'import nvitop' 2>/dev/null; "
-        f"then PY={shlex.quote(venv_py)}; NV=1; fi; export PY; "
+        f"PY={shlex.quote(python)}; NV=0; if [ -x \"{venv_py}\" ] && \"{venv_py}\" -c 'import nvitop' 2>/dev/null; "
+        f"then PY=\"{venv_py}\"; NV=1; fi; export PY; "
         # (cheap tests first: a Python's import of nvitop costs a few hundred ms, and this runs every poll)
         f"if [ $NV = 0 ] && [ {shlex.quote(gpu_source)} = auto ] && command -v nvidia-smi >/dev/null 2>&1 "
         f"&& [ -z \"$(find {qd}/bootstrap.tried -mtime -1 2>/dev/null)\" ] && ! \"$PY\" -c 'import nvitop' 2>/dev/null; "
@@ -95,9 +114,14 @@ async def ensure_agent(transport: Transport, *, gpu_source: str = "auto", python
         f"else {launcher} >/dev/null && echo started; fi"
     )
     res = await transport.run(script, timeout=30)
-    if not res.ok:
+    said = [w[4:] for w in res.text().splitlines() if w.startswith("dir=")]
+    if not res.ok or not said:
         raise LabdeckError(f"Could not start the monitoring agent on {transport.instance}: "
                            f"{res.stderr.decode(errors='replace').strip()[:200]}")
+    d = said[0]
+    if posixpath.dirname(d) != base.rstrip("/"):
+        raise LabdeckError(f"Could not start the monitoring agent on {transport.instance}: it answered {d[:200]!r}.")
+    check_host_id(posixpath.basename(d), transport.instance)
     return d
 
 
@@ -142,6 +166,8 @@ class InstanceMonitor:
     n: int = 0
     agent_dir: str = ""
     agent_checked: float = 0.0
+    host_id: str = ""  # the host the agent directory is of: a sample that names another host is not this instance's
+
 
     def __post_init__(self) -> None:
         self._file = _LineFile(self.local_path)
@@ -159,6 +185,9 @@ class InstanceMonitor:
                 t = float(s["t"])
             except (ValueError, KeyError, TypeError):
                 self.warnings["invalid agent sample"] += 1
+                continue
+            if self.host_id and s.get("host") not in (None, self.host_id):
+                self.warnings["sample of another host"] += 1
                 continue
             self.n += 1
             self.cpu.append(self.n, float(s.get("cpu") or 0))
@@ -303,7 +332,12 @@ class Monitor:
         now = time.monotonic()
         if not m.agent_dir or now - m.agent_checked > 30:
             python = "python3"
-            m.agent_dir = await ensure_agent(transport, gpu_source=self.gpu_source, python=python)
+            d = await ensure_agent(transport, gpu_source=self.gpu_source, python=python)
+            hid = posixpath.basename(d)
+            if hid != m.host_id:  # the local copy is of one host's file (the name may reach another host now)
+                m.local_path = self.root / "agent" / f"{name}-{hid}.jsonl"
+                m._file = _LineFile(m.local_path)
+            m.agent_dir, m.host_id = d, hid
             m.agent_checked = now
         try:
             await mirror(transport, f"{m.agent_dir}/samples.jsonl", m.local_path)

@@ -195,3 +195,78 @@ def find(ws, ref: str) -> Notebook:
                 nb.id.lower().endswith(ref.lower()) or nb.job_id.lower().endswith(ref.lower()))):
             return nb
     raise NotFoundError(f"No notebook {ref!r}.", "`labdeck ps` lists notebooks among the runs.")
+
+
+def shown_command(run: Run) -> str:
+    """What to show as a run's command: for a notebook, the Jupyter it runs and where (``jupyter lab
+    in ~/proj, port 8888``), not the shell plumbing that loads its token; a job's own command as is."""
+    if run.kind != "notebook":
+        return run.command
+    module = str((run.params or {}).get("jupyter") or "")
+    root = str((run.params or {}).get("root_dir") or run.workdir or "")
+    port = re.search(r"--ServerApp\.port=(\d+)", run.command)
+    what = {"jupyterlab": "jupyter lab", "jupyter_server": "jupyter server"}.get(module, "jupyter")
+    return f"{what} in {root}" + (f", port {port.group(1)}" if port else "")
+
+
+@dataclass
+class Access:
+    """How to reach a notebook again after the modal that first showed it: kept for its owner."""
+
+    notebook: Notebook
+    job: Run
+    token: str | None  # None: not yours (the token is in a 0600 file of its owner's), or already stopped
+    ssh_line: str  # forwards the same port number on the laptop
+    laptop_url: str  # after the ssh line, on the laptop
+    instance_url: str  # on the instance itself
+    mine: bool = True
+
+    def to_dict(self) -> dict:
+        return {"notebook": self.notebook.id, "run": self.job.id, "name": self.job.display_name,
+                "state": self.job.state, "instance": self.notebook.instance, "user": self.notebook.user,
+                "root_dir": self.notebook.root_dir, "port": self.notebook.port, "token": self.token,
+                "instance_url": self.instance_url, "laptop_url": self.laptop_url, "ssh_line": self.ssh_line}
+
+    def lines(self) -> list[str]:
+        job, nb = self.job, self.notebook
+        out = [f"{job.display_name} · {job.state} · {nb.instance}:{nb.port} · {shown_command(job)}"]
+        if not job.run_state.is_active:
+            out.append(f"It is {job.state}: start another with N (Jobs or Instances) or `labdeck notebook`.")
+        if self.token is None and not self.mine:
+            out.append(f"The token is {nb.user}'s: only they can show it (it is in a 0600 file of theirs).")
+        elif self.token is None:
+            out.append("No token is kept for it any more (it was stopped).")
+        else:
+            out.append(f"Token: {self.token}")
+        out.append(f"On {nb.instance}: {self.instance_url}")
+        out.append(f"From a laptop: {self.ssh_line}")
+        out.append(f"  then open {self.laptop_url}")
+        return out
+
+
+def find_for(ws, ref: str) -> Notebook:
+    """A notebook by its id, its server run's id or suffix, or that run's name (``notebook proj``)."""
+    try:
+        return find(ws, ref)
+    except NotFoundError:
+        pass
+    run = ws.store.find_run(ref)  # a name or a prefix; raises NotFoundError saying what is there
+    nbs, _ = ws.store.records(Notebook.TABLE)
+    for nb in nbs:
+        if nb.job_id == run.id:
+            return nb
+    raise NotFoundError(f"{run.display_name} is not a notebook.", "`labdeck ps -a` lists notebooks (kind notebook).")
+
+
+async def access(ws, ref: str | Run) -> Access:
+    """The token, URLs and ``ssh -L`` line of a notebook (by reference, or its server's Run)."""
+    from .serving import read_secret
+
+    nb = find_for(ws, ref.id if isinstance(ref, Run) else ref)
+    job = ws.store.find_run(nb.job_id)
+    token = read_secret(ws, f"notebook-{nb.id}") if nb.user == ws.user else None
+    port = int(nb.port or 0)
+    query = f"/?token={token}" if token else "/"
+    transport = await ws.transport(nb.instance)
+    return Access(nb, job, token, ssh_line(transport, port, port, laptop_hop(ws.config, ws.user)),
+                  f"http://127.0.0.1:{port}{query}", f"http://127.0.0.1:{port}{query}", nb.user == ws.user)

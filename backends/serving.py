@@ -42,6 +42,22 @@ class Served:
     api_key: str
     forward: PortForward
     ssh_line: str
+    input_width: int | None = None  # features per row the model takes, read from its file (None: unknown)
+    remote_port: int = 0  # the server's port on its instance
+
+
+async def model_input_width(transport: Transport, path: str) -> int | None:
+    """The input width of the model file at ``path`` on the instance, read from its bytes
+    (:mod:`backends.modelshape`: nothing loaded or run); None when that cannot be known."""
+    from .modelshape import input_width
+
+    async def read(offset: int, n: int) -> bytes:
+        return (await transport.read_file(path, offset, n)).data or b""
+
+    try:
+        return await input_width(path, read)
+    except LabdeckError:
+        return None
 
 
 async def run_python(transport: Transport, run: Run) -> str:
@@ -145,7 +161,9 @@ async def deploy(ws, run_ref: str | Run, *, instance: str | None = None, port: i
         raise
     dep.state = "healthy"
     ws.store.mine.put(Deployment.TABLE, dep.id, dep.to_dict())
-    return Served(dep, key, forward, ssh_line(transport, forward.local_port, remote_port, laptop_hop(ws.config, ws.user)))
+    width = await model_input_width(transport, model_path) if model else None
+    return Served(dep, key, forward, ssh_line(transport, forward.local_port, remote_port, laptop_hop(ws.config, ws.user)),
+                  width, remote_port)
 
 
 async def free_port(transport: Transport, python: str, port: int) -> int:
@@ -252,6 +270,51 @@ def read_secret(ws, name: str) -> str | None:
         return secret_path(ws, name).read_text().strip()
     except FileNotFoundError:
         return None
+
+
+async def is_this_machine(ws, instance: str) -> bool:
+    """Whether ``instance`` is the machine labdeck runs on (its loopback is ours): ``local``."""
+    transport = await ws.transport(instance)
+    return getattr(transport, "spec", None) is None
+
+
+def usage_lines(served: Served, *, detached: bool, local: bool) -> list[tuple[str, str]]:
+    """What ``labdeck serve`` prints, as (markup label, plain text) pairs: the URL, the key, the
+    teammate's ``ssh -L`` line and a curl line whose body has the model's real input width.
+    Detached, labdeck's own forward is about to close, so no line points at it: on this machine the
+    curl goes to the server's own port; elsewhere it goes to the port the ``ssh -L`` line opens."""
+    d = served.deployment
+    local_port = served.forward.local_port
+    if detached:
+        url = f"http://127.0.0.1:{served.remote_port}" if local else f"http://127.0.0.1:{local_port}"
+    else:
+        url = d.url
+    body = None
+    if served.input_width:
+        from .modelshape import example_body
+
+        body = example_body(served.input_width)
+    out: list[tuple[str, str]] = [
+        ("", f"{d.name} is up on {d.instance}, port {served.remote_port} (model {d.model or '?'})"),
+        ("URL on the instance:  ", f"http://127.0.0.1:{served.remote_port}/predict")]
+    if not detached:
+        out.append(("URL here (labdeck's forward, while this runs):  ", f"{d.url}/predict"))
+    out.append(("API key (shown once here; kept in a 0600 file of yours):  ", served.api_key))
+    out.append(("from a laptop:  ", served.ssh_line))
+    out.append(("  then, where that ssh line runs:  ", f"http://127.0.0.1:{local_port}/predict"))
+    data = body if body is not None else '{"x": [[...]]}'
+    out.append(("try it here:  " if detached and local else "try it:  ", f"curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' "
+                             f"-d '{data}' {url}/predict"))
+    if body is None:
+        out.append(("", "  (the body's width is not known: labdeck reads it only from an .npz model, never by "
+                        "loading a pickled one; put one row of the model's features in x)"))
+    else:
+        out.append(("", f"  (one row of {served.input_width} features, the width read from {d.model})"))
+    if detached:
+        out.append(("", f"labdeck's forward is closed; the server keeps running (labdeck unserve {d.name})"))
+    else:
+        out.append(("", "forwarding; ctrl+c closes the forward (the server keeps running)"))
+    return out
 
 
 def api_key(ws, dep_id: str) -> str | None:

@@ -21,6 +21,7 @@ decide, and a second implementation drifts from it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -34,6 +35,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -43,6 +45,7 @@ from .errors import TransportError
 log = logging.getLogger("labdeck.sshconfig")
 
 RESOLVE_TIMEOUT = 5.0
+FAILED_FOR = 30.0  # seconds an ssh -G failure answers for itself (while the config file and ssh are unchanged)
 MAX_CONFIG_READ = 1 << 20  # bytes of one config file scanned for where an option came from
 MAX_WORKERS = 16
 
@@ -206,11 +209,18 @@ class SSHConfig:
         self._cache: dict[tuple, tuple[dict[str, float | None], SSHHost]] = {}
         self._lock = threading.Lock()
         self._baseline: dict[str, list[str]] | None = None
+        self._baseline_lock = threading.Lock()
         # Answers kept between labdeck processes (a file of yours, 0600), valid while the stamps hold:
         # the mtimes of every file and folder ssh read, ~/.ssh (a new key there) and the ssh binary.
         self._disk_path = Path(cache_file) if cache_file and self.ssh and self.path else None
         self._disk: dict[str, dict] | None = None
         self._disk_dirty = False
+        self._inflight: dict[tuple, threading.Event] = {}  # requests being resolved now (by another thread)
+        self._held = 0                                      # batches open: the disk cache is written when the last ends
+        # requests OpenSSH failed on (a timeout, a config error): (stamps, when, message, hint). One
+        # command asks about a host several times (a prefetch round, its spec, a host jumping through
+        # it, a thread that waited for another's answer): without this, each would wait a timeout again.
+        self._failed: dict[tuple, tuple[dict[str, float | None], float, str, str]] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike | None, *, cache_file: str | os.PathLike | None = None) -> "SSHConfig":
@@ -230,8 +240,16 @@ class SSHConfig:
         """``arg`` as ``ssh [-l user] [-p port] [-o HostName=hostname] arg`` would reach it."""
         return self.resolve_many([(arg, user, port, hostname)])[0]
 
-    def resolve_many(self, requests: Iterable[tuple[str, str | None, int | None, str | None]]) -> list[SSHHost]:
-        """Several destinations at once: the uncached ones are resolved concurrently."""
+    def resolve_many(self, requests: Iterable[tuple[str, str | None, int | None, str | None]],
+                     prefetch: bool = False) -> list[SSHHost]:
+        """Several destinations at once: the uncached ones are resolved concurrently (and OpenSSH's
+        defaults, which every answer is compared with, beside them: not one process after another).
+        A destination another thread is resolving now is waited for, not asked twice.
+
+        ``prefetch``: also ask, in the same round, for the jump hosts these destinations probably go
+        through (see :meth:`likely_hops`), so that a destination and its first hop cost one round of
+        ``ssh -G`` rather than two. Only a guess of what to ask: every answer used is OpenSSH's, and a
+        wrong guess costs one process (its failure is ignored)."""
         reqs = list(requests)
         out: list[SSHHost | None] = [None] * len(reqs)
         todo = []
@@ -239,17 +257,102 @@ class SSHConfig:
             hit = self._cached(r)
             if hit is not None:
                 out[i] = hit
-            else:
+            elif r not in (reqs[j] for j in todo):
                 todo.append(i)
         if todo:
-            if len(todo) == 1:
-                out[todo[0]] = self._resolve_now(reqs[todo[0]])
+            jobs = [lambda i=i: self._resolve_shared(reqs[i]) for i in todo]
+            if (self.path and self.ssh and self._baseline is None and mentions_any([self.path], UNHONOURED)
+                    and self._baseline_from_disk() is None):
+                jobs.append(self.baseline)  # (needed: see _unhonoured; an Included file naming one asks later)
+            if prefetch and self.path:
+                asked = {reqs[i] for i in todo}
+                for hop in self.likely_hops([reqs[i] for i in todo]):
+                    if hop not in asked and self._cached(hop) is None:
+                        jobs.append(lambda hop=hop: self._try(hop))
+            if len(jobs) == 1:
+                out[todo[0]] = jobs[0]()
             else:
-                with concurrent.futures.ThreadPoolExecutor(min(MAX_WORKERS, len(todo))) as ex:
-                    for i, res in zip(todo, ex.map(lambda i: self._resolve_now(reqs[i]), todo)):
-                        out[i] = res
+                with concurrent.futures.ThreadPoolExecutor(min(MAX_WORKERS, len(jobs))) as ex:
+                    futs = [ex.submit(j) for j in jobs]
+                    for i, f in zip(todo, futs):
+                        out[i] = f.result()
+                    for f in futs[len(todo):]:
+                        f.result()
+            for i, r in enumerate(reqs):  # (a request asked twice in one call)
+                if out[i] is None:
+                    out[i] = self._cached(r) or self._resolve_shared(r)
             self._save_disk()
         return out  # type: ignore[return-value]
+
+    def _try(self, req: tuple) -> None:
+        try:
+            self._resolve_shared(req)
+        except TransportError:
+            pass
+
+    def likely_hops(self, reqs: list[tuple], limit: int = 3) -> list[tuple]:
+        """Jump hosts worth asking about beside ``reqs`` before their answers are in: the hops an
+        earlier answer for the same request named (the on-disk cache, even where the config changed
+        since), else the ProxyJump values written in the config file itself, when there are at most
+        ``limit`` of them. Nothing here decides how a host is reached: it only picks what to prefetch."""
+        hops: list[str] = []
+        for req in reqs:
+            old = self._from_disk(req)
+            if old is not None:
+                hops += old[1].jump[:1]
+        if not hops and self.path:
+            try:
+                with open(self.path, "rb") as f:
+                    text = f.read(MAX_CONFIG_READ).decode("utf-8", "replace")
+            except OSError:
+                text = ""
+            found = list(dict.fromkeys(m.group(1) for m in _PROXYJUMP.finditer(text)))
+            if len(found) <= limit:
+                hops = [split_jumps(v)[0] for v in found if split_jumps(v)]
+        out = []
+        for hop in dict.fromkeys(hops):
+            if "%" in hop:
+                continue
+            try:
+                user, host, port = parse_destination(hop)
+            except TransportError:
+                continue
+            if not host.startswith("-"):
+                out.append((host, user, port, None))
+        return out[:limit]
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Resolutions inside write the on-disk cache once, at the end (many threads resolving one
+        host each, as a listing does, would otherwise rewrite it once per host)."""
+        with self._lock:
+            self._held += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._held -= 1
+            self._save_disk()
+
+    def _resolve_shared(self, req: tuple) -> SSHHost:
+        """``_resolve_now``, once per request however many threads ask for it at the same time."""
+        with self._lock:
+            ev = self._inflight.get(req)
+            mine = ev is None
+            if mine:
+                ev = self._inflight[req] = threading.Event()
+        if not mine:
+            ev.wait(self.timeout + 1)
+            hit = self._cached(req)
+            if hit is not None:
+                return hit
+            return self._resolve_now(req)  # it failed there: fail here with the same error
+        try:
+            return self._resolve_now(req)
+        finally:
+            with self._lock:
+                self._inflight.pop(req, None)
+            ev.set()
 
     # -- cache
 
@@ -290,19 +393,44 @@ class SSHConfig:
         if self._disk_path is None or not self._disk_dirty:
             return
         with self._lock:
+            if self._held or not self._disk_dirty:
+                return
             entries = dict(list((self._disk or {}).items())[-DISK_ENTRIES:])
             self._disk_dirty = False
         try:
             self._disk_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._disk_path.with_name(f".{self._disk_path.name}.{os.getpid()}")
+            tmp = self._disk_path.with_name(f".{self._disk_path.name}.{os.getpid()}.{threading.get_ident()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
+                f.write(json.dumps(entries))  # (dumps: the C encoder; dump streams through the Python one)
             os.replace(tmp, self._disk_path)
         except OSError as e:  # a cache: losing it costs time, never correctness
             log.debug("cannot write the ssh -G cache %s: %s", self._disk_path, e)
 
     def _resolve_now(self, req: tuple) -> SSHHost:
+        with self._lock:
+            failed = self._failed.get(req)
+        if failed is not None:
+            stamps, when, message, hint = failed
+            if time.monotonic() - when < FAILED_FOR and self._failure_stamps() == stamps:
+                raise TransportError(message, hint)
+        try:
+            host = self._resolve_uncached(req)
+        except TransportError as e:
+            with self._lock:
+                self._failed[req] = (self._failure_stamps(), time.monotonic(), e.message, e.hint)
+            raise
+        with self._lock:
+            self._failed.pop(req, None)
+        return host
+
+    def _failure_stamps(self) -> dict[str, float | None]:
+        """What a remembered failure is valid for: the config file, its folder and the ssh binary
+        (a change of an Included file only is seen when FAILED_FOR has passed)."""
+        paths = [self.path, os.path.dirname(self.path)] if self.path else []
+        return {p: _mtime(p) for p in [*paths, *([self.ssh] if self.ssh else [])]}
+
+    def _resolve_uncached(self, req: tuple) -> SSHHost:
         arg, user, port, hostname = req
         if not self.path:
             host, files = SSHHost(arg, hostname or arg, port or 22, user), []
@@ -367,22 +495,57 @@ class SSHConfig:
             origin["user"] = "labdeck config"
         if port:
             origin["port"] = "labdeck config"
-        notes = self._unhonoured(opts, origin)
+        notes = self._unhonoured(opts, origin, files if present else [])
         return self._from_options(arg, opts, origin, notes), files
 
     def baseline(self) -> dict[str, list[str]]:
         """OpenSSH's defaults (an empty config): what "the config changed this" is measured against."""
-        if self._baseline is None:
-            p = self._run_ssh([self.ssh, "-G", "-F", "/dev/null", "labdeck-baseline.invalid"], "the defaults")
-            self._baseline = parse_g(p.stdout)
+        with self._baseline_lock:  # (asked beside the first resolutions: one process, whoever comes first)
+            if self._baseline is None:
+                self._baseline = self._baseline_from_disk()
+            if self._baseline is None:
+                p = self._run_ssh([self.ssh, "-G", "-F", "/dev/null", "labdeck-baseline.invalid"], "the defaults")
+                self._baseline = parse_g(p.stdout)
+                if self._disk_path is not None and p.returncode == 0:  # (kept while the ssh binary is the same)
+                    with self._lock:
+                        if self._disk is None:
+                            self._disk = _read_cache(self._disk_path)
+                        self._disk[self._baseline_key()] = {"stamps": {self.ssh: _mtime(self.ssh)},
+                                                            "defaults": self._baseline}
+                        self._disk_dirty = True
         return self._baseline
 
-    def _unhonoured(self, opts: dict[str, list[str]], origin: Mapping[str, str]) -> tuple[str, ...]:
-        base = self.baseline()
+    def _baseline_key(self) -> str:
+        return json.dumps([self.ssh, "defaults"])
+
+    def _baseline_from_disk(self) -> dict[str, list[str]] | None:
+        """OpenSSH's defaults as an earlier process asked them (they do not depend on any config)."""
+        if self._disk_path is None:
+            return None
+        with self._lock:
+            if self._disk is None:
+                self._disk = _read_cache(self._disk_path)
+            entry = self._disk.get(self._baseline_key())
+        try:
+            if entry["stamps"] != {self.ssh: _mtime(self.ssh)}:
+                return None
+            d = entry["defaults"]
+            if isinstance(d, dict) and all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                           for v in d.values()):
+                return d
+        except (KeyError, TypeError):
+            pass
+        return None
+
+    def _unhonoured(self, opts: dict[str, list[str]], origin: Mapping[str, str], files: list[str]) -> tuple[str, ...]:
         notes = []
-        for key, why in UNHONOURED.items():
-            if key in opts and opts[key] != base.get(key):
-                notes.append(self._note(key, " ".join(opts[key]), why, origin))
+        # An option no file ssh read names has OpenSSH's default: only when one does is the answer
+        # compared with the defaults (one more ssh -G, kept on disk), so most configs never ask them.
+        if mentions_any(files, UNHONOURED):
+            base = self.baseline()
+            for key, why in UNHONOURED.items():
+                if key in opts and opts[key] != base.get(key):
+                    notes.append(self._note(key, " ".join(opts[key]), why, origin))
         shk = (opts.get("stricthostkeychecking") or [""])[0].lower()
         if shk in STRICT_OFF:
             notes.append(self._note("stricthostkeychecking", shk,
@@ -556,10 +719,34 @@ def parse_g(text: str) -> dict[str, list[str]]:
     return opts
 
 
+_PROXYJUMP = re.compile(r"^[ \t]*ProxyJump(?:[ \t]*=[ \t]*|[ \t]+)([^\s#]+)", re.IGNORECASE | re.MULTILINE)
 _READING = re.compile(r"^debug1: Reading configuration data (.+)$")
 _INCLUDING = re.compile(r"^debug3: (.+) line (\d+): Including file (.+) depth \d+$")
 _APPLYING = re.compile(r"^debug1: (.+) line (\d+): Applying options for ")
-_KEYWORD = re.compile(r"^\s*([A-Za-z]+)\s*(?:=|\s|$)")
+_KEYWORD = re.compile(r'^\s*"?([A-Za-z]+)"?\s*(?:=|\s|$)')  # (OpenSSH takes a quoted keyword too)
+
+
+def mentions_any(files: Iterable[str], keys: Iterable[str]) -> bool:
+    """Whether any of ``files`` has a line whose keyword is one of ``keys`` (lower-case), in any
+    block, commented-out lines aside. A superset of what can apply (no rule of the grammar decided
+    here): False means none of these options can be set by these files."""
+    keys = set(keys)
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_READ + 1)
+        except OSError:
+            return True  # cannot tell: ask
+        if len(data) > MAX_CONFIG_READ:
+            return True
+        for raw in data.decode("utf-8", "replace").splitlines():
+            m = _ANY_KEYWORD.match(raw)
+            if m and m.group(1).lower() in keys:
+                return True
+    return False
+
+
+_ANY_KEYWORD = re.compile(r'^\s*"?([A-Za-z0-9]+)"?\s*(?:=|\s|$)')
 
 
 def provenance(log_text: str, main: str) -> tuple[list[str], dict[str, str]]:

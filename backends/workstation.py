@@ -38,6 +38,16 @@ def examples_dir() -> Path:
 
 
 @dataclass
+class RerunChanges:
+    """A rerun's command and environment after the changes, and each parameter change: (key, old, new, where)
+    with ``where`` "command" (rewritten in the command line) or ``LABDECK_PARAMS`` (for labdeck.config())."""
+
+    command: str
+    env: dict[str, str]
+    params: list[tuple[str, object, object, str]]
+
+
+@dataclass
 class InstanceListing:
     instances: list[Instance]
     errors: dict[str, str] = field(default_factory=dict)  # provider name -> message
@@ -172,6 +182,14 @@ class Workstation:
     async def provider_of(self, instance: str) -> Provider:
         listing = None
         if instance not in self._instance_provider:
+            # a provider whose instances are in the config (local, the team's SSH hosts) answers by name:
+            # `labdeck run --on gpu1` neither resolves nor connects to every other host first
+            for pname, p in self.providers.items():
+                has = getattr(p, "has_instance", None)
+                if has is not None and has(instance):
+                    self._instance_provider[instance] = pname
+                    break
+        if instance not in self._instance_provider:
             listing = await self.list_instances()
         name = self._instance_provider.get(instance)
         if name is None and listing is not None and listing.errors:
@@ -208,28 +226,61 @@ class Workstation:
                                  max_concurrent=max_concurrent, progress=progress, kind=kind, instance_info=info,
                                  run_kind=run_kind, params=params, secrets=secrets)
 
-    async def rerun(self, ref: str | Run) -> Run:
+    async def rerun(self, ref: str | Run, *, command: str | None = None, instance: str | None = None,
+                    env: dict[str, str] | None = None, name: str | None = None, sets: dict[str, str] | None = None) -> Run:
         """Run a run's command again, from its recorded code, as a child of it in lineage.
 
         ``ref`` may be the Run a person was shown and said yes to: that record is what runs, not one
         read again afterwards (its owner could have changed it meanwhile). Someone else's run is
         rerun from a copy of its recorded code on its instance, in a directory of yours: no git
-        command runs in their tree (its config can name programs: filters, fsmonitor)."""
+        command runs in their tree (its config can name programs: filters, fsmonitor).
+
+        With changes ("the same, but lr=3e-4"): ``command``, ``instance``, ``env`` and ``name`` replace
+        the run's; ``sets`` (key → value) are applied by :func:`backends.lineage.set_params` (in the
+        command where the key is written there, else through ``$LABDECK_PARAMS`` for ``labdeck.config()``).
+        The new run is a child of the old one (edge kind "rerun"); lineage shows the changed parameters."""
         old = ref if isinstance(ref, Run) else self.store.find_run(ref)
-        name = old.name if old.name.endswith("(rerun)") else f"{old.name or old.id[-8:].lower()} (rerun)"
+        plan = self.rerun_plan(old, command=command, env=env, sets=sets)
+        command, env = plan.command, plan.env
+        if name is None or not name.strip():
+            name = old.name if old.name.endswith("(rerun)") else f"{old.name or old.id[-8:].lower()} (rerun)"
+        instance = instance or old.instance
         transport = await self.transport(old.instance)
         if not is_own_run(self, old, await transport.runs_root()):
+            if instance != old.instance:
+                raise LabdeckError(f"{old.user}'s run {old.display_name} has its code on {old.instance}, not {instance}.",
+                                   f"Rerun it on {old.instance} (its code is copied there, in a directory of yours).")
             dest = f"{(await transport.runs_root()).rstrip('/')}/rerun-{new_id()}"
             workdir = await copy_code(transport, old, dest)
-            return await self.launch(old.command, instance=old.instance, workdir=workdir, env=old.env, name=name,
+            return await self.launch(command, instance=old.instance, workdir=workdir, env=env, name=name,
                                      parent=old.id, sync_code=False, kind="rerun")
         root = old.code.get("root")
         workdir = str(Path(root) / old.code.get("subdir", "")) if root else old.workdir
         if not Path(workdir).is_dir():
             raise LabdeckError(f"The code directory {workdir} of {old.display_name} is not on this machine.",
                                "Rerun it from the machine it was launched from.")
-        return await self.launch(old.command, instance=old.instance, workdir=workdir, env=old.env, name=name,
+        if instance != old.instance and not old.code:
+            raise LabdeckError(f"{old.display_name} ran in {workdir} on {old.instance} without a code snapshot.",
+                               f"Rerun it on {old.instance}, or start a new run on {instance} with labdeck run.")
+        return await self.launch(command, instance=instance, workdir=workdir, env=env, name=name,
                                  parent=old.id, sync_code=bool(old.code), kind="rerun")
+
+    def rerun_plan(self, old: Run, *, command: str | None = None, env: dict[str, str] | None = None,
+                   sets: dict[str, str] | None = None) -> "RerunChanges":
+        """What a rerun of ``old`` with these changes would run: its command and environment, and the parameter
+        changes (raises :class:`LabdeckError` for a ``--set`` key that would change nothing)."""
+        base = old.command if command is None or not command.strip() else command
+        env = dict(old.env if isinstance(old.env, dict) else {}) if env is None else dict(env)
+        recorded = old.params if isinstance(old.params, dict) else {}
+        new_command, env_params, changes = lineage.set_params(base, recorded, dict(sets or {}))
+        if env_params:
+            try:
+                before = json.loads(env.get(lineage.PARAMS_ENV, "") or "{}")
+            except ValueError:
+                before = {}
+            merged = {**(before if isinstance(before, dict) else {}), **env_params}
+            env[lineage.PARAMS_ENV] = json.dumps(merged, sort_keys=True)
+        return RerunChanges(new_command, env, changes)
 
     async def launch_example(self, instance: str = "local") -> Run:
         """Run the bundled quickstart example (numpy logistic regression) on ``instance``."""
@@ -305,7 +356,7 @@ class Workstation:
                 pass
             res = await transport.run(
                 f"cd {shlex.quote(run.run_dir)} 2>/dev/null && find . -type f ! -path './code/*' ! -path './lib/*' "
-                f"! -name '*.sh' ! -name 'pid' ! -name 'exit_code' ! -name '*_at' ! -name 'queued' ! -name 'output.log' "
+                f"! -name '*.sh' ! -name 'pid' ! -name 'host' ! -name 'exit_code' ! -name '*_at' ! -name 'queued' ! -name 'output.log' "
                 f"! -name 'metrics.jsonl' ! -name 'environment.json' 2>/dev/null | head -500", timeout=30)
             fields["artifacts"] = sorted(line[2:] for line in res.text().splitlines() if line.startswith("./"))
         fields = {k: v for k, v in fields.items() if getattr(run, k, None) != v}

@@ -52,13 +52,14 @@ def stop_local_agent(home: Path) -> None:
 
     if not (home / "data" / "agent").exists():
         return  # no agent was ever started here
-    needle = str(home / "data" / "agent" / "agent.py").encode()
+    needle = str(home / "data" / "agent").encode() + b"/"  # <agents dir>/<host id>/agent.py
     for attempt in range(2):
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                if needle in (proc / "cmdline").read_bytes():
+                cmd = (proc / "cmdline").read_bytes()
+                if needle in cmd and b"/agent.py\0" in cmd:
                     os.kill(int(proc.name), signal.SIGTERM)
             except (OSError, ProcessLookupError):
                 continue
@@ -150,3 +151,11 @@ def shared_dir():
                 os.chmod(p, 0o755)
         shutil.rmtree(d, ignore_errors=True)
         assert not d.exists()
+
+
+def node_host_id(node) -> str:
+    """The host id (backends/hostid.py) of a rig host, as worked out there by its own user, without SSH."""
+    from backends.hostid import HOST_ID_FN, check_host_id
+
+    res = node.run_as_user(HOST_ID_FN + "hostid", check=True)
+    return check_host_id(res.stdout.strip(), node.name)

@@ -652,6 +652,8 @@ Subsystem sftp internal-sftp
 class Rig:
     """A jump host and nodes in network namespaces, each with a real sshd. Build with :meth:`build`."""
 
+    shared_home = False  # SharedHomeRig: every node logs in as one Unix user with one home directory
+
     def __init__(self, index: int, n_nodes: int) -> None:
         if not 1 <= n_nodes <= MAX_NODES:
             raise ValueError(f"1..{MAX_NODES} nodes")
@@ -807,6 +809,14 @@ class Rig:
         # users, homes, host keys
         hosts = []
         for (name, user, addr), ns in zip(specs, self.netns):
+            first = next((h for h in hosts if h.name == "node1"), None) if self.shared_home else None
+            if first is not None:  # one home on every node (NFS): node1's user, uid and home directory
+                hdir = self.dir / "sshd" / name
+                hdir.mkdir(parents=True, mode=0o700)
+                h = Host(rig=self, name=name, ns=ns, addr=addr, user=first.user, uid=first.uid, home=first.home, dir=hdir)
+                keygen(h.host_key_path, f"{name}@{self.id}")
+                hosts.append(h)
+                continue
             home = self.dir / "home" / name
             home.mkdir(mode=0o755)
             self.users.append(user)
@@ -961,6 +971,15 @@ def _useradd(user: str, home: Path) -> None:
             raise RuntimeError(f"useradd {user}: {p.stderr.strip()}")
         time.sleep(0.05)
     raise RuntimeError(f"useradd {user}: /etc/passwd stays locked")
+
+
+class SharedHomeRig(Rig):
+    """A :class:`Rig` whose nodes share one Unix user and one home directory (node1's), as a lab's
+    NFS-mounted home: each node is still its own namespace with its own sshd and host key, and
+    the processes of every node are that one user's (killing the user's processes, or dropping
+    its SSH sessions, does it on every node). The jump host keeps its own user."""
+
+    shared_home = True
 
 
 def build_rig(n_nodes: int = 2, **kwargs) -> Rig:

@@ -9,6 +9,8 @@ Registered from ``tests/conftest.py`` with ``pytest_plugins = ["tests.rig_fixtur
 * ``fresh_rig`` (function): the session rig, :meth:`~tests.rig.Rig.reset` after the test
   (link up, sshd running, node users' processes killed, homes emptied, known_hosts reset).
 * ``ssh_server`` (function): a started :class:`tests.rig.LocalSSHServer` on 127.0.0.1.
+* ``shared_home_rig`` (module): a :class:`tests.rig.SharedHomeRig` -- two nodes, one Unix user and one
+  home directory (a lab's NFS home); skips like ``rig``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,23 @@ def ssh_client_key(tmp_path_factory: pytest.TempPathFactory):
 def rig(ssh_client_key):
     try:
         r = rigmod.Rig.build(2, client_key=ssh_client_key)
+    except rigmod.RigUnavailable as e:
+        reason = f"SSH rig unavailable: {e}"
+        if os.environ.get("LABDECK_REQUIRE_RIG") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    except Exception as e:  # noqa: BLE001 - a broken build is an error, not a skip
+        pytest.fail(f"SSH rig build failed: {e}", pytrace=False)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def shared_home_rig(ssh_client_key):
+    try:
+        r = rigmod.SharedHomeRig.build(2, client_key=ssh_client_key)
     except rigmod.RigUnavailable as e:
         reason = f"SSH rig unavailable: {e}"
         if os.environ.get("LABDECK_REQUIRE_RIG") == "1":

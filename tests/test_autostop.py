@@ -24,6 +24,7 @@ from backends import autostop
 from backends.runtime import autostop as daemon
 
 from . import rig as rigmod
+from .conftest import node_host_id
 from .test_ssh import make_ws
 
 WINDOW_MIN = 0.05  # 3 s
@@ -34,7 +35,8 @@ INTERVAL = 0.3
 # ---- helpers -----------------------------------------------------------------------
 
 def _dir(node) -> Path:
-    return node.home / ".labdeck" / "autostop"
+    """The node's autostop directory: ``~/.labdeck/autostop/<host id>`` (the id as the node works it out)."""
+    return node.home / ".labdeck" / "autostop" / node_host_id(node)
 
 
 def _state(node) -> dict | None:
@@ -249,7 +251,8 @@ async def test_garbage_state_single_daemon_disable_and_exit(home, fresh_rig) -> 
                                     gpu_source="none", python=rig.python)
         assert st2["pid"] == pid and _daemons(node.uid) == [pid]
         # a second start by hand exits at once (the lock), leaving the one daemon
-        res = node.run_as_user(f"{rig.python} .labdeck/autostop/autostop.py --dir .labdeck/autostop; echo rc=$?")
+        rel = _dir(node).relative_to(node.home)
+        res = node.run_as_user(f"{rig.python} {rel}/autostop.py --dir {rel}; echo rc=$?")
         assert "rc=0" in res.stdout and _daemons(node.uid) == [pid]
         # another script version running: ensure() replaces it, still one daemon
         (_dir(node) / "daemon.version").write_text("0ld\n")
@@ -267,6 +270,31 @@ async def test_garbage_state_single_daemon_disable_and_exit(home, fresh_rig) -> 
         (_dir(node) / "config.json").unlink()
         await _wait(lambda: not _daemons(node.uid), 3, "the daemon to exit")
         assert await autostop.read_state(t) is None and autostop.countdown(None) == "off"
+    finally:
+        await ws.close()
+
+
+
+async def test_a_daemon_of_the_layout_before_is_replaced_not_doubled(home, fresh_rig) -> None:
+    """A daemon started by an older labdeck in ~/.labdeck/autostop (one directory for every host
+    sharing the home) is stopped when this host's own is ensured: never two deciding at once."""
+    rig, node = fresh_rig, fresh_rig.host("node1")
+    ws = make_ws(home, rig)
+    try:
+        old = node.home / ".labdeck" / "autostop"
+        old.mkdir(parents=True)
+        (old / "autostop.py").write_bytes(autostop.SCRIPT_SOURCE)
+        (old / "config.json").write_text(json.dumps({"idle_minutes": 60, "enabled": False, "interval": INTERVAL,
+                                                     "runs_root": str(node.home / ".labdeck" / "runs"),
+                                                     "gpu_source": "none", "command": ["true"]}))
+        for p in (node.home / ".labdeck", old, old / "autostop.py", old / "config.json"):
+            os.chown(p, node.uid, -1)
+        node.run_as_user(f"setsid {rig.python} .labdeck/autostop/autostop.py --dir \"$HOME/.labdeck/autostop\" "
+                         "</dev/null >/dev/null 2>&1 &", check=True)
+        (old_pid,) = await _wait(lambda: _daemons(node.uid), 5, "the old-layout daemon")
+        t, st = await _ensure(ws, rig, node)
+        await _wait(lambda: _daemons(node.uid) == [st["pid"]], 5, "the old daemon to stop, leaving the new one")
+        assert st["pid"] != old_pid and (_dir(node) / "config.json").exists()
     finally:
         await ws.close()
 
@@ -326,6 +354,39 @@ def test_job_dirs_tickets_and_reused_pids(tmp_path: Path) -> None:
     (root / ".queue").mkdir()
     (root / ".queue" / "01WAIT").write_text(str(os.getpid()))
     assert daemon.job_activity([str(root)]) == (["job 01WAIT (queued)"], {})
+
+
+def test_only_this_hosts_runs_and_tickets_count_in_a_shared_home(tmp_path: Path) -> None:
+    """A home several hosts share: run directories and per-host queues of other hosts (or of an
+    earlier boot) keep nothing busy, even with a pid that is alive here."""
+    me, boot, other = "0123456789abcdef", "boot-1", "fedcba9876543210"
+    root = tmp_path / "runs"
+    mine, theirs, old = root / "01MINE", root / "01THEIRS", root / "01OLD"
+    for d in (mine, theirs, old):
+        d.mkdir(parents=True)
+        (d / "pid").write_text(str(os.getpid()))
+        (d / "started_at").write_text("x")
+    (mine / "host").write_text(f"{me} {boot}\n")
+    (theirs / "host").write_text(f"{other} {boot}\n")
+    # (01OLD: no host file, a run from before per-host state: its pid alone, as before)
+    assert daemon.job_activity([str(root)], me, boot) == (["job 01MINE", "job 01OLD"], {})
+    assert daemon.job_activity([str(root)], me, "boot-2") == (["job 01OLD"], {})  # after a reboot
+    assert daemon.job_activity([str(root)]) == (["job 01MINE", "job 01OLD", "job 01THEIRS"], {})  # an old config
+    for d in (mine, theirs, old):
+        (d / "exit_code").write_text("0")
+    q_me, q_other = root / ".hosts" / me, root / ".hosts" / other
+    for q in (q_me, q_other):
+        (q / "queue").mkdir(parents=True)
+        (q / "queue-notebook").mkdir()
+    (q_me / "queue" / "01WAIT").write_text(f"{os.getpid()} {me} {boot}\n")
+    (q_me / "queue" / "01ELSE").write_text(f"{os.getpid()} {other} {boot}\n")  # in my queue, but not mine
+    (q_other / "queue" / "01THEIRQ").write_text(f"{os.getpid()} {other} {boot}\n")
+    nb = root / "01NB"
+    nb.mkdir()
+    (nb / "pid").write_text(str(os.getpid()))
+    (nb / "host").write_text(f"{me} {boot}\n")
+    (q_me / "queue-notebook" / "01NB").write_text(f"{os.getpid()} {me} {boot}\n")
+    assert daemon.job_activity([str(root)], me, boot) == (["job 01WAIT (queued)"], {os.getpid(): "01NB"})
 
 
 class _FakeJupyter(http.server.BaseHTTPRequestHandler):

@@ -126,12 +126,16 @@ def test_config_shows_where_each_ssh_host_value_came_from(home: Path, tmp_path: 
         pytest.skip("needs OpenSSH's ssh (the authority on ssh_config)")
     cfg = tmp_path / "ssh_config"
     cfg.write_text("Host gpu-a\n  HostName 198.18.9.9\n  Port 2201\n  User bob\n  ProxyJump bastion\n"
-                   "Host bastion\n  HostName 198.18.9.1\n")
+                   "Host bastion\n  HostName 198.18.9.1\nHost gpu-bad\n  IdentityFile ~/.ssh/id_%Q\n")
     (home / "config.toml").write_text(
         f'[providers.lab]\ntype = "ssh"\nssh_config = "{cfg}"\n\n[providers.lab.hosts.gpu1]\nhost = "gpu-a"\n\n'
-        '[providers.lab.hosts.gpu2]\nhost = "198.18.9.10"\nuser = "alice"\njump = ["gpu1"]\n')
+        '[providers.lab.hosts.gpu2]\nhost = "198.18.9.10"\nuser = "alice"\njump = ["gpu1"]\n\n'
+        '[providers.lab.hosts.gpu3]\nhost = "gpu-bad"\n')
     res = labdeck(home, "config")
     assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    # a host OpenSSH's answer for cannot be used says why on its own row; the others are all there
+    assert "lab.gpu3 │ error │ IdentityFile '~/.ssh/id_%Q' has an unknown token %Q" in text, res.stdout
     rows = {tuple(c.strip() for c in line.split("│")[1:5]) for line in res.stdout.splitlines() if line.count("│") >= 5}
     assert ("lab.gpu1", "hostname", "198.18.9.9", f"{cfg}:2") in rows
     assert ("lab.gpu1", "port", "2201", f"{cfg}:3") in rows

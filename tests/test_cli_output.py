@@ -48,7 +48,7 @@ def readme_fields() -> dict[str, set[str]]:
                     top.append(ch)
                 depth -= ch == ")"
             out[m.group(1)] = set(re.findall(r"`(\w+)`", "".join(top)))
-    for cmd, base in (("runs", "ps"), ("show", "runs")):  # "the `ps` fields, and …"
+    for cmd, base in (("runs", "ps"), ("show", "runs"), ("rerun", "ps")):  # "the `ps` fields, and …"
         out[cmd] = (out[cmd] - {base}) | out[base]
     return out
 
@@ -72,7 +72,7 @@ def test_an_unknown_run_option_starts_nothing(home: Path, tmp_path: Path) -> Non
 # ---- --json ---------------------------------------------------------------------------------------
 def test_json_listings_have_the_documented_fields(home: Path, tmp_path: Path) -> None:
     documented = readme_fields()
-    assert set(documented) == {"ps", "runs", "show", "ls", "models", "sizes", "spend"}
+    assert set(documented) == {"ps", "runs", "show", "ls", "models", "sizes", "spend", "rerun"}  # rerun: tests/test_tables.py
     run_id = _run(home, tmp_path, "first", "sh", "-c", "echo 'loss=0.5'")
     for cmd, args in (("ps", ("ps", "-a")), ("runs", ("runs",)), ("show", ("show", "first")), ("ls", ("ls",)),
                       ("models", ("models",)), ("spend", ("spend",))):

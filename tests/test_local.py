@@ -398,12 +398,32 @@ async def test_a_refresh_between_the_kill_and_the_record_keeps_it_cancelled(work
     real_kill = jobs.kill_group
     seen = []
 
-    async def kill_then_refresh(transport, pgid, grace_seconds=10.0):
-        await real_kill(transport, pgid, grace_seconds)
+    async def kill_then_refresh(transport, pgid, grace_seconds=10.0, **kw):
+        where = await real_kill(transport, pgid, grace_seconds, **kw)
         seen.extend(await workstation.refresh_runs())  # what a concurrent refresh would record
+        return where
 
     monkeypatch.setattr(jobs, "kill_group", kill_then_refresh)
     done = await workstation.cancel(run.id)
     assert done.state == "cancelled" and done.state_reason.startswith("cancelled by")
     assert [r.state for r in seen if r.id == run.id] == ["cancelled"]  # the refresh saw it end, as cancelled
     assert workstation.store.find_run(run.id).state == "cancelled"
+
+
+def test_snapshot_skips_a_file_removed_while_it_is_taken(tmp_path: Path, monkeypatch) -> None:
+    """`labdeck run` from a shared directory (/tmp) where another program removes a file between
+    labdeck's listing and its read: that file is left out, no FileNotFoundError traceback."""
+    from backends import code
+
+    (tmp_path / "keep.py").write_text("print(1)\n")
+    (tmp_path / "gone.tmp").write_text("scratch\n")
+    real = code.HashCache.sha
+
+    def vanishing(self, p, st):
+        if p.name == "gone.tmp":
+            p.unlink()  # the other program wins the race: open() below meets a missing file
+        return real(self, p, st)
+
+    monkeypatch.setattr(code.HashCache, "sha", vanishing)
+    snap = code.snapshot(tmp_path)
+    assert set(snap.files) == {"keep.py"}

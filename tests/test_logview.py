@@ -371,5 +371,61 @@ async def test_without_a_path_the_workstation_tail_is_followed() -> None:
 
 def test_binding_ids() -> None:
     ids = {b.id for b in LogScreen.BINDINGS}
-    assert ids == {"log.close", "log.end", "log.home", "log.search", "log.next", "log.prev"}
+    assert ids == {"log.close", "log.end", "log.home", "log.search", "log.next", "log.prev", "log.wrap", "log.help"}
     assert all(b.tooltip for b in LogScreen.BINDINGS)
+
+
+# ---- wrap and horizontal scroll ---------------------------------------------------------
+async def test_wrap_toggles_and_long_lines_scroll_sideways_without_it(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    long = "".join(f"{i:03d}," for i in range(100))  # 400 characters, 100 numbered pieces
+    write_lines(path, ["first line", long, "short", "last line"])
+    app = LogApp(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: view_of(app).line_count == 4, what="the file")
+        view = view_of(app)
+        width = view.scrollable_content_region.width
+        rows = screen_text(app).splitlines()
+        assert rows[1].rstrip() == long[:width]  # cut at the edge, not wrapped
+        shown = {key: ab.binding.description for key, ab in app.screen.active_bindings.items() if ab.binding.show}
+        assert shown.get("w") == "Wrap" and shown.get("left") == "Pan"  # both are in the footer
+        await pilot.press("right", "right", "l")
+        await pilot.pause()
+        assert view.scroll_x == 3
+        assert screen_text(app).splitlines()[1].startswith(long[3:13])
+        assert "column 4" in status(app)
+        await pilot.press("h")
+        await pilot.pause()
+        assert view.scroll_x == 2
+
+        await pilot.press("w")
+        await wait_for(pilot, lambda: view.wrap, what="wrap on")
+        assert view.scroll_x == 0 and view.virtual_size.width == 0  # nothing to scroll sideways
+        rows = [r.rstrip() for r in screen_text(app).splitlines()]
+        pieces = [long[i:i + width] for i in range(0, len(long), width)]
+        expected = ["first line", *pieces, "short", "last line"]
+        assert len(pieces) > 1 and rows[:len(expected)] == expected
+        assert "wrap" in status(app)
+
+        await pilot.press("w")
+        await wait_for(pilot, lambda: not view.wrap, what="wrap off")
+        assert screen_text(app).splitlines()[1].rstrip() == long[:width]
+
+
+async def test_wrap_keeps_the_end_in_view_while_following(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    height = SIZE[1]
+    write_lines(path, [f"line {i}" for i in range(200)] + ["x" * 1000, "THE END"])
+    app = LogApp(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: view_of(app).line_count == 202, what="the file")
+        view = view_of(app)
+        await pilot.press("w")
+        await wait_for(pilot, lambda: view.wrap, what="wrap on")
+        rows = [r.rstrip() for r in screen_text(app).splitlines()]
+        assert rows[-1] == "THE END" and view.following  # the last line's rows end on the last screen row
+        assert rows[-2].startswith("x")
+        await pilot.press("g")
+        await pilot.pause()
+        assert screen_text(app).splitlines()[0].rstrip() == "line 0" and not view.following
+        assert height  # the view is shorter than the file: scrolling happened

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from backends.config import load_config
+from backends.hostid import host_id
 from backends.monitor import IDLE_UTIL, InstanceMonitor, stop_agent
 from backends.paths import Paths
 from backends.workstation import Workstation
@@ -137,8 +138,10 @@ async def test_local_agent_and_top(workstation: Workstation, tmp_path: Path) -> 
             await asyncio.sleep(0.5)
         last = workstation.monitor.instance("local").last
         assert n >= 2 and last["gpu_source"] in ("none", "nvitop", "nvidia-smi") and last["ncpu"] > 0
-        # the agent lives beside the runs directory, inside LABDECK_HOME
-        assert (Path(workstation.config.paths.data_dir) / "agent" / "samples.jsonl").exists()
+        # the agent lives beside the runs directory, inside LABDECK_HOME, in this host's own directory
+        hid, _ = await host_id(t)
+        assert (Path(workstation.config.paths.data_dir) / "agent" / hid / "samples.jsonl").exists()
+        assert last["host"] == hid
     finally:
         await stop_agent(t)
 
@@ -172,7 +175,7 @@ async def test_gpu_host_without_nvitop_bootstraps_a_venv_or_carries_on(workstati
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens: pip fails at once
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
     t = await workstation.transport("local")
-    d = Path(workstation.config.paths.data_dir) / "agent"
+    d = Path(workstation.config.paths.data_dir) / "agent" / (await host_id(t))[0]
     try:
         from backends.monitor import ensure_agent
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import notebooks
+from backends import notebooks, serving
 from backends.errors import LabdeckError
 from backends.workstation import Workstation
 
@@ -190,8 +190,29 @@ async def test_one_key_from_instances_and_stop_from_jobs(workstation: Workstatio
         await settle(pilot)
         table = app.query_one("#jobs-table", DataTable)
         assert str(table.get_row_at(0)[1]).startswith("notebook")
+        # shown again from Jobs (`i`), and from the CLI after the modal is gone: the same token, a URL that answers
+        token = serving.read_secret(workstation, f"notebook-{nb.id}")
+        await pilot.press("i")
+        await settle(pilot)
+        assert isinstance(app.screen, InfoScreen)
+        info = str(app.screen.query_one("#info-text").render())
+        assert f"Token: {token}" in info and "ssh -N -L" in info and f"127.0.0.1:{nb.port}/?token={token}" in info
+        await pilot.press("escape")
+        from .test_cli import labdeck
+
+        shown = await asyncio.to_thread(labdeck, workstation.config.paths.config_file.parent, "notebook", "--show", nb.job_id[-8:].lower(),
+                                        "--json")
+        assert shown.returncode == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        assert doc["token"] == token and doc["state"] == "running" and doc["port"] == nb.port
+        assert code_of(f"http://127.0.0.1:{nb.port}", token) == 200  # the instance URL works (this is local)
+        text = await asyncio.to_thread(labdeck, workstation.config.paths.config_file.parent, "notebook", "--show", nb.job_id)
+        assert text.returncode == 0 and f"Token: {token}" in text.stdout and "then open http://127.0.0.1:" in text.stdout
+        # cancelling names the Jupyter it stops, not the shell lines that load its token
         await pilot.press("x")
         assert isinstance(app.screen, ConfirmScreen)
+        detail = str(app.screen.query_one("#confirm-detail").render())
+        assert detail.startswith("jupyter ") and "rm -f" not in detail and ".env" not in detail, detail
         workstation.config.values["jobs"]["cancel_grace_seconds"] = 3.0
         await pilot.press("y")
         await settle(pilot)

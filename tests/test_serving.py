@@ -286,3 +286,69 @@ async def test_serve_a_run_whose_venv_is_on_no_path(workstation: Workstation, tm
     finally:
         await served.forward.close()
         await serving.stop(workstation, served.deployment.id)
+
+
+async def test_serve_detach_prints_lines_that_work_after_labdeck_exits(workstation: Workstation, trained,
+                                                                         home: Path) -> None:
+    """`labdeck serve RUN --detach`: after labdeck has exited, the printed curl line (run by the real
+    curl) gets an answer: it points at no forward labdeck closed, and its body has the model's real
+    input width (16 features, read from model.npz's header), not a guess."""
+    import json
+    import re
+    import shlex
+    import subprocess
+
+    import os
+    import shutil
+
+    from .test_cli import labdeck
+
+    if shutil.which("curl") is None:
+        if os.environ.get("LABDECK_REQUIRE_RIG") == "1":
+            pytest.fail("curl is not installed (Debian package curl; .ci/run installs it)")
+        pytest.skip("needs curl (Debian package curl)")
+    res = await asyncio.to_thread(labdeck, home, "serve", trained.id, "--detach", timeout=180)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    curl = next(line for line in out.splitlines() if "curl -s" in line)
+    argv = shlex.split(curl.split(":", 1)[1])
+    body = json.loads(argv[argv.index("-d") + 1])
+    assert body == {"x": [[0.0] * 16]}
+    assert "16 features" in out and "ssh -N -L" in out and "URL on the instance:  http://127.0.0.1:" in out
+    assert "forward is closed" in out
+    dep = serving.find(workstation, trained.name or trained.id[-8:].lower())
+    try:
+        assert f"127.0.0.1:{dep.port}/predict" in curl  # the server's own port: labdeck's forward is gone
+        answer = await asyncio.to_thread(subprocess.run, [*argv, "--max-time", "30"], capture_output=True, text=True,
+                                         timeout=60)
+        reply = json.loads(answer.stdout)
+        assert len(reply["prob"]) == 1 and reply["label"][0] in (0, 1), answer.stdout + answer.stderr
+        assert not re.search(r"\[\[0\.1, 0\.2\]\]", out)
+    finally:
+        await serving.stop(workstation, dep.id)
+
+
+async def test_input_width_is_read_from_the_file_not_by_loading_it(tmp_path: Path) -> None:
+    """.npz, stored or deflated, any member order: w's first axis; a pickle is never opened (None)."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    from backends.modelshape import example_body, input_width
+
+    async def width(name: str, data: bytes) -> int | None:
+        async def read(offset: int, n: int) -> bytes:
+            return data[offset:offset + n]
+        return await input_width(name, read)
+
+    for save in (np.savez, np.savez_compressed):
+        buf = io.BytesIO()
+        save(buf, b=np.float32(0.5), w=np.zeros(7, np.float32))
+        assert await width("m.npz", buf.getvalue()) == 7
+    buf = io.BytesIO()
+    np.savez(buf, other=np.zeros(3))  # no w: not the built-in loader's model
+    assert await width("m.npz", buf.getvalue()) is None
+    assert await width("m.npz", b"PK\x03\x04 not really a zip") is None
+    assert await width("model.pkl", pickle.dumps({"w": 1})) is None
+    assert example_body(3) == '{"x": [[0.0, 0.0, 0.0]]}' and example_body(None) is None

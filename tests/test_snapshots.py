@@ -62,3 +62,37 @@ def test_screenshots_are_current_on_any_day(tmp_path) -> None:
     assert written == sorted(p.name for p in (repo / "screenshots").glob("*.svg"))
     stale = [n for n in written if (tmp_path / n).read_bytes() != (repo / "screenshots" / n).read_bytes()]
     assert not stale, f"screenshots/ is not what `python3 -m tui.screenshots` writes now: {stale} (regenerate them)"
+
+
+SMALL = (80, 24)  # the smallest terminal labdeck is made for: every tab and every form must be usable in it
+SMALL_SHOTS = [
+    ("welcome", False, []),
+    ("instances", True, ["1"]),
+    ("jobs", True, ["2"]),
+    ("monitor", True, ["3"]),
+    ("lineage", True, ["4", "enter", "down"]),
+    ("models", True, ["5"]),
+    ("help", True, ["2", "question_mark"]),
+    ("help-lineage", True, ["4", "question_mark"]),
+    ("compare", True, ["4", "enter", "m", "down", "m", "c"]),
+    ("run-form", True, ["2", "n"]),
+    # Tab through every field to the buttons: the form scrolls so the focused one is on screen
+    ("run-form-buttons", True, ["2", "n", *["tab"] * 6]),  # command → … → Start
+    ("launch-cloud", True, ["1", "u"]),
+    ("launch-cloud-buttons", True, ["1", "u", *["tab"] * 6]),  # name → … → Launch
+    ("lineage-filter", True, ["4", "slash"]),
+]
+
+
+@pytest.mark.parametrize("name, with_runs, keys", SMALL_SHOTS, ids=[s[0] for s in SMALL_SHOTS])
+def test_snapshot_80x24(snap_compare, monkeypatch, name: str, with_runs: bool, keys: list[str]) -> None:
+    monkeypatch.chdir("/")  # the run form's working directory defaults to the current one: the same in every checkout
+    async def prepare(pilot) -> None:
+        await settle(pilot)
+        feed_monitor(pilot.app)
+        for key in keys:
+            await pilot.press(key)
+            await settle(pilot)
+
+    with demo_lock():
+        assert snap_compare(demo_app(with_runs=with_runs), run_before=prepare, terminal_size=SMALL)

@@ -346,3 +346,143 @@ def test_ssh_g_answers_are_reused_by_the_next_process_until_a_file_changes(tmp_p
     os.utime(tmp_path / "conf.d" / "jump", ns=(1, 1))  # a different mtime whatever the clock's resolution
     changed = SSHConfig(cfg, cache_file=cache).resolve("bastion")
     assert changed.hostname == "198.18.7.9" and len(calls) == 1
+
+
+def test_a_command_on_one_host_resolves_that_host_and_its_chain_only(tmp_path, tmp_path_factory,
+                                                                     monkeypatch) -> None:
+    """An ssh provider of many hosts asks OpenSSH nothing until a host is used; then only about that
+    host and its jump chain (the jump host prefetched beside it: one round of ssh -G, not two). A
+    listing resolves the rest, each host's answer as exact as one asked alone."""
+    import shutil
+    import subprocess as sp
+
+    import backends.sshconfig as sc
+    from backends.providers.ssh import HOST_FIELDS, SSHProvider
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    conf = tmp_path / "config"
+    conf.write_text("Host bastion\n  HostName 198.18.7.1\n  Port 2222\n"
+                    + "".join(f"Host gpu{i}\n  HostName 198.18.8.{i + 1}\n" for i in range(12))
+                    + "Host gpu*\n  ProxyJump bastion\n")
+    hosts = {f"gpu{i}": {k: f.default for k, f in HOST_FIELDS.items()} for i in range(12)}
+    opts = {"ssh_config": str(conf), "host_key_policy": "accept-new", "connect_timeout": 5.0, "hosts": hosts}
+    cache = tmp_path_factory.mktemp("cache") / "ssh-G.json"
+    asked: list[str] = []
+    real = sp.run
+    monkeypatch.setattr(sc.subprocess, "run",
+                        lambda argv, **kw: ("-vvv" in argv and asked.append(argv[-1])) or real(argv, **kw))
+    p = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")), ssh_cache=cache)
+    assert asked == []  # building the provider (every command does) asks nothing
+    spec = p.spec("gpu3")
+    assert sorted(asked) == ["bastion", "gpu3"]
+    assert (spec.hostname, [(j.hostname, j.port) for j in spec.jump]) == ("198.18.8.4", [("198.18.7.1", 2222)])
+    everything = p.resolve_all()
+    assert sorted(asked) == sorted(["bastion", *hosts])  # each once: gpu3 and bastion are not asked again
+    alone = {n: resolve_host(n, ssh_config=SSHConfig(conf)) for n in hosts}
+    assert everything == alone
+    asked.clear()  # the next command: every answer from the on-disk cache
+    again = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")), ssh_cache=cache)
+    assert again.resolve_all() == alone and asked == []
+
+
+async def test_a_host_openssh_cannot_resolve_is_one_unreachable_row(tmp_path) -> None:
+    """A host whose ssh_config answer labdeck cannot use is listed as unreachable, saying why; the
+    provider, the other hosts and the listing are not held up by it."""
+    import shutil
+
+    from backends.providers.ssh import HOST_FIELDS, SSHProvider
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    conf = tmp_path / "config"
+    conf.write_text("Host bad\n  IdentityFile ~/.ssh/id_%Q\n")
+    base = {k: f.default for k, f in HOST_FIELDS.items()}
+    opts = {"ssh_config": str(conf), "host_key_policy": "accept-new", "connect_timeout": 5.0,
+            "hosts": {"bad": dict(base)}}
+    p = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")))
+    try:
+        (inst,) = await p.list_instances()
+        assert inst.state == "unreachable" and "unknown token %Q" in inst.note
+        with pytest.raises(TransportError, match="unknown token %Q"):
+            p.transport("bad")
+        assert "bad" in p.specs and "nope" not in p.specs  # (membership asks the config, not OpenSSH)
+    finally:
+        await p.close()
+
+
+def test_the_defaults_are_asked_only_where_a_file_names_an_option_labdeck_cannot_honour(tmp_path, monkeypatch) -> None:
+    """OpenSSH's defaults (what a not-honoured option is compared with) cost one more ssh -G: asked only
+    where a file ssh read names such an option, an Included one too, and then it is still reported."""
+    import shutil
+    import subprocess as sp
+
+    import backends.sshconfig as sc
+
+    if shutil.which("ssh") is None:
+        pytest.skip("needs OpenSSH's ssh")
+    defaults = []
+    real = sp.run
+    monkeypatch.setattr(sc.subprocess, "run",
+                        lambda argv, **kw: ("/dev/null" in argv and defaults.append(argv)) or real(argv, **kw))
+    plain = tmp_path / "plain"
+    plain.write_text("Host gpu\n  HostName 198.18.7.2\n  User bob\n")
+    assert SSHConfig(plain).resolve("gpu").notes == () and defaults == []
+    (tmp_path / "extra.conf").write_text('Host gpu\n  "ForwardAgent" yes\n')  # (a quoted keyword: OpenSSH takes it)
+    included = tmp_path / "included"
+    included.write_text(f"Include {tmp_path}/extra.conf\nHost gpu\n  HostName 198.18.7.2\n")
+    notes = SSHConfig(included).resolve("gpu").notes
+    assert len(defaults) == 1 and any(f"{tmp_path}/extra.conf:2: ForwardAgent yes" in n for n in notes), notes
+
+
+def test_a_host_whose_ssh_g_hangs_costs_one_timeout_not_one_per_asker(tmp_path, monkeypatch) -> None:
+    """ssh -G that does not answer (a config read from a hung mount, say) is asked once: the spec's
+    prefetch round, its own resolution, a host that jumps through it and a thread that waited for it
+    get the same error, not a timeout each; a change of the config file asks again."""
+    import shutil
+    import subprocess as sp
+    import threading
+
+    import backends.sshconfig as sc
+    from backends.providers.ssh import HOST_FIELDS, SSHProvider
+
+    real_ssh = shutil.which("ssh")
+    if real_ssh is None:
+        pytest.skip("needs OpenSSH's ssh")
+    fake = tmp_path / "ssh"  # OpenSSH's own ssh, except that it hangs for the host "slow"
+    fake.write_text(f'#!/bin/sh\nfor a; do last=$a; done\n[ "$last" = slow ] && exec sleep 30\nexec {real_ssh} "$@"\n')
+    fake.chmod(0o755)
+    conf = tmp_path / "config"
+    conf.write_text("Host slow\n  HostName 198.18.9.1\nHost fast\n  HostName 198.18.9.2\n")
+    base = {k: f.default for k, f in HOST_FIELDS.items()}
+    opts = {"ssh_config": str(conf), "host_key_policy": "accept-new", "connect_timeout": 5.0,
+            "hosts": {"slow": dict(base), "fast": dict(base), "viaslow": {**base, "jump": ["slow"]}}}
+    asked: list[str] = []
+    real = sp.run
+    monkeypatch.setattr(sc.subprocess, "run", lambda argv, **kw: (asked.append(argv[-1]), real(argv, **kw))[1])
+    p = SSHProvider("lab", opts, pool=SSHPool(KnownHosts(tmp_path / "kh")))
+    p.ssh_config.ssh, p.ssh_config.timeout = str(fake), 0.5
+    with pytest.raises(TransportError, match="did not answer"):
+        p.spec("slow")
+    assert asked.count("slow") == 1, asked
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            p.spec("slow")
+        except TransportError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    with pytest.raises(TransportError, match="did not answer"):
+        p.spec("viaslow")
+    assert len(errors) == 3 and asked.count("slow") == 1, asked
+    assert p.spec("fast").hostname == "198.18.9.2"
+    os.utime(conf, ns=(1, 1))  # the config changed: asked again
+    with pytest.raises(TransportError, match="did not answer"):
+        p.spec("slow")
+    assert asked.count("slow") == 2, asked

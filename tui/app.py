@@ -19,7 +19,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from backends import clock
@@ -32,6 +32,7 @@ from backends.workstation import Workstation
 
 from .commands import LabdeckCommands
 from .format import rerun_plan, use_plan
+from .footer import LabdeckFooter
 from .forms import LaunchRequest, LaunchScreen
 from .messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunLaunched, RunsLoaded
 from .tabs import TabView
@@ -40,8 +41,8 @@ from .tabs.jobs import JobsTab
 from .tabs.lineage import LineageTab
 from .tabs.models import ModelsTab
 from .tabs.monitor import MonitorTab
-from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, TextPrompt,
-                      TryModelScreen, error_text)
+from .widgets import (CommandBar, ConfirmScreen, FilterBar, HelpScreen, InfoScreen, LineInput, LogScreen, SortTable,
+                      TextPrompt, TryModelScreen, error_text)
 
 log = logging.getLogger("labdeck.tui")
 
@@ -98,7 +99,14 @@ class LabdeckApp(App[None]):
                     yield cls()
         yield CommandBar()
         yield FilterBar()
-        yield Footer()
+        yield LabdeckFooter()
+
+    def get_system_commands(self, screen):
+        """Textual's palette commands, less its "Keys" panel: labdeck's own "Show keys" (`?`) lists this
+        tab's keys with their binding ids; two entries for one need were confusing."""
+        for command in super().get_system_commands(screen):
+            if command.title != "Keys":
+                yield command
 
     def top_line(self) -> Text:
         ws = self.workstation
@@ -157,7 +165,7 @@ class LabdeckApp(App[None]):
         keymap = self._keymap if hasattr(self, "_keymap") else {}
         if binding_id in keymap:
             return keymap[binding_id].split(",")[0]
-        for b in self.BINDINGS:
+        for b in [*self.BINDINGS, *(b for cls in TAB_CLASSES for b in cls.BINDINGS)]:  # the app's and the tabs'
             if isinstance(b, Binding) and b.id == binding_id:
                 return self.get_key_display(Binding(b.key.split(",")[0], b.action))
         return "?"
@@ -261,6 +269,30 @@ class LabdeckApp(App[None]):
                                     f"http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}\n\n"
                                     f"It shows in Jobs (x stops it) and stops by itself when idle."))
 
+    @work(group="info", exit_on_error=False)
+    async def show_run_info(self, run: Run) -> None:
+        """Jobs `i`: a notebook's URL, token and ssh line (shown once when it started, here again);
+        for a job, where it ran and what it ran."""
+        from backends import notebooks
+
+        if run.kind == "notebook":
+            acc = await notebooks.access(self.workstation, run)
+            here = self._forwards.get(acc.notebook.id)
+            lines = acc.lines()
+            if here is not None and acc.token:
+                lines.insert(1, f"Open here: http://127.0.0.1:{here.local_port}/?token={acc.token}")
+            self.push_screen(InfoScreen(f"Jupyter on {acc.notebook.instance}", "\n".join(lines)))
+            return
+        facts = [f"{run.display_name} · {run.id} · {run.user} · {run.state}"
+                 + (f" ({run.state_reason})" if run.state_reason else ""),
+                 f"on {run.instance} · run directory {run.run_dir or '–'}",
+                 f"$ {run.command}"]
+        if run.params:
+            facts.append("params: " + ", ".join(f"{k}={v}" for k, v in list(run.params.items())[:30]))
+        if run.parent:
+            facts.append(f"parent: {run.parent}")
+        self.push_screen(InfoScreen(f"Run {run.display_name}", "\n".join(facts)))
+
     def serve_run(self, run: Run, name: str | None = None) -> None:
         if run.user != self.workstation.user:
             self._ask_first(run, f"Serve {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
@@ -304,8 +336,17 @@ class LabdeckApp(App[None]):
             self.notify(f"{d.name} is {d.state}.", severity="warning")
             return
         url = await self._model_url(d)
+        from backends.modelshape import example_body
+
         key = serving.api_key(self.workstation, d.id) if d.user == self.workstation.user else None
-        body = '{"x": [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]}'
+        width = None
+        run = next((r for r in self.runs if r.id == d.run_id), None)
+        if run is not None and run.user == d.user and run.run_dir and d.model.endswith(".npz") and "/" not in d.model:
+            # the model's real input width, read from its file's header (nothing loaded); unknown: the server's
+            # answer to a one-feature row says what it expects
+            width = await serving.model_input_width(await self.workstation.transport(d.instance),
+                                                    f"{run.run_dir}/{d.model}")
+        body = example_body(width) or '{"x": [[0.0]]}'
         self.push_screen(TryModelScreen(d.name, url, key, body, d.id))
 
     def open_model_log(self, d: Deployment) -> None:
@@ -549,15 +590,24 @@ class LabdeckApp(App[None]):
                            b.tooltip or b.description, b.id or "")
 
         sections = []
-        if tab.BINDINGS:
-            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS))))
+        log_open = isinstance(self.screen, LogScreen)
+        if log_open:  # the log's own keys first (wrap, sideways scroll, search)
+            from .logview import LogView
+
+            sections.append(("Log", list(rows(LogScreen.BINDINGS)) + list(rows(b for b in LogView.BINDINGS if b.id))))
+        elif tab.BINDINGS or tab.HELP_NOTES:
+            sections.append((f"{tab.TITLE} tab", list(rows(tab.BINDINGS)) + [(k, d, "") for k, d in tab.HELP_NOTES]))
+        if tab.query(SortTable) and not log_open:
+            sections.append(("The table", list(rows(SortTable.BINDINGS))))
         sections.append(("Everywhere", list(rows(self.BINDINGS)) + [("ctrl+p", "Command palette", "")]))
-        self.push_screen(HelpScreen(f"Keys · {tab.TITLE}", sections))
+        self.push_screen(HelpScreen(f"Keys · {'the log' if log_open else tab.TITLE}", sections,
+                                    notes="" if log_open else tab.HELP_TEXT))
 
     def action_filter(self) -> None:
         bar = self.query_one(FilterBar)
         self.query_one(CommandBar).display = False
         bar.value = self.active_tab().filter_text
+        bar.placeholder = f"/filter: {self.active_tab().FILTER_HINT} (enter keeps it, escape clears)"
         bar.display = True
         bar.focus()
 
@@ -644,7 +694,9 @@ class LabdeckApp(App[None]):
         path = follower.local_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
-        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {run.command}",
+        from backends.notebooks import shown_command
+
+        self.push_screen(LogScreen(run.id, f"{run.display_name} · {run.state} · {run.instance} · {shown_command(run)}",
                                    path=path))
 
     def ask_annotation(self, run: Run, kind: str) -> None:
@@ -745,10 +797,40 @@ class LabdeckApp(App[None]):
         self._ask_first(run, f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you?",
                         rerun_plan(run, self.workstation.user), "Rerun", lambda: self._rerun(run))
 
+    def rerun_with_changes(self, run: Run) -> None:
+        """`R`: the run's command, instance, environment and parameters in a form; what is started is a child of
+        the run (kind "rerun") whose changed parameters lineage shows. Someone else's run is still shown and
+        asked about first, with the command and environment that would run."""
+        from .rerunform import RerunRequest, RerunScreen
+
+        instances = [i.name for i in self.instances_tab.listing.instances if i.state == "running"]
+
+        def answer(req: RerunRequest | None) -> None:
+            if req is None:
+                return
+            if run.user == self.workstation.user:
+                self._rerun(run, req)
+                return
+            try:
+                plan = self.workstation.rerun_plan(run, command=req.command, env=req.env, sets=req.sets)
+            except LabdeckError as e:
+                self.show_error(e)
+                return
+            self._ask_first(run, f"Rerun {plain_line(run.user)}'s run {plain_line(run.display_name)} as you, with changes?",
+                            rerun_plan(run, self.workstation.user, command=plan.command, env=plan.env), "Rerun",
+                            lambda: self._rerun(run, req))
+
+        self.push_screen(RerunScreen(run, instances, self.workstation.rerun_plan), answer)
+
     @work(group="launch", exit_on_error=False)
-    async def _rerun(self, run: Run) -> None:
-        self.notify(f"Rerunning {run.display_name} on {run.instance}…", timeout=2)
-        new = await self.workstation.rerun(run)  # the record shown is the one that runs
+    async def _rerun(self, run: Run, req=None) -> None:
+        where = req.instance if req is not None else run.instance
+        self.notify(f"Rerunning {run.display_name} on {where}…", timeout=2)
+        if req is None:
+            new = await self.workstation.rerun(run)  # the record shown is the one that runs
+        else:
+            new = await self.workstation.rerun(run, command=req.command, instance=req.instance, env=req.env,
+                                               name=req.name, sets=req.sets)
         self.post_message(RunLaunched(new))
 
     # ---- clouds ------------------------------------------------------------
@@ -861,15 +943,19 @@ class LabdeckApp(App[None]):
             self.notify(f"{run.display_name} belongs to {run.user}; only its owner can cancel it.", severity="warning")
             return
         if not (run.run_state.is_active or run.state == "lost"):
-            self.notify(f"{run.display_name} is already {run.state}.", severity="warning")
+            from backends.jobs import already_ended
+
+            self.notify(f"{run.display_name} {already_ended(run.state)}: there is nothing to cancel.", severity="warning")
             return
 
         def answer(yes: bool | None) -> None:
             if yes:
                 self.cancel_run(run)
 
+        from backends.notebooks import shown_command
+
         self.push_screen(ConfirmScreen(f"Cancel run {run.display_name}?",
-                                       f"{run.command}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
+                                       f"{shown_command(run)}\non {run.instance} · SIGTERM to its process group, SIGKILL after "
                                        f"{self.workstation.config.get('jobs', 'cancel_grace_seconds'):g}s",
                                        yes_label="Cancel run"), answer)
 
@@ -882,8 +968,11 @@ def all_binding_ids() -> set[str]:
     from .forms import UpScreen
     from .widgets import CompareScreen
 
-    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LaunchScreen, TextPrompt,
-                CompareScreen, TryModelScreen, InfoScreen, UpScreen):
+    from .logview import LogView
+    from .rerunform import RerunScreen
+
+    for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LogView, LaunchScreen, TextPrompt,
+                CompareScreen, TryModelScreen, InfoScreen, UpScreen, SortTable, RerunScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

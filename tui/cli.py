@@ -179,7 +179,11 @@ def _print_ssh_hosts(cfg) -> None:
         return
     rows = []
     for pname, prov in providers.items():
-        for hname, spec in sorted((getattr(prov, "specs", None) or {}).items()):
+        resolve_all = getattr(prov, "resolve_all", None)  # (every host's ssh -G at once; each error on its row)
+        for hname, spec in sorted((resolve_all() if resolve_all else {}).items()):
+            if isinstance(spec, LabdeckError):
+                rows.append((f"{pname}.{hname}", "error", spec.render(), ""))
+                continue
             origin = dict(spec.origin)
             chain = " → ".join(h.name for h in spec.jump)
             for key, value in (("hostname", spec.hostname), ("port", spec.port), ("user", spec.user),
@@ -333,7 +337,9 @@ def cancel_cmd(run: str, yes: bool) -> None:
     if not yes:
         if not sys.stdin.isatty():
             raise LabdeckError(f"Cancelling {r.display_name} needs confirmation.", "Run it in a terminal, or pass --yes.")
-        click.confirm(plain_line(f"Cancel run {r.display_name} ({r.command}) on {r.instance}?"), abort=True)
+        from backends.notebooks import shown_command
+
+        click.confirm(plain_line(f"Cancel run {r.display_name} ({shown_command(r)}) on {r.instance}?"), abort=True)
     done = asyncio.run(ws.cancel(r.id))
     console.print(f"cancelled {esc(done.display_name)}")
 
@@ -351,25 +357,86 @@ def _ask_first(r, what: str, plan: list[tuple[str, str]], doing: str, question: 
         click.confirm(question, abort=True, err=True)
 
 
-@cli.command("rerun")
+class _RerunCommand(click.Command):
+    """`labdeck rerun`: an unknown option is refused, with where a new command goes."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            e.message = (e.message.rstrip(".") + ". A new command goes after -- "
+                         "(labdeck rerun RUN -- python train.py --lr 3e-4); a parameter: --set lr=3e-4.")
+            raise
+
+
+@cli.command("rerun", cls=_RerunCommand)
 @click.argument("run")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Change a parameter (repeatable): rewritten in the command where it is written there "
+                   "(--lr 0.1, --lr=0.1, lr=0.1), else given to labdeck.config() through $LABDECK_PARAMS")
+@click.option("--on", "instance", default=None, help="Another instance (default: the run's)")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE",
+              help="Set an environment variable for the job (repeatable; the run's others are kept)")
+@click.option("--name", default=None, help="A name for the new run (default: the run's, with \"(rerun)\")")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
+@JSON
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @friendly
-def rerun_cmd(run: str, yes: bool) -> None:
-    """Run a run's command again, from its recorded code, as a child of it in lineage.
+def rerun_cmd(run: str, sets: tuple[str, ...], instance: str | None, envs: tuple[str, ...], name: str | None,
+              yes: bool, as_json: bool, command: tuple[str, ...]) -> None:
+    """Run a run again, from its recorded code, as a child of it in lineage; with changes if asked.
+
+    \b
+      labdeck rerun a1b2c3d4                       the same again
+      labdeck rerun a1b2c3d4 --set lr=3e-4         the same, but lr=3e-4
+      labdeck rerun a1b2c3d4 -- python train.py --lr 3e-4 --steps 900
+
+    --set rewrites the value where the command line has it (--lr 0.1, --lr=0.1 or lr=0.1; nothing else
+    in the command changes). A key the run recorded only through labdeck.config() (or a config file)
+    reaches the job in $LABDECK_PARAMS, which labdeck.config() applies to the dict it is given. Any
+    other key is refused: it would change nothing. Lineage shows the changes as the child's diff.
 
     A teammate's run is shown first (command, instance, code, environment): they wrote it, and it
     would run as you. It runs only after you say yes, or with --yes."""
+    import shlex
+
     from .format import rerun_plan
 
+    changes: dict[str, str] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LabdeckError(f"--set {item!r} is not KEY=VALUE.", "e.g. --set lr=3e-4")
+        changes[key.strip()] = value
     ws = _workstation()
     r = _find_run(ws, run)
+    env = dict(r.env if isinstance(r.env, dict) else {})
+    for item in envs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise LabdeckError(f"--env {item!r} is not KEY=VALUE.")
+        env[key] = value
+    cmd = None if not command else command[0] if len(command) == 1 else shlex.join(command)
+    plan = ws.rerun_plan(r, command=cmd, env=env, sets=changes)  # a --set that changes nothing stops here
     if r.user != ws.user:
-        _ask_first(r, "would run as you", rerun_plan(r, ws.user), "Rerunning", "Rerun it as you?", yes)
-    new = asyncio.run(ws.rerun(r))  # the record shown is the one that runs
+        _ask_first(r, "would run as you", rerun_plan(r, ws.user, command=plan.command, env=plan.env),
+                   "Rerunning", "Rerun it as you?", yes)
+    new = asyncio.run(ws.rerun(r, command=cmd, instance=instance, env=env, name=name, sets=changes))
     _follow_in_background(ws)
+    if as_json:
+        from .clijson import run_summary
+
+        print_json({**run_summary(new), "changes": [{"key": k, "old": o, "new": n, "where": w}
+                                                    for k, o, n, w in plan.params]})
+        return
+    for k, o, n, w in plan.params:
+        where = "in the command" if w == "command" else f"through ${w} (for labdeck.config())"
+        console.print(f"{esc(k)}: {esc(str(o))} → {esc(str(n))}  [dim]{where}[/]", highlight=False)
+    if cmd is not None or plan.command != r.command:
+        console.print(f"[dim]$ {esc(plan.command)}[/]", highlight=False)
     verb = "started" if new.state == "running" else "queued"
-    console.print(f"{verb} [bold]{esc(new.id)}[/] ({esc(new.display_name)}) on {esc(new.instance)}, pid {new.pid}")
+    console.print(f"{verb} [bold]{esc(new.id)}[/] ({esc(new.display_name)}) on {esc(new.instance)}, pid {new.pid}, "
+                  f"a child of {esc(r.display_name)}")
 
 
 @cli.command("logs")
@@ -926,16 +993,12 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
         _follow_in_background(ws)
         d = served.deployment
-        console.print(f"[bold]{esc(d.name)}[/] is up: {esc(d.url)}/predict  (instance {esc(d.instance)}:{d.port})", highlight=False)
-        console.print(f"API key (shown once here; kept in a 0600 file of yours): {served.api_key}", highlight=False)
-        console.print(f"from a laptop:  {esc(served.ssh_line)}", highlight=False)
-        console.print(f"""try it:  curl -s -H 'X-API-Key: {served.api_key}' -H 'Content-Type: application/json' """
-                      f"""-d '{{"x": [[0.1, 0.2]]}}' {d.url}/predict""", highlight=False)
+        lines = serving.usage_lines(served, detached=detach, local=await serving.is_this_machine(ws, d.instance))
+        for label, text in lines:
+            console.print(f"{label}{esc(text)}" if label else esc(text), highlight=False, soft_wrap=True)
         if detach:
             await served.forward.close()
-            console.print(f"[dim]the forward is closed; the server keeps running (labdeck unserve {esc(d.name)})[/]")
             return
-        console.print("[dim]forwarding; ctrl+c closes the forward (the server keeps running)[/]")
         try:
             while True:
                 await asyncio.sleep(3600)
@@ -956,15 +1019,30 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
 @click.option("--idle", default=120.0, show_default=True, help="Minutes without activity after which Jupyter stops itself")
 @click.option("--detach", is_flag=True, help="Return at once; reach it with the printed ssh -L line")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask (someone else's run is otherwise shown and asked about first)")
+@click.option("--show", "show", default=None, metavar="NOTEBOOK",
+              help="Start nothing: show a notebook's URL, token and ssh line again (its run's id, suffix or name)")
+@JSON
 @friendly
 def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None, port: int, idle: float, detach: bool,
-                 yes: bool) -> None:
-    """JupyterLab (or jupyter-server) on an instance, through the SSH chain, with a fresh token."""
+                 yes: bool, show: str | None, as_json: bool) -> None:
+    """JupyterLab (or jupyter-server) on an instance, through the SSH chain, with a fresh token.
+
+    --show NOTEBOOK prints how to reach one that is running again (with --json: one object)."""
     from backends import notebooks
 
     from .format import use_plan
 
     ws = _workstation()
+    if show is not None:
+        acc = asyncio.run(notebooks.access(ws, show))
+        if as_json:
+            print_json(acc.to_dict())
+        else:
+            for line in acc.lines():
+                console.print(esc(line), highlight=False, soft_wrap=True)
+        return
+    if as_json:
+        raise click.UsageError("--json goes with --show (starting a notebook prints lines to read, not JSON)")
     r = ws.store.find_run(run_ref) if run_ref else None
     if r is not None and r.user != ws.user:
         _ask_first(r, "would be opened by you", use_plan(r, ws.user, "notebook"), "Opening a notebook on",

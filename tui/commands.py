@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.content import Content
 from textual.fuzzy import Matcher
@@ -36,6 +37,12 @@ class LabdeckCommands(Provider):
             ("Filter the current list", "Same as /", app.action_filter),
             ("Quit labdeck", "Jobs keep running on their instances", app.action_quit),
         ]
+        tab = app.active_tab()
+        for b in tab.BINDINGS:  # the current tab's actions, as its footer and `?` name them ("serve" finds Serve)
+            if isinstance(b, Binding) and tab.check_action(b.action, ()) is not False:
+                key = app.key_of(b.id) if b.id else b.key
+                out.append((f"{tab.TITLE}: {b.description} ({key})", b.tooltip or b.description,
+                            partial(tab.run_action, b.action)))
         jobs = app.jobs_tab
         for run in jobs.runs[:200]:
             out.append((plain_line(f"Logs of {run.display_name} ({run.state}, {run.user})"), plain_line(run.command[:200])[:80],

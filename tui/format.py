@@ -122,9 +122,10 @@ def use_plan(run, me: str, action: str) -> list[tuple[str, str]]:
     return lines
 
 
-def rerun_plan(run, me: str) -> list[tuple[str, str]]:
+def rerun_plan(run, me: str, *, command: str | None = None, env: dict | None = None) -> list[tuple[str, str]]:
     """What a rerun of someone else's ``run`` would do, as (label, plain text) lines: the TUI and the CLI
-    show these before rerunning it (their command, environment and code would run as ``me``).
+    show these before rerunning it (their command, environment and code would run as ``me``); ``command``
+    and ``env``: a rerun with changes (the command and environment that would run instead of theirs).
     Mirrors :meth:`backends.workstation.Workstation.rerun`: a copy of the run's recorded code on its
     instance, in a directory of yours."""
     code = run.code if isinstance(run.code, dict) else {}
@@ -132,9 +133,11 @@ def rerun_plan(run, me: str) -> list[tuple[str, str]]:
     source = (f"a copy of {where} on {run.instance}, made into a directory of yours"
               + (f" (recorded at commit {str(code['commit'])[:12]}" + (" + uncommitted changes)" if code.get("dirty") else ")")
                  if code.get("commit") else ""))
-    lines = [("command", plain(run.command)), ("instance", plain_line(run.instance)),
+    changed = command is not None and command != run.command
+    lines = [("command", plain(command if changed else run.command) + (f"   (theirs: {plain(run.command)})" if changed else "")),
+             ("instance", plain_line(run.instance)),
              ("code", plain_line(source)), ("owner", f"{plain_line(run.user)} (it runs as you, {plain_line(me)})")]
-    env = run.env if isinstance(run.env, dict) else {}
+    env = env if env is not None else run.env if isinstance(run.env, dict) else {}
     if env:
         lines.append(("environment", plain_line(" ".join(f"{k}={v}" for k, v in sorted(env.items(), key=str)))))
     return lines

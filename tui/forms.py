@@ -10,7 +10,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
@@ -59,12 +59,18 @@ def parse_env(text: str) -> dict[str, str]:
     return env
 
 
+FORM_CSS = """
+#launch-dialog { max-width: 100%; max-height: 100%; height: auto; overflow-y: auto; }
+#launch-dialog Checkbox { max-width: 100%; }
+"""
+
+
 class LaunchScreen(ModalScreen[LaunchRequest | None]):
     """Instance, command, working directory, environment, secrets, name; enter or ctrl+s starts it."""
 
-    # fits an 80x24 terminal: never wider or taller than the screen (it scrolls inside instead)
-    DEFAULT_CSS = """
-    LaunchScreen #launch-dialog { max-width: 100%; max-height: 100%; overflow-y: auto; }
+    # fits an 80x24 terminal: never wider or taller than the screen; it scrolls inside instead, and a
+    # focused field (Tab, or an error sending focus back) is scrolled into view (FORM_CSS)
+    DEFAULT_CSS = FORM_CSS + """
     LaunchScreen #launch-env-row { height: auto; }
     LaunchScreen #launch-env-row > Vertical { width: 1fr; height: auto; }
     """
@@ -83,7 +89,7 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
 
     def compose(self) -> ComposeResult:
         d = self.defaults
-        with Vertical(id="launch-dialog"):
+        with VerticalScroll(id="launch-dialog"):
             yield Label("Run a command on an instance", id="launch-title")
             yield Label("Instance")
             yield Select([(cell(i), i) for i in self.instances], value=d["instance"], allow_blank=False, id="launch-instance")
@@ -102,8 +108,8 @@ class LaunchScreen(ModalScreen[LaunchRequest | None]):
                                         "through a 0600 file; only the names are recorded")
             yield Label("Name (optional)")
             yield Input(d["name"], id="launch-name")
-            yield Checkbox("Snapshot and sync the code (off: run in the directory as it is on the instance)", True,
-                           id="launch-sync")
+            yield Checkbox("Snapshot and sync the code (off: use the directory as is there)", True, id="launch-sync",
+                           tooltip="Off: run in the working directory as it is on the instance, with nothing synced")
             yield Static("", id="launch-error", classes="errors")
             with Horizontal(id="launch-buttons"):
                 yield Button("Start (ctrl+s)", variant="primary", id="launch-start")
@@ -176,6 +182,8 @@ class UpRequest:
 class UpScreen(ModalScreen[UpRequest | None]):
     """Launch a cloud instance: provider, name, size (GPUs, $/hr), image, spot, autostop (Instances, `u`)."""
 
+    DEFAULT_CSS = FORM_CSS
+
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", id="up.cancel"),
         Binding("ctrl+s", "submit", "Launch", id="up.submit", tooltip="Launch the instance"),
@@ -191,7 +199,7 @@ class UpScreen(ModalScreen[UpRequest | None]):
     def compose(self) -> ComposeResult:
         first = next(iter(self.providers))
         p = self.providers[first]
-        with Vertical(id="launch-dialog"):
+        with VerticalScroll(id="launch-dialog"):
             yield Label("Launch a cloud instance", id="launch-title")
             yield Label("Provider")
             yield Select([(cell(f"{n} ({q.type}, {q.region})"), n) for n, q in self.providers.items()], value=first,
@@ -205,7 +213,7 @@ class UpScreen(ModalScreen[UpRequest | None]):
             yield Input("", placeholder=str(p.options["image"]), id="up-image")
             with Horizontal(id="up-row"):
                 yield Checkbox("Spot (EC2)", False, id="up-spot", tooltip="Cheaper; the provider can take it back")
-                yield Label("  Autostop after idle minutes ")
+                yield Label(" Autostop (idle min) ")
                 yield Input(f"{float(p.options['autostop_minutes']):g}", id="up-autostop", classes="short")
                 yield Select([("stop", "stop"), ("terminate", "terminate")], value=str(p.options["autostop_action"]),
                              allow_blank=False, id="up-action")

@@ -301,8 +301,8 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
     BINDINGS = [
         Binding("up,k", "scroll_up", "Up", show=False),
         Binding("down,j", "scroll_down", "Down", show=False),
-        Binding("left,h", "scroll_left", "Left", show=False),
-        Binding("right,l", "scroll_right", "Right", show=False),
+        Binding("left,h", "scroll_left", "Pan", key_display="←→", id="log.left", tooltip="Scroll long lines left (without wrap)"),
+        Binding("right,l", "scroll_right", "Right", show=False, id="log.right", tooltip="Scroll long lines right (without wrap)"),
         Binding("pageup,b", "page_up", "Page up", show=False),
         Binding("pagedown,space", "page_down", "Page down", show=False),
         Binding("ctrl+pageup", "page_left", "Page left", show=False),
@@ -332,6 +332,8 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
     COMPONENT_CLASSES = {"logview--match-line", "logview--match", "logview--cut"}
 
     following: var[bool] = var(True)
+    wrap: var[bool] = var(False)
+    """Long lines continue on the next rows instead of running off to the right (no horizontal scroll then)."""
 
     class StatusChanged(Message):
         """The status line (position, following, search) changed."""
@@ -395,6 +397,8 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         self.match_total: int | None = None
         self.match_wrapped = False
         self.first_paint: float | None = None  # perf_counter() of the first rendered line of text (benchmarks)
+        self._layout: list[tuple[int, int]] | None = None  # with wrap: screen row -> (line, first cell), per paint
+        self._layout_key: tuple = ()
 
     # ---- public state ----------------------------------------------------
     @property
@@ -581,7 +585,7 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
                 self.match_line += shift
         old_y = self.scroll_y
         self._line_count = count
-        self.virtual_size = Size(self._max_width, count)
+        self.virtual_size = Size(self._virtual_width(), count)
         if self.following:
             self._scroll_end()
         elif shift:
@@ -610,6 +614,12 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
         self._update_status()
 
     def watch_following(self) -> None:
+        self._update_status()
+        if self.wrap:
+            self.refresh()
+
+    def watch_scroll_x(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_x(old_value, new_value)
         self._update_status()
 
     def on_resize(self) -> None:
@@ -668,15 +678,65 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
                 self.call_later(self._apply_width)
         return line
 
+    def _virtual_width(self) -> int:
+        return 0 if self.wrap else self._max_width
+
     def _apply_width(self) -> None:
         self._width_pending = False
-        self.virtual_size = Size(self._max_width, self._line_count)
+        self.virtual_size = Size(self._virtual_width(), self._line_count)
+
+    def watch_wrap(self, wrap: bool) -> None:
+        self.virtual_size = Size(self._virtual_width(), self._line_count)
+        if wrap:
+            self._set_scroll(x=0)
+        if self.following:
+            self._scroll_end()
+        self.refresh()
+        self._update_status()
+
+    def render_lines(self, crop):
+        self._layout = None  # with wrap, laid out once per paint (from the top line, or up from the end)
+        return super().render_lines(crop)
+
+    def _wrap_layout(self) -> list[tuple[int, int]]:
+        """(line, first cell) of each screen row with wrap on: from the top line down; while following the end,
+        from the last line up, so that the end is on screen however long the last lines are."""
+        region = self.scrollable_content_region  # without the scrollbar: no text hides under it
+        width = max(1, region.width)
+        height = max(1, region.height)
+        count = self._line_count
+        top = int(self.scroll_y)
+
+        def rows_of(n: int) -> list[tuple[int, int]]:
+            text, marker, _ = self._line(n)
+            cells = cell_len(text) + len(marker)
+            return [(n, x) for x in range(0, max(cells, 1), width)]
+
+        rows: list[tuple[int, int]] = []
+        if count and self.following:
+            n = count - 1
+            while n >= 0 and len(rows) < height:
+                rows[:0] = rows_of(n)
+                n -= 1
+            return rows[-height:]
+        n = top
+        while n < count and len(rows) < height:
+            rows.extend(rows_of(n))
+            n += 1
+        return rows[:height]
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         n = scroll_y + y
         width = self.size.width
         base_style = self.rich_style
+        if self.wrap:
+            layout_key = (scroll_y, self.scrollable_content_region.size, self._line_count, self.following)
+            if self._layout is None or layout_key != self._layout_key:
+                self._layout, self._layout_key = self._wrap_layout(), layout_key
+            if y >= len(self._layout):
+                return Strip.blank(width, base_style)
+            n, scroll_x = self._layout[y]
         if n >= self._line_count:
             return Strip.blank(width, base_style)
         key = (n, n == self.match_line, self.search_query if self.search_state == "found" else "")
@@ -845,6 +905,10 @@ class LogView(ScrollView, can_focus=True, inherit_bindings=False):
                 pct = f" · indexing {progress:.0%}" if progress is not None else " · indexing"
                 parts.append(Text(f"line {current + 1:,} of the last {count:,}{pct}"))
         parts.append(Text("following", style="bold green") if self.following else Text("paused", style="bold yellow"))
+        if self.wrap:
+            parts.append(Text("wrap"))
+        elif self.scroll_x:
+            parts.append(Text(f"column {int(self.scroll_x) + 1:,}"))
         q = self.search_query
         if self.search_state == "waiting":
             parts.append(Text(f"“{q}”: waiting for the index …"))

@@ -12,6 +12,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Input, Label, Static
@@ -63,21 +64,24 @@ class HelpScreen(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,q,question_mark,f1", "app.pop_screen", "Close", id="help.close")]
 
-    def __init__(self, title: str, sections: Sequence[tuple[str, Iterable[tuple[str, str, str]]]]) -> None:
+    def __init__(self, title: str, sections: Sequence[tuple[str, Iterable[tuple[str, str, str]]]], notes: str = "") -> None:
         super().__init__()
         self.title_text = title
         self.sections = sections
+        self.notes = notes  # a paragraph under the first section (a tab's filter syntax), wrapped to the width
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-dialog"):
             yield Label(safe(self.title_text), id="help-title")
-            for heading, rows in self.sections:
+            for n, (heading, rows) in enumerate(self.sections):
                 table = DataTable(show_cursor=False, zebra_stripes=True)
-                table.add_columns("key", "does", Text("binding id (remap under [keys])"))
+                table.add_columns("key", "does", Text("binding id"))  # the foot says how to remap one
                 for key, desc, bid in rows:
                     table.add_row(Text(key, style="bold"), desc, bid)
                 yield Label(heading, classes="help-heading")
                 yield table
+                if n == 0 and self.notes:
+                    yield Static(Text(self.notes), classes="help-notes")
             yield Static(Text('Remap any key in the config file, e.g.  [keys]  "jobs.cancel" = "ctrl+k"'), classes="help-foot")
 
 
@@ -121,6 +125,8 @@ class LogScreen(ModalScreen[None]):
         Binding("slash", "search", "Search", id="log.search", tooltip="Find text in the whole log (ignores case)"),
         Binding("n", "next", "Next", id="log.next", tooltip="Next match"),
         Binding("N", "prev", "Prev", id="log.prev", tooltip="Previous match"),
+        Binding("w", "wrap", "Wrap", id="log.wrap", tooltip="Wrap long lines (off: ←/→ or h/l scroll them)"),
+        Binding("question_mark,f1", "app.help", "Help", id="log.help", tooltip="The log's keys"),
     ]
 
     DEFAULT_CSS = """
@@ -223,6 +229,9 @@ class LogScreen(ModalScreen[None]):
     def action_prev(self) -> None:
         self.view.search_previous()
 
+    def action_wrap(self) -> None:
+        self.view.wrap = not self.view.wrap
+
     def action_end(self) -> None:
         self.view.scroll_to_end()
 
@@ -230,12 +239,183 @@ class LogScreen(ModalScreen[None]):
         self.view.scroll_to_top()
 
 
-def sync_table(table: DataTable, rows: list[tuple[str, Sequence]]) -> None:
-    """Make ``table`` show ``rows`` (key, cells), touching only what changed and keeping the cursor.
+SORT_ARROWS = (" ▲", " ▼")
+
+
+def _sort_value(v):
+    """A cell's sort value, comparable across rows: numbers before text (text ignores case); ``None`` is missing."""
+    if isinstance(v, bool):
+        return (0, float(v))
+    if isinstance(v, (int, float)):
+        return (0, float(v)) if v == v else None  # NaN sorts as missing
+    if v is None or v == "" or v == "–":
+        return None
+    return (1, str(v).lower())
+
+
+class SortTable(DataTable):
+    """A row-cursor table with the manners of k9s, lazygit and htop.
+
+    * ``>`` / ``<`` pick the next / previous sort column (after the last comes the tab's own order again), ``I``
+      inverts it; the sorted column's header shows ▲ or ▼. Rows sort by the real value the tab gives for each
+      cell (seconds, dollars, times), not by the text shown; a missing value sorts last either way.
+    * ``g``/Home and ``G``/End jump to the first and last row.
+    * Columns fit their content as rows change (they grow and shrink), each up to a maximum; longer text ends
+      in "…".
+
+    The sort, the cursor's row and the widths survive every refresh: rows come through :func:`sync_table`.
+    """
+
+    BINDINGS = [
+        Binding("greater_than_sign", "sort(1)", "Sort", id="table.sort", tooltip="Sort by the next column (then the tab's own order)"),
+        Binding("less_than_sign", "sort(-1)", "Sort back", show=False, id="table.sort_back", tooltip="Sort by the previous column"),
+        Binding("I", "invert", "Invert", id="table.invert", tooltip="Invert the sort order"),
+        Binding("g,home", "first", "First", show=False, id="table.first", tooltip="Jump to the first row"),
+        Binding("G,end", "last", "Last", show=False, id="table.last", tooltip="Jump to the last row"),
+    ]
+
+    DEFAULT_MAX_WIDTH = 40
+
+    def __init__(self, columns: Sequence[str], *, max_widths: dict[str, int] | None = None,
+                 descending: Iterable[str] = (), **kwargs) -> None:
+        kwargs.setdefault("cursor_type", "row")
+        kwargs.setdefault("zebra_stripes", True)
+        super().__init__(**kwargs)
+        self.labels = tuple(columns)
+        self.max_widths = {c: (max_widths or {}).get(c, self.DEFAULT_MAX_WIDTH) for c in self.labels}
+        self.descending_first = set(descending)  # numbers a user wants biggest first (cost, duration)
+        self.sort_column: int | None = None  # None: the order the tab gives
+        self.sort_reverse = False
+
+    def on_mount(self) -> None:
+        self.add_columns(*self.labels)
+
+    # ---- sorting ---------------------------------------------------------
+    @property
+    def sort_label(self) -> str:
+        """"Duration ▼", or "" when the tab's own order is shown."""
+        if self.sort_column is None:
+            return ""
+        return self.labels[self.sort_column] + SORT_ARROWS[self.sort_reverse]
+
+    def order(self, rows: list[tuple[str, Sequence]], values: dict[str, Sequence] | None) -> list[tuple[str, Sequence]]:
+        """``rows`` in the chosen sort order (equal values by row key; missing values last, newest first)."""
+        col = self.sort_column
+        if col is None:
+            return rows
+        values = values or {}
+
+        def value(row):
+            vals = values.get(row[0])
+            v = vals[col] if vals is not None and col < len(vals) else row[1][col]
+            if vals is None:
+                v = v.plain if isinstance(v, Text) else v
+            return _sort_value(v)
+
+        keyed = [(value(r), r) for r in rows]
+        present = [(v, r) for v, r in keyed if v is not None]
+        # ties by row key (ids are time-ordered): the same order whatever order a refresh reads the rows in
+        present.sort(key=lambda p: (p[0], p[1][0]), reverse=self.sort_reverse)
+        return [r for _, r in present] + sorted((r for v, r in keyed if v is None), key=lambda r: r[0], reverse=True)
+
+    def _resort(self) -> None:
+        self._show_arrow()
+        self.post_message(self.SortChanged(self))  # the tab redraws its rows (TabView does on this message)
+
+    def _show_arrow(self) -> None:
+        for i, (key, column) in enumerate(self.columns.items()):
+            label = self.labels[i] + (SORT_ARROWS[self.sort_reverse] if i == self.sort_column else "")
+            if column.label.plain != label:
+                column.label = Text(label)
+        self._fit()
+
+    def action_sort(self, step: int) -> None:
+        n = len(self.labels)
+        states = [None, *range(n)]
+        self.sort_column = states[(states.index(self.sort_column) + step) % len(states)]
+        self.sort_reverse = self.sort_column is not None and self.labels[self.sort_column] in self.descending_first
+        self._resort()
+
+    def action_invert(self) -> None:
+        if self.sort_column is None:
+            self.app.notify(f"Press {self.app.get_key_display(Binding('greater_than_sign', ''))} to pick a column to sort by first.",
+                            severity="warning", timeout=3)
+            return
+        self.sort_reverse = not self.sort_reverse
+        self._resort()
+
+    def sort_by(self, label: str, reverse: bool = False) -> None:
+        """Sort by the column titled ``label`` (tests, and a tab that wants a default)."""
+        self.sort_column, self.sort_reverse = self.labels.index(label), reverse
+        self._resort()
+
+    class SortChanged(Message):
+        """The sort column or its direction changed (tabs redraw their status line)."""
+
+        def __init__(self, table: "SortTable") -> None:
+            super().__init__()
+            self.table = table
+
+        @property
+        def control(self) -> "SortTable":
+            return self.table
+
+    # ---- jumping ---------------------------------------------------------
+    def action_first(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=0, animate=False)
+
+    def action_last(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1, animate=False)
+
+    # ---- widths ------------------------------------------------------------
+    def cap(self, col: int, value: Text) -> Text:
+        """A cell cut to its column's maximum, ending in "…"."""
+        limit = self.max_widths.get(self.labels[col], self.DEFAULT_MAX_WIDTH) if col < len(self.labels) else self.DEFAULT_MAX_WIDTH
+        if value.cell_len <= limit:
+            return value
+        cut = value.copy()
+        cut.truncate(limit, overflow="ellipsis")
+        return cut
+
+    def _fit(self, rows: Iterable[Sequence] | None = None) -> None:
+        """Every column as wide as its widest cell or header (up to its maximum): grows and shrinks with the rows.
+        ``rows``: the cells on show (they are already cut to the maximums), else read back from the table."""
+        columns = list(self.columns.values())
+        widths = [c.label.cell_len for c in columns]
+        if rows is None:
+            rows = (self.get_row(k) for k in self.rows)
+        n = len(widths)
+        for cells in rows:
+            for i, v in enumerate(cells[:n]):
+                w = v.cell_len if isinstance(v, Text) else len(str(v))
+                if w > widths[i]:
+                    widths[i] = w
+        changed = False
+        for column, w in zip(columns, widths):
+            if not column.auto_width or column.content_width != w:
+                column.auto_width, column.content_width, changed = True, w, True
+        if changed:
+            self._update_count += 1  # the table's render caches are keyed on it
+            self._require_update_dimensions = True
+            self.refresh()
+
+
+def sync_table(table: DataTable, rows: list[tuple[str, Sequence]], values: dict[str, Sequence] | None = None) -> None:
+    """Make ``table`` show ``rows`` (key, cells), touching only what changed and keeping the cursor on its row.
 
     A ``str`` cell is shown as plain text, never as markup (names, commands and log lines come from
-    teammates' stores and hosts: ``[/]`` would crash the table, ``[@click=…]`` would run an action)."""
-    rows = [(key, tuple(safe(c) for c in cells)) for key, cells in rows]
+    teammates' stores and hosts: ``[/]`` would crash the table, ``[@click=…]`` would run an action).
+    On a :class:`SortTable`, ``values`` (key → one sort value per column: seconds, dollars, None when
+    missing) order the rows when a sort column is chosen, cells are cut to their column's maximum, and the
+    columns are fitted to what is shown."""
+    sortable = isinstance(table, SortTable)
+    if sortable:
+        rows = table.order(rows, values)
+        rows = [(key, tuple(table.cap(i, safe(c)) for i, c in enumerate(cells))) for key, cells in rows]
+    else:
+        rows = [(key, tuple(safe(c) for c in cells)) for key, cells in rows]
     current = [k.value for k in table.rows]
     keys = [k for k, _ in rows]
     if current == keys:
@@ -244,15 +424,17 @@ def sync_table(table: DataTable, rows: list[tuple[str, Sequence]]) -> None:
             for col_key, new, prev in zip(table.columns, cells, old):
                 if str(new) != str(prev):
                     table.update_cell(key, col_key, new)
-        return
-    cursor_key = None
-    if table.row_count and 0 <= table.cursor_row < table.row_count:
-        cursor_key = current[table.cursor_row]
-    table.clear()
-    for key, cells in rows:
-        table.add_row(*cells, key=key)
-    if cursor_key in keys:
-        table.move_cursor(row=keys.index(cursor_key), animate=False)
+    else:
+        cursor_key = None
+        if table.row_count and 0 <= table.cursor_row < table.row_count:
+            cursor_key = current[table.cursor_row]
+        table.clear()
+        for key, cells in rows:
+            table.add_row(*cells, key=key)
+        if cursor_key in keys:
+            table.move_cursor(row=keys.index(cursor_key), animate=False)
+    if sortable:
+        table._fit(cells for _, cells in rows)
 
 
 def matches(filter_text: str, cells: Iterable) -> bool:
@@ -295,6 +477,14 @@ class TextPrompt(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+def compare_value(v) -> str:
+    """A param or metric value for Compare: floats to 4 significant digits (0.997802734375 → 0.9978),
+    anything else as one line of plain text (a teammate wrote it)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return plain_line(v)[:80]
+
+
 class CompareScreen(ModalScreen[None]):
     """Two runs side by side: params, metrics, code, and the key metric's curves overlaid."""
 
@@ -309,32 +499,45 @@ class CompareScreen(ModalScreen[None]):
 
         with Vertical(id="compare-dialog"):
             yield Label(safe(f"{self.a.display_name}  ⟷  {self.b.display_name}"), id="compare-title")
-            with Horizontal(id="compare-columns"):
-                yield VerticalScroll(Static(self._column(self.a, self.b), id="compare-a"))
-                yield VerticalScroll(Static(self._column(self.b, self.a), id="compare-b"))
+            with Horizontal(id="compare-heads"):  # who ran each, where, what it cost, its command
+                yield Static(self._head(self.a, "cyan"), id="compare-a")
+                yield Static(self._head(self.b, "dark_orange"), id="compare-b")
+            yield self._table()
             yield PlotextPlot(id="compare-chart")
             with VerticalScroll(id="compare-code"):
                 yield Static(self._code(), id="compare-diff")
 
-    def _column(self, r, other) -> Text:
+    @staticmethod
+    def _head(r, color: str) -> Text:
+        t = Text()
+        t.append(f"{plain_line(r.display_name)} {r.id[-8:].lower()}\n", style=f"bold {color}")
+        t.append(f"{plain_line(r.user)} · {plain_line(r.state)} · {plain_line(r.instance)} · ${r.cost():.2f}\n"
+                 f"$ {plain_line(r.command)[:300]}", style="dim")
+        return t
+
+    def _table(self) -> DataTable:
+        """Metrics, then params, as rows with one column per run: both runs' values side by side, above
+        the fold, whatever the number of params; a value that differs is yellow."""
         from backends import lineage as lin
 
-        t = Text()
-        t.append(f"{plain_line(r.display_name)} {r.id[-8:].lower()}\n", style="bold")
-        t.append(f"{plain_line(r.user)} · {plain_line(r.state)} · {plain_line(r.instance)} · ${r.cost():.2f}\n"
-                 f"$ {plain(r.command)}\n\n", style="dim")
-        t.append("params\n", style="bold")
-        for k in sorted(set(r.params) | set(other.params)):
-            v = r.params.get(k, "–")
-            differs = r.params.get(k) != other.params.get(k)
-            t.append(f"  {plain_line(k)} = {plain_line(v)}\n", style="yellow" if differs else "")
-        t.append("\nmetrics (last)\n", style="bold")
-        for n in sorted(set(r.metrics_summary) | set(other.metrics_summary)):
-            v = lin.metric_value(r, n)
-            o = lin.metric_value(other, n)
-            t.append(f"  {plain_line(n)} = {v if v is not None else '–'}\n",
-                     style="" if v is None or o is None or v == o else "yellow")
-        return t
+        a, b = self.a, self.b
+        table = DataTable(id="compare-table", show_cursor=False, zebra_stripes=True)
+        table.add_column("", key="what")
+        table.add_column(Text(plain_line(a.display_name)[:40], style="bold cyan"), key="a")
+        table.add_column(Text(plain_line(b.display_name)[:40], style="bold dark_orange"), key="b")
+
+        def row(label: str, va, vb) -> None:
+            differs = va != vb
+            table.add_row(Text(plain_line(label)[:60]), *(Text("–" if v is None else compare_value(v),
+                                                                 style="yellow" if differs else "") for v in (va, vb)))
+
+        for n in sorted(set(a.metrics_summary) | set(b.metrics_summary))[:100]:
+            row(f"metric {n}", lin.metric_value(a, n), lin.metric_value(b, n))
+        for k in sorted(set(a.params) | set(b.params))[:200]:
+            row(f"param {k}", a.params.get(k), b.params.get(k))
+        if not table.row_count:
+            table.add_row(Text("no metrics or params recorded", style="dim"), Text(""), Text(""))
+        return table
 
     def _code(self) -> Text:
         from backends import lineage as lin

@@ -69,6 +69,10 @@ class LocalProvider(UnmanagedProvider):
         self._facts_cache: dict[str, Any] | None = None
         self.runs_root = Path(str(options.get("runs_dir") or runs_root))
 
+    def has_instance(self, instance: str) -> bool:
+        """Whether ``instance`` is this machine (known from the config alone)."""
+        return instance == LOCAL and bool(self.options.get("enabled", True))
+
     async def list_instances(self) -> list[Instance]:
         if not self.options.get("enabled", True):
             return []

@@ -25,6 +25,7 @@ CPUs, memory, GPUs, uptime) but never creates, stops or destroys them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -34,11 +35,12 @@ from .. import clock
 from ..config import Field
 from ..errors import LabdeckError, ProviderError
 from ..models import Instance
-from ..ssh import HostSpec, KnownHosts, SSHConfig, SSHPool, SSHTransport, resolve_host
+from ..ssh import HostSpec, KnownHosts, SSHConfig, SSHPool, SSHTransport, parse_destination, resolve_host
 from .base import Transport, UnmanagedProvider
 
 
 DESCRIBE_WAIT = 0.8  # seconds a listing waits for a host it starts connecting to
+RESOLVE_THREADS = 8  # hosts whose ssh_config answers are being resolved at once (ssh -G processes)
 
 
 def _non_negative(v: Any) -> str | None:
@@ -127,35 +129,90 @@ class SSHProvider(UnmanagedProvider):
                                str(options.get("host_key_policy", "accept-new")))
             pool = SSHPool(known, connect_timeout=float(options.get("connect_timeout", 5.0)))  # type: ignore[arg-type]
         self.pool = pool
-        self.specs: dict[str, HostSpec] = {}
-        self._warm()
-        for hname in hosts:
-            self.specs[hname] = self._spec(hname)
+        # Host specs are built on first use, each from its own ssh -G answers (and its jump chain's):
+        # `labdeck run --on gpu1` resolves gpu1 and its hops, not every host of the provider.
+        self._specs: dict[str, HostSpec] = {}
+        self.specs: Mapping[str, HostSpec] = _Specs(self)
+        self._check_jump_loops()
         self._facts: dict[str, tuple[int, dict[str, Any]]] = {}  # host -> (connection generation, facts)
         self._connecting: dict[str, asyncio.Future] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def _spec(self, hname: str, _seen: tuple[str, ...] = ()) -> HostSpec:
-        if hname in self.specs:
-            return self.specs[hname]
-        if hname in _seen:
-            raise ProviderError(f"The jump chain of {hname} in provider {self.name} loops: {' → '.join(_seen + (hname,))}.")
+    def spec(self, hname: str) -> HostSpec:
+        """How to reach host ``hname`` (any entry, listed or a jump host only): resolved on first use.
+
+        Raises TransportError where OpenSSH cannot resolve it (a broken ssh_config, a timeout)."""
+        hit = self._specs.get(hname)
+        if hit is None:
+            if hname not in self.hosts:
+                raise ProviderError(f"The {self.name} provider has no host {hname!r}.")
+            with self.ssh_config.batch():  # (the disk cache is written once, with the whole chain)
+                hit = self._specs[hname] = self._spec(hname)
+        return hit
+
+    def _spec(self, hname: str) -> HostSpec:
+        if hname in self._specs:
+            return self._specs[hname]
         h = self.hosts[hname]
-        known = {j: self._spec(j, _seen + (hname,)) for j in h["jump"] if j in self.hosts}
+        jumps = [j for j in h["jump"] if j in self.hosts]
+        self._warm([hname, *jumps])  # this host and its labdeck-named hops, asked at once
+        known = {j: self.spec(j) for j in jumps}
         return resolve_host(hname, known=known, ssh_config=self.ssh_config, user=h["user"] or None,
                             hostname=h["host"] or None, port=h["port"] or None,
                             identity_files=(h["identity_file"],) if h["identity_file"] else (),
                             jump=tuple(h["jump"]) if h["jump"] else None)
 
-    def _warm(self) -> None:
-        """Ask ssh_config about every host at once (``ssh -G`` runs concurrently), before the specs
-        are built one by one from the cache: first each ``host =`` (is it an alias?), then each entry."""
+    def _check_jump_loops(self) -> None:
+        """A chain of labdeck entries that loops is a config error, found without asking ssh."""
+        def walk(hname: str, seen: tuple[str, ...]) -> None:
+            if hname in seen:
+                raise ProviderError(f"The jump chain of {seen[0]} in provider {self.name} loops: "
+                                    f"{' → '.join(seen + (hname,))}.")
+            for j in self.hosts[hname]["jump"]:
+                if j in self.hosts:
+                    walk(j, seen + (hname,))
+
+        for hname in self.hosts:
+            walk(hname, ())
+
+    def _warm(self, names: list[str]) -> None:
+        """Ask ssh_config about these hosts at once (``ssh -G`` runs concurrently), before their specs
+        are built one by one from the cache: first each ``host =`` (is it an alias?), then each entry,
+        then the ProxyJump hops the answers name."""
         cfg = self.ssh_config
-        if cfg.authority == "none":
+        todo = [n for n in dict.fromkeys(names) if n not in self._specs]
+        if cfg.authority == "none" or not todo:
             return
+        hosts = [(hn, self.hosts[hn]) for hn in todo]
         ask = lambda hn, h, hostname: (hn, h["user"] or None, h["port"] or None, hostname)  # noqa: E731
-        first = cfg.resolve_many([ask(h["host"] or hn, h, None) for hn, h in self.hosts.items()])
-        cfg.resolve_many([ask(hn, h, h["host"]) for (hn, h), r in zip(self.hosts.items(), first)
-                          if h["host"] and r.hostname == r.arg and not r.jump and not r.proxy_command])
+        try:
+            first = cfg.resolve_many([ask(h["host"] or hn, h, None) for hn, h in hosts], prefetch=True)
+            second = cfg.resolve_many([ask(hn, h, h["host"]) for (hn, h), r in zip(hosts, first)
+                                       if h["host"] and r.hostname == r.arg and not r.jump and not r.proxy_command])
+            hops = {j for (hn, h), r in zip(hosts, first) if not h["jump"] for j in r.jump}
+            hops |= {j for r in second for j in r.jump}
+            cfg.resolve_many([(host, user, port, None) for j in sorted(hops)
+                              for user, host, port in [parse_destination(j)]])
+        except LabdeckError:
+            return  # each host's own resolution reports it (a listing shows it on that host's row)
+
+    def resolve_all(self, names: list[str] | None = None) -> dict[str, HostSpec | LabdeckError]:
+        """Every host's spec (or why it has none), resolved concurrently: for listings and `labdeck config`."""
+        names = list(self.hosts) if names is None else names
+        out: dict[str, HostSpec | LabdeckError] = {}
+        with self.ssh_config.batch():
+            self._warm([*names, *(j for n in names for j in self.hosts[n]["jump"] if j in self.hosts)])
+            for n in names:
+                try:
+                    out[n] = self.spec(n)
+                except LabdeckError as e:
+                    out[n] = e
+        return out
+
+    def has_instance(self, instance: str) -> bool:
+        """Whether ``instance`` is one of this provider's listed hosts (known from the config alone)."""
+        h = self.hosts.get(instance)
+        return h is not None and bool(h["listed"])
 
     def _host(self, instance: str) -> dict[str, Any]:
         h = self.hosts.get(instance)
@@ -164,15 +221,39 @@ class SSHProvider(UnmanagedProvider):
         return h
 
     async def list_instances(self) -> list[Instance]:
+        """Every listed host, described concurrently. Specs not resolved yet are resolved each in a
+        thread of their own, so a host whose answer is cached (or comes first) starts connecting at
+        once instead of waiting for ssh -G on the other hosts."""
         names = [n for n, h in self.hosts.items() if h["listed"]]
-        return list(await asyncio.gather(*(self.describe(n) for n in names)))
+        if all(n in self._specs for n in names):
+            return list(await asyncio.gather(*(self.describe(n) for n in names)))
+        with self.ssh_config.batch():  # (the disk cache is written once, when all are resolved)
+            return list(await asyncio.gather(*(self.describe(n) for n in names)))
+
+    async def _resolved(self, instance: str) -> HostSpec:
+        """``spec(instance)`` without blocking the event loop on ssh -G."""
+        hit = self._specs.get(instance)
+        if hit is not None:
+            return hit
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix="ssh-G")
+        return await loop.run_in_executor(self._executor, self.spec, instance)
 
     async def describe(self, instance: str) -> Instance:
-        """Never raises for an unreachable host: it comes back with state ``unreachable`` and why."""
+        """Never raises for an unreachable host: it comes back with state ``unreachable`` and why
+        (a host OpenSSH cannot resolve, too)."""
         h = self._host(instance)
-        spec = self.specs[instance]
         inst = Instance(id=f"{self.name}/{instance}", name=instance, provider=self.name, provider_type=self.type,
-                        host=spec.hostname, price_per_hour=float(h["price_per_hour"]), tags=dict(h["tags"]))
+                        host=h["host"] or instance, price_per_hour=float(h["price_per_hour"]), tags=dict(h["tags"]))
+        try:
+            spec = await self._resolved(instance)
+        except LabdeckError as e:
+            inst.state = "unreachable"
+            inst.note = e.render()
+            self._apply_cached(inst, instance)
+            return inst
+        inst.host = spec.hostname
         transport = self.transport(instance)
         handle = self.pool.handle(spec)
         try:
@@ -228,10 +309,50 @@ class SSHProvider(UnmanagedProvider):
 
     def transport(self, instance: str) -> Transport:
         h = self._host(instance)
-        return SSHTransport(self.pool, self.specs[instance], instance=instance, runs_dir=h["runs_dir"])
+        return SSHTransport(self.pool, self.spec(instance), instance=instance, runs_dir=h["runs_dir"])
 
     def max_concurrent(self, instance: str) -> int:
         return int(self._host(instance)["max_concurrent"])
 
     async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         await self.pool.close()
+
+
+class _Specs(Mapping[str, HostSpec]):
+    """``provider.specs``: every host's spec, each resolved when first asked for; iterating over the
+    values resolves the rest concurrently (the first error is raised: ``resolve_all`` gives each)."""
+
+    def __init__(self, provider: SSHProvider) -> None:
+        self._p = provider
+
+    def __getitem__(self, name: str) -> HostSpec:
+        if name not in self._p.hosts:
+            raise KeyError(name)
+        return self._p.spec(name)
+
+    def __contains__(self, name: object) -> bool:  # (from the config alone: Mapping's would resolve it, and raise)
+        return name in self._p.hosts
+
+    def __iter__(self):
+        return iter(self._p.hosts)
+
+    def __len__(self) -> int:
+        return len(self._p.hosts)
+
+    def _all(self) -> dict[str, HostSpec]:
+        got = self._p.resolve_all()
+        for v in got.values():
+            if isinstance(v, LabdeckError):
+                raise v
+        return got  # type: ignore[return-value]
+
+    def items(self):  # type: ignore[override]
+        return self._all().items()
+
+    def values(self):  # type: ignore[override]
+        return self._all().values()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())

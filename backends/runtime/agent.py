@@ -2,7 +2,9 @@
 """labdeck's monitoring agent: one small process per user per instance, standard library first.
 
 It samples the machine once a second and appends one JSON line per sample to
-``<out>/samples.jsonl``; labdeck reads that file from byte offsets over its SSH
+``<out>/samples.jsonl`` (``<out>`` is this host's own directory, ``~/.labdeck/agent/<host id>``:
+a home shared by several hosts holds one agent per host; labdeck passes the id in with
+``--host-id`` and each sample carries it as ``"host"``); labdeck reads that file from byte offsets over its SSH
 connection (like run logs), so a dropped connection or a restarted labdeck loses
 nothing and sees nothing twice. The agent itself owes nothing to the connection
 (it runs detached) and stops by itself when nobody has read its samples for
@@ -276,6 +278,7 @@ def self_cpu_seconds():
 def main(argv=None):
     ap = argparse.ArgumentParser(description="labdeck monitoring agent")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--host-id", default="", help="the id labdeck gave this host (written into every sample)")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--gpu-source", default="auto")
     ap.add_argument("--disk-path", default=os.path.expanduser("~"))
@@ -313,6 +316,8 @@ def main(argv=None):
         try:
             s = sampler.sample()
             s["agent_cpu_s"] = round(self_cpu_seconds(), 3)
+            if args.host_id:
+                s["host"] = args.host_id
             line = (json.dumps(s, separators=(",", ":")) + "\n").encode()
             try:
                 if os.path.getsize(path) > ROTATE_BYTES:

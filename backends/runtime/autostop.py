@@ -6,13 +6,17 @@ connection and no cloud credentials on the VM: when the instance has been idle f
 ``idle_minutes`` it runs ``command`` (by default ``sudo -n shutdown -h now``; on EC2 the
 instance's shutdown behaviour, set by labdeck at launch, decides stop vs terminate).
 
-    python3 autostop.py --dir DIR        (labdeck uses ~/.labdeck/autostop)
+    python3 autostop.py --dir DIR        (labdeck uses ~/.labdeck/autostop/<host id>)
 
 ``DIR/config.json`` (re-read every loop, so labdeck can change or disable it live)::
 
     {"idle_minutes": 30, "action": "stop", "command": ["sudo", "-n", "shutdown", "-h", "now"],
      "interval": 30, "runs_root": "/home/u/.labdeck/runs", "gpu_threshold": 5,
-     "gpu_source": "nvidia-smi", "enabled": true}
+     "gpu_source": "nvidia-smi", "enabled": true, "host_id": "0123456789abcdef", "boot_id": "..."}
+
+``host_id`` / ``boot_id``: this host's, as labdeck worked them out (backends/hostid.py; a home may
+be shared by several hosts): only run directories and queue tickets that name both are this
+host's (a run directory without a ``host`` file, from before per-host state, counts by its pid).
 
 ``idle_minutes`` <= 0 or ``enabled: false`` disables it (the state says so; it never fires).
 Deleting config.json makes the loop exit. One instance per DIR (``flock`` on ``DIR/lock``,
@@ -23,7 +27,8 @@ The instance is BUSY while any of these holds (each gives a reason in ``state.js
 * ``job ID`` / ``job ID (queued)``: a labdeck run directory under ``runs_root`` whose wrapper
   (``pid``) is alive (zombies are dead, as in jobs.py's ALIVE_FN; a pid reused by a process
   that started after the pid file was written is dead too) with no ``exit_code``; or a live
-  ticket in the run queue (``runs_root/.queue``). Runs of other kinds (``.queue-<kind>``) count
+  ticket in the run queue (``runs_root/.hosts/<host id>/queue``; before per-host state
+  ``runs_root/.queue``). Runs of other kinds (``queue-<kind>``, ``.queue-<kind>``) count
   too, except notebooks, which Jupyter's own activity judges (below) once their server is found.
 * ``gpu N: U%``: a GPU at or above ``gpu_threshold`` % utilization (``nvidia-smi``; ``none``:
   no GPUs; ``fake:FILE``: integers one per line, the tests' stand-in for the driver).
@@ -59,6 +64,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -201,34 +207,62 @@ def pid_alive(pid, not_after=None):
 
 
 def read_pid(path):
-    """(pid, mtime) from a pid file, or (None, None)."""
+    """(pid, mtime) from a pid file or a queue ticket (``<pid> [<host id> <boot id>]``), or (None, None)."""
     try:
         with open(path) as f:
-            text = f.read().strip()
-        return int(text), os.stat(path).st_mtime
-    except (OSError, ValueError):
+            text = f.read(200).split()
+        return int(text[0]), os.stat(path).st_mtime
+    except (OSError, ValueError, IndexError):
         return None, None
+
+
+def read_words(path, n=3):
+    """The first ``n`` words of a small file ([] when it cannot be read)."""
+    try:
+        with open(path) as f:
+            return f.read(200).split()[:n]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def is_here(words, host_id, boot_id):
+    """Whether a ``host`` file's / ticket's (host id, boot id) are this host's. Without ``host_id``
+    (a config from before per-host state) everything counts, as it did then."""
+    if not host_id or not words:
+        return True
+    return words[0] == host_id and (len(words) > 1 and words[1] == boot_id)
 
 
 # ---- jobs --------------------------------------------------------------------------
 
-def job_activity(runs_roots):
+def job_activity(runs_roots, host_id=None, boot_id=None):
     """Busy reasons from labdeck run directories and queue tickets, plus the alive notebook
-    runs: ([reasons], {run wrapper pid (= process group): run id})."""
+    runs: ([reasons], {run wrapper pid (= process group): run id}). With ``host_id``, only this
+    host's: its queues (``.hosts/<host id>/queue*``), and run directories whose ``host`` file
+    names this host and boot (or that have none: runs from before per-host state)."""
     reasons = []
     notebooks = {}
     for root in runs_roots:
         if not root or not os.path.isdir(root):
             continue
-        kinds = {}  # run id -> kind, from the live tickets in .queue-<kind>
+        kinds = {}  # run id -> kind, from the live tickets in queue-<kind>
         queued = []
-        for qdir in glob.glob(os.path.join(root, ".queue*")):
-            kind = os.path.basename(qdir)[len(".queue"):].lstrip("-") or "job"
+        qdirs = [(q, os.path.basename(q)[len(".queue"):]) for q in glob.glob(os.path.join(root, ".queue*"))]
+        if host_id:
+            qdirs += [(q, os.path.basename(q)[len("queue"):])
+                      for q in glob.glob(os.path.join(root, ".hosts", host_id, "queue*"))]
+        for qdir, suffix in qdirs:
+            kind = suffix.lstrip("-") or "job"
             try:
                 names = os.listdir(qdir)
             except OSError:
                 continue
             for rid in names:
+                if rid.endswith(".tmp"):
+                    continue
+                words = read_words(os.path.join(qdir, rid))
+                if len(words) > 1 and not is_here(words[1:], host_id, boot_id):
+                    continue  # another host's ticket (or one from before a reboot)
                 pid, mtime = read_pid(os.path.join(qdir, rid))
                 if pid is not None and pid_alive(pid, mtime):
                     kinds[rid] = kind
@@ -244,6 +278,8 @@ def job_activity(runs_roots):
             d = os.path.join(root, rid)
             if os.path.exists(os.path.join(d, "exit_code")):
                 continue
+            if not is_here(read_words(os.path.join(d, "host"), 2), host_id, boot_id):
+                continue  # another host's run (a home several hosts share), or from before a reboot
             pid, mtime = read_pid(os.path.join(d, "pid"))
             if pid is None or not pid_alive(pid, mtime):
                 continue
@@ -587,7 +623,10 @@ class Autostop:
         roots = self.cfg.get("runs_roots") or [self.cfg.get("runs_root") or "~/.labdeck/runs"]
         if isinstance(roots, str):
             roots = [roots]
-        found, err = self._probe("jobs", job_activity, [os.path.expanduser(r) for r in roots])
+        hid, boot = self.cfg.get("host_id"), self.cfg.get("boot_id")
+        found, err = self._probe("jobs", job_activity, [os.path.expanduser(r) for r in roots],
+                                 hid if isinstance(hid, str) and re.fullmatch(r"[0-9a-f]{16}", hid) else None,
+                                 boot if isinstance(boot, str) else None)
         jobs, notebook_runs = found or ([], {})
         reasons.extend(jobs + ([err] if err else []))
         try:

@@ -20,7 +20,12 @@ API
         (0 first), so explicit and implicit steps mix the way they do in wandb.
         Any thread may call it (no lock: threads that rely on automatic steps
         at the same moment can get the same step).
-    ``config(params)``  record run parameters (one line per call; readers merge them in order).
+    ``config(params)``  record run parameters (one line per call; readers merge them in order) and
+        return them. In a rerun with changes (``labdeck rerun RUN --set model.layers=12``, or ``R``
+        in the TUI) the parameters that are not on the command line come in ``$LABDECK_PARAMS`` (a
+        JSON object, dotted keys for nested dicts); ``config`` applies them to ``params`` in place
+        (converted to the type of the value they replace) before recording, so use the dict you
+        passed, or the one returned, after calling it.
     ``use(run_id, path)``  declare that this run loads ``path`` of run ``run_id`` (lineage)
         and return where that artifact lies on this instance:
         ``<runs root>/<run_id>/<path>``, the runs root being the parent of
@@ -156,12 +161,50 @@ def log(metrics, step=None):
         _log_slow(metrics, step)
 
 
-def config(params):
-    """Record run parameters (a dict); written within milliseconds. Never raises."""
+def _overrides():
+    """The parameters a rerun changed off the command line: ``$LABDECK_PARAMS`` (a JSON object), else {}."""
+    raw = os.environ.get("LABDECK_PARAMS", "")
+    if not raw:
+        return {}
     try:
+        obj = json.loads(raw)
+    except ValueError:
+        return {}
+    return obj if type(obj) is dict else {}
+
+
+def _like(new, old):
+    """``new`` as the type of the value it replaces, when it converts (3 → 3.0 for a float lr)."""
+    if old is None or type(new) is type(old) or type(old) not in (int, float, str, bool):
+        return new
+    try:
+        if type(old) is bool:
+            return new if type(new) is bool else str(new).lower() in ("1", "true", "yes")
+        return type(old)(new)
+    except (TypeError, ValueError):
+        return new
+
+
+def config(params):
+    """Record run parameters (a dict) and return it, with a rerun's changes (``$LABDECK_PARAMS``)
+    applied in place first; written within milliseconds. Never raises."""
+    try:
+        if type(params) is dict:
+            for key, value in _overrides().items():
+                parts = str(key).split(".")
+                node = params
+                for p in parts[:-1]:  # a dotted key names a nested dict: model.layers
+                    if type(node.get(p)) is not dict:
+                        node = None
+                        break
+                    node = node[p]
+                if node is None or (parts[-1] not in node and key in params):
+                    node, parts = params, [key]  # a key that itself has dots
+                node[parts[-1]] = _like(value, node.get(parts[-1]))
         _line({"t": _time(), "config": params})
     except Exception:
         pass
+    return params
 
 
 def checkpoint(path, step=None):

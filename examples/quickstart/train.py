@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sleep", type=float, default=0.01, help="seconds per step, so the run can be watched")
     args = ap.parse_args()
+    if labdeck:  # first: a rerun's changed parameters ($LABDECK_PARAMS) are applied to args here
+        labdeck.config(vars(args))
 
     rng = np.random.default_rng(args.seed)
     x, y = make_data(args.n, args.dim, rng)
@@ -49,8 +51,6 @@ def main() -> None:
     # (said in words: `key=value` numbers in the log would be read as metrics by labdeck's zero-code capture)
     print(f"training logistic regression on {args.n} points of {args.dim} dims, learning rate {args.lr}, "
           f"{args.steps} steps", flush=True)
-    if labdeck:
-        labdeck.config(vars(args))
     for step in range(1, args.steps + 1):
         z = x @ w + b
         p = 1.0 / (1.0 + np.exp(-z))

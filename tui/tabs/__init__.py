@@ -11,9 +11,16 @@ class TabView(Vertical):
     TAB_ID = ""
     TITLE = ""
     filter_text = ""
+    FILTER_HINT = "text to match in any column"  # the `/` bar's placeholder on this tab
+    HELP_NOTES: tuple[tuple[str, str], ...] = ()  # keys the tab's widgets bring (a tree's expand), for `?`
+    HELP_TEXT = ""  # a paragraph `?` shows under the tab's keys (the filter syntax)
 
     def apply_filter(self, text: str) -> None:
         self.filter_text = text
+        self.rerender()
+
+    def on_sort_table_sort_changed(self, event) -> None:
+        event.stop()
         self.rerender()
 
     def rerender(self) -> None:

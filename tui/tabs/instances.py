@@ -8,14 +8,20 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from backends import clock
-from backends.models import Instance, Run
+from backends.models import Instance, Run, parse_time
 from backends.workstation import InstanceListing
 
 from ..format import STATE_STYLE, cell, money, safe, since, text as outside_text
-from ..widgets import matches, sync_table
+from ..widgets import SortTable, matches, sync_table
 from . import TabView
 
 COLUMNS = ("Name", "Provider", "State", "Ping", "Size", "GPUs", "$/hr", "Cost", "Autostop", "Owner", "Uptime", "Host")
+MAX_WIDTHS = {"Name": 24, "Provider": 16, "Size": 24, "GPUs": 24, "Autostop": 16, "Owner": 16, "Host": 32}
+
+
+def _age(iso, now) -> float | None:
+    t = parse_time(iso)
+    return (now - t).total_seconds() if t else None
 
 
 def short_autostop(text: str) -> Text:
@@ -44,6 +50,26 @@ class InstancesTab(TabView):
         Binding("D", "terminate", "Terminate", id="instances.terminate", tooltip="Terminate the selected cloud instance"),
         Binding("a", "autostop", "Autostop", id="instances.autostop", tooltip="Idle minutes before it stops itself"),
     ]
+
+    LIFECYCLE_ACTIONS = ("stop", "start", "terminate", "autostop")
+
+    def refuses_lifecycle(self, inst: Instance | None) -> bool:
+        """Whether the selected instance's provider refuses stop/start/terminate/autostop (``local``, the
+        team's SSH hosts: an UnmanagedProvider): the footer then does not offer them."""
+        from backends.providers.base import UnmanagedProvider
+
+        if inst is None:
+            return False
+        provider = self.app.workstation.providers.get(inst.provider)
+        return isinstance(provider, UnmanagedProvider) if provider is not None else inst.provider_type in ("local", "ssh")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.LIFECYCLE_ACTIONS and self.is_mounted and self.refuses_lifecycle(self.selected()):
+            return False  # hidden from the footer, and the key does nothing (it would only be refused)
+        return True
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.refresh_bindings()  # the footer's stop/start/… follow the selected instance
 
     def action_autostop(self) -> None:
         inst = self.selected()
@@ -102,18 +128,16 @@ class InstancesTab(TabView):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="instances-burn")
-        yield DataTable(id="instances-table", cursor_type="row", zebra_stripes=True)
+        yield SortTable(COLUMNS, id="instances-table", max_widths=MAX_WIDTHS, descending=("$/hr", "Cost", "Uptime"))
         yield Static("", id="instances-progress")
         yield Static("", id="instances-errors", classes="errors")
         yield Static("Looking for instances…", id="welcome", classes="welcome")
-
-    def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns(*COLUMNS)
 
     def show_instances(self, listing: InstanceListing) -> None:
         self.listing = listing
         self.loaded = True
         self.rerender()
+        self.refresh_bindings()  # the selected row may now be (or no longer be) an instance that refuses stop/start
 
     def show_runs(self, runs: list[Run]) -> None:
         self.runs = runs
@@ -131,12 +155,22 @@ class InstancesTab(TabView):
             since(inst.started_at, now) if inst.state == "running" else "–", cell(inst.host),
         )
 
+    @staticmethod
+    def sort_values(inst: Instance) -> tuple:
+        """What each column sorts by: milliseconds, dollars, seconds up; text for the rest."""
+        now = clock.now()
+        return (inst.name, inst.provider, inst.state, inst.latency_ms, inst.size or inst.size_summary,
+                len(inst.gpus) if isinstance(inst.gpus, list) and inst.gpus else None, inst.price_per_hour or None,
+                inst.cost, inst.autostop, inst.created_by, _age(inst.started_at, now) if inst.state == "running" else None,
+                inst.host)
+
     def rerender(self) -> None:
         if not self.is_mounted:
             return
         rows = [(i.name, self.row(i)) for i in self.listing.instances]
         rows = [(k, cells) for k, cells in rows if matches(self.filter_text, cells)]
-        sync_table(self.query_one(DataTable), rows)
+        values = {i.name: self.sort_values(i) for i in self.listing.instances}
+        sync_table(self.query_one(SortTable), rows, values)
         problems = list(self.listing.errors.values()) + list(getattr(self.listing, "events", [])) + [
             f"{i.name}: {i.note.splitlines()[0]}" for i in self.listing.instances if i.state == "unreachable" and i.note]
         burn = self.query_one("#instances-burn", Static)

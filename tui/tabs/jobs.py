@@ -13,10 +13,11 @@ from backends.models import Run
 from backends.text import plain_line
 
 from ..format import STATE_STYLE, cell, duration, short_id
-from ..widgets import matches, sync_table
+from ..widgets import SortTable, matches, sync_table
 from . import TabView
 
 COLUMNS = ("Run", "Name", "State", "Instance", "User", "Duration", "Last line")
+MAX_WIDTHS = {"Run": 8, "Name": 32, "State": 24, "Instance": 20, "User": 16, "Duration": 10, "Last line": 80}
 MAX_ROWS = 1000  # the table shows the newest runs; the filter searches all of them
 
 
@@ -27,9 +28,12 @@ class JobsTab(TabView):
         Binding("n", "new", "New run", id="jobs.new", tooltip="Run a command on an instance"),
         Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
         Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
+        Binding("R", "rerun_changes", "Rerun…", id="jobs.rerun_changes",
+                tooltip="Edit its parameters, command, instance or environment, then run it as a child"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
+        Binding("i", "info", "Info", id="jobs.info", tooltip="Its details; a notebook's URL and token again"),
     ]
 
     def __init__(self) -> None:
@@ -38,11 +42,10 @@ class JobsTab(TabView):
         self.errors: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
-        yield DataTable(id="jobs-table", cursor_type="row", zebra_stripes=True)
+        yield SortTable(COLUMNS, id="jobs-table", max_widths=MAX_WIDTHS, descending=("Run", "Duration"))
         yield Static("", id="jobs-status", classes="status-line")
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns(*COLUMNS)
         self.rerender()
 
     def show_runs(self, runs: list[Run], errors: dict[str, str]) -> None:
@@ -59,19 +62,27 @@ class JobsTab(TabView):
         return (short_id(r.id), cell(r.display_name), state, cell(r.instance),
                 cell(r.user), duration(r.duration_seconds(clock.now())), cell(last))
 
+    @staticmethod
+    def sort_values(r: Run) -> tuple:
+        """What each column sorts by: the id (time-ordered), text, and the duration in seconds."""
+        return (r.id, r.display_name, r.state, r.instance, r.user, r.duration_seconds(clock.now()), r.last_line)
+
     def rerender(self) -> None:
         if not self.is_mounted:
             return
-        rows = []
-        total = 0
-        for r in self.runs:
-            # match on the raw fields: building cells for 10,000 runs costs more than showing 1,000
-            if not self.filter_text or matches(self.filter_text, (short_id(r.id), r.display_name, r.state, r.instance,
-                                                                  r.user, r.last_line)):
-                total += 1
-                if len(rows) < MAX_ROWS:
-                    rows.append((r.id, self.cells(r)))
-        sync_table(self.query_one(DataTable), rows)
+        table = self.query_one(SortTable)
+        # match on the raw fields: building cells for 10,000 runs costs more than showing 1,000
+        shown = [r for r in self.runs if not self.filter_text or matches(
+            self.filter_text, (short_id(r.id), r.display_name, r.state, r.instance, r.user, r.last_line))]
+        total = len(shown)
+        values = {}
+        if table.sort_column is not None:  # the first 1,000 in the chosen order, not the newest 1,000 sorted
+            values = {r.id: self.sort_values(r) for r in shown}
+            by_id = {r.id: r for r in shown}
+            shown = [by_id[k] for k, _ in table.order([(r.id, ()) for r in shown], values)]
+        shown = shown[:MAX_ROWS]
+        rows = [(r.id, self.cells(r)) for r in shown]
+        sync_table(table, rows, values)
         status = Text()
         if not self.runs:
             status.append(f"No runs yet. Press {self.app.key_of('app.run_example')} to run the bundled example on local, "
@@ -79,7 +90,9 @@ class JobsTab(TabView):
         else:
             status.append(f"{total:,} run{'s' if total != 1 else ''}" + (f" match /{self.filter_text}" if self.filter_text else ""))
             if total > len(rows):
-                status.append(f" · showing the newest {len(rows):,}: / to narrow")
+                status.append(f" · showing the {'first' if table.sort_label else 'newest'} {len(rows):,}: / to narrow")
+            if table.sort_label:
+                status.append(f" · sorted by {table.sort_label}")
         for user, err in self.errors.items():
             status.append(f"\n⚠ {plain_line(user)}'s store is unreadable: {plain_line((err.splitlines() or [''])[0])}",
                           style="bold red")
@@ -116,6 +129,13 @@ class JobsTab(TabView):
             return
         self.app.rerun(run)
 
+    def action_rerun_changes(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.rerun_with_changes(run)
+
     def action_serve(self) -> None:
         run = self.selected()
         if run is None:
@@ -129,3 +149,10 @@ class JobsTab(TabView):
             self.app.notify("No run selected.", severity="warning")
             return
         self.app.open_notebook(run=run)
+
+    def action_info(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        self.app.show_run_info(run)

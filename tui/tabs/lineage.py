@@ -52,7 +52,15 @@ class LineageTab(TabView):
         Binding("j", "jobs", "In Jobs", id="lineage.jobs", tooltip="Show this run in Jobs"),
         Binding("M", "monitor", "In Monitor", id="lineage.monitor", tooltip="Chart this run in Monitor"),
         Binding("S", "serve", "Serve", id="lineage.serve", tooltip="Serve this run's model (litserve)"),
+        Binding("R", "rerun_changes", "Rerun…", id="lineage.rerun_changes",
+                tooltip="Edit this run's parameters, command, instance or environment, then run it as its child"),
     ]
+
+    FILTER_HINT = "query: lr>1e-3 and state:succeeded · user:bob · tag:best · metric.loss<0.3 · OR, NOT, ( )"
+    HELP_NOTES = (("space, ⏎", "Expand or collapse a run's derived runs"),)
+    HELP_TEXT = ("/ filters with the query language: lr>1e-3 and state:succeeded · user:bob · tag:best · "
+                 "metric.loss<0.3 · cost<5 · duration>30m · created>2026-11-01 · ancestors:RUN · name:wide* · "
+                 "a bare word matches names, commands and users; OR, NOT and ( ) combine terms.")
 
     def __init__(self) -> None:
         super().__init__(id="lineage-view")
@@ -338,7 +346,9 @@ class LineageTab(TabView):
 
     def action_compare(self) -> None:
         if len(self.marked) != 2:
-            self.app.notify("Mark two runs with space first.", severity="warning")
+            have = f" ({len(self.marked)} marked)" if self.marked else ""
+            self.app.notify(f"Mark two runs with {self.app.key_of('lineage.mark')} first{have}, then press "
+                            f"{self.app.key_of('lineage.compare')}.", severity="warning")
             return
         a, b = (self.runs[i] for i in self.marked)
         from ..widgets import CompareScreen
@@ -374,6 +384,11 @@ class LineageTab(TabView):
         r = self.selected_run()
         if r:
             self.app.serve_run(r)
+
+    def action_rerun_changes(self) -> None:
+        r = self.selected_run()
+        if r:
+            self.app.rerun_with_changes(r)
 
     def focus_main(self) -> None:
         self.query_one(Tree).focus()

@@ -12,13 +12,14 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from backends import clock
-from backends.models import Deployment
+from backends.models import Deployment, parse_time
 
 from ..format import STATE_STYLE, cell, short_id, since
-from ..widgets import matches, sync_table
+from ..widgets import SortTable, matches, sync_table
 from . import TabView
 
 COLUMNS = ("Name", "Run", "State", "Instance", "User", "URL here", "Requests", "p50", "Up")
+MAX_WIDTHS = {"Name": 24, "Run": 8, "Instance": 20, "User": 16, "URL here": 32}
 
 
 class ModelsTab(TabView):
@@ -37,11 +38,10 @@ class ModelsTab(TabView):
         self.stats: dict[str, tuple[int | None, float | None]] = {}  # id -> (requests, p50 ms)
 
     def compose(self) -> ComposeResult:
-        yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        yield SortTable(COLUMNS, id="models-table", max_widths=MAX_WIDTHS, descending=("Requests", "p50", "Up"))
         yield Static("", id="models-status", classes="status-line")
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns(*COLUMNS)
         self.rerender()
 
     def show_deployments(self, deployments: list[Deployment]) -> None:
@@ -54,6 +54,7 @@ class ModelsTab(TabView):
         now = clock.now()
         urls = getattr(self.app, "model_urls", {})
         rows = []
+        values = {}
         for d in self.deployments:
             reqs, p50 = self.stats.get(d.id, (None, None))
             cells = (cell(d.name), cell(short_id(str(d.run_id))), cell(d.state, style=STATE_STYLE.get(d.state, "")),
@@ -61,7 +62,10 @@ class ModelsTab(TabView):
                      since(d.started_at, now) if d.state in ("starting", "healthy") else "–")
             if matches(self.filter_text, cells):
                 rows.append((d.id, cells))
-        sync_table(self.query_one(DataTable), rows)
+                up = parse_time(d.started_at) if d.state in ("starting", "healthy") else None
+                values[d.id] = (d.name, str(d.run_id), d.state, d.instance, d.user, urls.get(d.id), reqs, p50,
+                                (now - up).total_seconds() if up else None)
+        sync_table(self.query_one(SortTable), rows, values)
         self.query_one("#models-status", Static).update(Text(
             f"{len(rows)} deployments · t try it · l log · x stop · r redeploy" if self.deployments else
             "No models are served yet. Select a finished run in Jobs or Lineage and press S to serve its model "

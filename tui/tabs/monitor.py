@@ -34,6 +34,19 @@ SMOOTHING = (0.0, 0.6, 0.9)
 MAX_LISTED = 200
 
 
+def default_run(runs: list[Run], me: str) -> Run | None:
+    """What Monitor shows first: the newest running run of yours, else the newest run (anyone's) with
+    metrics, else the newest run. A cancelled run with nothing to chart is not a useful first view."""
+    newest = sorted(runs, key=lambda r: r.id, reverse=True)
+    for ok in (lambda r: r.user == me and r.state == "running",
+               lambda r: r.user == me and r.run_state.is_active,
+               lambda r: bool(r.metrics_summary)):
+        pick = next((r for r in newest if ok(r)), None)
+        if pick:
+            return pick
+    return newest[0] if newest else None
+
+
 class MonitorTab(TabView):
     TAB_ID = "monitor"
     TITLE = "Monitor"
@@ -72,9 +85,8 @@ class MonitorTab(TabView):
     def show_runs(self, runs: list[Run], idle: dict[str, float]) -> None:
         self.runs = runs
         self.idle = idle
-        if not self.selected:  # default: the newest active run of ours, else the newest run
-            mine = [r for r in runs if r.run_state.is_active and r.user == self.app.workstation.user]
-            pick = mine[0] if mine else (runs[0] if runs else None)
+        if not self.selected:
+            pick = default_run(runs, self.app.workstation.user)
             if pick:
                 self.selected = [pick.id]
         self._fill_list()
@@ -85,15 +97,13 @@ class MonitorTab(TabView):
             self.instance = self.instance_names[0]
 
     def candidates(self) -> list[Run]:
-        active = [r for r in self.runs if r.run_state.is_active]
-        rest = [r for r in self.runs if not r.run_state.is_active]
-        chosen = [r for r in self.runs if r.id in self.selected]
-        out, seen = [], set()
-        for r in chosen + active + rest:
-            if r.id not in seen and (not self.filter_text or matches(self.filter_text, (r.display_name, r.user, r.state, r.instance))):
-                out.append(r)
-                seen.add(r.id)
-        return out[:MAX_LISTED]
+        """The runs listed, newest first: an order that a state change, new metrics or marking a run
+        never changes (a new run appears on top; the cursor stays on its run). The overlaid runs are
+        always listed, even past MAX_LISTED."""
+        shown = [r for r in self.runs
+                 if not self.filter_text or matches(self.filter_text, (r.display_name, r.user, r.state, r.instance))]
+        keep = {r.id for r in shown[:MAX_LISTED]} | set(self.selected)
+        return sorted((r for r in shown if r.id in keep), key=lambda r: r.id, reverse=True)
 
     def _fill_list(self) -> None:
         if not self.is_mounted:
@@ -204,6 +214,8 @@ class MonitorTab(TabView):
             self._draw(cpu_chart, f"{pl(self.instance)}: CPU / memory %",
                        [("cpu", inst.cpu, "cyan"), ("mem", inst.mem, "orange")], width, ylim=(0, 100))
             gpu_lines = [(f"gpu{i}", s, COLORS[k % len(COLORS)]) for k, (i, s) in enumerate(sorted(inst.gpu_util.items()))]
+            # no GPUs: the CPU chart takes the whole row (at 80 columns two charts are too narrow to read)
+            self.query_one("#gpu-chart", PlotextPlot).display = bool(gpu_lines)
             self._draw(self.query_one("#gpu-chart", PlotextPlot), f"{pl(self.instance)}: GPU utilization %" if gpu_lines
                        else f"{pl(self.instance)}: no GPUs", gpu_lines, width, ylim=(0, 100))
         metric_lines = []
