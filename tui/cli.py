@@ -282,6 +282,7 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
         console.print(f"code: {plural(c['files'], 'file')}"
                       + (f" at {c['commit'][:10]}{' + uncommitted changes' if c['dirty'] else ''}" if c.get("commit") else "")
                       + f"; {c.get('synced_files', 0)} sent ({c.get('synced_bytes', 0) / 1e6:.2f} MB)", highlight=False)
+    _follow_in_background(ws)
     verb = "started" if run.state == "running" else "queued"
     console.print(f"{verb} [bold]{esc(run.id)}[/] ({esc(run.display_name)}) on {esc(run.instance)}, pid {run.pid}")
     console.print(f"[dim]labdeck logs {short_id(run.id)} -f   ·   labdeck cancel {short_id(run.id)}[/]")
@@ -293,6 +294,7 @@ def example_cmd() -> None:
     """Run the bundled example project (numpy training) on local."""
     ws = _workstation()
     run = asyncio.run(ws.launch_example())
+    _follow_in_background(ws)
     console.print(f"started [bold]{esc(run.id)}[/] ({esc(run.display_name)}) on {esc(run.instance)}, pid {run.pid}")
 
 
@@ -420,6 +422,7 @@ def rerun_cmd(run: str, sets: tuple[str, ...], instance: str | None, envs: tuple
         _ask_first(r, "would run as you", rerun_plan(r, ws.user, command=plan.command, env=plan.env),
                    "Rerunning", "Rerun it as you?", yes)
     new = asyncio.run(ws.rerun(r, command=cmd, instance=instance, env=env, name=name, sets=changes))
+    _follow_in_background(ws)
     if as_json:
         from .clijson import run_summary
 
@@ -541,8 +544,7 @@ def top_cmd(once: bool, interval: float) -> None:
                 latest = ""
                 if r.user == ws.user and r.state == "running":
                     try:
-                        await ws.follower.catch_up(r)
-                        await ws.monitor.poll_run(r)
+                        await ws.follower.sync(r)
                     except LabdeckError:
                         pass
                     summ = ws.monitor.run(r).series.summary()
@@ -583,6 +585,57 @@ def _find_run(ws: Workstation, ref: str):
             err_console.print(f"[dim]{esc(ref)}: the newest of {len(same)} runs of that name ({esc(short_id(r.id))}); "
                               f"the other{'s' if len(same) > 2 else ''}: {esc(others)}[/]", highlight=False)
     return r
+
+
+REFRESH_DEADLINE = 3.0  # a command that shows or acts on a run asks its host this long at most
+
+
+def _refreshed(ws: Workstation, r):
+    """``r`` as it is now: one of your active runs is asked about on its instance first (its state,
+    and its results when it just ended), for :data:`REFRESH_DEADLINE` s at most, so `show` or
+    `serve` right after a job ended sees it ended even with no follower running. Anything else (a
+    finished run, a teammate's: their follower keeps it) is returned as it is, as is ``r`` when
+    the host does not answer in time."""
+    from backends.models import RunState
+
+    if r.user != ws.user or not r.run_dir or not (r.run_state.is_active or r.state == RunState.LOST.value):
+        return r
+
+    async def go() -> None:
+        try:
+            await _refresh_one(ws, r)
+        finally:  # the connections belong to this event loop; the command's next one opens its own
+            for p in ws.providers.values():
+                try:
+                    await p.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+
+    asyncio.run(go())
+    try:
+        return ws.store.with_status([ws.store.own_run(r.id)])[0]
+    except LabdeckError:
+        return r
+
+
+async def _refresh_one(ws: Workstation, r) -> None:
+    """``refresh_runs(only=[r])`` cut at :data:`REFRESH_DEADLINE` (a host that does not answer)."""
+    try:
+        await asyncio.wait_for(ws.refresh_runs(only=[r.id]), REFRESH_DEADLINE)
+    except (asyncio.TimeoutError, LabdeckError):
+        pass
+
+
+def _follow_in_background(ws: Workstation) -> None:
+    """Make sure your background follower runs (it keeps your runs' state, logs and results current
+    with labdeck closed, and exits when nothing is active); LABDECK_NO_DAEMON=1 turns this off."""
+    import os
+
+    if os.environ.get("LABDECK_NO_DAEMON") == "1":
+        return
+    from backends import daemon
+
+    daemon.ensure_running(ws.config.paths)
 
 
 def _parse_filter(text: str):
@@ -669,8 +722,8 @@ def show_cmd(run: str, raw: bool, as_json: bool) -> None:
     """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
     raw_output(raw)
     ws = _workstation()
+    r = _refreshed(ws, _find_run(ws, run))
     tl = _lineage(ws.store)
-    r = _find_run(ws, run)
     if as_json:
         from .clijson import run_detail
 
@@ -752,7 +805,7 @@ def _instance_facts(r) -> list[str]:
 def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
     """Copy a run's artifacts (all, or the PATHS named) from its instance to OUT."""
     ws = _workstation()
-    r = _find_run(ws, run)
+    r = _refreshed(ws, _find_run(ws, run))
     wanted = list(paths) or r.artifacts
     if not wanted:
         raise LabdeckError(f"{r.display_name} recorded no artifacts.", "Name a path inside its run directory.")
@@ -855,6 +908,7 @@ def diff_cmd(run_a: str, run_b: str, raw: bool) -> None:
     raw_output(raw)
     ws = _workstation()
     a, b = _find_run(ws, run_a), _find_run(ws, run_b)
+    a, b = _refreshed(ws, a), _refreshed(ws, b)
     console.print(f"[bold]{esc(a.display_name)}[/] {esc(short_id(a.id))} → [bold]{esc(b.display_name)}[/] {esc(short_id(b.id))}")
     if a.command != b.command:
         console.print(f"command: {esc(a.command)}\n      → {esc(b.command)}", highlight=False)
@@ -945,6 +999,9 @@ def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[
         lower = key is not None and lower_is_better(key)
         run = (min if lower else max)(scored, key=lambda r: lin.metric_value(r, key, "best")) if scored else \
             max(matched, key=lambda r: r.id)
+    if _refreshed(ws, run) is not run:  # it was active: the path as it is now
+        tl = _lineage(ws.store)
+        run = tl.runs.get(run.id, run)
     path = lin.path_from_baseline(run, tl.runs)
     series: dict[str, dict] = {}
     for r in path:
@@ -1001,13 +1058,14 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
     from .format import use_plan
 
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _refreshed(ws, ws.store.find_run(run))
     if r.user != ws.user:
         _ask_first(r, "would be served by you", use_plan(r, ws.user, "serve"), "Serving", "Serve it as you?", yes)
 
     async def go() -> None:
         served = await serving.deploy(ws, r, instance=instance, port=port, name=name, model=model, api=api,
                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
+        _follow_in_background(ws)
         d = served.deployment
         lines = serving.usage_lines(served, detached=detach, local=await serving.is_this_machine(ws, d.instance))
         for label, text in lines:
@@ -1067,6 +1125,7 @@ def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None,
     async def go() -> None:
         opened = await notebooks.start(ws, instance=instance, run_ref=r, workdir=workdir, port=port, idle_minutes=idle,
                                        progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
+        _follow_in_background(ws)
         nb = opened.notebook
         console.print(f"[bold]notebook[/] on {esc(nb.instance)} in {esc(nb.root_dir)}: {esc(opened.url)}", highlight=False)
         console.print(f"from a laptop:  {esc(opened.ssh_line)}   then open http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}",
@@ -1141,7 +1200,7 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
     from backends.serving import pick_model
 
     ws = _workstation()
-    r = _find_run(ws, run)
+    r = _refreshed(ws, _find_run(ws, run))
     model, _ = pick_model(r, model, None)
 
     async def fetch() -> bytes:
@@ -1160,6 +1219,84 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
         raise LabdeckError(f"Cannot fetch {model} of {r.display_name}: {e}", "Is its instance reachable?") from None
     for p in export_k8s(r, k8s_dir, data, model=model, image=image, port=port):
         console.print(esc(p), highlight=False)
+
+
+@cli.group("daemon")
+def daemon_group() -> None:
+    """Your background follower: it follows your active runs, servers and notebooks with labdeck
+    closed (state, logs, metrics, results, preemption) and exits when nothing is active. labdeck
+    starts it by itself (LABDECK_NO_DAEMON=1 turns that off)."""
+
+
+@daemon_group.command("status")
+@JSON
+@friendly
+def daemon_status(as_json: bool) -> None:
+    """Whether it runs: pid, since when, the runs it follows, its log file."""
+    from backends import daemon
+
+    st = daemon.status(Paths.resolve())
+    if as_json:
+        print_json(st)
+        return
+    if not st["running"]:
+        console.print(f"not running · log {esc(st['log'])}", highlight=False)
+        return
+    console.print(f"running · pid {st['pid'] or '?'} · since {esc(st['since'] or '?')} · following "
+                  + (plural(len(st["following"]), "run") + ": " + ", ".join(esc(short_id(i)) for i in st["following"])
+                     if st["following"] else "nothing now") + f" · log {esc(st['log'])}", highlight=False)
+
+
+@daemon_group.command("start")
+@friendly
+def daemon_start() -> None:
+    """Start it now (even with LABDECK_NO_DAEMON=1); nothing happens when it runs already."""
+    from backends import daemon
+
+    pid = daemon.ensure_running(Paths.resolve(), force=True)
+    console.print(f"started (pid {pid})" if pid else "already running", highlight=False)
+
+
+@daemon_group.command("stop")
+@friendly
+def daemon_stop() -> None:
+    """Stop it (SIGTERM; it saves where each log is and exits). Your jobs go on."""
+    from backends import daemon
+
+    stopped, what = daemon.stop(Paths.resolve())
+    if not stopped and "not running" not in what:
+        raise LabdeckError(what)
+    console.print(esc(what), highlight=False)
+
+
+@cli.command("doctor")
+@friendly
+def doctor_cmd() -> None:
+    """Check what keeps labdeck working with every terminal closed: your background follower, and
+    whether logging out would end it (systemd-logind KillUserProcesses)."""
+    import getpass
+
+    from backends import daemon
+
+    paths = Paths.resolve()
+    st = daemon.status(paths)
+    ok = "[green]✓[/]"
+    warn = "[yellow]![/]"
+    console.print(f"{ok if st['running'] else '·'} background follower: "
+                  + (f"running (pid {st['pid']}, following {plural(len(st['following']), 'run')})" if st["running"]
+                     else "not running (it starts with your next run, and exits when nothing is active)"), highlight=False)
+    user = getpass.getuser()
+    kill, linger = daemon.logind_kills_processes(user)
+    if kill and not linger:
+        console.print(f"{warn} systemd-logind ends every process of yours when you log out (KillUserProcesses=yes), "
+                      "the background follower too: your runs keep going, but teammates see them 'running' until "
+                      "you open labdeck again.\n  Keep it:  loginctl enable-linger " + esc(user), highlight=False)
+    elif kill:
+        console.print(f"{ok} KillUserProcesses=yes, but linger is on for {esc(user)}: the follower outlives your logout",
+                      highlight=False)
+    else:
+        console.print(f"{ok} logging out leaves the follower running (systemd-logind KillUserProcesses is off)",
+                      highlight=False)
 
 
 from .cloudcli import COMMANDS as _CLOUD_COMMANDS  # noqa: E402
