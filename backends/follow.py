@@ -10,18 +10,31 @@ runs (:meth:`backends.store.Store.set_status`, no journal commit), to the record
 What the run reported (its metrics summary, hardware, parameters) goes into the record while it
 runs at growing intervals (:data:`RECORD_FIRST`, doubling up to :data:`RECORD_EVERY`), and in
 full at its end: a run that logs all day adds a record to the journal a minute, not per line.
+
+**One writer per copy.** Several processes of one user can follow the same run: the background
+follower (:mod:`backends.daemon`), a TUI, ``labdeck logs -f``. Only the one holding the run's
+*lease* writes its local copies: a non-blocking ``flock`` on ``<id>.follow.lock`` beside the log
+copy (0600, never through a link). A follower that cannot take it runs *attached*: it watches the
+local copy grow (a size poll every :data:`POLL_ATTACHED`), parses what the holder mirrored, calls
+``on_data``, and tries the lease again every :data:`LEASE_RETRY` seconds, so it takes over (from
+the byte the copy ends at: nothing twice, nothing lost) when the holder dies. One-off reads
+(:meth:`LogFollower.catch_up`, :meth:`LogFollower.sync`) take the lease for their duration, or
+read only what the holder wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Callable
 
 from .errors import LabdeckError, StoreError
-from .localfiles import RefusedFile, UnsafePath, open_private_append, run_cache_path
+from .localfiles import RefusedFile, UnsafePath, open_private_append, private_dirs, run_cache_path
 from .models import Run
 
 CHUNK = 4 << 20
@@ -31,6 +44,9 @@ RETRY = 0.25  # after a transport error (the connection pool reconnects on the n
 SAVE_OFFSET_EVERY = 5.0  # the log offset into the status file (not the journal)
 RECORD_FIRST = 5.0  # the first interim record of what a run reported (its parameters show early) ...
 RECORD_EVERY = 60.0  # ... then at doubling intervals up to this (a journal commit each)
+POLL_ATTACHED = 0.2  # attached (another process holds the lease): how often the local copy's size is looked at
+FINAL_TRIES = 20  # reads of an ended run's last bytes that may fail (RETRY apart) before the follow ends without them
+LEASE_RETRY = 1.0  # attached: how often the lease is tried again (the holder may have died)
 
 
 class MissingFile(LabdeckError):
@@ -76,11 +92,16 @@ class LogFollower:
         self.tasks: dict[str, asyncio.Task] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._copies: dict[str, asyncio.Task] = {}  # run id -> its checkpoint being copied off
+        self._leases: dict[str, int] = {}  # run id -> the fd whose flock is this process's lease on it
+        self.attached: set[str] = set()  # runs followed here while another process holds the lease
 
     def local_path(self, run: Run) -> Path:
         """``<root>/<user>/<id>.log``, built from a validated user name and id and confined under
         the root (:class:`backends.localfiles.UnsafePath` otherwise): the record is a teammate's file."""
         return run_cache_path(self.root, run.user, run.id, ".log")
+
+    def lease_path(self, run: Run) -> Path:
+        return run_cache_path(self.root, run.user, run.id, ".follow.lock")
 
     def offset(self, run: Run) -> int:
         try:
@@ -88,26 +109,189 @@ class LogFollower:
         except (FileNotFoundError, UnsafePath):
             return 0
 
-    async def catch_up(self, run: Run, transport=None) -> int:
-        """Fetch whatever the instance has beyond the local copy; returns the bytes appended."""
+    # ---- the lease: one writer of a run's local copies, across processes ----------------------
+    def _try_lease(self, run: Run) -> int | None:
+        """The fd holding the run's lease (an exclusive ``flock``), or None when another process holds it."""
+        path = self.lease_path(run)
+        private_dirs(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise UnsafePath(f"Cannot open the lease file {path} ({e.strerror}); it may be a link.") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafePath(f"Refusing the lease file {path}: not a regular file of yours.")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def holds(self, run_id: str) -> bool:
+        """Whether a follow task of this process holds the run's lease."""
+        return run_id in self._leases
+
+    def held_elsewhere(self, run: Run) -> bool:
+        """Whether another process (the background follower, another TUI) follows ``run`` now."""
+        if run.id in self._leases:
+            return False
+        try:
+            fd = self._try_lease(run)
+        except UnsafePath:
+            return False
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    @contextlib.asynccontextmanager
+    async def writing(self, run: Run):
+        """Yields True while this process may write the run's local copies (its follow task holds the
+        lease, or the lease was free and is held for the block), False when another process holds it."""
         lock = self._locks.setdefault(run.id, asyncio.Lock())
         async with lock:
-            transport = transport or await self.ws.transport(run.instance)
+            if run.id in self._leases:
+                yield True
+                return
+            fd = self._try_lease(run)
+            if fd is None:
+                yield False
+                return
             try:
-                return await mirror(transport, f"{run.run_dir}/output.log", self.local_path(run))
-            except MissingFile:
-                return 0  # not started yet (or never will: its state says why)
-            except LabdeckError as e:
-                if "shrank" in str(e):
-                    raise LabdeckError(f"The log of {run.display_name} on {run.instance} {e}") from None
-                raise
+                yield True
+            finally:
+                os.close(fd)
+
+    def _finished_here(self, run: Run, fd: int) -> bool:
+        """Whether the lease's last holder followed the run to its end (and recorded it): it wrote
+        ``done <bytes>`` into the lease file then, and the copy still has that many bytes. (The
+        record's ``log_offset`` cannot tell: the final transition copies the status file's into it.)"""
+        try:
+            mark = os.pread(fd, 64, 0)
+        except OSError:
+            return False
+        return mark.startswith(b"done ") and mark[5:].strip() == str(self.offset(run)).encode()
+
+    def _mark_finished(self, run: Run) -> None:
+        fd = self._leases.get(run.id)
+        if fd is None:
+            return
+        try:
+            mark = b"done %d\n" % self.offset(run)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, mark, 0)
+        except OSError:
+            pass
+
+    def _release(self, run_id: str) -> None:
+        fd = self._leases.pop(run_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    # ---- reading ------------------------------------------------------------------------------
+    async def _mirror_log(self, run: Run, transport=None) -> int:
+        transport = transport or await self.ws.transport(run.instance)
+        try:
+            return await mirror(transport, f"{run.run_dir}/output.log", self.local_path(run))
+        except MissingFile:
+            return 0  # not started yet (or never will: its state says why)
+        except LabdeckError as e:
+            if "shrank" in str(e):
+                raise LabdeckError(f"The log of {run.display_name} on {run.instance} {e}") from None
+            raise
+
+    async def catch_up(self, run: Run, transport=None) -> int:
+        """Fetch whatever the instance has beyond the local copy; returns the bytes appended. While
+        another process follows the run, nothing is fetched here: that one keeps the copy current."""
+        async with self.writing(run) as mine:
+            if not mine:
+                return 0
+            return await self._mirror_log(run, transport)
+
+    async def sync(self, run: Run, transport=None) -> int:
+        """The log's new bytes and the run's new metric points, once. While another process follows
+        the run, only what it wrote into the local copies is parsed. Returns what was new."""
+        async with self.writing(run) as mine:
+            if not mine:
+                return self._ingest(run)
+            return await self._step(run, transport, checkpoints=False)
+
+    def _ingest(self, run: Run) -> int:
+        """Parse what another process mirrored into the local copies (metric points, log lines)."""
+        monitor = getattr(self.ws, "monitor", None)
+        if monitor is None:
+            return 0
+        return monitor.run(run).update()
+
+    async def _attach(self, run_id: str, on_data) -> Run | None:
+        """Wait for the run's lease, following what its holder writes meanwhile. Returns None once
+        the lease is ours; the run, when it ended and its holder finished it (nothing left to do)."""
+        store = self.ws.store
+        run = store.find_run(run_id)
+        fd = self._try_lease(run)
+        if fd is not None:
+            self._leases[run.id] = fd
+            if run.run_state.is_final and self._finished_here(run, fd):
+                return run  # another process followed it to its end and recorded it meanwhile
+            return None
+        self.attached.add(run.id)
+        try:
+            size = self.offset(run)
+            next_try = time.monotonic() + LEASE_RETRY
+            while True:
+                await asyncio.sleep(POLL_ATTACHED)
+                now_size = self.offset(run)
+                grew = now_size - size if now_size > size else 0
+                size = max(size, now_size)
+                n = self._ingest(run) + grew
+                if n and on_data:
+                    on_data(run, n)
+                if time.monotonic() < next_try:
+                    continue
+                next_try = time.monotonic() + LEASE_RETRY
+                run = store.find_run(run_id)
+                fd = self._try_lease(run)
+                if fd is None:
+                    continue
+                self._leases[run.id] = fd
+                if run.run_state.is_final and self._finished_here(run, fd):
+                    n = self._ingest(run)  # its holder followed it to the end and recorded it
+                    if n and on_data:
+                        on_data(run, n)
+                    return run
+                return None  # the holder went away: go on from the byte the copy ends at
+        finally:
+            self.attached.discard(run_id)
 
     async def follow(self, run_id: str, on_data: Callable[[Run, int], None] | None = None) -> Run:
-        """Keep the local copy current until the run ends (and its last bytes are in). Survives disconnects."""
+        """Keep the local copy current until the run ends (and its last bytes are in). Survives
+        disconnects. Where another process follows the run, this one attaches to what it writes
+        (and takes over if it goes away)."""
+        try:
+            done = await self._attach(run_id, on_data)
+            if done is not None:
+                return done
+            return await self._follow(run_id, on_data)
+        except asyncio.CancelledError:  # stopped (the TUI closing, the follower's SIGTERM): the offset so far
+            if run_id in self._leases:
+                try:
+                    run = self.ws.store.find_run(run_id)
+                    if run.user == self.ws.store.user and not run.run_state.is_final:
+                        self._save_offset(run, final=False)
+                except LabdeckError:
+                    pass
+            raise
+        finally:
+            self._release(run_id)
+
+    async def _follow(self, run_id: str, on_data: Callable[[Run, int], None] | None = None) -> Run:
         store = self.ws.store
         last_save = last_record = time.monotonic()
         record_every = min(RECORD_FIRST, RECORD_EVERY)
         delay = POLL_ACTIVE
+        gone = 0  # failed reads of a run that has ended (its instance may be gone for good: preempted, lost)
         while True:
             run = store.find_run(run_id)
             try:
@@ -115,6 +299,10 @@ class LogFollower:
             except (UnsafePath, RefusedFile):
                 raise  # a record naming a path labdeck refuses, a log that is a link: no retry makes it right
             except LabdeckError:
+                if run.run_state.is_final:
+                    gone += 1
+                    if gone >= FINAL_TRIES:  # what it wrote last cannot be read any more: end with what is here
+                        return await self._finish(run)
                 await asyncio.sleep(RETRY)
                 continue
             if n and on_data:
@@ -134,15 +322,11 @@ class LogFollower:
                 except (UnsafePath, RefusedFile):
                     raise
                 except LabdeckError:
-                    await asyncio.sleep(RETRY)
-                    continue
-                copy = self._copies.pop(run.id, None)
-                if copy is not None:  # its last checkpoint is in before the follow ends
-                    await copy
-                if run.user == store.user:
-                    self._save_offset(run, final=True)
-                    run = await self._record(run, final=True)
-                return run
+                    gone += 1
+                    if gone < FINAL_TRIES:
+                        await asyncio.sleep(RETRY)
+                        continue
+                return await self._finish(run)
             if not n and run.user == store.user:
                 try:  # nothing new: is it still running?
                     await self.ws.refresh_runs(only=[run.id])
@@ -151,14 +335,32 @@ class LogFollower:
             delay = POLL_ACTIVE if n else min(POLL_IDLE, delay * 1.5)
             await asyncio.sleep(delay)
 
+    async def _finish(self, run: Run) -> Run:
+        copy = self._copies.pop(run.id, None)
+        if copy is not None:  # its last checkpoint is in before the follow ends
+            await copy
+        if run.user == self.ws.store.user:
+            run = await self._record(run, final=True)
+            self._save_offset(run, final=True)
+        self._mark_finished(run)  # last: a follower attached to this one takes the run as done
+        return run
+
     async def step(self, run: Run) -> int:
-        """One round: the log's new bytes, then the run's new metric points (parsed at once)."""
-        transport = await self.ws.transport(run.instance)
-        n = await self.catch_up(run, transport)
+        """One round of a follow task (which holds the lease): the log's new bytes, then the run's
+        new metric points (parsed at once), and a checkpoint it declared copied off."""
+        async with self.writing(run) as mine:
+            if not mine:  # (a task that lost its lease: never write beside the holder)
+                return self._ingest(run)
+            return await self._step(run, None, checkpoints=True)
+
+    async def _step(self, run: Run, transport, checkpoints: bool) -> int:
+        transport = transport or await self.ws.transport(run.instance)
+        n = await self._mirror_log(run, transport)
         monitor = getattr(self.ws, "monitor", None)
         if monitor is not None:
             n += await monitor.poll_run(run, transport)
-            self._checkpoint(run, monitor, transport)
+            if checkpoints:
+                self._checkpoint(run, monitor, transport)
         return n
 
     def _checkpoint(self, run: Run, monitor, transport) -> None:

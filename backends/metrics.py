@@ -72,7 +72,7 @@ class Point:
     """One metric value at one step. ``t``: the instance's wall time when known (never used for order)."""
 
     name: str
-    step: float
+    step: int | float  # an int whenever the source gave a whole number (exact: int64 steps stay exact)
     value: float
     t: float | None = None
 
@@ -93,6 +93,34 @@ def _finite_number(x: Any) -> float | None:
             return None
         return f if _isfinite(f) else None
     return None
+
+
+_INT_TEXT = re.compile(r"[-+]?[0-9]+\Z")
+
+
+def _as_step(x: Any) -> int | float | None:
+    """A step from a JSON value: an int stays an int (exact, whatever its size); a float that is a
+    whole number becomes that int; another finite float stays a float; anything else is None."""
+    tx = type(x)
+    if tx is int:
+        return x
+    if tx is float:
+        if not _isfinite(x):
+            return None
+        return int(x) if x.is_integer() else x
+    return None
+
+
+def _step_text(text: str) -> int | float | None:
+    """A step from log text: digits give an exact int, another finite number a float (or the int
+    it equals), anything else None."""
+    if _INT_TEXT.match(text):
+        return int(text)
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return _as_step(x)
 
 
 # ---- splitting a byte stream into lines -------------------------------------------------
@@ -260,9 +288,9 @@ class MetricsFileParser:
             if t is None:
                 w["invalid time"] += 1
         s = obj.get("s")
-        step: float | None = None
+        step: int | float | None = None
         if s is not None:
-            step = _finite_number(s)
+            step = _as_step(s)
             if step is None:
                 w["invalid step"] += 1
                 return
@@ -291,7 +319,7 @@ class MetricsFileParser:
                 n = self._auto.get(name, 0)
                 self._auto[name] = n + 1
                 w["missing step"] += 1
-                out.append(Point(name, float(n), value, t))
+                out.append(Point(name, n, value, t))
             else:
                 out.append(Point(name, step, value, t))
 
@@ -405,7 +433,7 @@ class LogMetricParser:
         if found:
             self._pairs(found, out)
 
-    def _emit(self, items: list[tuple[str, float]], step: float | None, out: list[Point]) -> None:
+    def _emit(self, items: list[tuple[str, float]], step: int | float | None, out: list[Point]) -> None:
         w = self.warnings
         auto = self._auto
         for k, x in items:
@@ -417,14 +445,14 @@ class LogMetricParser:
             if step is None:
                 n = auto.get(k, 0)
                 auto[k] = n + 1
-                out.append(Point(k, float(n), x, None))
+                out.append(Point(k, n, x, None))
             else:
                 out.append(Point(k, step, x, None))
 
     def _pairs(self, found: list, out: list[Point]) -> None:
         ki, vi, si = self._ki, self._vi, self._si
         items: list[tuple[str, float]] = []
-        step: float | None = None
+        step: int | float | None = None
         rank = 99
         step_at = -1
         for m in found:
@@ -440,17 +468,14 @@ class LogMetricParser:
                     self.warnings["invalid step"] += 1
                     continue
                 if r < rank:
-                    step, rank, step_at = x, r, len(items)
+                    step, rank, step_at = _step_text(m[vi]), r, len(items)
             items.append((k, x))
         if si >= 0:
             for m in found:
                 sv = m[si]
                 if sv:
-                    try:
-                        x = float(sv)
-                    except ValueError:
-                        x = _NAN
-                    if _isfinite(x):
+                    x = _step_text(sv)
+                    if x is not None:
                         step, step_at = x, -1
                     else:
                         self.warnings["invalid step"] += 1
@@ -460,13 +485,13 @@ class LogMetricParser:
         self._emit(items, step, out)
 
     def _json(self, obj: dict, out: list[Point]) -> None:
-        step: float | None = None
+        step: int | float | None = None
         skey = None
         rank = 99
         for k, v in obj.items():
             r = _STEP_RANK.get(k)
             if r is not None and r < rank:
-                x = _finite_number(v)
+                x = _as_step(v)
                 if x is not None:
                     step, rank, skey = x, r, k
         items: list[tuple[str, float]] = []
@@ -532,7 +557,7 @@ class Series:
         self.buckets = buckets
         self.warnings: Counter = warnings if warnings is not None else Counter()
         self.nonfinite = 0
-        self.first_nonfinite_step: float | None = None
+        self.first_nonfinite_step: int | float | None = None
         self._n = 0
         self._w: float | None = None  # bucket width; None until a second distinct step
         self._k0 = 0  # bucket index of _mn[0] (steps [k0·w, (k0+1)·w))
@@ -542,7 +567,7 @@ class Series:
         self._sm: list[float] = []
         self._ct: list[int] = []
         self._mp: list[float] = []  # min of positive values
-        self._rs: deque[float] = deque(maxlen=recent)
+        self._rs: deque[int | float] = deque(maxlen=recent)
         self._rv: deque[float] = deque(maxlen=recent)
         self._last_step = -_INF
         self._last_value = _NAN
@@ -554,13 +579,20 @@ class Series:
         return f"<Series {self._n} points, {len(self._mn)} buckets of width {self._w}>"
 
     # -- appending
-    def append(self, step: float, value: float) -> None:
-        """Add one point: O(1) amortized (a merge of all buckets now and then, ever rarer)."""
-        if type(step) is not float:
+    def append(self, step: int | float, value: float) -> None:
+        """Add one point: O(1) amortized (a merge of all buckets now and then, ever rarer).
+
+        An int step is kept exact (``last_step``, ``recent_points``, ``first_nonfinite_step``);
+        only the bucketing uses it as a float."""
+        exact = step
+        ts = type(step)
+        if ts is not float:
             try:
                 step = float(step)
             except (OverflowError, TypeError, ValueError):
                 step = _NAN
+            if ts is not int:
+                exact = step
         if step - step != 0.0:  # NaN or ±inf
             self.warnings["non-finite step"] += 1
             return
@@ -570,16 +602,16 @@ class Series:
             except OverflowError:
                 value = _INF if value > 0 else -_INF
         self._n += 1
-        self._rs.append(step)
+        self._rs.append(exact)
         self._rv.append(value)
-        if step < self._last_step:
+        if exact < self._last_step:
             self.warnings["step out of order"] += 1
-        self._last_step = step
+        self._last_step = exact
         self._last_value = value
         if value - value != 0.0:
             self.nonfinite += 1
             if self.first_nonfinite_step is None:
-                self.first_nonfinite_step = step
+                self.first_nonfinite_step = exact
             return
         w = self._w
         if w is None:
@@ -613,32 +645,34 @@ class Series:
         """Append many points at once (numpy): the same result as appending them in order, much faster."""
         import numpy as np
 
-        s = np.asarray(steps, dtype=float).ravel()
+        raw = np.asarray(steps).ravel()
+        s = raw.astype(float)
         v = np.asarray(values, dtype=float).ravel()
         if s.shape != v.shape:
             raise ValueError(f"extend: {s.size} steps but {v.size} values")
+        exact = raw if raw.dtype.kind in "iu" else s  # integer steps are kept exact beside the buckets
         ok = np.isfinite(s)
         if not ok.all():
             self.warnings["non-finite step"] += int(s.size - np.count_nonzero(ok))
-            s, v = s[ok], v[ok]
+            s, v, exact = s[ok], v[ok], exact[ok]
         if not s.size:
             return
         self._n += int(s.size)
         r = self._rs.maxlen or 0
         if r:
-            self._rs.extend(s[-r:].tolist())
+            self._rs.extend(exact[-r:].tolist())
             self._rv.extend(v[-r:].tolist())
-        back = int(np.count_nonzero(s[1:] < s[:-1])) + (1 if s[0] < self._last_step else 0)
+        back = int(np.count_nonzero(s[1:] < s[:-1])) + (1 if exact[0].item() < self._last_step else 0)
         if back:
             self.warnings["step out of order"] += back
-        self._last_step = float(s[-1])
+        self._last_step = exact[-1].item()
         self._last_value = float(v[-1])
         fin = np.isfinite(v)
         if not fin.all():
             bad = ~fin
             self.nonfinite += int(np.count_nonzero(bad))
             if self.first_nonfinite_step is None:
-                self.first_nonfinite_step = float(s[bad][0])
+                self.first_nonfinite_step = exact[bad][0].item()
             s, v = s[fin], v[fin]
         if not s.size:
             return
@@ -794,7 +828,7 @@ class Series:
         return self._last_value
 
     @property
-    def last_step(self) -> float | None:
+    def last_step(self) -> int | float | None:
         return self._last_step if self._n else None
 
     @property

@@ -36,7 +36,7 @@ from .localfiles import RefusedFile, confined, run_cache_path
 from .metrics import LogMetricParser, MetricsFileParser, RunSeries, Series
 from .models import Run
 from .providers.base import Transport, detached_launcher
-from .tbevents import TFEventsParser, parse_find_output, remote_find_command
+from .tbevents import TFEventsParser, event_base, event_run, parse_find_output, remote_find_command
 
 AGENT_SOURCE = (Path(__file__).parent / "runtime" / "agent.py").read_bytes()
 AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:12]
@@ -248,6 +248,7 @@ class RunMonitor:
         self.logged_names: set[str] = set()  # names the code logs with labdeck.log(): the log copy of them is ignored
         self.tb: dict[str, tuple[_LineFile, TFEventsParser]] = {}  # remote event file -> (local copy, parser)
         self.tb_checked = 0.0
+        self.tb_base: str | None = None  # the TensorBoard base directory (series are keyed by run and tag)
 
     def update(self, limit: int = -1) -> int:
         """Parse what is new in the local copies: all of it, or at most ``limit`` bytes of each per call
@@ -363,9 +364,13 @@ class Monitor:
             m.tb_checked = time.monotonic()
             try:
                 res = await transport.run(remote_find_command(run.run_dir), timeout=30)
-                for remote in parse_find_output(res.text()):
+                found = parse_find_output(res.text())
+                if m.tb_base is None:
+                    m.tb_base = event_base(found)  # chosen once: names stay as more files appear
+                for remote in found:
                     if remote not in m.tb:
-                        m.tb[remote] = (_LineFile(self.tb_path(run, remote)), TFEventsParser())
+                        m.tb[remote] = (_LineFile(self.tb_path(run, remote)),
+                                        TFEventsParser(run=event_run(remote, m.tb_base)))
             except LabdeckError:
                 pass
         for remote, (local, _) in list(m.tb.items()):

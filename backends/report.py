@@ -628,7 +628,8 @@ def _fence(lines: list[str]) -> str:
 
 
 def _render_md(title: str, generated: str, path: Sequence[Run], steps: list[_Step], key: str | None,
-               charts: list[_Chart], more_metrics: list[str], summary: str) -> str:
+               charts: list[_Chart], more_metrics: list[str], summary: str,
+               media: Mapping[str, Sequence[Any]] | None = None) -> str:
     M = _Md
     out: list[str] = [f"# {M.text(title)}", "", f"_Generated {generated} by labdeck._", "", summary, ""]
 
@@ -737,6 +738,11 @@ def _render_md(title: str, generated: str, path: Sequence[Run], steps: list[_Ste
         else:
             out.append("No metrics recorded.")
         out.append("")
+
+        if media and media.get(s.run.id):
+            out += ["#### Media", ""]
+            out += _media_md(media[s.run.id])
+            out.append("")
 
         out += ["#### Hardware", ""]
         if s.hardware:
@@ -920,6 +926,9 @@ ul.changes li .kind{display:inline-block;min-width:4.5em;color:var(--muted)}
 .tag{display:inline-block;background:#e8eef5;border-radius:10px;padding:0 8px;margin:0 4px 4px 0}
 .note{margin:0 0 8px}.note .who{font-weight:600}.note .text{white-space:pre-wrap}
 footer{margin-top:3em;color:var(--muted);font-size:.85em}
+div.media{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}figure.media{margin:0}
+figure.media img{min-width:128px;max-width:320px;image-rendering:pixelated;border:1px solid var(--line)}
+figure.media figcaption{color:var(--muted);font-size:.85em}pre.mtext{white-space:pre-wrap;max-width:60em}
 @media print{body{max-width:none}svg.chart{break-inside:avoid}}
 """
 
@@ -942,8 +951,165 @@ def _diff_html(lines: list[str]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- media (images, tables, matrices)
+
+#: Largest image embedded (bytes of the file); larger ones are named, not embedded.
+MEDIA_MAX_IMAGE_BYTES = 2 << 20
+#: Rows and columns of a logged table shown.
+MEDIA_MAX_ROWS, MEDIA_MAX_COLS = 50, 20
+#: Classes of a confusion matrix drawn.
+MEDIA_MAX_CLASSES = 40
+#: Characters of a logged text shown.
+MEDIA_MAX_TEXT = 4000
+
+
+def _media_label(m: Any) -> str:
+    cap = f" · {m.caption}" if m.caption else ""
+    return f"{m.key} · step {m.step}{cap}"
+
+
+def _heat(share: float) -> str:
+    """A blue scale for a share 0..1 of a confusion matrix's row."""
+    share = min(1.0, max(0.0, share))
+    r, g, b = (int(247 - share * (247 - 8)), int(251 - share * (251 - 69)), int(255 - share * (255 - 148)))
+    return f"rgb({r},{g},{b})"
+
+
+def _confusion_svg(labels: list[str], m: list[list[int]], title: str) -> str:
+    n = min(len(labels), MEDIA_MAX_CLASSES)
+    cell, left, top = 34, 110, 34
+    w, h = left + n * cell + 10, top + n * cell + 30
+    o = [f'<svg class="confusion" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+         f'viewBox="0 0 {w} {h}" role="img" aria-label="{_h(title)}">']
+    o.append(f'<text class="alabel" x="{left}" y="14">predicted →</text>')
+    o.append(f'<text class="alabel" x="4" y="{top - 8}">true ↓</text>')
+    for j in range(n):
+        o.append(f'<text class="tick" x="{left + j * cell + cell / 2}" y="{top - 6}" text-anchor="middle">'
+                 f'{_h(labels[j][:6])}</text>')
+    for i in range(n):
+        total = sum(m[i]) or 1
+        o.append(f'<text class="tick" x="{left - 6}" y="{top + i * cell + cell / 2 + 4}" text-anchor="end">'
+                 f'{_h(labels[i][:14])}</text>')
+        for j in range(n):
+            share = m[i][j] / total
+            o.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                     f'fill="{_heat(share)}" stroke="#fff"/>')
+            o.append(f'<text x="{left + j * cell + cell / 2}" y="{top + i * cell + cell / 2 + 4}" '
+                     f'text-anchor="middle" font-size="11" fill="{"#fff" if share > 0.55 else "#1f2933"}">'
+                     f'{m[i][j]}</text>')
+    if n < len(labels):
+        o.append(f'<text class="tick" x="{left}" y="{h - 8}">… {len(labels) - n} more classes not drawn</text>')
+    o.append("</svg>")
+    return "".join(o)
+
+
+def _histogram_svg(doc: dict, title: str) -> str:
+    from .media import rebin_histogram
+
+    lo, hi, bins = rebin_histogram(doc, 40)
+    w, h, pad = 420, 150, 24
+    o = [f'<svg class="histogram" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+         f'viewBox="0 0 {w} {h}" role="img" aria-label="{_h(title)}">']
+    if bins and max(bins) > 0:
+        top = max(bins)
+        bw = (w - 2 * pad) / len(bins)
+        for k, c in enumerate(bins):
+            bh = (h - 2 * pad) * c / top
+            o.append(f'<rect x="{pad + k * bw:.1f}" y="{h - pad - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                     f'height="{bh:.1f}" fill="#4e79a7"/>')
+        o.append(f'<text class="tick" x="{pad}" y="{h - 6}">{_h(_fmt_num(lo))}</text>')
+        o.append(f'<text class="tick" x="{w - pad}" y="{h - 6}" text-anchor="end">{_h(_fmt_num(hi))}</text>')
+        o.append(f'<text class="tick" x="{pad}" y="14">max {_h(_fmt_num(top))} per bin</text>')
+    else:
+        o.append(f'<text class="nodata" x="{pad}" y="{h / 2}">empty</text>')
+    o.append("</svg>")
+    return "".join(o)
+
+
+def _media_html(items: Sequence[Any]) -> list[str]:
+    import base64
+
+    from .media import image_mime
+
+    o: list[str] = ['<div class="media">']
+    for m in items:
+        label = _media_label(m)
+        o.append('<figure class="media">')
+        if m.kind == "image":
+            mime = image_mime(m.data) if isinstance(m.data, bytes) else None
+            if mime is None:
+                o.append("<p>Not an image labdeck embeds.</p>")
+            elif len(m.data) > MEDIA_MAX_IMAGE_BYTES:
+                o.append(f"<p>An image of {len(m.data):,} bytes: too large to embed.</p>")
+            else:
+                o.append(f'<img src="data:{mime};base64,{base64.b64encode(m.data).decode("ascii")}" '
+                         f'alt="{_h(label)}">')
+        elif m.kind == "table":
+            cols, rows = m.data
+            o.append('<table class="mtable"><thead><tr>'
+                     + "".join(f"<th>{_h(c)}</th>" for c in cols[:MEDIA_MAX_COLS]) + "</tr></thead><tbody>")
+            for r in rows[:MEDIA_MAX_ROWS]:
+                o.append("<tr>" + "".join(
+                    f'<td{" class=num" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""}>'
+                    f'{_h("–" if v is None else _fmt_num(v) if isinstance(v, float) else v)}</td>'
+                    for v in r[:MEDIA_MAX_COLS]) + "</tr>")
+            o.append("</tbody></table>")
+            if len(rows) > MEDIA_MAX_ROWS or len(cols) > MEDIA_MAX_COLS:
+                o.append(f'<p class="more">… {len(rows)} rows × {len(cols)} columns in all</p>')
+        elif m.kind == "confusion":
+            o.append(_confusion_svg(m.data[0], m.data[1], label))
+        elif m.kind == "histogram":
+            o.append(_histogram_svg(m.data, label))
+        else:
+            t = m.data if isinstance(m.data, str) else str(m.data)
+            o.append(f'<pre class="mtext">{_h(t[:MEDIA_MAX_TEXT])}</pre>'
+                     + (f'<p class="more">… {len(t) - MEDIA_MAX_TEXT:,} more characters</p>'
+                        if len(t) > MEDIA_MAX_TEXT else ""))
+        o.append(f"<figcaption>{_h(label)}</figcaption></figure>")
+    o.append("</div>")
+    return o
+
+
+def _media_md(items: Sequence[Any]) -> list[str]:
+    M = _Md
+    out: list[str] = []
+    for m in items:
+        out.append(f"- {M.code(m.key)} at step {m.step}" + (f": {M.text(m.caption)}" if m.caption else ""))
+        if m.kind == "image":
+            out.append("  (an image: embedded in the HTML report)")
+        elif m.kind == "table":
+            cols, rows = m.data
+            out.append("")
+            out += ["  " + line for line in _md_table(
+                [M.text(c) for c in cols[:MEDIA_MAX_COLS]],
+                [[M.text("–" if v is None else _fmt_num(v) if isinstance(v, float) else v) for v in r[:MEDIA_MAX_COLS]]
+                 for r in rows[:MEDIA_MAX_ROWS]])]
+            out.append("")
+        elif m.kind == "confusion":
+            labels, mat = m.data
+            n = min(len(labels), MEDIA_MAX_CLASSES)
+            out.append("")
+            out += ["  " + line for line in _md_table(
+                ["true ↓ / predicted →"] + [M.text(x) for x in labels[:n]],
+                [[M.text(labels[i])] + [str(v) for v in mat[i][:n]] for i in range(n)], ["l"] + ["r"] * n)]
+            out.append("")
+        elif m.kind == "histogram":
+            from .media import rebin_histogram
+
+            lo, hi, bins = rebin_histogram(m.data, SPARK_WIDTH)
+            out.append(f"  {_sparkline(list(enumerate(bins)))} over {_fmt_num(lo)} … {_fmt_num(hi)}" if bins
+                       else "  (empty)")
+        else:
+            t = (m.data if isinstance(m.data, str) else str(m.data))[:MEDIA_MAX_TEXT]
+            lines = _clean(t).split("\n")
+            fence = _fence(lines)
+            out += ["", "  " + fence, *["  " + x for x in lines], "  " + fence, ""]
+    return out
+
+
 def _render_html(title: str, generated: str, path: Sequence[Run], steps: list[_Step], key: str | None,
-                 charts: list[_Chart], more_metrics: list[str], summary: str) -> str:
+                 charts: list[_Chart], more_metrics: list[str], summary: str,
+                 media: Mapping[str, Sequence[Any]] | None = None) -> str:
     H = _Html
     o: list[str] = []
     o.append("<!DOCTYPE html>")
@@ -1061,6 +1227,10 @@ def _render_html(title: str, generated: str, path: Sequence[Run], steps: list[_S
         else:
             o.append("<p>No metrics recorded.</p>")
 
+        if media and media.get(r.id):
+            o.append("<h4>Media</h4>")
+            o += _media_html(media[r.id])
+
         o.append("<h4>Hardware</h4>")
         if s.hardware:
             o.append("<ul>" + "".join(f"<li>{_h(k)}: {_h(v)}</li>" for k, v in s.hardware) + "</ul>")
@@ -1098,7 +1268,8 @@ def _render_html(title: str, generated: str, path: Sequence[Run], steps: list[_S
 
 def build_report(path: list[Run], *, series: SeriesMap, code_diffs: Mapping[str, str],
                  annotations: Mapping[str, Sequence[Annotation]], key_metric: str | None = None,
-                 title: str | None = None, now: datetime | None = None) -> tuple[str, str]:
+                 title: str | None = None, now: datetime | None = None,
+                 media: Mapping[str, Sequence[Any]] | None = None) -> tuple[str, str]:
     """A report of the lineage ``path`` (baseline ``path[0]`` … target ``path[-1]``): ``(markdown, html)``.
 
     ``series[run_id][metric] = (steps, values)``, already downsampled (a run or metric may be
@@ -1107,7 +1278,10 @@ def build_report(path: list[Run], *, series: SeriesMap, code_diffs: Mapping[str,
     available", empty means "no code changes"; cut at :data:`DIFF_MAX_LINES` lines per step).
     ``annotations[run_id]``: notes and tags (removed ones are skipped). ``key_metric``: see
     :func:`pick_key_metric`. ``now``: the time running runs' durations and costs are measured to,
-    and the report's "generated" time (default: the current time).
+    and the report's "generated" time (default: the current time). ``media[run_id]``: the
+    :class:`backends.media.ReportMedia` chosen for that run (images inline as data URIs, tables as
+    HTML tables, confusion matrices and histograms as SVG, all text escaped; in the Markdown:
+    tables, sparklines and a note that the images are in the HTML).
     """
     if not path:
         raise ValueError("build_report needs a path of at least one run")
@@ -1129,9 +1303,10 @@ def build_report(path: list[Run], *, series: SeriesMap, code_diffs: Mapping[str,
               for m in names[:MAX_CHARTS]]
     more = names[MAX_CHARTS:]
 
-    md = _render_md(title, generated, path, steps, key, charts, more, _summary(_Md, path, steps, key, annotations))
+    md = _render_md(title, generated, path, steps, key, charts, more, _summary(_Md, path, steps, key, annotations),
+                    media)
     page = _render_html(title, generated, path, steps, key, charts, more,
-                        _summary(_Html, path, steps, key, annotations))
+                        _summary(_Html, path, steps, key, annotations), media)
     return md, page
 
 

@@ -48,6 +48,15 @@ Never raises on bad input. Counted in ``warnings`` (by kind):
   event has no wall time, or 0.0, proto3's default);
 * counted but KEPT, as in :mod:`backends.metrics`: "non-finite value".
 
+Series are keyed by (TensorBoard run, tag), as TensorBoard keys them: the run is the event
+file's directory relative to the run's TensorBoard base directory (:func:`event_base`, the
+shallowest directory holding an event file when they are first found; :func:`event_run`), so
+``add_scalars("pair", {"train": …, "val": …})``, which writes tag "pair" into the
+subdirectories ``pair/train/`` and ``pair/val/``, gives two series, "pair/train/pair" and
+"pair/val/pair" (:func:`series_name`), never one that mixes them. Files in the base
+directory keep their bare tags. Steps stay integers (int64, exactly: 2**53 + 1 and
+2**63 − 1 are not rounded through a float).
+
 Also :data:`EVENT_FILE_GLOB`, :func:`remote_find_command` (a POSIX shell command
 listing a run directory's event files) and :func:`parse_find_output`.
 
@@ -57,16 +66,18 @@ Stdlib only.
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import shlex
 import struct
 from collections import Counter
+from dataclasses import dataclass
 
 from .metrics import MAX_NAME_LEN, Point
 
 __all__ = [
     "TFEventsParser", "EVENT_FILE_GLOB", "remote_find_command", "parse_find_output",
-    "crc32c", "masked_crc32c",
+    "crc32c", "masked_crc32c", "series_name", "event_base", "event_run", "TBMedia",
 ]
 
 #: The file names TensorFlow, PyTorch and tensorboardX give event files.
@@ -357,6 +368,193 @@ def _plugin_name(b: bytes) -> str:
     return name
 
 
+# ---- media: images, histograms, text --------------------------------------------------------
+@dataclass(slots=True)
+class TBMedia:
+    """An image (``data``: {"png"/"encoded": bytes, "w", "h", "channels"}), a histogram ({"edges",
+    "counts", "n", "min", "max", "sum"}, TensorBoard's buckets: ``edges`` has one more item than
+    ``counts``) or a text ({"text": str}) read from an event file."""
+
+    name: str
+    step: int
+    kind: str
+    data: dict
+    t: float | None = None
+
+    @property
+    def size(self) -> int:
+        d = self.data
+        if self.kind == "image":
+            return len(d["encoded"]) + 64
+        if self.kind == "text":
+            return len(d["text"]) + 64
+        return 16 * len(d["counts"]) + 64
+
+
+def _image_proto(b: bytes) -> dict:
+    """Summary.Image: height = 1, width = 2, colorspace = 3, encoded_image_string = 4."""
+    out = {"h": 0, "w": 0, "channels": 0, "encoded": b""}
+    n = len(b)
+    i = 0
+    while i < n:
+        k, i = _key(b, i)
+        if k in (0x08, 0x10, 0x18):
+            v, i = _varint(b, i)
+            out[{0x08: "h", 0x10: "w", 0x18: "channels"}[k]] = _signed(v, 32)
+        elif k == 0x22:
+            s, i = _bytes_field(b, i)
+            out["encoded"] = bytes(b[s:i])
+        else:
+            i = _skip(b, i, k & 7)
+    return out
+
+
+def _doubles(b: bytes, i: int, k: int, into: list) -> int:
+    if k & 7 == 2:  # packed
+        s, e = _bytes_field(b, i)
+        if (e - s) % 8:
+            raise _Malformed("packed doubles")
+        into += struct.unpack_from(f"<{(e - s) // 8}d", b, s)
+        return e
+    if i + 8 > len(b):
+        raise _Malformed("double past the end")
+    into.append(_F64.unpack_from(b, i)[0])
+    return i + 8
+
+
+def _histo_proto(b: bytes) -> dict:
+    """HistogramProto: min = 1, max = 2, num = 3, sum = 4, sum_squares = 5, bucket_limit = 6,
+    bucket = 7. TensorBoard's bucket i holds (limit[i-1], limit[i]]; the first starts at min."""
+    vals = {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}
+    limits: list[float] = []
+    counts: list[float] = []
+    n = len(b)
+    i = 0
+    while i < n:
+        k, i = _key(b, i)
+        f = k >> 3
+        if f in vals and k & 7 == 1:
+            if i + 8 > n:
+                raise _Malformed("double past the end")
+            vals[f] = _F64.unpack_from(b, i)[0]
+            i += 8
+        elif f == 6 and k & 7 in (1, 2):
+            i = _doubles(b, i, k, limits)
+        elif f == 7 and k & 7 in (1, 2):
+            i = _doubles(b, i, k, counts)
+        else:
+            i = _skip(b, i, k & 7)
+    if len(limits) != len(counts):
+        raise _Malformed("histogram limits and buckets differ in number")
+    lo, hi = vals[1], vals[2]
+    edges = [lo] + [x if _isfinite(x) else hi for x in limits]  # as written (the last is often DBL_MAX)
+    return {"edges": edges, "counts": counts, "n": vals[3], "min": lo, "max": hi, "sum": vals[4]}
+
+
+#: the TF2 summary plugins whose tensors are media
+_TENSOR_MEDIA = {"text": "text", "images": "images", "histograms": "histograms"}
+
+
+def _tensor_fields(b: bytes) -> tuple[int, list[int], bytes | None, list[bytes], list[float]]:
+    """(dtype, dims, tensor_content, string_val, double_val) of a TensorProto."""
+    n = len(b)
+    i = 0
+    dtype = 0
+    dims: list[int] = []
+    content = None
+    strings: list[bytes] = []
+    doubles: list[float] = []
+    while i < n:
+        k, i = _key(b, i)
+        if k == 0x08:
+            dtype, i = _varint(b, i)
+        elif k == 0x12:  # tensor_shape
+            s, e = _bytes_field(b, i)
+            i = e
+            j = s
+            while j < e:
+                dk, j = _key(b, j)
+                if dk == 0x12:
+                    ds, de = _bytes_field(b, j)
+                    j = de
+                    size = 0
+                    q = ds
+                    while q < de:
+                        sk, q = _key(b, q)
+                        if sk == 0x08:
+                            size, q = _varint(b, q)
+                        else:
+                            q = _skip(b, q, sk & 7, de)
+                    dims.append(_signed(size, 64))
+                else:
+                    j = _skip(b, j, dk & 7, e)
+        elif k == 0x22:
+            s, i = _bytes_field(b, i)
+            content = bytes(b[s:i])
+        elif k == 0x42:
+            s, i = _bytes_field(b, i)
+            strings.append(bytes(b[s:i]))
+        elif k >> 3 == 6 and k & 7 in (1, 2):
+            i = _doubles(b, i, k, doubles)
+        else:
+            i = _skip(b, i, k & 7)
+    return dtype, dims, content, strings, doubles
+
+
+def _images_tensor(b: bytes) -> dict | None:
+    """TF2's image summary: a DT_STRING tensor [width, height, encoded image, …]; the first image."""
+    dtype, _, _, strings, _ = _tensor_fields(b)
+    if dtype != 7 or len(strings) < 3:
+        return None
+    try:
+        w, h = int(strings[0]), int(strings[1])
+    except ValueError:
+        w = h = 0
+    return {"w": w, "h": h, "channels": 0, "encoded": strings[2]}
+
+
+def _histograms_tensor(b: bytes) -> dict | None:
+    """TF2's histogram summary: a DT_DOUBLE (or DT_FLOAT) k×3 tensor of (left, right, count)."""
+    dtype, dims, content, _, doubles = _tensor_fields(b)
+    if dtype not in (_DT_DOUBLE, _DT_FLOAT) or len(dims) != 2 or dims[1] != 3:
+        return None
+    if content:
+        fmt = "d" if dtype == _DT_DOUBLE else "f"
+        if len(content) % struct.calcsize(fmt):
+            raise _Malformed("tensor_content size")
+        vals = list(struct.unpack(f"<{len(content) // struct.calcsize(fmt)}{fmt}", content))
+    else:
+        vals = doubles
+    if len(vals) != dims[0] * 3:
+        raise _Malformed("histogram tensor size")
+    rows = [vals[i:i + 3] for i in range(0, len(vals), 3)]
+    if not rows:
+        return {"edges": [], "counts": [], "n": 0.0, "min": 0.0, "max": 0.0, "sum": 0.0}
+    edges = [rows[0][0]] + [r[1] for r in rows]
+    counts = [r[2] for r in rows]
+    return {"edges": edges, "counts": counts, "n": sum(counts), "min": rows[0][0], "max": rows[-1][1], "sum": 0.0}
+
+
+def _string_tensor(b: bytes) -> dict | None:
+    """The text of a DT_STRING TensorProto (string_val = 8; several are joined by newlines)."""
+    n = len(b)
+    i = 0
+    dtype = 0
+    parts: list[str] = []
+    while i < n:
+        k, i = _key(b, i)
+        if k == 0x08:
+            dtype, i = _varint(b, i)
+        elif k == 0x42:
+            s, i = _bytes_field(b, i)
+            parts.append(b[s:i].decode("utf-8", "replace"))
+        else:
+            i = _skip(b, i, k & 7)
+    if dtype != 7:
+        return None
+    return {"text": "\n".join(parts)}
+
+
 # ---- the parser --------------------------------------------------------------------------
 class TFEventsParser:
     """Scalar points from one TensorBoard event file, fed in byte chunks (see the module docstring).
@@ -370,8 +568,16 @@ class TFEventsParser:
 
     _MAX_TAGS = 50_000  # remembered decoded tags / tag plugins (beyond: decoded each time)
 
-    def __init__(self, *, max_record: int = 16 << 20) -> None:
+    def __init__(self, *, max_record: int = 16 << 20, run: str = "", media: bool = False,
+                 max_media: int = 5000, max_media_bytes: int = 256 << 20) -> None:
         self.max_record = max_record
+        #: with ``media=True``: the images, histograms and text of the file (:class:`TBMedia`), oldest
+        #: first, at most ``max_media`` items and ``max_media_bytes`` bytes (past that the oldest go)
+        self.media: list[TBMedia] | None = [] if media else None
+        self.media_bytes = 0
+        self.max_media = max_media
+        self.max_media_bytes = max_media_bytes
+        self.run = run  # the TensorBoard "run" (subdirectory) of this file: "" for the base directory
         self.warnings: Counter = Counter()
         self.records = 0
         self.bytes = 0
@@ -559,7 +765,6 @@ class TFEventsParser:
             if wall:
                 self.warnings["invalid time"] += 1
             wall = None  # 0.0 is proto3's "not set"
-        fstep = float(step)
         pts: list[Point] = []
         for i, end in summaries:  # Summary: value = 1 (repeated)
             while i < end:
@@ -578,19 +783,20 @@ class TFEventsParser:
                     i += ln
                     if i > end:
                         raise _Malformed("value past the end")
-                    self._decode_value(b, s, i, fstep, wall, pts)
+                    self._decode_value(b, s, i, step, wall, pts)
                 else:
                     i = _skip(b, i, k & 7, end)
             if i != end:
                 raise _Malformed("summary overrun")
         return pts
 
-    def _decode_value(self, b: bytes, i: int, end: int, step: float, wall: float | None,
+    def _decode_value(self, b: bytes, i: int, end: int, step: int, wall: float | None,
                       pts: list[Point]) -> None:
         tag = b""
         simple = None
         tensor = None
         plugin = None
+        other = None  # (key, start, end) of an image or histogram, when media are collected
         while i < end:
             k = b[i]
             if k < 0x80:
@@ -625,12 +831,23 @@ class TFEventsParser:
                 plugin = _plugin_name(b[s:i])
             elif k in (0x1A, 0x22, 0x2A, 0x32):  # histogram, image, histo, audio (the oneof value)
                 simple = tensor = None
+                if self.media is not None and k in (0x22, 0x2A):
+                    other = (k, s, i)
         if i != end:
             raise _Malformed("value overrun")
         if plugin is not None and tag:
             plugins = self._plugins
             if plugins.get(tag) != plugin and (tag in plugins or len(plugins) < self._MAX_TAGS):
                 plugins[tag] = plugin
+        if self.media is not None:
+            if other is not None:
+                self._media_value(tag, step, wall, other[0], b[other[1]:other[2]])
+                return
+            if tensor is not None:
+                kind = _TENSOR_MEDIA.get(plugin or self._plugins.get(tag) or "")
+                if kind is not None:
+                    self._media_value(tag, step, wall, kind, b[tensor[0]:tensor[1]])
+                    return
         if simple is not None:
             value = simple
         elif tensor is not None:
@@ -657,6 +874,38 @@ class TFEventsParser:
             self.warnings["non-finite value"] += 1
         pts.append(Point(name, step, value, wall))
 
+    def _media_value(self, tag: bytes, step: int, wall: float | None, k: int, body: bytes) -> None:
+        """Collect an image (Value.image), a histogram (Value.histo) or a text tensor (plugin "text")."""
+        name = self._tags.get(tag) or self._name(tag)
+        if name is None:
+            return
+        try:
+            if k == 0x22:
+                item = TBMedia(name, step, "image", _image_proto(body), wall)
+            elif k == 0x2A:
+                item = TBMedia(name, step, "histogram", _histo_proto(body), wall)
+            else:
+                doc = {"text": _string_tensor, "images": _images_tensor, "histograms": _histograms_tensor}[k](body)
+                if doc is None:
+                    return
+                item = TBMedia(name, step, {"text": "text", "images": "image", "histograms": "histogram"}[k],
+                               doc, wall)
+        except (_Malformed, IndexError, ValueError, struct.error, OverflowError):
+            self.warnings["invalid media"] += 1
+            return
+        media = self.media
+        assert media is not None
+        size = item.size
+        if size > self.max_media_bytes:
+            self.warnings["media item too large (skipped)"] += 1
+            return
+        media.append(item)
+        self.media_bytes += size
+        while self.media_bytes > self.max_media_bytes or len(media) > self.max_media:
+            old = media.pop(0)  # the oldest go first: a bound, and said in the warnings
+            self.media_bytes -= old.size
+            self.warnings["media dropped (over the cap)"] += 1
+
     def _name(self, tag: bytes) -> str | None:
         """The metric name of a tag not yet in ``_tags`` (or an invalid one: None, counted)."""
         tags = self._tags
@@ -668,12 +917,45 @@ class TFEventsParser:
         except UnicodeDecodeError:
             self.warnings["invalid UTF-8"] += 1
             name = tag.decode("utf-8", "replace")
+        if name and self.run:
+            name = series_name(self.run, name)
         if not name or len(name) > MAX_NAME_LEN:
             self.warnings["invalid metric name"] += 1
             name = None
         if len(tags) < self._MAX_TAGS:
             tags[tag] = name
         return name
+
+
+# ---- TensorBoard runs ---------------------------------------------------------------------
+def series_name(run: str, tag: str) -> str:
+    """The metric name of ``tag`` in TensorBoard run ``run``: the bare tag for the base run
+    ("" or "."), else ``run/tag`` (what TensorBoard shows as the run and the chart's tag)."""
+    return tag if run in ("", ".") else f"{run}/{tag}"
+
+
+def _dirname(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
+def event_base(paths: list[str]) -> str | None:
+    """The TensorBoard base directory of a run's event files: the shallowest directory holding
+    one (the first in sorted order among equals); None when there are none. Chosen once, when
+    event files are first found, so names do not change as more files appear."""
+    dirs = sorted({_dirname(p) for p in paths}, key=lambda d: (d.rstrip("/").count("/"), d))
+    return dirs[0] if dirs else None
+
+
+def event_run(path: str, base: str | None) -> str:
+    """The TensorBoard run of the event file ``path`` relative to ``base`` (see :func:`event_base`):
+    "" for a file in ``base`` itself, else the relative directory ("pair/train"; "../other"
+    for a directory outside ``base``, kept apart rather than merged)."""
+    d = _dirname(path)
+    if base is None or d == base:
+        return ""
+    if d.startswith(base.rstrip("/") + "/"):
+        return d[len(base.rstrip("/")) + 1:]
+    return posixpath.relpath(d, base)
 
 
 # ---- finding event files on an instance --------------------------------------------------

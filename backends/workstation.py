@@ -376,8 +376,10 @@ class Workstation:
         for run in changed:  # a run that just ended: its metrics, environment and artifacts into the record
             if run.run_state.is_final and run.user == self.user and run.id not in self.follower.tasks:
                 try:
-                    await self.monitor.poll_run(run, transport)
-                    await self.record_results(run, final=True)
+                    async with self.follower.writing(run) as ours:  # not while another process follows it
+                        if ours:
+                            await self.monitor.poll_run(run, transport)
+                            await self.record_results(run, final=True)
                 except LabdeckError:
                     pass
         return changed

@@ -24,6 +24,13 @@ def _real_clock_after_each_test():
     _clock.pin(before)
 
 
+@pytest.fixture(autouse=True)
+def _no_background_follower(monkeypatch: pytest.MonkeyPatch):
+    """No test starts a background follower (backends/daemon.py) by the way: commands that start work
+    would otherwise leave one per test home. tests/test_daemon.py unsets this where it tests one."""
+    monkeypatch.setenv("LABDECK_NO_DAEMON", "1")
+
+
 @pytest.fixture
 def home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private LABDECK_HOME: config, store, caches and run dirs all live under it.

@@ -357,7 +357,7 @@ def test_view_min_max_equal_true_min_max(points: list[tuple[float, float]], widt
 def test_extend_equals_append(points: list[tuple[float, float]], cuts: list[int]) -> None:
     a = Series(buckets=16, recent=32)
     for step, v in points:
-        a.append(step, v)
+        a.append(float(step), v)  # float steps both ways (int steps are kept exact: see below)
     b = Series(buckets=16, recent=32)
     prev = 0
     for c in sorted(set(min(c, len(points)) for c in cuts)) + [len(points)]:
@@ -371,6 +371,34 @@ def test_extend_equals_append(points: list[tuple[float, float]], cuts: list[int]
     assert a.bucket_width == b.bucket_width
     for w in (1, 7, 100):
         assert a.view(w) == b.view(w)
+
+
+def test_integer_steps_stay_exact_in_append_and_extend() -> None:
+    """Steps past 2**53 are not rounded through a float: 2**53 + 1 and 2**63 - 1 come back as given."""
+    big = [2**53 + 1, 2**53 + 3, 2**63 - 1]
+    a = Series(buckets=16, recent=8)
+    for st_ in big:
+        a.append(st_, 1.0)
+    a.append(2**63 - 1, math.nan)
+    b = Series(buckets=16, recent=8)
+    import numpy as np
+    b.extend(np.array(big + [2**63 - 1], dtype=np.int64), [1.0, 1.0, 1.0, math.nan])
+    for s in (a, b):
+        steps, _ = s.recent_points()
+        assert steps == big + [2**63 - 1] and all(type(x) is int for x in steps)
+        assert s.last_step == 2**63 - 1 and type(s.last_step) is int
+        assert s.first_nonfinite_step == 2**63 - 1 and type(s.first_nonfinite_step) is int
+    rs = RunSeries()
+    rs.ingest([Point("x", 2**53 + 1, 0.5)])
+    assert rs.summary()["x"]["last_step"] == 2**53 + 1
+    # the metrics file and log text give exact ints too; whole-number floats become ints
+    mp = MetricsFileParser()
+    pts = mp.feed(b'{"s": 9007199254740993, "m": {"a": 1}}\n{"s": 3.0, "m": {"a": 2}}\n{"s": 2.5, "m": {"a": 3}}\n')
+    assert [(p.step, type(p.step)) for p in pts] == [(2**53 + 1, int), (3, int), (2.5, float)]
+    lp = LogMetricParser()
+    pts = lp.feed(b"step=9223372036854775807 loss=0.5\n{\"step\": 9007199254740993, \"acc\": 1}\n")
+    assert [(p.name, p.step) for p in pts] == [("loss", 2**63 - 1), ("acc", 2**53 + 1)]
+    assert all(type(p.step) is int for p in pts)
 
 
 def test_series_constant_cost_and_bounded_buckets() -> None:

@@ -153,6 +153,8 @@ async def test_tensorboard_event_files_become_series(workstation: Workstation, t
     code = ("from tensorboardX import SummaryWriter\n"
             "w = SummaryWriter('tb')\n"
             "for i in range(20):\n    w.add_scalar('tb/loss', 1.0 / (i + 1), i)\n"
+            "    w.add_scalars('pair', {'train': float(i), 'val': 2.0 * i}, i)\n"
+            "w.add_scalar('big', 1.0, 2**63 - 1)\n"
             "w.add_histogram('weights', [1.0, 2.0, 3.0], 0)\nw.close()\n")
     (tmp_path / "tbjob.py").write_text(code)
     run = await workstation.launch(f"{sys.executable} tbjob.py", workdir=str(tmp_path))
@@ -161,6 +163,11 @@ async def test_tensorboard_event_files_become_series(workstation: Workstation, t
     s = workstation.monitor.runs[run.id].series.series("tb/loss")
     assert len(s) == 20 and s.last == pytest.approx(1 / 20, rel=1e-6)
     assert done.metrics_summary["tb/loss"]["min"] == pytest.approx(1 / 20, rel=1e-6)
+    # add_scalars' keys are TensorBoard runs of their own (subdirectories): kept apart, not merged
+    assert done.metrics_summary["pair/train/pair"]["count"] == 20 and done.metrics_summary["pair/train/pair"]["last"] == 19
+    assert done.metrics_summary["pair/val/pair"]["count"] == 20 and done.metrics_summary["pair/val/pair"]["last"] == 38
+    stored = workstation.store.own_run(run.id).metrics_summary  # through the store: the step exact
+    assert stored["big"]["last_step"] == 2**63 - 1
 
 
 async def test_gpu_host_without_nvitop_bootstraps_a_venv_or_carries_on(workstation: Workstation, tmp_path: Path,

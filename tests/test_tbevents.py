@@ -151,7 +151,7 @@ def parse(data: bytes, chunks: list[int] | None = None, **kw) -> tuple[list[tupl
             prev = max(prev, c)
     out += p.flush()
     for q in out:
-        assert isinstance(q, Point) and type(q.step) is float and type(q.value) is float
+        assert isinstance(q, Point) and type(q.step) is int and type(q.value) is float
     return [pkey(q) for q in out], p
 
 
@@ -311,7 +311,7 @@ def test_steps_values_and_times_edge_cases() -> None:
     ]
     got, p = parse(b"".join(record(r) for r in recs))
     t = 1714550000.25
-    assert got[:3] == [("neg", -5.0, 1.0, t), ("big", float(2**62 + 1), 2.0, t), ("nostep", 0.0, 3.0, t)]
+    assert got[:3] == [("neg", -5.0, 1.0, t), ("big", 2**62 + 1, 2.0, t), ("nostep", 0.0, 3.0, t)]
     assert got[3][:3] == ("inf", 1.0, math.inf) and got[4][0] == "nan" and math.isnan(got[4][2])
     assert got[5:] == [("t", 1.0, 4.0, None), ("\ufffdbad", 1.0, 8.0, t), ("tag-after-value", 1.0, 9.0, t),
                        ("a", 4.0, 1.0, None), ("b", 4.0, 2.0, None), ("u", 5.0, 10.0, t)]

@@ -284,6 +284,8 @@ class LabdeckApp(App[None]):
         opened = await notebooks.start(self.workstation, instance=instance, run_ref=run,
                                        progress=lambda m: self.notify(m, timeout=3))
         self._forwards[opened.notebook.id] = opened.forward
+        if self.live:
+            self._follow_in_background()
         self.reload_runs()
         self.push_screen(InfoScreen(f"Jupyter on {opened.notebook.instance}",
                                     f"Open: {opened.url}\nFrom a laptop: {opened.ssh_line}\n  then open "
@@ -331,6 +333,8 @@ class LabdeckApp(App[None]):
         d = served.deployment
         self._forwards[d.id] = served.forward
         self.model_urls[d.id] = d.url
+        if self.live:
+            self._follow_in_background()
         self.load_deployments()
         self.push_screen(InfoScreen(f"{d.name} is up", f"URL (here): {d.url}/predict\nAPI key: {served.api_key}\n"
                                     f"From a laptop: {served.ssh_line}\n\nThe key is also kept in a 0600 file of "
@@ -444,8 +448,7 @@ class LabdeckApp(App[None]):
             task = followed.get(run_id)
             if self.live and (task is None or task.done()):
                 try:
-                    await self.workstation.follower.catch_up(run)
-                    await mon.poll_run(run)
+                    await self.workstation.follower.sync(run)
                 except LabdeckError:
                     mon.run(run).update()
             else:
@@ -479,11 +482,15 @@ class LabdeckApp(App[None]):
         self.query_one(MonitorTab).show_instances([i.name for i in message.listing.instances if i.state == "running"])
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
+        if not self.query(JobsTab):  # a refresh that came back while the app closes: its tabs are gone
+            return
         if self.live:  # re-attach: follow every active run of ours from the byte its local copy ends at
             me = self.workstation.user
-            for run in message.runs:
-                if run.user == me and run.run_dir and (run.run_state.is_active or run.state == "lost"):
-                    self.workstation.follower.start(run)
+            mine = [r for r in message.runs if r.user == me and r.run_dir and (r.run_state.is_active or r.state == "lost")]
+            if any(r.run_state.is_active for r in mine):
+                self._follow_in_background()
+            for run in mine:  # (where the background follower follows one, this attaches to what it writes)
+                self.workstation.follower.start(run)
         self.runs = message.runs
         self.jobs_tab.show_runs(message.runs, message.errors)
         self.query_one(MonitorTab).show_runs(message.runs, self.idle)
@@ -509,8 +516,15 @@ class LabdeckApp(App[None]):
         what = "Started" if run.state == "running" else "Queued"
         self.notify(f"{what} {run.display_name} on {run.instance}. Press {self.key_of('app.tab.jobs')} for Jobs.")
         if self.live:
+            self._follow_in_background()
             self.workstation.follower.start(run)
         self.reload_runs()
+
+    def _follow_in_background(self) -> None:
+        """Your background follower keeps your runs current after this TUI closes (a lock test when it runs)."""
+        from backends import daemon
+
+        daemon.ensure_running(self.workstation.config.paths)
 
     @on(Worker.StateChanged)
     def worker_failed(self, event: Worker.StateChanged) -> None:

@@ -282,6 +282,7 @@ def run_cmd(instance: str, name: str, parent: str | None, workdir: str | None, e
         console.print(f"code: {plural(c['files'], 'file')}"
                       + (f" at {c['commit'][:10]}{' + uncommitted changes' if c['dirty'] else ''}" if c.get("commit") else "")
                       + f"; {c.get('synced_files', 0)} sent ({c.get('synced_bytes', 0) / 1e6:.2f} MB)", highlight=False)
+    _follow_in_background(ws)
     verb = "started" if run.state == "running" else "queued"
     console.print(f"{verb} [bold]{esc(run.id)}[/] ({esc(run.display_name)}) on {esc(run.instance)}, pid {run.pid}")
     console.print(f"[dim]labdeck logs {short_id(run.id)} -f   ·   labdeck cancel {short_id(run.id)}[/]")
@@ -293,6 +294,7 @@ def example_cmd() -> None:
     """Run the bundled example project (numpy training) on local."""
     ws = _workstation()
     run = asyncio.run(ws.launch_example())
+    _follow_in_background(ws)
     console.print(f"started [bold]{esc(run.id)}[/] ({esc(run.display_name)}) on {esc(run.instance)}, pid {run.pid}")
 
 
@@ -420,6 +422,7 @@ def rerun_cmd(run: str, sets: tuple[str, ...], instance: str | None, envs: tuple
         _ask_first(r, "would run as you", rerun_plan(r, ws.user, command=plan.command, env=plan.env),
                    "Rerunning", "Rerun it as you?", yes)
     new = asyncio.run(ws.rerun(r, command=cmd, instance=instance, env=env, name=name, sets=changes))
+    _follow_in_background(ws)
     if as_json:
         from .clijson import run_summary
 
@@ -541,8 +544,7 @@ def top_cmd(once: bool, interval: float) -> None:
                 latest = ""
                 if r.user == ws.user and r.state == "running":
                     try:
-                        await ws.follower.catch_up(r)
-                        await ws.monitor.poll_run(r)
+                        await ws.follower.sync(r)
                     except LabdeckError:
                         pass
                     summ = ws.monitor.run(r).series.summary()
@@ -583,6 +585,57 @@ def _find_run(ws: Workstation, ref: str):
             err_console.print(f"[dim]{esc(ref)}: the newest of {len(same)} runs of that name ({esc(short_id(r.id))}); "
                               f"the other{'s' if len(same) > 2 else ''}: {esc(others)}[/]", highlight=False)
     return r
+
+
+REFRESH_DEADLINE = 3.0  # a command that shows or acts on a run asks its host this long at most
+
+
+def _refreshed(ws: Workstation, r):
+    """``r`` as it is now: one of your active runs is asked about on its instance first (its state,
+    and its results when it just ended), for :data:`REFRESH_DEADLINE` s at most, so `show` or
+    `serve` right after a job ended sees it ended even with no follower running. Anything else (a
+    finished run, a teammate's: their follower keeps it) is returned as it is, as is ``r`` when
+    the host does not answer in time."""
+    from backends.models import RunState
+
+    if r.user != ws.user or not r.run_dir or not (r.run_state.is_active or r.state == RunState.LOST.value):
+        return r
+
+    async def go() -> None:
+        try:
+            await _refresh_one(ws, r)
+        finally:  # the connections belong to this event loop; the command's next one opens its own
+            for p in ws.providers.values():
+                try:
+                    await p.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+
+    asyncio.run(go())
+    try:
+        return ws.store.with_status([ws.store.own_run(r.id)])[0]
+    except LabdeckError:
+        return r
+
+
+async def _refresh_one(ws: Workstation, r) -> None:
+    """``refresh_runs(only=[r])`` cut at :data:`REFRESH_DEADLINE` (a host that does not answer)."""
+    try:
+        await asyncio.wait_for(ws.refresh_runs(only=[r.id]), REFRESH_DEADLINE)
+    except (asyncio.TimeoutError, LabdeckError):
+        pass
+
+
+def _follow_in_background(ws: Workstation) -> None:
+    """Make sure your background follower runs (it keeps your runs' state, logs and results current
+    with labdeck closed, and exits when nothing is active); LABDECK_NO_DAEMON=1 turns this off."""
+    import os
+
+    if os.environ.get("LABDECK_NO_DAEMON") == "1":
+        return
+    from backends import daemon
+
+    daemon.ensure_running(ws.config.paths)
 
 
 def _parse_filter(text: str):
@@ -669,8 +722,8 @@ def show_cmd(run: str, raw: bool, as_json: bool) -> None:
     """Everything a run recorded: who, where, code, params, metrics, hardware, notes, lineage."""
     raw_output(raw)
     ws = _workstation()
+    r = _refreshed(ws, _find_run(ws, run))
     tl = _lineage(ws.store)
-    r = _find_run(ws, run)
     if as_json:
         from .clijson import run_detail
 
@@ -752,7 +805,7 @@ def _instance_facts(r) -> list[str]:
 def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
     """Copy a run's artifacts (all, or the PATHS named) from its instance to OUT."""
     ws = _workstation()
-    r = _find_run(ws, run)
+    r = _refreshed(ws, _find_run(ws, run))
     wanted = list(paths) or r.artifacts
     if not wanted:
         raise LabdeckError(f"{r.display_name} recorded no artifacts.", "Name a path inside its run directory.")
@@ -785,6 +838,64 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
         console.print(f"{esc(p)} ({plural(p.stat().st_size, 'byte')})", highlight=False)
 
 
+@cli.command("media")
+@click.argument("run")
+@click.argument("key", required=False)
+@JSON
+@friendly
+def media_cmd(run: str, key: str | None, as_json: bool) -> None:
+    """A run's logged media (labdeck.Image/Table/Histogram/Confusion/Text, and TensorBoard images,
+    histograms and text): each key with its kind and steps, or every step of KEY. The TUI's Media
+    view (v on a run) shows them."""
+    from backends.media import load_run_media
+
+    ws = _workstation()
+    r = _find_run(ws, run)
+
+    async def go():
+        try:
+            transport = await ws.transport(r.instance)
+        except LabdeckError as e:
+            raise LabdeckError(f"The media of {r.display_name} are unavailable: {e}") from None
+        return await load_run_media(ws.monitor, r, transport, Path(ws.config.paths.data_dir) / "media")
+
+    idx = asyncio.run(go()).index
+    if key is not None:
+        steps = idx.steps(key)
+        if not steps:
+            raise LabdeckError(f"{r.display_name} has logged no media under {key!r}.",
+                               f"`labdeck media {short_id(r.id)}` lists its keys.")
+        items = [idx.get(key, s) for s in steps]
+        if as_json:
+            print_json([{"key": e.key, "step": e.step, "kind": e.kind, "source": e.source, "file": e.file,
+                         "size": e.size, "caption": e.caption, "width": e.w, "height": e.h} for e in items])
+            return
+        t = Table(title=f"{esc(key)} of {esc(r.display_name)}", title_justify="left")
+        rows = [(str(e.step), e.kind, e.source, "–" if not e.size else plural(e.size, "byte"),
+                 f"{e.w}×{e.h}" if e.w and e.h else "", esc(e.caption or "")) for e in items]
+        console.print(fit_table(t, ("step", "kind", "source", "size", "pixels", "caption"), rows,
+                                flexible={"caption"}))
+        return
+    keys = idx.keys()
+    docs = []
+    for k in keys:
+        steps = idx.steps(k)
+        last = idx.get(k, steps[-1])
+        docs.append({"key": k, "kind": last.kind, "source": last.source, "count": len(steps),
+                     "first_step": steps[0], "last_step": steps[-1]})
+    if as_json:
+        print_json(docs)
+        return
+    if not docs:
+        console.print(f"{esc(r.display_name)} has logged no media (labdeck.log({{'samples': labdeck.Image(array)}}) "
+                      "or TensorBoard images).", highlight=False)
+        return
+    t = Table(title=f"media of {esc(r.display_name)}", title_justify="left")
+    rows = [(esc(d["key"]), d["kind"], d["source"], str(d["count"]), str(d["first_step"]), str(d["last_step"]))
+            for d in docs]
+    console.print(fit_table(t, ("key", "kind", "source", "steps", "first", "last"), rows, flexible={"key"}))
+
+
 @cli.command("diff")
 @click.argument("run_a")
 @click.argument("run_b")
@@ -797,6 +908,7 @@ def diff_cmd(run_a: str, run_b: str, raw: bool) -> None:
     raw_output(raw)
     ws = _workstation()
     a, b = _find_run(ws, run_a), _find_run(ws, run_b)
+    a, b = _refreshed(ws, a), _refreshed(ws, b)
     console.print(f"[bold]{esc(a.display_name)}[/] {esc(short_id(a.id))} → [bold]{esc(b.display_name)}[/] {esc(short_id(b.id))}")
     if a.command != b.command:
         console.print(f"command: {esc(a.command)}\n      → {esc(b.command)}", highlight=False)
@@ -857,10 +969,13 @@ def tag_cmd(run: str, tags: tuple[str, ...], remove: bool) -> None:
 @click.option("--out", "-o", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the .md and .html files")
 @click.option("--metric", default=None, help="Key metric (default: the project's loss)")
+@click.option("--media", "media_keys", multiple=True, metavar="KEY",
+              help="Embed this logged media key (its latest step) for every run of the path; repeatable")
 @friendly
-def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
+def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[str, ...]) -> None:
     """Write the path from the baseline to a run (or to the best run a filter matches) as
-    Markdown and as a self-contained HTML page with the metric plots as SVG."""
+    Markdown and as a self-contained HTML page with the metric plots as SVG (and, with --media,
+    the chosen images, tables, confusion matrices and histograms of each run)."""
     from backends import lineage as lin
     from backends.errors import AmbiguousError, NotFoundError
     from backends.metrics import lower_is_better
@@ -884,6 +999,9 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
         lower = key is not None and lower_is_better(key)
         run = (min if lower else max)(scored, key=lambda r: lin.metric_value(r, key, "best")) if scored else \
             max(matched, key=lambda r: r.id)
+    if _refreshed(ws, run) is not run:  # it was active: the path as it is now
+        tl = _lineage(ws.store)
+        run = tl.runs.get(run.id, run)
     path = lin.path_from_baseline(run, tl.runs)
     series: dict[str, dict] = {}
     for r in path:
@@ -899,8 +1017,21 @@ def report_cmd(target: str, out_dir: str, metric: str | None) -> None:
         return {r.id: await ws.code_diff(prev, r) for prev, r in zip([None, *path[:-1]], path)}
 
     diffs = asyncio.run(all_diffs())
+    media = None
+    if media_keys:
+        from backends.media import report_media
+
+        async def transport_of(r):
+            return await ws.transport(r.instance)
+
+        media, problems = asyncio.run(report_media(path, media_keys, transport_of,
+                                                   Path(ws.config.paths.data_dir) / "media"))
+        for p in problems:
+            err_console.print(f"media left out: {esc(p)}", highlight=False)
+        if not media:
+            err_console.print(f"no run of the path has logged {', '.join(esc(k) for k in media_keys)}", highlight=False)
     md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
-                            key_metric=metric)
+                            key_metric=metric, media=media)
     base = "-".join(p for p in ("labdeck-report", slug(run.name), short_id(run.id)) if p)
     md_path, html_path = write_report(Path(out_dir), base, md, html)
     console.print(f"{plural(len(path), 'run')} from {esc(path[0].display_name)} to {esc(run.display_name)}:\n  {esc(md_path)}\n  {esc(html_path)}")
@@ -927,13 +1058,14 @@ def serve_cmd(run: str, instance: str | None, port: int, name: str | None, model
     from .format import use_plan
 
     ws = _workstation()
-    r = ws.store.find_run(run)
+    r = _refreshed(ws, ws.store.find_run(run))
     if r.user != ws.user:
         _ask_first(r, "would be served by you", use_plan(r, ws.user, "serve"), "Serving", "Serve it as you?", yes)
 
     async def go() -> None:
         served = await serving.deploy(ws, r, instance=instance, port=port, name=name, model=model, api=api,
                                       progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
+        _follow_in_background(ws)
         d = served.deployment
         lines = serving.usage_lines(served, detached=detach, local=await serving.is_this_machine(ws, d.instance))
         for label, text in lines:
@@ -993,6 +1125,7 @@ def notebook_cmd(instance: str | None, run_ref: str | None, workdir: str | None,
     async def go() -> None:
         opened = await notebooks.start(ws, instance=instance, run_ref=r, workdir=workdir, port=port, idle_minutes=idle,
                                        progress=lambda m: err_console.print(f"[dim]{esc(m)}[/]", highlight=False))
+        _follow_in_background(ws)
         nb = opened.notebook
         console.print(f"[bold]notebook[/] on {esc(nb.instance)} in {esc(nb.root_dir)}: {esc(opened.url)}", highlight=False)
         console.print(f"from a laptop:  {esc(opened.ssh_line)}   then open http://127.0.0.1:{opened.forward.local_port}/?token={opened.token}",
@@ -1067,7 +1200,7 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
     from backends.serving import pick_model
 
     ws = _workstation()
-    r = _find_run(ws, run)
+    r = _refreshed(ws, _find_run(ws, run))
     model, _ = pick_model(r, model, None)
 
     async def fetch() -> bytes:
@@ -1086,6 +1219,84 @@ def export_cmd(run: str, k8s_dir: str, model: str | None, image: str | None, por
         raise LabdeckError(f"Cannot fetch {model} of {r.display_name}: {e}", "Is its instance reachable?") from None
     for p in export_k8s(r, k8s_dir, data, model=model, image=image, port=port):
         console.print(esc(p), highlight=False)
+
+
+@cli.group("daemon")
+def daemon_group() -> None:
+    """Your background follower: it follows your active runs, servers and notebooks with labdeck
+    closed (state, logs, metrics, results, preemption) and exits when nothing is active. labdeck
+    starts it by itself (LABDECK_NO_DAEMON=1 turns that off)."""
+
+
+@daemon_group.command("status")
+@JSON
+@friendly
+def daemon_status(as_json: bool) -> None:
+    """Whether it runs: pid, since when, the runs it follows, its log file."""
+    from backends import daemon
+
+    st = daemon.status(Paths.resolve())
+    if as_json:
+        print_json(st)
+        return
+    if not st["running"]:
+        console.print(f"not running · log {esc(st['log'])}", highlight=False)
+        return
+    console.print(f"running · pid {st['pid'] or '?'} · since {esc(st['since'] or '?')} · following "
+                  + (plural(len(st["following"]), "run") + ": " + ", ".join(esc(short_id(i)) for i in st["following"])
+                     if st["following"] else "nothing now") + f" · log {esc(st['log'])}", highlight=False)
+
+
+@daemon_group.command("start")
+@friendly
+def daemon_start() -> None:
+    """Start it now (even with LABDECK_NO_DAEMON=1); nothing happens when it runs already."""
+    from backends import daemon
+
+    pid = daemon.ensure_running(Paths.resolve(), force=True)
+    console.print(f"started (pid {pid})" if pid else "already running", highlight=False)
+
+
+@daemon_group.command("stop")
+@friendly
+def daemon_stop() -> None:
+    """Stop it (SIGTERM; it saves where each log is and exits). Your jobs go on."""
+    from backends import daemon
+
+    stopped, what = daemon.stop(Paths.resolve())
+    if not stopped and "not running" not in what:
+        raise LabdeckError(what)
+    console.print(esc(what), highlight=False)
+
+
+@cli.command("doctor")
+@friendly
+def doctor_cmd() -> None:
+    """Check what keeps labdeck working with every terminal closed: your background follower, and
+    whether logging out would end it (systemd-logind KillUserProcesses)."""
+    import getpass
+
+    from backends import daemon
+
+    paths = Paths.resolve()
+    st = daemon.status(paths)
+    ok = "[green]✓[/]"
+    warn = "[yellow]![/]"
+    console.print(f"{ok if st['running'] else '·'} background follower: "
+                  + (f"running (pid {st['pid']}, following {plural(len(st['following']), 'run')})" if st["running"]
+                     else "not running (it starts with your next run, and exits when nothing is active)"), highlight=False)
+    user = getpass.getuser()
+    kill, linger = daemon.logind_kills_processes(user)
+    if kill and not linger:
+        console.print(f"{warn} systemd-logind ends every process of yours when you log out (KillUserProcesses=yes), "
+                      "the background follower too: your runs keep going, but teammates see them 'running' until "
+                      "you open labdeck again.\n  Keep it:  loginctl enable-linger " + esc(user), highlight=False)
+    elif kill:
+        console.print(f"{ok} KillUserProcesses=yes, but linger is on for {esc(user)}: the follower outlives your logout",
+                      highlight=False)
+    else:
+        console.print(f"{ok} logging out leaves the follower running (systemd-logind KillUserProcesses is off)",
+                      highlight=False)
 
 
 from .cloudcli import COMMANDS as _CLOUD_COMMANDS  # noqa: E402

@@ -488,7 +488,13 @@ def compare_value(v) -> str:
 class CompareScreen(ModalScreen[None]):
     """Two runs side by side: params, metrics, code, and the key metric's curves overlaid."""
 
-    BINDINGS = [Binding("escape,q,c", "app.pop_screen", "Close", id="compare.close")]
+    BINDINGS = [Binding("escape,q,c", "app.pop_screen", "Close", id="compare.close"),
+                Binding("v", "media", "Media", id="compare.media", tooltip="The two runs' media side by side")]
+
+    def action_media(self) -> None:
+        from .mediaview import open_media
+
+        open_media(self.app, self.a, self.b, other_label="compared with")
 
     def __init__(self, a, b, view, key: str | None) -> None:
         super().__init__()

@@ -89,7 +89,8 @@ import sys
 import threading
 import time
 
-__all__ = ["log", "config", "use", "checkpoint", "resume_from", "flush", "run_id", "dropped", "lost"]
+__all__ = ["log", "config", "use", "checkpoint", "resume_from", "flush", "run_id", "dropped", "lost",
+           "Image", "Table", "Histogram", "Confusion", "Text", "media_dropped"]
 __version__ = "1"
 
 FLUSH_INTERVAL_S = 0.1  # the writer thread's period
@@ -502,6 +503,9 @@ def _encode_slow(t, s, m):
         return None
     clean = {}
     for k, v in pairs:
+        if isinstance(v, _Media):  # encoded and written beside the metrics (media/), never a metric
+            _media_put(k, s, v, t)
+            continue
         x = _number(v)
         if x is None:
             _count_drop(k, v)
@@ -633,6 +637,8 @@ def _report():
         _note(f"labdeck: dropped {dropped} non-numeric metric values (first: key={key}, a {kind})")
     if lost:
         _note(f"labdeck: {lost} metric point(s) could not be written to {_path}")
+    if media_dropped:
+        _note(f"labdeck: {media_dropped} media item(s) were dropped")
 
 
 def _at_exit():
@@ -714,7 +720,459 @@ def _after_fork_in_child():
     _done_ok = True
     dropped = lost = 0
     _first_drop = None
+    global _media_pending
+    _media_pending = 0
     _lost_reported = _exit_reported = False
+
+
+# ---- media: images, tables, histograms, confusion matrices, text ------------------------
+# labdeck.log({"samples": labdeck.Image(arr, caption="epoch 3"), "per_class": labdeck.Table(cols, rows),
+#              "weights": labdeck.Histogram(values), "confusion": labdeck.Confusion(y_true, y_pred, labels),
+#              "notes": labdeck.Text("...")}, step=3)
+# A media value costs log() no more than a number: its constructor keeps a reference (a copy of
+# a numpy array), and the writer thread encodes it (PNG with zlib + struct; JSON; text) into
+#     <run dir>/media/<key, percent-encoded>/<step>.png|json|txt
+# and appends one line to <run dir>/media/index.jsonl:
+#     {"key": "samples", "step": 3, "kind": "image", "file": "samples/3.png", "size": 2711,
+#      "t": 1718000000.1, "caption": "epoch 3", "w": 64, "h": 64}
+# Bounded: a key keeps at most MEDIA_MAX_PER_KEY steps and MEDIA_MAX_KEY_BYTES bytes (past either,
+# every other of its older half is deleted, an {"key", "step", "deleted": true} line is appended,
+# and the log says so once); an item over MEDIA_MAX_ITEM_BYTES, keys past MEDIA_MAX_KEYS and media
+# past MEDIA_MAX_PENDING waiting for the writer are dropped and counted (media_dropped).
+MEDIA_MAX_PER_KEY = 200
+MEDIA_MAX_KEY_BYTES = 64 << 20
+MEDIA_MAX_ITEM_BYTES = 16 << 20
+MEDIA_MAX_KEYS = 500
+MEDIA_MAX_PENDING = 2000
+MEDIA_MAX_SIDE = 2048  # larger images are subsampled (every k-th pixel) to fit
+MEDIA_MAX_ROWS = 10_000
+MEDIA_MAX_COLS = 200
+MEDIA_MAX_LABELS = 200
+MEDIA_MAX_TEXT = 1 << 20
+media_dropped = 0  # media values dropped (this process)
+_media_pending = 0
+_media_state = {}  # key -> [dir name, [(step, file, size)], total bytes]
+_media_noted = set()
+_media_dir_cache = [None, False]  # media directory, resolved
+
+
+class _Media(object):
+    kind = "media"
+    __slots__ = ("caption", "_ok")
+
+    def _admit(self):
+        global _media_pending, media_dropped
+        if _media_pending >= MEDIA_MAX_PENDING:
+            media_dropped += 1
+            self._ok = False
+            _media_note("pending", "labdeck: media are logged faster than they can be written: some are dropped")
+            return False
+        _media_pending += 1
+        self._ok = True
+        return True
+
+
+def _snapshot(x):
+    """A copy of a numpy array (cheap; the caller may change theirs in place); anything else as it is."""
+    try:
+        if x.__class__.__module__ == "numpy" and hasattr(x, "copy"):
+            return x.copy()
+    except Exception:
+        pass
+    return x
+
+
+class Image(_Media):
+    """An image: a numpy array (H×W, H×W×1/3/4, or 1/3/4×H×W; uint8, or floats in 0..1), a PIL
+    image, nested lists of the same shapes, or the path of a PNG (or JPEG/GIF) file."""
+    kind = "image"
+    __slots__ = ("data",)
+
+    def __init__(self, data, caption=None):
+        self.caption = None if caption is None else str(caption)[:1000]
+        self.data = _snapshot(data) if self._admit() else None
+
+
+class Table(_Media):
+    """A table: column names and rows (lists of values; numbers, strings, None)."""
+    kind = "table"
+    __slots__ = ("columns", "rows")
+
+    def __init__(self, columns, rows, caption=None):
+        self.caption = None if caption is None else str(caption)[:1000]
+        ok = self._admit()
+        self.columns = list(columns)[:MEDIA_MAX_COLS] if ok else []
+        self.rows = [list(r) for r in list(rows)[:MEDIA_MAX_ROWS]] if ok else []
+
+
+class Histogram(_Media):
+    """A histogram of ``values`` (a numpy array or a list of numbers) in ``bins`` equal bins."""
+    kind = "histogram"
+    __slots__ = ("values", "bins")
+
+    def __init__(self, values, bins=64, caption=None):
+        self.caption = None if caption is None else str(caption)[:1000]
+        self.values = _snapshot(values) if self._admit() else None
+        self.bins = max(1, min(int(bins), 512))
+
+
+class Confusion(_Media):
+    """A confusion matrix from true and predicted labels (``labels``: their order and names)."""
+    kind = "confusion"
+    __slots__ = ("y_true", "y_pred", "labels")
+
+    def __init__(self, y_true, y_pred, labels=None, caption=None):
+        self.caption = None if caption is None else str(caption)[:1000]
+        ok = self._admit()
+        self.y_true = _snapshot(y_true) if ok else None
+        self.y_pred = _snapshot(y_pred) if ok else None
+        self.labels = None if labels is None else list(labels)
+
+
+class Text(_Media):
+    """A piece of text (Markdown is shown as plain text)."""
+    kind = "text"
+    __slots__ = ("text",)
+
+    def __init__(self, text, caption=None):
+        self.caption = None if caption is None else str(caption)[:1000]
+        self.text = str(text) if self._admit() else ""
+
+
+def _media_note(what, text):
+    if what not in _media_noted:
+        _media_noted.add(what)
+        _note(text)
+
+
+def _media_dir():
+    if not _media_dir_cache[1]:
+        _media_dir_cache[1] = True
+        run_dir = os.environ.get("LABDECK_RUN_DIR")
+        if not run_dir and _path:
+            run_dir = os.path.dirname(os.path.abspath(_path))
+        _media_dir_cache[0] = os.path.join(run_dir, "media") if run_dir else None
+    return _media_dir_cache[0]
+
+
+def _key_dir(key):
+    """A key as one safe file name: [A-Za-z0-9_-] kept, everything else (dots and slashes included) %XX."""
+    out = []
+    for ch in key:
+        if ch.isascii() and (ch.isalnum() or ch in "_-"):
+            out.append(ch)
+        else:
+            out.append("".join("%%%02X" % b for b in ch.encode("utf-8")))
+    return "".join(out)[:240]
+
+
+def _media_put(key, step, value, t):
+    """Encode one media value and write it (the writer thread). Never raises."""
+    global _media_pending, media_dropped
+    if getattr(value, "_ok", False):
+        _media_pending = max(0, _media_pending - 1)
+    else:
+        return
+    base = _media_dir()
+    if base is None:
+        _media_note("nowhere", "labdeck: not running under labdeck: media are discarded")
+        return
+    try:
+        key = key if isinstance(key, str) else str(key)
+        st = _media_state.get(key)
+        if st is None:
+            if len(_media_state) >= MEDIA_MAX_KEYS or not key or len(key) > 200:
+                media_dropped += 1
+                _media_note("keys", "labdeck: too many media keys (or an empty/overlong one): such media are dropped")
+                return
+            st = _media_state[key] = [_key_dir(key), [], 0]
+        step = step if isinstance(step, int) else (int(step) if isinstance(step, float) and step == step
+                                                    and abs(step) < 2**63 else 0)
+        data, ext, extra = _media_encode(value)
+        if len(data) > MEDIA_MAX_ITEM_BYTES:
+            media_dropped += 1
+            _media_note("big", "labdeck: a media item over %d MiB was dropped (key %r)" % (MEDIA_MAX_ITEM_BYTES >> 20, key))
+            return
+        d = os.path.join(base, st[0])
+        os.makedirs(d, exist_ok=True)
+        rel = "%s/%d.%s" % (st[0], step, ext)
+        tmp = os.path.join(d, ".%d.tmp" % os.getpid())
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(base, rel))
+        doc = {"key": key, "step": step, "kind": value.kind, "file": rel, "size": len(data), "t": t}
+        if value.caption is not None:
+            doc["caption"] = value.caption
+        doc.update(extra)
+        lines = [doc]
+        st[1].append((step, rel, len(data)))
+        st[2] += len(data)
+        if len(st[1]) > MEDIA_MAX_PER_KEY or st[2] > MEDIA_MAX_KEY_BYTES:
+            lines += _media_thin(key, st, base)
+        _media_index(base, lines)
+    except Exception as e:
+        media_dropped += 1
+        _media_note("error", "labdeck: a media item could not be written (%s: %s); training continues"
+                    % (type(e).__name__, str(e)[:200]))
+
+
+def _media_thin(key, st, base):
+    """Delete every other item of the older half of a key (its newest steps stay whole)."""
+    _media_note("thin:" + key, "labdeck: media key %r passed its cap (%d steps / %d MiB): older steps are thinned"
+                % (key, MEDIA_MAX_PER_KEY, MEDIA_MAX_KEY_BYTES >> 20))
+    items = st[1]
+    half = len(items) // 2
+    gone = items[1:half:2]
+    keep = [it for i, it in enumerate(items) if not (i < half and i % 2 == 1)]
+    st[1] = keep
+    out = []
+    for step, rel, size in gone:
+        st[2] -= size
+        try:
+            os.unlink(os.path.join(base, rel))
+        except OSError:
+            pass
+        out.append({"key": key, "step": step, "file": rel, "deleted": True})
+    return out
+
+
+def _media_index(base, docs):
+    text = "".join(_encode(_jsonable(d, 0)) + "\n" for d in docs).encode("utf-8")
+    fd = os.open(os.path.join(base, "index.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
+
+
+def _media_encode(v):
+    """(bytes, file extension, extra index fields) of a media value."""
+    k = v.kind
+    if k == "image":
+        return _image_encode(v.data)
+    if k == "table":
+        cols = [str(c)[:200] for c in v.columns]
+        rows = [[_cell(x) for x in r[:len(cols) or MEDIA_MAX_COLS]] for r in v.rows]
+        return _encode({"columns": cols, "rows": rows}).encode("utf-8"), "json", {"rows": len(rows), "cols": len(cols)}
+    if k == "histogram":
+        return _histogram_encode(v.values, v.bins)
+    if k == "confusion":
+        return _confusion_encode(v.y_true, v.y_pred, v.labels)
+    if k == "text":
+        b = v.text.encode("utf-8", "replace")[:MEDIA_MAX_TEXT]
+        return b, "txt", {"chars": len(v.text)}
+    raise TypeError("not a media value")
+
+
+def _cell(x):
+    x = _jsonable(x, 30)
+    if isinstance(x, (dict, list)):
+        x = _encode(x)
+    if isinstance(x, str) and len(x) > 1000:
+        x = x[:1000] + "…"
+    return x
+
+
+def _flat_numbers(values):
+    """A list of finite floats from a numpy array, a (nested) list or an iterable of numbers."""
+    try:
+        tolist = values.tolist
+    except AttributeError:
+        tolist = None
+    if tolist is not None:
+        values = tolist()
+    out = []
+    stack = [values]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(reversed(x))
+            continue
+        n = _number(x)
+        if isinstance(n, (int, float)) and not isinstance(n, bool):
+            out.append(float(n))
+        if len(out) > 50_000_000:
+            break
+    return out
+
+
+def _histogram_encode(values, bins):
+    xs = _flat_numbers(values)
+    if not xs:
+        doc = {"edges": [], "counts": [], "n": 0}
+    else:
+        lo, hi = min(xs), max(xs)
+        if hi == lo:
+            edges = [lo - 0.5, lo + 0.5]
+            counts = [len(xs)]
+        else:
+            w = (hi - lo) / bins
+            edges = [lo + i * w for i in range(bins)] + [hi]
+            counts = [0] * bins
+            for x in xs:
+                i = int((x - lo) / w)
+                counts[i if i < bins else bins - 1] += 1
+        doc = {"edges": edges, "counts": counts, "n": len(xs), "min": lo, "max": hi, "sum": sum(xs)}
+    return _encode(doc).encode("utf-8"), "json", {"n": doc["n"]}
+
+
+def _label_list(x):
+    try:
+        x = x.tolist()
+    except AttributeError:
+        x = list(x)
+    return [(_number(v) if not isinstance(v, str) else v) for v in x]
+
+
+def _confusion_encode(y_true, y_pred, labels):
+    t, p = _label_list(y_true), _label_list(y_pred)
+    if len(t) != len(p):
+        raise ValueError("y_true has %d labels but y_pred %d" % (len(t), len(p)))
+    if labels is None:
+        seen = sorted(set(t) | set(p), key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)))
+        labels = seen
+        index = {v: i for i, v in enumerate(seen)}
+    else:
+        # labels name the classes: y values are indices into them, or the names themselves
+        index = {}
+        for i, name in enumerate(labels):
+            index[name] = i
+            index.setdefault(i, i)
+    labels = labels[:MEDIA_MAX_LABELS]
+    n = len(labels)
+    m = [[0] * n for _ in range(n)]
+    other = 0
+    for a, b in zip(t, p):
+        i, j = index.get(a), index.get(b)
+        if i is None or j is None or i >= n or j >= n:
+            other += 1
+            continue
+        m[i][j] += 1
+    doc = {"labels": [str(x)[:100] for x in labels], "matrix": m, "unlabelled": other}
+    return _encode(doc).encode("utf-8"), "json", {"classes": n}
+
+
+# ---- PNG, written with zlib and struct -------------------------------------------------------
+def _png(width, height, channels, raw_rows):
+    """A PNG of 8-bit grayscale (1), gray+alpha (2), RGB (3) or RGBA (4) pixels: ``raw_rows`` is the
+    concatenation of the rows, each one filter byte (0) and width×channels bytes."""
+    import struct
+    import zlib
+
+    color = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(raw_rows), 6)) + chunk(b"IEND", b""))
+
+
+def _image_encode(data):
+    # a file: PNG as it is; JPEG/GIF as they are (or as PNG where PIL can convert them)
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        with open(data, "rb") as f:
+            b = f.read(MEDIA_MAX_ITEM_BYTES + 1)
+        if b[:8] == b"\x89PNG\r\n\x1a\n":
+            w, h = _png_size(b)
+            return b, "png", {"w": w, "h": h}
+        ext = "jpg" if b[:3] == b"\xff\xd8\xff" else "gif" if b[:4] == b"GIF8" else None
+        if ext is None:
+            raise ValueError("not a PNG, JPEG or GIF file")
+        try:  # Pillow where the job has it (looked up at run time: the module itself is stdlib only)
+            import importlib
+            import io
+
+            data = importlib.import_module("PIL.Image").open(io.BytesIO(b))
+            data.load()
+        except Exception:
+            return b, ext, {}
+    # a PIL image
+    if hasattr(data, "convert") and hasattr(data, "tobytes") and hasattr(data, "size"):
+        mode = data.mode
+        img = data if mode in ("L", "LA", "RGB", "RGBA") else data.convert("RGBA" if "A" in mode else "RGB")
+        img = _pil_fit(img)
+        w, h = img.size
+        ch = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[img.mode]
+        px = img.tobytes()
+        stride = w * ch
+        rows = bytearray()
+        for y in range(h):
+            rows.append(0)
+            rows += px[y * stride:(y + 1) * stride]
+        return _png(w, h, ch, rows), "png", {"w": w, "h": h}
+    # a numpy array (or anything with .tolist) or nested lists
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(data, np.ndarray):
+        return _numpy_png(np, data)
+    rows = data.tolist() if hasattr(data, "tolist") else data
+    return _list_png(rows)
+
+
+def _pil_fit(img):
+    w, h = img.size
+    k = max(1, -(-max(w, h) // MEDIA_MAX_SIDE))
+    return img.resize((max(1, w // k), max(1, h // k))) if k > 1 else img
+
+
+def _png_size(b):
+    import struct
+
+    if len(b) >= 24 and b[12:16] == b"IHDR":
+        return struct.unpack(">II", b[16:24])
+    return 0, 0
+
+
+def _numpy_png(np, a):
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+        a = a.transpose(1, 2, 0)  # CHW (PyTorch, TensorBoard's default) to HWC
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or not a.shape[0] or not a.shape[1]:
+        raise ValueError("an image array must be H×W, H×W×C or C×H×W (C = 1, 3, 4), not %r" % (a.shape,))
+    k = max(1, -(-max(a.shape[0], a.shape[1]) // MEDIA_MAX_SIDE))
+    if k > 1:
+        a = a[::k, ::k]
+    if a.dtype != np.uint8:
+        f = a.astype(np.float64)
+        f = np.nan_to_num(f, nan=0.0, posinf=1.0, neginf=0.0)
+        if a.dtype.kind == "f" or a.dtype == np.bool_:
+            f = f * 255.0
+        a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    h, w, ch = a.shape
+    rows = np.zeros((h, w * ch + 1), dtype=np.uint8)
+    rows[:, 1:] = a.reshape(h, w * ch)
+    return _png(w, h, ch, rows.tobytes()), "png", {"w": w, "h": h}
+
+
+def _list_png(rows):
+    rows = list(rows)
+    if not rows:
+        raise ValueError("an empty image")
+    first = list(rows[0])
+    ch = len(first[0]) if first and isinstance(first[0], (list, tuple)) else 1
+    if ch not in (1, 2, 3, 4):
+        raise ValueError("a pixel must have 1, 3 or 4 channels")
+    h = len(rows)
+    w = len(first)
+    if h > MEDIA_MAX_SIDE or w > MEDIA_MAX_SIDE:
+        raise ValueError("an image given as lists may be at most %d pixels a side" % MEDIA_MAX_SIDE)
+    flat = []
+    for r in rows:
+        r = list(r)
+        if len(r) != w:
+            raise ValueError("the rows of an image must have the same length")
+        for p in r:
+            flat.extend(p if ch > 1 else (p,))
+    scale = 255.0 if all(isinstance(x, float) for x in flat) and max(flat, default=0) <= 1.0 else 1.0
+    out = bytearray()
+    per = w * ch
+    for y in range(h):
+        out.append(0)
+        for x in flat[y * per:(y + 1) * per]:
+            x = float(x) * scale
+            out.append(0 if not x > 0 else 255 if x >= 255 else int(round(x)))
+    return _png(w, h, ch, out), "png", {"w": w, "h": h}
 
 
 if hasattr(os, "register_at_fork"):

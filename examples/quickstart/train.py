@@ -6,7 +6,10 @@ into every job; without labdeck the script still runs), and every 10 steps it
 prints ``step=N loss=L acc=A`` (what labdeck's zero-code capture reads from
 logs of scripts that do not import labdeck). The final model is saved as
 ``model.npz`` in the run directory when labdeck runs it (``$LABDECK_RUN_DIR``),
-else in the current directory.
+else in the current directory. Every 50 steps (and at the end) it also logs
+evaluation media: the confusion matrix of the two classes, a generated image of
+the model's probability over a slice of input space, and a histogram of the
+weights (labdeck's Media view shows them; ``m`` on a run).
 
     python train.py --steps 300 --lr 0.1 --seed 0
 """
@@ -30,6 +33,26 @@ def make_data(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     y = rng.integers(0, 2, size=n)
     x = centers[y] + rng.normal(0, 1.0, size=(n, dim))
     return x.astype(np.float32), y.astype(np.float32)
+
+
+def boundary_image(w: np.ndarray, b: float, size: int = 32) -> np.ndarray:
+    """The model's probability over the plane of the first two inputs (the rest 0), as an RGB image:
+    blue where it says class 0, orange where it says class 1."""
+    g = np.linspace(-4, 4, size, dtype=np.float32)
+    xx, yy = np.meshgrid(g, g[::-1])
+    p = 1.0 / (1.0 + np.exp(-(xx * w[0] + yy * w[1] + b)))
+    img = np.stack([p, 0.45 + 0.1 * p, 1.0 - p], axis=-1)
+    return (img * 255).astype(np.uint8)
+
+
+def log_media(step: int, x: np.ndarray, y: np.ndarray, p: np.ndarray, w: np.ndarray, b: float) -> None:
+    if not (labdeck and hasattr(labdeck, "Confusion")):
+        return
+    labdeck.log({
+        "eval/confusion": labdeck.Confusion(y.astype(int), (p > 0.5).astype(int), labels=["blob A", "blob B"]),
+        "eval/boundary": labdeck.Image(boundary_image(w, b), caption=f"P(blob B) over inputs 0 and 1, step {step}"),
+        "weights": labdeck.Histogram(w, bins=16),
+    }, step=step)
 
 
 def main() -> None:
@@ -61,6 +84,8 @@ def main() -> None:
         b -= args.lr * float(grad.mean())
         if labdeck:
             labdeck.log({"loss": loss, "acc": acc}, step=step)
+        if step % 50 == 0 or step == args.steps:
+            log_media(step, x, y, p, w, b)
         if step % 10 == 0 or step == 1:
             print(f"step={step} loss={loss:.4f} acc={acc:.4f}", flush=True)
         if args.sleep:

@@ -29,11 +29,12 @@ class JobsTab(TabView):
         Binding("l,enter", "logs", "Logs", id="jobs.logs", tooltip="Show the selected run's log, following it"),
         Binding("r", "rerun", "Rerun", id="jobs.rerun", tooltip="Run it again from its code, as a child in lineage"),
         Binding("R", "rerun_changes", "Rerun…", id="jobs.rerun_changes",
-                tooltip="Edit its parameters, command, instance or environment, then run it as a child"),
+                tooltip="Rerun with changes: edit parameters, command, env first"),
         Binding("x,ctrl+d", "cancel", "Cancel", id="jobs.cancel", tooltip="Cancel the selected run (asks first)"),
         Binding("S", "serve", "Serve", id="jobs.serve", tooltip="Serve the selected run's model (litserve)"),
         Binding("N", "notebook", "Notebook", id="jobs.notebook", tooltip="Jupyter in the selected run's code"),
         Binding("i", "info", "Info", id="jobs.info", tooltip="Its details; a notebook's URL and token again"),
+        Binding("v", "media", "Media", id="jobs.media", tooltip="The selected run's images, tables, histograms"),
     ]
 
     def __init__(self) -> None:
@@ -119,6 +120,15 @@ class JobsTab(TabView):
             return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         return next((r for r in self.runs if r.id == key), None)
+
+    def action_media(self) -> None:
+        run = self.selected()
+        if run is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        from ..mediaview import open_media
+
+        open_media(self.app, run)
 
     def action_logs(self) -> None:
         run = self.selected()

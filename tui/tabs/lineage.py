@@ -54,6 +54,7 @@ class LineageTab(TabView):
         Binding("S", "serve", "Serve", id="lineage.serve", tooltip="Serve this run's model (litserve)"),
         Binding("R", "rerun_changes", "Rerun…", id="lineage.rerun_changes",
                 tooltip="Edit this run's parameters, command, instance or environment, then run it as its child"),
+        Binding("v", "media", "Media", id="lineage.media", tooltip="This run's media beside its parent's"),
     ]
 
     FILTER_HINT = "query: lr>1e-3 and state:succeeded · user:bob · tag:best · metric.loss<0.3 · OR, NOT, ( )"
@@ -364,6 +365,13 @@ class LineageTab(TabView):
         r = self.selected_run()
         if r:
             self.app.ask_annotation(r, "tag")
+
+    def action_media(self) -> None:
+        r = self.selected_run()
+        if r:
+            from ..mediaview import open_media
+
+            open_media(self.app, r, self.runs.get(r.parent) if r.parent else None)
 
     def action_logs(self) -> None:
         r = self.selected_run()

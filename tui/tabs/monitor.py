@@ -25,6 +25,7 @@ from backends.models import Run
 from backends.text import plain_line as pl
 
 from ..format import STATE_STYLE
+from ..steps import step_ticks
 from ..widgets import matches
 from . import TabView
 
@@ -56,6 +57,7 @@ class MonitorTab(TabView):
         Binding("L", "toggle_log", "Log scale", id="monitor.log", tooltip="Logarithmic y axis for metrics"),
         Binding("s", "next_smoothing", "Smooth", id="monitor.smooth", tooltip="Cycle EMA smoothing: off, 0.6, 0.9"),
         Binding("space", "toggle_run", "Overlay", id="monitor.overlay", tooltip="Add/remove the highlighted run"),
+        Binding("v", "media", "Media", id="monitor.media", tooltip="The highlighted run's images, tables, histograms"),
     ]
 
     def __init__(self) -> None:
@@ -141,6 +143,17 @@ class MonitorTab(TabView):
         return t
 
     # ---- actions -----------------------------------------------------------
+    def action_media(self) -> None:
+        ol = self.query_one(OptionList)
+        if ol.highlighted is None or ol.highlighted >= len(self._listed):
+            self.app.notify("No run highlighted.", severity="warning")
+            return
+        run = next((r for r in self.app.runs if r.id == self._listed[ol.highlighted]), None)
+        if run is not None:
+            from ..mediaview import open_media
+
+            open_media(self.app, run)
+
     def action_toggle_run(self) -> None:
         ol = self.query_one(OptionList)
         if ol.highlighted is None or ol.highlighted >= len(self._listed):
@@ -246,10 +259,12 @@ class MonitorTab(TabView):
         plt.clear_figure()
         plt.title(title)
         drawn = False
+        x_range: list[float] = []
         for label, series, color in lines:
             xs, lo, hi = series.view(width, log_y=log_y, smoothing=smoothing)
             if not xs:
                 continue
+            x_range += (min(xs), max(xs))
             plt.plot(xs, hi, label=label if len(lines) > 1 else None, color=color, marker="braille")
             if lo != hi:
                 plt.plot(xs, lo, color=color, marker="braille")
@@ -259,6 +274,8 @@ class MonitorTab(TabView):
         if log_y and drawn:
             plt.yscale("log")
         plt.xlabel("step" if widget.id == "metric-chart" else "sample (1/s)")
+        if widget.id == "metric-chart" and x_range:  # integer step labels, never "1000.0" or "9.2e+18"
+            plt.xticks(*step_ticks(min(x_range), max(x_range)))
         widget.refresh()
 
     def shown(self) -> None:

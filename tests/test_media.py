@@ -1,0 +1,324 @@
+"""Media: the in-job SDK (labdeck.Image/Table/Histogram/Confusion/Text) in real processes, the index and
+file reader on the workstation (untrusted input), the PNG decoder against Pillow, and a real run's
+media fetched lazily over its transport."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from backends.media import (MediaEntry, MediaError, MediaIndex, RunMedia, confusion_doc, decode_png, histogram_doc,
+                            nearest_step, table_doc, text_doc)
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME = REPO / "backends" / "runtime"
+np = pytest.importorskip("numpy")
+
+
+def run_job(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("LABDECK_")}
+    e.update({"PYTHONPATH": str(RUNTIME), "LABDECK_METRICS_FILE": str(run_dir / "metrics.jsonl"),
+              "LABDECK_RUN_DIR": str(run_dir), "LABDECK_RUN_ID": "R0", "PYTHONDONTWRITEBYTECODE": "1", **env})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=e, capture_output=True,
+                          text=True, timeout=120)
+
+
+def index_of(run_dir: Path) -> MediaIndex:
+    idx = MediaIndex()
+    idx.feed((run_dir / "media" / "index.jsonl").read_bytes())
+    assert not idx.warnings
+    return idx
+
+
+def test_every_kind_is_written_beside_the_metrics_and_reads_back(tmp_path: Path) -> None:
+    PIL = pytest.importorskip("PIL.Image")
+    png = tmp_path / "given.png"
+    PIL.new("RGB", (5, 3), (10, 200, 30)).save(png)
+    res = run_job(tmp_path, f"""
+        import numpy as np, labdeck
+        from PIL import Image as P
+        rng = np.random.default_rng(7)
+        img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        np.save("img.npy", img)
+        for step in (0, 5, 2**53 + 1):
+            labdeck.log({{"loss": 0.5, "samples": labdeck.Image(img, caption="real vs fake"),
+                         "chw": labdeck.Image(np.ones((3, 4, 6)) * 0.5),
+                         "lists": labdeck.Image([[0.0, 1.0], [0.5, 0.25]]),
+                         "path": labdeck.Image({str(png)!r}),
+                         "pil": labdeck.Image(P.new("RGBA", (4, 4), (255, 0, 0, 128))),
+                         "per_class": labdeck.Table(["class", "f1"], [["cat", 0.9], ["<b>dog</b>", None]]),
+                         "weights": labdeck.Histogram(list(range(100)), bins=4),
+                         "confusion": labdeck.Confusion([0, 1, 2, 2], [0, 2, 2, 2], labels=["a", "b", "c"]),
+                         "eval/notes": labdeck.Text("hello\\n[red]not markup[/red]")}}, step=step)
+        img[:] = 0  # changed after log(): the logged copy is unaffected
+        labdeck.flush()
+    """)
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / "run"
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["s"], m["m"]) for m in metrics] == [(0, {"loss": 0.5}), (5, {"loss": 0.5}), (2**53 + 1, {"loss": 0.5})]
+    idx = index_of(run_dir)
+    assert sorted(idx.keys()) == sorted(["samples", "chw", "lists", "path", "pil", "per_class", "weights",
+                                         "confusion", "eval/notes"])
+    assert idx.steps("samples") == [0, 5, 2**53 + 1]
+    e = idx.get("samples", 2**53 + 1)
+    assert (e.kind, e.caption, e.w, e.h, e.file) == ("image", "real vs fake", 64, 64, f"samples/{2**53 + 1}.png")
+    media = run_dir / "media"
+    px = decode_png((media / e.file).read_bytes())
+    want = np.load(tmp_path / "img.npy")
+    assert (px.w, px.h) == (64, 64) and px.rgb == want.tobytes()  # exact pixels, from before the change
+    assert decode_png((media / idx.get("chw", 0).file).read_bytes()).rgb == bytes([128] * 3 * 24)  # CHW → HWC
+    assert decode_png((media / idx.get("lists", 0).file).read_bytes()).rgb == bytes(
+        [0] * 3 + [255] * 3 + [128] * 3 + [64] * 3)
+    assert (media / idx.get("path", 5).file).read_bytes() == png.read_bytes()  # a PNG file as it was
+    assert decode_png((media / idx.get("pil", 0).file).read_bytes()).rgb == bytes([128, 0, 0] * 16)  # on black
+    assert (media / "eval%2Fnotes").is_dir()  # a key is one safe directory name
+    cols, rows = table_doc((media / idx.get("per_class", 0).file).read_bytes())
+    assert cols == ["class", "f1"] and rows == [["cat", 0.9], ["<b>dog</b>", None]]
+    h = histogram_doc((media / idx.get("weights", 0).file).read_bytes())
+    assert h["counts"] == [25, 25, 25, 25] and h["edges"][0] == 0 and h["edges"][-1] == 99
+    labels, m = confusion_doc((media / idx.get("confusion", 0).file).read_bytes())
+    assert labels == ["a", "b", "c"] and m == [[1, 0, 0], [0, 0, 1], [0, 0, 2]]
+    assert text_doc((media / idx.get("eval/notes", 0).file).read_bytes()) == "hello\n[red]not markup[/red]"
+    assert "Traceback" not in res.stderr
+
+
+def test_a_key_past_its_cap_is_thinned_oldest_first_and_said_once(tmp_path: Path) -> None:
+    res = run_job(tmp_path, """
+        import labdeck
+        labdeck.MEDIA_MAX_PER_KEY = 10
+        for step in range(40):
+            labdeck.log({"t": labdeck.Text("x" * 100)}, step=step)
+        labdeck.flush()
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("passed its cap") == 1
+    idx = index_of(tmp_path / "run")
+    steps = idx.steps("t")
+    assert len(steps) <= 11 and steps[-5:] == [35, 36, 37, 38, 39] and steps[0] == 0  # spread, newest whole
+    on_disk = sorted(int(p.stem) for p in (tmp_path / "run" / "media" / "t").glob("*.txt"))
+    assert on_disk == steps  # the thinned files are deleted
+
+
+def test_media_outside_labdeck_and_bad_values_never_raise(tmp_path: Path) -> None:
+    res = run_job(tmp_path, """
+        import labdeck
+        labdeck.log({"bad": labdeck.Image([[1, 2], [3]]), "worse": labdeck.Confusion([1, 2], [1]),
+                     "x": 1.0}, step=1)
+        labdeck.flush()
+        print(labdeck.media_dropped)
+    """)
+    assert res.returncode == 0 and res.stdout.strip() == "2"
+    assert "could not be written" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- the index is untrusted --------------------------------------------------------------------
+def test_the_index_refuses_paths_and_entries_that_do_not_fit(tmp_path: Path) -> None:
+    good = {"key": "k", "step": 3, "kind": "image", "file": "k/3.png", "size": 10}
+    lines = [
+        good,
+        {**good, "file": "../3.png"}, {**good, "file": "/etc/3.png"}, {**good, "file": "k/../../3.png"},
+        {**good, "file": "k/4.png"},  # a step that is not the entry's
+        {**good, "file": "k/3.sh"}, {**good, "kind": "table"},  # a kind its extension cannot hold
+        {**good, "step": 3.0}, {**good, "step": 2**64}, {**good, "size": -1}, {**good, "key": ""},
+        {**good, "key": "x" * 201}, [1, 2],
+    ]
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines) + b"{not json\n" + b"z" * 70000 + b"\n"
+    idx = MediaIndex()
+    for i in range(0, len(data), 777):  # in chunks
+        idx.feed(data[i:i + 777])
+    assert idx.keys() == ["k"] and idx.steps("k") == [3]
+    assert idx.warnings == {"invalid file": 5, "invalid entry": 7, "invalid JSON line": 1, "line too long": 1}
+    idx.feed(json.dumps({"key": "k", "step": 3, "file": "k/3.png", "deleted": True}).encode() + b"\n")
+    assert idx.keys() == [] and len(idx) == 0
+
+
+def test_nearest_step() -> None:
+    assert nearest_step([], 3) is None
+    assert [nearest_step([0, 10, 20], s) for s in (-5, 4, 5, 6, 15, 99)] == [0, 0, 0, 10, 10, 20]
+
+
+def test_malformed_media_files_are_clear_errors() -> None:
+    for bad in (b"", b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" + b"\x00" * 17):
+        with pytest.raises(MediaError):
+            decode_png(bad)
+    with pytest.raises(MediaError):
+        table_doc(b"[]")
+    with pytest.raises(MediaError):
+        confusion_doc(b'{"labels": ["a"], "matrix": [[1, 2]]}')
+    with pytest.raises(MediaError):
+        histogram_doc(b'{"edges": [0, 1], "counts": [1, 2]}')
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
+def test_decode_png_agrees_with_pillow(mode: str) -> None:
+    PIL = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (13, 17, 4), dtype=np.uint8)
+    rgba[..., :3] = rgba[..., :3] // 32 * 32  # repeated values: Pillow's optimizer uses every filter
+    im = PIL.fromarray(rgba)
+    im = im.convert(mode) if mode != "I;16" else PIL.fromarray(rgba[..., 0].astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=True)
+    px = decode_png(buf.getvalue())
+    ref = PIL.open(io.BytesIO(buf.getvalue()))
+    if ref.mode in ("RGBA", "LA") or (ref.mode == "P" and "transparency" in ref.info):
+        a = np.asarray(ref.convert("RGBA"), dtype=np.uint16)
+        want = (a[..., :3] * a[..., 3:4] // 255).astype(np.uint8)
+    elif ref.mode.startswith("I"):
+        want = np.repeat((np.asarray(ref, dtype=np.uint16) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        want = np.asarray(ref.convert("RGB"))
+    assert (px.w, px.h) == (17, 13)
+    assert px.rgb == want.tobytes()
+
+
+# ---- a real run's media, fetched lazily over its transport --------------------------------------
+async def test_a_runs_media_are_fetched_on_demand_and_cached(workstation, tmp_path: Path) -> None:
+    from tests.test_monitor import follow_to_end
+
+    code = ("import labdeck\n"
+            "for s in range(3):\n"
+            "    labdeck.log({'acc': s / 3, 'img': labdeck.Image([[s / 2, 0.0], [1.0, 0.5]]),"
+            " 'cm': labdeck.Confusion([0, 1, 1], [0, 1, s % 2], labels=['cat', 'dog'])}, step=s * 10)\n")
+    (tmp_path / "mjob.py").write_text(code)
+    run = await workstation.launch(f"{sys.executable} mjob.py", workdir=str(tmp_path))
+    done = await follow_to_end(workstation, run.id)
+    assert done.state == "succeeded"
+    transport = await workstation.transport(done.instance)
+
+    class Counting:
+        reads = 0
+
+        async def read_file(self, *a, **kw):
+            Counting.reads += 1
+            return await transport.read_file(*a, **kw)
+
+    rm = RunMedia(done, tmp_path / "cache")
+    assert await rm.refresh(Counting()) == 6
+    assert sorted(rm.index.keys()) == ["cm", "img"] and rm.index.steps("img") == [0, 10, 20]
+    Counting.reads = 0
+    entry = rm.index.nearest("img", 14)
+    assert entry.step == 10 and rm.cached(entry) is None  # nothing fetched until asked for
+    data = await rm.load(Counting(), entry)
+    assert Counting.reads >= 1 and decode_png(data).rgb == bytes([128] * 3 + [0] * 3 + [255] * 3 + [128] * 3)
+    n = Counting.reads
+    assert await rm.load(Counting(), entry) == data and Counting.reads == n  # cached
+    cached = rm._cache_path(entry)
+    assert cached.stat().st_mode & 0o777 == 0o600 and cached.is_relative_to(tmp_path / "cache")
+    rm2 = RunMedia(done, tmp_path / "cache")  # a later session: from the disk cache
+    await rm2.refresh(Counting())
+    n = Counting.reads
+    assert await rm2.load(Counting(), rm2.index.get("img", 10)) == data and Counting.reads == n
+    labels, m = confusion_doc(await rm.load(transport, rm.index.get("cm", 20)))
+    assert labels == ["cat", "dog"] and m == [[1, 0], [1, 1]]
+    assert await rm.refresh(Counting()) == 0  # nothing new
+
+
+def test_entry_equality_ignores_inline_payloads() -> None:
+    a = MediaEntry("k", 1, "text", inline="x")
+    b = MediaEntry("k", 1, "text", inline="y")
+    assert a == b
+
+
+# ---- the stakeholder report -----------------------------------------------------------------------
+def test_report_embeds_media_escaped_and_self_contained() -> None:
+    import base64
+    from datetime import datetime, timezone
+
+    from backends.media import ReportMedia
+    from backends.models import Run
+    from backends.report import build_report
+
+    PIL = pytest.importorskip("PIL.Image")
+    buf = io.BytesIO()
+    PIL.new("RGB", (4, 4), (200, 10, 10)).save(buf, "PNG")
+    png = buf.getvalue()
+    evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+    a = Run(command="python train.py", instance="local", id="01HX0000000000000000000001", name="base",
+            state="succeeded")
+    b = Run(command="python train.py --wide", instance="local", id="01HX0000000000000000000002", name="wide",
+            state="succeeded", parent=a.id)
+    media = {
+        a.id: [ReportMedia("cm", 10, "confusion", (["cat", evil], [[5, 1], [2, 7]]))],
+        b.id: [ReportMedia(evil, 20, "image", png, caption=evil),
+               ReportMedia("per_class", 20, "table", (["class", evil], [["cat", 0.91], [evil, None]])),
+               ReportMedia("cm", 20, "confusion", (["cat", evil], [[6, 0], [1, 8]])),
+               ReportMedia("w", 20, "histogram", {"edges": [0.0, 1.0, 2.0], "counts": [3.0, 1.0], "n": 4.0}),
+               ReportMedia("notes", 20, "text", evil + "\nline two"),
+               ReportMedia("gif?", 20, "image", b"not an image")],
+    }
+    md, page = build_report([a, b], series={}, code_diffs={b.id: ""}, annotations={},
+                            now=datetime(2026, 1, 2, tzinfo=timezone.utc), media=media)
+    assert "<script" not in page and "onerror=alert" not in page.replace("onerror=alert(2)&gt;", "")
+    assert "&lt;script&gt;" in page
+    assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page  # the image inline
+    assert page.count('<svg class="confusion"') == 2 and '<svg class="histogram"' in page
+    assert "<td>cat</td>" in page and '<td class=num>0.91</td>' in page
+    assert "Not an image labdeck embeds." in page
+    assert "default-src 'none'" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "#### Media" in md and "embedded in the HTML report" in md
+    assert "\\<script\\>" in md  # outside code spans, escaped (inside them it is shown as code)
+    assert "| cat | 5 | 1 |" in md  # the parent's confusion matrix as a Markdown table
+
+
+async def test_report_cli_embeds_a_real_runs_media(workstation, home: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.test_cli import labdeck
+    from tests.test_monitor import follow_to_end
+
+    (tmp_path / "job.py").write_text(
+        "import labdeck\n"
+        "labdeck.log({'acc': 0.5, 'img': labdeck.Image([[0.0, 1.0], [1.0, 0.0]], caption='grid'),"
+        " 'cm': labdeck.Confusion([0, 1, 1], [0, 1, 0], labels=['no', 'yes'])}, step=3)\n")
+    run = await workstation.launch(f"{sys.executable} job.py", workdir=str(tmp_path), name="media-report")
+    assert (await follow_to_end(workstation, run.id)).state == "succeeded"
+    out = tmp_path / "out"
+    res = await asyncio.to_thread(labdeck, home, "report", run.id, "--media", "img", "--media", "cm",
+                                  "--media", "nope", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    page = next(out.glob("*.html")).read_text()
+    assert "data:image/png;base64," in page and '<svg class="confusion"' in page and "img · step 3 · grid" in page
+    res = await asyncio.to_thread(labdeck, home, "report", run.id, "--media", "nope", "-o", str(out))
+    assert res.returncode == 0 and "no run of the path has logged nope" in res.stderr
+
+    # labdeck media: the keys, one key's steps, as tables and as JSON
+    res = await asyncio.to_thread(labdeck, home, "media", run.id, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [
+        {"key": "img", "kind": "image", "source": "labdeck", "count": 1, "first_step": 3, "last_step": 3},
+        {"key": "cm", "kind": "confusion", "source": "labdeck", "count": 1, "first_step": 3, "last_step": 3}]
+    res = await asyncio.to_thread(labdeck, home, "media", run.id, "img", "--json")
+    (item,) = json.loads(res.stdout)
+    assert (item["step"], item["width"], item["height"], item["caption"], item["file"]) == (3, 2, 2, "grid", "img/3.png")
+    res = await asyncio.to_thread(labdeck, home, "media", run.id)
+    assert res.returncode == 0 and "img" in res.stdout and "confusion" in res.stdout
+    res = await asyncio.to_thread(labdeck, home, "media", run.id, "[red]nope")
+    assert res.returncode != 0 and "has logged no media under '[red]nope'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_jpeg_file_becomes_a_png_where_pillow_is_importable(tmp_path: Path) -> None:
+    PIL = pytest.importorskip("PIL.Image")
+    jpg = tmp_path / "photo.jpg"
+    PIL.new("RGB", (6, 4), (0, 0, 255)).save(jpg, "JPEG")
+    res = run_job(tmp_path, f"""
+        import labdeck
+        labdeck.log({{"photo": labdeck.Image({str(jpg)!r})}}, step=1)
+        labdeck.flush()
+    """)
+    assert res.returncode == 0, res.stderr
+    e = index_of(tmp_path / "run").get("photo", 1)
+    assert e.file == "photo/1.png" and (e.w, e.h) == (6, 4)
+    px = decode_png((tmp_path / "run" / "media" / e.file).read_bytes())
+    assert px.rgb[2] > 200 and px.rgb[0] < 50  # blue, through JPEG's loss
