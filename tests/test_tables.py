@@ -192,6 +192,30 @@ def test_set_params(command: str, sets: dict, expected: str, env: dict) -> None:
     assert [c[0] for c in changes] == list(sets)
 
 
+@pytest.mark.parametrize("command", [
+    """sh -c 'printf "<%s>\\n" --lr 0.1'""",  # the value inside single quotes: sh -c's script
+    'sh -c "printf \'<%s>\\\\n\' --lr 0.1"',  # inside double quotes
+    """sh -c 'printf "<%s>\\n" --lr=0.1 x'""",
+    """printf '<%s>\\n' --lr 0.1""",
+])
+def test_set_params_value_stays_one_word_inside_a_quoted_script(command: str, tmp_path: Path) -> None:
+    """A value with quotes, $(...) and backticks reaches the program as itself where the key sits inside a
+    quoted ``sh -c`` script (shlex.quote alone closed the outer quotes: the outer shell ran the $(...))."""
+    import subprocess
+
+    value = "a'b\"c $(touch PWNED) `touch PWNED2` \\ d"
+    new, _, _ = set_params(command, {}, {"lr": value})
+    res = subprocess.run(["sh", "-c", new], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+    assert f"<{value}>" in res.stdout or f"<--lr={value}>" in res.stdout
+
+
+def test_set_params_refuses_a_value_quoted_two_levels_deep() -> None:
+    with pytest.raises(LabdeckError, match="quoted in a way"):
+        set_params('sh -c "sh -c \'train --lr 0.1\'"', {}, {"lr": "$(id)"})
+
+
 def test_set_params_refuses_a_key_that_would_change_nothing() -> None:
     with pytest.raises(LabdeckError, match="neither in the command nor a parameter"):
         set_params("python t.py --lr 0.1", {"lr": 0.1}, {"momentum": "0.9"})
