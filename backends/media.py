@@ -55,6 +55,9 @@ MAX_KEYS = 2000
 MAX_STEPS_PER_KEY = 20_000
 MAX_ITEM_BYTES = 16 << 20  # a media file larger than this is not fetched
 MAX_PIXELS = 4096 * 4096
+#: Pixel data (decompressed, filtered rows) a PNG may have to be decoded: the decoder is pure Python, so
+#: this bounds its time (about 10 s for the costliest filters) and memory, whatever the file's size.
+MAX_PNG_RAW = 32 << 20
 MAX_CACHE_BYTES = 512 << 20  # the local cache of one run's media files
 _FILE_RX = re.compile(r"([A-Za-z0-9_%-]{1,240})/(-?[0-9]{1,20})\.(png|jpg|gif|json|txt)\Z")
 _EXT_KIND = {"png": "image", "jpg": "image", "gif": "image", "json": ("table", "histogram", "confusion"), "txt": "text"}
@@ -473,8 +476,9 @@ def _paeth(a: int, b: int, c: int) -> int:
     return b if pb <= pc else c
 
 
-def decode_png(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Pixels:
-    """The pixels of a PNG (MediaError for anything malformed, interlaced, or over ``max_pixels``)."""
+def decode_png(data: bytes, *, max_pixels: int = MAX_PIXELS, max_raw: int = MAX_PNG_RAW) -> Pixels:
+    """The pixels of a PNG (MediaError for anything malformed, interlaced, over ``max_pixels`` or
+    over ``max_raw`` bytes of pixel data: a file of a few hundred KiB may hold gigabytes of zeros)."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise MediaError("Not a PNG file.")
     i = 8
@@ -513,6 +517,9 @@ def decode_png(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Pixels:
     stride = (w * bits + 7) // 8
     bpp = max(1, bits // 8)
     want = (stride + 1) * h
+    if want > max_raw:
+        raise MediaError(f"A PNG of {w}×{h} pixels at {bits} bits a pixel: over the {max_raw >> 20} MiB of pixel "
+                         "data drawn here.")
     d = zlib.decompressobj()
     try:
         raw = d.decompress(b"".join(idat), want + 1)

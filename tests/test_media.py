@@ -159,6 +159,32 @@ def test_malformed_media_files_are_clear_errors() -> None:
         histogram_doc(b'{"edges": [0, 1], "counts": [1, 2]}')
 
 
+def _png(w: int, h: int, color: int, depth: int, rows: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def test_a_png_bomb_is_refused_before_it_is_inflated() -> None:
+    """A 2048×2048 16-bit RGBA PNG of zeros is ~40 KiB on disk but 32 MiB of pixel rows, which the
+    pure-Python decoder took tens of seconds and hundreds of MiB to go through (per view, per step)."""
+    import time
+
+    w = h = 2048
+    bomb = _png(w, h, 6, 16, (b"\x04" + bytes(w * 8)) * h)  # Paeth rows: the slowest filter
+    assert len(bomb) < 200_000
+    t0 = time.perf_counter()
+    with pytest.raises(MediaError, match="MiB of pixel data"):
+        decode_png(bomb)
+    assert time.perf_counter() - t0 < 2.0
+    # the same pixel count in 8-bit gray is 4 MiB of rows: still drawn
+    assert decode_png(_png(w, h, 0, 8, (b"\x00" + bytes(w)) * h)).w == w
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
 def test_decode_png_agrees_with_pillow(mode: str) -> None:
     PIL = pytest.importorskip("PIL.Image")
