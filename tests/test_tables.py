@@ -216,6 +216,17 @@ def test_set_params_refuses_a_value_quoted_two_levels_deep() -> None:
         set_params('sh -c "sh -c \'train --lr 0.1\'"', {}, {"lr": "$(id)"})
 
 
+def test_rerun_plan_reads_an_earlier_LABDECK_PARAMS_as_untrusted(workstation) -> None:
+    """A teammate's run record carries $LABDECK_PARAMS as any string: nested past Python's recursion limit,
+    it was a RecursionError traceback from rerun_plan (the CLI, and the R form as you type)."""
+    from backends.models import Run
+
+    for bad in ("[" * 100_000 + "]" * 100_000, "{" * 50_000, "not json", "[1]"):
+        old = Run(command="python t.py", instance="local", env={lin.PARAMS_ENV: bad}, params={"dim": 16})
+        plan = workstation.rerun_plan(old, sets={"dim": "8"})
+        assert json.loads(plan.env[lin.PARAMS_ENV]) == {"dim": 8}
+
+
 def test_set_params_refuses_a_key_that_would_change_nothing() -> None:
     with pytest.raises(LabdeckError, match="neither in the command nor a parameter"):
         set_params("python t.py --lr 0.1", {"lr": 0.1}, {"momentum": "0.9"})
