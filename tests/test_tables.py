@@ -384,3 +384,8 @@ def test_labdeck_config_applies_a_reruns_changes_in_place(tmp_path: Path) -> Non
     env["LABDECK_PARAMS"] = "not json"
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert json.loads(res.stdout)[1]["lr"] == 0.1  # a broken value changes nothing and never raises
+    env["LABDECK_PARAMS"] = "[" * 50_000  # nested past the recursion limit
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(res.stdout)[1]["lr"] == 0.1
+    recorded = [json.loads(line)["config"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert len(recorded) == 3 and recorded[-1]["lr"] == 0.1  # the config is still recorded
