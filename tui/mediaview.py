@@ -54,6 +54,10 @@ from .format import cell, safe, text
 __all__ = ["MediaScreen", "MediaSource", "HalfBlockImage", "halfblock", "halfblock_strips", "histogram_text",
            "confusion_text", "open_media"]
 
+#: The most of a logged table the view shows (table_doc keeps up to 10,000 × 200 cells: seconds of
+#: DataTable work on the UI's thread and hundreds of MiB).
+MAX_TABLE_ROWS, MAX_TABLE_COLS = 1000, 50
+
 _STYLE_CACHE: dict[tuple[int, int, int, int, int, int], Style] = {}
 
 
@@ -549,12 +553,16 @@ class MediaScreen(Screen[None]):
             table = pane.query_one(DataTable)
             cols, rows = doc
             ocols, orows = other if other is not None else (None, None)
+            if len(rows) > MAX_TABLE_ROWS or len(cols) > MAX_TABLE_COLS:  # built on the UI's thread: bounded
+                cap.append(f" · the first {min(len(rows), MAX_TABLE_ROWS):,} of {len(rows):,} rows, "
+                           f"{min(len(cols), MAX_TABLE_COLS)} of {len(cols)} columns", style="dim")
+                caption.update(safe(cap), layout=False)
             pane.showing("table")
             table.clear(columns=True)
-            table.add_columns(*[cell(c) for c in cols])
-            for ri, r in enumerate(rows):
+            table.add_columns(*[cell(c) for c in cols[:MAX_TABLE_COLS]])
+            for ri, r in enumerate(rows[:MAX_TABLE_ROWS]):
                 cells = []
-                for ci, v in enumerate(r):
+                for ci, v in enumerate(r[:MAX_TABLE_COLS]):
                     diff = ocols == cols and orows is not None and (ri >= len(orows) or orows[ri][ci] != v)
                     cells.append(cell("–" if v is None else v, "yellow" if diff else ""))
                 table.add_row(*cells)
