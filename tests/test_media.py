@@ -142,6 +142,35 @@ def test_the_index_refuses_paths_and_entries_that_do_not_fit(tmp_path: Path) -> 
     assert idx.keys() == [] and len(idx) == 0
 
 
+async def test_a_huge_index_is_mirrored_and_held_only_up_to_its_bounds(tmp_path: Path, monkeypatch) -> None:
+    """A job's media/index.jsonl of any size: it was mirrored whole, read into memory in one piece
+    (f.read()) and parsed into up to 2,000 keys × 20,000 steps (40 million entries)."""
+    import getpass
+
+    from backends import media
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    monkeypatch.setattr(media, "MAX_INDEX_BYTES", 1 << 20)
+    monkeypatch.setattr(media, "MAX_ENTRIES", 1000)
+    rid = "01HX0000000000000000000009"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media").mkdir(parents=True)
+    with open(run_dir / "media" / "index.jsonl", "w") as f:
+        for k in range(30):
+            for s in range(1000):
+                f.write(json.dumps({"key": f"k{k}", "step": s, "kind": "text", "file": f"k{k}/{s}.txt", "size": 1}) + "\n")
+    assert (run_dir / "media" / "index.jsonl").stat().st_size > 2 << 20
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    rm = RunMedia(run, tmp_path / "cache")
+    await rm.refresh(LocalTransport(tmp_path / "runs"))
+    assert len(rm.index) == 1000 and rm.index.warnings["too many entries"] > 0
+    assert rm.index.warnings["index too large (not followed further)"] == 1
+    assert rm.index_path.stat().st_size <= 1 << 20  # the local copy stops at the bound
+    await rm.refresh(LocalTransport(tmp_path / "runs"))  # and stays there
+    assert rm.index_path.stat().st_size <= 1 << 20 and len(rm.index) == 1000
+
+
 def test_nearest_step() -> None:
     assert nearest_step([], 3) is None
     assert [nearest_step([0, 10, 20], s) for s in (-5, 4, 5, 6, 15, 99)] == [0, 0, 0, 10, 10, 20]
