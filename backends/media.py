@@ -315,7 +315,7 @@ def _tb_entry(m) -> MediaEntry:
         return MediaEntry(m.name, m.step, "image", None, len(enc), None, m.data["w"] or None, m.data["h"] or None,
                           m.t, "tensorboard", enc)
     if m.kind == "histogram":
-        return MediaEntry(m.name, m.step, "histogram", None, 16 * len(m.data["counts"]), None, None, None, m.t,
+        return MediaEntry(m.name, m.step, "histogram", None, 64 * len(m.data["counts"]), None, None, None, m.t,
                           "tensorboard", m.data)
     return MediaEntry(m.name, m.step, "text", None, len(m.data["text"]), None, None, None, m.t, "tensorboard",
                       m.data["text"])
