@@ -164,6 +164,42 @@ async def test_a_huge_table_is_shown_in_part(tmp_path: Path) -> None:
         assert "the first 1,000 of 10,000 rows, 50 of 200 columns" in cap
 
 
+async def test_stepping_through_images_runs_one_decoder_at_a_time(runs, monkeypatch) -> None:
+    """Each → cancelled the drawing but not its decode thread: holding → over large PNGs ran up to
+    the executor's six decoders at once (~100 MiB each)."""
+    import threading
+    import time
+
+    import tui.mediaview as mv
+
+    child, parent, root = runs
+    lock = threading.Lock()
+    busy, most = [0], [0]
+
+    def slow_decode(data: bytes):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.3)
+        with lock:
+            busy[0] -= 1
+        return real(data)
+    real = mv.decode_png
+    monkeypatch.setattr(mv, "decode_png", slow_decode)
+    app = MediaApp(child, None, root)
+    async with app.run_test(size=(120, 36)) as pilot:
+        for _ in range(3):
+            await pilot.press("left")
+            await pilot.pause(0.05)
+        await settle(pilot)
+        await pilot.pause(1.0)
+        await settle(pilot)
+        assert most[0] == 1
+        assert "step 0 (1 of 4)" in status(app)
+        image = app.screen.query_one("#media-a HalfBlockImage")
+        assert image.display and image.strips
+
+
 def test_media_view_snapshot(snap_compare, runs) -> None:
     child, parent, root = runs
 

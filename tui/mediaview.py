@@ -358,6 +358,7 @@ class MediaScreen(Screen[None]):
         self._decoded: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step) -> decoded item
         self._drawn: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step, w, h) -> renderable
         self._loading = 0
+        self._decoding: asyncio.Future | None = None  # the PNG decode running in a thread
 
     def compose(self) -> ComposeResult:
         title = Text("Media · ", style="bold")
@@ -506,7 +507,7 @@ class MediaScreen(Screen[None]):
             if entry.kind == "image":
                 if not isinstance(data, bytes) or data[:8] != b"\x89PNG\r\n\x1a\n":
                     raise MediaError("Not a PNG (JPEG and GIF are listed, not drawn, here).")
-                got = await asyncio.to_thread(decode_png, data)
+                got = await self._decode_png(k, data)
             elif entry.kind == "table":
                 got = table_doc(data)
             elif entry.kind == "histogram":
@@ -521,6 +522,21 @@ class MediaScreen(Screen[None]):
         while len(self._decoded) > 256:
             self._decoded.popitem(last=False)
         return got
+
+    async def _decode_png(self, k: tuple, data: bytes) -> Any:
+        """One PNG decoded at a time, in a thread. Stepping on cancels the drawing, not the thread: a
+        decode already running is waited for (and its result kept) before the next starts, so holding
+        → does not pile up decoders of ~100 MiB each."""
+        while self._decoding is not None and not self._decoding.done():
+            await asyncio.wait({self._decoding})
+        fut = self._decoding = asyncio.ensure_future(asyncio.to_thread(decode_png, data))
+
+        def keep(f: asyncio.Future) -> None:  # kept even when the drawing that asked has moved on
+            e = None if f.cancelled() else f.exception()
+            if not f.cancelled() and (e is None or isinstance(e, LabdeckError)):
+                self._decoded[k] = e or f.result()
+        fut.add_done_callback(keep)
+        return await asyncio.shield(fut)
 
     async def _paint(self, pane_id: str, run, entry: MediaEntry | None, doc: Any, other: Any,
                      wanted: int | None) -> None:
