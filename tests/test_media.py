@@ -171,6 +171,34 @@ async def test_a_huge_index_is_mirrored_and_held_only_up_to_its_bounds(tmp_path:
     assert rm.index_path.stat().st_size <= 1 << 20 and len(rm.index) == 1000
 
 
+async def test_a_symlinked_index_or_media_file_is_refused(tmp_path: Path) -> None:
+    """A job's media/index.jsonl or media file that is a link to a file of yours is not read (nor copied
+    into a report): the transport opens run files without following a final link."""
+    import getpass
+
+    from backends.errors import LabdeckError
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    secret = tmp_path / "secret"
+    secret.write_text("private")
+    rid = "01HX0000000000000000000008"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media" / "k").mkdir(parents=True)
+    (run_dir / "media" / "index.jsonl").symlink_to(secret)
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    t = LocalTransport(tmp_path / "runs")
+    rm = RunMedia(run, tmp_path / "cache")
+    assert await rm.refresh(t) == 0 and len(rm.index) == 0
+    (run_dir / "media" / "index.jsonl").unlink()
+    (run_dir / "media" / "index.jsonl").write_text(
+        json.dumps({"key": "k", "step": 1, "kind": "text", "file": "k/1.txt", "size": 7}) + "\n")
+    (run_dir / "media" / "k" / "1.txt").symlink_to(secret)
+    assert await rm.refresh(t) == 1
+    with pytest.raises(LabdeckError, match="symbolic link"):
+        await rm.load(t, rm.index.get("k", 1))
+
+
 def test_nearest_step() -> None:
     assert nearest_step([], 3) is None
     assert [nearest_step([0, 10, 20], s) for s in (-5, 4, 5, 6, 15, 99)] == [0, 0, 0, 10, 10, 20]
