@@ -325,7 +325,7 @@ def _arg_patterns(key: str) -> list[re.Pattern]:
             re.compile(rf"(?<![\S])\+*{k}={val}")]
 
 
-def _quote_context(command: str, pos: int) -> str:
+def _quote_context(command: str, pos: int, *, inner: bool = True) -> str:
     """The shell quoting ``command[pos]`` sits in: "" (none), "'" or '"' (as sh reads the line), or
     "nested" when the quoted text up to there opens quotes of its own (``sh -c "sh -c '... V'"``)."""
     ctx, i, opened = "", 0, 0
@@ -340,11 +340,11 @@ def _quote_context(command: str, pos: int) -> str:
         elif c in "'\"":
             ctx, opened = c, i + 1
         i += 1
-    if ctx:  # what the inner shell reads of the quoted text so far must itself be outside quotes
-        inner = command[opened:pos]
+    if ctx and inner:  # what the inner shell reads of the quoted text so far must itself be outside quotes
+        text = command[opened:pos]
         if ctx == '"':
-            inner = re.sub(r'\\([\\"$`])', r"\1", inner)
-        if _quote_context(inner, len(inner)) != "":
+            text = re.sub(r'\\([\\"$`])', r"\1", text)
+        if _quote_context(text, len(text), inner=False) != "":
             return "nested"
     return ctx
 

@@ -214,6 +214,8 @@ def test_set_params_value_stays_one_word_inside_a_quoted_script(command: str, tm
 def test_set_params_refuses_a_value_quoted_two_levels_deep() -> None:
     with pytest.raises(LabdeckError, match="quoted in a way"):
         set_params('sh -c "sh -c \'train --lr 0.1\'"', {}, {"lr": "$(id)"})
+    many = "echo " + "\"'\"" * 5000 + " --lr 0.1"  # thousands of quoted words before it: read in one pass
+    assert set_params(many, {}, {"lr": "2"})[0] == many[:-3] + "2"
 
 
 def test_rerun_plan_reads_an_earlier_LABDECK_PARAMS_as_untrusted(workstation) -> None:
