@@ -53,7 +53,8 @@ class MissingFile(LabdeckError):
     """The remote file does not exist (yet)."""
 
 
-async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHUNK, *, limit: int | None = None) -> int:
+async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHUNK, *, limit: int | None = None,
+                 inside: str | None = None) -> int:
     """Append to ``local_path`` whatever ``remote_path`` holds beyond the local file's size (with
     ``limit``: up to about that many bytes in the local copy, no more).
 
@@ -69,7 +70,9 @@ async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHU
         total = 0
         while limit is None or offset < limit:
             try:
-                part = await transport.read_file(remote_path, offset, chunk if limit is None else min(chunk, limit - offset))
+                n = chunk if limit is None else min(chunk, limit - offset)
+                part = await (transport.read_file(remote_path, offset, n) if inside is None
+                              else transport.read_file(remote_path, offset, n, inside=inside))
             except LabdeckError as e:
                 if "No file" in str(e):
                     raise MissingFile(str(e)) from None

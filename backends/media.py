@@ -357,7 +357,8 @@ class RunMedia:
         from .localfiles import RefusedFile
 
         try:
-            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES)
+            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES,
+                         inside=self.run.run_dir)
         except (MissingFile, RefusedFile):
             return 0
         except LabdeckError as e:
@@ -366,7 +367,8 @@ class RunMedia:
             self.index_path.unlink(missing_ok=True)  # replaced: read it again from the start
             self.index = MediaIndex()
             self._read = 0
-            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES)
+            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES,
+                         inside=self.run.run_dir)
         return self.ingest_local()
 
     def ingest_local(self) -> int:
@@ -421,7 +423,7 @@ class RunMedia:
         parts: list[bytes] = []
         offset = 0
         while True:
-            chunk = await transport.read_file(remote, offset, 1 << 20)
+            chunk = await transport.read_file(remote, offset, 1 << 20, inside=self.run.run_dir)
             if chunk.size > MAX_ITEM_BYTES:
                 raise MediaError(f"{entry.key!r} at step {entry.step} grew past {MAX_ITEM_BYTES >> 20} MiB.")
             if not chunk.data:

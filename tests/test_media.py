@@ -405,3 +405,62 @@ def test_a_jpeg_file_becomes_a_png_where_pillow_is_importable(tmp_path: Path) ->
     assert e.file == "photo/1.png" and (e.w, e.h) == (6, 4)
     px = decode_png((tmp_path / "run" / "media" / e.file).read_bytes())
     assert px.rgb[2] > 200 and px.rgb[0] < 50  # blue, through JPEG's loss
+
+
+async def test_a_media_directory_that_links_to_one_of_yours_is_refused(tmp_path: Path) -> None:
+    """A teammate's ``media/<key>`` (or ``media`` itself) made a link to a directory of yours: a file
+    there named like a step (``5.txt``) is not read, so it never reaches your screen or a report you
+    share. Checked for every directory from the run directory down (local transport)."""
+    import getpass
+
+    from backends.errors import LabdeckError
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    mine = tmp_path / "alice-notes"
+    mine.mkdir()
+    (mine / "5.txt").write_text("private")
+    rid = "01HX0000000000000000000009"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media").mkdir(parents=True)
+    (run_dir / "media" / "index.jsonl").write_text(
+        json.dumps({"key": "k", "step": 5, "kind": "text", "file": "k/5.txt", "size": 7}) + "\n")
+    (run_dir / "media" / "k").symlink_to(mine, target_is_directory=True)
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    t = LocalTransport(tmp_path / "runs")
+    rm = RunMedia(run, tmp_path / "cache")
+    assert await rm.refresh(t) == 1
+    with pytest.raises(LabdeckError, match="symbolic link"):
+        await rm.load(t, rm.index.get("k", 5))
+    # the whole media directory a link: not even the index is read
+    other = tmp_path / "elsewhere"
+    (run_dir / "media").rename(other)
+    (other / "k").unlink()
+    (run_dir / "media").symlink_to(other, target_is_directory=True)
+    rm2 = RunMedia(run, tmp_path / "cache2")
+    assert await rm2.refresh(t) == 0 and len(rm2.index) == 0
+
+
+async def test_a_linked_directory_below_the_run_is_refused_over_ssh(ssh_server, ssh_client_key, tmp_path: Path) -> None:
+    """The same over SFTP: one lstat per directory below the run directory."""
+    from backends.errors import LabdeckError
+    from backends.ssh import KnownHosts, SSHPool, SSHTransport
+    from tests.test_ssh_unit import spec_for
+
+    home = Path(ssh_server.home)
+    (home / "notes").mkdir()
+    (home / "notes" / "5.txt").write_text("private")
+    run_dir = home / "runs" / "R"
+    (run_dir / "media").mkdir(parents=True)
+    (run_dir / "media" / "k").symlink_to(home / "notes", target_is_directory=True)
+    (run_dir / "media" / "ok.txt").write_text("fine")
+    pool = SSHPool(KnownHosts(tmp_path / "known_hosts"))
+    t = SSHTransport(pool, spec_for(ssh_server, str(ssh_client_key)), instance="test")
+    try:
+        with pytest.raises(LabdeckError, match="symbolic link"):
+            await t.read_file(f"{run_dir}/media/k/5.txt", inside=str(run_dir))
+        assert (await t.read_file(f"{run_dir}/media/ok.txt", inside=str(run_dir))).data == b"fine"
+        with pytest.raises(LabdeckError, match="not inside"):
+            await t.read_file(f"{home}/notes/5.txt", inside=str(run_dir))
+    finally:
+        await pool.close()
