@@ -53,8 +53,10 @@ class MissingFile(LabdeckError):
     """The remote file does not exist (yet)."""
 
 
-async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHUNK) -> int:
-    """Append to ``local_path`` whatever ``remote_path`` holds beyond the local file's size.
+async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHUNK, *, limit: int | None = None,
+                 inside: str | None = None) -> int:
+    """Append to ``local_path`` whatever ``remote_path`` holds beyond the local file's size (with
+    ``limit``: up to about that many bytes in the local copy, no more).
 
     The local size is the offset: a mirror interrupted at any point resumes exactly there.
     Returns the bytes appended; raises MissingFile when the remote file does not exist.
@@ -66,9 +68,11 @@ async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHU
     with open(open_private_append(local_path), "ab") as out:
         offset = out.seek(0, os.SEEK_END)
         total = 0
-        while True:
+        while limit is None or offset < limit:
             try:
-                part = await transport.read_file(remote_path, offset, chunk)
+                n = chunk if limit is None else min(chunk, limit - offset)
+                part = await (transport.read_file(remote_path, offset, n) if inside is None
+                              else transport.read_file(remote_path, offset, n, inside=inside))
             except LabdeckError as e:
                 if "No file" in str(e):
                     raise MissingFile(str(e)) from None
@@ -83,6 +87,7 @@ async def mirror(transport, remote_path: str, local_path: Path, chunk: int = CHU
             total += len(part.data)
             if len(part.data) < chunk:
                 return total
+        return total
 
 
 class LogFollower:

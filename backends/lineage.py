@@ -320,9 +320,44 @@ def _arg_patterns(key: str) -> list[re.Pattern]:
     """Where ``key`` sits in a command line, the value as group 1: ``--key=V``, ``--key V``, ``key=V`` (Hydra,
     also ``+key=V``). A value is one shell word: quoted, or up to the next blank or shell operator."""
     k = re.escape(key)
-    val = r"('[^']*'|\"(?:[^\"\\]|\\.)*\"|[^\s;&|<>()]+)"
+    val = r"('[^']*'|\"(?:[^\"\\]|\\.)*\"|[^\s;&|<>()'\"]+)"
     return [re.compile(rf"(?<!\S)--{k}={val}"), re.compile(rf"(?<!\S)--{k}\s+(?!-[^\d.])" + val),
             re.compile(rf"(?<![\S])\+*{k}={val}")]
+
+
+def _quote_context(command: str, pos: int, *, inner: bool = True) -> str:
+    """The shell quoting ``command[pos]`` sits in: "" (none), "'" or '"' (as sh reads the line), or
+    "nested" when the quoted text up to there opens quotes of its own (``sh -c "sh -c '... V'"``)."""
+    ctx, i, opened = "", 0, 0
+    while i < pos:
+        c = command[i]
+        if ctx == "'":
+            ctx = "" if c == "'" else ctx
+        elif c == "\\":
+            i += 1  # the next character is taken as it is (outside single quotes)
+        elif ctx == '"':
+            ctx = "" if c == '"' else ctx
+        elif c in "'\"":
+            ctx, opened = c, i + 1
+        i += 1
+    if ctx and inner:  # what the inner shell reads of the quoted text so far must itself be outside quotes
+        text = command[opened:pos]
+        if ctx == '"':
+            text = re.sub(r'\\([\\"$`])', r"\1", text)
+        if _quote_context(text, len(text), inner=False) != "":
+            return "nested"
+    return ctx
+
+
+def _quote_in(value: str, ctx: str) -> str:
+    """``value`` as one shell word for the command run inside ``ctx`` quotes (``sh -c '... --lr V'``):
+    quoted for that inner shell, then escaped so the quotes around it stay as they were."""
+    q = shlex.quote(value)
+    if ctx == "'":
+        return q.replace("'", "'\\''")
+    if ctx == '"':
+        return re.sub(r'([\\"$`])', r"\\\1", q)
+    return q
 
 
 def set_params(command: str, recorded: dict[str, Any], sets: dict[str, str]) -> tuple[str, dict[str, Any], list[tuple[str, Any, Any, str]]]:
@@ -345,7 +380,12 @@ def set_params(command: str, recorded: dict[str, Any], sets: dict[str, str]) -> 
             m = pat.search(out_cmd)
             if m:
                 old = m.group(1)
-                out_cmd = out_cmd[:m.start(1)] + shlex.quote(str(raw)) + out_cmd[m.end(1):]
+                ctx = _quote_context(out_cmd, m.start(1))
+                if ctx == "nested" or ctx != _quote_context(out_cmd, m.end(1)):
+                    raise LabdeckError(f"--set {key}: its value in the command is quoted in a way labdeck does not "
+                                       f"rewrite ({old}).",
+                                       "Change the command itself with: labdeck rerun RUN -- NEW COMMAND")
+                out_cmd = out_cmd[:m.start(1)] + _quote_in(str(raw), ctx) + out_cmd[m.end(1):]
                 changes.append((key, _value(old.strip("'\"")), new, "command"))
                 break
         else:

@@ -77,13 +77,41 @@ def open_private_append(path: Path) -> int:
     return fd
 
 
-def read_regular(path: str, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[bytes, int]:
+def no_links_below(path: str, inside: str, lstat=os.lstat) -> list[str]:
+    """The directories from ``inside`` down to ``path``'s parent (``inside`` included), checked with
+    ``lstat`` (a callable, so a remote transport can pass its own): a symbolic link among them, or a
+    ``path`` that is not below ``inside``, raises :class:`RefusedFile`. Returns the directories checked."""
+    base = inside.rstrip("/") or "/"
+    if not path.startswith(base + "/") or ".." in path.split("/"):
+        raise RefusedFile(f"Refusing to read {path!r}: it is not inside {base!r}.")
+    dirs = [base]
+    for part in path[len(base) + 1:].split("/")[:-1]:
+        if part in ("", "."):
+            continue
+        dirs.append(f"{dirs[-1]}/{part}")
+    return dirs
+
+
+def _check_dirs(path: str, inside: str) -> None:
+    for d in no_links_below(path, inside):
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            raise
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise RefusedFile(f"Refusing to read {path}: {d} is "
+                              + ("a symbolic link." if stat.S_ISLNK(st.st_mode) else "not a directory."))
+
+
+def read_regular(path: str, offset: int = 0, max_bytes: int = 1 << 20, *, inside: str | None = None) -> tuple[bytes, int]:
     """(at most ``max_bytes`` from ``offset``, size) of a regular file, opened without following a
     final symlink and without blocking (a FIFO planted as ``output.log`` is refused, not waited on).
 
     ``..`` in the path is refused too: a run file is named below its run directory, never above."""
     if "\0" in path or ".." in path.split("/"):
         raise RefusedFile(f"Refusing to read {path!r}: a run file's path has no '..'.")
+    if inside is not None:
+        _check_dirs(path, inside)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -53,8 +53,13 @@ KINDS = ("image", "table", "histogram", "confusion", "text")
 MAX_LINE = 64 << 10  # an index line longer than this is skipped
 MAX_KEYS = 2000
 MAX_STEPS_PER_KEY = 20_000
+MAX_ENTRIES = 200_000  # entries in all (the SDK keeps at most 500 keys × 200 steps)
+MAX_INDEX_BYTES = 256 << 20  # of media/index.jsonl mirrored and read; past that it is not followed
 MAX_ITEM_BYTES = 16 << 20  # a media file larger than this is not fetched
 MAX_PIXELS = 4096 * 4096
+#: Pixel data (decompressed, filtered rows) a PNG may have to be decoded: the decoder is pure Python, so
+#: this bounds its time (about 10 s for the costliest filters) and memory, whatever the file's size.
+MAX_PNG_RAW = 32 << 20
 MAX_CACHE_BYTES = 512 << 20  # the local cache of one run's media files
 _FILE_RX = re.compile(r"([A-Za-z0-9_%-]{1,240})/(-?[0-9]{1,20})\.(png|jpg|gif|json|txt)\Z")
 _EXT_KIND = {"png": "image", "jpg": "image", "gif": "image", "json": ("table", "histogram", "confusion"), "txt": "text"}
@@ -99,6 +104,7 @@ class MediaIndex:
         self._sorted: dict[str, list[int]] = {}
         self._buf = bytearray()
         self._skipping = False
+        self._n = 0  # entries held
 
     def feed(self, data: bytes) -> int:
         """Parse the complete lines ``data`` finishes; returns the entries added or removed."""
@@ -154,6 +160,7 @@ class MediaIndex:
         if doc.get("deleted") is True:
             if steps and steps.get(step) is not None and steps[step].file == rel:
                 del steps[step]
+                self._n -= 1
                 self._sorted.pop(key, None)
                 return 1
             return 0
@@ -179,6 +186,11 @@ class MediaIndex:
         if step not in steps and len(steps) >= MAX_STEPS_PER_KEY:
             self.warnings["too many steps"] += 1
             return 0
+        if step not in steps:
+            if self._n >= MAX_ENTRIES:
+                self.warnings["too many entries"] += 1
+                return 0
+            self._n += 1
         steps[step] = MediaEntry(key, step, kind, rel, size, cap, w if w and w > 0 else None,
                                  h if h and h > 0 else None, t)
         self._sorted.pop(key, None)
@@ -195,6 +207,11 @@ class MediaIndex:
         if entry.step not in steps and len(steps) >= MAX_STEPS_PER_KEY:
             self.warnings["too many steps"] += 1
             return
+        if entry.step not in steps:
+            if self._n >= MAX_ENTRIES:
+                self.warnings["too many entries"] += 1
+                return
+            self._n += 1
         steps[entry.step] = entry
         self._sorted.pop(entry.key, None)
 
@@ -220,7 +237,7 @@ class MediaIndex:
         return None if s is None else self.get(key, s)
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._by_key.values())
+        return self._n
 
 
 def nearest_step(steps: list[int], step: int) -> int | None:
@@ -298,7 +315,7 @@ def _tb_entry(m) -> MediaEntry:
         return MediaEntry(m.name, m.step, "image", None, len(enc), None, m.data["w"] or None, m.data["h"] or None,
                           m.t, "tensorboard", enc)
     if m.kind == "histogram":
-        return MediaEntry(m.name, m.step, "histogram", None, 16 * len(m.data["counts"]), None, None, None, m.t,
+        return MediaEntry(m.name, m.step, "histogram", None, 64 * len(m.data["counts"]), None, None, None, m.t,
                           "tensorboard", m.data)
     return MediaEntry(m.name, m.step, "text", None, len(m.data["text"]), None, None, None, m.t, "tensorboard",
                       m.data["text"])
@@ -340,7 +357,8 @@ class RunMedia:
         from .localfiles import RefusedFile
 
         try:
-            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path)
+            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES,
+                         inside=self.run.run_dir)
         except (MissingFile, RefusedFile):
             return 0
         except LabdeckError as e:
@@ -349,18 +367,26 @@ class RunMedia:
             self.index_path.unlink(missing_ok=True)  # replaced: read it again from the start
             self.index = MediaIndex()
             self._read = 0
-            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path)
+            await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES,
+                         inside=self.run.run_dir)
         return self.ingest_local()
 
     def ingest_local(self) -> int:
+        n = 0
         try:
             with open(self.index_path, "rb") as f:
                 f.seek(self._read)
-                data = f.read()
+                while self._read < MAX_INDEX_BYTES:  # in chunks: the index is the job's, of any size
+                    data = f.read(min(1 << 20, MAX_INDEX_BYTES - self._read))
+                    if not data:
+                        break
+                    self._read += len(data)
+                    n += self.index.feed(data)
         except FileNotFoundError:
             return 0
-        self._read += len(data)
-        return self.index.feed(data)
+        if self._read >= MAX_INDEX_BYTES and not self.index.warnings["index too large (not followed further)"]:
+            self.index.warnings["index too large (not followed further)"] += 1
+        return n
 
     def add_tensorboard(self, entries: Iterable[MediaEntry]) -> None:
         for e in entries:
@@ -397,7 +423,7 @@ class RunMedia:
         parts: list[bytes] = []
         offset = 0
         while True:
-            chunk = await transport.read_file(remote, offset, 1 << 20)
+            chunk = await transport.read_file(remote, offset, 1 << 20, inside=self.run.run_dir)
             if chunk.size > MAX_ITEM_BYTES:
                 raise MediaError(f"{entry.key!r} at step {entry.step} grew past {MAX_ITEM_BYTES >> 20} MiB.")
             if not chunk.data:
@@ -473,8 +499,9 @@ def _paeth(a: int, b: int, c: int) -> int:
     return b if pb <= pc else c
 
 
-def decode_png(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Pixels:
-    """The pixels of a PNG (MediaError for anything malformed, interlaced, or over ``max_pixels``)."""
+def decode_png(data: bytes, *, max_pixels: int = MAX_PIXELS, max_raw: int = MAX_PNG_RAW) -> Pixels:
+    """The pixels of a PNG (MediaError for anything malformed, interlaced, over ``max_pixels`` or
+    over ``max_raw`` bytes of pixel data: a file of a few hundred KiB may hold gigabytes of zeros)."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise MediaError("Not a PNG file.")
     i = 8
@@ -513,6 +540,9 @@ def decode_png(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Pixels:
     stride = (w * bits + 7) // 8
     bpp = max(1, bits // 8)
     want = (stride + 1) * h
+    if want > max_raw:
+        raise MediaError(f"A PNG of {w}×{h} pixels at {bits} bits a pixel: over the {max_raw >> 20} MiB of pixel "
+                         "data drawn here.")
     d = zlib.decompressobj()
     try:
         raw = d.decompress(b"".join(idat), want + 1)

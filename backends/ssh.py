@@ -59,7 +59,7 @@ import asyncssh  # noqa: E402
 
 from . import clock
 from .errors import TransportError
-from .localfiles import MAX_READ, RefusedFile
+from .localfiles import MAX_READ, RefusedFile, no_links_below
 from .sshconfig import SSHConfig, SSHHost, parse_destination  # noqa: F401 - parse_destination is part of this module's API
 from .providers.base import CommandResult, FileChunk, PortForward, RelayForward, Transport, detached_launcher
 
@@ -852,7 +852,8 @@ class SSHTransport(Transport):
             raise TransportError(f"Could not start a detached process on {self.spec.label}: "
                                  f"{res.stderr.decode(errors='replace').strip()}") from None
 
-    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
+    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20, *,
+                        inside: str | None = None) -> FileChunk:
         """Regular files only, never through a final symlink, at most ``MAX_READ`` bytes. SFTP has no
         O_NOFOLLOW (nor O_NONBLOCK), so an lstat comes first and a link, a FIFO (its open would hang
         the host's sftp-server) or a device is refused before it is opened. That costs one more
@@ -860,8 +861,13 @@ class SSHTransport(Transport):
         so only its owner can make one)."""
         if "\0" in path or ".." in path.split("/"):
             raise RefusedFile(f"Refusing to read {path!r} on {self.instance}: a run file's path has no '..'.")
+        dirs = no_links_below(path, inside) if inside is not None else []
         sftp = await self.handle.sftp_client()
         try:
+            for d in dirs:  # one lstat each: a teammate's directory link to one of yours is refused
+                dst = await sftp.lstat(d)
+                if stat.S_ISLNK(dst.permissions or 0) or dst.type == asyncssh.FILEXFER_TYPE_SYMLINK:
+                    raise RefusedFile(f"Refusing to read {path} on {self.instance}: {d} is a symbolic link.")
             lst = await sftp.lstat(path)
             if lst.type != asyncssh.FILEXFER_TYPE_REGULAR and not stat.S_ISREG(lst.permissions or 0):
                 raise RefusedFile(f"Refusing to read {path} on {self.instance}: "

@@ -369,6 +369,7 @@ def _plugin_name(b: bytes) -> str:
 
 
 # ---- media: images, histograms, text --------------------------------------------------------
+MAX_HISTOGRAM_BUCKETS = 100_000  # as backends.media.histogram_doc: more are never drawn, so never kept
 @dataclass(slots=True)
 class TBMedia:
     """An image (``data``: {"png"/"encoded": bytes, "w", "h", "channels"}), a histogram ({"edges",
@@ -388,7 +389,7 @@ class TBMedia:
             return len(d["encoded"]) + 64
         if self.kind == "text":
             return len(d["text"]) + 64
-        return 16 * len(d["counts"]) + 64
+        return 64 * len(d["counts"]) + 64  # two lists of Python floats: ~64 bytes a bucket
 
 
 def _image_proto(b: bytes) -> dict:
@@ -896,7 +897,7 @@ class TFEventsParser:
         media = self.media
         assert media is not None
         size = item.size
-        if size > self.max_media_bytes:
+        if size > self.max_media_bytes or (item.kind == "histogram" and len(item.data["counts"]) > MAX_HISTOGRAM_BUCKETS):
             self.warnings["media item too large (skipped)"] += 1
             return
         media.append(item)

@@ -286,7 +286,7 @@ class Workstation:
         if env_params:
             try:
                 before = json.loads(env.get(lineage.PARAMS_ENV, "") or "{}")
-            except ValueError:
+            except (ValueError, TypeError, RecursionError):  # the earlier run's env is a teammate's text
                 before = {}
             merged = {**(before if isinstance(before, dict) else {}), **env_params}
             env[lineage.PARAMS_ENV] = json.dumps(merged, sort_keys=True)

@@ -142,6 +142,63 @@ def test_the_index_refuses_paths_and_entries_that_do_not_fit(tmp_path: Path) -> 
     assert idx.keys() == [] and len(idx) == 0
 
 
+async def test_a_huge_index_is_mirrored_and_held_only_up_to_its_bounds(tmp_path: Path, monkeypatch) -> None:
+    """A job's media/index.jsonl of any size: it was mirrored whole, read into memory in one piece
+    (f.read()) and parsed into up to 2,000 keys × 20,000 steps (40 million entries)."""
+    import getpass
+
+    from backends import media
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    monkeypatch.setattr(media, "MAX_INDEX_BYTES", 1 << 20)
+    monkeypatch.setattr(media, "MAX_ENTRIES", 1000)
+    rid = "01HX0000000000000000000009"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media").mkdir(parents=True)
+    with open(run_dir / "media" / "index.jsonl", "w") as f:
+        for k in range(30):
+            for s in range(1000):
+                f.write(json.dumps({"key": f"k{k}", "step": s, "kind": "text", "file": f"k{k}/{s}.txt", "size": 1}) + "\n")
+    assert (run_dir / "media" / "index.jsonl").stat().st_size > 2 << 20
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    rm = RunMedia(run, tmp_path / "cache")
+    await rm.refresh(LocalTransport(tmp_path / "runs"))
+    assert len(rm.index) == 1000 and rm.index.warnings["too many entries"] > 0
+    assert rm.index.warnings["index too large (not followed further)"] == 1
+    assert rm.index_path.stat().st_size <= 1 << 20  # the local copy stops at the bound
+    await rm.refresh(LocalTransport(tmp_path / "runs"))  # and stays there
+    assert rm.index_path.stat().st_size <= 1 << 20 and len(rm.index) == 1000
+
+
+async def test_a_symlinked_index_or_media_file_is_refused(tmp_path: Path) -> None:
+    """A job's media/index.jsonl or media file that is a link to a file of yours is not read (nor copied
+    into a report): the transport opens run files without following a final link."""
+    import getpass
+
+    from backends.errors import LabdeckError
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    secret = tmp_path / "secret"
+    secret.write_text("private")
+    rid = "01HX0000000000000000000008"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media" / "k").mkdir(parents=True)
+    (run_dir / "media" / "index.jsonl").symlink_to(secret)
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    t = LocalTransport(tmp_path / "runs")
+    rm = RunMedia(run, tmp_path / "cache")
+    assert await rm.refresh(t) == 0 and len(rm.index) == 0
+    (run_dir / "media" / "index.jsonl").unlink()
+    (run_dir / "media" / "index.jsonl").write_text(
+        json.dumps({"key": "k", "step": 1, "kind": "text", "file": "k/1.txt", "size": 7}) + "\n")
+    (run_dir / "media" / "k" / "1.txt").symlink_to(secret)
+    assert await rm.refresh(t) == 1
+    with pytest.raises(LabdeckError, match="symbolic link"):
+        await rm.load(t, rm.index.get("k", 1))
+
+
 def test_nearest_step() -> None:
     assert nearest_step([], 3) is None
     assert [nearest_step([0, 10, 20], s) for s in (-5, 4, 5, 6, 15, 99)] == [0, 0, 0, 10, 10, 20]
@@ -157,6 +214,32 @@ def test_malformed_media_files_are_clear_errors() -> None:
         confusion_doc(b'{"labels": ["a"], "matrix": [[1, 2]]}')
     with pytest.raises(MediaError):
         histogram_doc(b'{"edges": [0, 1], "counts": [1, 2]}')
+
+
+def _png(w: int, h: int, color: int, depth: int, rows: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def test_a_png_bomb_is_refused_before_it_is_inflated() -> None:
+    """A 2048×2048 16-bit RGBA PNG of zeros is ~40 KiB on disk but 32 MiB of pixel rows, which the
+    pure-Python decoder took tens of seconds and hundreds of MiB to go through (per view, per step)."""
+    import time
+
+    w = h = 2048
+    bomb = _png(w, h, 6, 16, (b"\x04" + bytes(w * 8)) * h)  # Paeth rows: the slowest filter
+    assert len(bomb) < 200_000
+    t0 = time.perf_counter()
+    with pytest.raises(MediaError, match="MiB of pixel data"):
+        decode_png(bomb)
+    assert time.perf_counter() - t0 < 2.0
+    # the same pixel count in 8-bit gray is 4 MiB of rows: still drawn
+    assert decode_png(_png(w, h, 0, 8, (b"\x00" + bytes(w)) * h)).w == w
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
@@ -322,3 +405,62 @@ def test_a_jpeg_file_becomes_a_png_where_pillow_is_importable(tmp_path: Path) ->
     assert e.file == "photo/1.png" and (e.w, e.h) == (6, 4)
     px = decode_png((tmp_path / "run" / "media" / e.file).read_bytes())
     assert px.rgb[2] > 200 and px.rgb[0] < 50  # blue, through JPEG's loss
+
+
+async def test_a_media_directory_that_links_to_one_of_yours_is_refused(tmp_path: Path) -> None:
+    """A teammate's ``media/<key>`` (or ``media`` itself) made a link to a directory of yours: a file
+    there named like a step (``5.txt``) is not read, so it never reaches your screen or a report you
+    share. Checked for every directory from the run directory down (local transport)."""
+    import getpass
+
+    from backends.errors import LabdeckError
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    mine = tmp_path / "alice-notes"
+    mine.mkdir()
+    (mine / "5.txt").write_text("private")
+    rid = "01HX0000000000000000000009"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media").mkdir(parents=True)
+    (run_dir / "media" / "index.jsonl").write_text(
+        json.dumps({"key": "k", "step": 5, "kind": "text", "file": "k/5.txt", "size": 7}) + "\n")
+    (run_dir / "media" / "k").symlink_to(mine, target_is_directory=True)
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    t = LocalTransport(tmp_path / "runs")
+    rm = RunMedia(run, tmp_path / "cache")
+    assert await rm.refresh(t) == 1
+    with pytest.raises(LabdeckError, match="symbolic link"):
+        await rm.load(t, rm.index.get("k", 5))
+    # the whole media directory a link: not even the index is read
+    other = tmp_path / "elsewhere"
+    (run_dir / "media").rename(other)
+    (other / "k").unlink()
+    (run_dir / "media").symlink_to(other, target_is_directory=True)
+    rm2 = RunMedia(run, tmp_path / "cache2")
+    assert await rm2.refresh(t) == 0 and len(rm2.index) == 0
+
+
+async def test_a_linked_directory_below_the_run_is_refused_over_ssh(ssh_server, ssh_client_key, tmp_path: Path) -> None:
+    """The same over SFTP: one lstat per directory below the run directory."""
+    from backends.errors import LabdeckError
+    from backends.ssh import KnownHosts, SSHPool, SSHTransport
+    from tests.test_ssh_unit import spec_for
+
+    home = Path(ssh_server.home)
+    (home / "notes").mkdir()
+    (home / "notes" / "5.txt").write_text("private")
+    run_dir = home / "runs" / "R"
+    (run_dir / "media").mkdir(parents=True)
+    (run_dir / "media" / "k").symlink_to(home / "notes", target_is_directory=True)
+    (run_dir / "media" / "ok.txt").write_text("fine")
+    pool = SSHPool(KnownHosts(tmp_path / "known_hosts"))
+    t = SSHTransport(pool, spec_for(ssh_server, str(ssh_client_key)), instance="test")
+    try:
+        with pytest.raises(LabdeckError, match="symbolic link"):
+            await t.read_file(f"{run_dir}/media/k/5.txt", inside=str(run_dir))
+        assert (await t.read_file(f"{run_dir}/media/ok.txt", inside=str(run_dir))).data == b"fine"
+        with pytest.raises(LabdeckError, match="not inside"):
+            await t.read_file(f"{home}/notes/5.txt", inside=str(run_dir))
+    finally:
+        await pool.close()

@@ -142,6 +142,64 @@ async def test_a_run_without_media_says_how_to_log_them(tmp_path: Path) -> None:
         await settle(pilot)
 
 
+async def test_a_huge_table_is_shown_in_part(tmp_path: Path) -> None:
+    """A job's table of 10,000 rows × 200 columns (10 MB, under the 16 MiB a file may have) was put in
+    the DataTable whole: 2 million cells built on the UI's thread."""
+    import json
+
+    run_dir = tmp_path / "runs" / CHILD_ID
+    (run_dir / "media" / "big").mkdir(parents=True)
+    doc = json.dumps({"columns": [f"c{i}" for i in range(200)], "rows": [[1.5] * 200] * 10_000}).encode()
+    (run_dir / "media" / "big" / "1.json").write_bytes(doc)
+    (run_dir / "media" / "index.jsonl").write_text(json.dumps(
+        {"key": "big", "step": 1, "kind": "table", "file": "big/1.json", "size": len(doc)}) + "\n")
+    run = Run(command="x", instance="local", id=CHILD_ID, user=getpass.getuser(), state="succeeded",
+              run_dir=str(run_dir))
+    app = MediaApp(run, None, tmp_path)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one("#media-a DataTable", DataTable)
+        assert table.display and (table.row_count, len(table.columns)) == (1000, 50)
+        cap = str(app.screen.query_one("#media-a .media-caption", Static).render())
+        assert "the first 1,000 of 10,000 rows, 50 of 200 columns" in cap
+
+
+async def test_stepping_through_images_runs_one_decoder_at_a_time(runs, monkeypatch) -> None:
+    """Each → cancelled the drawing but not its decode thread: holding → over large PNGs ran up to
+    the executor's six decoders at once (~100 MiB each)."""
+    import threading
+    import time
+
+    import tui.mediaview as mv
+
+    child, parent, root = runs
+    lock = threading.Lock()
+    busy, most = [0], [0]
+
+    def slow_decode(data: bytes):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.3)
+        with lock:
+            busy[0] -= 1
+        return real(data)
+    real = mv.decode_png
+    monkeypatch.setattr(mv, "decode_png", slow_decode)
+    app = MediaApp(child, None, root)
+    async with app.run_test(size=(120, 36)) as pilot:
+        for _ in range(3):
+            await pilot.press("left")
+            await pilot.pause(0.05)
+        await settle(pilot)
+        await pilot.pause(1.0)
+        await settle(pilot)
+        assert most[0] == 1
+        assert "step 0 (1 of 4)" in status(app)
+        image = app.screen.query_one("#media-a HalfBlockImage")
+        assert image.display and image.strips
+
+
 def test_media_view_snapshot(snap_compare, runs) -> None:
     child, parent, root = runs
 

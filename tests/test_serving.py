@@ -352,3 +352,46 @@ async def test_input_width_is_read_from_the_file_not_by_loading_it(tmp_path: Pat
     assert await width("m.npz", b"PK\x03\x04 not really a zip") is None
     assert await width("model.pkl", pickle.dumps({"w": 1})) is None
     assert example_body(3) == '{"x": [[0.0, 0.0, 0.0]]}' and example_body(None) is None
+
+
+async def test_input_width_of_a_hostile_npz_is_unknown_and_cheap(tmp_path: Path) -> None:
+    """A teammate's .npz: a .npy header length of 4 GiB, Python literals nested past the parser's limits, a
+    deflate bomb, a zip of many members, lengths past the file: None, with a bounded number of bounded reads."""
+    import struct
+    import zlib
+
+    from backends.modelshape import MAX_NPY_HEADER, input_width
+
+    reads: list[int] = []
+
+    async def width(data: bytes) -> int | None:
+        async def read(offset: int, n: int) -> bytes:
+            reads.append(n)
+            return data[offset:offset + n]
+        return await input_width("m.npz", read)
+
+    def member(name: bytes, body: bytes, method: int = 0) -> bytes:
+        raw = zlib.compressobj(9, zlib.DEFLATED, -15) if method == 8 else None
+        data = (raw.compress(body) + raw.flush()) if raw else body
+        return (b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0, 0, len(data), len(body), len(name), 0)
+                + name + data)
+
+    def npy(meta: bytes, major: int = 1, n: int | None = None) -> bytes:
+        n = len(meta) if n is None else n
+        return b"\x93NUMPY" + bytes([major, 0]) + (struct.pack("<H", n) if major == 1 else struct.pack("<I", n)) + meta
+
+    hostile = [
+        member(b"w.npy", npy(b"{'shape': (7,)}", 2, 0xFFFFFFFF)),  # a header length of 4 GiB
+        member(b"w.npy", npy(b"(" * 60000 + b")" * 60000, 2)),  # nested past the parser's limit
+        member(b"w.npy", npy(b"{'shape': (" + b"-" * 60000 + b"1,)}", 2)),
+        member(b"w.npy", npy(b"{'shape': (" + b"1+" * 20000 + b"1,)}", 2)),
+        member(b"w.npy", npy(b"{'shape': (" + b"9" * 5000 + b",)}", 2)),  # past int()'s digit limit
+        member(b"w.npy", bytes(64 << 20), 8),  # a deflate bomb: 64 MiB of zeros, ~64 KiB on disk
+        b"".join(member(b"x%d.npy" % i, b"x") for i in range(1000)) + member(b"w.npy", npy(b"{'shape': (7,)}")),
+        b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, 0, 0xFFFFFFF0, 0, 0xFFFF, 0xFFFF),
+    ]
+    for data in hostile:
+        reads.clear()
+        got = await width(data)
+        assert got is None or got == 7  # never a width from a bad header
+        assert len(reads) <= 2 * 32 + 1 and max(reads) <= max(MAX_NPY_HEADER + 16, 2 * 0xFFFF)

@@ -192,6 +192,43 @@ def test_set_params(command: str, sets: dict, expected: str, env: dict) -> None:
     assert [c[0] for c in changes] == list(sets)
 
 
+@pytest.mark.parametrize("command", [
+    """sh -c 'printf "<%s>\\n" --lr 0.1'""",  # the value inside single quotes: sh -c's script
+    'sh -c "printf \'<%s>\\\\n\' --lr 0.1"',  # inside double quotes
+    """sh -c 'printf "<%s>\\n" --lr=0.1 x'""",
+    """printf '<%s>\\n' --lr 0.1""",
+])
+def test_set_params_value_stays_one_word_inside_a_quoted_script(command: str, tmp_path: Path) -> None:
+    """A value with quotes, $(...) and backticks reaches the program as itself where the key sits inside a
+    quoted ``sh -c`` script (shlex.quote alone closed the outer quotes: the outer shell ran the $(...))."""
+    import subprocess
+
+    value = "a'b\"c $(touch PWNED) `touch PWNED2` \\ d"
+    new, _, _ = set_params(command, {}, {"lr": value})
+    res = subprocess.run(["sh", "-c", new], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+    assert f"<{value}>" in res.stdout or f"<--lr={value}>" in res.stdout
+
+
+def test_set_params_refuses_a_value_quoted_two_levels_deep() -> None:
+    with pytest.raises(LabdeckError, match="quoted in a way"):
+        set_params('sh -c "sh -c \'train --lr 0.1\'"', {}, {"lr": "$(id)"})
+    many = "echo " + "\"'\"" * 5000 + " --lr 0.1"  # thousands of quoted words before it: read in one pass
+    assert set_params(many, {}, {"lr": "2"})[0] == many[:-3] + "2"
+
+
+def test_rerun_plan_reads_an_earlier_LABDECK_PARAMS_as_untrusted(workstation) -> None:
+    """A teammate's run record carries $LABDECK_PARAMS as any string: nested past Python's recursion limit,
+    it was a RecursionError traceback from rerun_plan (the CLI, and the R form as you type)."""
+    from backends.models import Run
+
+    for bad in ("[" * 100_000 + "]" * 100_000, "{" * 50_000, "not json", "[1]"):
+        old = Run(command="python t.py", instance="local", env={lin.PARAMS_ENV: bad}, params={"dim": 16})
+        plan = workstation.rerun_plan(old, sets={"dim": "8"})
+        assert json.loads(plan.env[lin.PARAMS_ENV]) == {"dim": 8}
+
+
 def test_set_params_refuses_a_key_that_would_change_nothing() -> None:
     with pytest.raises(LabdeckError, match="neither in the command nor a parameter"):
         set_params("python t.py --lr 0.1", {"lr": 0.1}, {"momentum": "0.9"})
@@ -349,3 +386,8 @@ def test_labdeck_config_applies_a_reruns_changes_in_place(tmp_path: Path) -> Non
     env["LABDECK_PARAMS"] = "not json"
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert json.loads(res.stdout)[1]["lr"] == 0.1  # a broken value changes nothing and never raises
+    env["LABDECK_PARAMS"] = "[" * 50_000  # nested past the recursion limit
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert json.loads(res.stdout)[1]["lr"] == 0.1
+    recorded = [json.loads(line)["config"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert len(recorded) == 3 and recorded[-1]["lr"] == 0.1  # the config is still recorded

@@ -261,3 +261,21 @@ def test_tensorboard_media_are_followed_incrementally(tmp_path: Path) -> None:
     assert seen == [(k, s) for s in range(3) for k in ("img", "t/text_summary")]
     assert tb.update([(copy, "")]) == []
     assert not tb.parser_warnings()
+
+
+def test_a_histogram_of_more_buckets_than_are_ever_drawn_is_skipped_as_it_is_read(tmp_path: Path) -> None:
+    """A 16 MiB record holds a million buckets: kept as two lists of Python floats (~64 bytes a bucket,
+    counted as 16 against the 256 MiB cap) though nothing draws more than 100,000 (histogram_doc)."""
+    from tensorboardX import SummaryWriter
+
+    from backends.media import TensorBoardMedia
+
+    w = SummaryWriter(str(tmp_path / "tb"))
+    n = 200_000
+    w.add_histogram_raw("big", 0.0, float(n), n, 1.0, 1.0, [float(i + 1) for i in range(n)], [1.0] * n, 1)
+    w.add_histogram_raw("ok", 0.0, 3.0, 3, 1.0, 1.0, [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], 1)
+    w.close()
+    (path,) = labdeck_files(tmp_path / "tb")
+    tb = TensorBoardMedia()
+    assert [e.key for e in tb.update([(Path(path), "")])] == ["ok"]
+    assert tb.parser_warnings()["media item too large (skipped)"] == 1

@@ -54,6 +54,10 @@ from .format import cell, safe, text
 __all__ = ["MediaScreen", "MediaSource", "HalfBlockImage", "halfblock", "halfblock_strips", "histogram_text",
            "confusion_text", "open_media"]
 
+#: The most of a logged table the view shows (table_doc keeps up to 10,000 × 200 cells: seconds of
+#: DataTable work on the UI's thread and hundreds of MiB).
+MAX_TABLE_ROWS, MAX_TABLE_COLS = 1000, 50
+
 _STYLE_CACHE: dict[tuple[int, int, int, int, int, int], Style] = {}
 
 
@@ -354,6 +358,7 @@ class MediaScreen(Screen[None]):
         self._decoded: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step) -> decoded item
         self._drawn: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step, w, h) -> renderable
         self._loading = 0
+        self._decoding: asyncio.Future | None = None  # the PNG decode running in a thread
 
     def compose(self) -> ComposeResult:
         title = Text("Media · ", style="bold")
@@ -502,7 +507,7 @@ class MediaScreen(Screen[None]):
             if entry.kind == "image":
                 if not isinstance(data, bytes) or data[:8] != b"\x89PNG\r\n\x1a\n":
                     raise MediaError("Not a PNG (JPEG and GIF are listed, not drawn, here).")
-                got = await asyncio.to_thread(decode_png, data)
+                got = await self._decode_png(k, data)
             elif entry.kind == "table":
                 got = table_doc(data)
             elif entry.kind == "histogram":
@@ -517,6 +522,21 @@ class MediaScreen(Screen[None]):
         while len(self._decoded) > 256:
             self._decoded.popitem(last=False)
         return got
+
+    async def _decode_png(self, k: tuple, data: bytes) -> Any:
+        """One PNG decoded at a time, in a thread. Stepping on cancels the drawing, not the thread: a
+        decode already running is waited for (and its result kept) before the next starts, so holding
+        → does not pile up decoders of ~100 MiB each."""
+        while self._decoding is not None and not self._decoding.done():
+            await asyncio.wait({self._decoding})
+        fut = self._decoding = asyncio.ensure_future(asyncio.to_thread(decode_png, data))
+
+        def keep(f: asyncio.Future) -> None:  # kept even when the drawing that asked has moved on
+            e = None if f.cancelled() else f.exception()
+            if not f.cancelled() and (e is None or isinstance(e, LabdeckError)):
+                self._decoded[k] = e or f.result()
+        fut.add_done_callback(keep)
+        return await asyncio.shield(fut)
 
     async def _paint(self, pane_id: str, run, entry: MediaEntry | None, doc: Any, other: Any,
                      wanted: int | None) -> None:
@@ -549,12 +569,16 @@ class MediaScreen(Screen[None]):
             table = pane.query_one(DataTable)
             cols, rows = doc
             ocols, orows = other if other is not None else (None, None)
+            if len(rows) > MAX_TABLE_ROWS or len(cols) > MAX_TABLE_COLS:  # built on the UI's thread: bounded
+                cap.append(f" · the first {min(len(rows), MAX_TABLE_ROWS):,} of {len(rows):,} rows, "
+                           f"{min(len(cols), MAX_TABLE_COLS)} of {len(cols)} columns", style="dim")
+                caption.update(safe(cap), layout=False)
             pane.showing("table")
             table.clear(columns=True)
-            table.add_columns(*[cell(c) for c in cols])
-            for ri, r in enumerate(rows):
+            table.add_columns(*[cell(c) for c in cols[:MAX_TABLE_COLS]])
+            for ri, r in enumerate(rows[:MAX_TABLE_ROWS]):
                 cells = []
-                for ci, v in enumerate(r):
+                for ci, v in enumerate(r[:MAX_TABLE_COLS]):
                     diff = ocols == cols and orows is not None and (ri >= len(orows) or orows[ri][ci] != v)
                     cells.append(cell("–" if v is None else v, "yellow" if diff else ""))
                 table.add_row(*cells)

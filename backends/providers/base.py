@@ -166,8 +166,11 @@ class Transport(abc.ABC):
         discarded). Returns the pid, which is also its process-group id."""
 
     @abc.abstractmethod
-    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
-        """Read at most ``max_bytes`` from ``path`` starting at byte ``offset``."""
+    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20, *,
+                        inside: str | None = None) -> FileChunk:
+        """Read at most ``max_bytes`` from ``path`` starting at byte ``offset``. With ``inside`` (a run
+        directory), ``path`` must lie below it and no directory from ``inside`` down to the file may be
+        a symbolic link: a teammate's ``media/<key>`` that points at a directory of yours is refused."""
 
     @abc.abstractmethod
     async def put_files(self, files: Mapping[str, bytes], *, mode: int = 0o644) -> None:

@@ -158,11 +158,12 @@ class LocalTransport(Transport):
         except ValueError:
             raise TransportError(f"Could not start a detached process on local: {err.decode(errors='replace').strip()}") from None
 
-    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20) -> FileChunk:
+    async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20, *,
+                        inside: str | None = None) -> FileChunk:
         def read() -> FileChunk:
             # regular files only, never through a final symlink, never blocking on a FIFO, bounded:
             # a run directory may be a teammate's, and its output.log a link to a file of yours
-            data, size = read_regular(path, offset, max_bytes)
+            data, size = read_regular(path, offset, max_bytes, inside=inside)
             return FileChunk(data, offset, offset + len(data), size)
 
         try:

@@ -169,7 +169,7 @@ def _overrides():
         return {}
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return obj if type(obj) is dict else {}
 
