@@ -146,7 +146,7 @@ def test_the_printed_line_pasted_on_the_laptop_reaches_the_model(fresh_rig, shar
     assert shown["state"] == "succeeded", shown
     out = on_jump("serve laptop-model --detach", 120)
     line = re.search(r"^from a laptop:  (ssh .*)$", out, re.M)
-    api_key = re.search(r"^API key \(.*\): (\S+)$", out, re.M)
+    api_key = re.search(r"^API key \(.*\):\s+(\S+)$", out, re.M)
     assert line and api_key, out
     line = line.group(1).strip()
     hop = f"{jump.user}@{jump.addr}" + (f":{jump.port}" if jump.port != 22 else "")
