@@ -183,7 +183,9 @@ def test_cancel_kills_only_the_pid_in_your_own_record(people, shared_dir) -> Non
             instance = "local"
             def __init__(self): self.scripts = []
             async def run(self, script, timeout=None):
+                from backends.providers.base import CommandResult
                 self.scripts.append(script)
+                return CommandResult(0, b"", b"")
         st = S.Store(team, me)
         out["by_id"] = [st.find_run({rid!r}).pid, st.find_run({rid.lower()[-8:]!r}).pid, st.find_run("train").pid]
         forged = Run.from_dict({run_doc(9, id=rid, name="train", state="running", pid=31337, user=alice.pw_name)!r})
