@@ -27,10 +27,11 @@ def ssh_client_key(tmp_path_factory: pytest.TempPathFactory):
     return rigmod.write_client_key(tmp_path_factory.mktemp("ssh-client") / "id_ed25519")
 
 
-@pytest.fixture(scope="session")
-def rig(ssh_client_key):
+def _built(cls, client_key):
+    """A rig of ``cls`` (two nodes) for a fixture: skipped where it cannot be built, failed instead
+    with LABDECK_REQUIRE_RIG=1 (CI), closed after its last test whatever happened."""
     try:
-        r = rigmod.Rig.build(2, client_key=ssh_client_key)
+        r = cls.build(2, client_key=client_key)
     except rigmod.RigUnavailable as e:
         reason = f"SSH rig unavailable: {e}"
         if os.environ.get("LABDECK_REQUIRE_RIG") == "1":
@@ -42,23 +43,16 @@ def rig(ssh_client_key):
         yield r
     finally:
         r.close()
+
+
+@pytest.fixture(scope="session")
+def rig(ssh_client_key):
+    yield from _built(rigmod.Rig, ssh_client_key)
 
 
 @pytest.fixture(scope="module")
 def shared_home_rig(ssh_client_key):
-    try:
-        r = rigmod.SharedHomeRig.build(2, client_key=ssh_client_key)
-    except rigmod.RigUnavailable as e:
-        reason = f"SSH rig unavailable: {e}"
-        if os.environ.get("LABDECK_REQUIRE_RIG") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    except Exception as e:  # noqa: BLE001 - a broken build is an error, not a skip
-        pytest.fail(f"SSH rig build failed: {e}", pytrace=False)
-    try:
-        yield r
-    finally:
-        r.close()
+    yield from _built(rigmod.SharedHomeRig, ssh_client_key)
 
 
 @pytest.fixture

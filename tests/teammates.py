@@ -94,12 +94,17 @@ def real_users(*roles: str):
     finally:
         for name in made:
             kill_user_processes(pwd.getpwnam(name).pw_uid)
-            subprocess.run(["userdel", "-f", name], capture_output=True)
-            try:
-                grp.getgrnam(name)
-                subprocess.run(["groupdel", name], capture_output=True)
-            except KeyError:
-                pass
+            remove_user(name)
+
+
+def remove_user(name: str) -> None:
+    """userdel, and the user's own group where useradd made one."""
+    subprocess.run(["userdel", "-f", name], capture_output=True)
+    try:
+        grp.getgrnam(name)
+        subprocess.run(["groupdel", name], capture_output=True)
+    except KeyError:
+        pass
 
 
 def kill_user_processes(uid: int) -> None:

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from tui.screenshots import SHOTS, SIZE, demo_app, demo_lock, feed_monitor, settle
+from tui.screenshots import SHOTS, SIZE, demo_app, demo_lock, pressing
 
 
 @pytest.mark.parametrize("name, with_runs, keys", SHOTS, ids=[s[0] for s in SHOTS])
 def test_snapshot(snap_compare, name: str, with_runs: bool, keys: list[str]) -> None:
-    async def prepare(pilot) -> None:
-        await settle(pilot)
-        feed_monitor(pilot.app)
-        for key in keys:
-            await pilot.press(key)
-            await settle(pilot)
-
     with demo_lock():
-        assert snap_compare(demo_app(with_runs=with_runs), run_before=prepare, terminal_size=SIZE)
+        assert snap_compare(demo_app(with_runs=with_runs), run_before=pressing(keys), terminal_size=SIZE)
 
 
 def _faketime() -> str:
@@ -87,12 +80,5 @@ SMALL_SHOTS = [
 @pytest.mark.parametrize("name, with_runs, keys", SMALL_SHOTS, ids=[s[0] for s in SMALL_SHOTS])
 def test_snapshot_80x24(snap_compare, monkeypatch, name: str, with_runs: bool, keys: list[str]) -> None:
     monkeypatch.chdir("/")  # the run form's working directory defaults to the current one: the same in every checkout
-    async def prepare(pilot) -> None:
-        await settle(pilot)
-        feed_monitor(pilot.app)
-        for key in keys:
-            await pilot.press(key)
-            await settle(pilot)
-
     with demo_lock():
-        assert snap_compare(demo_app(with_runs=with_runs), run_before=prepare, terminal_size=SMALL)
+        assert snap_compare(demo_app(with_runs=with_runs), run_before=pressing(keys), terminal_size=SMALL)

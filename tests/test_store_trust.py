@@ -12,7 +12,6 @@ the test instead of hanging it.
 from __future__ import annotations
 
 import fcntl
-import grp
 import json
 import os
 import pwd
@@ -28,6 +27,8 @@ import pytest
 from backends import ids
 from backends.models import Run
 from backends.store import SNAPSHOT
+
+from .teammates import remove_user
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000_000
@@ -58,12 +59,7 @@ def people():
         yield {who: pwd.getpwnam(name) for who, name in names.items()}
     finally:
         for name in made:
-            subprocess.run(["userdel", "-f", name], capture_output=True)
-            try:
-                grp.getgrnam(name)
-                subprocess.run(["groupdel", name], capture_output=True)
-            except KeyError:
-                pass
+            remove_user(name)
 
 
 def shared_team(shared_dir: Path) -> Path:

@@ -351,17 +351,10 @@ def test_cli_rerun_set_and_new_command(home: Path) -> None:
     ("rerun-form", ["2", "R"]),
 ], ids=["jobs-sorted", "rerun-form"])
 def test_snapshot_tables(snap_compare, name: str, keys: list[str], size: tuple[int, int]) -> None:
-    from tui.screenshots import demo_lock, feed_monitor
-
-    async def prepare(pilot) -> None:
-        await settle(pilot)
-        feed_monitor(pilot.app)
-        for key in keys:
-            await pilot.press(key)
-            await settle(pilot)
+    from tui.screenshots import demo_lock, pressing
 
     with demo_lock():
-        assert snap_compare(demo_app(), run_before=prepare, terminal_size=size)
+        assert snap_compare(demo_app(), run_before=pressing(keys), terminal_size=size)
 
 
 def test_labdeck_config_applies_a_reruns_changes_in_place(tmp_path: Path) -> None:

@@ -302,6 +302,19 @@ def feed_monitor(app) -> None:
         app.poll_monitor()
 
 
+def pressing(keys):
+    """A ``run_before`` for a snapshot (and what :func:`take` does): load, overlay the Monitor's runs,
+    then each key in turn, settling after each."""
+    async def prepare(pilot) -> None:
+        await settle(pilot)
+        feed_monitor(pilot.app)
+        for key in keys:
+            await pilot.press(key)
+            await settle(pilot)
+
+    return prepare
+
+
 SHOTS = [
     ("welcome", False, []),
     ("instances", True, ["1"]),
@@ -322,11 +335,7 @@ async def take(outdir: Path) -> list[Path]:
         with demo_lock():
             app = demo_app(with_runs=with_runs)
             async with app.run_test(size=SIZE) as pilot:
-                await settle(pilot)
-                feed_monitor(app)
-                for key in keys:
-                    await pilot.press(key)
-                    await settle(pilot)
+                await pressing(keys)(pilot)
                 path = outdir / f"{name}.svg"
                 app.save_screenshot(path.name, str(outdir))
                 written.append(path)
