@@ -26,7 +26,6 @@ to a step seen before costs a dictionary lookup.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import OrderedDict
 from typing import Any
 
@@ -41,7 +40,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import DataTable, Footer, Label, OptionList, Static
+from textual.widgets import DataTable, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from backends.errors import LabdeckError
@@ -49,6 +48,7 @@ from backends.media import (MediaEntry, MediaError, Pixels, RunMedia, confusion_
                             TensorBoardMedia, rebin_histogram, table_doc, text_doc)
 from backends.text import plain_line
 
+from .footer import LabdeckFooter
 from .format import cell, safe, text
 
 __all__ = ["MediaScreen", "MediaSource", "HalfBlockImage", "halfblock", "halfblock_strips", "histogram_text",
@@ -376,7 +376,7 @@ class MediaScreen(Screen[None]):
                 yield MediaPane("media-a")
                 if self.other is not None:
                     yield MediaPane("media-b")
-        yield Footer()
+        yield LabdeckFooter()  # ? first: the keys of this screen are one key away at any width
 
     def on_mount(self) -> None:
         self.query_one("#media-keys", OptionList).focus()

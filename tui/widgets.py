@@ -15,12 +15,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
-from textual.widgets import Button, DataTable, Footer, Input, Label, Static
+from textual.widgets import Button, DataTable, Input, Label, Static
 
 from backends.errors import LabdeckError
 
 from backends.text import plain, plain_line
 
+from .footer import LabdeckFooter
 from .format import safe
 from .logview import LogView
 
@@ -170,7 +171,7 @@ class LogScreen(ModalScreen[None]):
             yield self._view
             yield self._search
             yield self._status
-        yield Footer()
+        yield LabdeckFooter()  # ? first: the keys of this screen are one key away at any width
 
     def on_mount(self) -> None:
         if self._scratch is not None:
