@@ -641,9 +641,11 @@ class _Conn:
                     budget.kept += 1
                 elif done:
                     budget.closed()
-                    if budget.contended:
-                        await _caught_up(conn)
-                    budget.release()
+                    try:
+                        if budget.contended:
+                            await _caught_up(conn)
+                    finally:  # cancelled during the round trip: the slot is still given back
+                        budget.release()
                 else:
                     _close_later(chan, budget)
         raise AssertionError("unreachable")

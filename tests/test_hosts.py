@@ -98,6 +98,51 @@ async def test_a_waiter_that_gives_up_takes_no_slot_with_it() -> None:
     assert b.used == 1
 
 
+async def test_a_command_cancelled_while_its_slot_is_handed_on_gives_the_slot_back() -> None:
+    """A command that finished but is cancelled during the round trip before its slot goes to the
+    next waiter (a caller's deadline, a worker cancelled) must still give the slot back, or every
+    such cancel wedges one more slot of the host until it reconnects."""
+    from backends import ssh
+
+    class Pool:
+        max_sessions = 1
+
+    class Conn:  # a connection whose first keepalive answer takes for ever
+        asked = 0
+
+        async def _make_global_request(self, name):
+            self.asked += 1
+            if self.asked == 1:
+                await asyncio.Event().wait()
+
+    c = ssh._Conn(Pool(), ssh.HostSpec(name="h", hostname="h", max_sessions=1))
+    c.conn = Conn()
+
+    async def open_session(conn):
+        return object()
+
+    async def use(chan):
+        return "ok"
+
+    started = asyncio.Event()
+
+    async def use_first(chan):
+        started.set()
+        return "ok"
+
+    first = asyncio.ensure_future(c.session(open_session, use_first, "A command"))
+    await asyncio.wait_for(started.wait(), 5)
+    second = asyncio.ensure_future(c.session(open_session, use, "A command"))  # waits: contended
+    for _ in range(5):
+        await asyncio.sleep(0)
+    first.cancel()  # inside _caught_up, handing its slot on
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    second_done = asyncio.ensure_future(asyncio.wait_for(second, 2))
+    assert await second_done == "ok"  # the second one got the slot
+    assert c.budget.used == 0
+
+
 def test_health_is_down_while_any_source_says_so() -> None:
     h = HealthMap()
     seen: list[str] = []
