@@ -143,6 +143,53 @@ async def test_a_command_cancelled_while_its_slot_is_handed_on_gives_the_slot_ba
     assert c.budget.used == 0
 
 
+async def test_overlapping_ticks_share_one_read_of_the_team_view_at_a_time() -> None:
+    """``load_runs`` is not exclusive: ticks overlap, and every host that answers asks for a read of
+    the team view. Reads slower than the ticks must not queue up one per host per tick (workers
+    piling up without bound); one read at a time, and one more after it for what came meanwhile."""
+    import types
+
+    from tui.app import LabdeckApp
+
+    reading = 0
+    most = 0
+    reads = 0
+    posted: list[int] = []
+
+    async def read_team():
+        nonlocal reading, most, reads
+        reading += 1
+        most = max(most, reading)
+        reads += 1
+        await asyncio.sleep(0.05)  # a large team store
+        reading -= 1
+        return reads
+
+    class Health:
+        def unreachable(self):
+            return []
+
+    class Ws:
+        health = Health()
+
+        async def refresh_hosts(self):
+            for inst in ("node1", "node2", "node3"):  # every host changed something
+                await asyncio.sleep(0)
+                yield inst, ["a change"]
+
+    app = types.SimpleNamespace(workstation=Ws(), _runs_shown=True, _runs_stale=False, _team_reading=False,
+                                _team_read_again=False, _read_team=read_team, post_message=posted.append)
+    if hasattr(LabdeckApp, "_post_team"):
+        app._post_team = types.MethodType(LabdeckApp._post_team, app)
+    ticks = [asyncio.ensure_future(LabdeckApp.load_runs.__wrapped__(app)) for _ in range(10)]
+    await asyncio.wait_for(asyncio.gather(*ticks), 10)
+    assert most == 1  # never two reads at once
+    # not 30 (one per host per tick): the reading worker reads again for what came meanwhile and for
+    # its own later hosts, the nine others read nothing
+    assert reads <= 4, (reads, posted)
+    assert posted and posted[-1] == reads  # the last read came after the last change
+
+
 def test_health_is_down_while_any_source_says_so() -> None:
     h = HealthMap()
     seen: list[str] = []

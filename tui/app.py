@@ -81,6 +81,8 @@ class LabdeckApp(App[None]):
         self._asked_move_aside: set[str] = set()
         self._runs_shown = False  # the first load posts the stored runs before asking instances
         self._runs_stale = False  # something other than a refresh changed the store (launch, cancel, teammates)
+        self._team_reading = False  # a read of the team view under way (_post_team)
+        self._team_read_again = False  # asked for meanwhile: read once more when it is done
         self._observer = None
         self._reload_timer = None
         self._forwards: dict = {}  # deployment id -> PortForward held by this TUI
@@ -204,15 +206,15 @@ class LabdeckApp(App[None]):
         host already being asked is not asked twice), so one dead host never slows the others' rows."""
         ws = self.workstation
         if not self._runs_shown:  # show what the store holds first, then ask the instances
-            self.post_message(await self._read_team())
+            await self._post_team()
             self._runs_shown = True
         async for _inst, changed in ws.refresh_hosts():
             if changed or self._runs_stale:
                 self._runs_stale = False
-                self.post_message(await self._read_team())
+                await self._post_team()
         if self._runs_stale:
             self._runs_stale = False
-            self.post_message(await self._read_team())
+            await self._post_team()
         elif ws.health.unreachable():  # "node2 unreachable for 12 s": the count goes on
             self.jobs_tab.rerender()
             self.instances_tab.rerender()
@@ -227,6 +229,25 @@ class LabdeckApp(App[None]):
             return
         self.jobs_tab.rerender()
         self.instances_tab.rerender()
+
+    async def _post_team(self) -> None:
+        """Post a fresh read of the team view, one read at a time. Ticks overlap (``load_runs`` is
+        not exclusive) and every host that answers asks for a read: while one is under way, a
+        request only marks that another is due, and the reading worker does it once more when it
+        is done. One read each would queue up without bound when reads take longer than the ticks
+        (a large team store, several hosts), and every worker would wait for its own."""
+        if self._team_reading:
+            self._team_read_again = True
+            return
+        self._team_reading = True
+        try:
+            while True:
+                self._team_read_again = False
+                self.post_message(await self._read_team())
+                if not self._team_read_again:
+                    break
+        finally:
+            self._team_reading = False
 
     async def _read_team(self) -> RunsLoaded:
         view = await asyncio.to_thread(TeamLineage, self.workstation.store)
