@@ -47,6 +47,7 @@ from pathlib import Path
 
 from . import clock
 from .errors import LabdeckError
+from .localfiles import write_private
 from .paths import Paths
 
 TICK = 1.0
@@ -274,10 +275,8 @@ class Daemon:
         self._lock_fd = fd
         st = os.fstat(fd)
         self._lock_ino = (st.st_dev, st.st_ino)
-        tmp = self.files.pid.with_name(f".daemon.pid.{os.getpid()}")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as f:
-            json.dump({"pid": os.getpid(), "since": clock.iso(), "home": str(self.paths.data_dir)}, f)
-        os.replace(tmp, self.files.pid)
+        write_private(self.files.pid, json.dumps(
+            {"pid": os.getpid(), "since": clock.iso(), "home": str(self.paths.data_dir)}).encode())
         return True
 
     def home_gone(self) -> bool:
@@ -292,11 +291,8 @@ class Daemon:
         if ids == self._following:
             return
         self._following = ids
-        tmp = self.files.following.with_name(f".following.{os.getpid()}")
         try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as f:
-                json.dump({"runs": ids}, f)
-            os.replace(tmp, self.files.following)
+            write_private(self.files.following, json.dumps({"runs": ids}).encode())
         except OSError:
             pass
 

@@ -28,13 +28,12 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import stat
 import time
 from pathlib import Path
 from typing import Callable
 
 from .errors import LabdeckError, StoreError
-from .localfiles import RefusedFile, UnsafePath, open_private_append, private_dirs, run_cache_path
+from .localfiles import RefusedFile, UnsafePath, open_private, open_private_append, run_cache_path
 from .models import Run
 
 CHUNK = 4 << 20
@@ -117,16 +116,7 @@ class LogFollower:
     # ---- the lease: one writer of a run's local copies, across processes ----------------------
     def _try_lease(self, run: Run) -> int | None:
         """The fd holding the run's lease (an exclusive ``flock``), or None when another process holds it."""
-        path = self.lease_path(run)
-        private_dirs(path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise UnsafePath(f"Cannot open the lease file {path} ({e.strerror}); it may be a link.") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            os.close(fd)
-            raise UnsafePath(f"Refusing the lease file {path}: not a regular file of yours.")
+        fd = open_private(self.lease_path(run), os.O_RDWR, "the lease file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 from .errors import LabdeckError, TransportError
@@ -59,22 +60,42 @@ def private_dirs(path: Path) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def open_private_append(path: Path) -> int:
-    """An O_APPEND fd on ``path``, created 0600, never through a symlink; only a regular file of ours.
-
-    An existing copy with a looser mode (older labdeck) is tightened to 0600."""
+def open_private(path: Path, flags: int, what: str = "the local copy") -> int:
+    """An fd on ``path`` opened with ``flags`` (plus O_CREAT), created 0600 in 0700 directories, never
+    through a symlink; only a regular file of ours. A looser mode (older labdeck) is tightened to 0600."""
     private_dirs(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise UnsafePath(f"Cannot open the local copy {path} ({e.strerror}); it may be a link.") from None
+        raise UnsafePath(f"Cannot open {what} {path} ({e.strerror}); it may be a link.") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
-        raise UnsafePath(f"Refusing the local copy {path}: not a regular file of yours.")
+        raise UnsafePath(f"Refusing {what} {path}: not a regular file of yours.")
     if st.st_mode & 0o077:
         os.fchmod(fd, 0o600)
     return fd
+
+
+def open_private_append(path: Path) -> int:
+    """An O_APPEND fd on ``path`` (see :func:`open_private`)."""
+    return open_private(path, os.O_WRONLY | os.O_APPEND)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: a 0600 temporary file beside it (named for this
+    process and thread, opened without following a link), then a rename. Never half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def no_links_below(path: str, inside: str, lstat=os.lstat) -> list[str]:

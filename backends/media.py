@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 import zlib
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import LabdeckError
-from .localfiles import confined, private_dirs, run_cache_path
+from .localfiles import confined, private_dirs, run_cache_path, write_private
 
 __all__ = ["KINDS", "MediaEntry", "MediaIndex", "RunMedia", "decode_png", "table_doc", "histogram_doc",
            "confusion_doc", "text_doc", "nearest_step", "tensorboard_media", "MediaError", "MAX_ITEM_BYTES",
@@ -447,11 +446,7 @@ class RunMedia:
         private_dirs(path)
         path.parent.chmod(0o700)
         self._trim_cache(len(data))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_private(path, data)
 
     def _remember(self, entry: MediaEntry, data: bytes) -> None:
         if len(data) > 4 << 20:

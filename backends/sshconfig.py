@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from .errors import TransportError
+from .localfiles import write_private
 
 log = logging.getLogger("labdeck.sshconfig")
 
@@ -399,11 +400,7 @@ class SSHConfig:
             self._disk_dirty = False
         try:
             self._disk_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._disk_path.with_name(f".{self._disk_path.name}.{os.getpid()}.{threading.get_ident()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(entries))  # (dumps: the C encoder; dump streams through the Python one)
-            os.replace(tmp, self._disk_path)
+            write_private(self._disk_path, json.dumps(entries).encode())  # (dumps: the C encoder)
         except OSError as e:  # a cache: losing it costs time, never correctness
             log.debug("cannot write the ssh -G cache %s: %s", self._disk_path, e)
 

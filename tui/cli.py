@@ -221,17 +221,24 @@ def store_move_aside(path: str) -> None:
     console.print(f"Moved {esc(path)} to {esc(target)}. labdeck starts a fresh store; the old file is kept for recovery.")
 
 
-class _RunCommand(click.Command):
-    """`labdeck run`: labdeck's options, then the command. An option labdeck does not know, before the
-    command starts, is refused (a typo of --on must not launch the whole line on local)."""
+class _CommandAfterDashes(click.Command):
+    """A command whose own options come first and a command line after ``--`` (`run`, `rerun`): an
+    option labdeck does not know is refused, saying where the command goes (a typo of --on must not
+    launch the whole line on local). ``HINT`` is the sentence added to click's message."""
+
+    HINT = ""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as e:
-            e.message = (e.message.rstrip(".") + ". labdeck run's own options come first, and the command "
-                         "goes after -- (labdeck run --on gpu1 -- python train.py --lr 3e-4).")
+            e.message = e.message.rstrip(".") + ". " + self.HINT
             raise
+
+
+class _RunCommand(_CommandAfterDashes):
+    HINT = ("labdeck run's own options come first, and the command goes after -- "
+            "(labdeck run --on gpu1 -- python train.py --lr 3e-4).")
 
 
 @cli.command("run", cls=_RunCommand, context_settings={"allow_interspersed_args": False})
@@ -357,16 +364,8 @@ def _ask_first(r, what: str, plan: list[tuple[str, str]], doing: str, question: 
         click.confirm(question, abort=True, err=True)
 
 
-class _RerunCommand(click.Command):
-    """`labdeck rerun`: an unknown option is refused, with where a new command goes."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.NoSuchOption as e:
-            e.message = (e.message.rstrip(".") + ". A new command goes after -- "
-                         "(labdeck rerun RUN -- python train.py --lr 3e-4); a parameter: --set lr=3e-4.")
-            raise
+class _RerunCommand(_CommandAfterDashes):
+    HINT = "A new command goes after -- (labdeck rerun RUN -- python train.py --lr 3e-4); a parameter: --set lr=3e-4."
 
 
 @cli.command("rerun", cls=_RerunCommand)
