@@ -387,3 +387,20 @@ async def test_monitor_tab_overlays_runs_and_flags_idle_gpus(demo) -> None:
         table = demo.query_one("#jobs-table", DataTable)
         states = {str(table.get_row_at(i)[1]): str(table.get_row_at(i)[2]) for i in range(table.row_count)}
         assert "⚠ GPU" in states["bob-augment"]
+
+
+async def test_rounds_still_queued_at_shutdown_are_dropped_not_raised(demo) -> None:
+    """A backend round posted while the app still had its tabs, and handled after shutdown began
+    pruning them, used to raise NoMatches (CI: DeploymentsLoaded reached a screen with no ModelsTab)
+    and fail the run that closed the app. The check at post time cannot see that window, so each kind
+    of round is handed to the app's handler after its screens are gone, as the queue would."""
+    from backends.workstation import InstanceListing
+    from tui.messages import DeploymentsLoaded, InstancesLoaded, MonitorUpdated, RunsLoaded
+
+    async with demo.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        runs = list(demo.runs)
+    assert not demo.query(JobsTab)  # the tabs are gone now
+    for message in (DeploymentsLoaded([], {}), MonitorUpdated({}), RunsLoaded(runs, {}, None),
+                    InstancesLoaded(InstanceListing([]))):
+        await demo._on_message(message)  # the dispatch a queued message gets; must not raise

@@ -489,12 +489,27 @@ class LabdeckApp(App[None]):
         self.reload_runs()
 
     # ---- messages --------------------------------------------------------
+    _BACKEND_ROUNDS = (InstancesLoaded, RunsLoaded, DeploymentsLoaded, MonitorUpdated)
+
+    def _tabs_gone(self) -> bool:
+        """True once the app is shutting down: from then on its tabs are being removed, one screen
+        child at a time, so a round's handler could find some tabs and not others (NoMatches)."""
+        return not self.is_running or not self.query(TabbedContent) or not self.query(ModelsTab)
+
     def check_message_enabled(self, message) -> bool:
         """A backend round that ends while the app is closing (its tabs already gone) is dropped,
         not shown on a screen that no longer has them (NoMatches at exit)."""
-        if isinstance(message, (InstancesLoaded, RunsLoaded, DeploymentsLoaded, MonitorUpdated)) and not self.query(TabbedContent):
+        if isinstance(message, self._BACKEND_ROUNDS) and self._tabs_gone():
             return False
         return super().check_message_enabled(message)
+
+    async def _on_message(self, message) -> None:
+        """The same check when a round is handled: one posted just before shutdown began is still in
+        the queue when the screens are pruned (CI saw DeploymentsLoaded reach a screen with no
+        ModelsTab). Checking at post time alone cannot close that window."""
+        if isinstance(message, self._BACKEND_ROUNDS) and self._tabs_gone():
+            return
+        await super()._on_message(message)
 
     def on_instances_loaded(self, message: InstancesLoaded) -> None:
         self.instances_tab.show_instances(message.listing)
@@ -503,8 +518,6 @@ class LabdeckApp(App[None]):
         self.query_one(MonitorTab).show_instances([i.name for i in message.listing.instances if i.state == "running"])
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
-        if not self.query(JobsTab):  # a refresh that came back while the app closes: its tabs are gone
-            return
         if self.live:  # re-attach: follow every active run of ours from the byte its local copy ends at
             me = self.workstation.user
             mine = [r for r in message.runs if r.user == me and r.run_dir and (r.run_state.is_active or r.state == "lost")]
