@@ -93,6 +93,16 @@ async def test_models_tab_serve_try_and_stop(workstation: Workstation, trained) 
             if isinstance(app.screen, InfoScreen):
                 break
         assert isinstance(app.screen, InfoScreen) and "API key" in str(app.screen.query_one("#info-text").render())
+        info = app.screen.text
+        # the box has what the CLI prints: the curl line, with a body of the model's real width (16), that works
+        # as printed while labdeck runs (its forward is open)
+        curl = next(line for line in info.splitlines() if line.startswith("try it: curl "))
+        assert "one row of 16 features" in info and "ctrl+c" not in info
+        import shlex
+        import subprocess
+        done = await asyncio.to_thread(subprocess.run, shlex.split(curl.removeprefix("try it: ")) + ["-w", "\n%{http_code}"],
+                                       capture_output=True, text=True, timeout=30)
+        assert done.stdout.rstrip().endswith("200") and '"prob"' in done.stdout, done
         await pilot.press("escape", "5")
         app.load_deployments()
         await settle(pilot)

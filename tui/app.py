@@ -357,9 +357,12 @@ class LabdeckApp(App[None]):
         if self.live:
             self._follow_in_background()
         self.load_deployments()
-        self.push_screen(InfoScreen(f"{d.name} is up", f"URL (here): {d.url}/predict\nAPI key: {served.api_key}\n"
-                                    f"From a laptop: {served.ssh_line}\n\nThe key is also kept in a 0600 file of "
-                                    f"yours; Models → t tries it."))
+        lines = [label.strip() + (" " if label.strip() else "") + text
+                 for label, text in serving.usage_lines(served, detached=False, local=False)
+                 if not text.startswith("forwarding; ctrl+c")]  # the CLI's words; here the forward lives with labdeck
+        lines.append("labdeck's forward stays open while labdeck runs; the server keeps running after it "
+                     "(Models → x stops it, t tries it).")
+        self.push_screen(InfoScreen(f"{d.name} is up", "\n".join(lines)))
 
     async def _model_url(self, d: Deployment) -> str:
         if d.id not in self.model_urls:
