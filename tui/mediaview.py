@@ -2,15 +2,17 @@
 
 Opened with ``v`` on a run in Jobs, Monitor (the highlighted run) and Lineage (beside its parent,
 when it has one), and from Compare (the two runs side by side). Keys: ``↑``/``↓`` pick a key in
-the list, ``←``/``→`` step back and forth through its steps (``home``/``end``: first and last),
-``r`` refreshes, ``escape`` closes. The other run's pane shows the same key at the same step, or
+the list, ``←``/``→`` step back and forth through its steps (``home``/``end``: first and last,
+``[``/``]`` or ``pageup``/``pagedown``: a tenth of the steps; a click on the step slider
+(:class:`StepSlider`): the step under it), ``r`` refreshes, ``escape`` closes. The other run's pane shows the same key at the same step, or
 the nearest one it has; tables and confusion matrices show what differs.
 
 Drawing, all deterministic:
 
 * images: Unicode half blocks (``▀``, the upper pixel as the foreground, the lower as the
   background), nearest-neighbour scaled to the pane (:func:`halfblock`) from PNGs decoded with
-  :func:`backends.media.decode_png`;
+  :func:`backends.media.decode_png`; or, when :mod:`tui.termimage` chose Kitty graphics or Sixel
+  before the app ran (``[ui] images``), textual-image's widget fed the same decoded pixels;
 * tables: a ``DataTable`` (cells that differ from the other run's table in yellow);
 * histograms: horizontal bars over equal bins (:func:`histogram_text`);
 * confusion matrices: a heat map of row-normalised counts, and the difference to the other run

@@ -49,6 +49,9 @@ CELL: tuple[int, int] | None = None
 
 #: Scaled up at most this many times (the same bound as :func:`tui.mediaview.halfblock`).
 UPSCALE = 4
+#: At most this many pixels sent for one image (decode_png's own cap), and a sane cell size.
+MAX_PIXELS = 16 * 1024 * 1024
+MAX_CELL = (64, 128)
 
 
 def in_tmux(env: Mapping[str, str]) -> bool:
@@ -113,7 +116,7 @@ def setup(setting: str, env: Mapping[str, str] | None = None) -> str:
             from textual_image._terminal import get_cell_size
 
             cs = get_cell_size()
-            CELL = (max(1, int(cs.width)), max(1, int(cs.height)))
+            CELL = (min(MAX_CELL[0], max(1, int(cs.width))), min(MAX_CELL[1], max(1, int(cs.height))))
             del widget
     except ImportError:
         mode, why = "halfblock", "textual-image is not installed"
@@ -123,13 +126,18 @@ def setup(setting: str, env: Mapping[str, str] | None = None) -> str:
 
 def target_size(w: int, h: int, cols: int, rows: int, cell: tuple[int, int]) -> tuple[int, int, int, int]:
     """(pixel width, pixel height, cells wide, cells high) for a ``w``×``h`` image in at most
-    ``cols``×``rows`` cells of ``cell`` pixels: aspect kept, enlarged at most :data:`UPSCALE` times."""
+    ``cols``×``rows`` cells of ``cell`` pixels: aspect kept (to the nearest cell), enlarged at most
+    :data:`UPSCALE` times. The pixel size is whole cells, the size textual-image scales to, so its
+    own resize is a copy and the pixels sent are exactly ours, nearest-neighbour scaled."""
     cw, ch = cell
     cols, rows = max(1, cols), max(1, rows)
     scale = min(cols * cw / w, rows * ch / h, float(UPSCALE))
-    pw = max(1, min(cols * cw, int(w * scale)))
-    ph = max(1, min(rows * ch, int(h * scale)))
-    return pw, ph, max(1, min(cols, -(-pw // cw))), max(1, min(rows, -(-ph // ch)))
+    nc = max(1, min(cols, round(w * scale / cw)))
+    nr = max(1, min(rows, round(h * scale / ch)))
+    if nc * cw * nr * ch > MAX_PIXELS:  # a huge terminal: no more pixels than decode_png allows
+        f = (MAX_PIXELS / (nc * cw * nr * ch)) ** 0.5
+        nc, nr = max(1, int(nc * f)), max(1, int(nr * f))
+    return nc * cw, nr * ch, nc, nr
 
 
 def pil_image(px: Any, pw: int, ph: int) -> Any:
