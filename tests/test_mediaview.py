@@ -242,6 +242,9 @@ async def test_step_slider_keys_and_clicks(tmp_path: Path) -> None:
         await settle(pilot)
         assert "step 200 (21 of 21)" in status(app)
         assert slider.region.right <= 80 and slider.region.height == 1
+        from tui.app import all_binding_ids
+
+        assert {"media.back", "media.on"} <= all_binding_ids()  # remappable in [keys]
 
 
 async def test_step_slider_side_by_side_shows_both_steps(runs) -> None:

@@ -120,6 +120,8 @@ def setup(setting: str, env: Mapping[str, str] | None = None) -> str:
             del widget
     except ImportError:
         mode, why = "halfblock", "textual-image is not installed"
+    except Exception as e:  # a terminal that cannot be put in cbreak mode, a closed stream: no graphics
+        mode, why = "halfblock", f"textual-image could not ask the terminal ({type(e).__name__}: {e})"
     MODE, REASON = mode, why
     return mode
 
