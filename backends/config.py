@@ -52,6 +52,7 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
 
 
 TABS = ("instances", "jobs", "monitor", "lineage", "models")
+IMAGE_MODES = ("auto", "halfblock", "kitty", "sixel")  # tui/termimage.py MODES
 
 
 def _valid_pattern(v: Any) -> str | None:
@@ -76,6 +77,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "refresh_seconds": Field((int, float), 2.0, "Seconds between live refreshes of instances and jobs", _positive),
         "theme": Field(str, "textual-dark", "Textual theme name"),
         "start_tab": Field(str, "instances", "Tab shown when labdeck opens", _one_of(*TABS)),
+        "images": Field(str, "auto", "How the Media view draws images: auto (Kitty graphics or Sixel when the terminal "
+                                     "answers for it, outside tmux and SSH; else half blocks), halfblock, kitty, sixel",
+                        _one_of(*IMAGE_MODES)),
     },
     "jobs": {
         "cancel_grace_seconds": Field((int, float), 10.0, "Seconds between SIGTERM and SIGKILL when a run is cancelled", _non_negative),
@@ -113,7 +117,7 @@ SCHEMA["team"] = {
                                 "from SSH_CONNECTION; none outside an SSH session)", _hop),
 }
 
-ENV_OVERRIDES = {"LABDECK_TEAM_DIR": ("store", "team_dir")}
+ENV_OVERRIDES = {"LABDECK_TEAM_DIR": ("store", "team_dir"), "LABDECK_IMAGES": ("ui", "images")}
 
 TOP_LEVEL = set(SCHEMA) | {"providers", "keys"}
 
@@ -300,6 +304,11 @@ def load_config(paths: Paths | None = None, env: dict[str, str] | None = None) -
                 sources[name] = "default"
     for var, (section, key) in ENV_OVERRIDES.items():
         if env.get(var):
+            spec = SCHEMA[section][key]
+            problem = spec.check(env[var]) if spec.check else None
+            if problem:
+                raise ConfigError(f"environment {var}: {env[var]!r} {problem}",
+                                  f"Set {var} to a valid value or unset it; it overrides [{section}] {key}.")
             values[section][key] = env[var]
             sources[f"{section}.{key}"] = f"environment {var}"
     if values["store"]["team_dir"] is None:

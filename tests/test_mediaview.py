@@ -200,6 +200,70 @@ async def test_stepping_through_images_runs_one_decoder_at_a_time(runs, monkeypa
         assert image.display and image.strips
 
 
+def slider_text(app) -> str:
+    from tui.mediaview import StepSlider
+
+    return str(app.screen.query_one(StepSlider).render())
+
+
+async def test_step_slider_keys_and_clicks(tmp_path: Path) -> None:
+    """The slider: its knob sits at the step's place among the logged steps; [ ] and PageUp/PageDown
+    move by a tenth of them; a click on the bar goes to the step under it; ←/→ still step."""
+    from tui.mediaview import StepSlider
+
+    root = tmp_path / "runs"
+    run = make_run(root, CHILD_ID, "long", 1, list(range(0, 210, 10)))  # 21 steps: a tenth is 2
+    app = MediaApp(run, None, tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        slider = app.screen.query_one(StepSlider)
+        text = slider_text(app)
+        assert text.startswith("0 ├") and "┤ 200" in text and text.rstrip().endswith("step 200")
+        assert text.index("●") == text.index("┤") - 1  # the last step: the knob at the right end
+        for key, want in (("left_square_bracket", 180), ("pageup", 160), ("right_square_bracket", 180),
+                          ("pagedown", 200), ("pagedown", 200), ("left", 190)):
+            await pilot.press(key)
+            await settle(pilot)
+            assert f"step {want} (" in status(app), (key, status(app))
+            assert slider_text(app).rstrip().endswith(f"step {want}")
+        left, bw = slider._bar(slider.content_size.width)
+        pad = slider.styles.padding.left
+        await pilot.click(StepSlider, offset=(pad + left, 0))  # the bar's first cell: the first step
+        await settle(pilot)
+        assert "step 0 (1 of 21)" in status(app)
+        assert slider_text(app).index("●") == left
+        await pilot.click(StepSlider, offset=(pad + left + (bw - 1) // 2, 0))  # the middle: the middle step
+        await settle(pilot)
+        assert "step 100 (11 of 21)" in status(app), status(app)
+        await pilot.click(StepSlider, offset=(pad + left + bw - 1, 0))
+        await settle(pilot)
+        assert "step 200 (21 of 21)" in status(app)
+        await pilot.click(StepSlider, offset=(0, 0))  # the first label, not the bar: nothing
+        await settle(pilot)
+        assert "step 200 (21 of 21)" in status(app)
+        assert slider.region.right <= 80 and slider.region.height == 1
+        from tui.app import all_binding_ids
+
+        assert {"media.back", "media.on"} <= all_binding_ids()  # remappable in [keys]
+
+
+async def test_step_slider_side_by_side_shows_both_steps(runs) -> None:
+    child, parent, root = runs
+    app = MediaApp(child, parent, root)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        t = slider_text(app)
+        assert "┤ 30" in t and t.rstrip().endswith("step 30 · parent 20 (nearest)")
+        bar_end = t.index("┤")
+        await pilot.press("home")
+        await settle(pilot)
+        t = slider_text(app)
+        assert t.rstrip().endswith("step 0 · parent 0") and t.index("┤") == bar_end  # the bar keeps its length
+        await pilot.press("right_square_bracket")
+        await settle(pilot)
+        assert slider_text(app).rstrip().endswith("step 10 · parent 10")
+
+
 def test_media_view_snapshot(snap_compare, runs) -> None:
     child, parent, root = runs
 
@@ -207,6 +271,18 @@ def test_media_view_snapshot(snap_compare, runs) -> None:
         await settle(pilot)
 
     assert snap_compare(MediaApp(child, parent, root), run_before=prepare, terminal_size=(100, 30))
+
+
+def test_media_view_snapshot_narrow_with_slider(snap_compare, runs) -> None:
+    """80×24, one run, a step back from the last: the slider's knob, labels and step fit the width."""
+    child, parent, root = runs
+
+    async def prepare(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("left")
+        await settle(pilot)
+
+    assert snap_compare(MediaApp(child, None, root), run_before=prepare, terminal_size=(80, 24))
 
 
 # ---- renderers ------------------------------------------------------------------------------------

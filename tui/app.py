@@ -1036,10 +1036,11 @@ def all_binding_ids() -> set[str]:
     from .widgets import CompareScreen
 
     from .logview import LogView
+    from .mediaview import MediaScreen
     from .rerunform import RerunScreen
 
     for cls in (LabdeckApp, *TAB_CLASSES, ConfirmScreen, HelpScreen, LineInput, LogScreen, LogView, LaunchScreen, TextPrompt,
-                CompareScreen, TryModelScreen, InfoScreen, UpScreen, SortTable, RerunScreen):
+                CompareScreen, TryModelScreen, InfoScreen, UpScreen, SortTable, RerunScreen, MediaScreen):
         for b in cls.BINDINGS:
             if isinstance(b, Binding) and b.id:
                 ids.add(b.id)

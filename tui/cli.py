@@ -63,6 +63,10 @@ def open_tui() -> None:
 
     ws = _workstation(starts_relaunches=True)
     _check_keys(ws)
+    from . import termimage
+
+    # before Textual takes the terminal: textual-image asks it for its cell size and graphics on import
+    termimage.setup(ws.config.get("ui", "images"))
     app = LabdeckApp(ws)
     app.run()
     if app.startup_error is not None:

@@ -2,15 +2,17 @@
 
 Opened with ``v`` on a run in Jobs, Monitor (the highlighted run) and Lineage (beside its parent,
 when it has one), and from Compare (the two runs side by side). Keys: ``↑``/``↓`` pick a key in
-the list, ``←``/``→`` step back and forth through its steps (``home``/``end``: first and last),
-``r`` refreshes, ``escape`` closes. The other run's pane shows the same key at the same step, or
+the list, ``←``/``→`` step back and forth through its steps (``home``/``end``: first and last,
+``[``/``]`` or ``pageup``/``pagedown``: a tenth of the steps; a click on the step slider
+(:class:`StepSlider`): the step under it), ``r`` refreshes, ``escape`` closes. The other run's pane shows the same key at the same step, or
 the nearest one it has; tables and confusion matrices show what differs.
 
 Drawing, all deterministic:
 
 * images: Unicode half blocks (``▀``, the upper pixel as the foreground, the lower as the
   background), nearest-neighbour scaled to the pane (:func:`halfblock`) from PNGs decoded with
-  :func:`backends.media.decode_png`;
+  :func:`backends.media.decode_png`; or, when :mod:`tui.termimage` chose Kitty graphics or Sixel
+  before the app ran (``[ui] images``), textual-image's widget fed the same decoded pixels;
 * tables: a ``DataTable`` (cells that differ from the other run's table in yellow);
 * histograms: horizontal bars over equal bins (:func:`histogram_text`);
 * confusion matrices: a heat map of row-normalised counts, and the difference to the other run
@@ -36,7 +38,9 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual import events
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.strip import Strip
 from textual.widget import Widget
@@ -48,11 +52,13 @@ from backends.media import (MediaEntry, MediaError, Pixels, RunMedia, confusion_
                             TensorBoardMedia, rebin_histogram, table_doc, text_doc)
 from backends.text import plain_line
 
+from . import termimage
 from .footer import LabdeckFooter
 from .format import cell, safe, text
+from .steps import step_label
 
-__all__ = ["MediaScreen", "MediaSource", "HalfBlockImage", "halfblock", "halfblock_strips", "histogram_text",
-           "confusion_text", "open_media"]
+__all__ = ["MediaScreen", "MediaSource", "HalfBlockImage", "StepSlider", "halfblock", "halfblock_strips",
+           "histogram_text", "confusion_text", "open_media"]
 
 #: The most of a logged table the view shows (table_doc keeps up to 10,000 × 200 cells: seconds of
 #: DataTable work on the UI's thread and hundreds of MiB).
@@ -233,6 +239,86 @@ def confusion_text(labels: list[str], m: list[list[int]], other: tuple[list[str]
     return out
 
 
+# ---- the step slider ----------------------------------------------------------------------------
+class StepSlider(Widget):
+    """One line: the first logged step, a bar with the current step's place among the logged steps
+    (by order, so every step has its own place however unevenly they were logged), the last step,
+    and the current step (and the other run's, side by side). A click on the bar jumps there."""
+
+    DEFAULT_CSS = "StepSlider { height: 1; width: 1fr; padding: 0 1; }"
+
+    class Jump(Message):
+        """A click on the bar: go to the ``index``-th logged step."""
+
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.n = 0
+        self.index = 0
+        self.first = self.last = ""
+        self.note = Text()
+        self.reserve = 0
+
+    def set(self, steps: list[int], index: int, note: Text, reserve: int = 0) -> None:
+        """Show ``steps[index]`` among ``steps``; ``note`` (the current step, the other run's) after
+        the bar, in ``reserve`` cells at least, so the bar keeps its length from step to step."""
+        self.n, self.index = len(steps), index
+        self.first = step_label(steps[0]) if steps else ""
+        self.last = step_label(steps[-1]) if steps else ""
+        self.note, self.reserve = note, reserve
+        self.refresh()
+
+    def _bar(self, width: int) -> tuple[int, int]:
+        """(where the bar starts, its width) in a content line of ``width`` cells."""
+        note = min(max(self.note.cell_len, self.reserve), max(0, width // 2 - 8))
+        left = len(self.first) + 2  # "0 ├"
+        bar = width - left - (len(self.last) + 2) - (note + 2 if note else 0)
+        return left, max(3, bar)
+
+    def render(self) -> Text:
+        out = Text(no_wrap=True, overflow="ellipsis", end="")
+        if not self.n:
+            return out
+        width = self.content_size.width
+        left, bw = self._bar(width)
+        at = 0 if self.n == 1 else round(self.index * (bw - 1) / (self.n - 1))
+        out.append(self.first + " ", style="dim")
+        out.append("├", style="dim")
+        out.append("━" * at, style="bold cyan")
+        out.append("●", style="bold")
+        out.append("─" * (bw - at - 1), style="dim")
+        out.append("┤ ", style="dim")
+        out.append(self.last, style="dim")
+        if self.note.cell_len:
+            out.append("  ")
+            note = self.note.copy()
+            note.truncate(max(0, width - out.cell_len), overflow="ellipsis")
+            out.append_text(note)
+        return out
+
+    def index_at(self, x: int) -> int | None:
+        """The step index under content column ``x`` (None: not on the bar)."""
+        if self.n < 1:
+            return None
+        left, bw = self._bar(self.content_size.width)
+        if not left - 1 <= x <= left + bw:  # the ends (├ ┤) count as the first and last step
+            return None
+        pos = min(bw - 1, max(0, x - left))
+        return 0 if self.n == 1 or bw <= 1 else round(pos * (self.n - 1) / (bw - 1))
+
+    def on_click(self, event: events.Click) -> None:
+        off = event.get_content_offset(self)
+        if off is None:
+            return
+        i = self.index_at(off.x)
+        if i is not None:
+            event.stop()
+            self.post_message(self.Jump(i))
+
+
 # ---- where a run's media come from -----------------------------------------------------------
 class MediaSource:
     """One run's media for the view: the labdeck index over the run's transport, plus the
@@ -296,24 +382,35 @@ class MediaSource:
 class MediaPane(Vertical):
     """One run's side: a caption line, and the item drawn (a Static, or a DataTable for tables)."""
 
-    def __init__(self, pid: str) -> None:
+    def __init__(self, pid: str, images: str = "halfblock") -> None:
         super().__init__(id=pid, classes="media-pane")
+        self.images = images
+        self.graphics: Widget | None = None  # textual-image's Kitty/Sixel widget (images != "halfblock")
 
     def compose(self) -> ComposeResult:
         yield Static("", classes="media-caption")
         with VerticalScroll(classes="media-scroll"):
             yield Static("", classes="media-body")
+        if self.images != "halfblock":
+            self.graphics = termimage.widget_class(self.images)(classes="media-graphics")
+            yield self.graphics
         yield HalfBlockImage(classes="media-image")
         yield DataTable(classes="media-table", zebra_stripes=True, cursor_type="row")
 
     def on_mount(self) -> None:
         self.query_one(DataTable).display = False
         self.query_one(HalfBlockImage).display = False
+        if self.graphics is not None:
+            self.graphics.display = False
 
     def showing(self, which: str) -> None:
-        """Make ``which`` ("text", "image" or "table") the visible part (a layout only when it changes)."""
-        for w, name in ((self.query_one(VerticalScroll), "text"), (self.query_one(HalfBlockImage), "image"),
-                        (self.query_one(DataTable), "table")):
+        """Make ``which`` ("text", "image", "graphics" or "table") the visible part (a layout only
+        when it changes)."""
+        parts = [(self.query_one(VerticalScroll), "text"), (self.query_one(HalfBlockImage), "image"),
+                 (self.query_one(DataTable), "table")]
+        if self.graphics is not None:
+            parts.append((self.graphics, "graphics"))
+        for w, name in parts:
             want = name == which
             if w.display != want:
                 w.display = want
@@ -325,6 +422,7 @@ class MediaScreen(Screen[None]):
     DEFAULT_CSS = """
     MediaScreen #media-top { height: 1; padding: 0 1; background: $boost; }
     MediaScreen #media-status { height: 1; padding: 0 1; }
+    MediaScreen #media-slider { height: 1; }
     MediaScreen #media-keys { width: 26; max-width: 25%; height: 1fr; }
     MediaScreen #media-panes { height: 1fr; }
     MediaScreen .media-pane { width: 1fr; height: 1fr; padding: 0 1; }
@@ -339,12 +437,19 @@ class MediaScreen(Screen[None]):
         Binding("right", "step(1)", "Step on", id="media.next", tooltip="The next step of this key"),
         Binding("home", "edge(0)", "First", show=False, id="media.first", priority=True),
         Binding("end", "edge(1)", "Last", show=False, id="media.last", priority=True),
+        Binding("left_square_bracket,pageup", "jump(-1)", "Back 10%", show=False, id="media.back", priority=True,
+                tooltip="About a tenth of the logged steps back"),
+        Binding("right_square_bracket,pagedown", "jump(1)", "On 10%", show=False, id="media.on", priority=True,
+                tooltip="About a tenth of the logged steps on"),
         Binding("r", "reload", "Refresh", id="media.refresh", tooltip="Look for new media now"),
     ]
 
     def __init__(self, run, other=None, *, workstation=None, sources: tuple | None = None,
-                 other_label: str = "parent") -> None:
+                 other_label: str = "parent", images: str | None = None) -> None:
         super().__init__()
+        # how images are drawn: termimage.setup() chose it before the app ran (half blocks in tests)
+        self.images = images if images is not None else termimage.MODE
+        self._graphics: OrderedDict[tuple, Any] = OrderedDict()  # (run id, key, step, w, h) -> (PIL image, cells)
         self.run, self.other = run, other
         self.other_label = other_label
         if sources is not None:
@@ -370,12 +475,13 @@ class MediaScreen(Screen[None]):
             title.append(f" {self.other.id[-8:].lower()}", style="dim")
         yield Label(safe(title), id="media-top")
         yield Static("looking for media…", id="media-status")
+        yield StepSlider(id="media-slider")
         with Horizontal():
             yield OptionList(id="media-keys")
             with Horizontal(id="media-panes"):
-                yield MediaPane("media-a")
+                yield MediaPane("media-a", self.images)
                 if self.other is not None:
-                    yield MediaPane("media-b")
+                    yield MediaPane("media-b", self.images)
         yield LabdeckFooter()  # ? first: the keys of this screen are one key away at any width
 
     def on_mount(self) -> None:
@@ -464,6 +570,16 @@ class MediaScreen(Screen[None]):
             self.step_i = len(s) - 1 if last else 0
             self.run_worker(self.show(), group="media-show", exclusive=True, exit_on_error=False)
 
+    def action_jump(self, direction: int) -> None:
+        """About a tenth of the logged steps back or on (at least one)."""
+        self.action_step(direction * max(1, round(len(self.steps()) / 10)))
+
+    def on_step_slider_jump(self, event: StepSlider.Jump) -> None:
+        s = self.steps()
+        if s:
+            self.step_i = min(len(s) - 1, max(0, event.index))
+            self.run_worker(self.show(), group="media-show", exclusive=True, exit_on_error=False)
+
     # -- drawing
     async def show(self) -> None:
         step = self.current_step()
@@ -483,11 +599,28 @@ class MediaScreen(Screen[None]):
             st.append(f" · {kind}", style="dim")
         if entry is not None and entry.source == "tensorboard":
             st.append(" · from TensorBoard", style="dim")
-        st.append("   ←/→ step · ↑/↓ key", style="dim")
+        st.append("   ←/→ step · [/] 10% · ↑/↓ key", style="dim")
         self.query_one("#media-status", Static).update(safe(st), layout=False)
         oentry = other_doc = None
         if self.osrc is not None:
             oentry = self.osrc.media.index.nearest(self.key, step)
+        note = Text()
+        note.append(f"step {step}", style="bold")
+        if self.osrc is not None:
+            note.append(f" · {self.other_label} ", style="dim")
+            if oentry is None:
+                note.append("none", style="dim")
+            else:
+                note.append(f"{oentry.step}", style="bold")
+                if oentry.step != step:
+                    note.append(" (nearest)", style="yellow")
+        widest = max(len(str(s[0])), len(str(s[-1])))
+        reserve = 5 + widest  # "step N"
+        if self.osrc is not None:
+            osteps = self.osrc.media.index.steps(self.key)
+            reserve += 3 + len(self.other_label) + 1 + max([len(str(x)) for x in osteps] or [4]) + len(" (nearest)")
+        self.query_one(StepSlider).set(s, i, note, reserve)
+        if self.osrc is not None:
             other_doc = await self._decode(self.osrc, oentry) if oentry is not None else None
         doc = await self._decode(self.src, entry) if entry is not None else None
         same = entry is not None and oentry is not None and entry.kind == oentry.kind
@@ -583,6 +716,9 @@ class MediaScreen(Screen[None]):
                     cells.append(cell("–" if v is None else v, "yellow" if diff else ""))
                 table.add_row(*cells)
             return
+        if entry.kind == "image" and pane.graphics is not None:
+            await self._paint_graphics(pane, (run.id, entry.key, entry.step, entry.file, w, h), doc, w, h)
+            return
         key = (run.id, entry.key, entry.step, entry.file, w, h, id(other) if entry.kind == "confusion" else 0)
         r = self._drawn.get(key)
         if r is None:
@@ -605,6 +741,26 @@ class MediaScreen(Screen[None]):
         else:
             pane.showing("text")
             body.update(r)
+
+
+    async def _paint_graphics(self, pane: MediaPane, key: tuple, px: Pixels, w: int, h: int) -> None:
+        """The image through Kitty's graphics protocol or Sixel (textual-image's widget), from a
+        Pillow image of the decoded pixels scaled to at most the pane (and 4× the image)."""
+        got = self._graphics.get(key)
+        if got is None:
+            pw, ph, cols, rows = termimage.target_size(px.w, px.h, w, h, termimage.CELL or (10, 20))
+            got = (await asyncio.to_thread(termimage.pil_image, px, pw, ph), cols, rows)
+            self._graphics[key] = got
+            while len(self._graphics) > 16:  # a pane-sized RGB image each: a few MiB
+                self._graphics.popitem(last=False)
+        else:
+            self._graphics.move_to_end(key)
+        im, cols, rows = got
+        g = pane.graphics
+        pane.showing("graphics")
+        g.styles.width, g.styles.height = cols, rows
+        if g.image is not im:
+            g.image = im
 
 
 def open_media(app, run, other=None, *, other_label: str = "parent") -> None:
