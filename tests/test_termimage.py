@@ -52,8 +52,12 @@ def test_auto_over_ssh_or_without_a_terminal_is_half_blocks() -> None:
 
 
 def test_auto_elsewhere_asks_textual_image_and_forced_modes_do_not() -> None:
-    assert choose("auto", {"TERM": "xterm-256color"}, tty=True, probe=lambda: "sixel")[0] == "sixel"
-    assert choose("auto", {"TERM": "xterm-256color"}, tty=True, probe=lambda: None)[0] == "halfblock"
+    assert choose("auto", {"TERM": "foot"}, tty=True, probe=lambda: "sixel")[0] == "sixel"
+    assert choose("auto", {"TERM": "xterm-256color", "TERM_PROGRAM": "WezTerm"}, tty=True, probe=lambda: "kitty")[0] == "kitty"
+    assert choose("auto", {"TERM": "xterm-256color", "TERM_PROGRAM": "iTerm.app"}, tty=True, probe=lambda: None)[0] == "halfblock"
+    # a terminal not known to draw images is not asked: the probe's wait would be paid at every start
+    mode, why = choose("auto", {"TERM": "xterm-256color"}, tty=True, probe=no_probe)
+    assert mode == "halfblock" and "forces a protocol" in why
     assert choose("sixel", {"TMUX": "x"}, tty=True, probe=no_probe)[0] == "sixel"  # the user knows better
     assert choose("halfblock", {"TERM": "xterm-kitty"}, tty=True, probe=no_probe)[0] == "halfblock"
     with pytest.raises(ValueError):

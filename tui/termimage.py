@@ -18,8 +18,10 @@ presses, so nothing here may import ``textual_image`` later, and tests and headl
 * not over SSH (``SSH_CONNECTION``/``SSH_TTY``): the terminal's answers to the probes travel the
   network and can arrive after textual-image's 0.1 s window, and then reach the TUI as stray keys;
   the usual way in is SSH through the jump host, often inside tmux as well;
-* ``TERM=xterm-kitty`` (or ``KITTY_WINDOW_ID`` set) is Kitty without asking; otherwise
-  textual-image's probe decides (Sixel first, then Kitty's protocol, as it orders them).
+* ``TERM=xterm-kitty`` (or ``KITTY_WINDOW_ID`` set) is Kitty without asking; a terminal known to
+  draw images (:data:`GRAPHIC_TERMS`, :data:`GRAPHIC_PROGRAMS`) is asked by textual-image's probe
+  (Sixel first, then Kitty's protocol, as it orders them); any other gets half blocks unasked, because
+  the probe costs 0.4–0.8 s at every start and such terminals answer no.
 
 ``kitty``/``sixel`` force a protocol (still only when stdout is a terminal) for terminals the probe
 misjudges.
@@ -67,6 +69,19 @@ def known_kitty(env: Mapping[str, str]) -> bool:
     return env.get("TERM", "") == "xterm-kitty" or bool(env.get("KITTY_WINDOW_ID"))
 
 
+#: Terminals that draw Kitty graphics or Sixel (some only when enabled), told by what they put in the
+#: environment. Any other terminal gets half blocks without a probe: most (xterm-256color in GNOME
+#: Terminal, Windows Terminal's older builds, PuTTY) answer no after the probe's full wait.
+GRAPHIC_TERMS = ("xterm-ghostty", "foot", "foot-extra", "mlterm", "contour", "wezterm", "yaft-256color")
+GRAPHIC_PROGRAMS = ("WezTerm", "iTerm.app", "vscode", "ghostty", "mintty", "rio", "WarpTerminal")
+
+
+def may_draw(env: Mapping[str, str]) -> bool:
+    """Whether the terminal is one that may answer the graphics probe yes (so it is worth asking)."""
+    return (env.get("TERM", "") in GRAPHIC_TERMS or env.get("TERM_PROGRAM", "") in GRAPHIC_PROGRAMS
+            or bool(env.get("KONSOLE_VERSION") or env.get("WEZTERM_EXECUTABLE")))
+
+
 def choose(setting: str, env: Mapping[str, str], *, tty: bool,
            probe: Callable[[], str | None]) -> tuple[str, str]:
     """(mode, why) for ``setting``; ``probe`` (textual-image's detection: "sixel", "kitty" or None)
@@ -85,6 +100,9 @@ def choose(setting: str, env: Mapping[str, str], *, tty: bool,
         return "halfblock", "over SSH: the terminal's answers to a graphics probe can arrive late, as keys"
     if known_kitty(env):
         return "kitty", "TERM=xterm-kitty"
+    if not may_draw(env):  # the probe costs 0.4–0.8 s of every start; only terminals that can answer yes pay it
+        return "halfblock", (f"the terminal (TERM={env.get('TERM', '')!r}) is not one known to draw images; "
+                             "[ui] images = \"sixel\" or \"kitty\" forces a protocol")
     got = probe()
     if got in ("kitty", "sixel"):
         return got, f"the terminal answered the {got} probe"
