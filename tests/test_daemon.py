@@ -342,6 +342,8 @@ def test_doctor_says_how_to_keep_the_follower(monkeypatch, home) -> None:
     assert res.exit_code == 0, res.output
     assert "KillUserProcesses=yes" in res.output and "loginctl enable-linger" in res.output
     assert "background follower: not running" in res.output
+    # and how the Media view will draw images here, with the setting ([ui] shown, not eaten as markup)
+    assert "Media view images here: halfblock (stdout is not a terminal; [ui] images = auto)" in res.output
 
 
 def test_show_asks_about_an_active_run_first_and_a_silent_host_costs_it_3_s(home, workstation, tmp_path) -> None:

@@ -8,6 +8,7 @@ line and leave the traceback in the log file.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -1300,6 +1301,22 @@ def doctor_cmd() -> None:
     else:
         console.print(f"{ok} logging out leaves the follower running (systemd-logind KillUserProcesses is off)",
                       highlight=False)
+    from . import termimage
+
+    class WouldAsk(Exception):
+        pass
+
+    def would_ask() -> str | None:
+        raise WouldAsk
+
+    from backends.config import load_config
+
+    setting = load_config(paths).get("ui", "images")
+    try:
+        mode, why = termimage.choose(setting, os.environ, tty=sys.stdout.isatty() and sys.stdin.isatty(), probe=would_ask)
+    except WouldAsk:
+        mode, why = "Kitty or Sixel if the terminal answers textual-image's probe at start", "a terminal known to draw images"
+    console.print(f"· Media view images here: {esc(mode)} ({esc(why)}; \\[ui] images = {esc(setting)})", highlight=False)
 
 
 from .cloudcli import COMMANDS as _CLOUD_COMMANDS  # noqa: E402
