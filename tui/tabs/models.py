@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 from backends import clock
 from backends.models import Deployment, parse_time
 
-from ..format import STATE_STYLE, cell, short_id, since
+from ..format import STATE_STYLE, cell, plural, short_id, since
 from ..widgets import SortTable, matches, sync_table
 from . import TabView
 
@@ -67,7 +67,7 @@ class ModelsTab(TabView):
                                 (now - up).total_seconds() if up else None)
         sync_table(self.query_one(SortTable), rows, values)
         self.query_one("#models-status", Static).update(Text(
-            f"{len(rows)} deployments · t try it · l log · x stop · r redeploy" if self.deployments else
+            f"{plural(len(rows), 'deployment')} · t try it · l log · x stop · r redeploy" if self.deployments else
             "No models are served yet. Select a finished run in Jobs or Lineage and press S to serve its model "
             "(or: labdeck serve RUN)."))
 
