@@ -230,3 +230,56 @@ def test_sixel_path_sends_one_sixel_string_of_our_pixels(tmp_path: Path) -> None
     for (x, y), c in px.items():  # Sixel colours are percentages: within rounding
         e = want[y * 30 + x]
         assert all(abs(a * 255 / 100 - b) <= 3 for a, b in zip(c, e)), ((x, y), c, e)
+
+
+WIDE_CHILD = """
+import asyncio, getpass, json, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tests.test_mediaview import CHILD_ID, RUNTIME, MediaApp, settle
+from backends.models import Run
+from backends.providers.local import LocalTransport
+from tui import termimage
+from tui.mediaview import MediaScreen, MediaSource
+
+root = Path({root!r})
+run_dir = root / "runs" / CHILD_ID
+run_dir.mkdir(parents=True)
+env = {{k: v for k, v in os.environ.items() if not k.startswith("LABDECK_")}}
+env.update({{"PYTHONPATH": str(RUNTIME), "LABDECK_RUN_DIR": str(run_dir), "LABDECK_METRICS_FILE": str(run_dir / "m.jsonl")}})
+# a teammate's 1200×8 strip: 4× wider than Kitty's placeholders can number on a 400-column terminal
+sdk = "import labdeck\\nlabdeck.log({{'strip': labdeck.Image([[[x % 256, y * 30, 9] for x in range(1200)] for y in range(8)])}}, step=1)\\nlabdeck.flush()"
+subprocess.run([sys.executable, "-c", sdk], env=env, check=True, timeout=60)
+run = Run(command="x", instance="local", id=CHILD_ID, name="strip", user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+termimage.MODE, termimage.CELL = "kitty", (10, 20)
+
+class App(MediaApp):
+    def on_mount(self):
+        t = LocalTransport(root / "runs")
+        self.push_screen(MediaScreen(run, None, sources=(MediaSource(run, transport=t, cache_root=root / "c", tb_files=[]),)))
+
+async def main():
+    app = App(run, None, root)
+    async with app.run_test(size=(400, 40)) as pilot:
+        await settle(pilot)
+        g = app.screen.query_one("#media-a").graphics
+        sys.stderr.write("RESULT" + json.dumps({{"shown": bool(g.display), "cells": [g.styles.width.value, g.styles.height.value],
+                                                "px": [g.image.width, g.image.height]}}) + "\\n")
+asyncio.run(main())
+"""
+
+
+def test_kitty_image_wider_than_its_placeholders_can_number_does_not_crash_the_view(tmp_path: Path) -> None:
+    """Kitty's Unicode placeholders number at most 297 columns and rows (textual-image raises
+    ValueError past that, from the render: the whole TUI would exit). A teammate's wide image on a
+    400-column terminal is drawn 297 cells wide at most."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABDECK_")}
+    env["PYTHONPATH"] = str(REPO)
+    code = textwrap.dedent(WIDE_CHILD.format(repo=str(REPO), root=str(tmp_path)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    line = [x for x in res.stderr.decode().splitlines() if x.startswith("RESULT")][-1]
+    info = json.loads(line[len("RESULT"):])
+    assert info["shown"] and info["cells"] == [termimage.KITTY_MAX_CELLS, 1] and info["px"] == [2970, 20]
+    places = [dict(kv.split(b"=") for kv in m.group(1).split(b",")) for m in APC.finditer(res.stdout) if not m.group(2)]
+    assert any(p.get(b"a") == b"p" and p[b"c"] == b"297" for p in places)

@@ -54,6 +54,9 @@ UPSCALE = 4
 #: At most this many pixels sent for one image (decode_png's own cap), and a sane cell size.
 MAX_PIXELS = 16 * 1024 * 1024
 MAX_CELL = (64, 128)
+#: Kitty's Unicode placeholders number at most this many columns and rows (textual-image's diacritics
+#: table); past that its renderable raises ValueError from the render, which would end the TUI.
+KITTY_MAX_CELLS = 297
 
 
 def in_tmux(env: Mapping[str, str]) -> bool:
