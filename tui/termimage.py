@@ -138,6 +138,8 @@ def setup(setting: str, env: Mapping[str, str] | None = None) -> str:
 
             cs = get_cell_size()
             CELL = (min(MAX_CELL[0], max(1, int(cs.width))), min(MAX_CELL[1], max(1, int(cs.height))))
+            if tuple(cs) != CELL:  # textual-image scales every image by its own (cached) measure: make it the capped one
+                setattr(get_cell_size, "_result", type(cs)(*CELL))
             del widget
     except ImportError:
         mode, why = "halfblock", "textual-image is not installed"
