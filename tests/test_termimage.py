@@ -230,3 +230,121 @@ def test_sixel_path_sends_one_sixel_string_of_our_pixels(tmp_path: Path) -> None
     for (x, y), c in px.items():  # Sixel colours are percentages: within rounding
         e = want[y * 30 + x]
         assert all(abs(a * 255 / 100 - b) <= 3 for a, b in zip(c, e)), ((x, y), c, e)
+
+
+WIDE_CHILD = """
+import asyncio, getpass, json, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tests.test_mediaview import CHILD_ID, RUNTIME, MediaApp, settle
+from backends.models import Run
+from backends.providers.local import LocalTransport
+from tui import termimage
+from tui.mediaview import MediaScreen, MediaSource
+
+root = Path({root!r})
+run_dir = root / "runs" / CHILD_ID
+run_dir.mkdir(parents=True)
+env = {{k: v for k, v in os.environ.items() if not k.startswith("LABDECK_")}}
+env.update({{"PYTHONPATH": str(RUNTIME), "LABDECK_RUN_DIR": str(run_dir), "LABDECK_METRICS_FILE": str(run_dir / "m.jsonl")}})
+# a teammate's 1200×8 strip: 4× wider than Kitty's placeholders can number on a 400-column terminal
+sdk = "import labdeck\\nlabdeck.log({{'strip': labdeck.Image([[[x % 256, y * 30, 9] for x in range(1200)] for y in range(8)])}}, step=1)\\nlabdeck.flush()"
+subprocess.run([sys.executable, "-c", sdk], env=env, check=True, timeout=60)
+run = Run(command="x", instance="local", id=CHILD_ID, name="strip", user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+termimage.MODE, termimage.CELL = "kitty", (10, 20)
+
+class App(MediaApp):
+    def on_mount(self):
+        t = LocalTransport(root / "runs")
+        self.push_screen(MediaScreen(run, None, sources=(MediaSource(run, transport=t, cache_root=root / "c", tb_files=[]),)))
+
+async def main():
+    app = App(run, None, root)
+    async with app.run_test(size=(400, 40)) as pilot:
+        await settle(pilot)
+        g = app.screen.query_one("#media-a").graphics
+        sys.stderr.write("RESULT" + json.dumps({{"shown": bool(g.display), "cells": [g.styles.width.value, g.styles.height.value],
+                                                "px": [g.image.width, g.image.height]}}) + "\\n")
+asyncio.run(main())
+"""
+
+
+def test_kitty_image_wider_than_its_placeholders_can_number_does_not_crash_the_view(tmp_path: Path) -> None:
+    """Kitty's Unicode placeholders number at most 297 columns and rows (textual-image raises
+    ValueError past that, from the render: the whole TUI would exit). A teammate's wide image on a
+    400-column terminal is drawn 297 cells wide at most."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABDECK_")}
+    env["PYTHONPATH"] = str(REPO)
+    code = textwrap.dedent(WIDE_CHILD.format(repo=str(REPO), root=str(tmp_path)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    line = [x for x in res.stderr.decode().splitlines() if x.startswith("RESULT")][-1]
+    info = json.loads(line[len("RESULT"):])
+    assert info["shown"] and info["cells"] == [termimage.KITTY_MAX_CELLS, 1] and info["px"] == [2970, 20]
+    places = [dict(kv.split(b"=") for kv in m.group(1).split(b",")) for m in APC.finditer(res.stdout) if not m.group(2)]
+    assert any(p.get(b"a") == b"p" and p[b"c"] == b"297" for p in places)
+
+
+PTY_CHILD = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from tui import termimage
+mode = termimage.setup({setting!r}, {env!r})
+out = {{"mode": mode, "why": termimage.REASON, "cell": termimage.CELL, "imported": "textual_image" in sys.modules}}
+if out["imported"]:
+    from textual_image._terminal import get_cell_size
+    out["theirs"] = list(get_cell_size())
+sys.stderr.write("RESULT" + json.dumps(out) + "\\n")
+"""
+
+
+def setup_in_a_pty(setting: str, env: dict[str, str], pixels: tuple[int, int]) -> tuple[dict, bytes]:
+    """termimage.setup in a child whose stdin and stdout are a real pseudo-terminal of 80×24 cells and
+    ``pixels`` (its TIOCGWINSZ), which answers no query; what setup chose and what it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, *pixels))
+        before = termios.tcgetattr(slave)
+        code = textwrap.dedent(PTY_CHILD.format(repo=str(REPO), setting=setting, env=env))
+        cenv = {k: v for k, v in os.environ.items() if not k.startswith("LABDECK_")} | {"PYTHONPATH": str(REPO)}
+        res = subprocess.run([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                             env=cenv, timeout=120)
+        assert res.returncode == 0, res.stderr.decode()[-2000:]
+        assert termios.tcgetattr(slave) == before  # the probes' cbreak mode was undone
+        os.set_blocking(master, False)
+        try:
+            written = os.read(master, 65536)
+        except BlockingIOError:
+            written = b""
+    finally:
+        os.close(master)
+        os.close(slave)
+    line = [x for x in res.stderr.decode().splitlines() if x.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):]), written
+
+
+def test_setup_in_a_real_terminal_bounds_the_cell_size_textual_image_scales_by() -> None:
+    """A terminal that reports absurd pixels (65535×65535 for 80×24 cells: 819×2730 px a cell) would
+    have textual-image scale each image to pane cells × that (gigapixels); setup caps the cell size
+    and textual-image uses the capped one too."""
+    got, written = setup_in_a_pty("kitty", {"TERM": "xterm-256color"}, (65535, 65535))
+    assert got["mode"] == "kitty" and got["imported"]
+    assert got["cell"] == list(termimage.MAX_CELL) and got["theirs"] == list(termimage.MAX_CELL)
+    assert b"\x1b[c" in written and b"\x1b_G" in written  # textual-image's probes did go to the terminal
+    # an ordinary terminal size is kept as measured
+    got, _ = setup_in_a_pty("sixel", {"TERM": "xterm-256color"}, (800, 480))
+    assert got["mode"] == "sixel" and got["cell"] == [10, 20] and got["theirs"] == [10, 20]
+
+
+def test_setup_auto_in_an_ordinary_or_dumb_terminal_asks_it_nothing() -> None:
+    for env in ({"TERM": "xterm-256color"}, {"TERM": "dumb"}, {}):
+        got, written = setup_in_a_pty("auto", env, (800, 480))
+        assert got["mode"] == "halfblock" and not got["imported"] and written == b"", (env, got, written)
+    # a terminal that may draw but answers nothing: asked, half blocks, and the terminal given back as it was
+    got, written = setup_in_a_pty("auto", {"TERM": "foot"}, (800, 480))
+    assert got["mode"] == "halfblock" and got["why"] == "the terminal answered no graphics probe" and b"\x1b[c" in written

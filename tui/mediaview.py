@@ -748,6 +748,8 @@ class MediaScreen(Screen[None]):
         Pillow image of the decoded pixels scaled to at most the pane (and 4× the image)."""
         got = self._graphics.get(key)
         if got is None:
+            if self.images == "kitty":  # a wide image on a wide terminal: no more cells than placeholders can number
+                w, h = min(w, termimage.KITTY_MAX_CELLS), min(h, termimage.KITTY_MAX_CELLS)
             pw, ph, cols, rows = termimage.target_size(px.w, px.h, w, h, termimage.CELL or (10, 20))
             got = (await asyncio.to_thread(termimage.pil_image, px, pw, ph), cols, rows)
             self._graphics[key] = got

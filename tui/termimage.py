@@ -54,6 +54,9 @@ UPSCALE = 4
 #: At most this many pixels sent for one image (decode_png's own cap), and a sane cell size.
 MAX_PIXELS = 16 * 1024 * 1024
 MAX_CELL = (64, 128)
+#: Kitty's Unicode placeholders number at most this many columns and rows (textual-image's diacritics
+#: table); past that its renderable raises ValueError from the render, which would end the TUI.
+KITTY_MAX_CELLS = 297
 
 
 def in_tmux(env: Mapping[str, str]) -> bool:
@@ -135,6 +138,8 @@ def setup(setting: str, env: Mapping[str, str] | None = None) -> str:
 
             cs = get_cell_size()
             CELL = (min(MAX_CELL[0], max(1, int(cs.width))), min(MAX_CELL[1], max(1, int(cs.height))))
+            if tuple(cs) != CELL:  # textual-image scales every image by its own (cached) measure: make it the capped one
+                setattr(get_cell_size, "_result", type(cs)(*CELL))
             del widget
     except ImportError:
         mode, why = "halfblock", "textual-image is not installed"
