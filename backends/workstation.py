@@ -279,6 +279,9 @@ class Workstation:
                    sets: dict[str, str] | None = None) -> "RerunChanges":
         """What a rerun of ``old`` with these changes would run: its command and environment, and the parameter
         changes (raises :class:`LabdeckError` for a ``--set`` key that would change nothing)."""
+        if old.kind == "notebook":  # its command is labdeck's Jupyter plumbing, with a token of its own
+            raise LabdeckError(f"{old.display_name} is a notebook; a notebook is not rerun.",
+                               f"Open a new one: labdeck notebook {old.instance} (or N in the TUI).")
         base = old.command if command is None or not command.strip() else command
         env = dict(old.env if isinstance(old.env, dict) else {}) if env is None else dict(env)
         recorded = old.params if isinstance(old.params, dict) else {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import dataclasses
 import json
 import sys
@@ -227,6 +229,19 @@ def test_rerun_plan_reads_an_earlier_LABDECK_PARAMS_as_untrusted(workstation) ->
         old = Run(command="python t.py", instance="local", env={lin.PARAMS_ENV: bad}, params={"dim": 16})
         plan = workstation.rerun_plan(old, sets={"dim": "8"})
         assert json.loads(plan.env[lin.PARAMS_ENV]) == {"dim": 8}
+
+
+def test_a_notebook_is_not_rerun(workstation) -> None:
+    """A notebook's record carries labdeck's Jupyter plumbing as its command: `r`/`R`/`labdeck rerun` on
+    it would start a second Jupyter as a job. It is refused, saying how to open a new notebook."""
+    from backends.models import Run
+
+    nb = Run(command="sh -c 'exec jupyter server …'", instance="local", kind="notebook")
+    with pytest.raises(LabdeckError, match="is a notebook; a notebook is not rerun") as err:
+        workstation.rerun_plan(nb)
+    assert "labdeck notebook local" in err.value.render()
+    with pytest.raises(LabdeckError, match="a notebook is not rerun"):
+        asyncio.run(workstation.rerun(nb, sets={"lr": "1"}))
 
 
 def test_set_params_refuses_a_key_that_would_change_nothing() -> None:

@@ -854,9 +854,21 @@ class LabdeckApp(App[None]):
                                             name=req.name, sync_code=req.sync_code, progress=progress, secrets=req.secrets)
         self.post_message(RunLaunched(run))
 
+    def _not_a_notebook(self, run: Run) -> bool:
+        """A notebook's record is rerun by nobody (its command is labdeck's Jupyter plumbing): say so."""
+        if run.kind != "notebook":
+            return False
+        try:
+            self.workstation.rerun_plan(run)
+        except LabdeckError as e:
+            self.show_error(e)
+        return True
+
     def rerun(self, run: Run) -> None:
         """Your own run reruns at once; someone else's shows what would run, where and from which code, and asks:
         the command, its environment and its code were written by them, and would run as you."""
+        if self._not_a_notebook(run):
+            return
         if run.user == self.workstation.user:
             self._rerun(run)
             return
@@ -869,6 +881,9 @@ class LabdeckApp(App[None]):
         the run (kind "rerun") whose changed parameters lineage shows. Someone else's run is still shown and
         asked about first, with the command and environment that would run."""
         from .rerunform import RerunRequest, RerunScreen
+
+        if self._not_a_notebook(run):
+            return
 
         instances = [i.name for i in self.instances_tab.listing.instances if i.state == "running"]
 
