@@ -824,7 +824,7 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
             offset = 0
             with open(tmp, "wb") as f:
                 while True:
-                    chunk = await transport.read_file(f"{r.run_dir}/{rel}", offset, 8 << 20)
+                    chunk = await transport.read_file(f"{r.run_dir}/{rel}", offset, 8 << 20, inside=r.run_dir)
                     f.write(chunk.data)
                     offset = chunk.next_offset
                     if not chunk.data or offset >= chunk.size:
