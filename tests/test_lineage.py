@@ -402,3 +402,50 @@ async def test_the_detail_pane_shows_a_runs_media_beside_its_parents(workstation
         await rest()
         head = shown(app, "#lineage-media-head")
         assert head.startswith("media (v to view): per_cla") and not app.query_one("#lineage-media-row").display
+
+
+async def test_the_media_strip_of_an_active_run_follows_its_new_steps(workstation, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """While a run is active its strip is read again (every MEDIA_LIVE_EVERY seconds, shortened here):
+    a step logged after the cursor landed on it shows without moving the cursor."""
+    import asyncio
+
+    import tui.tabs.lineage as lineage_tab
+    from tui.app import LabdeckApp
+
+    monkeypatch.setattr(lineage_tab, "MEDIA_LIVE_EVERY", 0.3)
+    go = tmp_path / "go"
+    (tmp_path / "job.py").write_text(
+        "import labdeck, os, time\n"
+        "labdeck.log({'notes': labdeck.Text('first')}, step=1)\n"
+        "labdeck.flush()\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)\n"
+        "labdeck.log({'notes': labdeck.Text('second')}, step=2)\n"
+        "labdeck.flush()\n"
+        f"while os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)\n")
+    run = await workstation.launch(f"{sys.executable} job.py", workdir=str(tmp_path), name="live")
+    app = LabdeckApp(workstation, live=False)
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+
+            async def strip_says(word: str) -> bool:
+                for _ in range(300):  # at most ~30 s
+                    await pilot.pause(0.1)
+                    if app.query_one("#lineage-media").display and word in str(app.query_one("#lineage-media-a").content.renderables[1]):
+                        return True
+                return False
+
+            tree = app.query_one(Tree)
+            node = next(n for n in tree.root.children if n.data == run.id)
+            tree.move_cursor(node)
+            assert await strip_says("first")
+            go.write_text("")
+            assert await strip_says("second")
+    finally:
+        go.unlink(missing_ok=True)
+        await asyncio.sleep(0)

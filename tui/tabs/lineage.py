@@ -12,7 +12,8 @@ A run that logged media gets a media strip under its detail: one key at the run'
 the parent's nearest step (images, histograms, confusion matrices with the difference, tables with
 differing cells, text), drawn with :mod:`tui.mediaview`'s renderers. `n` shows the next key, `v` opens
 the full Media view. The strip is read lazily in a worker, only for the run the cursor rests on; a
-result for a run the cursor has left is dropped. In a small terminal it is one line naming the keys.
+result for a run the cursor has left is dropped; an active run's strip is read again every few
+seconds while the tab is shown. In a small terminal it is one line naming the keys.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ DIFF_LINES = 60
 MEDIA_SETTLE = 0.2
 #: Lines of one side of the media strip (an image is drawn in at most this many rows of half blocks).
 MEDIA_ROWS = 8
+#: How often the strip of an active run is read again while the tab is shown (seconds).
+MEDIA_LIVE_EVERY = 5.0
 #: Below this width of the detail pane, or this height of the terminal, the strip is one line.
 MEDIA_MIN_WIDTH, MEDIA_MIN_HEIGHT = 42, 30
 #: Rows and columns of a logged table shown in the strip.
@@ -132,6 +135,7 @@ class LineageTab(TabView):
     def on_mount(self) -> None:
         self.query_one("#lineage-chart").display = False
         self.query_one("#lineage-media").display = False
+        self.set_interval(MEDIA_LIVE_EVERY, self._media_live)
 
     # ---- data -------------------------------------------------------------
     def show_lineage(self, view: lin.TeamLineage) -> None:
@@ -466,6 +470,15 @@ class LineageTab(TabView):
         self._media_pair, self._media_shown = pair, None
         self.query_one("#lineage-media").display = False
         self._load_media(r, parent)
+
+    def _media_live(self) -> None:
+        """An active run's strip is read again (its newest step), while this tab is the one shown."""
+        if (not self.is_active_tab or self.app.screen is not self.screen or self._media_pair is None
+                or self._media_shown is None):
+            return
+        r = self.runs.get(self._media_pair[0])
+        if r is not None and r.run_state.is_active:
+            self._load_media(r, self.runs.get(r.parent) if r.parent else None)
 
     def _source(self, run: Run):
         """The run's :class:`tui.mediaview.MediaSource` (kept: its index mirror grows, not read
