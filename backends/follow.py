@@ -189,7 +189,9 @@ class LogFollower:
     async def _mirror_log(self, run: Run, transport=None) -> int:
         transport = transport or await self.ws.transport(run.instance)
         try:
-            return await mirror(transport, f"{run.run_dir}/output.log", self.local_path(run))
+            # inside: a run directory (a teammate's record names it) that is a link to a directory of
+            # yours is refused, as a link or FIFO planted as output.log is
+            return await mirror(transport, f"{run.run_dir}/output.log", self.local_path(run), inside=run.run_dir)
         except MissingFile:
             return 0  # not started yet (or never will: its state says why)
         except LabdeckError as e:

@@ -491,9 +491,9 @@ async def cancel(store: Store, transport: Transport, run: Run, *, grace_seconds:
 async def read_log_tail(transport: Transport, run: Run, max_bytes: int = 64 * 1024) -> str:
     """The last ``max_bytes`` of a run's combined log, decoded leniently."""
     path = f"{run.run_dir}/output.log"
-    head = await transport.read_file(path, 0, 0)
+    head = await transport.read_file(path, 0, 0, inside=run.run_dir)
     start = max(0, head.size - max_bytes)
-    chunk = await transport.read_file(path, start, max_bytes)
+    chunk = await transport.read_file(path, start, max_bytes, inside=run.run_dir)
     return chunk.data.decode("utf-8", "replace")
 
 

@@ -45,8 +45,8 @@ from .localfiles import confined, private_dirs, run_cache_path, write_private
 
 __all__ = ["KINDS", "MediaEntry", "MediaIndex", "RunMedia", "decode_png", "table_doc", "histogram_doc",
            "confusion_doc", "text_doc", "nearest_step", "tensorboard_media", "MediaError", "MAX_ITEM_BYTES",
-           "ReportMedia", "report_item", "report_media", "image_mime", "rebin_histogram", "load_run_media",
-           "TensorBoardMedia"]
+           "ReportMedia", "report_item", "report_media", "parse_media_choice", "image_mime", "rebin_histogram",
+           "load_run_media", "TensorBoardMedia"]
 
 KINDS = ("image", "table", "histogram", "confusion", "text")
 MAX_LINE = 64 << 10  # an index line longer than this is skipped
@@ -234,6 +234,17 @@ class MediaIndex:
         """The entry of ``key`` at ``step``, or at the step nearest to it (the earlier on a tie)."""
         s = nearest_step(self.steps(key), step)
         return None if s is None else self.get(key, s)
+
+    def at_or_before(self, key: str, step: int) -> MediaEntry | None:
+        """The entry of ``key`` at the latest step at or below ``step``; when every step of the key is
+        above ``step``, its earliest one (the caller labels the item with the step it really has)."""
+        import bisect
+
+        s = self.steps(key)
+        if not s:
+            return None
+        i = bisect.bisect_right(s, step)
+        return self.get(key, s[i - 1] if i else s[0])
 
     def __len__(self) -> int:
         return self._n
@@ -714,10 +725,12 @@ class ReportMedia:
     kind: str
     data: Any
     caption: str | None = None
+    asked: int | None = None  # the step asked for (``--media KEY@STEP``) when it is not ``step``
 
 
-def report_item(entry: MediaEntry, raw: Any) -> ReportMedia:
-    """A :class:`ReportMedia` from an entry and its bytes (MediaError if they do not validate)."""
+def report_item(entry: MediaEntry, raw: Any, asked: int | None = None) -> ReportMedia:
+    """A :class:`ReportMedia` from an entry and its bytes (MediaError if they do not validate);
+    ``asked``: the step the report asked for, kept when the entry's step differs from it."""
     k = entry.kind
     if k == "image":
         if not isinstance(raw, bytes) or image_mime(raw) is None:
@@ -731,7 +744,8 @@ def report_item(entry: MediaEntry, raw: Any) -> ReportMedia:
         data = histogram_doc(raw)
     else:
         data = text_doc(raw)
-    return ReportMedia(entry.key, entry.step, k, data, entry.caption)
+    return ReportMedia(entry.key, entry.step, k, data, entry.caption,
+                       asked if asked is not None and asked != entry.step else None)
 
 
 def image_mime(data: bytes) -> str | None:
@@ -745,14 +759,37 @@ def image_mime(data: bytes) -> str | None:
     return None
 
 
-async def report_media(runs: Iterable, keys: Iterable[str], transport_of, cache_root: Path, *,
+def parse_media_choice(text: str) -> tuple[str, int | None]:
+    """``KEY``, ``KEY@STEP`` or ``KEY@latest`` (as ``labdeck report --media`` takes it) as
+    ``(key, step or None)``. The last ``@`` separates the step, so a key that itself holds an ``@``
+    is written ``KEY@latest``. MediaError (saying what to write) for an empty key or a step that is
+    not a whole number."""
+    key, sep, tail = text.rpartition("@")
+    if not sep:
+        key, tail = text, None
+    if not key:
+        raise MediaError(f"{text!r} names no key: write KEY, KEY@STEP or KEY@latest.")
+    if tail is None or tail == "latest":
+        return key, None
+    t = tail.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,19}", t) or not -2**63 <= int(t) < 2**63:
+        raise MediaError(f"{text!r}: the step after '@' must be a whole number (or 'latest'); "
+                         f"a key that holds an '@' is written {text + '@latest'!r}.")
+    return key, int(t)
+
+
+async def report_media(runs: Iterable, keys: Iterable, transport_of, cache_root: Path, *,
                        step: int | None = None) -> tuple[dict[str, list[ReportMedia]], list[str]]:
-    """The chosen ``keys`` of each run (its latest step, or the one nearest ``step``), fetched over
-    ``await transport_of(run)``: ``({run id: [ReportMedia]}, problems)``. A run or item that cannot
-    be read is left out and said in ``problems``; the report is written anyway."""
+    """The chosen ``keys`` of each run, fetched over ``await transport_of(run)``:
+    ``({run id: [ReportMedia]}, problems)``. A key is a name (its step: ``step``) or a pair
+    ``(name, step or None)``. Without a step, each run's latest step of the key; with one, each
+    run's latest step *at or below* it, or, when the run logged the key only later, its earliest
+    step. Each item carries the step it really has (and the one asked for when they differ), so the
+    report labels it truthfully. A run or item that cannot be read is left out and said in
+    ``problems``; the report is written anyway."""
     out: dict[str, list[ReportMedia]] = {}
     problems: list[str] = []
-    keys = list(keys)
+    chosen = [(k, step) if isinstance(k, str) else (k[0], k[1]) for k in keys]
     for run in runs:
         try:
             transport = await transport_of(run)
@@ -762,12 +799,12 @@ async def report_media(runs: Iterable, keys: Iterable[str], transport_of, cache_
             problems.append(f"{run.display_name}: {e}")
             continue
         items = []
-        for k in keys:
-            entry = rm.index.latest(k) if step is None else rm.index.nearest(k, step)
+        for k, at in chosen:
+            entry = rm.index.latest(k) if at is None else rm.index.at_or_before(k, at)
             if entry is None:
                 continue
             try:
-                items.append(report_item(entry, await rm.load(transport, entry)))
+                items.append(report_item(entry, await rm.load(transport, entry), at))
             except LabdeckError as e:
                 problems.append(f"{run.display_name} {k} step {entry.step}: {e}")
         if items:

@@ -357,7 +357,7 @@ class Monitor:
         m = self.run(run)
         transport = transport or await self.ws.transport(run.instance)
         try:
-            await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path)
+            await mirror(transport, f"{run.run_dir}/metrics.jsonl", m.metrics_file.path, inside=run.run_dir)
         except (MissingFile, RefusedFile):  # none, or a link / FIFO: no metrics from it, never followed
             pass
         if time.monotonic() - m.tb_checked > TB_SCAN_EVERY or run.run_state.is_final:  # TensorBoard event files
@@ -375,7 +375,9 @@ class Monitor:
                 pass
         for remote, (local, _) in list(m.tb.items()):
             try:
-                await mirror(transport, remote, local.path)
+                # an event file's path came from `find` in the run directory: no link on the way down
+                under = remote.startswith(run.run_dir.rstrip("/") + "/")
+                await mirror(transport, remote, local.path, inside=run.run_dir if under else None)
             except LabdeckError:
                 continue
         n = m.update(UPDATE_SLICE)

@@ -964,8 +964,18 @@ MEDIA_MAX_TEXT = 4000
 
 
 def _media_label(m: Any) -> str:
+    """``key · step N`` with the step the item really has; when the report asked for another step
+    (``--media KEY@STEP``), which one and how this one relates to it."""
     cap = f" · {m.caption}" if m.caption else ""
-    return f"{m.key} · step {m.step}{cap}"
+    return f"{m.key} · step {m.step}{_asked_note(m)}{cap}"
+
+
+def _asked_note(m: Any) -> str:
+    asked = getattr(m, "asked", None)
+    if asked is None or asked == m.step:
+        return ""
+    return (f" (nearest at or before {asked})" if m.step < asked
+            else f" (its earliest; none at or before {asked})")
 
 
 def _heat(share: float) -> str:
@@ -1074,7 +1084,8 @@ def _media_md(items: Sequence[Any]) -> list[str]:
     M = _Md
     out: list[str] = []
     for m in items:
-        out.append(f"- {M.code(m.key)} at step {m.step}" + (f": {M.text(m.caption)}" if m.caption else ""))
+        out.append(f"- {M.code(m.key)} at step {m.step}{_asked_note(m)}"
+                   + (f": {M.text(m.caption)}" if m.caption else ""))
         if m.kind == "image":
             out.append("  (an image: embedded in the HTML report)")
         elif m.kind == "table":

@@ -299,3 +299,153 @@ async def test_the_detail_panes_code_diff_is_computed_once_per_pair(tmp_path: Pa
         await pilot.press("down", "up", "down", "up", "down")
         await settle(pilot)
     assert len(calls) >= 2 and len(calls) == len(set(calls))
+
+
+# ---- the media strip in the detail pane --------------------------------------------------------
+async def test_the_detail_pane_shows_a_runs_media_beside_its_parents(workstation, tmp_path: Path) -> None:
+    """A real parent and child log media through the SDK; the Lineage detail of the child shows one key
+    at its latest step beside the parent's nearest step (read in a worker, only for the run the cursor
+    rests on), `n` cycles the key, a run without media shows no strip, a result for a run the cursor
+    has left is dropped, and at 80×24 the strip is one line naming the keys."""
+    from rich.console import Console
+
+    from tests.test_monitor import follow_to_end
+    from tui.app import LabdeckApp
+    from tui.tabs.lineage import LineageTab
+
+    (tmp_path / "job.py").write_text(
+        "import labdeck, sys\n"
+        "g = int(sys.argv[1])\n"
+        "for s in ((0, 10, 20) if g == 1 else (0, 15, 30)):\n"
+        "    labdeck.log({'loss': 1 / (s + 1), 'grid': labdeck.Image([[0.0, g / 2], [1.0, 0.0]], caption='[red]x'),"
+        " 'cm': labdeck.Confusion([0, 1, 1], [0, 1, s % 2 if g == 1 else 1], labels=['cat', 'dog']),"
+        " 'per_class': labdeck.Table(['class', 'f1'], [['cat', 0.5 * g], ['dog', 0.7]])}, step=s)\n")
+    parent = await workstation.launch(f"{sys.executable} job.py 1", workdir=str(tmp_path), name="base")
+    assert (await follow_to_end(workstation, parent.id)).state == "succeeded"
+    child = await workstation.launch(f"{sys.executable} job.py 2", workdir=str(tmp_path), name="wide",
+                                     parent=parent.id)
+    assert (await follow_to_end(workstation, child.id)).state == "succeeded"
+    plain = await workstation.launch(f"{sys.executable} -c pass", workdir=str(tmp_path), name="nomedia")
+    assert (await follow_to_end(workstation, plain.id)).state == "succeeded"
+
+    def shown(app, wid: str) -> str:
+        c = Console(width=200, record=True, file=open(os.devnull, "w"))
+        c.print(app.query_one(wid).content)
+        return c.export_text()
+
+    app = LabdeckApp(workstation, live=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("4")
+        await settle(pilot)
+        tab = app.query_one(LineageTab)
+        tree = app.query_one(Tree)
+
+        def select(run_id: str) -> None:
+            def find(node):
+                for n in node.children:
+                    if n.data == run_id:
+                        return n
+                    n.expand()
+                    got = find(n)
+                    if got is not None:
+                        return got
+            tree.move_cursor(find(tree.root))
+
+        async def rest() -> None:
+            for _ in range(3):
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+
+        for r in tree.root.children:
+            r.expand()
+        await pilot.pause()
+        select(child.id)
+        await rest()
+        assert app.query_one("#lineage-media").display
+        head = shown(app, "#lineage-media-head")
+        assert "media grid 1/3" in head and "n next" in head and "v view" in head
+        a, b = shown(app, "#lineage-media-a"), shown(app, "#lineage-media-b")
+        assert "wide · step 30 · [red]x" in a and "▀" in a  # the caption as plain text, the image in half blocks
+        assert "base · step 20 (nearest)" in b and "▀" in b
+        await pilot.press("n")
+        await rest()
+        assert "media cm 2/3" in shown(app, "#lineage-media-head")
+        a = shown(app, "#lineage-media-a")
+        assert "difference (this − other)" in a and "+1" in a and "-1" in a  # cm: the child's dog row vs step 20's
+        await pilot.press("n")
+        await rest()
+        assert "per_class 3/3" in shown(app, "#lineage-media-head") and "1.0" in shown(app, "#lineage-media-a")
+        # another run without media: no strip; back on the parent: the key chosen with n is kept
+        select(plain.id)
+        await rest()
+        assert not app.query_one("#lineage-media").display
+        select(parent.id)
+        await rest()
+        assert "media per_class 3/3" in shown(app, "#lineage-media-head")
+        assert not app.query_one("#lineage-media-b").display  # a baseline: one side
+        # the cursor moves on while a read is under way: what comes back for the old run is dropped
+        select(child.id)
+        select(plain.id)
+        await rest()
+        assert tab._media_pair[0] == plain.id and not app.query_one("#lineage-media").display
+        # v still opens the full view beside the parent
+        select(child.id)
+        await rest()
+        await pilot.press("v")
+        await rest()
+        from tui.mediaview import MediaScreen
+
+        assert isinstance(app.screen, MediaScreen) and app.screen.other.id == parent.id
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24)
+        await rest()
+        head = shown(app, "#lineage-media-head")
+        assert head.startswith("media (v to view): per_cla") and not app.query_one("#lineage-media-row").display
+
+
+async def test_the_media_strip_of_an_active_run_follows_its_new_steps(workstation, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """While a run is active its strip is read again (every MEDIA_LIVE_EVERY seconds, shortened here):
+    a step logged after the cursor landed on it shows without moving the cursor."""
+    import asyncio
+
+    import tui.tabs.lineage as lineage_tab
+    from tui.app import LabdeckApp
+
+    monkeypatch.setattr(lineage_tab, "MEDIA_LIVE_EVERY", 0.3)
+    go = tmp_path / "go"
+    (tmp_path / "job.py").write_text(
+        "import labdeck, os, time\n"
+        "labdeck.log({'notes': labdeck.Text('first')}, step=1)\n"
+        "labdeck.flush()\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)\n"
+        "labdeck.log({'notes': labdeck.Text('second')}, step=2)\n"
+        "labdeck.flush()\n"
+        f"while os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)\n")
+    run = await workstation.launch(f"{sys.executable} job.py", workdir=str(tmp_path), name="live")
+    app = LabdeckApp(workstation, live=False)
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+
+            async def strip_says(word: str) -> bool:
+                for _ in range(300):  # at most ~30 s
+                    await pilot.pause(0.1)
+                    if app.query_one("#lineage-media").display and word in str(app.query_one("#lineage-media-a").content.renderables[1]):
+                        return True
+                return False
+
+            tree = app.query_one(Tree)
+            node = next(n for n in tree.root.children if n.data == run.id)
+            tree.move_cursor(node)
+            assert await strip_says("first")
+            go.write_text("")
+            assert await strip_says("second")
+    finally:
+        go.unlink(missing_ok=True)
+        await asyncio.sleep(0)

@@ -464,3 +464,70 @@ async def test_a_linked_directory_below_the_run_is_refused_over_ssh(ssh_server, 
             await t.read_file(f"{home}/notes/5.txt", inside=str(run_dir))
     finally:
         await pool.close()
+
+
+# ---- choosing the step of the report's media ------------------------------------------------------
+def test_media_choice_and_the_step_at_or_before() -> None:
+    from backends.media import ReportMedia, parse_media_choice
+    from backends.report import _media_label
+
+    assert parse_media_choice("img") == ("img", None)
+    assert parse_media_choice("img@40") == ("img", 40) and parse_media_choice("img@-3") == ("img", -3)
+    assert parse_media_choice("a@b@latest") == ("a@b", None) and parse_media_choice("a@b@7") == ("a@b", 7)
+    for bad in ("img@x", "img@", "img@1.5", "@4", "img@99999999999999999999"):
+        with pytest.raises(MediaError):
+            parse_media_choice(bad)
+    idx = MediaIndex()
+    for s in (10, 20, 40):
+        idx.feed((json.dumps({"key": "k", "step": s, "kind": "text", "file": f"k/{s}.txt", "size": 1}) + "\n").encode())
+    assert [idx.at_or_before("k", s).step for s in (10, 19, 20, 39, 40, 10**6, 9, -5)] == [10, 10, 20, 20, 40, 40, 10, 10]
+    assert idx.at_or_before("nope", 5) is None
+    assert _media_label(ReportMedia("k", 20, "text", "t")) == "k · step 20"
+    assert _media_label(ReportMedia("k", 20, "text", "t", asked=20)) == "k · step 20"
+    assert _media_label(ReportMedia("k", 20, "text", "t", "c", asked=30)) == "k · step 20 (nearest at or before 30) · c"
+    assert _media_label(ReportMedia("k", 10, "text", "t", asked=9)) == "k · step 10 (its earliest; none at or before 9)"
+
+
+async def test_report_cli_chooses_the_media_step_along_the_path(workstation, home: Path, tmp_path: Path) -> None:
+    """``--media KEY@STEP``: for each run of the lineage path its latest step at or below STEP (its
+    earliest when it has none), each item labelled with its real step; ``--media-step`` for bare
+    keys; a malformed step is a usage error (exit 2)."""
+    import asyncio
+
+    from tests.test_cli import labdeck
+    from tests.test_monitor import follow_to_end
+
+    (tmp_path / "job.py").write_text(
+        "import labdeck, sys\n"
+        "off = int(sys.argv[1])\n"
+        "for s in (0, 10, 20):\n"
+        "    labdeck.log({'img': labdeck.Image([[s / 20, 0.0], [1.0, 0.5]], caption=f'at {s}')}, step=s + off)\n"
+        "labdeck.log({'late': labdeck.Text('only late')}, step=30)\n")
+    parent = await workstation.launch(f"{sys.executable} job.py 0", workdir=str(tmp_path), name="media-parent")
+    assert (await follow_to_end(workstation, parent.id)).state == "succeeded"
+    child = await workstation.launch(f"{sys.executable} job.py 5", workdir=str(tmp_path), name="media-child",
+                                     parent=parent.id)
+    assert (await follow_to_end(workstation, child.id)).state == "succeeded"
+    out = tmp_path / "out"
+    res = await asyncio.to_thread(labdeck, home, "report", child.id, "--media", "img@15", "--media", "late@15",
+                                  "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    page = next(out.glob("*.html")).read_text()
+    # the parent (steps 0, 10, 20): 10; the child (steps 5, 15, 25): exactly 15
+    assert "img · step 10 (nearest at or before 15) · at 10" in page and "img · step 15 · at 10" in page
+    assert page.count("late · step 30 (its earliest; none at or before 15)") == 2
+    md = next(out.glob("*.md")).read_text()
+    assert "`img` at step 10 (nearest at or before 15)" in md and "`img` at step 15: at 10" in md
+    for f in out.iterdir():
+        f.unlink()
+    res = await asyncio.to_thread(labdeck, home, "report", child.id, "--media", "img", "--media-step", "20",
+                                  "--media", "late@latest", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    page = next(out.glob("*.html")).read_text()
+    assert "img · step 20 · at 20" in page and "img · step 15 (nearest at or before 20) · at 10" in page
+    assert page.count("late · step 30 · only") == 0 and page.count("late · step 30<") == 2
+    for args in (["--media", "img@x"], ["--media", "@3"], ["--media-step", "5"], ["--media-step", "x", "--media", "img"]):
+        res = await asyncio.to_thread(labdeck, home, "report", parent.id, *args, "-o", str(out))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (args, res.stderr)
+    res = await asyncio.to_thread(labdeck, home, "report", parent.id, "--media", "img@x", "-o", str(out))
+    assert "the step after '@' must be a whole number" in res.stderr

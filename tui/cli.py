@@ -829,7 +829,7 @@ def fetch_cmd(run: str, paths: tuple[str, ...], out_dir: str) -> None:
             offset = 0
             with open(tmp, "wb") as f:
                 while True:
-                    chunk = await transport.read_file(f"{r.run_dir}/{rel}", offset, 8 << 20)
+                    chunk = await transport.read_file(f"{r.run_dir}/{rel}", offset, 8 << 20, inside=r.run_dir)
                     f.write(chunk.data)
                     offset = chunk.next_offset
                     if not chunk.data or offset >= chunk.size:
@@ -973,13 +973,30 @@ def tag_cmd(run: str, tags: tuple[str, ...], remove: bool) -> None:
 @click.option("--out", "-o", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the .md and .html files")
 @click.option("--metric", default=None, help="Key metric (default: the project's loss)")
-@click.option("--media", "media_keys", multiple=True, metavar="KEY",
-              help="Embed this logged media key (its latest step) for every run of the path; repeatable")
+@click.option("--media", "media_keys", multiple=True, metavar="KEY[@STEP]",
+              help="Embed this logged media key for every run of the path; repeatable. KEY: each run's latest "
+                   "step (or --media-step's); KEY@STEP: each run's latest step at or below STEP (its earliest "
+                   "if it has none); KEY@latest: the latest, also for a key that holds an '@'")
+@click.option("--media-step", type=int, default=None, metavar="STEP",
+              help="The step for every --media KEY given without @STEP (at or below it, as KEY@STEP)")
 @friendly
-def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[str, ...]) -> None:
+def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[str, ...],
+               media_step: int | None) -> None:
     """Write the path from the baseline to a run (or to the best run a filter matches) as
     Markdown and as a self-contained HTML page with the metric plots as SVG (and, with --media,
-    the chosen images, tables, confusion matrices and histograms of each run)."""
+    the chosen images, tables, confusion matrices and histograms of each run, each labelled with
+    the step it was logged at)."""
+    from backends.media import MediaError, parse_media_choice
+
+    choices: list[tuple[str, int | None]] = []
+    for text in media_keys:
+        try:
+            key, at = parse_media_choice(text)
+        except MediaError as e:
+            raise click.BadParameter(str(e), param_hint="'--media'") from None
+        choices.append((key, at if at is not None or text.endswith("@latest") else media_step))
+    if media_step is not None and not media_keys:
+        raise click.UsageError("--media-step chooses the step of --media keys; name one with --media KEY.")
     from backends import lineage as lin
     from backends.errors import AmbiguousError, NotFoundError
     from backends.metrics import lower_is_better
@@ -1028,12 +1045,12 @@ def report_cmd(target: str, out_dir: str, metric: str | None, media_keys: tuple[
         async def transport_of(r):
             return await ws.transport(r.instance)
 
-        media, problems = asyncio.run(report_media(path, media_keys, transport_of,
+        media, problems = asyncio.run(report_media(path, choices, transport_of,
                                                    Path(ws.config.paths.data_dir) / "media"))
         for p in problems:
             err_console.print(f"media left out: {esc(p)}", highlight=False)
         if not media:
-            err_console.print(f"no run of the path has logged {', '.join(esc(k) for k in media_keys)}", highlight=False)
+            err_console.print(f"no run of the path has logged {', '.join(esc(k) for k, _ in choices)}", highlight=False)
     md, html = build_report(path, series=series, code_diffs=diffs, annotations={r.id: tl.annotations.get(r.id, []) for r in path},
                             key_metric=metric, media=media)
     base = "-".join(p for p in ("labdeck-report", slug(run.name), short_id(run.id)) if p)

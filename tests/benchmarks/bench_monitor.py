@@ -163,9 +163,9 @@ class Probe:
         orig_step = follower.step
         probe = self
 
-        async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20):
+        async def read_file(self, path: str, offset: int = 0, max_bytes: int = 1 << 20, *, inside=None):
             t = time.time()
-            part = await orig_read(self, path, offset, max_bytes)
+            part = await orig_read(self, path, offset, max_bytes, inside=inside)
             probe.reads.append((path, t, time.time(), len(part.data)))
             return part
 

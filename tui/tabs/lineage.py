@@ -7,13 +7,25 @@ cost, notes and tags. `/` filters with the query language (`user:alice lr>1e-3
 tag:best metric.val_loss<0.3`, OR, NOT, parentheses, ancestors:RUN); enter or
 space opens a node; `m` marks runs and `c` compares two; `a` adds a note, `t` a tag (to anyone's run: they go
 in your own store); `l` opens the log, `j` shows it in Jobs, `M` in Monitor.
+
+A run that logged media gets a media strip under its detail: one key at the run's latest step beside
+the parent's nearest step (images, histograms, confusion matrices with the difference, tables with
+differing cells, text), drawn with :mod:`tui.mediaview`'s renderers. `n` shows the next key, `v` opens
+the full Media view. The strip is read lazily in a worker, only for the run the cursor rests on; a
+result for a run the cursor has left is dropped; an active run's strip is read again every few
+seconds while the tab is shown. In a small terminal it is one line naming the keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import OrderedDict
+from typing import Any
 
+from rich.table import Table
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -26,11 +38,21 @@ from backends.metrics import lower_is_better
 from backends.models import Run
 from backends.text import plain, plain_line as pl
 
-from ..format import STATE_STYLE, duration, short_id
+from ..format import STATE_STYLE, cell, duration, safe, short_id, text
 from . import TabView
 
 MAX_ROOTS = 500
 DIFF_LINES = 60
+#: How long the cursor rests on a run before its media are read (moving on cancels the read).
+MEDIA_SETTLE = 0.2
+#: Lines of one side of the media strip (an image is drawn in at most this many rows of half blocks).
+MEDIA_ROWS = 8
+#: How often the strip of an active run is read again while the tab is shown (seconds).
+MEDIA_LIVE_EVERY = 5.0
+#: Below this width of the detail pane, or this height of the terminal, the strip is one line.
+MEDIA_MIN_WIDTH, MEDIA_MIN_HEIGHT = 42, 30
+#: Rows and columns of a logged table shown in the strip.
+MEDIA_TABLE_ROWS, MEDIA_TABLE_COLS = 6, 6
 
 
 def _fmt(v) -> str:
@@ -55,7 +77,16 @@ class LineageTab(TabView):
         Binding("R", "rerun_changes", "Rerun…", id="lineage.rerun_changes",
                 tooltip="Edit this run's parameters, command, instance or environment, then run it as its child"),
         Binding("v", "media", "Media", id="lineage.media", tooltip="This run's media beside its parent's"),
+        Binding("n", "media_key", "Media key", id="lineage.media_key",
+                tooltip="Show the next media key in the detail pane's media strip"),
     ]
+
+    DEFAULT_CSS = """
+    #lineage-media { height: auto; padding: 0 1; margin-top: 1; }
+    #lineage-media-head { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    #lineage-media-row { height: auto; }
+    .lineage-media-side { width: 1fr; height: auto; max-height: 24; overflow: hidden; padding-right: 1; }
+    """
 
     FILTER_HINT = "query: lr>1e-3 and state:succeeded · user:bob · tag:best · metric.loss<0.3 · OR, NOT, ( )"
     HELP_NOTES = (("space, ⏎", "Expand or collapse a run's derived runs"),)
@@ -77,6 +108,13 @@ class LineageTab(TabView):
         self._diffs: dict[tuple[str | None, str], str] = {}  # (parent id, run id) -> code diff
         self._dirty = False
         self.served: set[str] = set()  # runs with a live deployment
+        # the media strip: sources by run id (their index mirrors are kept), decoded items by
+        # (run id, key, step, file), and what the strip shows now
+        self._media_sources: OrderedDict[str, Any] = OrderedDict()
+        self._media_docs: OrderedDict[tuple, Any] = OrderedDict()
+        self._media_pair: tuple[str, str | None] | None = None  # (run id, parent id) the strip is for
+        self._media_key: str | None = None  # the key last chosen with n (kept across runs that have it)
+        self._media_shown: dict | None = None  # what the last finished read found for _media_pair
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -87,10 +125,17 @@ class LineageTab(TabView):
                 yield Static("", id="lineage-status", classes="status-line")
             with VerticalScroll(id="lineage-right"):
                 yield Static("Select a run to see where it came from.", id="lineage-detail")
+                with Vertical(id="lineage-media"):
+                    yield Static("", id="lineage-media-head")
+                    with Horizontal(id="lineage-media-row"):
+                        yield Static("", id="lineage-media-a", classes="lineage-media-side")
+                        yield Static("", id="lineage-media-b", classes="lineage-media-side")
                 yield PlotextPlot(id="lineage-chart")
 
     def on_mount(self) -> None:
         self.query_one("#lineage-chart").display = False
+        self.query_one("#lineage-media").display = False
+        self.set_interval(MEDIA_LIVE_EVERY, self._media_live)
 
     # ---- data -------------------------------------------------------------
     def show_lineage(self, view: lin.TeamLineage) -> None:
@@ -275,6 +320,7 @@ class LineageTab(TabView):
                              style="dim")
         self.query_one("#lineage-detail", Static).update(t)
         self.draw_curves([r] + ([parent] if parent else []))
+        self.show_media(r, parent)
 
     def draw_curves(self, runs: list[Run]) -> None:
         chart = self.query_one("#lineage-chart", PlotextPlot)
@@ -373,6 +419,18 @@ class LineageTab(TabView):
 
             open_media(self.app, r, self.runs.get(r.parent) if r.parent else None)
 
+    def action_media_key(self) -> None:
+        got = self._media_shown
+        if not got or not got["keys"]:
+            self.app.notify("This run has logged no media to show here.", severity="warning")
+            return
+        keys = got["keys"]
+        i = keys.index(got["key"]) if got["key"] in keys else -1
+        self._media_key = keys[(i + 1) % len(keys)]
+        r = self.runs.get(got["run"])
+        if r is not None:
+            self._load_media(r, self.runs.get(r.parent) if r.parent else None, fresh=False)
+
     def action_logs(self) -> None:
         r = self.selected_run()
         if r:
@@ -400,3 +458,212 @@ class LineageTab(TabView):
 
     def focus_main(self) -> None:
         self.query_one(Tree).focus()
+
+    # ---- the media strip ----------------------------------------------------
+    def show_media(self, r: Run, parent: Run | None) -> None:
+        """The strip for ``r`` beside ``parent``: drawn again at once when it is already read, else
+        hidden until a worker has read it (only the run the cursor rests on is read)."""
+        pair = (r.id, parent.id if parent else None)
+        if pair == self._media_pair and self._media_shown is not None:
+            self.paint_media()
+            return
+        self._media_pair, self._media_shown = pair, None
+        self.query_one("#lineage-media").display = False
+        self._load_media(r, parent)
+
+    def _media_live(self) -> None:
+        """An active run's strip is read again (its newest step), while this tab is the one shown."""
+        if (not self.is_active_tab or self.app.screen is not self.screen or self._media_pair is None
+                or self._media_shown is None):
+            return
+        r = self.runs.get(self._media_pair[0])
+        if r is not None and r.run_state.is_active:
+            self._load_media(r, self.runs.get(r.parent) if r.parent else None)
+
+    def _source(self, run: Run):
+        """The run's :class:`tui.mediaview.MediaSource` (kept: its index mirror grows, not read
+        again); None for a record labdeck builds no cache path from (a malformed user or id)."""
+        from backends.errors import LabdeckError
+
+        from ..mediaview import MediaSource
+
+        src = self._media_sources.get(run.id)
+        if src is None:
+            try:
+                src = MediaSource(run, self.app.workstation)
+            except LabdeckError:
+                return None
+            self._media_sources[run.id] = src
+            while len(self._media_sources) > 32:
+                self._media_sources.popitem(last=False)
+        else:
+            self._media_sources.move_to_end(run.id)
+            src.run = run
+        return src
+
+    @work(group="lineage-media", exclusive=True, exit_on_error=False)
+    async def _load_media(self, r: Run, parent: Run | None, fresh: bool = True) -> None:
+        from backends.media import nearest_step
+
+        pair = (r.id, parent.id if parent else None)
+        if fresh:
+            await asyncio.sleep(MEDIA_SETTLE)  # a cursor moving through the tree cancels this read
+        src = self._source(r)
+        psrc = self._source(parent) if parent is not None else None
+        if src is None:
+            return
+        if fresh:
+            await src.refresh()
+            if psrc is not None:
+                await psrc.refresh()
+        if pair != self._media_pair:
+            return  # the cursor moved on meanwhile
+        keys = src.media.index.keys()
+        found: dict = {"run": r.id, "keys": keys, "key": None, "entry": None, "doc": None,
+                       "pentry": None, "pdoc": None, "note": src.note}
+        if keys:
+            key = self._media_key if self._media_key in keys else keys[0]
+            found["key"] = key
+            entry = src.media.index.latest(key)
+            found["entry"], found["doc"] = entry, await self._media_doc(src, entry)
+            if psrc is not None:
+                near = nearest_step(psrc.media.index.steps(key), entry.step)
+                pentry = psrc.media.index.get(key, near) if near is not None else None
+                if pentry is not None and pentry.kind == entry.kind:
+                    found["pentry"], found["pdoc"] = pentry, await self._media_doc(psrc, pentry)
+        if pair != self._media_pair:
+            return
+        self._media_shown = found
+        self.paint_media()
+
+    async def _media_doc(self, src, entry) -> Any:
+        """The entry's item decoded (an image's pixels in a thread; a LabdeckError when it cannot be read)."""
+        from backends.errors import LabdeckError
+        from backends.media import MediaError, confusion_doc, decode_png, histogram_doc, table_doc, text_doc
+
+        k = (src.run.id, entry.key, entry.step, entry.file)
+        got = self._media_docs.get(k)
+        if got is not None:
+            self._media_docs.move_to_end(k)
+            return got
+        try:
+            data = await src.load(entry)
+            if entry.kind == "image":
+                if not isinstance(data, bytes) or data[:8] != b"\x89PNG\r\n\x1a\n":
+                    raise MediaError("not a PNG (v lists it)")
+                got = await asyncio.to_thread(decode_png, data)
+            else:
+                got = {"table": table_doc, "histogram": histogram_doc, "confusion": confusion_doc}.get(
+                    entry.kind, text_doc)(data)
+        except LabdeckError as e:
+            got = e
+        self._media_docs[k] = got
+        while len(self._media_docs) > 32:
+            self._media_docs.popitem(last=False)
+        return got
+
+    def on_resize(self) -> None:
+        if self._media_shown is not None:
+            self.paint_media()
+
+    def paint_media(self) -> None:
+        """Draw what :meth:`_load_media` found, for the pane's size now."""
+        box = self.query_one("#lineage-media")
+        got = self._media_shown
+        if not got or not got["keys"]:
+            box.display = False
+            return
+        box.display = True
+        head = self.query_one("#lineage-media-head", Static)
+        row = self.query_one("#lineage-media-row")
+        keys, key, entry, pentry = got["keys"], got["key"], got["entry"], got["pentry"]
+        width = self.query_one("#lineage-right").size.width - 3
+        nkey, vkey = self.app.key_of("lineage.media_key"), self.app.key_of("lineage.media")
+        h = Text(no_wrap=True, overflow="ellipsis")
+        if width < MEDIA_MIN_WIDTH or self.app.size.height < MEDIA_MIN_HEIGHT:
+            h.append("media ", style="bold")
+            h.append(f"({vkey} to view): ", style="dim")
+            h.append(pl(key), style="bold")  # the key n chose first, then the others
+            h.append(f" {keys.index(key) + 1}/{len(keys)}", style="dim")
+            rest = [k for k in keys if k != key]
+            for k in rest[:8]:
+                h.append(" · " + pl(k))
+            head.update(safe(h), layout=False)
+            row.display = False
+            return
+        row.display = True
+        h.append("media ", style="bold")
+        h.append(pl(key))
+        h.append(f" {keys.index(key) + 1}/{len(keys)} · {nkey} next · {vkey} view", style="dim")
+        head.update(safe(h), layout=False)
+        parent = self.runs.get(self._media_pair[1]) if self._media_pair and self._media_pair[1] else None
+        side = max(10, (width - 2) // 2) if parent is not None else max(10, width)
+        self.query_one("#lineage-media-b").display = parent is not None
+        run = self.runs.get(got["run"])
+        doc, pdoc = got["doc"], got["pdoc"]
+        both = not isinstance(doc, Exception) and not isinstance(pdoc, Exception) and pentry is not None
+        self.query_one("#lineage-media-a", Static).update(
+            self._media_side(run, entry, doc, pdoc if both else None, side, None))
+        if parent is not None:
+            self.query_one("#lineage-media-b", Static).update(
+                self._media_side(parent, pentry, pdoc, None, side, entry.step))
+
+    def _media_side(self, run: Run | None, entry, doc: Any, other: Any, cols: int, wanted: int | None):
+        """One side of the strip: a caption line and the item, drawn by :mod:`tui.mediaview`."""
+        from rich.console import Group
+
+        from ..mediaview import confusion_text, halfblock, histogram_text
+
+        cap = Text(no_wrap=True, overflow="ellipsis")
+        cap.append(pl(run.display_name) if run else "", style="bold")
+        if entry is None:
+            cap.append(" · nothing at this key", style="dim")
+            return safe(cap)
+        cap.append(f" · step {entry.step}")
+        if wanted is not None and entry.step != wanted:
+            cap.append(" (nearest)", style="yellow")
+        if entry.caption:
+            cap.append(" · " + pl(entry.caption), style="dim")
+        if isinstance(doc, Exception):
+            return Group(safe(cap), text(f"cannot show it: {doc}", "dim"))
+        if entry.kind == "image":
+            body: Any = halfblock(doc, cols, MEDIA_ROWS)
+        elif entry.kind == "histogram" and cols < 40:  # too narrow for labelled bars: a sparkline
+            from backends.media import rebin_histogram
+
+            lo, hi, bins = rebin_histogram(doc, cols)
+            top = max(bins) if bins else 0
+            body = Text()
+            body.append("".join("▁▂▃▄▅▆▇█"[min(7, int(c / top * 7.999))] if c else " " for c in bins) if top
+                        else "(an empty histogram)", style="cyan" if top else "dim")
+            body.append(f"\n{lo:.3g} … {hi:.3g}" if top else "", style="dim")
+        elif entry.kind == "histogram":
+            body = histogram_text(doc, cols, MEDIA_ROWS - 2)
+        elif entry.kind == "confusion":
+            body = confusion_text(doc[0], doc[1], other, cols=cols)
+        elif entry.kind == "table":
+            return Group(safe(cap), self._table(doc, other))
+        else:
+            lines = plain(doc).splitlines()
+            body = text("\n".join(line[:cols] for line in lines[:MEDIA_ROWS]))
+        # a narrow side crops (v shows it whole); the renderers end without a newline, and in a Group the
+        # last line would be lost
+        body.no_wrap, body.overflow, body.end = True, "crop", "\n"
+        return Group(safe(cap), body)
+
+    @staticmethod
+    def _table(doc, other) -> Table:
+        """The first rows and columns of a logged table; cells that differ from ``other``'s in yellow."""
+        cols, rows = doc
+        ocols, orows = other if other is not None else (None, None)
+        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        for c in cols[:MEDIA_TABLE_COLS]:
+            t.add_column(cell(c), overflow="ellipsis", no_wrap=True)
+        for ri, r in enumerate(rows[:MEDIA_TABLE_ROWS]):
+            t.add_row(*[cell("–" if v is None else v,
+                             "yellow" if ocols == cols and orows is not None
+                             and (ri >= len(orows) or orows[ri][ci] != v) else "")
+                        for ci, v in enumerate(r[:MEDIA_TABLE_COLS])])
+        if len(rows) > MEDIA_TABLE_ROWS:
+            t.caption = f"… {len(rows) - MEDIA_TABLE_ROWS} more rows"
+        return t
