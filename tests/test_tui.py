@@ -404,3 +404,45 @@ async def test_rounds_still_queued_at_shutdown_are_dropped_not_raised(demo) -> N
     for message in (DeploymentsLoaded([], {}), MonitorUpdated({}), RunsLoaded(runs, {}, None),
                     InstancesLoaded(InstanceListing([]))):
         await demo._on_message(message)  # the dispatch a queued message gets; must not raise
+
+
+async def test_a_health_change_still_queued_at_shutdown_is_dropped_not_raised(demo) -> None:
+    """A host going down queues a redraw of the Jobs and Instances rows (call_later). Handled after
+    shutdown began, it found JobsTab still there while the children of the tabs were being pruned
+    (each tab's children go first) and raised NoMatches, failing the run that closed the app. The
+    state shutdown leaves it in is made here: the app no longer running (App._shutdown sets that
+    before pruning) and one tab's table already gone."""
+    from tui.widgets import SortTable
+
+    async with demo.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await demo.instances_tab.query_one(SortTable).remove()
+        assert demo.query(JobsTab)
+        demo._running = False  # as App._shutdown does first
+        demo._rerender_health()  # the queued callback; must not raise
+
+
+async def test_a_refresh_that_finds_its_tab_pruned_at_exit_is_not_an_error(demo, caplog) -> None:
+    """The app's own refresh workers (models, monitor, runs) ask for their tab; one that runs while
+    shutdown prunes the tabs gets NoMatches. That is not a failure to show or log (it was logged as an
+    "unexpected error" with a traceback); any other worker error still is."""
+    import logging
+
+    from textual.css.query import NoMatches
+    from textual.worker import Worker, WorkerState
+
+    async with demo.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+    assert not demo.query(JobsTab)
+    shown = len(demo._notifications)
+
+    class Failed:  # the worker as Worker.StateChanged carries it
+        error = NoMatches("No nodes match 'ModelsTab' on Screen(id='_default')")
+
+    with caplog.at_level(logging.ERROR):
+        demo.worker_failed(Worker.StateChanged(Failed(), WorkerState.ERROR))
+        assert len(demo._notifications) == shown
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        Failed.error = RuntimeError("a real bug")
+        demo.worker_failed(Worker.StateChanged(Failed(), WorkerState.ERROR))
+    assert any("unexpected error" in r.getMessage() for r in caplog.records)
