@@ -17,7 +17,7 @@ from backends.workstation import Workstation
 from tui.app import LabdeckApp
 from tui.screenshots import demo_app, settle
 from tui.tabs.jobs import JobsTab
-from .conftest import live_group_members
+from .conftest import group_gone
 from tui.widgets import CommandBar, ConfirmScreen, FilterBar, HelpScreen, LogScreen
 
 SIZE = (120, 34)
@@ -241,8 +241,7 @@ async def test_run_example_logs_and_cancel_with_confirmation(home: Path, tmp_pat
         await pilot.press("y")
         await settle(pilot)
         assert workstation.store.find_run(sleeper.id).state == "cancelled"
-        await asyncio.sleep(0.2)
-        assert live_group_members(sleeper.pid) == []
+        assert await group_gone(sleeper.pid) == []
 
 
 async def test_teammates_runs_cannot_be_cancelled(demo) -> None:
