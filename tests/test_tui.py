@@ -445,3 +445,15 @@ async def test_a_refresh_that_finds_its_tab_pruned_at_exit_is_not_an_error(demo,
         Failed.error = RuntimeError("a real bug")
         demo.worker_failed(Worker.StateChanged(Failed(), WorkerState.ERROR))
     assert any("unexpected error" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_app_closed_before_its_first_frame_does_not_raise(demo) -> None:
+    """The first frame's callback (focus the active tab) is queued after the first refresh; an app
+    closed at once (a test, or `:q` typed ahead) runs it during shutdown, when the tabs may already be
+    pruned (NoMatches, or StopIteration from an empty tab list). It is handed to the app as the
+    queue would, after the tabs are gone."""
+    async with demo.run_test(size=SIZE):
+        pass
+    assert not demo.query(JobsTab)
+    demo._mark_ready()  # must not raise
+    assert demo._first_frame_done

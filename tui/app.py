@@ -154,6 +154,8 @@ class LabdeckApp(App[None]):
 
     def _mark_ready(self) -> None:
         self._first_frame_done = True
+        if self._tabs_gone():  # closed before its first frame: this callback runs while the tabs are pruned
+            return
         self.active_tab().focus_main()
 
     def notify(self, message, *, title: str = "", severity="information", timeout: float | None = None,
