@@ -223,7 +223,9 @@ async def test_run_example_logs_and_cancel_with_confirmation(home: Path, tmp_pat
         await pilot.press("escape")
 
         sleeper = await workstation.launch("sleep 60", workdir=str(tmp_path), name="sleeper")
-        app.load_runs()
+        # launched behind the app's back: a plain refresh posts rows only when a host's round changed a
+        # run (the example's, when its state moved in that round: not under load), so ask as ctrl+r does
+        app.reload_runs()
         await settle(pilot)
         table = app.query_one("#jobs-table", DataTable)
         table.move_cursor(row=0)  # newest first: the sleeper
