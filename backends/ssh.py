@@ -804,12 +804,12 @@ def _prefix(cwd: str | None, env: Mapping[str, str] | None) -> str:
     return " ".join(parts) + (" " if parts else "")
 
 
-SFTP_WINDOW = 16  # read requests in flight at once for one read_file
+SFTP_IN_FLIGHT = 4 << 20  # bytes asked for at once by one read_file (asyncssh's own choice for its reader)
 
 
 async def read_range(f, offset: int, n: int, block: int) -> bytes:
     """Up to ``n`` bytes of the open SFTP file ``f`` from ``offset``: requests of ``block`` bytes,
-    ``SFTP_WINDOW`` at a time (asyncssh's own default for its block size), awaited by a gather: it
+    ``SFTP_IN_FLIGHT`` bytes' worth at a time (16 to 128 requests, as asyncssh's reader), awaited by a gather: it
     cancels them when this read is cancelled and retrieves every outcome, so no request's error is
     left on a task nobody awaits (asyncssh's parallel reader leaves its tasks running when the read
     that started them is cancelled: a follower stopped at exit logged SFTPEOFError). ``f`` is opened
@@ -817,6 +817,7 @@ async def read_range(f, offset: int, n: int, block: int) -> bytes:
     limit) or with nothing at the end of the file. The bytes stop at the first short block, so a file
     that grows while the blocks are read never leaves a gap."""
     block = int(block) if block and block > 0 else 64 << 10  # (a server that states no limit)
+    window = max(16, min(SFTP_IN_FLIGHT // block, 128))
 
     async def one(at: int, k: int) -> bytes:
         got = b""
@@ -832,7 +833,7 @@ async def read_range(f, offset: int, n: int, block: int) -> bytes:
     at = offset
     while at < end:
         spans = []
-        while at < end and len(spans) < SFTP_WINDOW:
+        while at < end and len(spans) < window:
             spans.append((at, min(block, end - at)))
             at += spans[-1][1]
         parts = await asyncio.gather(*(one(a, k) for a, k in spans))
