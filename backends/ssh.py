@@ -804,6 +804,46 @@ def _prefix(cwd: str | None, env: Mapping[str, str] | None) -> str:
     return " ".join(parts) + (" " if parts else "")
 
 
+SFTP_IN_FLIGHT = 4 << 20  # bytes asked for at once by one read_file (asyncssh's own choice for its reader)
+
+
+async def read_range(f, offset: int, n: int, block: int) -> bytes:
+    """Up to ``n`` bytes of the open SFTP file ``f`` from ``offset``: requests of ``block`` bytes,
+    ``SFTP_IN_FLIGHT`` bytes' worth at a time (16 to 128 requests, as asyncssh's reader), awaited by a gather: it
+    cancels them when this read is cancelled and retrieves every outcome, so no request's error is
+    left on a task nobody awaits (asyncssh's parallel reader leaves its tasks running when the read
+    that started them is cancelled: a follower stopped at exit logged SFTPEOFError). ``f`` is opened
+    with ``block_size=0``: its read is a single request, which a server may answer short (its own
+    limit) or with nothing at the end of the file. The bytes stop at the first short block, so a file
+    that grows while the blocks are read never leaves a gap."""
+    block = int(block) if block and block > 0 else 64 << 10  # (a server that states no limit)
+    window = max(16, min(SFTP_IN_FLIGHT // block, 128))
+
+    async def one(at: int, k: int) -> bytes:
+        got = b""
+        while len(got) < k:
+            part = await f.read(k - len(got), at + len(got))
+            if not part:  # the end of the file (asyncssh returns b"" for SFTPEOFError)
+                break
+            got += part
+        return got
+
+    out = bytearray()
+    end = offset + n
+    at = offset
+    while at < end:
+        spans = []
+        while at < end and len(spans) < window:
+            spans.append((at, min(block, end - at)))
+            at += spans[-1][1]
+        parts = await asyncio.gather(*(one(a, k) for a, k in spans))
+        for (_a, k), part in zip(spans, parts):
+            out += part
+            if len(part) < k:
+                return bytes(out)
+    return bytes(out)
+
+
 class SSHTransport(Transport):
     """The Transport contract over one pooled SSH connection."""
 
@@ -874,10 +914,13 @@ class SSHTransport(Transport):
             if lst.type != asyncssh.FILEXFER_TYPE_REGULAR and not stat.S_ISREG(lst.permissions or 0):
                 raise RefusedFile(f"Refusing to read {path} on {self.instance}: "
                                   + ("it is a symbolic link." if stat.S_ISLNK(lst.permissions or 0) else "not a regular file."))
-            async with sftp.open(path, "rb") as f:
+            # block_size=0: each f.read is one request awaited here (see read_range), never asyncssh's
+            # parallel reader, whose tasks outlive a cancelled read and log "Task exception was never
+            # retrieved" (SFTPEOFError) when the range runs past the end of the file
+            async with sftp.open(path, "rb", block_size=0) as f:
                 size = (await f.stat()).size or 0
                 n = max(0, min(int(max_bytes), MAX_READ))
-                data = await f.read(n, offset) if n else b""
+                data = await read_range(f, offset, n, sftp.limits.max_read_len) if n else b""
         except asyncssh.SFTPNoSuchFile:
             raise TransportError(f"No file {path} on {self.instance}.") from None
         except (asyncssh.Error, OSError) as e:

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 pytest_plugins = ["tests.rig_fixtures"]
 
+import asyncio
 import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,16 @@ def live_group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(entry))
     return out
+
+
+async def group_gone(pgid: int, timeout: float = 20.0) -> list[int]:
+    """The live members of process group ``pgid`` once none is left, or those still there after
+    ``timeout`` s. A member SIGKILLed at the end of a grace period is only gone when its exit is done
+    (its memory freed), which on a busy machine can take longer than a fixed sleep before the check."""
+    deadline = time.monotonic() + timeout
+    while (alive := live_group_members(pgid)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return alive
 
 
 async def wait_final(ws, run_id: str, timeout: float = 60.0, poll: float = 0.1):

@@ -17,7 +17,7 @@ from backends.providers.base import InstanceSpec
 from backends.providers.local import LocalProvider, LocalTransport, host_facts
 from backends.workstation import Workstation
 
-from .conftest import live_group_members, wait_final
+from .conftest import group_gone, wait_final
 
 
 def test_local_instance_is_this_machine() -> None:
@@ -173,8 +173,7 @@ async def test_cancel_stops_the_whole_process_group(workstation: Workstation, tm
     workstation.config.values["jobs"]["cancel_grace_seconds"] = 2.0
     done = await workstation.cancel(run.id)
     assert done.state == "cancelled" and done.ended_at
-    await asyncio.sleep(0.3)
-    assert live_group_members(run.pid) == []
+    assert await group_gone(run.pid) == []
     with pytest.raises(LabdeckError, match="already cancelled"):
         await workstation.cancel(run.id)
     # a later refresh does not resurrect or re-finish it

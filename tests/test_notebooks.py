@@ -16,7 +16,7 @@ from backends import notebooks, serving
 from backends.errors import LabdeckError
 from backends.workstation import Workstation
 
-from .conftest import live_group_members
+from .conftest import group_gone
 
 pytest.importorskip("jupyter_server")
 pytest.importorskip("ipykernel")
@@ -93,8 +93,7 @@ async def test_notebook_on_local(workstation: Workstation, tmp_path: Path) -> No
         await opened.forward.close()
         stopped = await notebooks.stop(workstation, nb.id)
     assert stopped.state == "stopped" and workstation.store.find_run(nb.job_id).state == "cancelled"
-    await asyncio.sleep(0.5)
-    assert live_group_members(opened.run.pid) == []  # the kernel too
+    assert await group_gone(opened.run.pid) == []  # the kernel too
 
 
 async def test_no_jupyter_and_no_index_is_a_clear_message(workstation: Workstation, tmp_path: Path, monkeypatch) -> None:
@@ -219,8 +218,7 @@ async def test_one_key_from_instances_and_stop_from_jobs(workstation: Workstatio
     [nb] = workstation.store.records("notebooks")[0]
     assert nb.state == "stopped"
     job = workstation.store.find_run(nb.job_id)
-    await asyncio.sleep(0.5)
-    assert job.state == "cancelled" and live_group_members(job.pid) == []
+    assert job.state == "cancelled" and await group_gone(job.pid) == []
 
 
 async def test_a_port_taken_after_it_was_found_free_is_retried(workstation: Workstation, tmp_path: Path, monkeypatch) -> None:

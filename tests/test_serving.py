@@ -14,7 +14,7 @@ from backends import serving
 from backends.errors import LabdeckError
 from backends.workstation import Workstation
 
-from .conftest import live_group_members, wait_final
+from .conftest import group_gone, wait_final
 
 pytest.importorskip("litserve")
 
@@ -63,8 +63,7 @@ async def test_deploy_predict_auth_bad_body_and_stop(workstation: Workstation, t
         await served.forward.close()
         stopped = await serving.stop(workstation, dep.id)
     assert stopped.state == "stopped"
-    await asyncio.sleep(0.3)
-    assert live_group_members(dep.pid) == []  # litserve's workers too
+    assert await group_gone(dep.pid) == []  # litserve's workers too
 
 
 async def test_missing_model_is_caught_before_anything_starts(workstation: Workstation, trained) -> None:
@@ -136,8 +135,7 @@ async def test_models_tab_serve_try_and_stop(workstation: Workstation, trained) 
         await settle(pilot)
         dep = serving.find(workstation, app.query_one("ModelsTab").deployments[0].id)
         assert dep.state == "stopped"
-    await asyncio.sleep(0.3)
-    assert live_group_members(dep.pid) == []
+    assert await group_gone(dep.pid) == []
 
 
 def test_export_k8s_validates_against_the_kubernetes_schemas(home: Path, tmp_path: Path) -> None:
@@ -238,8 +236,7 @@ async def test_serve_the_users_own_litapi(workstation: Workstation, tmp_path: Pa
     finally:
         await served.forward.close()
         await serving.stop(workstation, served.deployment.id)
-    await asyncio.sleep(0.3)
-    assert live_group_members(served.deployment.pid) == []
+    assert await group_gone(served.deployment.pid) == []
 
 
 async def test_a_forward_that_fails_leaves_no_server_running(workstation: Workstation, trained, monkeypatch) -> None:
@@ -256,8 +253,7 @@ async def test_a_forward_that_fails_leaves_no_server_running(workstation: Workst
         await serving.deploy(workstation, trained.id)
     deps, _ = workstation.store.records("deployments")
     assert len(deps) == 1 and deps[0].state == "failed" and "link dropped" in deps[0].state_reason
-    await asyncio.sleep(0.3)
-    assert live_group_members(deps[0].pid) == []
+    assert await group_gone(deps[0].pid) == []
 
 
 async def test_serve_a_run_whose_venv_is_on_no_path(workstation: Workstation, tmp_path: Path, monkeypatch) -> None:

@@ -372,3 +372,60 @@ async def test_proxycommand_and_an_included_jump_host(home, fresh_rig, tmp_path)
         # (the nodes have no route from here but through the jump host: a direct connect could not have worked)
     finally:
         await ws.close()
+
+
+async def test_reads_past_the_end_and_cancelled_reads_leave_no_request_behind(ws, rig, monkeypatch) -> None:
+    """read_file asks in blocks (several windows of them for a large range) and returns the file's
+    bytes, however far past its end the range goes. A read cancelled while its requests are in flight
+    (a follower stopped at exit) leaves none running on its own: asyncssh's parallel reader did, and
+    each one's SFTPEOFError was logged as "Task exception was never retrieved" (CI)."""
+    import gc
+
+    import asyncssh
+
+    t = await ws.transport("node1")
+    node = rig.host("node1")
+    target = f"{node.home}/big.bin"
+    content = os.urandom(5 << 20)  # more blocks than one window holds
+    await t.put_files({target: content}, mode=0o600)
+    whole = await t.read_file(target, 0, 8 << 20)
+    assert (whole.data == content, whole.size, whole.next_offset) == (True, len(content), len(content))
+    tail = await t.read_file(target, len(content) - 100, 8 << 20)
+    assert tail.data == content[-100:]
+    assert (await t.read_file(target, len(content) + 10, 1 << 20)).data == b""
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    gate, started, in_flight = asyncio.Event(), asyncio.Event(), [0]
+    real_read = asyncssh.sftp.SFTPClientHandler.read
+
+    async def held_read(self, handle, offset, length):  # the server's answer comes after the cancel
+        in_flight[0] += 1
+        started.set()
+        try:
+            await gate.wait()
+            return await real_read(self, handle, offset, length)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(asyncssh.sftp.SFTPClientHandler, "read", held_read)
+    try:
+        reading = asyncio.ensure_future(t.read_file(target, len(content) + 10, 4 << 20))  # all past the end
+        await asyncio.wait_for(started.wait(), 60)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        gate.set()
+        deadline = time.monotonic() + 60
+        while in_flight[0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert in_flight[0] == 0
+        del reading
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not unretrieved, [c.get("message") for c in unretrieved]
+    monkeypatch.undo()
+    assert (await t.read_file(target, 0, 10)).data == content[:10]  # the session still serves reads

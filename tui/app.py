@@ -19,6 +19,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
@@ -153,6 +154,8 @@ class LabdeckApp(App[None]):
 
     def _mark_ready(self) -> None:
         self._first_frame_done = True
+        if self._tabs_gone():  # closed before its first frame: this callback runs while the tabs are pruned
+            return
         self.active_tab().focus_main()
 
     def notify(self, message, *, title: str = "", severity="information", timeout: float | None = None,
@@ -216,8 +219,7 @@ class LabdeckApp(App[None]):
             self._runs_stale = False
             await self._post_team()
         elif ws.health.unreachable():  # "node2 unreachable for 12 s": the count goes on
-            self.jobs_tab.rerender()
-            self.instances_tab.rerender()
+            self._rerender_health()
 
     def _host_health_changed(self, name: str) -> None:
         """A host became unreachable (or came back): its runs' rows say so now, not at the next refresh."""
@@ -225,7 +227,9 @@ class LabdeckApp(App[None]):
             self.call_later(self._rerender_health)
 
     def _rerender_health(self) -> None:
-        if not self.query(JobsTab):  # closing
+        # closing: the call_later queued by a health change still runs while shutdown prunes the tabs'
+        # children (a JobsTab whose table is already gone raised NoMatches), so the same check as a round's
+        if self._tabs_gone():
             return
         self.jobs_tab.rerender()
         self.instances_tab.rerender()
@@ -566,6 +570,8 @@ class LabdeckApp(App[None]):
     @on(Worker.StateChanged)
     def worker_failed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR and event.worker.error is not None:
+            if isinstance(event.worker.error, NoMatches) and self._tabs_gone():
+                return  # a refresh that found its tab already pruned at exit: nothing failed, nothing to show
             self.show_error(event.worker.error)
 
     # ---- the one error path --------------------------------------------
