@@ -449,3 +449,26 @@ async def test_the_media_strip_of_an_active_run_follows_its_new_steps(workstatio
     finally:
         go.unlink(missing_ok=True)
         await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("counts", [[-100, 1, 3], [1e308] * 30 + [1.0], [-1, -2, -3], [0, 0, 5e-324]])
+def test_the_strips_histogram_sparkline_draws_any_finite_counts(counts) -> None:
+    """A teammate's histogram passes validation with any finite counts (negative ones, or sums past
+    the float range after rebinning); the narrow side's sparkline draws them without raising (it is
+    drawn on the UI thread, on every resize: an IndexError/ValueError there closed the app)."""
+    import io
+
+    from rich.console import Console
+
+    from backends.media import MediaEntry, histogram_doc
+    from tui.tabs.lineage import LineageTab
+
+    doc = histogram_doc(json.dumps({"edges": list(range(len(counts) + 1)), "counts": counts}).encode())
+    entry = MediaEntry("h", 3, "histogram", "h_3.hist.json", 10, None, None, None, None)
+    for cols in (10, 20, 39):
+        side = LineageTab._media_side(None, None, entry, doc, None, cols, None)
+        out = io.StringIO()
+        Console(width=cols, file=out, color_system=None).print(side)
+        line = out.getvalue().splitlines()[1]
+        assert set(line.strip()) <= set("▁▂▃▄▅▆▇█ ") or line.startswith("(an empty"), line
+        assert any(c > 0 for c in counts) == ("█" in line), line  # the largest positive bin is full

@@ -632,9 +632,15 @@ class LineageTab(TabView):
             from backends.media import rebin_histogram
 
             lo, hi, bins = rebin_histogram(doc, cols)
-            top = max(bins) if bins else 0
+            # a teammate's counts are any finite numbers: negative ones draw blank, and a bin summed past
+            # the float range (inf) draws full (an index from them raised IndexError/ValueError here)
+            top = max((c for c in bins if c > 0), default=0)
+
+            def level(c: float) -> str:
+                return " " if not c > 0 else "█" if c >= top else "▁▂▃▄▅▆▇█"[min(7, int(c / top * 7.999))]
+
             body = Text()
-            body.append("".join("▁▂▃▄▅▆▇█"[min(7, int(c / top * 7.999))] if c else " " for c in bins) if top
+            body.append("".join(level(c) for c in bins) if top
                         else "(an empty histogram)", style="cyan" if top else "dim")
             body.append(f"\n{lo:.3g} … {hi:.3g}" if top else "", style="dim")
         elif entry.kind == "histogram":
