@@ -825,7 +825,7 @@ async def read_range(f, offset: int, n: int, block: int) -> bytes:
             part = await f.read(k - len(got), at + len(got))
             if not part:  # the end of the file (asyncssh returns b"" for SFTPEOFError)
                 break
-            got += part
+            got += part[:k - len(got)]  # (a server that answers more than asked: never past n bytes)
         return got
 
     out = bytearray()
@@ -836,7 +836,16 @@ async def read_range(f, offset: int, n: int, block: int) -> bytes:
         while at < end and len(spans) < window:
             spans.append((at, min(block, end - at)))
             at += spans[-1][1]
-        parts = await asyncio.gather(*(one(a, k) for a, k in spans))
+        tasks = [asyncio.ensure_future(one(a, k)) for a, k in spans]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            # a gather that raises one block's error leaves the others running (on a handle about to
+            # be closed): cancel them and wait for them, so no request outlives this read
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+            raise
         for (_a, k), part in zip(spans, parts):
             out += part
             if len(part) < k:

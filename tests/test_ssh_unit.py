@@ -486,3 +486,60 @@ def test_a_host_whose_ssh_g_hangs_costs_one_timeout_not_one_per_asker(tmp_path, 
     with pytest.raises(TransportError, match="did not answer"):
         p.spec("slow")
     assert asked.count("slow") == 2, asked
+
+
+# ---- read_range: the SFTP read path's own block requests -------------------------------------
+class _HeldFile:
+    """An open SFTP file as read_range sees it: ``read(size, offset)`` answers from ``data`` (at
+    most ``answer`` bytes), fails at ``fail_at``, and holds every other block until released.
+    ``in_flight`` counts the requests not answered yet."""
+
+    def __init__(self, data: bytes, *, answer: int | None = None, fail_at: int | None = None,
+                 hold: bool = False) -> None:
+        self.data, self.answer, self.fail_at, self.hold = data, answer, fail_at, hold
+        self.in_flight = 0
+        self.release = asyncio.Event()
+
+    async def read(self, size: int, offset: int) -> bytes:
+        import asyncssh
+
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(0)
+            if offset == self.fail_at:
+                raise asyncssh.SFTPFailure("I/O error")
+            if self.hold:
+                await self.release.wait()
+            return self.data[offset:offset + (self.answer or size)]
+        finally:
+            self.in_flight -= 1
+
+
+async def test_read_range_leaves_no_request_behind_when_one_block_fails() -> None:
+    """One block's error (an I/O error on the host) is raised, and the other blocks of its wave are
+    cancelled and awaited before it is: none goes on reading a file read_file has closed."""
+    import asyncssh
+
+    from backends.ssh import read_range
+
+    f = _HeldFile(bytes(1000), fail_at=300, hold=True)
+    with pytest.raises(asyncssh.SFTPFailure):
+        await read_range(f, 0, 1000, 100)
+    assert f.in_flight == 0
+
+
+async def test_read_range_returns_at_most_n_bytes_whatever_a_server_answers() -> None:
+    """A server answering more than a block asked (or short, its own limit) still gives exactly the
+    bytes of [offset, offset + n), in order, stopping at the end of the file."""
+    from backends.ssh import read_range
+
+    data = bytes(range(256)) * 40  # 10240 bytes
+    assert await read_range(_HeldFile(data, answer=7), 100, 5000, 1024) == data[100:5100]  # short answers
+    over = _HeldFile(data)
+
+    async def too_much(size: int, offset: int) -> bytes:
+        return data[offset:offset + size + 50]
+
+    over.read = too_much
+    assert await read_range(over, 100, 5000, 1024) == data[100:5100]
+    assert await read_range(over, 10000, 5000, 1024) == data[10000:]
