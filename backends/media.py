@@ -30,6 +30,7 @@ Stdlib only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -60,6 +61,7 @@ MAX_PIXELS = 4096 * 4096
 #: this bounds its time (about 10 s for the costliest filters) and memory, whatever the file's size.
 MAX_PNG_RAW = 32 << 20
 MAX_CACHE_BYTES = 512 << 20  # the local cache of one run's media files
+INGEST_SLICE = 128 << 10  # index bytes parsed by refresh between two turns of the event loop (~25 ms)
 _FILE_RX = re.compile(r"([A-Za-z0-9_%-]{1,240})/(-?[0-9]{1,20})\.(png|jpg|gif|json|txt)\Z")
 _EXT_KIND = {"png": "image", "jpg": "image", "gif": "image", "json": ("table", "histogram", "confusion"), "txt": "text"}
 
@@ -379,18 +381,29 @@ class RunMedia:
             self._read = 0
             await mirror(transport, f"{self.remote_dir}/index.jsonl", self.index_path, limit=MAX_INDEX_BYTES,
                          inside=self.run.run_dir)
-        return self.ingest_local()
-
-    def ingest_local(self) -> int:
+        # a slice at a time, the event loop let run between slices: the TUI refreshes on its loop, and
+        # an index of the SDK's most entries (~9 MB) took seconds to parse in one go (a teammate's may
+        # be MAX_INDEX_BYTES). A cancel between slices leaves _read at what was fed: the next goes on.
         n = 0
+        while True:
+            before = self._read
+            n += self.ingest_local(INGEST_SLICE)
+            if self._read - before < INGEST_SLICE:
+                return n
+            await asyncio.sleep(0)
+
+    def ingest_local(self, most: int = MAX_INDEX_BYTES) -> int:
+        """Parse up to ``most`` more bytes of the local index copy; entries changed."""
+        n = fed = 0
         try:
             with open(self.index_path, "rb") as f:
                 f.seek(self._read)
-                while self._read < MAX_INDEX_BYTES:  # in chunks: the index is the job's, of any size
-                    data = f.read(min(1 << 20, MAX_INDEX_BYTES - self._read))
+                while self._read < MAX_INDEX_BYTES and fed < most:  # in chunks: the index is the job's, of any size
+                    data = f.read(min(1 << 20, MAX_INDEX_BYTES - self._read, most - fed))
                     if not data:
                         break
                     self._read += len(data)
+                    fed += len(data)
                     n += self.index.feed(data)
         except FileNotFoundError:
             return 0

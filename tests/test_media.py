@@ -171,6 +171,68 @@ async def test_a_huge_index_is_mirrored_and_held_only_up_to_its_bounds(tmp_path:
     assert rm.index_path.stat().st_size <= 1 << 20 and len(rm.index) == 1000
 
 
+async def test_parsing_a_large_index_lets_the_event_loop_run(tmp_path: Path) -> None:
+    """The TUI refreshes a run's media on its event loop (the Lineage strip does so whenever the
+    cursor rests on a run): an index of the SDK's most entries (500 keys × 200 steps, ~9 MB; a
+    teammate's may be up to MAX_INDEX_BYTES) was parsed in one go, holding the UI for seconds. It is
+    parsed in slices with the loop let run between them, and a refresh cancelled midway leaves an
+    index that the next refresh completes (nothing parsed twice, nothing lost)."""
+    import asyncio
+    import getpass
+
+    from backends.models import Run
+    from backends.providers.local import LocalTransport
+
+    rid = "01HX0000000000000000000007"
+    run_dir = tmp_path / "runs" / rid
+    (run_dir / "media").mkdir(parents=True)
+    with open(run_dir / "media" / "index.jsonl", "w") as f:
+        for k in range(100):
+            for s in range(200):
+                f.write(json.dumps({"key": f"k{k}", "step": s, "kind": "text", "file": f"k{k}/{s}.txt", "size": 1}) + "\n")
+    size = (run_dir / "media" / "index.jsonl").stat().st_size
+    run = Run(command="x", instance="local", id=rid, user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
+    t = LocalTransport(tmp_path / "runs")
+    ticks = 0
+    parsing = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += parsing
+
+    tick = asyncio.ensure_future(ticker())
+    try:
+        rm = RunMedia(run, tmp_path / "cache")
+        await mirror_only(rm, t)
+        parsing = True
+        assert await rm.refresh(t) == 20_000 and len(rm.index) == 20_000
+        parsing = False
+        assert ticks >= size // (256 << 10), (ticks, size)  # the loop ran at least once every 256 KiB parsed
+        # cancelled midway (the cursor moved on): the next refresh goes on where it stopped
+        rm2 = RunMedia(run, tmp_path / "cache2")
+        await mirror_only(rm2, t)
+        task = asyncio.ensure_future(rm2.refresh(t))
+        while len(rm2.index) < 5000:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert 0 < len(rm2.index) < 20_000
+        await rm2.refresh(t)
+        assert len(rm2.index) == 20_000 and not rm2.index.warnings
+    finally:
+        tick.cancel()
+
+
+async def mirror_only(rm: RunMedia, transport) -> None:
+    """Copy the run's index into the local mirror without parsing it (so a test times only the parse)."""
+    from backends.follow import mirror
+
+    await mirror(transport, f"{rm.remote_dir}/index.jsonl", rm.index_path, inside=rm.run.run_dir)
+
+
 async def test_a_symlinked_index_or_media_file_is_refused(tmp_path: Path) -> None:
     """A job's media/index.jsonl or media file that is a link to a file of yours is not read (nor copied
     into a report): the transport opens run files without following a final link."""
