@@ -167,17 +167,19 @@ def histogram_text(doc: dict, cols: int, rows: int) -> Text:
     occupied range (:func:`backends.media.rebin_histogram`)."""
     out = Text(end="")
     lo, hi, bins = rebin_histogram(doc, min(rows, 40))
-    if not bins or not sum(bins):
+    # a teammate's counts are any finite numbers: a negative one gets no bar, a bin summed past the float
+    # range (inf) a full one (max(bins) ≤ 0, inf/inf or inf as a length raised on the UI thread)
+    top = max((c for c in bins if c > 0), default=0)
+    if not top:
         out.append("(an empty histogram)", style="dim")
         return out
-    top = max(bins)
     width = (hi - lo) / len(bins)
     bar_w = max(4, cols - 33)
     for k, c in enumerate(bins):
         a = lo + k * width
         b = lo + (k + 1) * width
         out.append(f"{_fmt(a):>10} – {_fmt(b):<9} ", style="dim")
-        out.append("█" * int(round(c / top * bar_w)), style="cyan")
+        out.append("█" * (0 if not c > 0 else bar_w if c >= top else int(round(c / top * bar_w))), style="cyan")
         out.append(f" {c:g}\n" if k < len(bins) - 1 else f" {c:g}")
     return out
 
