@@ -474,3 +474,37 @@ def test_the_strips_histogram_draws_any_finite_counts(counts) -> None:
         if cols < 40:
             assert set(body[0].strip()) <= set("▁▂▃▄▅▆▇█ ") or body[0].startswith("(an empty"), body
         assert any(c > 0 for c in counts) == any("█" in line for line in body), body  # the largest positive bin is full
+
+
+@pytest.mark.parametrize("kind", ["table", "histogram", "confusion", "text", "image"])
+async def test_the_strip_decodes_a_teammates_items_off_the_ui_thread(kind, monkeypatch) -> None:
+    """Validating a logged item (up to MAX_ITEM_BYTES: a 16 MiB table took ~0.8 s) runs in a thread, as a
+    PNG's decoding did already: the strip's worker runs on the UI's event loop."""
+    import threading
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from backends import media
+    from backends.media import MediaEntry
+    from tui.tabs.lineage import LineageTab
+
+    name = {"table": "table_doc", "histogram": "histogram_doc", "confusion": "confusion_doc",
+            "text": "text_doc", "image": "decode_png"}[kind]
+    threads = []
+
+    def probe(data):
+        threads.append(threading.current_thread())
+        return "decoded"
+
+    monkeypatch.setattr(media, name, probe)
+
+    class Source:
+        run = SimpleNamespace(id="01HX0000000000000000000001")
+
+        async def load(self, entry):
+            return b"\x89PNG\r\n\x1a\n" if kind == "image" else b"{}"
+
+    owner = SimpleNamespace(_media_docs=OrderedDict())
+    entry = MediaEntry("k", 1, kind, f"k/1.{kind}", 2)
+    assert await LineageTab._media_doc(owner, Source(), entry) == "decoded"
+    assert threads and threads[0] is not threading.main_thread()
