@@ -508,3 +508,32 @@ async def test_the_strip_decodes_a_teammates_items_off_the_ui_thread(kind, monke
     entry = MediaEntry("k", 1, kind, f"k/1.{kind}", 2)
     assert await LineageTab._media_doc(owner, Source(), entry) == "decoded"
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_the_strips_kept_media_sources_are_bounded_by_their_entries(monkeypatch) -> None:
+    """The strip keeps each visited run's media source (its index mirror); a teammate's runs with
+    indexes of 200,000 entries each (~90 MB apiece) were kept 32 deep. Past the two newest (the run
+    and its parent), the oldest go once the kept indexes hold more than MEDIA_KEEP_ENTRIES."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    import tui.mediaview as mediaview
+    import tui.tabs.lineage as lineage_tab
+    from tui.tabs.lineage import LineageTab
+
+    class Entries:
+        def __len__(self) -> int:
+            return 150_000
+
+    class Source:
+        def __init__(self, run, workstation) -> None:
+            self.run, self.media = run, SimpleNamespace(index=Entries())
+
+    monkeypatch.setattr(mediaview, "MediaSource", Source)
+    owner = SimpleNamespace(_media_sources=OrderedDict(), app=SimpleNamespace(workstation=None))
+    runs = [SimpleNamespace(id=f"01HX00000000000000000000{i:02d}") for i in range(10)]
+    for r in runs:
+        assert LineageTab._source(owner, r).run is r
+    kept = list(owner._media_sources)
+    assert kept == [r.id for r in runs[-2:]]  # the newest two stay, whatever they hold
+    assert lineage_tab.MEDIA_KEEP_ENTRIES < 2 * 150_000

@@ -53,6 +53,9 @@ MEDIA_LIVE_EVERY = 5.0
 MEDIA_MIN_WIDTH, MEDIA_MIN_HEIGHT = 42, 30
 #: Rows and columns of a logged table shown in the strip.
 MEDIA_TABLE_ROWS, MEDIA_TABLE_COLS = 6, 6
+#: Index entries the kept media sources hold in all, past the two newest (a run's index may hold
+#: 200,000 entries, ~90 MB and more with captions: 32 such sources were gigabytes).
+MEDIA_KEEP_ENTRIES = 200_000
 
 
 def _fmt(v) -> str:
@@ -494,7 +497,9 @@ class LineageTab(TabView):
             except LabdeckError:
                 return None
             self._media_sources[run.id] = src
-            while len(self._media_sources) > 32:
+            while len(self._media_sources) > 32 or (
+                    len(self._media_sources) > 2
+                    and sum(len(s.media.index) for s in self._media_sources.values()) > MEDIA_KEEP_ENTRIES):
                 self._media_sources.popitem(last=False)
         else:
             self._media_sources.move_to_end(run.id)
