@@ -537,3 +537,39 @@ def test_the_strips_kept_media_sources_are_bounded_by_their_entries(monkeypatch)
     kept = list(owner._media_sources)
     assert kept == [r.id for r in runs[-2:]]  # the newest two stay, whatever they hold
     assert lineage_tab.MEDIA_KEEP_ENTRIES < 2 * 150_000
+
+
+async def test_the_strips_kept_decoded_items_are_bounded_by_their_size(monkeypatch) -> None:
+    """Decoded items are kept for the next visit; 32 images of MAX_PIXELS (48 MB of RGB each) were
+    kept. Past the two newest, the oldest go once they hold more than MEDIA_KEEP_BYTES; an item that
+    could not be read is kept as its error (and holds nothing)."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from backends import media
+    from backends.errors import LabdeckError
+    from backends.media import MediaEntry
+    from tui.tabs.lineage import LineageTab
+
+    class RGB:
+        def __len__(self) -> int:
+            return 48 << 20
+
+    monkeypatch.setattr(media, "decode_png", lambda data: SimpleNamespace(w=4096, h=4096, rgb=RGB()))
+
+    class Source:
+        run = SimpleNamespace(id="01HX0000000000000000000001")
+
+        async def load(self, entry):
+            if entry.step < 0:
+                raise LabdeckError("gone")
+            return b"\x89PNG\r\n\x1a\n"
+
+    owner = SimpleNamespace(_media_docs=OrderedDict())
+    assert isinstance(await LineageTab._media_doc(owner, Source(), MediaEntry("k", -1, "image", "k/-1.png", 2)),
+                      LabdeckError)
+    for step in range(12):
+        assert (await LineageTab._media_doc(owner, Source(), MediaEntry("k", step, "image", f"k/{step}.png", 2))).w == 4096
+    held = len(owner._media_docs) * (48 << 20)
+    assert held <= 256 << 20 and len(owner._media_docs) >= 2  # (MEDIA_KEEP_BYTES)
+    assert list(owner._media_docs)[-1][2] == 11  # the newest stays

@@ -56,6 +56,9 @@ MEDIA_TABLE_ROWS, MEDIA_TABLE_COLS = 6, 6
 #: Index entries the kept media sources hold in all, past the two newest (a run's index may hold
 #: 200,000 entries, ~90 MB and more with captions: 32 such sources were gigabytes).
 MEDIA_KEEP_ENTRIES = 200_000
+#: Bytes the kept decoded items hold in all, past the two newest (an image of MAX_PIXELS is 48 MB of
+#: RGB, a 16 MiB table several times that: 32 of them were gigabytes).
+MEDIA_KEEP_BYTES = 256 << 20
 
 
 def _fmt(v) -> str:
@@ -547,10 +550,11 @@ class LineageTab(TabView):
         from backends.media import MediaError, confusion_doc, decode_png, histogram_doc, table_doc, text_doc
 
         k = (src.run.id, entry.key, entry.step, entry.file)
-        got = self._media_docs.get(k)
-        if got is not None:
+        kept = self._media_docs.get(k)
+        if kept is not None:
             self._media_docs.move_to_end(k)
-            return got
+            return kept[0]
+        data: Any = b""
         try:
             data = await src.load(entry)
             if entry.kind == "image":
@@ -562,8 +566,10 @@ class LineageTab(TabView):
                                                "confusion": confusion_doc}.get(entry.kind, text_doc), data)
         except LabdeckError as e:
             got = e
-        self._media_docs[k] = got
-        while len(self._media_docs) > 32:
+        rgb = getattr(got, "rgb", None)  # (what it holds, roughly: parsed JSON is several times its bytes)
+        self._media_docs[k] = (got, len(rgb) if rgb is not None else 8 * len(data) if isinstance(data, (bytes, str)) else 0)
+        while len(self._media_docs) > 32 or (
+                len(self._media_docs) > 2 and sum(n for _, n in self._media_docs.values()) > MEDIA_KEEP_BYTES):
             self._media_docs.popitem(last=False)
         return got
 
