@@ -389,6 +389,13 @@ async def test_the_detail_pane_shows_a_runs_media_beside_its_parents(workstation
         select(plain.id)
         await rest()
         assert tab._media_pair[0] == plain.id and not app.query_one("#lineage-media").display
+        # n while a run's read is still under way says so (it said "no media" for a run that has some)
+        tab._media_pair, tab._media_shown = (child.id, parent.id), None
+        tab.action_media_key()
+        await pilot.pause()
+        assert any("Still reading this run's media" in str(n.message) for n in app._notifications), [str(n.message) for n in app._notifications]
+        assert not any("logged no media" in n.message for n in app._notifications)
+        tab._media_pair = None
         # v still opens the full view beside the parent
         select(child.id)
         await rest()

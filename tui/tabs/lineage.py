@@ -427,6 +427,9 @@ class LineageTab(TabView):
 
     def action_media_key(self) -> None:
         got = self._media_shown
+        if got is None and self._media_pair is not None:  # the read of this run's media is still under way
+            self.app.notify("Still reading this run's media; press n again in a moment.", timeout=3)
+            return
         if not got or not got["keys"]:
             self.app.notify("This run has logged no media to show here.", severity="warning")
             return
