@@ -401,3 +401,34 @@ async def test_tensorboard_media_of_a_real_run_need_no_change_to_the_script(work
     assert (px.w, px.h) == (4, 4) and px.rgb[:3] == bytes([191, 191, 191])
     assert await src.load(idx.get("notes/text_summary", 5)) == "epoch 5"
     assert await src.refresh() == 0  # nothing new: the event files are not parsed again
+
+
+@pytest.mark.parametrize("kind", ["table", "histogram", "confusion", "text"])
+async def test_the_media_view_checks_a_teammates_items_off_the_ui_thread(kind, monkeypatch) -> None:
+    """The Media view, like the Lineage strip, checks a logged item in a thread (a teammate's 16 MiB
+    table took ~0.8 s on the UI thread): one shared backends.media.item_doc serves both."""
+    import threading
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from backends import media
+    from backends.media import MediaEntry
+
+    threads = []
+
+    def probe(data):
+        threads.append(threading.current_thread())
+        return "checked"
+
+    monkeypatch.setattr(media, {"table": "table_doc", "histogram": "histogram_doc", "confusion": "confusion_doc",
+                                "text": "text_doc"}[kind], probe)
+
+    class Source:
+        run = SimpleNamespace(id="01HX0000000000000000000001")
+
+        async def load(self, entry):
+            return b"{}"
+
+    owner = SimpleNamespace(_decoded=OrderedDict())
+    assert await MediaScreen._decode(owner, Source(), MediaEntry("k", 1, kind, f"k/1.{kind}", 2)) == "checked"
+    assert threads and threads[0] is not threading.main_thread()

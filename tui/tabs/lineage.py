@@ -550,7 +550,7 @@ class LineageTab(TabView):
     async def _media_doc(self, src, entry) -> Any:
         """The entry's item decoded (an image's pixels in a thread; a LabdeckError when it cannot be read)."""
         from backends.errors import LabdeckError
-        from backends.media import MediaError, confusion_doc, decode_png, histogram_doc, table_doc, text_doc
+        from backends.media import MediaError, decode_png, item_doc
 
         k = (src.run.id, entry.key, entry.step, entry.file)
         kept = self._media_docs.get(k)
@@ -565,8 +565,7 @@ class LineageTab(TabView):
                     raise MediaError("not a PNG (v lists it)")
                 got = await asyncio.to_thread(decode_png, data)
             else:  # in a thread too: a teammate's 16 MiB table took ~0.8 s to validate
-                got = await asyncio.to_thread({"table": table_doc, "histogram": histogram_doc,
-                                               "confusion": confusion_doc}.get(entry.kind, text_doc), data)
+                got = await asyncio.to_thread(item_doc, entry.kind, data)
         except LabdeckError as e:
             got = e
         rgb = getattr(got, "rgb", None)  # (what it holds, roughly: parsed JSON is several times its bytes)
