@@ -866,6 +866,23 @@ class Rig:
                        + ("" if h is self.jump else f"    ProxyJump {self.jump.name}\n"))
         return "\n".join(out)
 
+    def labdeck_config(self, *, key: str | Path | None = None, policy: str | None = "accept-new",
+                       connect_timeout: float = 3.0, node_settings: str = "price_per_hour = 2.5\nmax_concurrent = 2\n",
+                       extra: str = "") -> str:
+        """labdeck's ``[providers.lab]`` (ssh) for this rig: the jump host unlisted, every node through
+        it, all with identity ``key`` (the rig's client key by default); ``node_settings`` go under each
+        node; ``policy`` None leaves host_key_policy at labdeck's default."""
+        key = str(key or self.client_key)
+        text = ('[providers.lab]\ntype = "ssh"\nssh_config = ""\n'
+                + (f'host_key_policy = "{policy}"\n' if policy else "")
+                + f"connect_timeout = {connect_timeout}\n\n"
+                f'[providers.lab.hosts.jump]\nhost = "{self.jump.addr}"\nuser = "{self.jump.user}"\n'
+                f'identity_file = "{key}"\nlisted = false\n\n')
+        for n in self.nodes:
+            text += (f'[providers.lab.hosts.{n.name}]\nhost = "{n.addr}"\nuser = "{n.user}"\nidentity_file = "{key}"\n'
+                     f'jump = ["jump"]\n{node_settings}\n')
+        return text + extra
+
     def write_ssh_config(self) -> Path:
         self.ssh_config_path.write_text(self.ssh_config_text())
         return self.ssh_config_path

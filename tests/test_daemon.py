@@ -259,12 +259,7 @@ def rig_config_for(alice, rig) -> str:
     key.write_bytes(Path(rig.client_key).read_bytes())
     os.chown(key, alice.pw.pw_uid, alice.pw.pw_gid)
     os.chmod(key, 0o600)
-    text = (f'[providers.lab]\ntype = "ssh"\nssh_config = ""\nhost_key_policy = "accept-new"\nconnect_timeout = 3.0\n\n'
-            f'[providers.lab.hosts.jump]\nhost = "{rig.jump.addr}"\nuser = "{rig.jump.user}"\n'
-            f'identity_file = "{key}"\nlisted = false\n\n')
-    for n in rig.nodes:
-        text += (f'[providers.lab.hosts.{n.name}]\nhost = "{n.addr}"\nuser = "{n.user}"\nidentity_file = "{key}"\n'
-                 f'jump = ["jump"]\n\n')
+    text = rig.labdeck_config(key=key, node_settings="")
     cfg = alice.home / "config.toml"
     cfg.write_text(text)
     os.chown(cfg, alice.pw.pw_uid, alice.pw.pw_gid)

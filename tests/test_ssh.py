@@ -27,15 +27,7 @@ from .conftest import wait_final
 
 
 def rig_config(rig, *, policy: str = "accept-new", extra: str = "", connect_timeout: float = 3.0) -> str:
-    key = str(rig.client_key)
-    text = (f'[providers.lab]\ntype = "ssh"\nssh_config = ""\nhost_key_policy = "{policy}"\n'
-            f"connect_timeout = {connect_timeout}\n\n"
-            f'[providers.lab.hosts.jump]\nhost = "{rig.jump.addr}"\nuser = "{rig.jump.user}"\n'
-            f'identity_file = "{key}"\nlisted = false\n\n')
-    for n in rig.nodes:
-        text += (f'[providers.lab.hosts.{n.name}]\nhost = "{n.addr}"\nuser = "{n.user}"\nidentity_file = "{key}"\n'
-                 f'jump = ["jump"]\nprice_per_hour = 2.5\nmax_concurrent = 2\n\n')
-    return text + extra
+    return rig.labdeck_config(policy=policy, extra=extra, connect_timeout=connect_timeout)
 
 
 def make_ws(home: Path, rig, **kw) -> Workstation:

@@ -48,14 +48,8 @@ REFRESH_S = 1.0
 
 
 def config_text(rig, home: Path) -> str:
-    key = str(rig.client_key)
-    text = (f'[providers.lab]\ntype = "ssh"\nssh_config = ""\nconnect_timeout = {CONNECT_TIMEOUT_S}\n\n'
-            f'[providers.lab.hosts.jump]\nhost = "{rig.jump.addr}"\nuser = "{rig.jump.user}"\n'
-            f'identity_file = "{key}"\nlisted = false\n\n')
-    for n in rig.nodes:
-        text += (f'[providers.lab.hosts.{n.name}]\nhost = "{n.addr}"\nuser = "{n.user}"\nidentity_file = "{key}"\n'
-                 f'jump = ["jump"]\nmax_concurrent = 4\n\n')
-    return text + f'[store]\nteam_dir = "{home / "team"}"\n'
+    return rig.labdeck_config(policy=None, connect_timeout=CONNECT_TIMEOUT_S, node_settings="max_concurrent = 4\n",
+                              extra=f'[store]\nteam_dir = "{home / "team"}"\n')
 
 
 def open_ws(home: Path, rig, *, old: bool = False) -> Workstation:
