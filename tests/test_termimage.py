@@ -105,8 +105,6 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from tests.test_mediaview import CHILD_ID, MediaApp, make_run, settle
 from tui import termimage
-from tui.mediaview import MediaScreen, MediaSource
-from backends.providers.local import LocalTransport
 
 root = Path({root!r})
 run = make_run(root / "runs", CHILD_ID, "quads", 1, [5])
@@ -115,13 +113,8 @@ termimage.setup(mode)  # stdout is a pipe: no terminal to ask; a forced mode is 
 assert termimage.MODE == "halfblock", termimage.MODE
 termimage.MODE, termimage.CELL = mode, (10, 20)  # ... so force it as setup would in a terminal
 
-class App(MediaApp):
-    def on_mount(self):
-        t = LocalTransport(root / "runs")
-        self.push_screen(MediaScreen(run, None, sources=(MediaSource(run, transport=t, cache_root=root / "c", tb_files=[]),)))
-
 async def main():
-    app = App(run, None, root)
+    app = MediaApp(run, None, root)  # the Media view of this one run, as test_mediaview shows it
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
         pane = app.screen.query_one("#media-a")
@@ -238,9 +231,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from tests.test_mediaview import CHILD_ID, RUNTIME, MediaApp, settle
 from backends.models import Run
-from backends.providers.local import LocalTransport
 from tui import termimage
-from tui.mediaview import MediaScreen, MediaSource
 
 root = Path({root!r})
 run_dir = root / "runs" / CHILD_ID
@@ -253,13 +244,8 @@ subprocess.run([sys.executable, "-c", sdk], env=env, check=True, timeout=60)
 run = Run(command="x", instance="local", id=CHILD_ID, name="strip", user=getpass.getuser(), state="succeeded", run_dir=str(run_dir))
 termimage.MODE, termimage.CELL = "kitty", (10, 20)
 
-class App(MediaApp):
-    def on_mount(self):
-        t = LocalTransport(root / "runs")
-        self.push_screen(MediaScreen(run, None, sources=(MediaSource(run, transport=t, cache_root=root / "c", tb_files=[]),)))
-
 async def main():
-    app = App(run, None, root)
+    app = MediaApp(run, None, root)  # the Media view of this one run, as test_mediaview shows it
     async with app.run_test(size=(400, 40)) as pilot:
         await settle(pilot)
         g = app.screen.query_one("#media-a").graphics
