@@ -110,6 +110,18 @@ async def group_gone(pgid: int, timeout: float = 20.0) -> list[int]:
     return alive
 
 
+async def until(pred, timeout: float, what: str, poll: float = 0.05):
+    """What ``pred()`` returns once it is true, polled on the event loop for at most ``timeout`` s;
+    past that an AssertionError saying what was waited for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        await asyncio.sleep(poll)
+    raise AssertionError(f"not within {timeout:g}s: {what}")
+
+
 async def wait_final(ws, run_id: str, timeout: float = 60.0, poll: float = 0.1):
     """Refresh until the run reaches a final state; the run (or an AssertionError naming it)."""
     import asyncio

@@ -24,7 +24,7 @@ from backends import autostop
 from backends.runtime import autostop as daemon
 
 from . import rig as rigmod
-from .conftest import node_host_id
+from .conftest import node_host_id, until
 from .test_ssh import make_ws
 
 WINDOW_MIN = 0.05  # 3 s
@@ -53,16 +53,6 @@ def _marker(node) -> Path:
 
 def _marker_command(node) -> list[str]:
     return ["sh", "-c", f"date +%s >> {_marker(node)}"]
-
-
-async def _wait(pred, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _daemons(uid: int) -> list[int]:
@@ -109,7 +99,7 @@ async def test_idle_instance_fires_once_after_the_window_with_labdeck_closed(hom
     assert not _marker(node).exists()
     assert s["busy"] == [] and s["deadline"] and s["fired_at"] is None and s["forward_check"] == "none"
     assert autostop.countdown(s).startswith("stops in ")
-    await _wait(_marker(node).exists, 10, "the command to fire")
+    await until(_marker(node).exists, 10, "the command to fire")
     assert time.monotonic() - t0 >= WINDOW - 0.2  # not before the window
     await asyncio.sleep(5 * INTERVAL)  # several more idle loops: it fired once
     assert len(_marker(node).read_text().split()) == 1
@@ -133,14 +123,14 @@ async def test_a_running_job_keeps_it_busy_until_it_ends(home, fresh_rig) -> Non
     await _ensure(ws, rig, node)
     await ws.close()
 
-    s = await _wait(lambda: (x := _state(node)) and f"job {run.id}" in x["busy"] and x, 5, "the job to show as busy")
+    s = await until(lambda: (x := _state(node)) and f"job {run.id}" in x["busy"] and x, 5, "the job to show as busy")
     assert s["deadline"] is None and autostop.countdown(s) == f"busy: job {run.id}"
     await asyncio.sleep(max(0.0, WINDOW + 0.5 - (time.monotonic() - t0)))
     assert not _marker(node).exists(), "fired while the job was running"
     assert f"job {run.id}" in _state(node)["busy"]
-    await _wait(lambda: (x := _state(node)) and not x["busy"], 6, "the job to end")
+    await until(lambda: (x := _state(node)) and not x["busy"], 6, "the job to end")
     t_idle = time.monotonic()
-    await _wait(_marker(node).exists, 10, "the command to fire after the job")
+    await until(_marker(node).exists, 10, "the command to fire after the job")
     assert time.monotonic() - t_idle >= WINDOW - 0.5
     assert (node.home / ".labdeck" / "runs" / run.id / "exit_code").read_text().strip() == "0"
 
@@ -182,7 +172,7 @@ async def test_a_port_forward_in_use_keeps_it_busy(home, fresh_rig) -> None:
         _, writer = await connect()  # held open across the whole window
         t0 = time.monotonic()
         await _ensure(ws, rig, node)
-        s = await _wait(lambda: (x := _state(node)) and x["busy"] and x, 5, "the forward to show as busy")
+        s = await until(lambda: (x := _state(node)) and x["busy"] and x, 5, "the forward to show as busy")
         assert s["busy"] == [f"forward :{port}"], s["busy"]
         # the node user cannot read its own sshd's fds (privileges dropped: not dumpable), so the daemon
         # matched the socket's uid; root reads them and maps the socket to the sshd process exactly
@@ -196,9 +186,9 @@ async def test_a_port_forward_in_use_keeps_it_busy(home, fresh_rig) -> None:
         # the connection ends; labdeck's own SSH session stays connected, and does not count
         writer.close()
         writer = None
-        await _wait(lambda: (x := _state(node)) and not x["busy"], 5, "the forward to go quiet")
+        await until(lambda: (x := _state(node)) and not x["busy"], 5, "the forward to go quiet")
         t_idle = time.monotonic()
-        await _wait(_marker(node).exists, 10, "the command to fire after the forward closed")
+        await until(_marker(node).exists, 10, "the command to fire after the forward closed")
         assert time.monotonic() - t_idle >= WINDOW - 0.5
         assert "forward" in (_dir(node) / "autostop.log").read_text()
     finally:
@@ -218,16 +208,16 @@ async def test_gpu_utilization_over_the_threshold_keeps_it_busy(home, fresh_rig)
     t0 = time.monotonic()
     await ws.close()
 
-    s = await _wait(lambda: (x := _state(node)) and x["busy"] and x, 5, "the GPU to show as busy")
+    s = await until(lambda: (x := _state(node)) and x["busy"] and x, 5, "the GPU to show as busy")
     assert s["busy"] == ["gpu 1: 37%"] and autostop.countdown(s) == "busy: gpu 1: 37%"
     await asyncio.sleep(max(0.0, WINDOW + 0.5 - (time.monotonic() - t0)))
     assert not _marker(node).exists(), "fired while a GPU was busy"
     tmp = fake.with_suffix(".tmp")
     tmp.write_text("2\n3\n")
     tmp.replace(fake)
-    await _wait(lambda: (x := _state(node)) and not x["busy"], 5, "the GPUs to go idle")
+    await until(lambda: (x := _state(node)) and not x["busy"], 5, "the GPUs to go idle")
     t_idle = time.monotonic()
-    await _wait(_marker(node).exists, 10, "the command to fire with idle GPUs")
+    await until(_marker(node).exists, 10, "the command to fire with idle GPUs")
     assert time.monotonic() - t_idle >= WINDOW - 0.5
 
 
@@ -262,13 +252,13 @@ async def test_garbage_state_single_daemon_disable_and_exit(home, fresh_rig) -> 
         assert pid != st["pid"] and _daemons(node.uid) == [pid] and st3["version"] == autostop.SCRIPT_VERSION
         # off: says so, never fires
         await autostop.disable(t)
-        s = await _wait(lambda: (x := _state(node)) and x["enabled"] is False and x, 3, "the daemon to turn off")
+        s = await until(lambda: (x := _state(node)) and x["enabled"] is False and x, 3, "the daemon to turn off")
         assert autostop.countdown(s) == "off" and s["deadline"] is None
         await asyncio.sleep(WINDOW + 0.5)
         assert not _marker(node).exists() and _daemons(node.uid) == [pid]
         # config.json gone: the loop ends by itself and takes its state with it
         (_dir(node) / "config.json").unlink()
-        await _wait(lambda: not _daemons(node.uid), 3, "the daemon to exit")
+        await until(lambda: not _daemons(node.uid), 3, "the daemon to exit")
         assert await autostop.read_state(t) is None and autostop.countdown(None) == "off"
     finally:
         await ws.close()
@@ -291,9 +281,9 @@ async def test_a_daemon_of_the_layout_before_is_replaced_not_doubled(home, fresh
             os.chown(p, node.uid, -1)
         node.run_as_user(f"setsid {rig.python} .labdeck/autostop/autostop.py --dir \"$HOME/.labdeck/autostop\" "
                          "</dev/null >/dev/null 2>&1 &", check=True)
-        (old_pid,) = await _wait(lambda: _daemons(node.uid), 5, "the old-layout daemon")
+        (old_pid,) = await until(lambda: _daemons(node.uid), 5, "the old-layout daemon")
         t, st = await _ensure(ws, rig, node)
-        await _wait(lambda: _daemons(node.uid) == [st["pid"]], 5, "the old daemon to stop, leaving the new one")
+        await until(lambda: _daemons(node.uid) == [st["pid"]], 5, "the old daemon to stop, leaving the new one")
         assert st["pid"] != old_pid and (_dir(node) / "config.json").exists()
     finally:
         await ws.close()

@@ -30,6 +30,7 @@ from backends.paths import Paths
 from backends.ssh import ChannelBudget
 from backends.workstation import Workstation
 
+from .conftest import until
 from .test_ssh import rig_config
 
 # ---- the budget -----------------------------------------------------------------------------------
@@ -232,16 +233,6 @@ async def start_ticker(ws, rig, tmp_path: Path, instance: str, n: int, pause: fl
     return await ws.launch(f"{rig.python} ticker.py", instance=instance, workdir=str(d), sync_code=True)
 
 
-async def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        await asyncio.sleep(poll)
-    raise AssertionError(f"not within {timeout:g}s: {what}")
-
-
 async def test_node2_down_node1_rows_keep_their_rate_and_node2_says_unreachable(home, fresh_rig, tmp_path) -> None:
     """node2's link cut silently (packets vanish; nothing says "no route") for 10 s. The issue's run
     was 30 s; 10 s covers the same states: after detection (≤ 3 s) every round either finds node2's
@@ -275,7 +266,7 @@ async def test_node2_down_node1_rows_keep_their_rate_and_node2_says_unreachable(
     node2 = rig.host("node2")
     try:
         async with app.run_test(size=(120, 36)) as pilot:
-            await wait_for(lambda: len(updates) >= 2, 30, "node1's row updates")
+            await until(lambda: len(updates) >= 2, 30, "node1's row updates")
             ws.health.subscribe(lambda name: down_at.append(time.monotonic())
                                 if name == "node2" and not ws.health.get("node2").reachable and not down_at else None)
             t0 = time.monotonic()
@@ -284,7 +275,7 @@ async def test_node2_down_node1_rows_keep_their_rate_and_node2_says_unreachable(
             cut = time.monotonic()
             before = [t for t in updates if t0 <= t < cut]
             try:
-                await wait_for(lambda: down_at, 10, "node2 shown unreachable")
+                await until(lambda: down_at, 10, "node2 shown unreachable")
                 detected = down_at[0] - cut
                 await asyncio.sleep(1.0)  # the rows are rerendered on the change itself
                 await pilot.pause()
@@ -297,7 +288,7 @@ async def test_node2_down_node1_rows_keep_their_rate_and_node2_says_unreachable(
                 gaps = [b - a for a, b in zip(during, during[1:])] or [99.0]
             finally:
                 node2.link_up()
-            await wait_for(lambda: ws.health.get("node2").reachable, 30, "node2 reachable again")
+            await until(lambda: ws.health.get("node2").reachable, 30, "node2 reachable again")
             assert ws.store.find_run(r2.id).state == "running"  # a flapping link does not lose the run
             app.workers.cancel_all()  # no round ends while the app closes
             await pilot.pause(0.3)
