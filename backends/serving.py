@@ -226,13 +226,19 @@ async def _kill_group(transport: Transport, pid: int | None, grace: float = 5.0)
         await kill_group(transport, pid, grace)
 
 
-async def stop(ws, ref: str) -> Deployment:
-    """Stop a deployment of yours: SIGTERM to litserve's process group, SIGKILL after a grace period."""
-    dep = find(ws, ref)
+def check_stoppable(ws, dep: Deployment) -> None:
+    """Raises :class:`LabdeckError` for a deployment that ``ws``'s user cannot stop: someone else's,
+    or one already stopped or failed (asked before a confirmation, and again by :func:`stop`)."""
     if dep.user != ws.user:
         raise LabdeckError(f"The deployment {dep.name} belongs to {dep.user}.", "Only its owner can stop it.")
     if dep.state in ("stopped", "failed"):
         raise LabdeckError(f"The deployment {dep.name} " + ("has already failed." if dep.state == "failed" else "is already stopped."))
+
+
+async def stop(ws, ref: str) -> Deployment:
+    """Stop a deployment of yours: SIGTERM to litserve's process group, SIGKILL after a grace period."""
+    dep = find(ws, ref)
+    check_stoppable(ws, dep)
     transport = await ws.transport(dep.instance)
     await _kill_group(transport, dep.pid)
     ws.store.mine.put(Deployment.TABLE, dep.id, {**dep.to_dict(), "state": "stopped", "stopped_at": utcnow()})

@@ -135,6 +135,13 @@ async def test_models_tab_serve_try_and_stop(workstation: Workstation, trained) 
         await settle(pilot)
         dep = serving.find(workstation, app.query_one("ModelsTab").deployments[0].id)
         assert dep.state == "stopped"
+        # x again on the stopped row: said at once, with no "Stop?" asked first
+        app.load_deployments()
+        await settle(pilot)
+        await pilot.press("x")
+        await settle(pilot)
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert any("is already stopped" in str(n.message) for n in app._notifications)
     assert await group_gone(dep.pid) == []
 
 

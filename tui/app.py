@@ -415,6 +415,14 @@ class LabdeckApp(App[None]):
         self.push_screen(LogScreen(d.id, f"model server {d.name} · {d.instance}:{d.port}", path=local))
 
     def confirm_stop_model(self, d: Deployment) -> None:
+        from backends import serving
+
+        try:  # a teammate's, or one already stopped: said at once, not after a "Stop?" that can do nothing
+            serving.check_stoppable(self.workstation, d)
+        except LabdeckError as e:
+            self.show_error(e)
+            return
+
         def answer(yes: bool | None) -> None:
             if yes:
                 self._stop_model(d)
