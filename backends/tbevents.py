@@ -307,11 +307,11 @@ def _tensor_scalar(b: bytes) -> float | None:
     return float(v)
 
 
-def _numel(b: bytes) -> int:
-    """The element count of a TensorShapeProto (-1 when unknown)."""
+def _dims(b: bytes) -> list[int] | None:
+    """The dim sizes of a TensorShapeProto (None when its rank is unknown)."""
     n = len(b)
     i = 0
-    numel = 1
+    dims: list[int] = []
     while i < n:
         k, i = _key(b, i)
         if k == 0x12:  # dim
@@ -328,15 +328,26 @@ def _numel(b: bytes) -> int:
                     j = _skip(b, j, dk & 7)
             if j != e:
                 raise _Malformed("dim overrun")
-            if size < 0:
-                return -1
-            numel = min(numel * size, 1 << 64)
+            dims.append(size)
         elif k == 0x18:  # unknown_rank
             v, i = _varint(b, i)
             if v:
-                return -1
+                return None
         else:
             i = _skip(b, i, k & 7)
+    return dims
+
+
+def _numel(b: bytes) -> int:
+    """The element count of a TensorShapeProto (-1 when unknown)."""
+    dims = _dims(b)
+    if dims is None:
+        return -1
+    numel = 1
+    for size in dims:
+        if size < 0:
+            return -1
+        numel = min(numel * size, 1 << 64)
     return numel
 
 
@@ -470,25 +481,8 @@ def _tensor_fields(b: bytes) -> tuple[int, list[int], bytes | None, list[bytes],
         if k == 0x08:
             dtype, i = _varint(b, i)
         elif k == 0x12:  # tensor_shape
-            s, e = _bytes_field(b, i)
-            i = e
-            j = s
-            while j < e:
-                dk, j = _key(b, j)
-                if dk == 0x12:
-                    ds, de = _bytes_field(b, j)
-                    j = de
-                    size = 0
-                    q = ds
-                    while q < de:
-                        sk, q = _key(b, q)
-                        if sk == 0x08:
-                            size, q = _varint(b, q)
-                        else:
-                            q = _skip(b, q, sk & 7, de)
-                    dims.append(_signed(size, 64))
-                else:
-                    j = _skip(b, j, dk & 7, e)
+            s, i = _bytes_field(b, i)
+            dims = _dims(b[s:i]) or []
         elif k == 0x22:
             s, i = _bytes_field(b, i)
             content = bytes(b[s:i])
@@ -538,22 +532,10 @@ def _histograms_tensor(b: bytes) -> dict | None:
 
 def _string_tensor(b: bytes) -> dict | None:
     """The text of a DT_STRING TensorProto (string_val = 8; several are joined by newlines)."""
-    n = len(b)
-    i = 0
-    dtype = 0
-    parts: list[str] = []
-    while i < n:
-        k, i = _key(b, i)
-        if k == 0x08:
-            dtype, i = _varint(b, i)
-        elif k == 0x42:
-            s, i = _bytes_field(b, i)
-            parts.append(b[s:i].decode("utf-8", "replace"))
-        else:
-            i = _skip(b, i, k & 7)
+    dtype, _, _, strings, _ = _tensor_fields(b)
     if dtype != 7:
         return None
-    return {"text": "\n".join(parts)}
+    return {"text": "\n".join(x.decode("utf-8", "replace") for x in strings)}
 
 
 # ---- the parser --------------------------------------------------------------------------
