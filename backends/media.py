@@ -738,7 +738,6 @@ class ReportMedia:
     asked: int | None = None  # the step asked for (``--media KEY@STEP``) when it is not ``step``
 
 
-
 def report_item(entry: MediaEntry, raw: Any, asked: int | None = None) -> ReportMedia:
     """A :class:`ReportMedia` from an entry and its bytes (MediaError if they do not validate);
     ``asked``: the step the report asked for, kept when the entry's step differs from it."""
@@ -747,14 +746,8 @@ def report_item(entry: MediaEntry, raw: Any, asked: int | None = None) -> Report
         if not isinstance(raw, bytes) or image_mime(raw) is None:
             raise MediaError("Not a PNG, JPEG or GIF image.")
         data: Any = raw
-    elif k == "table":
-        data = table_doc(raw)
-    elif k == "confusion":
-        data = confusion_doc(raw)
-    elif k == "histogram":
-        data = histogram_doc(raw)
     else:
-        data = text_doc(raw)
+        data = item_doc(k, raw)
     return ReportMedia(entry.key, entry.step, k, data, entry.caption,
                        asked if asked is not None and asked != entry.step else None)
 
