@@ -463,10 +463,6 @@ def _histo_proto(b: bytes) -> dict:
     return {"edges": edges, "counts": counts, "n": vals[3], "min": lo, "max": hi, "sum": vals[4]}
 
 
-#: the TF2 summary plugins whose tensors are media
-_TENSOR_MEDIA = {"text": "text", "images": "images", "histograms": "histograms"}
-
-
 def _tensor_fields(b: bytes) -> tuple[int, list[int], bytes | None, list[bytes], list[float]]:
     """(dtype, dims, tensor_content, string_val, double_val) of a TensorProto."""
     n = len(b)
@@ -536,6 +532,11 @@ def _string_tensor(b: bytes) -> dict | None:
     if dtype != 7:
         return None
     return {"text": "\n".join(x.decode("utf-8", "replace") for x in strings)}
+
+
+#: the TF2 summary plugins whose tensors are media: plugin -> (media kind, reader of the TensorProto)
+_TENSOR_MEDIA = {"text": ("text", _string_tensor), "images": ("image", _images_tensor),
+                 "histograms": ("histogram", _histograms_tensor)}
 
 
 # ---- the parser --------------------------------------------------------------------------
@@ -827,8 +828,8 @@ class TFEventsParser:
                 self._media_value(tag, step, wall, other[0], b[other[1]:other[2]])
                 return
             if tensor is not None:
-                kind = _TENSOR_MEDIA.get(plugin or self._plugins.get(tag) or "")
-                if kind is not None:
+                kind = plugin or self._plugins.get(tag) or ""
+                if kind in _TENSOR_MEDIA:
                     self._media_value(tag, step, wall, kind, b[tensor[0]:tensor[1]])
                     return
         if simple is not None:
@@ -857,8 +858,9 @@ class TFEventsParser:
             self.warnings["non-finite value"] += 1
         pts.append(Point(name, step, value, wall))
 
-    def _media_value(self, tag: bytes, step: int, wall: float | None, k: int, body: bytes) -> None:
-        """Collect an image (Value.image), a histogram (Value.histo) or a text tensor (plugin "text")."""
+    def _media_value(self, tag: bytes, step: int, wall: float | None, k: int | str, body: bytes) -> None:
+        """Collect an image (Value.image), a histogram (Value.histo), or a tensor of a plugin of
+        :data:`_TENSOR_MEDIA` (``k`` is then the plugin's name)."""
         name = self._tags.get(tag) or self._name(tag)
         if name is None:
             return
@@ -868,11 +870,11 @@ class TFEventsParser:
             elif k == 0x2A:
                 item = TBMedia(name, step, "histogram", _histo_proto(body), wall)
             else:
-                doc = {"text": _string_tensor, "images": _images_tensor, "histograms": _histograms_tensor}[k](body)
+                kind, read = _TENSOR_MEDIA[k]
+                doc = read(body)
                 if doc is None:
                     return
-                item = TBMedia(name, step, {"text": "text", "images": "image", "histograms": "histogram"}[k],
-                               doc, wall)
+                item = TBMedia(name, step, kind, doc, wall)
         except (_Malformed, IndexError, ValueError, struct.error, OverflowError):
             self.warnings["invalid media"] += 1
             return
