@@ -179,42 +179,32 @@ class MediaIndex:
         t = doc.get("t")
         t = float(t) if type(t) in (int, float) and math.isfinite(t) else None
         w, h = _int(doc.get("w")), _int(doc.get("h"))
-        if steps is None:
-            if len(self._by_key) >= MAX_KEYS:
-                self.warnings["too many keys"] += 1
-                return 0
-            steps = self._by_key[key] = {}
-        if step not in steps and len(steps) >= MAX_STEPS_PER_KEY:
-            self.warnings["too many steps"] += 1
-            return 0
-        if step not in steps:
-            if self._n >= MAX_ENTRIES:
-                self.warnings["too many entries"] += 1
-                return 0
-            self._n += 1
-        steps[step] = MediaEntry(key, step, kind, rel, size, cap, w if w and w > 0 else None,
-                                 h if h and h > 0 else None, t)
-        self._sorted.pop(key, None)
-        return 1
+        return self._put(MediaEntry(key, step, kind, rel, size, cap, w if w and w > 0 else None,
+                                    h if h and h > 0 else None, t))
 
     def add(self, entry: MediaEntry) -> None:
         """Add an entry from another source (TensorBoard), under the same caps."""
+        self._put(entry)
+
+    def _put(self, entry: MediaEntry) -> int:
+        """Hold ``entry`` (replacing its key's entry at that step) unless a cap refuses it: 1 or 0."""
         steps = self._by_key.get(entry.key)
         if steps is None:
             if len(self._by_key) >= MAX_KEYS:
                 self.warnings["too many keys"] += 1
-                return
+                return 0
             steps = self._by_key[entry.key] = {}
-        if entry.step not in steps and len(steps) >= MAX_STEPS_PER_KEY:
-            self.warnings["too many steps"] += 1
-            return
         if entry.step not in steps:
+            if len(steps) >= MAX_STEPS_PER_KEY:
+                self.warnings["too many steps"] += 1
+                return 0
             if self._n >= MAX_ENTRIES:
                 self.warnings["too many entries"] += 1
-                return
+                return 0
             self._n += 1
         steps[entry.step] = entry
         self._sorted.pop(entry.key, None)
+        return 1
 
     def keys(self) -> list[str]:
         return [k for k, v in self._by_key.items() if v]
@@ -748,7 +738,6 @@ class ReportMedia:
     asked: int | None = None  # the step asked for (``--media KEY@STEP``) when it is not ``step``
 
 
-
 def report_item(entry: MediaEntry, raw: Any, asked: int | None = None) -> ReportMedia:
     """A :class:`ReportMedia` from an entry and its bytes (MediaError if they do not validate);
     ``asked``: the step the report asked for, kept when the entry's step differs from it."""
@@ -757,14 +746,8 @@ def report_item(entry: MediaEntry, raw: Any, asked: int | None = None) -> Report
         if not isinstance(raw, bytes) or image_mime(raw) is None:
             raise MediaError("Not a PNG, JPEG or GIF image.")
         data: Any = raw
-    elif k == "table":
-        data = table_doc(raw)
-    elif k == "confusion":
-        data = confusion_doc(raw)
-    elif k == "histogram":
-        data = histogram_doc(raw)
     else:
-        data = text_doc(raw)
+        data = item_doc(k, raw)
     return ReportMedia(entry.key, entry.step, k, data, entry.caption,
                        asked if asked is not None and asked != entry.step else None)
 

@@ -307,11 +307,11 @@ def _tensor_scalar(b: bytes) -> float | None:
     return float(v)
 
 
-def _numel(b: bytes) -> int:
-    """The element count of a TensorShapeProto (-1 when unknown)."""
+def _dims(b: bytes) -> list[int] | None:
+    """The dim sizes of a TensorShapeProto (None when its rank is unknown)."""
     n = len(b)
     i = 0
-    numel = 1
+    dims: list[int] = []
     while i < n:
         k, i = _key(b, i)
         if k == 0x12:  # dim
@@ -328,15 +328,26 @@ def _numel(b: bytes) -> int:
                     j = _skip(b, j, dk & 7)
             if j != e:
                 raise _Malformed("dim overrun")
-            if size < 0:
-                return -1
-            numel = min(numel * size, 1 << 64)
+            dims.append(size)
         elif k == 0x18:  # unknown_rank
             v, i = _varint(b, i)
             if v:
-                return -1
+                return None
         else:
             i = _skip(b, i, k & 7)
+    return dims
+
+
+def _numel(b: bytes) -> int:
+    """The element count of a TensorShapeProto (-1 when unknown)."""
+    dims = _dims(b)
+    if dims is None:
+        return -1
+    numel = 1
+    for size in dims:
+        if size < 0:
+            return -1
+        numel = min(numel * size, 1 << 64)
     return numel
 
 
@@ -452,10 +463,6 @@ def _histo_proto(b: bytes) -> dict:
     return {"edges": edges, "counts": counts, "n": vals[3], "min": lo, "max": hi, "sum": vals[4]}
 
 
-#: the TF2 summary plugins whose tensors are media
-_TENSOR_MEDIA = {"text": "text", "images": "images", "histograms": "histograms"}
-
-
 def _tensor_fields(b: bytes) -> tuple[int, list[int], bytes | None, list[bytes], list[float]]:
     """(dtype, dims, tensor_content, string_val, double_val) of a TensorProto."""
     n = len(b)
@@ -470,25 +477,8 @@ def _tensor_fields(b: bytes) -> tuple[int, list[int], bytes | None, list[bytes],
         if k == 0x08:
             dtype, i = _varint(b, i)
         elif k == 0x12:  # tensor_shape
-            s, e = _bytes_field(b, i)
-            i = e
-            j = s
-            while j < e:
-                dk, j = _key(b, j)
-                if dk == 0x12:
-                    ds, de = _bytes_field(b, j)
-                    j = de
-                    size = 0
-                    q = ds
-                    while q < de:
-                        sk, q = _key(b, q)
-                        if sk == 0x08:
-                            size, q = _varint(b, q)
-                        else:
-                            q = _skip(b, q, sk & 7, de)
-                    dims.append(_signed(size, 64))
-                else:
-                    j = _skip(b, j, dk & 7, e)
+            s, i = _bytes_field(b, i)
+            dims = _dims(b[s:i]) or []
         elif k == 0x22:
             s, i = _bytes_field(b, i)
             content = bytes(b[s:i])
@@ -538,22 +528,15 @@ def _histograms_tensor(b: bytes) -> dict | None:
 
 def _string_tensor(b: bytes) -> dict | None:
     """The text of a DT_STRING TensorProto (string_val = 8; several are joined by newlines)."""
-    n = len(b)
-    i = 0
-    dtype = 0
-    parts: list[str] = []
-    while i < n:
-        k, i = _key(b, i)
-        if k == 0x08:
-            dtype, i = _varint(b, i)
-        elif k == 0x42:
-            s, i = _bytes_field(b, i)
-            parts.append(b[s:i].decode("utf-8", "replace"))
-        else:
-            i = _skip(b, i, k & 7)
+    dtype, _, _, strings, _ = _tensor_fields(b)
     if dtype != 7:
         return None
-    return {"text": "\n".join(parts)}
+    return {"text": "\n".join(x.decode("utf-8", "replace") for x in strings)}
+
+
+#: the TF2 summary plugins whose tensors are media: plugin -> (media kind, reader of the TensorProto)
+_TENSOR_MEDIA = {"text": ("text", _string_tensor), "images": ("image", _images_tensor),
+                 "histograms": ("histogram", _histograms_tensor)}
 
 
 # ---- the parser --------------------------------------------------------------------------
@@ -845,8 +828,8 @@ class TFEventsParser:
                 self._media_value(tag, step, wall, other[0], b[other[1]:other[2]])
                 return
             if tensor is not None:
-                kind = _TENSOR_MEDIA.get(plugin or self._plugins.get(tag) or "")
-                if kind is not None:
+                kind = plugin or self._plugins.get(tag) or ""
+                if kind in _TENSOR_MEDIA:
                     self._media_value(tag, step, wall, kind, b[tensor[0]:tensor[1]])
                     return
         if simple is not None:
@@ -875,8 +858,9 @@ class TFEventsParser:
             self.warnings["non-finite value"] += 1
         pts.append(Point(name, step, value, wall))
 
-    def _media_value(self, tag: bytes, step: int, wall: float | None, k: int, body: bytes) -> None:
-        """Collect an image (Value.image), a histogram (Value.histo) or a text tensor (plugin "text")."""
+    def _media_value(self, tag: bytes, step: int, wall: float | None, k: int | str, body: bytes) -> None:
+        """Collect an image (Value.image), a histogram (Value.histo), or a tensor of a plugin of
+        :data:`_TENSOR_MEDIA` (``k`` is then the plugin's name)."""
         name = self._tags.get(tag) or self._name(tag)
         if name is None:
             return
@@ -886,11 +870,11 @@ class TFEventsParser:
             elif k == 0x2A:
                 item = TBMedia(name, step, "histogram", _histo_proto(body), wall)
             else:
-                doc = {"text": _string_tensor, "images": _images_tensor, "histograms": _histograms_tensor}[k](body)
+                kind, read = _TENSOR_MEDIA[k]
+                doc = read(body)
                 if doc is None:
                     return
-                item = TBMedia(name, step, {"text": "text", "images": "image", "histograms": "histogram"}[k],
-                               doc, wall)
+                item = TBMedia(name, step, kind, doc, wall)
         except (_Malformed, IndexError, ValueError, struct.error, OverflowError):
             self.warnings["invalid media"] += 1
             return
