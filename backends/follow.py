@@ -128,19 +128,6 @@ class LogFollower:
         """Whether a follow task of this process holds the run's lease."""
         return run_id in self._leases
 
-    def held_elsewhere(self, run: Run) -> bool:
-        """Whether another process (the background follower, another TUI) follows ``run`` now."""
-        if run.id in self._leases:
-            return False
-        try:
-            fd = self._try_lease(run)
-        except UnsafePath:
-            return False
-        if fd is None:
-            return True
-        os.close(fd)
-        return False
-
     @contextlib.asynccontextmanager
     async def writing(self, run: Run):
         """Yields True while this process may write the run's local copies (its follow task holds the

@@ -98,10 +98,10 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def no_links_below(path: str, inside: str, lstat=os.lstat) -> list[str]:
-    """The directories from ``inside`` down to ``path``'s parent (``inside`` included), checked with
-    ``lstat`` (a callable, so a remote transport can pass its own): a symbolic link among them, or a
-    ``path`` that is not below ``inside``, raises :class:`RefusedFile`. Returns the directories checked."""
+def no_links_below(path: str, inside: str) -> list[str]:
+    """The directories from ``inside`` down to ``path``'s parent (``inside`` included), for the caller
+    to lstat (here :func:`_check_dirs`; over SFTP ``SSHTransport.read_file``) and refuse a symbolic
+    link among. A ``path`` that is not below ``inside`` raises :class:`RefusedFile`."""
     base = inside.rstrip("/") or "/"
     if not path.startswith(base + "/") or ".." in path.split("/"):
         raise RefusedFile(f"Refusing to read {path!r}: it is not inside {base!r}.")
@@ -115,10 +115,7 @@ def no_links_below(path: str, inside: str, lstat=os.lstat) -> list[str]:
 
 def _check_dirs(path: str, inside: str) -> None:
     for d in no_links_below(path, inside):
-        try:
-            st = os.lstat(d)
-        except FileNotFoundError:
-            raise
+        st = os.lstat(d)  # (a directory that is not there: FileNotFoundError, "no file" to the caller)
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise RefusedFile(f"Refusing to read {path}: {d} is "
                               + ("a symbolic link." if stat.S_ISLNK(st.st_mode) else "not a directory."))

@@ -908,18 +908,26 @@ class SSHTransport(Transport):
         """Regular files only, never through a final symlink, at most ``MAX_READ`` bytes. SFTP has no
         O_NOFOLLOW (nor O_NONBLOCK), so an lstat comes first and a link, a FIFO (its open would hang
         the host's sftp-server) or a device is refused before it is opened. That costs one more
-        round trip per read; a swap between the two is the window left (the run directory is 0700,
-        so only its owner can make one)."""
+        round trip per read (with ``inside``, the directories' lstats go in the same round trip); a
+        swap between the lstat and the open is the window left (the run directory is 0700, so only
+        its owner can make one)."""
         if "\0" in path or ".." in path.split("/"):
             raise RefusedFile(f"Refusing to read {path!r} on {self.instance}: a run file's path has no '..'.")
         dirs = no_links_below(path, inside) if inside is not None else []
         sftp = await self.handle.sftp_client()
         try:
-            for d in dirs:  # one lstat each: a teammate's directory link to one of yours is refused
-                dst = await sftp.lstat(d)
+            # the lstats of each directory and of the file, asked at once (one round trip, not one per
+            # directory: a follower reads every poll), judged in order: a teammate's directory link to
+            # one of yours is refused before anything is opened
+            got = await asyncio.gather(*(sftp.lstat(p) for p in (*dirs, path)), return_exceptions=True)
+            for d, dst in zip(dirs, got):
+                if isinstance(dst, BaseException):
+                    raise dst
                 if stat.S_ISLNK(dst.permissions or 0) or dst.type == asyncssh.FILEXFER_TYPE_SYMLINK:
                     raise RefusedFile(f"Refusing to read {path} on {self.instance}: {d} is a symbolic link.")
-            lst = await sftp.lstat(path)
+            lst = got[-1]
+            if isinstance(lst, BaseException):
+                raise lst
             if lst.type != asyncssh.FILEXFER_TYPE_REGULAR and not stat.S_ISREG(lst.permissions or 0):
                 raise RefusedFile(f"Refusing to read {path} on {self.instance}: "
                                   + ("it is a symbolic link." if stat.S_ISLNK(lst.permissions or 0) else "not a regular file."))
