@@ -18,6 +18,10 @@ from typing import Callable
 
 from . import clock
 
+#: Seconds a host has to answer one round (the listing, status reads) before it is shown unreachable;
+#: a provider may set its own (``host_deadline``).
+HOST_DEADLINE = 3.0
+
 
 @dataclass(frozen=True)
 class HostHealth:

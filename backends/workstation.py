@@ -18,7 +18,7 @@ from pathlib import Path
 from . import code, jobs, lineage
 from .config import Config, load_config
 from .errors import LabdeckError, NotFoundError, TransportError
-from .health import HealthMap
+from .health import HOST_DEADLINE, HealthMap
 from .follow import LogFollower
 from .ids import new_id
 from .monitor import UPDATE_SLICE, Monitor
@@ -38,7 +38,6 @@ def examples_dir() -> Path:
     raise LabdeckError("The bundled examples are missing from this installation.", "Reinstall labdeck.")
 
 
-HOST_DEADLINE = 3.0  # seconds a host has to answer a round of status reads (unless its provider says otherwise)
 
 
 @dataclass

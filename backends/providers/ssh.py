@@ -35,12 +35,12 @@ from typing import Any, Mapping
 from .. import clock
 from ..config import Field
 from ..errors import LabdeckError, ProviderError
+from ..health import HOST_DEADLINE
 from ..models import Instance
 from ..ssh import MAX_SESSIONS, HostSpec, KnownHosts, SSHConfig, SSHPool, SSHTransport, parse_destination, resolve_host
 from .base import Transport, UnmanagedProvider
 
 
-HOST_DEADLINE = 3.0  # seconds one host has to answer a round of the listing or of status reads
 DESCRIBE_WAIT = 0.8  # seconds a listing waits for a host it starts connecting to
 RESOLVE_THREADS = 8  # hosts whose ssh_config answers are being resolved at once (ssh -G processes)
 
