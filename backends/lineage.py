@@ -27,7 +27,8 @@ from .errors import LabdeckError, NotFoundError
 from .models import Annotation, Edge, Run
 
 CONFIG_SUFFIXES = (".json", ".toml", ".yaml", ".yml")
-_KV = re.compile(r"^\+*([A-Za-z_][\w.\-/]*)=(.*)$")
+PARAM_NAME = re.compile(r"[A-Za-z_][\w.\-/]*")  # a parameter name: what --set, k=v output and the rerun form take
+_KV = re.compile(rf"^\+*({PARAM_NAME.pattern})=(.*)$")
 MAX_PARAMS = 500
 
 
@@ -372,7 +373,7 @@ def set_params(command: str, recorded: dict[str, Any], sets: dict[str, str]) -> 
     env_params: dict[str, Any] = {}
     changes: list[tuple[str, Any, Any, str]] = []
     for key, raw in sets.items():
-        if not re.fullmatch(r"[A-Za-z_][\w.\-/]*", key or ""):
+        if not PARAM_NAME.fullmatch(key or ""):
             raise LabdeckError(f"--set {key}={raw}: {key!r} is not a parameter name.",
                                "Give KEY=VALUE, e.g. --set lr=3e-4 (dotted keys for nested config: model.layers=12).")
         new = _value(raw)

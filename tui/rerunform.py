@@ -8,7 +8,6 @@ How a changed parameter reaches the job is :func:`backends.lineage.set_params`'s
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from backends.errors import LabdeckError
-from backends.lineage import PARAMS_ENV
+from backends.lineage import PARAM_NAME, PARAMS_ENV
 from backends.models import Run
 from backends.text import plain, plain_line
 
@@ -29,7 +28,6 @@ from .format import cell, short_id, text as outside_text
 from .forms import parse_env
 
 
-PARAM_NAME = re.compile(r"[A-Za-z_][\w.\-/]*")  # what backends.lineage.set_params accepts
 
 
 @dataclass
