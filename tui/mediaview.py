@@ -350,6 +350,9 @@ class MediaSource:
         self._tb_files = tb_files
         self._tb = TensorBoardMedia()  # reads only what the event files gained
         self.note = ""
+        # one refresh at a time: the Lineage strip hands its kept sources to the Media view (v), and two
+        # mirrors of one index file, or two threads feeding one event parser, would read bytes twice
+        self._refreshing = asyncio.Lock()
 
     async def transport(self):
         if self._transport is None:
@@ -357,6 +360,10 @@ class MediaSource:
         return self._transport
 
     async def refresh(self) -> int:
+        async with self._refreshing:
+            return await self._refresh()
+
+    async def _refresh(self) -> int:
         n = 0
         try:
             transport = await self.transport()
@@ -769,11 +776,12 @@ class MediaScreen(Screen[None]):
             g.image = im
 
 
-def open_media(app, run, other=None, *, other_label: str = "parent") -> None:
+def open_media(app, run, other=None, *, other_label: str = "parent", sources: tuple | None = None) -> None:
     """Push the Media view for ``run`` (beside ``other`` when given); a record labdeck refuses to
-    build a cache path from (a malformed user or id in a teammate's store) is a notification."""
+    build a cache path from (a malformed user or id in a teammate's store) is a notification.
+    ``sources``: the runs' :class:`MediaSource` already read (the Lineage strip's), else new ones."""
     try:
-        screen = MediaScreen(run, other, workstation=app.workstation, other_label=other_label)
+        screen = MediaScreen(run, other, workstation=app.workstation, other_label=other_label, sources=sources)
     except LabdeckError as e:
         app.notify(f"Cannot show the media of {plain_line(run.display_name)}: {e}", severity="error")
         return

@@ -423,7 +423,12 @@ class LineageTab(TabView):
         if r:
             from ..mediaview import open_media
 
-            open_media(self.app, r, self.runs.get(r.parent) if r.parent else None)
+            parent = self.runs.get(r.parent) if r.parent else None
+            # the strip's sources, their indexes already parsed (a teammate's may take seconds to read again)
+            src = self._source(r)
+            psrc = self._source(parent) if parent is not None else None
+            kept = None if src is None or (parent is not None and psrc is None) else (src, psrc) if psrc else (src,)
+            open_media(self.app, r, parent, sources=kept)
 
     def action_media_key(self) -> None:
         got = self._media_shown
