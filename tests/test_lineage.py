@@ -404,6 +404,9 @@ async def test_the_detail_pane_shows_a_runs_media_beside_its_parents(workstation
         from tui.mediaview import MediaScreen
 
         assert isinstance(app.screen, MediaScreen) and app.screen.other.id == parent.id
+        # with the strip's sources, their indexes already read (not parsed again from the start)
+        assert app.screen.src is tab._media_sources[child.id] and app.screen.osrc is tab._media_sources[parent.id]
+        assert "grid" in app.screen.keys
         await pilot.press("escape")
         await pilot.resize_terminal(80, 24)
         await rest()

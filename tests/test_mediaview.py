@@ -432,3 +432,16 @@ async def test_the_media_view_checks_a_teammates_items_off_the_ui_thread(kind, m
     owner = SimpleNamespace(_decoded=OrderedDict())
     assert await MediaScreen._decode(owner, Source(), MediaEntry("k", 1, kind, f"k/1.{kind}", 2)) == "checked"
     assert threads and threads[0] is not threading.main_thread()
+
+
+async def test_two_refreshes_of_one_source_at_once_mirror_its_index_once(runs) -> None:
+    """The Lineage strip hands its kept sources to the Media view (v), whose first refresh can meet
+    the strip's own still under way: they take turns, and the local index copy is the run's, once."""
+    import asyncio
+
+    child, _, root = runs
+    src = MediaSource(child, transport=LocalTransport(root / "runs"), cache_root=root / "cache", tb_files=[])
+    got = await asyncio.gather(src.refresh(), src.refresh(), src.refresh())
+    remote = (Path(child.run_dir) / "media" / "index.jsonl").read_bytes()
+    assert src.media.index_path.read_bytes() == remote
+    assert sum(got) == len(remote.splitlines()) and len(src.media.index.steps("samples")) == 4

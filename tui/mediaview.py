@@ -184,6 +184,18 @@ def histogram_text(doc: dict, cols: int, rows: int) -> Text:
     return out
 
 
+def table_cells(doc, other, rows: int, cols: int) -> tuple[list[Text], list[list[Text]]]:
+    """A logged table's header and first ``rows`` × ``cols`` cells as plain text (a teammate wrote
+    them); with ``other`` (the other run's table, same columns), a cell that differs is yellow."""
+    names, body = doc
+    onames, obody = other if other is not None else (None, None)
+    compare = onames == names and obody is not None
+    return [cell(c) for c in names[:cols]], [
+        [cell("–" if v is None else v, "yellow" if compare and (ri >= len(obody) or obody[ri][ci] != v) else "")
+         for ci, v in enumerate(r[:cols])]
+        for ri, r in enumerate(body[:rows])]
+
+
 _HEAT = [(24, 24, 32), (30, 50, 90), (40, 80, 140), (50, 120, 180), (70, 160, 200), (120, 200, 200),
          (190, 230, 180), (250, 250, 160)]
 
@@ -338,6 +350,9 @@ class MediaSource:
         self._tb_files = tb_files
         self._tb = TensorBoardMedia()  # reads only what the event files gained
         self.note = ""
+        # one refresh at a time: the Lineage strip hands its kept sources to the Media view (v), and two
+        # mirrors of one index file, or two threads feeding one event parser, would read bytes twice
+        self._refreshing = asyncio.Lock()
 
     async def transport(self):
         if self._transport is None:
@@ -345,6 +360,10 @@ class MediaSource:
         return self._transport
 
     async def refresh(self) -> int:
+        async with self._refreshing:
+            return await self._refresh()
+
+    async def _refresh(self) -> int:
         n = 0
         try:
             transport = await self.transport()
@@ -697,20 +716,16 @@ class MediaScreen(Screen[None]):
         if entry.kind == "table":
             table = pane.query_one(DataTable)
             cols, rows = doc
-            ocols, orows = other if other is not None else (None, None)
             if len(rows) > MAX_TABLE_ROWS or len(cols) > MAX_TABLE_COLS:  # built on the UI's thread: bounded
                 cap.append(f" · the first {min(len(rows), MAX_TABLE_ROWS):,} of {len(rows):,} rows, "
                            f"{min(len(cols), MAX_TABLE_COLS)} of {len(cols)} columns", style="dim")
                 caption.update(safe(cap), layout=False)
             pane.showing("table")
             table.clear(columns=True)
-            table.add_columns(*[cell(c) for c in cols[:MAX_TABLE_COLS]])
-            for ri, r in enumerate(rows[:MAX_TABLE_ROWS]):
-                cells = []
-                for ci, v in enumerate(r[:MAX_TABLE_COLS]):
-                    diff = ocols == cols and orows is not None and (ri >= len(orows) or orows[ri][ci] != v)
-                    cells.append(cell("–" if v is None else v, "yellow" if diff else ""))
-                table.add_row(*cells)
+            head, cells = table_cells(doc, other, MAX_TABLE_ROWS, MAX_TABLE_COLS)
+            table.add_columns(*head)
+            for row in cells:
+                table.add_row(*row)
             return
         if entry.kind == "image" and pane.graphics is not None:
             await self._paint_graphics(pane, (run.id, entry.key, entry.step, entry.file, w, h), doc, w, h)
@@ -761,11 +776,12 @@ class MediaScreen(Screen[None]):
             g.image = im
 
 
-def open_media(app, run, other=None, *, other_label: str = "parent") -> None:
+def open_media(app, run, other=None, *, other_label: str = "parent", sources: tuple | None = None) -> None:
     """Push the Media view for ``run`` (beside ``other`` when given); a record labdeck refuses to
-    build a cache path from (a malformed user or id in a teammate's store) is a notification."""
+    build a cache path from (a malformed user or id in a teammate's store) is a notification.
+    ``sources``: the runs' :class:`MediaSource` already read (the Lineage strip's), else new ones."""
     try:
-        screen = MediaScreen(run, other, workstation=app.workstation, other_label=other_label)
+        screen = MediaScreen(run, other, workstation=app.workstation, other_label=other_label, sources=sources)
     except LabdeckError as e:
         app.notify(f"Cannot show the media of {plain_line(run.display_name)}: {e}", severity="error")
         return

@@ -135,6 +135,10 @@ class RerunScreen(ModalScreen[RerunRequest | None]):
     # ---- reading the form ----------------------------------------------------
     def request(self) -> RerunRequest:
         """The form as a request; raises ValueError (bad KEY=VALUE) or LabdeckError (a key that changes nothing)."""
+        return self._read()[0]
+
+    def _read(self):
+        """(the request, its plan): the plan refuses a key that would change nothing."""
         try:
             given = parse_params(self.query_one("#rerun-params", Input).value)
         except ValueError as e:
@@ -153,17 +157,18 @@ class RerunScreen(ModalScreen[RerunRequest | None]):
         unchanged = command == plain(self.run.command).replace("\n", " ")
         req = RerunRequest(str(self.query_one("#rerun-instance", Select).value), None if unchanged else command, env,
                            self.query_one("#rerun-name", Input).value.strip(), sets)
-        self.plan(self.run, command=req.command, env=req.env, sets=req.sets)  # refuses a key that would change nothing
-        return req
+        return req, self.plan(self.run, command=req.command, env=req.env, sets=req.sets)
+
+    def _show_error(self, e: Exception) -> None:
+        self.query_one("#rerun-changes", Static).update(
+            outside_text(e.render() if isinstance(e, LabdeckError) else str(e), style="bold red"))
 
     def show_changes(self) -> None:
         out = Text()
         try:
-            req = self.request()
-            plan = self.plan(self.run, command=req.command, env=req.env, sets=req.sets)
+            req, plan = self._read()
         except (ValueError, LabdeckError) as e:
-            out.append(plain(e.render() if isinstance(e, LabdeckError) else str(e)), style="bold red")
-            self.query_one("#rerun-changes", Static).update(out)
+            self._show_error(e)
             return
         if not plan.params and req.command is None and req.instance == self.run.instance and req.env == self.env:
             out.append("No changes yet: the same command, environment and instance (a plain rerun).", style="dim")
@@ -185,8 +190,7 @@ class RerunScreen(ModalScreen[RerunRequest | None]):
         try:
             req = self.request()
         except (ValueError, LabdeckError) as e:
-            self.query_one("#rerun-changes", Static).update(
-                outside_text(e.render() if isinstance(e, LabdeckError) else str(e), style="bold red"))
+            self._show_error(e)
             return
         self.dismiss(req)
 

@@ -38,7 +38,7 @@ from backends.metrics import lower_is_better
 from backends.models import Run
 from backends.text import plain, plain_line as pl
 
-from ..format import STATE_STYLE, cell, duration, safe, short_id, text
+from ..format import STATE_STYLE, duration, safe, short_id, text
 from . import TabView
 
 MAX_ROOTS = 500
@@ -423,7 +423,12 @@ class LineageTab(TabView):
         if r:
             from ..mediaview import open_media
 
-            open_media(self.app, r, self.runs.get(r.parent) if r.parent else None)
+            parent = self.runs.get(r.parent) if r.parent else None
+            # the strip's sources, their indexes already parsed (a teammate's may take seconds to read again)
+            src = self._source(r)
+            psrc = self._source(parent) if parent is not None else None
+            kept = None if src is None or (parent is not None and psrc is None) else (src, psrc) if psrc else (src,)
+            open_media(self.app, r, parent, sources=kept)
 
     def action_media_key(self) -> None:
         got = self._media_shown
@@ -673,16 +678,15 @@ class LineageTab(TabView):
     @staticmethod
     def _table(doc, other) -> Table:
         """The first rows and columns of a logged table; cells that differ from ``other``'s in yellow."""
-        cols, rows = doc
-        ocols, orows = other if other is not None else (None, None)
+        from ..mediaview import table_cells
+
+        rows = doc[1]
+        head, cells = table_cells(doc, other, MEDIA_TABLE_ROWS, MEDIA_TABLE_COLS)
         t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-        for c in cols[:MEDIA_TABLE_COLS]:
-            t.add_column(cell(c), overflow="ellipsis", no_wrap=True)
-        for ri, r in enumerate(rows[:MEDIA_TABLE_ROWS]):
-            t.add_row(*[cell("–" if v is None else v,
-                             "yellow" if ocols == cols and orows is not None
-                             and (ri >= len(orows) or orows[ri][ci] != v) else "")
-                        for ci, v in enumerate(r[:MEDIA_TABLE_COLS])])
+        for c in head:
+            t.add_column(c, overflow="ellipsis", no_wrap=True)
+        for row in cells:
+            t.add_row(*row)
         if len(rows) > MEDIA_TABLE_ROWS:
             t.caption = f"… {len(rows) - MEDIA_TABLE_ROWS} more rows"
         return t
